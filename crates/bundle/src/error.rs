@@ -1,0 +1,67 @@
+//! Errors from reading a bundle. Every message names the file, blob or image at fault,
+//! so a person can act on it.
+
+/// What a caller should do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The bundle itself is broken, hostile or unsupported: fail it, do not retry.
+    Invalid,
+    /// The bundle file could not be read from the store (I/O): retrying may help.
+    Io,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the bundle file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unsupported bundle format: {0} (this version reads squashfs bundles)")]
+    Unsupported(crate::Format),
+    #[error("not a readable squashfs image: {0}")]
+    Squashfs(String),
+    #[error("{0} is missing from the bundle")]
+    Missing(String),
+    #[error("{0} is not a regular file")]
+    NotAFile(String),
+    #[error("cannot read {path} from the bundle: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path} is {size} bytes, over the limit of {limit}")]
+    TooLarge { path: String, size: u64, limit: u64 },
+    #[error("{path} is not valid JSON of the expected shape: {reason}")]
+    Json { path: String, reason: String },
+    #[error("invalid digest {0:?}: only sha256:<64 lowercase hex> is supported")]
+    Digest(String),
+    #[error("blob {digest} of image {image}: {problem}")]
+    Blob {
+        image: String,
+        digest: String,
+        problem: String,
+    },
+    #[error("image {image}: {problem}")]
+    Image { image: String, problem: String },
+    #[error("invalid OCI layout: {0}")]
+    Layout(String),
+    #[error("invalid image reference {reference:?}: {problem}")]
+    Reference { reference: String, problem: String },
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            _ => ErrorKind::Invalid,
+        }
+    }
+
+    pub(crate) fn read(path: &str, e: impl std::fmt::Display) -> Self {
+        Error::Read {
+            path: path.to_string(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,225 @@
+//! Image references: `[host[:port]/]repository[:tag][@sha256:...]`, and where an image
+//! lands in the target registry (`<registry>/<prefix>/<repository>:<tag>`: the source host
+//! is dropped, the repository path kept, the digest never changes).
+
+use std::fmt;
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub host: Option<String>,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+fn bad(reference: &str, problem: impl Into<String>) -> Error {
+    Error::Reference {
+        reference: reference.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn valid_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    !b.is_empty()
+        && b.iter()
+            .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+fn valid_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    (1..=128).contains(&b.len())
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|&x| x.is_ascii_alphanumeric() || b"._-".contains(&x))
+}
+
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|x| x.is_ascii_alphanumeric() || b".-:[]".contains(&x))
+}
+
+impl Reference {
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.len() > 512 {
+            return Err(bad(s, "longer than 512 characters"));
+        }
+        let (name, digest) = match s.split_once('@') {
+            Some((n, d)) => {
+                crate::Digest::parse(d)?;
+                (n, Some(d.to_string()))
+            }
+            None => (s, None),
+        };
+        let last_slash = name.rfind('/');
+        let (name, tag) = match name.rfind(':') {
+            Some(i) if last_slash.is_none_or(|s| i > s) => {
+                (&name[..i], Some(name[i + 1..].to_string()))
+            }
+            _ => (name, None),
+        };
+        let (host, repository) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (Some(first.to_string()), rest.to_string())
+            }
+            _ => (None, name.to_string()),
+        };
+        if let Some(h) = &host
+            && !valid_host(h)
+        {
+            return Err(bad(s, format!("invalid registry host {h:?}")));
+        }
+        if repository.is_empty() || !repository.split('/').all(valid_component) {
+            return Err(bad(
+                s,
+                "repository path components must be lowercase letters, digits and . _ -",
+            ));
+        }
+        if let Some(t) = &tag
+            && !valid_tag(t)
+        {
+            return Err(bad(s, format!("invalid tag {t:?}")));
+        }
+        if tag.is_none() && digest.is_none() {
+            return Err(bad(s, "names neither a tag nor a digest"));
+        }
+        Ok(Reference {
+            host,
+            repository,
+            tag,
+            digest,
+        })
+    }
+
+    /// Where this image lands: `registry_host/prefix/repository`, same tag and digest.
+    pub fn retarget(&self, registry_host: &str, prefix: &str) -> Reference {
+        let prefix = prefix.trim_matches('/');
+        let repository = if prefix.is_empty() {
+            self.repository.clone()
+        } else {
+            format!("{prefix}/{}", self.repository)
+        };
+        Reference {
+            host: Some(registry_host.to_string()),
+            repository,
+            tag: self.tag.clone(),
+            digest: self.digest.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(h) = &self.host {
+            write!(f, "{h}/")?;
+        }
+        f.write_str(&self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A repository name made from a bundle's file name, for images the bundle names by tag
+/// only (`org.opencontainers.image.ref.name: "1.0"`): `My_Apps-v2.squashfs` → `my_apps-v2`.
+pub fn repository_from_bundle_name(name: &str) -> String {
+    let base = name.rsplit('/').next().unwrap_or(name).to_ascii_lowercase();
+    let mut base = base.as_str();
+    for ext in [
+        ".squashfs",
+        ".sqfs",
+        ".sqsh",
+        ".zst",
+        ".gz",
+        ".xz",
+        ".tgz",
+        ".tar",
+        ".img",
+    ] {
+        base = base.strip_suffix(ext).unwrap_or(base);
+    }
+    let cleaned: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = cleaned.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if trimmed.is_empty() {
+        "bundle".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_usual_shapes() {
+        let r = Reference::parse("quay.io/org/app:1.2").unwrap();
+        assert_eq!(r.host.as_deref(), Some("quay.io"));
+        assert_eq!(r.repository, "org/app");
+        assert_eq!(r.tag.as_deref(), Some("1.2"));
+
+        let r = Reference::parse("localhost:5000/app:v1").unwrap();
+        assert_eq!(r.host.as_deref(), Some("localhost:5000"));
+        assert_eq!(r.repository, "app");
+
+        let r = Reference::parse("library/alpine:3.19").unwrap();
+        assert_eq!(r.host, None);
+        assert_eq!(r.repository, "library/alpine");
+
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = Reference::parse(&format!("reg.io/app@{d}")).unwrap();
+        assert_eq!(r.tag, None);
+        assert_eq!(r.digest.as_deref(), Some(d.as_str()));
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        for s in [
+            "App:1",
+            "app",
+            "reg.io/../x:1",
+            "app:-bad",
+            "app@sha256:zz",
+            "a//b:1",
+        ] {
+            assert!(Reference::parse(s).is_err(), "{s} should be rejected");
+        }
+    }
+
+    #[test]
+    fn retarget_drops_host_and_adds_prefix() {
+        let r = Reference::parse("quay.io/org/app:1.2").unwrap();
+        assert_eq!(
+            r.retarget("127.0.0.1:5000", "/mirror/").to_string(),
+            "127.0.0.1:5000/mirror/org/app:1.2"
+        );
+        assert_eq!(r.retarget("r:1", "").to_string(), "r:1/org/app:1.2");
+    }
+
+    #[test]
+    fn bundle_names_become_repositories() {
+        assert_eq!(repository_from_bundle_name("My Apps.squashfs"), "my-apps");
+        assert_eq!(repository_from_bundle_name("x/haul.tar.zst"), "haul");
+        assert_eq!(repository_from_bundle_name("..."), "bundle");
+    }
+}

@@ -1,0 +1,168 @@
+//! Connecting to NATS and declaring the streams, KV buckets and durable consumers.
+//!
+//! Every declaration is idempotent ("get or create"), so any service and any replica can
+//! run it at start; designed for nats-server 2.9 (no 2.10-only fields).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    kv,
+    stream::{self, RetentionPolicy, StorageType},
+};
+use bytes::Bytes;
+
+use crate::{
+    Error, Result,
+    event::{EventKind, event_headers},
+    subjects::*,
+};
+
+/// A connection to NATS with its JetStream context.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+/// How a durable pull consumer is declared.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub stream: &'static str,
+    pub durable: String,
+    pub filter: String,
+    /// How long a delivered message may go without an ack (or progress ack).
+    pub ack_wait: Duration,
+    /// Deliveries before the server gives up on a message (-1: never).
+    pub max_deliver: i64,
+    /// Messages delivered but not yet acked, across all replicas.
+    pub max_ack_pending: i64,
+    pub deliver_policy: DeliverPolicy,
+}
+
+impl Bus {
+    /// Connects to `url` (e.g. `nats://127.0.0.1:4222`) as `name`.
+    pub async fn connect(url: &str, name: &str) -> Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| Error::Nats(format!("cannot connect to {url}: {e}")))?;
+        let js = jetstream::new(client.clone());
+        Ok(Bus { client, js })
+    }
+
+    /// Is the connection up right now?
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Declares both streams and both KV buckets.
+    pub async fn ensure_topology(&self) -> Result<()> {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: EVENTS_STREAM.into(),
+                subjects: vec![EVENTS_SUBJECTS.into()],
+                retention: RetentionPolicy::Limits,
+                storage: StorageType::File,
+                max_age: week,
+                duplicate_window: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::nats)?;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: JOBS_STREAM.into(),
+                subjects: vec![JOBS_SUBJECTS.into()],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                max_age: week,
+                duplicate_window: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::nats)?;
+        self.kv(BUNDLES_BUCKET, 10).await?;
+        self.kv(BLOBS_BUCKET, 1).await?;
+        Ok(())
+    }
+
+    /// Gets (or creates) a KV bucket.
+    pub async fn kv(&self, bucket: &str, history: i64) -> Result<kv::Store> {
+        if let Ok(store) = self.js.get_key_value(bucket).await {
+            return Ok(store);
+        }
+        self.js
+            .create_key_value(kv::Config {
+                bucket: bucket.into(),
+                history,
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(Error::nats)
+    }
+
+    /// Gets (or creates) a durable pull consumer.
+    pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<PullConsumer> {
+        let stream = self.js.get_stream(spec.stream).await.map_err(Error::nats)?;
+        stream
+            .get_or_create_consumer(
+                &spec.durable,
+                pull::Config {
+                    durable_name: Some(spec.durable.clone()),
+                    filter_subject: spec.filter.clone(),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: spec.ack_wait,
+                    max_deliver: spec.max_deliver,
+                    max_ack_pending: spec.max_ack_pending,
+                    deliver_policy: spec.deliver_policy,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(Error::nats)
+    }
+
+    /// Publishes an event and waits for JetStream to store it (a duplicate within the
+    /// window counts as stored).
+    pub async fn publish_event(
+        &self,
+        kind: EventKind,
+        id: &str,
+        bundle_id: &str,
+        body: Bytes,
+    ) -> Result<()> {
+        let headers = event_headers(kind, id, bundle_id);
+        self.js
+            .publish_with_headers(kind.subject(), headers, body)
+            .await
+            .map_err(Error::nats)?
+            .await
+            .map_err(Error::nats)?;
+        Ok(())
+    }
+
+    /// Publishes a job with a de-duplication id and waits for JetStream to store it.
+    pub async fn publish_job(&self, subject: &str, msg_id: &str, body: Bytes) -> Result<()> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        crate::trace::inject(&mut headers);
+        self.js
+            .publish_with_headers(subject.to_string(), headers, body)
+            .await
+            .map_err(Error::nats)?
+            .await
+            .map_err(Error::nats)?;
+        Ok(())
+    }
+
+    /// The bundle state store.
+    pub async fn state(&self) -> Result<crate::StateStore> {
+        Ok(crate::StateStore::new(self.kv(BUNDLES_BUCKET, 10).await?))
+    }
+}

@@ -1,0 +1,31 @@
+//! Names on the bus. Everything a user may subscribe to or a replica must agree on lives
+//! here, so no service spells a subject by hand.
+
+/// Stream holding every event (`shipperd.events.>`), limits retention: users and the
+/// notify service read it with their own consumers; it is the bundle's history.
+pub const EVENTS_STREAM: &str = "SHIPPERD";
+/// Subjects of [`EVENTS_STREAM`].
+pub const EVENTS_SUBJECTS: &str = "shipperd.events.>";
+
+/// Stream holding work (`shipperd.jobs.>`), work-queue retention: a job is gone once acked.
+pub const JOBS_STREAM: &str = "SHIPPERD_JOBS";
+/// Subjects of [`JOBS_STREAM`].
+pub const JOBS_SUBJECTS: &str = "shipperd.jobs.>";
+/// One message per image to publish.
+pub const PUBLISH_JOB_SUBJECT: &str = "shipperd.jobs.publish";
+
+/// KV bucket with one record per bundle, keyed by bundle id.
+pub const BUNDLES_BUCKET: &str = "shipperd-bundles";
+/// KV bucket mapping a blob digest to a repository that holds it, per registry, so later
+/// pushes of the same blob to other repositories can be cross-repository mounts.
+pub const BLOBS_BUCKET: &str = "shipperd-blobs";
+
+/// Durable consumer of the unpack service (bundle.received).
+pub const UNPACK_CONSUMER: &str = "unpack";
+/// Durable consumer of the publish service (publish jobs).
+pub const PUBLISH_CONSUMER: &str = "publish";
+/// Prefix of the notify service's durable consumers, one per webhook target.
+pub const NOTIFY_CONSUMER_PREFIX: &str = "notify-";
+
+/// CloudEvents `source` attribute of every event.
+pub const EVENT_SOURCE: &str = "/shipperd";

@@ -1,0 +1,123 @@
+//! The pull loop every stage runs on its durable consumer.
+//!
+//! Replicas bind the same durable consumer and share its messages. Each replica pulls one
+//! message at a time and only when it has a free slot, so no message waits (and ages
+//! toward its ack deadline) in a local buffer. On shutdown it stops pulling and lets the
+//! jobs in hand finish, up to a deadline; a job cut off then is redelivered after its ack
+//! wait, never lost.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{AckKind, Message, consumer::PullConsumer};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// What to do with a message once its handler is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (successfully or with a recorded failure): remove it.
+    Ack,
+    /// Try again after this delay.
+    Retry(Duration),
+    /// It can never succeed and its failure is recorded: stop delivering it.
+    Term,
+}
+
+/// Settles a message. A failed ack only means it will be redelivered; handlers are
+/// idempotent, so that is logged, not fatal.
+pub async fn settle(msg: &Message, outcome: Outcome) {
+    let kind = match outcome {
+        Outcome::Ack => AckKind::Ack,
+        Outcome::Retry(d) => AckKind::Nak(Some(d)),
+        Outcome::Term => AckKind::Term,
+    };
+    if let Err(error) = msg.ack_with(kind).await {
+        tracing::warn!(%error, subject = %msg.subject, "could not settle message; it will be redelivered");
+    }
+}
+
+/// How many times this message has been delivered (1 on the first delivery).
+pub fn delivered(msg: &Message) -> i64 {
+    msg.info().map(|i| i.delivered).unwrap_or(1)
+}
+
+/// Runs `fut` while telling the server every `every` that the message is still being
+/// worked on, so a long job keeps its message past the consumer's ack wait.
+pub async fn with_progress<T>(msg: &Message, every: Duration, fut: impl Future<Output = T>) -> T {
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = tick.tick() => {
+                if let Err(error) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(%error, "progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+/// Pulls messages from `consumer` and hands each to `handle`, at most `concurrency` at a
+/// time, until `shutdown`; then waits up to `drain` for the jobs in hand.
+pub async fn run<F, Fut>(
+    name: &str,
+    consumer: PullConsumer,
+    concurrency: usize,
+    drain: Duration,
+    shutdown: CancellationToken,
+    handle: F,
+) where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+    let tracker = TaskTracker::new();
+    let handle = Arc::new(handle);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let pulled = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            b = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages() => b,
+        };
+        let mut batch = match pulled {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::warn!(%error, worker = name, "pull failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = batch.next() => m,
+        };
+        match next {
+            None => {} // the pull expired with nothing to do
+            Some(Err(error)) => {
+                tracing::debug!(%error, worker = name, "pull ended without a message");
+            }
+            Some(Ok(msg)) => {
+                let handle = handle.clone();
+                tracker.spawn(async move {
+                    handle(msg).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    tracker.close();
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            worker = name,
+            "jobs still running at the drain deadline; they will be redelivered"
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! notify: fans ShipperD events out to webhooks as signed CloudEvents

@@ -1,0 +1,1 @@
+//! publish: pushes every image of a bundle, byte for byte, into the target registry

@@ -1,0 +1,1 @@
+//! unpack: opens stored bundles, checks them and lists their images
