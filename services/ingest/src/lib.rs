@@ -1,1 +1,104 @@
-//! ingest: takes bundles in over HTTP and from a drop directory, stores them once, checksummed
+//! ingest: takes bundles in and stores each once, checksummed.
+//!
+//! Bundles arrive by `PUT /v1/bundles/{name}` (streamed to disk, never whole in memory)
+//! or by being copied into the drop directory (`oc rsync`, `kubectl cp`). The sha256 of
+//! the bytes is the bundle's id: a bundle sent twice is stored and processed once. Once a
+//! bundle is safely on disk its record is created in KV and `bundle.received` is emitted.
+
+mod drop_dir;
+mod error;
+mod http;
+mod metrics;
+mod store;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+pub use error::{Error, Result};
+use shipperd_bus::Bus;
+pub use store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of the ingest service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    /// The bundle store: bundles land in `<data_dir>/bundles/<id>/bundle`.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+    /// Directory watched for bundles copied in; `None` to watch nothing.
+    pub drop_dir: Option<PathBuf>,
+    /// How often the drop directory is scanned. A file is taken once its size and
+    /// modification time are unchanged over one interval.
+    pub drop_poll: Duration,
+    /// Largest bundle accepted, in bytes.
+    pub max_bundle_bytes: u64,
+}
+
+impl Config {
+    pub fn new(nats_url: impl Into<String>, data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        Config {
+            nats_url: nats_url.into(),
+            data_dir: data_dir.into(),
+            listen,
+            drop_dir: None,
+            drop_poll: Duration::from_secs(2),
+            max_bundle_bytes: 1 << 40,
+        }
+    }
+}
+
+/// A started ingest service: connected, topology declared, port bound.
+pub struct Ingest {
+    config: Config,
+    store: Arc<Store>,
+    listener: tokio::net::TcpListener,
+}
+
+impl Ingest {
+    pub async fn start(config: Config) -> Result<Self> {
+        let bus = Bus::connect(&config.nats_url, "shipperd-ingest").await?;
+        bus.ensure_topology().await?;
+        let store = Arc::new(Store::open(bus, &config.data_dir, config.max_bundle_bytes).await?);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::Bind(config.listen, e))?;
+        Ok(Ingest {
+            config,
+            store,
+            listener,
+        })
+    }
+
+    /// The address the HTTP API listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
+        tracing::info!(addr = %self.local_addr(), "ingest listening");
+        let watcher = self.config.drop_dir.clone().map(|dir| {
+            tokio::spawn(drop_dir::watch(
+                dir,
+                self.config.drop_poll,
+                self.store.clone(),
+                shutdown.clone(),
+            ))
+        });
+        let app = http::router(self.store.clone());
+        let stop = shutdown.clone();
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .map_err(Error::Serve)?;
+        if let Some(w) = watcher {
+            let _ = w.await;
+        }
+        Ok(())
+    }
+}
+
+/// Starts and runs the ingest service until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    Ingest::start(config).await?.serve(shutdown).await
+}

@@ -1,0 +1,75 @@
+//! Ingest errors, and the HTTP status each one maps to.
+
+use std::net::SocketAddr;
+
+use axum::{
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid bundle name {0:?}: use 1-200 characters from A-Z a-z 0-9 . _ -, not starting with '.'")]
+    BadName(String),
+    #[error("invalid sha256 {0:?}: expected 64 hex characters")]
+    BadChecksum(String),
+    #[error("checksum mismatch: the upload hashes to {actual}, the request said {expected}; nothing was kept")]
+    ChecksumMismatch { expected: String, actual: String },
+    #[error("bundle is larger than the limit of {limit} bytes; nothing was kept")]
+    TooLarge { limit: u64 },
+    #[error("the upload was cut off after {received} bytes ({reason}); nothing was kept")]
+    Incomplete { received: u64, reason: String },
+    #[error("the bundle is empty")]
+    Empty,
+    #[error("bundle store I/O on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] shipperd_bus::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("HTTP server: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Could the same request succeed later (the bus or the disk was in trouble)?
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Bus(_) | Error::Io { .. })
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::BadName(_)
+            | Error::BadChecksum(_)
+            | Error::ChecksumMismatch { .. }
+            | Error::Incomplete { .. }
+            | Error::Empty => StatusCode::BAD_REQUEST,
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Io { .. } | Error::Bind(..) | Error::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, axum::Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
