@@ -14,7 +14,7 @@ pub mod squashfs;
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
 pub use layout::{Descriptor, Digest, ImagePlan, Layout, LayoutImage};
-pub use reference::Reference;
+pub use reference::{Reference, RegistryUrl};
 pub use squashfs::SquashfsBundle;
 
 use std::io::Read;

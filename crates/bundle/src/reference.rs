@@ -223,3 +223,52 @@ mod tests {
         assert_eq!(repository_from_bundle_name("..."), "bundle");
     }
 }
+
+/// A target registry given as a URL: `http://127.0.0.1:5000` or `https://reg.example`
+/// (the scheme decides TLS; a bare host means https).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryUrl {
+    pub https: bool,
+    /// `host[:port]`, as it appears in image references.
+    pub host: String,
+}
+
+impl RegistryUrl {
+    pub fn parse(url: &str) -> Result<Self> {
+        let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if url.contains("://") {
+            return Err(bad(url, "registry URL scheme must be http or https"));
+        } else {
+            (true, url)
+        };
+        let host = rest.trim_end_matches('/');
+        if !valid_host(host) {
+            return Err(bad(
+                url,
+                "registry URL must be scheme://host[:port] with no path",
+            ));
+        }
+        Ok(RegistryUrl {
+            https,
+            host: host.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod registry_url_tests {
+    use super::*;
+
+    #[test]
+    fn scheme_decides_tls() {
+        let r = RegistryUrl::parse("http://127.0.0.1:5000/").unwrap();
+        assert!(!r.https);
+        assert_eq!(r.host, "127.0.0.1:5000");
+        assert!(RegistryUrl::parse("reg.example").unwrap().https);
+        assert!(RegistryUrl::parse("ftp://x").is_err());
+        assert!(RegistryUrl::parse("http://x/v2/").is_err());
+    }
+}

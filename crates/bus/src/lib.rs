@@ -11,6 +11,7 @@
 
 mod error;
 pub mod event;
+pub mod lifecycle;
 pub mod setup;
 pub mod state;
 pub mod subjects;

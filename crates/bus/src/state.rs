@@ -41,6 +41,9 @@ pub struct ImageRecord {
     pub target: String,
     pub digest: String,
     pub media_type: String,
+    /// Size of the top manifest in bytes.
+    #[serde(default)]
+    pub size: u64,
     pub phase: ImagePhase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -118,6 +121,18 @@ impl BundleRecord {
             return true;
         }
         false
+    }
+
+    /// The image as it travels in events and jobs.
+    pub fn image_ref(img: &ImageRecord) -> shipperd_proto::v1::ImageRef {
+        shipperd_proto::v1::ImageRef {
+            index: img.index,
+            source: img.source.clone(),
+            target: img.target.clone(),
+            digest: img.digest.clone(),
+            media_type: img.media_type.clone(),
+            size: img.size,
+        }
     }
 
     pub fn image(&self, index: u32) -> Option<&ImageRecord> {
@@ -235,6 +250,7 @@ mod tests {
                 target: format!("t{index}"),
                 digest: "sha256:00".into(),
                 media_type: "m".into(),
+                size: 1,
                 phase: ImagePhase::Pending,
                 error: None,
             })

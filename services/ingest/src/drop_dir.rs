@@ -35,11 +35,16 @@ pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: C
                     if skipped(&name) {
                         continue;
                     }
-                    let Ok(meta) = e.metadata().await else { continue };
+                    let Ok(meta) = e.metadata().await else {
+                        continue;
+                    };
                     if !meta.is_file() {
                         continue;
                     }
-                    let stamp = (meta.len(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+                    let stamp = (
+                        meta.len(),
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    );
                     if last.get(&name) == Some(&stamp) && stamp.0 > 0 {
                         take(&store, &dir, &name).await;
                     } else {
@@ -47,7 +52,9 @@ pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: C
                     }
                 }
             }
-            Err(error) => tracing::warn!(%error, dir = %dir.display(), "cannot list the drop directory"),
+            Err(error) => {
+                tracing::warn!(%error, dir = %dir.display(), "cannot list the drop directory")
+            }
         }
         last = now;
         tokio::select! {
@@ -60,7 +67,9 @@ pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: C
 async fn take(store: &Store, dir: &std::path::Path, name: &str) {
     let path = dir.join(name);
     match store.receive_file(name, &path).await {
-        Ok(a) => tracing::info!(bundle_id = %a.record.id, name, created = a.created, "took bundle from the drop directory"),
+        Ok(a) => {
+            tracing::info!(bundle_id = %a.record.id, name, created = a.created, "took bundle from the drop directory")
+        }
         Err(error) if error.is_transient() => {
             tracing::warn!(%error, name, "cannot take bundle from the drop directory now; will try again");
         }
@@ -69,7 +78,8 @@ async fn take(store: &Store, dir: &std::path::Path, name: &str) {
             tracing::warn!(%error, name, "cannot take bundle from the drop directory");
             let failed = dir.join(format!("{name}.failed"));
             let _ = tokio::fs::rename(&path, &failed).await;
-            let _ = tokio::fs::write(dir.join(format!("{name}.failed.txt")), format!("{error}\n")).await;
+            let _ = tokio::fs::write(dir.join(format!("{name}.failed.txt")), format!("{error}\n"))
+                .await;
         }
     }
 }

@@ -9,11 +9,15 @@ use axum::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid bundle name {0:?}: use 1-200 characters from A-Z a-z 0-9 . _ -, not starting with '.'")]
+    #[error(
+        "invalid bundle name {0:?}: use 1-200 characters from A-Z a-z 0-9 . _ -, not starting with '.'"
+    )]
     BadName(String),
     #[error("invalid sha256 {0:?}: expected 64 hex characters")]
     BadChecksum(String),
-    #[error("checksum mismatch: the upload hashes to {actual}, the request said {expected}; nothing was kept")]
+    #[error(
+        "checksum mismatch: the upload hashes to {actual}, the request said {expected}; nothing was kept"
+    )]
     ChecksumMismatch { expected: String, actual: String },
     #[error("bundle is larger than the limit of {limit} bytes; nothing was kept")]
     TooLarge { limit: u64 },
@@ -57,7 +61,9 @@ impl Error {
             | Error::Empty => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Io { .. } | Error::Bind(..) | Error::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Io { .. } | Error::Bind(..) | Error::Serve(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 }
@@ -68,7 +74,11 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (status, axum::Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            axum::Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 

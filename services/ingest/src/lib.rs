@@ -36,7 +36,11 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(nats_url: impl Into<String>, data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+    pub fn new(
+        nats_url: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        listen: SocketAddr,
+    ) -> Self {
         Config {
             nats_url: nats_url.into(),
             data_dir: data_dir.into(),
@@ -72,7 +76,9 @@ impl Ingest {
 
     /// The address the HTTP API listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {

@@ -32,13 +32,28 @@ pub static METRICS: Metrics = Metrics {
 
 pub fn render() -> String {
     let rows = [
-        ("shipperd_ingest_bundles_received_total", "New bundles stored.", &METRICS.bundles_received),
-        ("shipperd_ingest_bytes_received_total", "Bytes of complete uploads and drops.", &METRICS.bytes_received),
-        ("shipperd_ingest_uploads_rejected_total", "Uploads and drops refused or cut off.", &METRICS.uploads_rejected),
+        (
+            "shipperd_ingest_bundles_received_total",
+            "New bundles stored.",
+            &METRICS.bundles_received,
+        ),
+        (
+            "shipperd_ingest_bytes_received_total",
+            "Bytes of complete uploads and drops.",
+            &METRICS.bytes_received,
+        ),
+        (
+            "shipperd_ingest_uploads_rejected_total",
+            "Uploads and drops refused or cut off.",
+            &METRICS.uploads_rejected,
+        ),
     ];
     let mut out = String::new();
     for (name, help, c) in rows {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", c.get()));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+            c.get()
+        ));
     }
     out
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use shipperd_bus::{
-    Bus, BundleRecord, EventKind, Phase, StateStore,
+    BundleRecord, Bus, EventKind, Phase, StateStore,
     event::{encode, event_id},
 };
 use shipperd_proto::v1;
@@ -120,7 +120,12 @@ impl Store {
     }
 
     /// Takes a bundle in from a stream of chunks.
-    pub async fn receive<S, E>(&self, name: &str, mut body: S, expected: Option<&str>) -> Result<Accepted>
+    pub async fn receive<S, E>(
+        &self,
+        name: &str,
+        mut body: S,
+        expected: Option<&str>,
+    ) -> Result<Accepted>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -242,7 +247,13 @@ impl Store {
     }
 
     /// Moves a complete, hashed temp file into place and records the bundle.
-    async fn commit(&self, name: &str, mut tmp: TempFile, id: String, size: u64) -> Result<Accepted> {
+    async fn commit(
+        &self,
+        name: &str,
+        mut tmp: TempFile,
+        id: String,
+        size: u64,
+    ) -> Result<Accepted> {
         self.place(&mut tmp, &id).await?;
         self.record(name, &id, size).await
     }
