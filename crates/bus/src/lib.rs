@@ -12,6 +12,7 @@
 mod error;
 pub mod event;
 pub mod lifecycle;
+mod secret;
 pub mod setup;
 pub mod state;
 pub mod subjects;
@@ -20,5 +21,6 @@ pub mod worker;
 
 pub use error::{Error, ErrorKind, Result};
 pub use event::{EventKind, IncomingEvent};
+pub use secret::Secret;
 pub use setup::{Bus, ConsumerSpec};
 pub use state::{BundleRecord, ImagePhase, ImageRecord, Phase, StateStore};

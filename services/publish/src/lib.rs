@@ -1,1 +1,364 @@
-//! publish: pushes every image of a bundle, byte for byte, into the target registry
+//! publish: pushes every image of a bundle, byte for byte, into the target registry.
+//!
+//! One job per image (from the `SHIPPERD_JOBS` work queue; replicas share the durable
+//! consumer `publish`). For an image: blobs first (skipped when the repository has them,
+//! mounted when another repository of the registry has them, else streamed straight out
+//! of the bundle), then manifests children-first, the index by digest, and the tag last:
+//! an image that fails part-way is never tagged. The outcome goes into the bundle's
+//! record by compare-and-set; the worker that finishes the last image announces the
+//! bundle.
+
+mod registry;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{Message, consumer::DeliverPolicy};
+use shipperd_bundle::{Descriptor, Layout, Reference, RegistryUrl, SquashfsBundle};
+use shipperd_bus::{
+    BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, Secret, StateStore,
+    event::{encode, event_id},
+    lifecycle,
+    subjects::{BLOBS_BUCKET, JOBS_STREAM, PUBLISH_CONSUMER, PUBLISH_JOB_SUBJECT},
+    worker::{self, Outcome},
+};
+use shipperd_proto::v1;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use registry::{BlobOutcome, Registry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] shipperd_bus::Error),
+    #[error(transparent)]
+    Bundle(#[from] shipperd_bundle::Error),
+    #[error("pushing {what}: {source}")]
+    Registry {
+        what: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+}
+
+impl Error {
+    fn registry(what: String, source: oci_client::errors::OciDistributionError) -> Self {
+        Error::Registry { what, source }
+    }
+
+    /// Could trying again later succeed? (The registry or NATS may recover; a broken
+    /// bundle will not.)
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Bus(e) => e.kind() != shipperd_bus::ErrorKind::Permanent,
+            Error::Bundle(e) => e.kind() == shipperd_bundle::ErrorKind::Io,
+            Error::Registry { .. } => true,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of the publish service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    pub data_dir: PathBuf,
+    /// Target registry URL, e.g. `http://127.0.0.1:5000` (the scheme decides TLS).
+    pub registry: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Images pushed at once by this replica.
+    pub concurrency: usize,
+    /// Deliveries of one image job before a registry error fails the image.
+    pub max_deliver: i64,
+    /// First retry delay; doubles per delivery, up to a minute.
+    pub retry_base: Duration,
+}
+
+impl Config {
+    pub fn new(
+        nats_url: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        registry: impl Into<String>,
+    ) -> Self {
+        Config {
+            nats_url: nats_url.into(),
+            data_dir: data_dir.into(),
+            registry: registry.into(),
+            username: None,
+            password: None,
+            concurrency: 4,
+            max_deliver: 5,
+            retry_base: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Ctx {
+    bus: Bus,
+    state: StateStore,
+    registry: Registry,
+    config: Config,
+}
+
+/// Counts of what one image's push did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    pushed: u32,
+    mounted: u32,
+    skipped: u32,
+    bytes: u64,
+}
+
+/// A started publish service.
+pub struct Publish {
+    ctx: Arc<Ctx>,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+}
+
+impl Publish {
+    pub async fn start(config: Config) -> Result<Self> {
+        let url = RegistryUrl::parse(&config.registry)?;
+        let bus = Bus::connect(&config.nats_url, "shipperd-publish").await?;
+        bus.ensure_topology().await?;
+        let consumer = bus
+            .consumer(&ConsumerSpec {
+                stream: JOBS_STREAM,
+                durable: PUBLISH_CONSUMER.into(),
+                filter: PUBLISH_JOB_SUBJECT.into(),
+                ack_wait: Duration::from_secs(60),
+                max_deliver: config.max_deliver,
+                max_ack_pending: 1024,
+                deliver_policy: DeliverPolicy::All,
+            })
+            .await?;
+        let registry = Registry::new(
+            url,
+            config.username.clone(),
+            config.password.as_ref().map(|p| p.expose().to_string()),
+            bus.kv(BLOBS_BUCKET, 1).await?,
+        );
+        let state = bus.state().await?;
+        Ok(Publish {
+            ctx: Arc::new(Ctx {
+                bus,
+                state,
+                registry,
+                config,
+            }),
+            consumer,
+        })
+    }
+
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
+        let ctx = self.ctx.clone();
+        worker::run(
+            "publish",
+            self.consumer,
+            ctx.config.concurrency,
+            Duration::from_secs(30),
+            shutdown,
+            move |msg| {
+                let ctx = ctx.clone();
+                async move { handle(&ctx, msg).await }
+            },
+        )
+        .await;
+        Ok(())
+    }
+}
+
+/// Starts and runs the publish service until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    Publish::start(config).await?.serve(shutdown).await
+}
+
+async fn handle(ctx: &Ctx, msg: Message) {
+    let job = match decode_job(&msg.payload) {
+        Some(j) => j,
+        None => {
+            tracing::error!("undecodable publish job; dropping it");
+            return worker::settle(&msg, Outcome::Term).await;
+        }
+    };
+    let image = job.image.clone().unwrap_or_default();
+    let span = tracing::info_span!("publish", bundle_id = %job.bundle_id, image = %image.target);
+    shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
+    let outcome = async {
+        match process(ctx, &msg, &job, &image).await {
+            Ok(o) => o,
+            Err(error) => {
+                tracing::warn!(%error, "cannot record the image's outcome; will retry");
+                Outcome::Retry(ctx.config.retry_base)
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    worker::settle(&msg, outcome).await;
+}
+
+/// A job we can act on: it decodes and names an image.
+fn decode_job(b: &[u8]) -> Option<v1::PublishJob> {
+    prost::Message::decode(b)
+        .ok()
+        .filter(|j: &v1::PublishJob| j.image.is_some())
+}
+
+async fn process(
+    ctx: &Ctx,
+    msg: &Message,
+    job: &v1::PublishJob,
+    image: &v1::ImageRef,
+) -> Result<Outcome> {
+    let Some((rec, _)) = ctx.state.get(&job.bundle_id).await? else {
+        tracing::error!("job for an unknown bundle; dropping it");
+        return Ok(Outcome::Term);
+    };
+    match rec.image(image.index) {
+        None => {
+            tracing::error!(
+                index = image.index,
+                "job for an image the bundle does not list"
+            );
+            return Ok(Outcome::Term);
+        }
+        Some(img) if img.phase != ImagePhase::Pending => {
+            // Done by an earlier delivery: make sure its events went out (de-duplicated).
+            announce_image(ctx, &rec, img, None).await?;
+            lifecycle::announce_if_done(&ctx.bus, &ctx.state, &rec).await?;
+            return Ok(Outcome::Ack);
+        }
+        Some(_) => {}
+    }
+    let pushed =
+        worker::with_progress(msg, Duration::from_secs(15), push_image(ctx, job, image)).await;
+    let (error, stats) = match pushed {
+        Ok(stats) => (None, Some(stats)),
+        Err(e) if e.is_transient() && worker::delivered(msg) < ctx.config.max_deliver => {
+            let n = worker::delivered(msg).clamp(1, 6) as u32;
+            let delay = (ctx.config.retry_base * 2u32.pow(n - 1)).min(Duration::from_secs(60));
+            tracing::warn!(error = %e, ?delay, "image push failed; will retry");
+            return Ok(Outcome::Retry(delay));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "image failed");
+            (Some(e.to_string()), None)
+        }
+    };
+    let index = image.index;
+    let updated = ctx
+        .state
+        .update(&job.bundle_id, |r| {
+            (r.image(index)?.phase == ImagePhase::Pending)
+                .then(|| r.finish_image(index, error.clone()))
+        })
+        .await?;
+    let rec = match updated {
+        Some((_, rec)) => rec,
+        None => ctx
+            .state
+            .get(&job.bundle_id)
+            .await?
+            .map(|(r, _)| r)
+            .unwrap_or(rec),
+    };
+    if let Some(img) = rec.image(index) {
+        announce_image(ctx, &rec, img, stats).await?;
+    }
+    lifecycle::announce_if_done(&ctx.bus, &ctx.state, &rec).await?;
+    Ok(Outcome::Ack)
+}
+
+async fn announce_image(
+    ctx: &Ctx,
+    rec: &BundleRecord,
+    img: &ImageRecord,
+    stats: Option<Stats>,
+) -> Result<()> {
+    let image = Some(BundleRecord::image_ref(img));
+    let (kind, body) = match img.phase {
+        ImagePhase::Pending => return Ok(()),
+        ImagePhase::Published => {
+            let s = stats.unwrap_or_default();
+            let body = v1::ImagePublished {
+                bundle_id: rec.id.clone(),
+                image,
+                blobs_pushed: s.pushed,
+                blobs_mounted: s.mounted,
+                blobs_skipped: s.skipped,
+                bytes_pushed: s.bytes,
+            };
+            (EventKind::ImagePublished, encode(&body))
+        }
+        ImagePhase::Failed => {
+            let body = v1::ImageFailed {
+                bundle_id: rec.id.clone(),
+                image,
+                error: img.error.clone().unwrap_or_default(),
+            };
+            (EventKind::ImageFailed, encode(&body))
+        }
+    };
+    let id = event_id(kind, &rec.id, Some(img.index));
+    ctx.bus.publish_event(kind, &id, &rec.id, body).await?;
+    Ok(())
+}
+
+/// Pushes one image: blobs, then manifests children-first, then the tag.
+async fn push_image(ctx: &Ctx, job: &v1::PublishJob, image: &v1::ImageRef) -> Result<Stats> {
+    let target = Reference::parse(&image.target)?;
+    let repo = target.repository.clone();
+    let top = Descriptor {
+        media_type: image.media_type.clone(),
+        digest: image.digest.clone(),
+        size: image.size,
+        annotations: Default::default(),
+        platform: None,
+        urls: vec![],
+    };
+    let path = ctx.config.data_dir.join(&job.bundle_path);
+    let source = image.source.clone();
+    let (bundle, plan) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let bundle = Arc::new(SquashfsBundle::open(&path)?);
+        let plan = Layout::new(bundle.as_ref()).plan(&source, &top)?;
+        Ok((bundle, plan))
+    })
+    .await
+    .expect("opening a bundle does not panic")?;
+
+    ctx.registry.login(&repo).await?;
+    let mut stats = Stats::default();
+    for blob in &plan.blobs {
+        match ctx.registry.push_blob(&repo, blob, bundle.clone()).await? {
+            BlobOutcome::Skipped => stats.skipped += 1,
+            BlobOutcome::Mounted => stats.mounted += 1,
+            BlobOutcome::Pushed => {
+                stats.pushed += 1;
+                stats.bytes += blob.size;
+            }
+        }
+    }
+    // Children before their index; everything by digest, so nothing is tagged yet.
+    for (desc, bytes) in &plan.manifests {
+        let r = ctx.registry.reference(&repo, None, &desc.digest);
+        ctx.registry
+            .push_manifest(&repo, r, bytes, &desc.media_type)
+            .await?;
+    }
+    if let (Some(tag), Some((desc, bytes))) = (target.tag.as_deref(), plan.manifests.last()) {
+        let r = ctx.registry.reference(&repo, Some(tag), &desc.digest);
+        ctx.registry
+            .push_manifest(&repo, r, bytes, &desc.media_type)
+            .await?;
+    }
+    tracing::info!(
+        pushed = stats.pushed,
+        mounted = stats.mounted,
+        skipped = stats.skipped,
+        bytes = stats.bytes,
+        "image published"
+    );
+    Ok(stats)
+}
