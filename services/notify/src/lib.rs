@@ -1,1 +1,231 @@
-//! notify: fans ShipperD events out to webhooks as signed CloudEvents
+//! notify: fans every ShipperD event out to webhooks as signed CloudEvents.
+//!
+//! Each webhook target has its own durable consumer (`notify-<hash of URL>`) on the
+//! events stream, so targets progress independently: a slow or dead target only delays
+//! its own deliveries. A delivery is a `POST` of the CloudEvents JSON (structured mode)
+//! with Standard Webhooks headers; a non-2xx answer, a timeout or a refused connection
+//! leaves the event unacked and it comes back after a growing delay (at-least-once, the
+//! same `webhook-id` on every retry).
+
+pub mod sign;
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{Message, consumer::DeliverPolicy};
+use sha2::{Digest, Sha256};
+use shipperd_bus::{
+    Bus, ConsumerSpec, IncomingEvent, Secret,
+    subjects::{EVENTS_STREAM, EVENTS_SUBJECTS, NOTIFY_CONSUMER_PREFIX},
+    worker::{self, Outcome},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] shipperd_bus::Error),
+    #[error("invalid webhook URL {0:?}: must start with http:// or https://")]
+    BadUrl(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings of the notify service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    /// Webhook URLs; each gets every event.
+    pub webhooks: Vec<String>,
+    /// Signing secret (`whsec_<base64>` or raw); without one, deliveries are unsigned.
+    pub secret: Option<Secret>,
+    /// Time allowed for one delivery attempt.
+    pub timeout: Duration,
+    /// Delay before the first retry; doubles per attempt up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Attempts per event and target before giving up on it (-1: never give up).
+    pub max_deliver: i64,
+    /// Deliveries in flight per target.
+    pub concurrency: usize,
+}
+
+impl Config {
+    pub fn new(nats_url: impl Into<String>, webhooks: Vec<String>) -> Self {
+        Config {
+            nats_url: nats_url.into(),
+            webhooks,
+            secret: None,
+            timeout: Duration::from_secs(10),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            max_deliver: 200,
+            concurrency: 4,
+        }
+    }
+}
+
+/// The durable consumer name of a webhook target.
+pub fn consumer_name(url: &str) -> String {
+    let h = Sha256::digest(url.as_bytes());
+    format!("{NOTIFY_CONSUMER_PREFIX}{}", hex::encode(&h[..8]))
+}
+
+struct Target {
+    url: String,
+    http: reqwest::Client,
+    key: Option<Vec<u8>>,
+    config: Config,
+}
+
+/// A started notify service.
+pub struct Notify {
+    targets: Vec<(Arc<Target>, async_nats::jetstream::consumer::PullConsumer)>,
+}
+
+impl Notify {
+    pub async fn start(config: Config) -> Result<Self> {
+        for url in &config.webhooks {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::BadUrl(url.clone()));
+            }
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .user_agent(concat!("shipperd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Client(e.to_string()))?;
+        if config.secret.is_none() && !config.webhooks.is_empty() {
+            tracing::warn!("no webhook secret set: deliveries are not signed");
+        }
+        let bus = Bus::connect(&config.nats_url, "shipperd-notify").await?;
+        bus.ensure_topology().await?;
+        let mut targets = Vec::new();
+        for url in &config.webhooks {
+            let consumer = bus
+                .consumer(&ConsumerSpec {
+                    stream: EVENTS_STREAM,
+                    durable: consumer_name(url),
+                    filter: EVENTS_SUBJECTS.into(),
+                    ack_wait: config.timeout + Duration::from_secs(30),
+                    max_deliver: config.max_deliver,
+                    max_ack_pending: 1000,
+                    // A new target hears what happens from now on, not the stream's past.
+                    deliver_policy: DeliverPolicy::New,
+                })
+                .await?;
+            let target = Target {
+                url: url.clone(),
+                http: http.clone(),
+                key: config.secret.as_ref().map(|s| sign::key(s.expose())),
+                config: config.clone(),
+            };
+            targets.push((Arc::new(target), consumer));
+        }
+        Ok(Notify { targets })
+    }
+
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (target, consumer) in self.targets {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let concurrency = target.config.concurrency;
+                worker::run(
+                    "notify",
+                    consumer,
+                    concurrency,
+                    Duration::from_secs(15),
+                    shutdown,
+                    move |msg| {
+                        let target = target.clone();
+                        async move { deliver(&target, msg).await }
+                    },
+                )
+                .await
+            });
+        }
+        if tasks.is_empty() {
+            shutdown.cancelled().await;
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Starts and runs the notify service until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    Notify::start(config).await?.serve(shutdown).await
+}
+
+async fn deliver(target: &Target, msg: Message) {
+    let event = match IncomingEvent::parse(msg.headers.as_ref(), msg.payload.clone()) {
+        Ok(e) => e,
+        Err(error) => {
+            tracing::warn!(%error, subject = %msg.subject, "not a ShipperD event; skipping");
+            return worker::settle(&msg, Outcome::Term).await;
+        }
+    };
+    let span = tracing::info_span!("notify", event = %event.id, target = %target.url);
+    shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
+    let outcome = post(target, &event, worker::delivered(&msg))
+        .instrument(span)
+        .await;
+    worker::settle(&msg, outcome).await;
+}
+
+async fn post(target: &Target, event: &IncomingEvent, attempt: i64) -> Outcome {
+    let body = match event.to_cloudevent_json() {
+        Ok(v) => serde_json::to_vec(&v).expect("JSON values serialize"),
+        Err(error) => {
+            tracing::error!(%error, "cannot render event; skipping");
+            return Outcome::Term;
+        }
+    };
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    let mut req = target
+        .http
+        .post(&target.url)
+        .header("content-type", "application/cloudevents+json")
+        .header("webhook-id", &event.id)
+        .header("webhook-timestamp", ts.to_string());
+    if let Some(key) = &target.key {
+        req = req.header(
+            "webhook-signature",
+            sign::signature(key, &event.id, ts, &body),
+        );
+    }
+    let failure = match req.body(body).send().await {
+        Ok(resp) if resp.status().is_success() => {
+            tracing::debug!(status = %resp.status(), "delivered");
+            return Outcome::Ack;
+        }
+        Ok(resp) => format!("answered {}", resp.status()),
+        Err(e) => format!("{e}"),
+    };
+    let max = target.config.max_deliver;
+    if max > 0 && attempt >= max {
+        tracing::error!(attempt, failure, "giving up on this event for this webhook");
+        return Outcome::Term;
+    }
+    let exp = (attempt.clamp(1, 30) - 1) as u32;
+    let delay = target
+        .config
+        .retry_initial
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(target.config.retry_max);
+    tracing::warn!(
+        attempt,
+        failure,
+        ?delay,
+        "webhook delivery failed; will retry"
+    );
+    Outcome::Retry(delay)
+}

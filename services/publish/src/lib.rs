@@ -120,6 +120,8 @@ pub struct Publish {
 impl Publish {
     pub async fn start(config: Config) -> Result<Self> {
         let url = RegistryUrl::parse(&config.registry)?;
+        // ring is our one TLS provider; a no-op when the binary installed it already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let bus = Bus::connect(&config.nats_url, "shipperd-publish").await?;
         bus.ensure_topology().await?;
         let consumer = bus

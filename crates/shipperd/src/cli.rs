@@ -1,0 +1,171 @@
+//! Command-line settings. Every flag has an environment twin (`SHIPPERD_*`); all are
+//! parsed and checked once, before any port is bound.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use shipperd_bus::Secret;
+
+use crate::AllConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shipperd",
+    version,
+    about = "Carries bundles of container images into a disconnected registry"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take bundles in (HTTP API and drop directory).
+    Ingest {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        ingest: IngestArgs,
+    },
+    /// Open received bundles, check them, list their images.
+    Unpack {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Push images into the target registry.
+    Publish {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Deliver events to webhooks.
+    Notify {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        notify: NotifyArgs,
+    },
+    /// Every service in one process.
+    All {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        ingest: IngestArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        notify: NotifyArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// NATS server with JetStream.
+    #[arg(
+        long,
+        env = "SHIPPERD_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// The bundle store, shared by every service.
+    #[arg(long, env = "SHIPPERD_DATA_DIR", default_value = "/var/lib/shipperd")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Address of the ingest HTTP API.
+    #[arg(long, env = "SHIPPERD_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Directory watched for bundles copied in (oc rsync, kubectl cp).
+    #[arg(long, env = "SHIPPERD_DROP_DIR")]
+    pub drop_dir: Option<PathBuf>,
+    /// Largest bundle accepted, in bytes.
+    #[arg(long, env = "SHIPPERD_MAX_BUNDLE_BYTES", default_value_t = 1 << 40)]
+    pub max_bundle_bytes: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Target registry, e.g. http://127.0.0.1:5000 (the scheme decides TLS).
+    #[arg(long, env = "SHIPPERD_REGISTRY")]
+    pub registry: String,
+    /// Path prepended to every repository in the target registry.
+    #[arg(long, env = "SHIPPERD_REGISTRY_PREFIX", default_value = "")]
+    pub registry_prefix: String,
+    /// Registry user name (basic auth).
+    #[arg(long, env = "SHIPPERD_REGISTRY_USERNAME")]
+    pub registry_username: Option<String>,
+    /// Registry password (basic auth).
+    #[arg(long, env = "SHIPPERD_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub registry_password: Option<Secret>,
+    /// Images pushed at once by this process.
+    #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 4)]
+    pub publish_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NotifyArgs {
+    /// Webhook URLs (repeat the flag, or comma-separate in the env var).
+    #[arg(long = "webhook", env = "SHIPPERD_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Vec<String>,
+    /// Signing secret, `whsec_<base64>` (Standard Webhooks) or raw.
+    #[arg(long, env = "SHIPPERD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
+    /// Seconds allowed for one webhook delivery attempt.
+    #[arg(long, env = "SHIPPERD_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
+    pub webhook_timeout_secs: u64,
+}
+
+impl IngestArgs {
+    pub fn config(&self, c: &Common) -> shipperd_ingest::Config {
+        let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, self.listen);
+        cfg.drop_dir = self.drop_dir.clone();
+        cfg.max_bundle_bytes = self.max_bundle_bytes;
+        cfg
+    }
+}
+
+impl RegistryArgs {
+    pub fn unpack(&self, c: &Common) -> shipperd_unpack::Config {
+        let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, &self.registry);
+        cfg.registry_prefix = self.registry_prefix.clone();
+        cfg
+    }
+
+    pub fn publish(&self, c: &Common) -> shipperd_publish::Config {
+        let mut cfg = shipperd_publish::Config::new(&c.nats_url, &c.data_dir, &self.registry);
+        cfg.username = self.registry_username.clone();
+        cfg.password = self.registry_password.clone();
+        cfg.concurrency = self.publish_concurrency;
+        cfg
+    }
+}
+
+impl NotifyArgs {
+    pub fn config(&self, c: &Common) -> shipperd_notify::Config {
+        let webhooks = self
+            .webhooks
+            .iter()
+            .map(|w| w.trim().to_string())
+            .filter(|w| !w.is_empty())
+            .collect();
+        let mut cfg = shipperd_notify::Config::new(&c.nats_url, webhooks);
+        cfg.secret = self.webhook_secret.clone().filter(|s| !s.is_empty());
+        cfg.timeout = Duration::from_secs(self.webhook_timeout_secs.max(1));
+        cfg
+    }
+}
+
+pub fn all_config(c: &Common, i: &IngestArgs, r: &RegistryArgs, n: &NotifyArgs) -> AllConfig {
+    AllConfig {
+        ingest: i.config(c),
+        unpack: r.unpack(c),
+        publish: r.publish(c),
+        notify: n.config(c),
+    }
+}
