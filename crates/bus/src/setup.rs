@@ -73,7 +73,7 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(Error::nats)?;
+            .map_err(|e| Error::Nats(format!("declaring stream {EVENTS_STREAM}: {e}")))?;
         self.js
             .get_or_create_stream(stream::Config {
                 name: JOBS_STREAM.into(),
@@ -85,26 +85,41 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(Error::nats)?;
+            .map_err(|e| Error::Nats(format!("declaring stream {JOBS_STREAM}: {e}")))?;
         self.kv(BUNDLES_BUCKET, 10).await?;
         self.kv(BLOBS_BUCKET, 1).await?;
         Ok(())
     }
 
     /// Gets (or creates) a KV bucket.
+    ///
+    /// async-nats' `create_key_value` first reads the account info, whose reply from
+    /// nats-server 2.9 lacks fields the client requires (`reserved_memory`), so it fails
+    /// there. We declare the bucket's backing stream ourselves, shaped as the KV
+    /// protocol wants it, then bind to it.
     pub async fn kv(&self, bucket: &str, history: i64) -> Result<kv::Store> {
         if let Ok(store) = self.js.get_key_value(bucket).await {
             return Ok(store);
         }
+        let err =
+            |e: &dyn std::fmt::Display| Error::Nats(format!("declaring KV bucket {bucket}: {e}"));
         self.js
-            .create_key_value(kv::Config {
-                bucket: bucket.into(),
-                history,
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: history,
+                discard: stream::DiscardPolicy::New,
                 storage: StorageType::File,
+                allow_direct: true,
+                allow_rollup: true,
+                deny_delete: true,
+                duplicate_window: Duration::from_secs(120),
+                num_replicas: 1,
                 ..Default::default()
             })
             .await
-            .map_err(Error::nats)
+            .map_err(|e| err(&e))?;
+        self.js.get_key_value(bucket).await.map_err(|e| err(&e))
     }
 
     /// Gets (or creates) a durable pull consumer.
@@ -125,7 +140,7 @@ impl Bus {
                 },
             )
             .await
-            .map_err(Error::nats)
+            .map_err(|e| Error::Nats(format!("declaring consumer {}: {e}", spec.durable)))
     }
 
     /// Publishes an event and waits for JetStream to store it (a duplicate within the

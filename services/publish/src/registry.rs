@@ -2,7 +2,7 @@
 //! what another repository of this registry has, else stream from the bundle) and
 //! manifests (exact bytes, so digests never change).
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -36,6 +36,9 @@ pub struct Registry {
     blobs: kv::Store,
     /// Prefix of this registry's keys in `blobs` (KV keys cannot hold `:`).
     key_prefix: String,
+    /// One lock per blob digest being pushed by this process: images sharing a layer
+    /// wait for the first push, then mount instead of uploading it again.
+    inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Bytes per chunk read from the bundle and handed to the HTTP body.
@@ -69,6 +72,7 @@ impl Registry {
             url,
             blobs,
             key_prefix,
+            inflight: Default::default(),
         }
     }
 
@@ -101,6 +105,33 @@ impl Registry {
 
     /// Makes sure `repo` has blob `desc`, moving as few bytes as possible.
     pub async fn push_blob(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        bundle: Arc<SquashfsBundle>,
+    ) -> Result<BlobOutcome> {
+        let lock = self
+            .inflight
+            .lock()
+            .expect("inflight map is never poisoned")
+            .entry(desc.digest.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock().await;
+        let out = self.push_blob_locked(repo, desc, bundle).await;
+        drop(guard);
+        let mut map = self
+            .inflight
+            .lock()
+            .expect("inflight map is never poisoned");
+        // The map and `lock` hold the only references: nobody else waits on it.
+        if Arc::strong_count(&lock) == 2 {
+            map.remove(&desc.digest);
+        }
+        out
+    }
+
+    async fn push_blob_locked(
         &self,
         repo: &str,
         desc: &Descriptor,

@@ -1,0 +1,262 @@
+//! The whole pipeline in-process against real servers: [`spawn_app`] starts nats-server,
+//! docker-registry and every ShipperD service (`shipperd all`, as a library) on free
+//! loopback ports, each test with its own data directory.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use serde_json::Value;
+use shipperd::{AllConfig, App};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    eventually,
+    servers::{Nats, Registry},
+};
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub webhooks: Vec<String>,
+    pub secret: Option<String>,
+    pub prefix: String,
+    pub drop_dir: bool,
+}
+
+pub struct TestApp {
+    pub nats: Nats,
+    pub registry: Registry,
+    pub data: TempDir,
+    pub drop_dir: Option<PathBuf>,
+    /// `http://127.0.0.1:PORT` of the ingest API.
+    pub base: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_app(opts: Options) -> anyhow::Result<TestApp> {
+    crate::init();
+    let nats = Nats::start().await?;
+    let registry = Registry::start().await?;
+    let data = tempfile::tempdir()?;
+    let drop_dir = opts.drop_dir.then(|| data.path().join("drop"));
+    let listen = "127.0.0.1:0".parse().unwrap();
+
+    let mut ingest = shipperd_ingest::Config::new(nats.url(), data.path(), listen);
+    ingest.drop_dir = drop_dir.clone();
+    ingest.drop_poll = Duration::from_millis(200);
+    let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), registry.url());
+    unpack.registry_prefix = opts.prefix.clone();
+    let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), registry.url());
+    publish.retry_base = Duration::from_millis(200);
+    let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
+    notify.secret = opts.secret.as_deref().map(shipperd_bus::Secret::new);
+    notify.timeout = Duration::from_secs(2);
+    notify.retry_initial = Duration::from_millis(100);
+    notify.retry_max = Duration::from_millis(500);
+
+    let app = App::start(AllConfig {
+        ingest,
+        unpack,
+        publish,
+        notify,
+    })
+    .await?;
+    let base = format!("http://{}", app.ingest_addr());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(app.serve(shutdown.clone()));
+    Ok(TestApp {
+        nats,
+        registry,
+        data,
+        drop_dir,
+        base,
+        http: reqwest::Client::new(),
+        shutdown,
+        task: Some(task),
+    })
+}
+
+impl TestApp {
+    /// `PUT /v1/bundles/{name}`; returns the status and the JSON answer.
+    pub async fn put(
+        &self,
+        name: &str,
+        body: Vec<u8>,
+        sha256: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut url = format!("{}/v1/bundles/{name}", self.base);
+        if let Some(s) = sha256 {
+            url.push_str(&format!("?sha256={s}"));
+        }
+        let resp = self.http.put(url).body(body).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `GET /v1/bundles/{id}`, `None` on 404.
+    pub async fn bundle(&self, id: &str) -> anyhow::Result<Option<Value>> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/bundles/{id}", self.base))
+            .send()
+            .await?;
+        if resp.status() == 404 {
+            return Ok(None);
+        }
+        Ok(Some(resp.error_for_status()?.json().await?))
+    }
+
+    /// `GET /v1/bundles`.
+    pub async fn bundles(&self) -> anyhow::Result<Vec<Value>> {
+        let v: Value = self
+            .http
+            .get(format!("{}/v1/bundles", self.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(v["bundles"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until the bundle is `Published` or `Failed`; returns its status document.
+    pub async fn wait_done(&self, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+        eventually(&format!("bundle {id} to finish"), timeout, || async {
+            let b = self.bundle(id).await.ok()??;
+            matches!(b["phase"].as_str(), Some("Published" | "Failed")).then_some(b)
+        })
+        .await
+    }
+
+    /// Stops the services and waits for them to drain.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .context("services did not stop within 60 s")???;
+        }
+        Ok(())
+    }
+
+    /// A manifest from the registry: (bytes, content type).
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> anyhow::Result<Option<(Vec<u8>, String)>> {
+        let accept = [
+            crate::fixtures::OCI_INDEX,
+            crate::fixtures::OCI_MANIFEST,
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+        ]
+        .join(", ");
+        let resp = self
+            .http
+            .get(format!(
+                "{}/v2/{repo}/manifests/{reference}",
+                self.registry.url()
+            ))
+            .header("accept", accept)
+            .send()
+            .await?;
+        if resp.status() == 404 {
+            return Ok(None);
+        }
+        let resp = resp.error_for_status()?;
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Ok(Some((resp.bytes().await?.to_vec(), ct)))
+    }
+
+    /// A blob from the registry, `None` on 404.
+    pub async fn blob(&self, repo: &str, digest: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let resp = self
+            .http
+            .get(format!("{}/v2/{repo}/blobs/{digest}", self.registry.url()))
+            .send()
+            .await?;
+        if resp.status() == 404 {
+            return Ok(None);
+        }
+        Ok(Some(resp.error_for_status()?.bytes().await?.to_vec()))
+    }
+
+    /// Repositories in the registry.
+    pub async fn catalog(&self) -> anyhow::Result<Vec<String>> {
+        let v: Value = self
+            .http
+            .get(format!("{}/v2/_catalog", self.registry.url()))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(v["repositories"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Tags of a repository (empty when it has none or does not exist).
+    pub async fn tags(&self, repo: &str) -> anyhow::Result<Vec<String>> {
+        let resp = self
+            .http
+            .get(format!("{}/v2/{repo}/tags/list", self.registry.url()))
+            .send()
+            .await?;
+        if resp.status() == 404 {
+            return Ok(vec![]);
+        }
+        let v: Value = resp.error_for_status()?.json().await?;
+        Ok(v["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Files left in the ingest temp directory (should be none between uploads).
+    pub fn temp_files(&self) -> usize {
+        std::fs::read_dir(self.data.path().join("tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Stored bundles in the data directory.
+    pub fn stored_bundles(&self) -> usize {
+        std::fs::read_dir(self.data.path().join("bundles"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// `skopeo inspect --raw` of an image in the test registry (plain http).
+pub fn skopeo_raw(image: &str) -> anyhow::Result<Vec<u8>> {
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .context("running skopeo (scripts/install-deps.sh installs it)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "skopeo inspect {image} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}

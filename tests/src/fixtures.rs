@@ -1,0 +1,354 @@
+//! Real OCI images for tests: tar+gzip layers with files in them, image configs with the
+//! right diff_ids, manifests, multi-platform indexes, laid out as an OCI image layout and
+//! squashed into a bundle with backhand's writer (or with Debian's mksquashfs).
+
+use std::{
+    collections::BTreeMap,
+    io::{Cursor, Write},
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use backhand::{
+    FilesystemCompressor, FilesystemWriter, NodeHeader,
+    compression::{CompressionOptions, Compressor, Lz4},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A layer: its blob digest and size, and the digest of its uncompressed tar.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub digest: String,
+    pub size: u64,
+    pub diff_id: String,
+}
+
+/// An image the bundle holds, as the test expects to find it in the registry.
+#[derive(Debug, Clone)]
+pub struct ExpectedImage {
+    /// Repository without host or prefix, e.g. `demo/app`.
+    pub repo: String,
+    pub tag: String,
+    /// Digest of the top manifest or index.
+    pub digest: String,
+    pub media_type: String,
+    /// Every manifest digest (children of an index included).
+    pub manifests: Vec<String>,
+    /// Every config and layer digest.
+    pub blobs: Vec<String>,
+}
+
+/// Squashfs compression for [`LayoutBuilder::write_squashfs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Xz,
+    Zstd,
+    Lz4,
+}
+
+#[derive(Default, Clone)]
+pub struct LayoutBuilder {
+    pub blobs: BTreeMap<String, Vec<u8>>,
+    index: Vec<Value>,
+    pub images: Vec<ExpectedImage>,
+}
+
+impl LayoutBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn blob(&mut self, bytes: Vec<u8>) -> (String, u64) {
+        let d = sha256(&bytes);
+        let n = bytes.len() as u64;
+        self.blobs.insert(d.clone(), bytes);
+        (d, n)
+    }
+
+    /// A tar+gzip layer holding `files` (path, content).
+    pub fn layer(&mut self, files: &[(&str, Vec<u8>)], level: flate2::Compression) -> Layer {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, content) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_cksum();
+            tar.append_data(&mut h, path, content.as_slice())
+                .expect("tar into memory");
+        }
+        let tar = tar.into_inner().expect("tar into memory");
+        let diff_id = sha256(&tar);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), level);
+        gz.write_all(&tar).expect("gzip into memory");
+        let (digest, size) = self.blob(gz.finish().expect("gzip into memory"));
+        Layer {
+            digest,
+            size,
+            diff_id,
+        }
+    }
+
+    /// A single-platform manifest; returns its descriptor and the blobs it needs.
+    fn manifest(&mut self, layers: &[Layer], arch: &str) -> (Value, Vec<String>) {
+        let config = json!({
+            "architecture": arch,
+            "os": "linux",
+            "config": { "Env": ["PATH=/usr/bin"] },
+            "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>() },
+        });
+        let (cd, cs) = self.blob(serde_json::to_vec(&config).unwrap());
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": { "mediaType": OCI_CONFIG, "digest": cd, "size": cs },
+            "layers": layers.iter().map(|l| json!({
+                "mediaType": OCI_LAYER_GZIP, "digest": l.digest, "size": l.size
+            })).collect::<Vec<_>>(),
+        });
+        let (md, ms) = self.blob(serde_json::to_vec_pretty(&manifest).unwrap());
+        let mut blobs = vec![cd];
+        blobs.extend(layers.iter().map(|l| l.digest.clone()));
+        (
+            json!({ "mediaType": OCI_MANIFEST, "digest": md, "size": ms,
+                    "platform": { "architecture": arch, "os": "linux" } }),
+            blobs,
+        )
+    }
+
+    /// Adds a single-platform image named in `index.json` by `annotations`.
+    pub fn image(&mut self, annotations: Value, layers: &[Layer], repo: &str, tag: &str) {
+        let (mut desc, blobs) = self.manifest(layers, "amd64");
+        desc.as_object_mut().unwrap().remove("platform");
+        self.name(desc, annotations, repo, tag, OCI_MANIFEST, blobs, vec![]);
+    }
+
+    /// Adds a multi-platform image: an index over one manifest per (arch, layers).
+    pub fn multi_arch(
+        &mut self,
+        annotations: Value,
+        per_arch: &[(&str, Vec<Layer>)],
+        repo: &str,
+        tag: &str,
+    ) {
+        let mut children = Vec::new();
+        let mut blobs = Vec::new();
+        for (arch, layers) in per_arch {
+            let (desc, b) = self.manifest(layers, arch);
+            blobs.extend(b);
+            children.push(desc);
+        }
+        let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children });
+        let (d, s) = self.blob(serde_json::to_vec_pretty(&index).unwrap());
+        let child_digests = children
+            .iter()
+            .map(|c| c["digest"].as_str().unwrap().to_string())
+            .collect();
+        self.name(
+            json!({ "mediaType": OCI_INDEX, "digest": d, "size": s }),
+            annotations,
+            repo,
+            tag,
+            OCI_INDEX,
+            blobs,
+            child_digests,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn name(
+        &mut self,
+        mut desc: Value,
+        annotations: Value,
+        repo: &str,
+        tag: &str,
+        media_type: &str,
+        blobs: Vec<String>,
+        children: Vec<String>,
+    ) {
+        desc["annotations"] = annotations;
+        let digest = desc["digest"].as_str().unwrap().to_string();
+        let mut manifests = children;
+        manifests.push(digest.clone());
+        self.index.push(desc);
+        self.images.push(ExpectedImage {
+            repo: repo.into(),
+            tag: tag.into(),
+            digest,
+            media_type: media_type.into(),
+            manifests,
+            blobs,
+        });
+    }
+
+    /// Flips bytes in the middle of a blob, keeping its name: a corrupt bundle.
+    pub fn corrupt(&mut self, digest: &str) {
+        let b = self.blobs.get_mut(digest).expect("blob exists");
+        let mid = b.len() / 2;
+        b[mid] ^= 0xff;
+    }
+
+    fn files(&self) -> Vec<(String, Vec<u8>)> {
+        let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.index });
+        let mut files = vec![
+            (
+                "oci-layout".to_string(),
+                br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+            ),
+            (
+                "index.json".to_string(),
+                serde_json::to_vec_pretty(&index).unwrap(),
+            ),
+        ];
+        for (d, b) in &self.blobs {
+            files.push((format!("blobs/sha256/{}", &d[7..]), b.clone()));
+        }
+        files
+    }
+
+    /// Writes the OCI layout as a directory.
+    pub fn write_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        for (p, b) in self.files() {
+            let path = dir.join(p);
+            std::fs::create_dir_all(path.parent().unwrap())?;
+            std::fs::write(path, b)?;
+        }
+        Ok(())
+    }
+
+    /// Squashes the layout into `out` with backhand's writer.
+    pub fn write_squashfs(&self, out: &Path, compression: Compression) -> anyhow::Result<()> {
+        let (id, options) = match compression {
+            Compression::Gzip => (Compressor::Gzip, None),
+            Compression::Xz => (Compressor::Xz, None),
+            Compression::Zstd => (Compressor::Zstd, None),
+            Compression::Lz4 => (
+                Compressor::Lz4,
+                Some(CompressionOptions::Lz4(Lz4 {
+                    version: 1,
+                    flags: 0,
+                })),
+            ),
+        };
+        let files = self.files();
+        let mut fs = FilesystemWriter::default();
+        fs.set_compressor(FilesystemCompressor::new(id, options)?);
+        let dir = NodeHeader {
+            permissions: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+        };
+        let file = NodeHeader {
+            permissions: 0o644,
+            ..dir
+        };
+        fs.push_dir_all("blobs/sha256", dir)?;
+        for (p, b) in &files {
+            fs.push_file(Cursor::new(b.as_slice()), p, file)?;
+        }
+        let mut f = std::io::BufWriter::new(std::fs::File::create(out)?);
+        fs.write(&mut f)?;
+        f.flush()?;
+        Ok(())
+    }
+
+    /// Squashes the layout with Debian's `mksquashfs` and extra flags (e.g. `-noI -noD
+    /// -noF -noX` for an uncompressed image).
+    pub fn mksquashfs(&self, out: &Path, flags: &[&str]) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        self.write_dir(dir.path())?;
+        let status = Command::new("mksquashfs")
+            .arg(dir.path())
+            .arg(out)
+            .args(["-noappend", "-quiet", "-no-progress"])
+            .args(flags)
+            .status()
+            .context("running mksquashfs (scripts/install-deps.sh installs squashfs-tools)")?;
+        if !status.success() {
+            bail!("mksquashfs failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+/// The sample bundle: a layer shared by two images, a multi-platform index, and images
+/// named each way an OCI layout names them (containerd name, full ref.name, tag-only
+/// ref.name, which lands in a repository named after the bundle). `salt` makes the
+/// bytes (and so the bundle id) differ between bundles; `big_layer_mb` adds a layer of
+/// that many MiB of random data to the first image.
+pub fn sample(salt: &str, bundle_repo: &str, big_layer_mb: usize) -> LayoutBuilder {
+    let fast = flate2::Compression::fast();
+    let mut b = LayoutBuilder::new();
+    let shared = b.layer(
+        &[
+            (
+                "etc/os-release",
+                format!("NAME=ShipperD sample {salt}\n").into_bytes(),
+            ),
+            ("usr/share/base.txt", vec![b'b'; 64 * 1024]),
+        ],
+        fast,
+    );
+    let mut app_layers = vec![
+        shared.clone(),
+        b.layer(
+            &[(
+                "app/run.sh",
+                format!("#!/bin/sh\necho app {salt}\n").into_bytes(),
+            )],
+            fast,
+        ),
+    ];
+    if big_layer_mb > 0 {
+        let mut data = vec![0u8; big_layer_mb << 20];
+        rand::Rng::fill(&mut rand::rng(), data.as_mut_slice());
+        // Stored (level 0) gzip: valid gzip, no time wasted compressing random bytes.
+        app_layers.push(b.layer(&[("app/big.bin", data)], flate2::Compression::none()));
+    }
+    b.image(
+        json!({ "io.containerd.image.name": "example.com/demo/app:1.0",
+                "org.opencontainers.image.ref.name": "1.0" }),
+        &app_layers,
+        "demo/app",
+        "1.0",
+    );
+    let tool = b.layer(
+        &[("usr/bin/tool", format!("tool {salt}").into_bytes())],
+        fast,
+    );
+    b.image(
+        json!({ "org.opencontainers.image.ref.name": "example.com/demo/tool:2.1" }),
+        &[shared.clone(), tool],
+        "demo/tool",
+        "2.1",
+    );
+    let amd = b.layer(&[("bin/hello", format!("amd64 {salt}").into_bytes())], fast);
+    let arm = b.layer(&[("bin/hello", format!("arm64 {salt}").into_bytes())], fast);
+    b.multi_arch(
+        json!({ "org.opencontainers.image.ref.name": "example.com/demo/multi:latest" }),
+        &[("amd64", vec![shared.clone(), amd]), ("arm64", vec![arm])],
+        "demo/multi",
+        "latest",
+    );
+    let tagged = b.layer(&[("srv/v3", format!("v3 {salt}").into_bytes())], fast);
+    b.image(
+        json!({ "org.opencontainers.image.ref.name": "v3" }),
+        &[tagged],
+        bundle_repo,
+        "v3",
+    );
+    b
+}
