@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what ShipperD's demo and tests need beyond the Rust toolchain, from Debian:
+# nats-server, docker-registry, skopeo, squashfs-tools, and curl/jq for the demo.
+# Idempotent: does nothing when every tool is already there. Installing the packages
+# starts no service (there is no systemd here); the demo and tests start their own.
+set -euo pipefail
+
+need=()
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+command -v mksquashfs >/dev/null 2>&1 || need+=(squashfs-tools)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v jq >/dev/null 2>&1 || need+=(jq)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing: ${need[*]}" >&2
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

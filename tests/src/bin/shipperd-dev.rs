@@ -1,0 +1,121 @@
+//! Developer tools for the demo and benchmarks: build a sample bundle, receive webhooks,
+//! write a loopback registry config, find a free port.
+
+use std::{io::Write, path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use shipperd_tests::{
+    fixtures::{Compression, sample},
+    servers::{free_port, registry_config},
+    webhook::WebhookSink,
+};
+
+#[derive(Parser)]
+#[command(name = "shipperd-dev")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Comp {
+    Gzip,
+    Xz,
+    Zstd,
+    Lz4,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write the sample bundle (four images, one multi-arch, a shared layer) as squashfs.
+    SampleBundle {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "gzip")]
+        compression: Comp,
+        /// Add a layer of this many MiB of random bytes (memory and speed checks).
+        #[arg(long, default_value_t = 0)]
+        big_layer_mb: usize,
+        /// Makes the bundle's bytes (and id) unique.
+        #[arg(long, default_value = "demo")]
+        salt: String,
+    },
+    /// Receive webhooks on 127.0.0.1:PORT; print one line per event (signature checked).
+    WebhookSink {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        secret: Option<String>,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        seconds: u64,
+    },
+    /// Print a docker-registry config listening on 127.0.0.1:PORT.
+    RegistryConfig {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// Print a free loopback TCP port.
+    FreePort,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::SampleBundle {
+            out,
+            compression,
+            big_layer_mb,
+            salt,
+        } => {
+            let repo = shipperd_bundle::reference::repository_from_bundle_name(
+                &out.file_name().unwrap_or_default().to_string_lossy(),
+            );
+            let layout = sample(&salt, &repo, big_layer_mb);
+            let c = match compression {
+                Comp::Gzip => Compression::Gzip,
+                Comp::Xz => Compression::Xz,
+                Comp::Zstd => Compression::Zstd,
+                Comp::Lz4 => Compression::Lz4,
+            };
+            layout.write_squashfs(&out, c)?;
+            for img in &layout.images {
+                println!("{}:{} {}", img.repo, img.tag, img.digest);
+            }
+        }
+        Cmd::WebhookSink {
+            port,
+            secret,
+            seconds,
+        } => {
+            let sink = WebhookSink::start_on(port).await?;
+            let key = secret.as_deref().map(shipperd_notify::sign::key);
+            let mut seen = 0;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+            while tokio::time::Instant::now() < deadline {
+                let all = sink.deliveries();
+                for d in &all[seen..] {
+                    let signed = match &key {
+                        Some(k) if d.signed_with(k) => "signature ok",
+                        Some(_) => "SIGNATURE BAD",
+                        None => "unsigned",
+                    };
+                    println!(
+                        "{} {} ({signed}) {}",
+                        d.event["time"].as_str().unwrap_or(""),
+                        d.event_type(),
+                        d.event["data"]
+                    );
+                    std::io::stdout().flush()?;
+                }
+                seen = all.len();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Cmd::RegistryConfig { port, root } => print!("{}", registry_config(&root, port)),
+        Cmd::FreePort => println!("{}", free_port()),
+    }
+    Ok(())
+}
