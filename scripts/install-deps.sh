@@ -12,6 +12,7 @@ command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v mksquashfs >/dev/null 2>&1 || need+=(squashfs-tools)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
+command -v bc >/dev/null 2>&1 || need+=(bc)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

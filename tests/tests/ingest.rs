@@ -71,7 +71,7 @@ async fn the_same_bundle_twice_is_one_bundle_processed_once() -> anyhow::Result<
 
     // One bundle.received and one bundle.published on the bus, not two.
     let js = async_nats::jetstream::new(async_nats::connect(app.nats.url()).await?);
-    let mut stream = js.get_stream("SHIPPERD").await?;
+    let stream = js.get_stream("SHIPPERD").await?;
     let info = stream
         .info_with_subjects("shipperd.events.bundle.>")
         .await?;
