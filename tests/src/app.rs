@@ -21,6 +21,8 @@ pub struct Options {
     pub secret: Option<String>,
     pub prefix: String,
     pub drop_dir: bool,
+    /// First retry delay of a failed image push (default 200 ms).
+    pub publish_retry: Option<Duration>,
 }
 
 pub struct TestApp {
@@ -55,7 +57,7 @@ pub async fn spawn_app(opts: Options) -> anyhow::Result<TestApp> {
     let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), registry.url());
     unpack.registry_prefix = opts.prefix.clone();
     let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), registry.url());
-    publish.retry_base = Duration::from_millis(200);
+    publish.retry_base = opts.publish_retry.unwrap_or(Duration::from_millis(200));
     let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
     notify.secret = opts.secret.as_deref().map(shipperd_bus::Secret::new);
     notify.timeout = Duration::from_secs(2);

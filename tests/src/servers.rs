@@ -117,13 +117,29 @@ impl Registry {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let config = registry_config(&dir.path().join("storage"), port);
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config)?;
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        Self::serve(port, dir).await
+    }
+
+    async fn serve(port: u16, dir: TempDir) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary("SHIPPERD_TEST_REGISTRY", "docker-registry")?);
-        cmd.arg("serve").arg(&config_path);
+        cmd.arg("serve").arg(dir.path().join("config.yml"));
         let mut p = Proc::spawn(cmd, port, dir)?;
         wait_tcp(port, &mut p, "docker-registry").await?;
         Ok(Registry(p))
+    }
+
+    /// Kills the registry (as a crash would); [`Self::restart`] brings it back on the
+    /// same port with the same storage.
+    pub fn kill(&mut self) {
+        self.0.kill();
+    }
+
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.0.kill();
+        let dir = std::mem::replace(&mut self.0.dir, tempfile::tempdir()?);
+        *self = Self::serve(self.0.port, dir).await?;
+        Ok(())
     }
 
     pub fn url(&self) -> String {
