@@ -58,9 +58,3 @@ pub fn init(service: &'static str) -> Result<Guard, Error> {
         .map_err(|_| Error::AlreadyInstalled)?;
     Ok(Guard { provider })
 }
-
-/// Installs only the propagator and an SDK tracer provider without a subscriber: for
-/// tests, which install their own subscriber but still want trace context to flow.
-pub fn init_propagation() {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-}
