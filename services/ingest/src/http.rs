@@ -14,7 +14,7 @@ use serde_json::json;
 use shipperd_bus::BundleRecord;
 
 use crate::{
-    Error, Result,
+    Result,
     metrics::{self, METRICS},
     store::{Store, parse_checksum},
 };
@@ -99,7 +99,6 @@ async fn ready(State(store): State<Arc<Store>>) -> Response {
     if store.bus().is_connected() {
         (StatusCode::OK, "ready").into_response()
     } else {
-        let e = Error::Bus(shipperd_bus::Error::Nats("not connected".into()));
-        (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS").into_response()
     }
 }
