@@ -18,8 +18,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("unsupported bundle format: {0} (this version reads squashfs bundles)")]
+    #[error(
+        "unsupported bundle format: {0} (ShipperD reads squashfs, and tar plain or compressed with gzip, zstd or xz)"
+    )]
     Unsupported(crate::Format),
+    #[error("unsafe bundle: {0}")]
+    Hostile(String),
+    #[error("corrupt bundle: {0}")]
+    Corrupt(String),
     #[error("not a readable squashfs image: {0}")]
     Squashfs(String),
     #[error("{0} is missing from the bundle")]
@@ -42,7 +48,7 @@ pub enum Error {
     },
     #[error("image {image}: {problem}")]
     Image { image: String, problem: String },
-    #[error("invalid OCI layout: {0}")]
+    #[error("invalid bundle layout: {0}")]
     Layout(String),
     #[error("invalid image reference {reference:?}: {problem}")]
     Reference { reference: String, problem: String },

@@ -1,7 +1,7 @@
-//! The OCI image layout inside a bundle: `index.json` names the images (by the
-//! `org.opencontainers.image.ref.name` or `io.containerd.image.name` annotation), manifests
-//! and indexes are blobs under `blobs/sha256/`, and every blob is checked for size and
-//! digest before anything is published.
+//! Digests, descriptors, and the walk from an image's top manifest to everything it
+//! needs: manifests (children first), blobs, and the referrers (signatures, SBOMs,
+//! attestations) attached to any of its manifests. Every manifest is checked for size,
+//! digest and shape as it is read; [`Walker::verify_blob`] checks a blob's bytes.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -11,7 +11,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::{BundleFs, Error, Reference, Result, reference::repository_from_bundle_name};
+use crate::{BlobSource, Error, Limits, Result};
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -20,11 +20,7 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 
-/// Largest `index.json` accepted.
-pub const MAX_INDEX_BYTES: u64 = 16 << 20;
-/// Largest manifest or image index accepted (registries cap these at 4 MiB too).
-pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
-/// How deep indexes may nest (index → index → manifest is depth 2).
+/// How deep indexes and referrers may nest (index → index → manifest is depth 2).
 const MAX_NESTING: usize = 4;
 
 /// A validated `sha256:<64 lowercase hex>` digest. Anything else is refused, so a digest
@@ -59,11 +55,6 @@ impl Digest {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// Path of this blob in an OCI layout.
-    pub fn blob_path(&self) -> String {
-        format!("blobs/sha256/{}", self.hex())
-    }
 }
 
 impl std::fmt::Display for Digest {
@@ -73,7 +64,7 @@ impl std::fmt::Display for Digest {
 }
 
 /// An OCI content descriptor.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Descriptor {
     #[serde(rename = "mediaType", default)]
     pub media_type: String,
@@ -85,6 +76,12 @@ pub struct Descriptor {
     pub platform: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub artifact_type: Option<String>,
 }
 
 impl Descriptor {
@@ -95,44 +92,85 @@ impl Descriptor {
 
 /// A manifest or an index: the fields we need of either.
 #[derive(Debug, Deserialize)]
-struct ManifestDoc {
+pub struct ManifestDoc {
+    #[serde(rename = "schemaVersion", default)]
+    pub schema_version: Option<u32>,
     #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
+    pub media_type: Option<String>,
+    #[serde(rename = "artifactType", default)]
+    pub artifact_type: Option<String>,
     #[serde(default)]
-    config: Option<Descriptor>,
+    pub config: Option<Descriptor>,
     #[serde(default)]
-    layers: Vec<Descriptor>,
+    pub layers: Vec<Descriptor>,
     #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
+    pub manifests: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    pub subject: Option<Descriptor>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
-/// An image named by the layout's `index.json`.
-#[derive(Debug, Clone)]
-pub struct LayoutImage {
-    /// The source reference (as the bundle names it, completed when it names a tag only).
-    pub source: Reference,
-    pub descriptor: Descriptor,
+impl ManifestDoc {
+    /// Parses a manifest; `what` names it in errors.
+    pub fn parse(what: &str, bytes: &[u8]) -> Result<Self> {
+        let doc: ManifestDoc = serde_json::from_slice(bytes).map_err(|e| json_err(what, e))?;
+        if doc.schema_version == Some(1) {
+            return Err(Error::Json {
+                path: what.to_string(),
+                reason: "Docker schema 1 manifests are deprecated and not supported".into(),
+            });
+        }
+        Ok(doc)
+    }
+
+    /// The media type: the descriptor's, else the document's, else inferred from shape.
+    pub fn media_type(&self, from_descriptor: &str) -> String {
+        [from_descriptor, self.media_type.as_deref().unwrap_or("")]
+            .into_iter()
+            .find(|m| !m.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                if self.manifests.is_some() {
+                    OCI_INDEX
+                } else {
+                    OCI_MANIFEST
+                }
+                .to_string()
+            })
+    }
 }
 
 /// Everything one image needs, in push order.
 #[derive(Debug, Clone, Default)]
 pub struct ImagePlan {
-    /// Distinct blobs (configs and layers) of every manifest of the image.
+    /// Distinct blobs (configs and layers) of every manifest of the image and its
+    /// referrers.
     pub blobs: Vec<Descriptor>,
-    /// Manifests with their exact bytes, children before the index that lists them; the
-    /// last one is the image's own top manifest (or index).
+    /// The image's manifests with their exact bytes, children before the index that lists
+    /// them; the last one is the image's own top manifest (or index).
     pub manifests: Vec<(Descriptor, Vec<u8>)>,
+    /// Referrers (with their own children first), pushed by digest after the image:
+    /// (the subject digest, for the referrer itself; `None` for its children), the
+    /// descriptor, the bytes.
+    pub referrers: Vec<(Option<String>, Descriptor, Vec<u8>)>,
 }
 
 impl ImagePlan {
     pub fn blob_bytes(&self) -> u64 {
         self.blobs.iter().map(|b| b.size).sum()
     }
+
+    /// Every manifest digest of the image (not its referrers).
+    pub fn manifest_digests(&self) -> impl Iterator<Item = &str> {
+        self.manifests.iter().map(|(d, _)| d.digest.as_str())
+    }
 }
 
-/// An OCI image layout at the root of a bundle.
-pub struct Layout<'a> {
-    fs: &'a dyn BundleFs,
+/// Walks images over a bundle's blobs.
+pub struct Walker<'a> {
+    blobs: &'a dyn BlobSource,
+    limits: &'a Limits,
 }
 
 fn json_err(path: &str, e: impl std::fmt::Display) -> Error {
@@ -142,63 +180,40 @@ fn json_err(path: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
-fn is_index(media_type: &str) -> bool {
+pub fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
 }
 
-impl<'a> Layout<'a> {
-    pub fn new(fs: &'a dyn BundleFs) -> Self {
-        Layout { fs }
+impl<'a> Walker<'a> {
+    pub fn new(blobs: &'a dyn BlobSource, limits: &'a Limits) -> Self {
+        Walker { blobs, limits }
     }
 
-    /// Reads `index.json` and names its images. `bundle_name` supplies the repository
-    /// for images named by a tag alone.
-    pub fn images(&self, bundle_name: &str) -> Result<Vec<LayoutImage>> {
-        if !self.fs.exists("index.json") {
-            return Err(Error::Layout(
-                "no index.json at the bundle's root (an OCI image layout is expected)".into(),
-            ));
-        }
-        let raw = self.fs.read_small("index.json", MAX_INDEX_BYTES)?;
-        let index: ManifestDoc =
-            serde_json::from_slice(&raw).map_err(|e| json_err("index.json", e))?;
-        let fallback_repo = repository_from_bundle_name(bundle_name);
-        let mut images = Vec::new();
-        let mut seen = HashSet::new();
-        for desc in index.manifests.unwrap_or_default() {
-            desc.digest()?;
-            let Some(name) = image_name(&desc, &fallback_repo)? else {
-                tracing::debug!(digest = %desc.digest, "index.json entry without a name; not published on its own");
-                continue;
-            };
-            if seen.insert(name.to_string()) {
-                images.push(LayoutImage {
-                    source: name,
-                    descriptor: desc,
-                });
-            }
-        }
-        if images.is_empty() {
-            return Err(Error::Layout(format!(
-                "index.json names no images (set the {ANNOTATION_REF_NAME} or {ANNOTATION_CONTAINERD_NAME} annotation)"
-            )));
-        }
-        Ok(images)
-    }
-
-    /// Reads a manifest blob, checking its size and digest.
-    fn manifest_bytes(&self, image: &str, desc: &Descriptor) -> Result<Vec<u8>> {
+    /// Reads a manifest blob, checking its size (when the descriptor gives one) and
+    /// digest. Returns the bytes.
+    pub fn manifest_bytes(&self, image: &str, desc: &Descriptor) -> Result<Vec<u8>> {
         let digest = desc.digest()?;
-        let path = digest.blob_path();
-        if !self.fs.exists(&path) {
+        let Some((reader, len)) = self.blobs.blob(&digest)? else {
             return Err(blob_err(
                 image,
                 &digest,
                 "manifest is missing from the bundle",
             ));
+        };
+        let limit = self.limits.max_manifest_bytes;
+        if len > limit {
+            return Err(blob_err(
+                image,
+                &digest,
+                format!("manifest is {len} bytes, over the limit of {limit} (maxManifestBytes)"),
+            ));
         }
-        let bytes = self.fs.read_small(&path, MAX_MANIFEST_BYTES)?;
-        if bytes.len() as u64 != desc.size {
+        let mut bytes = Vec::with_capacity(len as usize);
+        reader
+            .take(limit + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::read(digest.as_str(), e))?;
+        if desc.size != 0 && bytes.len() as u64 != desc.size {
             return Err(blob_err(
                 image,
                 &digest,
@@ -220,12 +235,61 @@ impl<'a> Layout<'a> {
         Ok(bytes)
     }
 
-    /// Walks an image from its top descriptor: every manifest (children first) and every
-    /// blob it needs. Checks manifest digests; blobs are checked by [`Self::verify_blob`].
-    pub fn plan(&self, image: &str, top: &Descriptor) -> Result<ImagePlan> {
+    /// Walks an image from its top descriptor: every manifest (children first), every
+    /// blob it needs, and the referrers `referrers(digest)` names for any manifest.
+    /// Checks manifest digests; blobs are checked by [`Self::verify_blob`].
+    pub fn plan(
+        &self,
+        image: &str,
+        top: &Descriptor,
+        referrers: &dyn Fn(&str) -> Vec<Descriptor>,
+    ) -> Result<ImagePlan> {
         let mut plan = ImagePlan::default();
         let mut seen_blobs = HashSet::new();
-        self.walk(image, top, 0, &mut plan, &mut seen_blobs)?;
+        let mut manifests = Vec::new();
+        self.walk(
+            image,
+            top,
+            0,
+            &mut manifests,
+            &mut plan.blobs,
+            &mut seen_blobs,
+        )?;
+        plan.manifests = manifests;
+        // Referrers of the image's manifests, then of those referrers, bounded.
+        let mut seen: HashSet<String> = plan.manifest_digests().map(str::to_string).collect();
+        let mut subjects: Vec<String> = seen.iter().cloned().collect();
+        subjects.sort();
+        for depth in 0..MAX_NESTING {
+            let mut next = Vec::new();
+            for subject in &subjects {
+                for r in referrers(subject) {
+                    if !seen.insert(r.digest.clone()) {
+                        continue;
+                    }
+                    let mut found = Vec::new();
+                    self.walk(
+                        image,
+                        &r,
+                        depth + 1,
+                        &mut found,
+                        &mut plan.blobs,
+                        &mut seen_blobs,
+                    )?;
+                    let last = found.len().saturating_sub(1);
+                    for (i, (d, b)) in found.into_iter().enumerate() {
+                        seen.insert(d.digest.clone());
+                        next.push(d.digest.clone());
+                        plan.referrers
+                            .push(((i == last).then(|| subject.clone()), d, b));
+                    }
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            subjects = next;
+        }
         Ok(plan)
     }
 
@@ -234,7 +298,8 @@ impl<'a> Layout<'a> {
         image: &str,
         desc: &Descriptor,
         depth: usize,
-        plan: &mut ImagePlan,
+        manifests: &mut Vec<(Descriptor, Vec<u8>)>,
+        blobs: &mut Vec<Descriptor>,
         seen_blobs: &mut HashSet<String>,
     ) -> Result<()> {
         if depth > MAX_NESTING {
@@ -244,29 +309,17 @@ impl<'a> Layout<'a> {
             });
         }
         let bytes = self.manifest_bytes(image, desc)?;
-        let doc: ManifestDoc = serde_json::from_slice(&bytes)
-            .map_err(|e| json_err(&format!("manifest {} of image {image}", desc.digest), e))?;
-        let media_type = [
-            desc.media_type.as_str(),
-            doc.media_type.as_deref().unwrap_or(""),
-        ]
-        .into_iter()
-        .find(|m| !m.is_empty())
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            if doc.manifests.is_some() {
-                OCI_INDEX
-            } else {
-                OCI_MANIFEST
-            }
-            .to_string()
-        });
+        let doc = ManifestDoc::parse(
+            &format!("manifest {} of image {image}", desc.digest),
+            &bytes,
+        )?;
+        let media_type = doc.media_type(&desc.media_type);
         if is_index(&media_type) {
             for child in doc.manifests.as_deref().unwrap_or_default() {
-                if plan.manifests.iter().any(|(d, _)| d.digest == child.digest) {
+                if manifests.iter().any(|(d, _)| d.digest == child.digest) {
                     continue;
                 }
-                self.walk(image, child, depth + 1, plan, seen_blobs)?;
+                self.walk(image, child, depth + 1, manifests, blobs, seen_blobs)?;
             }
         } else {
             let config = doc.config.as_ref().ok_or_else(|| Error::Image {
@@ -276,17 +329,27 @@ impl<'a> Layout<'a> {
             for blob in std::iter::once(config).chain(doc.layers.iter()) {
                 let digest = blob.digest()?;
                 // Foreign (non-distributable) layers live at their URLs, not in bundles.
-                if !blob.urls.is_empty() && !self.fs.exists(&digest.blob_path()) {
+                if !blob.urls.is_empty() && self.blobs.blob(&digest)?.is_none() {
                     continue;
                 }
                 if seen_blobs.insert(blob.digest.clone()) {
-                    plan.blobs.push(blob.clone());
+                    blobs.push(blob.clone());
                 }
             }
         }
         let mut desc = desc.clone();
         desc.media_type = media_type;
-        plan.manifests.push((desc, bytes));
+        desc.size = bytes.len() as u64;
+        if desc.artifact_type.is_none() {
+            desc.artifact_type = doc
+                .artifact_type
+                .clone()
+                .or_else(|| doc.config.as_ref().map(|c| c.media_type.clone()));
+        }
+        if desc.annotations.is_empty() {
+            desc.annotations = doc.annotations.clone();
+        }
+        manifests.push((desc, bytes));
         Ok(())
     }
 
@@ -294,11 +357,9 @@ impl<'a> Layout<'a> {
     /// its digest.
     pub fn verify_blob(&self, image: &str, blob: &Descriptor) -> Result<()> {
         let digest = blob.digest()?;
-        let path = digest.blob_path();
-        if !self.fs.exists(&path) {
+        let Some((mut reader, len)) = self.blobs.blob(&digest)? else {
             return Err(blob_err(image, &digest, "missing from the bundle"));
-        }
-        let (mut reader, len) = self.fs.open(&path)?;
+        };
         if len != blob.size {
             return Err(blob_err(
                 image,
@@ -313,7 +374,9 @@ impl<'a> Layout<'a> {
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            let n = reader.read(&mut buf).map_err(|e| Error::read(&path, e))?;
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| Error::read(digest.as_str(), e))?;
             if n == 0 {
                 break;
             }
@@ -340,22 +403,6 @@ fn blob_err(image: &str, digest: &Digest, problem: impl Into<String>) -> Error {
     }
 }
 
-/// The source reference an `index.json` entry names, if any.
-fn image_name(desc: &Descriptor, fallback_repo: &str) -> Result<Option<Reference>> {
-    if let Some(full) = desc.annotations.get(ANNOTATION_CONTAINERD_NAME) {
-        return Reference::parse(full).map(Some);
-    }
-    let Some(name) = desc.annotations.get(ANNOTATION_REF_NAME) else {
-        return Ok(None);
-    };
-    if name.contains('/') || name.contains(':') || name.contains('@') {
-        Reference::parse(name).map(Some)
-    } else {
-        // A tag alone, as skopeo and oras write it.
-        Reference::parse(&format!("{fallback_repo}:{name}")).map(Some)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,38 +419,5 @@ mod tests {
         ] {
             assert!(Digest::parse(&bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn names_from_annotations() {
-        let mut d = Descriptor {
-            media_type: OCI_MANIFEST.into(),
-            digest: format!("sha256:{}", "a".repeat(64)),
-            size: 1,
-            annotations: BTreeMap::new(),
-            platform: None,
-            urls: vec![],
-        };
-        assert!(image_name(&d, "b").unwrap().is_none());
-        d.annotations
-            .insert(ANNOTATION_REF_NAME.into(), "1.0".into());
-        assert_eq!(
-            image_name(&d, "bun").unwrap().unwrap().to_string(),
-            "bun:1.0"
-        );
-        d.annotations
-            .insert(ANNOTATION_REF_NAME.into(), "quay.io/a/b:2".into());
-        assert_eq!(
-            image_name(&d, "bun").unwrap().unwrap().to_string(),
-            "quay.io/a/b:2"
-        );
-        d.annotations.insert(
-            ANNOTATION_CONTAINERD_NAME.into(),
-            "docker.io/library/x:3".into(),
-        );
-        assert_eq!(
-            image_name(&d, "bun").unwrap().unwrap().to_string(),
-            "docker.io/library/x:3"
-        );
     }
 }

@@ -1,32 +1,55 @@
 //! Reading bundles without extracting them.
 //!
 //! - [`format`]: what container a bundle is, by magic bytes (never by name);
-//! - [`squashfs`]: random access to the files of a squashfs bundle (backhand);
-//! - [`layout`]: the OCI image layout inside a bundle: images, manifests, blobs;
-//! - [`reference`]: image names (`[host/]repo[:tag][@digest]`) and where they land.
+//! - [`container`]: opening one: squashfs and uncompressed tar in place, compressed tar
+//!   expanded once into the content-addressed store ([`cas`]); one file or several parts;
+//! - [`discover`]: the OCI image layouts and registry storage trees inside, and the
+//!   images they name;
+//! - [`layout`]: digests, descriptors, and the walk from an image to everything it needs;
+//! - [`catalog`]: where each needed blob lives, saved for the publish stage;
+//! - [`reference`]: image names (`[host/]repo[:tag][@digest]`) and where they land;
+//! - [`limits`]: the bounds that keep hostile bundles harmless.
 
+pub mod archive;
+pub mod cas;
+pub mod catalog;
+pub mod container;
+pub mod discover;
 mod error;
 pub mod format;
 pub mod layout;
+pub mod limits;
+pub mod parts;
+pub mod paths;
 pub mod reference;
 pub mod squashfs;
 
+pub use catalog::{Catalog, CatalogBlobs, Location};
+pub use discover::{Discovered, LayoutImage, discover};
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
-pub use layout::{Descriptor, Digest, ImagePlan, Layout, LayoutImage};
+pub use layout::{Descriptor, Digest, ImagePlan, ManifestDoc, Walker};
+pub use limits::Limits;
 pub use reference::{Reference, RegistryUrl};
 pub use squashfs::SquashfsBundle;
 
 use std::io::Read;
 
 /// Random access to the files of an opened bundle. Paths are relative to the bundle's
-/// root, `/`-separated, e.g. `blobs/sha256/<hex>`.
+/// root, `/`-separated, e.g. `blobs/sha256/<hex>`; symbolic links inside the bundle are
+/// followed.
 pub trait BundleFs: Send + Sync {
     /// Opens one regular file for streaming; returns the reader and the file's length.
     fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64)>;
 
     /// Is there a regular file at `path`?
     fn exists(&self, path: &str) -> bool;
+
+    /// Every path in the bundle (files, links, other entries), in no particular order.
+    fn files(&self) -> Vec<&str>;
+
+    /// Where the regular file at `path` lives, for the catalog, and its length.
+    fn locate(&self, path: &str) -> Result<(Location, u64)>;
 
     /// Reads a whole small file (index.json, a manifest), refusing files over `limit`.
     fn read_small(&self, path: &str, limit: u64) -> Result<Vec<u8>> {
@@ -44,5 +67,26 @@ pub trait BundleFs: Send + Sync {
             .read_to_end(&mut buf)
             .map_err(|e| Error::read(path, e))?;
         Ok(buf)
+    }
+}
+
+/// Blobs by digest, wherever a bundle keeps them.
+pub trait BlobSource: Send + Sync {
+    /// The blob's bytes and length, or `None` when the bundle does not hold it.
+    fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>>;
+}
+
+/// The blobs of an opened bundle, by the paths [`discover`] found.
+pub struct FsBlobs<'a> {
+    pub fs: &'a dyn BundleFs,
+    pub paths: &'a std::collections::HashMap<String, String>,
+}
+
+impl BlobSource for FsBlobs<'_> {
+    fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>> {
+        match self.paths.get(digest.as_str()) {
+            Some(p) => self.fs.open(p).map(Some),
+            None => Ok(None),
+        }
     }
 }

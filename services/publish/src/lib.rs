@@ -13,7 +13,7 @@ mod registry;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
-use shipperd_bundle::{Descriptor, Layout, Reference, RegistryUrl, SquashfsBundle};
+use shipperd_bundle::{Catalog, Descriptor, Limits, Reference, RegistryUrl, Walker, cas::Cas};
 use shipperd_bus::{
     BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, Secret, StateStore,
     event::{encode, event_id},
@@ -270,7 +270,31 @@ async fn process(
         announce_image(ctx, &rec, img, stats).await?;
     }
     lifecycle::announce_if_done(&ctx.bus, &ctx.state, &rec).await?;
+    if let Some((done, _)) = ctx.state.get(&job.bundle_id).await?
+        && done.phase.is_terminal()
+    {
+        release_blobs(&ctx.config.data_dir, &job.bundle_id).await;
+    }
     Ok(Outcome::Ack)
+}
+
+/// Lets go of the blobs a finished bundle claimed in the content-addressed store, and
+/// deletes those no other bundle needs.
+async fn release_blobs(data_dir: &std::path::Path, bundle_id: &str) {
+    let cas = Cas::new(data_dir);
+    let id = bundle_id.to_string();
+    let done = tokio::task::spawn_blocking(move || cas.release_and_collect(&id)).await;
+    match done {
+        Ok(Ok(Some(c))) if c.blobs_removed > 0 => tracing::info!(
+            removed = c.blobs_removed,
+            bytes = c.bytes_removed,
+            kept = c.blobs_kept,
+            "blob store collected"
+        ),
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot collect the blob store"),
+        Err(error) => tracing::warn!(%error, "blob store collection panicked"),
+    }
 }
 
 async fn announce_image(
@@ -316,16 +340,17 @@ async fn push_image(ctx: &Ctx, job: &v1::PublishJob, image: &v1::ImageRef) -> Re
         media_type: image.media_type.clone(),
         digest: image.digest.clone(),
         size: image.size,
-        annotations: Default::default(),
-        platform: None,
-        urls: vec![],
+        ..Default::default()
     };
-    let path = ctx.config.data_dir.join(&job.bundle_path);
+    let data_dir = ctx.config.data_dir.clone();
+    let path = data_dir.join(&job.bundle_path);
     let source = image.source.clone();
     let (bundle, plan) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let bundle = Arc::new(SquashfsBundle::open(&path)?);
-        let plan = Layout::new(bundle.as_ref()).plan(&source, &top)?;
-        Ok((bundle, plan))
+        let blobs = Arc::new(Catalog::load(&Catalog::path_for(&path))?.open(&data_dir)?);
+        let limits = Limits::default();
+        let referrers = |d: &str| blobs.referrers(d).to_vec();
+        let plan = Walker::new(blobs.as_ref(), &limits).plan(&source, &top, &referrers)?;
+        Ok((blobs, plan))
     })
     .await
     .expect("opening a bundle does not panic")?;
@@ -355,12 +380,39 @@ async fn push_image(ctx: &Ctx, job: &v1::PublishJob, image: &v1::ImageRef) -> Re
             .push_manifest(&repo, r, bytes, &desc.media_type)
             .await?;
     }
+    push_referrers(ctx, &repo, &plan).await?;
     tracing::info!(
         pushed = stats.pushed,
         mounted = stats.mounted,
         skipped = stats.skipped,
         bytes = stats.bytes,
+        referrers = plan.referrers.len(),
         "image published"
     );
     Ok(stats)
+}
+
+/// Pushes the image's referrers by digest (their blobs went up with the image's), then,
+/// where the registry has no referrers API, lists them under the fallback tag
+/// `sha256-<subject hex>` (OCI distribution spec 1.1, "referrers tag schema").
+async fn push_referrers(ctx: &Ctx, repo: &str, plan: &shipperd_bundle::ImagePlan) -> Result<()> {
+    if plan.referrers.is_empty() {
+        return Ok(());
+    }
+    let mut by_subject: std::collections::BTreeMap<&str, Vec<Descriptor>> = Default::default();
+    for (subject, desc, bytes) in &plan.referrers {
+        let r = ctx.registry.reference(repo, None, &desc.digest);
+        ctx.registry
+            .push_manifest(repo, r, bytes, &desc.media_type)
+            .await?;
+        if let Some(s) = subject {
+            by_subject.entry(s.as_str()).or_default().push(desc.clone());
+        }
+    }
+    for (subject, referrers) in by_subject {
+        ctx.registry
+            .update_referrers_tag(repo, subject, &referrers)
+            .await?;
+    }
+    Ok(())
 }

@@ -13,9 +13,11 @@ use oci_client::{
     secrets::RegistryAuth,
 };
 use sha2::{Digest as _, Sha256};
-use shipperd_bundle::{BundleFs, Descriptor, RegistryUrl, SquashfsBundle};
+use shipperd_bundle::{BlobSource, CatalogBlobs, Descriptor, RegistryUrl};
 
 use crate::{Error, Result};
+
+const OCI_INDEX: &str = shipperd_bundle::layout::OCI_INDEX;
 
 /// What happened to one blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +110,7 @@ impl Registry {
         &self,
         repo: &str,
         desc: &Descriptor,
-        bundle: Arc<SquashfsBundle>,
+        bundle: Arc<CatalogBlobs>,
     ) -> Result<BlobOutcome> {
         let lock = self
             .inflight
@@ -135,7 +137,7 @@ impl Registry {
         &self,
         repo: &str,
         desc: &Descriptor,
-        bundle: Arc<SquashfsBundle>,
+        bundle: Arc<CatalogBlobs>,
     ) -> Result<BlobOutcome> {
         let r = self.by_digest(repo, &desc.digest);
         let what = || format!("blob {} to {repo}", desc.digest);
@@ -201,6 +203,53 @@ impl Registry {
         Ok(())
     }
 
+    /// Lists `referrers` of `subject` in `repo`: nothing to do where the registry serves
+    /// the referrers API (it indexes `subject` itself); elsewhere the fallback tag
+    /// `sha256-<hex>` holds an image index of them, merged with what it held before.
+    pub async fn update_referrers_tag(
+        &self,
+        repo: &str,
+        subject: &str,
+        referrers: &[Descriptor],
+    ) -> Result<()> {
+        let subject_ref = self.by_digest(repo, subject);
+        if self.client.pull_referrers(&subject_ref, None).await.is_ok() {
+            return Ok(());
+        }
+        let tag = subject.replace(':', "-");
+        let tag_ref = Reference::with_tag(self.url.host.clone(), repo.to_string(), tag.clone());
+        let mut manifests: Vec<serde_json::Value> = match self
+            .client
+            .pull_manifest_raw(&tag_ref, &self.auth, &[OCI_INDEX])
+            .await
+        {
+            Ok((bytes, _)) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("manifests").and_then(|m| m.as_array()).cloned())
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let before = manifests.len();
+        for r in referrers {
+            if !manifests
+                .iter()
+                .any(|m| m.get("digest").and_then(|d| d.as_str()) == Some(r.digest.as_str()))
+            {
+                manifests.push(serde_json::to_value(r).expect("a descriptor serialises"));
+            }
+        }
+        if manifests.len() == before && before > 0 {
+            return Ok(());
+        }
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": manifests,
+        });
+        let body = serde_json::to_vec(&index).expect("an index serialises");
+        self.push_manifest(repo, tag_ref, &body, OCI_INDEX).await
+    }
+
     pub fn reference(&self, repo: &str, tag: Option<&str>, digest: &str) -> Reference {
         match tag {
             Some(t) => Reference::with_tag(self.url.host.clone(), repo.to_string(), t.to_string()),
@@ -213,18 +262,24 @@ impl Registry {
 /// size and digest on the way: on a mismatch the stream ends in an error, so the upload
 /// is abandoned instead of completed.
 fn blob_stream(
-    bundle: Arc<SquashfsBundle>,
+    bundle: Arc<CatalogBlobs>,
     desc: Descriptor,
 ) -> impl futures::Stream<Item = oci_client::errors::Result<Bytes>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<oci_client::errors::Result<Bytes>>(4);
     tokio::task::spawn_blocking(move || {
         let fail = |m: String| Err(OciDistributionError::GenericError(Some(m)));
-        let path = match desc.digest() {
-            Ok(d) => d.blob_path(),
+        let digest = match desc.digest() {
+            Ok(d) => d,
             Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
         };
-        let (mut reader, _) = match bundle.open(&path) {
-            Ok(r) => r,
+        let path = digest.to_string();
+        let (mut reader, _) = match bundle.blob(&digest) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return drop(tx.blocking_send(fail(format!(
+                    "blob {digest} is not in the bundle's catalog"
+                ))));
+            }
             Err(e) => return drop(tx.blocking_send(fail(e.to_string()))),
         };
         let mut hasher = Sha256::new();

@@ -1,18 +1,20 @@
 //! unpack: opens each received bundle in place, checks it, and lists its images.
 //!
-//! For every `bundle.received` it detects the container by magic bytes, opens it without
-//! extracting (squashfs via backhand), reads the OCI layout's `index.json`, walks every
-//! named image (multi-arch indexes included) and checks that every blob is present with
-//! the right size and sha256. A bundle that fails a check ends `Failed` with a reason
-//! naming the image and blob, and no job is published for it. Otherwise the record gets
-//! its inventory, one publish job per image goes out, then `bundle.unpacked`.
+//! For every `bundle.received` it detects the container by magic bytes and opens it:
+//! squashfs and plain tar in place, gzip/zstd/xz tar expanded once into the shared
+//! content-addressed store. It finds the OCI layouts and registry storage trees inside,
+//! walks every named image (multi-arch indexes and referrers included) and checks that
+//! every blob is present with the right size and sha256. A bundle that fails a check ends
+//! `Failed` with a reason naming the file, image or blob, and no job is published for it.
+//! Otherwise the bundle's catalog (where each blob lives) is saved beside it, the record
+//! gets its inventory, one publish job per image goes out, then `bundle.unpacked`.
 
 mod inspect;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
-use shipperd_bundle::RegistryUrl;
+use shipperd_bundle::{Limits, RegistryUrl, cas::Cas};
 use shipperd_bus::{
     BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, IncomingEvent, Phase,
     StateStore,
@@ -49,6 +51,8 @@ pub struct Config {
     pub concurrency: usize,
     /// Deliveries of one bundle before a read error fails it.
     pub max_deliver: i64,
+    /// Bounds on what one bundle may hold.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -64,6 +68,7 @@ impl Config {
             registry_prefix: String::new(),
             concurrency: 2,
             max_deliver: 5,
+            limits: Limits::default(),
         }
     }
 }
@@ -185,11 +190,17 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Res
         })
         .await?;
 
-    let path = ctx.config.data_dir.join(&rec.path);
-    let name = rec.name.clone();
-    let inspected = tokio::task::spawn_blocking(move || inspect(&path, &name))
-        .await
-        .expect("inspect does not panic");
+    let (data_dir, rel, name, limits) = (
+        ctx.config.data_dir.clone(),
+        rec.path.clone(),
+        rec.name.clone(),
+        ctx.config.limits.clone(),
+    );
+    let bundle_id = id.clone();
+    let inspected =
+        tokio::task::spawn_blocking(move || inspect(&data_dir, &rel, &name, &bundle_id, &limits))
+            .await
+            .expect("inspect does not panic");
     let inventory = match inspected {
         Ok(inv) => inv,
         Err(error)
@@ -202,6 +213,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Res
         Err(error) => {
             tracing::warn!(%error, "bundle rejected");
             lifecycle::fail_bundle(&ctx.bus, &ctx.state, id, error.to_string()).await?;
+            release_blobs(&ctx.config.data_dir, id).await;
             return Ok(Outcome::Term);
         }
     };
@@ -218,7 +230,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Res
                 .retarget(&ctx.registry.host, &ctx.config.registry_prefix)
                 .to_string(),
             digest: img.descriptor.digest.clone(),
-            media_type: img.media_type.clone(),
+            media_type: img.descriptor.media_type.clone(),
             size: img.descriptor.size,
             phase: ImagePhase::Pending,
             error: None,
@@ -228,6 +240,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Res
         images = images.len(),
         blobs = inventory.blob_count,
         bytes = inventory.blob_bytes,
+        referrers = inventory.referrers,
         "bundle checked"
     );
     let format = inventory.format.to_string();
@@ -273,4 +286,25 @@ async fn dispatch(ctx: &Ctx, rec: &BundleRecord) -> Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// Lets go of the blobs a finished bundle claimed in the content-addressed store, and
+/// deletes those no other bundle needs.
+pub async fn release_blobs(data_dir: &std::path::Path, bundle_id: &str) {
+    let cas = Cas::new(data_dir);
+    let id = bundle_id.to_string();
+    let done = tokio::task::spawn_blocking(move || cas.release_and_collect(&id)).await;
+    match done {
+        Ok(Ok(Some(c))) if c.blobs_removed > 0 => {
+            tracing::info!(
+                removed = c.blobs_removed,
+                bytes = c.bytes_removed,
+                kept = c.blobs_kept,
+                "blob store collected"
+            )
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot collect the blob store"),
+        Err(error) => tracing::warn!(%error, "blob store collection panicked"),
+    }
 }

@@ -1,0 +1,258 @@
+//! The content-addressed blob store for compressed bundles: `<data>/cas/blobs/sha256/<hex>`.
+//!
+//! A gzip, zstd or xz bundle cannot be read at random, so its blobs are expanded once,
+//! each verified against its digest as it is written, and shared by every bundle that
+//! holds them. `cas/refs/<bundle-id>` lists the blobs a bundle needs; when the bundle is
+//! finished its refs go and [`Cas::collect`] deletes every blob no bundle lists.
+//! Expansion holds a shared lock on `cas/lock` while it writes blobs and its refs;
+//! collection takes the lock exclusively, so it never deletes a blob being claimed.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File},
+    io::{self, Read, Write},
+    path::{Path, PathBuf},
+};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct Cas {
+    dir: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What [`Cas::collect`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    pub blobs_removed: u64,
+    pub bytes_removed: u64,
+    pub blobs_kept: u64,
+}
+
+/// A shared hold on the store, taken while a bundle is being expanded.
+pub struct Claim {
+    _lock: File,
+    refs: PathBuf,
+    claimed: Vec<String>,
+}
+
+impl Claim {
+    /// Writes the bundle's refs (all blobs it claimed), replacing earlier ones.
+    pub fn commit(self) -> Result<()> {
+        let tmp = self.refs.with_extension("tmp");
+        let mut body = self.claimed.join("\n");
+        body.push('\n');
+        fs::write(&tmp, body).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &self.refs).map_err(io_err(&self.refs))
+    }
+}
+
+impl Cas {
+    pub fn new(data_dir: &Path) -> Self {
+        Cas {
+            dir: data_dir.join("cas"),
+        }
+    }
+
+    pub fn blob_path(&self, hex: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(hex)
+    }
+
+    fn lock_file(&self) -> Result<File> {
+        for d in ["blobs/sha256", "refs", "tmp"] {
+            let d = self.dir.join(d);
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        let p = self.dir.join("lock");
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io_err(&p))
+    }
+
+    /// Starts claiming blobs for `bundle_id` (a shared lock until the claim is dropped).
+    pub fn claim(&self, bundle_id: &str) -> Result<Claim> {
+        let lock = self.lock_file()?;
+        let p = self.dir.join("lock");
+        lock.lock_shared().map_err(io_err(&p))?;
+        Ok(Claim {
+            _lock: lock,
+            refs: self.dir.join("refs").join(bundle_id),
+            claimed: Vec::new(),
+        })
+    }
+
+    /// Stores `size` bytes from `reader` as blob `hex`, checking the digest; the blob is
+    /// claimed for the bundle. Reading continues through a blob already stored (the
+    /// stream must be consumed anyway) and checks it the same way.
+    pub fn put(
+        &self,
+        claim: &mut Claim,
+        hex: &str,
+        size: u64,
+        reader: &mut dyn Read,
+        member: &str,
+    ) -> Result<()> {
+        let dest = self.blob_path(hex);
+        let have = dest.exists();
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("{hex}.{}", std::process::id()))
+            .with_extension(format!("{:x}", rand_suffix()));
+        let mut out: Box<dyn Write> = if have {
+            Box::new(io::sink())
+        } else {
+            Box::new(io::BufWriter::with_capacity(
+                1 << 20,
+                File::create(&tmp).map_err(io_err(&tmp))?,
+            ))
+        };
+        let result = (|| {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let n = reader.read(&mut buf).map_err(|e| Error::read(member, e))?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
+            }
+            out.flush().map_err(io_err(&tmp))?;
+            drop(out);
+            let actual = hex::encode(hasher.finalize());
+            if total != size {
+                return Err(Error::read(
+                    member,
+                    format!(
+                        "the archive says {size} bytes, {total} could be read: the bundle is truncated"
+                    ),
+                ));
+            }
+            if actual != hex {
+                return Err(Error::Hostile(format!(
+                    "blob file {member} is named for sha256:{hex} but its content hashes to sha256:{actual}"
+                )));
+            }
+            if !have {
+                File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(&tmp))?;
+                fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() && !have {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        claim.claimed.push(hex.to_string());
+        Ok(())
+    }
+
+    /// Forgets the blobs `bundle_id` claimed (it is finished).
+    pub fn release(&self, bundle_id: &str) -> Result<()> {
+        let p = self.dir.join("refs").join(bundle_id);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&p)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::release`] then [`Self::collect`].
+    pub fn release_and_collect(&self, bundle_id: &str) -> Result<Option<Collected>> {
+        self.release(bundle_id)?;
+        self.collect()
+    }
+
+    /// Deletes every blob (and stray temp file) no bundle claims. Returns `None` when an
+    /// expansion holds the store: the next collection will do it.
+    pub fn collect(&self) -> Result<Option<Collected>> {
+        let lock = self.lock_file()?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&self.dir)(e)),
+        }
+        let mut live = HashSet::new();
+        let refs = self.dir.join("refs");
+        for e in fs::read_dir(&refs).map_err(io_err(&refs))? {
+            let p = e.map_err(io_err(&refs))?.path();
+            if p.extension().is_some_and(|x| x == "tmp") {
+                continue;
+            }
+            let body = fs::read_to_string(&p).map_err(io_err(&p))?;
+            live.extend(body.lines().map(str::to_string));
+        }
+        let tmp = self.dir.join("tmp");
+        for e in fs::read_dir(&tmp).map_err(io_err(&tmp))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let mut done = Collected::default();
+        let blobs = self.dir.join("blobs/sha256");
+        for e in fs::read_dir(&blobs).map_err(io_err(&blobs))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if live.contains(&name) {
+                done.blobs_kept += 1;
+                continue;
+            }
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(e.path()).is_ok() {
+                done.blobs_removed += 1;
+                done.bytes_removed += size;
+            }
+        }
+        Ok(Some(done))
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_are_checked_shared_and_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = Cas::new(dir.path());
+        let data = b"hello blob";
+        let hex = hex::encode(Sha256::digest(data));
+        let mut a = cas.claim("a").unwrap();
+        cas.put(&mut a, &hex, 10, &mut &data[..], "x").unwrap();
+        let bad = hex::encode(Sha256::digest(b"other"));
+        let e = cas.put(&mut a, &bad, 10, &mut &data[..], "blobs/sha256/bad");
+        assert!(e.unwrap_err().to_string().contains("hashes to"));
+        assert!(!cas.blob_path(&bad).exists());
+        assert!(cas.put(&mut a, &hex, 11, &mut &data[..], "x").is_err());
+        a.commit().unwrap();
+        let mut b = cas.claim("b").unwrap();
+        cas.put(&mut b, &hex, 10, &mut &data[..], "x").unwrap();
+        // b holds the lock: no collection now.
+        assert_eq!(cas.collect().unwrap(), None);
+        b.commit().unwrap();
+        cas.release("a").unwrap();
+        assert_eq!(cas.collect().unwrap().unwrap().blobs_kept, 1);
+        cas.release("b").unwrap();
+        let c = cas.collect().unwrap().unwrap();
+        assert_eq!((c.blobs_removed, c.bytes_removed), (1, 10));
+        assert!(!cas.blob_path(&hex).exists());
+    }
+}

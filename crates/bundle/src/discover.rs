@@ -1,0 +1,284 @@
+//! Finding the images in a bundle, whatever tool wrote it:
+//!
+//! - **OCI image layouts**: an `index.json` at the root, or beside an `oci-layout` file
+//!   at any depth (Zarf keeps one under `images/`). Images are named by the
+//!   `io.containerd.image.name` or `org.opencontainers.image.ref.name` annotation.
+//! - **Registry storage trees** (`docker/registry/v2/`) at any prefix (Koffer:
+//!   `platform/mirror/docker/registry/v2/`; oc-mirror at the root): repositories (nested
+//!   names too) and tags from `<repo>/_manifests/tags/<tag>/current/link`; manifests kept
+//!   only by digest from `_manifests/revisions/sha256/<hex>/link`.
+//!
+//! Blobs are found by their paths (`blobs/sha256/<hex>` or `blobs/sha256/<2>/<hex>/data`)
+//! in any of them: a digest is the same bytes wherever it lives.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{
+    BundleFs, Descriptor, Digest, Error, Limits, Reference, Result,
+    archive::blob_hex,
+    layout::{ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME},
+    reference::repository_from_bundle_name,
+};
+
+const TREE: &str = "docker/registry/v2/";
+/// A link file holds `sha256:<64 hex>`, perhaps with a newline.
+const MAX_LINK_BYTES: u64 = 1024;
+
+/// An image the bundle names.
+#[derive(Debug, Clone)]
+pub struct LayoutImage {
+    /// The source reference (as the bundle names it, completed when it names a tag only).
+    pub source: Reference,
+    /// Its top manifest or index (size 0 when the bundle does not say).
+    pub descriptor: Descriptor,
+}
+
+/// What a bundle holds, before any manifest is read.
+#[derive(Debug, Default)]
+pub struct Discovered {
+    pub images: Vec<LayoutImage>,
+    /// Manifests the bundle lists without a name: referrers, or images kept by digest
+    /// (with the repository they were found in, for a registry tree).
+    pub unnamed: Vec<(Option<String>, Descriptor)>,
+    /// Every blob file: digest → path in the bundle.
+    pub blob_paths: HashMap<String, String>,
+    /// Where the layouts were found, for logs (`oci:images/`, `registry:platform/mirror/`).
+    pub roots: Vec<String>,
+}
+
+pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result<Discovered> {
+    let mut found = Discovered::default();
+    let mut oci_roots = Vec::new();
+    let mut tree_roots: Vec<String> = Vec::new();
+    let mut files = fs.files();
+    files.sort_unstable();
+    for f in &files {
+        if let Some(hex) = blob_hex(f) {
+            found
+                .blob_paths
+                .entry(format!("sha256:{hex}"))
+                .or_insert_with(|| f.to_string());
+        }
+        if let Some(dir) = f.strip_suffix("index.json")
+            && (dir.is_empty() || (dir.ends_with('/') && fs.exists(&format!("{dir}oci-layout"))))
+            && !dir.contains(TREE)
+        {
+            oci_roots.push(dir.to_string());
+        }
+        if let Some(i) = f.find(TREE) {
+            let root = &f[..i + TREE.len()];
+            if !tree_roots.iter().any(|r| r == root) {
+                tree_roots.push(root.to_string());
+            }
+        }
+    }
+    if oci_roots.is_empty() && tree_roots.is_empty() {
+        return Err(Error::Layout(
+            "found neither an OCI image layout (index.json) nor a registry storage tree (docker/registry/v2/) in the bundle".into(),
+        ));
+    }
+    let fallback_repo = repository_from_bundle_name(bundle_name);
+    let mut names = BTreeMap::new();
+    for root in &oci_roots {
+        found.roots.push(format!("oci:{root}"));
+        oci_images(
+            fs,
+            root,
+            &fallback_repo,
+            limits,
+            &mut names,
+            &mut found.unnamed,
+        )?;
+    }
+    for root in &tree_roots {
+        found.roots.push(format!("registry:{root}"));
+        tree_images(
+            fs,
+            &files,
+            root,
+            &found.blob_paths,
+            &mut names,
+            &mut found.unnamed,
+        )?;
+    }
+    if names.len() > limits.max_images {
+        return Err(Error::Hostile(format!(
+            "the bundle names {} images, over the limit of {} (maxImages)",
+            names.len(),
+            limits.max_images
+        )));
+    }
+    found.images = names.into_values().collect();
+    if found.images.is_empty() && found.unnamed.is_empty() {
+        return Err(Error::Layout(format!(
+            "the bundle names no images (an OCI layout's index.json needs the {ANNOTATION_REF_NAME} or {ANNOTATION_CONTAINERD_NAME} annotation; a registry tree needs tags)"
+        )));
+    }
+    Ok(found)
+}
+
+/// The images of the OCI layout at `root`.
+fn oci_images(
+    fs: &dyn BundleFs,
+    root: &str,
+    fallback_repo: &str,
+    limits: &Limits,
+    names: &mut BTreeMap<String, LayoutImage>,
+    unnamed: &mut Vec<(Option<String>, Descriptor)>,
+) -> Result<()> {
+    let path = format!("{root}index.json");
+    let raw = fs.read_small(&path, limits.max_index_bytes)?;
+    #[derive(serde::Deserialize)]
+    struct Index {
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+    }
+    let index: Index = serde_json::from_slice(&raw).map_err(|e| Error::Json {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    for desc in index.manifests {
+        desc.digest()
+            .map_err(|e| Error::Layout(format!("{path}: {e}")))?;
+        match image_name(&desc, fallback_repo)? {
+            Some(name) => {
+                names.entry(name.to_string()).or_insert(LayoutImage {
+                    source: name,
+                    descriptor: desc,
+                });
+            }
+            None => unnamed.push((None, desc)),
+        }
+    }
+    Ok(())
+}
+
+/// The tagged images (and untagged revisions) of the registry storage tree at `root`.
+fn tree_images(
+    fs: &dyn BundleFs,
+    files: &[&str],
+    root: &str,
+    blob_paths: &HashMap<String, String>,
+    names: &mut BTreeMap<String, LayoutImage>,
+    unnamed: &mut Vec<(Option<String>, Descriptor)>,
+) -> Result<()> {
+    let repos = format!("{root}repositories/");
+    for f in files {
+        let Some(rest) = f.strip_prefix(repos.as_str()) else {
+            continue;
+        };
+        let Some((repo, under)) = rest.split_once("/_manifests/") else {
+            continue;
+        };
+        let tag = under
+            .strip_prefix("tags/")
+            .and_then(|t| t.strip_suffix("/current/link"));
+        let revision = under
+            .strip_prefix("revisions/sha256/")
+            .and_then(|t| t.strip_suffix("/link"));
+        if tag.is_none() && revision.is_none() {
+            continue;
+        }
+        let digest = read_link(fs, f, blob_paths)?;
+        let desc = Descriptor {
+            digest: digest.to_string(),
+            ..Default::default()
+        };
+        if let Some(tag) = tag {
+            let source = Reference::parse(&format!("{repo}:{tag}"))
+                .map_err(|e| Error::Layout(format!("{f}: {e}")))?;
+            names.entry(source.to_string()).or_insert(LayoutImage {
+                source,
+                descriptor: desc,
+            });
+        } else if let Some(hex) = revision {
+            if hex != digest.hex() {
+                return Err(Error::Hostile(format!(
+                    "link file {f} is under revision {hex} but holds {digest}"
+                )));
+            }
+            Reference::parse(&format!("{repo}@{digest}"))
+                .map_err(|e| Error::Layout(format!("{f}: {e}")))?;
+            unnamed.push((Some(repo.to_string()), desc));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a link file: one sha256 digest, of a blob the bundle holds.
+fn read_link(
+    fs: &dyn BundleFs,
+    path: &str,
+    blob_paths: &HashMap<String, String>,
+) -> Result<Digest> {
+    let raw = fs.read_small(path, MAX_LINK_BYTES)?;
+    let text = String::from_utf8_lossy(&raw);
+    let digest = Digest::parse(text.trim()).map_err(|_| {
+        Error::Hostile(format!(
+            "link file {path} holds {:?}, not a sha256 digest",
+            text.chars().take(100).collect::<String>()
+        ))
+    })?;
+    if !blob_paths.contains_key(digest.as_str()) {
+        return Err(Error::Hostile(format!(
+            "link file {path} points at {digest}, which is not in the bundle (no blobs/sha256/{}/{}/data)",
+            &digest.hex()[..2],
+            digest.hex()
+        )));
+    }
+    Ok(digest)
+}
+
+/// The source reference an `index.json` entry names, if any.
+pub(crate) fn image_name(desc: &Descriptor, fallback_repo: &str) -> Result<Option<Reference>> {
+    if let Some(full) = desc.annotations.get(ANNOTATION_CONTAINERD_NAME) {
+        return Reference::parse(full).map(Some);
+    }
+    let Some(name) = desc.annotations.get(ANNOTATION_REF_NAME) else {
+        return Ok(None);
+    };
+    if name.contains('/') || name.contains(':') || name.contains('@') {
+        Reference::parse(name).map(Some)
+    } else {
+        // A tag alone, as skopeo and oras write it.
+        Reference::parse(&format!("{fallback_repo}:{name}")).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::OCI_MANIFEST;
+
+    #[test]
+    fn names_from_annotations() {
+        let mut d = Descriptor {
+            media_type: OCI_MANIFEST.into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            size: 1,
+            annotations: BTreeMap::new(),
+            ..Default::default()
+        };
+        assert!(image_name(&d, "b").unwrap().is_none());
+        d.annotations
+            .insert(ANNOTATION_REF_NAME.into(), "1.0".into());
+        assert_eq!(
+            image_name(&d, "bun").unwrap().unwrap().to_string(),
+            "bun:1.0"
+        );
+        d.annotations
+            .insert(ANNOTATION_REF_NAME.into(), "quay.io/a/b:2".into());
+        assert_eq!(
+            image_name(&d, "bun").unwrap().unwrap().to_string(),
+            "quay.io/a/b:2"
+        );
+        d.annotations.insert(
+            ANNOTATION_CONTAINERD_NAME.into(),
+            "docker.io/library/x:3".into(),
+        );
+        assert_eq!(
+            image_name(&d, "bun").unwrap().unwrap().to_string(),
+            "docker.io/library/x:3"
+        );
+    }
+}
