@@ -17,6 +17,7 @@ pub mod container;
 pub mod discover;
 mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod layout;
 pub mod limits;
 pub mod parts;

@@ -1,0 +1,172 @@
+//! Entry points for the fuzz targets in `fuzz/` (cargo-fuzz), also replayed over the
+//! committed corpus by the regular test suite. Each one must never panic, hang or grow
+//! without bound, whatever the bytes: errors are the expected outcome.
+
+use std::{collections::HashMap, io::Read, path::Path};
+
+use crate::{
+    BundleFs, Error, FsBlobs, Limits, Location, Result, Walker, archive::ArchiveFs,
+    cas::Cas, discover, format, parts::MultiFile,
+};
+
+/// Small limits so a fuzzer explores shapes, not sizes.
+fn limits() -> Limits {
+    Limits {
+        max_entries: 2_000,
+        expansion_floor: 16 << 20,
+        max_small_total_bytes: 16 << 20,
+        ..Limits::default()
+    }
+}
+
+/// Reads every file of an opened bundle and walks every image it names.
+fn exercise(fs: &dyn BundleFs) {
+    let limits = limits();
+    for p in fs.files() {
+        if let Ok((mut r, _)) = fs.open(p) {
+            let _ = std::io::copy(&mut (&mut r).take(1 << 20), &mut std::io::sink());
+        }
+    }
+    let Ok(found) = discover(fs, "fuzz", &limits) else {
+        return;
+    };
+    let blobs = FsBlobs {
+        fs,
+        paths: &found.blob_paths,
+    };
+    let walker = Walker::new(&blobs, &limits);
+    let none = |_: &str| Vec::new();
+    for img in found.images.iter().take(50) {
+        if let Ok(plan) = walker.plan("fuzz", &img.descriptor, &none) {
+            for b in plan.blobs.iter().take(50) {
+                let _ = walker.verify_blob("fuzz", b);
+            }
+        }
+    }
+}
+
+/// Container detection.
+pub fn detect(data: &[u8]) {
+    let _ = format::detect_bytes(data);
+}
+
+fn with_file(data: &[u8], f: impl FnOnce(&Path)) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let p = dir.path().join("bundle");
+    std::fs::write(&p, data).expect("writing the input");
+    f(&p);
+}
+
+/// The tar index (in place) and, for compressed input, the expansion into a store.
+pub fn tar(data: &[u8]) {
+    with_file(data, |p| {
+        let Ok(mf) = MultiFile::open(&[p.to_path_buf()]) else {
+            return;
+        };
+        match format::detect_bytes(data) {
+            f @ (format::Format::Gzip | format::Format::Zstd | format::Format::Xz) => {
+                let cas = Cas::new(p.parent().expect("a parent"));
+                if let Ok(fs) = ArchiveFs::expand(&mf, f, &cas, "fuzz", &limits()) {
+                    exercise(&fs);
+                }
+            }
+            _ => {
+                if let Ok(fs) = ArchiveFs::index(mf, &limits()) {
+                    exercise(&fs);
+                }
+            }
+        }
+    });
+}
+
+/// Opening a squashfs image.
+pub fn squashfs(data: &[u8]) {
+    with_file(data, |p| {
+        if let Ok(fs) = crate::SquashfsBundle::open(p, &limits()) {
+            exercise(&fs);
+        }
+    });
+}
+
+/// An in-memory bundle: path → bytes.
+#[derive(Default)]
+pub struct MemFs(pub HashMap<String, Vec<u8>>);
+
+impl BundleFs for MemFs {
+    fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64)> {
+        let b = self
+            .0
+            .get(path)
+            .ok_or_else(|| Error::Missing(path.to_string()))?;
+        Ok((Box::new(&b[..]), b.len() as u64))
+    }
+    fn exists(&self, path: &str) -> bool {
+        self.0.contains_key(path)
+    }
+    fn files(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+    fn locate(&self, path: &str) -> Result<(Location, u64)> {
+        let (_, n) = self.open(path)?;
+        Ok((Location::Path { path: path.into() }, n))
+    }
+}
+
+/// Splits fuzz input into documents at `\n--\n`.
+fn documents(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let Some(i) = rest.windows(4).position(|w| w == b"\n--\n") {
+        out.push(&rest[..i]);
+        rest = &rest[i + 4..];
+    }
+    out.push(rest);
+    out
+}
+
+/// An OCI layout: the first document is `index.json`, every other one a blob stored
+/// under its own digest.
+pub fn oci_layout(data: &[u8]) {
+    let docs = documents(data);
+    let mut fs = MemFs::default();
+    fs.0.insert("index.json".into(), docs[0].to_vec());
+    for d in &docs[1..] {
+        let digest = crate::Digest::of(d);
+        fs.0.insert(format!("blobs/sha256/{}", digest.hex()), d.to_vec());
+    }
+    exercise(&fs);
+}
+
+/// A registry storage tree: the first document is the content of a tag's link file and
+/// the second of a revision's; every other one a blob stored under its own digest.
+pub fn registry_tree(data: &[u8]) {
+    let docs = documents(data);
+    let mut fs = MemFs::default();
+    let root = "p/docker/registry/v2/";
+    fs.0.insert(
+        format!("{root}repositories/a/b/_manifests/tags/v1/current/link"),
+        docs[0].to_vec(),
+    );
+    if let Some(rev) = docs.get(1) {
+        let hex = String::from_utf8_lossy(rev)
+            .trim()
+            .trim_start_matches("sha256:")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(64)
+            .collect::<String>();
+        fs.0.insert(
+            format!("{root}repositories/a/b/_manifests/revisions/sha256/{hex}/link"),
+            rev.to_vec(),
+        );
+    }
+    for d in docs.iter().skip(2) {
+        let digest = crate::Digest::of(d);
+        let hex = digest.hex();
+        fs.0.insert(
+            format!("{root}blobs/sha256/{}/{hex}/data", &hex[..2]),
+            d.to_vec(),
+        );
+    }
+    exercise(&fs);
+}
