@@ -23,6 +23,8 @@ pub struct Options {
     pub drop_dir: bool,
     /// First retry delay of a failed image push (default 200 ms).
     pub publish_retry: Option<Duration>,
+    /// Bundle limits for unpack (default: the service's defaults).
+    pub limits: Option<shipperd_bundle::Limits>,
 }
 
 pub struct TestApp {
@@ -56,6 +58,9 @@ pub async fn spawn_app(opts: Options) -> anyhow::Result<TestApp> {
     ingest.drop_poll = Duration::from_millis(200);
     let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), registry.url());
     unpack.registry_prefix = opts.prefix.clone();
+    if let Some(l) = &opts.limits {
+        unpack.limits = l.clone();
+    }
     let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), registry.url());
     publish.retry_base = opts.publish_retry.unwrap_or(Duration::from_millis(200));
     let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
@@ -101,6 +106,57 @@ impl TestApp {
         let resp = self.http.put(url).body(body).send().await?;
         let status = resp.status().as_u16();
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// A multi-part upload: each part `PUT`, then `POST .../complete?parts=N`.
+    pub async fn put_parts(&self, name: &str, parts: Vec<Vec<u8>>) -> anyhow::Result<(u16, Value)> {
+        let n = parts.len();
+        for (i, body) in parts.into_iter().enumerate() {
+            let url = format!("{}/v1/uploads/{name}/parts/{}", self.base, i + 1);
+            let resp = self.http.put(url).body(body).send().await?;
+            anyhow::ensure!(resp.status() == 201, "part {}: {}", i + 1, resp.status());
+        }
+        let url = format!("{}/v1/uploads/{name}/complete?parts={n}", self.base);
+        let resp = self.http.post(url).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Checks that every image of `layout` is in the registry (under `prefix`), byte for
+    /// byte: the tag points at the digest, every manifest and blob hashes to its digest.
+    pub async fn assert_published(
+        &self,
+        layout: &crate::fixtures::LayoutBuilder,
+        prefix: &str,
+    ) -> anyhow::Result<()> {
+        use crate::fixtures::sha256;
+        for img in &layout.images {
+            let repo = format!("{prefix}{}", img.repo);
+            let (top, _) = self
+                .manifest(&repo, &img.tag)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{repo}:{} is not tagged", img.tag))?;
+            anyhow::ensure!(
+                sha256(&top) == img.digest,
+                "{repo}:{} has another digest",
+                img.tag
+            );
+            for m in &img.manifests {
+                let (bytes, _) = self
+                    .manifest(&repo, m)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("{repo}@{m} missing"))?;
+                anyhow::ensure!(&sha256(&bytes) == m, "{repo}@{m} corrupt");
+            }
+            for b in &img.blobs {
+                let bytes = self
+                    .blob(&repo, b)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("blob {b} missing in {repo}"))?;
+                anyhow::ensure!(&sha256(&bytes) == b, "blob {b} corrupt in {repo}");
+            }
+        }
+        Ok(())
     }
 
     /// `GET /v1/bundles/{id}`, `None` on 404.

@@ -201,35 +201,94 @@ impl LayoutBuilder {
     }
 
     fn files(&self) -> Vec<(String, Vec<u8>)> {
+        self.oci_files("")
+    }
+
+    /// The files of the OCI layout, under `prefix` (`""` or e.g. `images/`).
+    pub fn oci_files(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
         let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.index });
         let mut files = vec![
             (
-                "oci-layout".to_string(),
+                format!("{prefix}oci-layout"),
                 br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
             ),
             (
-                "index.json".to_string(),
+                format!("{prefix}index.json"),
                 serde_json::to_vec_pretty(&index).unwrap(),
             ),
         ];
         for (d, b) in &self.blobs {
-            files.push((format!("blobs/sha256/{}", &d[7..]), b.clone()));
+            files.push((format!("{prefix}blobs/sha256/{}", &d[7..]), b.clone()));
         }
+        files
+    }
+
+    /// The same images as a registry storage tree (what `registry serve` writes, and
+    /// Koffer and oc-mirror carry) at `prefix`: `<prefix>docker/registry/v2/...`.
+    pub fn tree_files(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let root = format!("{prefix}docker/registry/v2/");
+        let mut files = Vec::new();
+        for (d, b) in &self.blobs {
+            let hex = &d[7..];
+            files.push((
+                format!("{root}blobs/sha256/{}/{hex}/data", &hex[..2]),
+                b.clone(),
+            ));
+        }
+        for img in &self.images {
+            let repo = format!("{root}repositories/{}", img.repo);
+            let link = |d: &str| d.as_bytes().to_vec();
+            files.push((
+                format!("{repo}/_manifests/tags/{}/current/link", img.tag),
+                link(&img.digest),
+            ));
+            files.push((
+                format!(
+                    "{repo}/_manifests/tags/{}/index/sha256/{}/link",
+                    img.tag,
+                    &img.digest[7..]
+                ),
+                link(&img.digest),
+            ));
+            for m in &img.manifests {
+                files.push((
+                    format!("{repo}/_manifests/revisions/sha256/{}/link", &m[7..]),
+                    link(m),
+                ));
+            }
+            for b in &img.blobs {
+                files.push((format!("{repo}/_layers/sha256/{}/link", &b[7..]), link(b)));
+            }
+        }
+        files.sort();
+        files.dedup_by(|a, b| a.0 == b.0);
         files
     }
 
     /// Writes the OCI layout as a directory.
     pub fn write_dir(&self, dir: &Path) -> anyhow::Result<()> {
-        for (p, b) in self.files() {
-            let path = dir.join(p);
-            std::fs::create_dir_all(path.parent().unwrap())?;
-            std::fs::write(path, b)?;
-        }
-        Ok(())
+        write_files(&self.files(), dir)
     }
 
     /// Squashes the layout into `out` with backhand's writer.
     pub fn write_squashfs(&self, out: &Path, compression: Compression) -> anyhow::Result<()> {
+        write_squashfs_files(&self.files(), out, compression)
+    }
+
+    /// Squashes the layout with Debian's `mksquashfs` and extra flags (e.g. `-noI -noD
+    /// -noF -noX` for an uncompressed image).
+    pub fn mksquashfs(&self, out: &Path, flags: &[&str]) -> anyhow::Result<()> {
+        mksquashfs_files(&self.files(), out, flags)
+    }
+}
+
+/// Writes `files` as a squashfs image with backhand's writer.
+pub fn write_squashfs_files(
+    files: &[(String, Vec<u8>)],
+    out: &Path,
+    compression: Compression,
+) -> anyhow::Result<()> {
+    {
         let (id, options) = match compression {
             Compression::Gzip => (Compressor::Gzip, None),
             Compression::Xz => (Compressor::Xz, None),
@@ -242,7 +301,6 @@ impl LayoutBuilder {
                 })),
             ),
         };
-        let files = self.files();
         let mut fs = FilesystemWriter::default();
         fs.set_compressor(FilesystemCompressor::new(id, options)?);
         let dir = NodeHeader {
@@ -255,8 +313,13 @@ impl LayoutBuilder {
             permissions: 0o644,
             ..dir
         };
-        fs.push_dir_all("blobs/sha256", dir)?;
-        for (p, b) in &files {
+        let mut made = std::collections::HashSet::new();
+        for (p, b) in files {
+            if let Some((parent, _)) = p.rsplit_once('/')
+                && made.insert(parent.to_string())
+            {
+                fs.push_dir_all(parent, dir)?;
+            }
             fs.push_file(Cursor::new(b.as_slice()), p, file)?;
         }
         let mut f = std::io::BufWriter::new(std::fs::File::create(out)?);
@@ -264,12 +327,27 @@ impl LayoutBuilder {
         f.flush()?;
         Ok(())
     }
+}
 
-    /// Squashes the layout with Debian's `mksquashfs` and extra flags (e.g. `-noI -noD
-    /// -noF -noX` for an uncompressed image).
-    pub fn mksquashfs(&self, out: &Path, flags: &[&str]) -> anyhow::Result<()> {
+/// Writes `files` into a directory.
+pub fn write_files(files: &[(String, Vec<u8>)], dir: &Path) -> anyhow::Result<()> {
+    for (p, b) in files {
+        let path = dir.join(p);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(path, b)?;
+    }
+    Ok(())
+}
+
+/// Squashes `files` with Debian's `mksquashfs` and extra flags.
+pub fn mksquashfs_files(
+    files: &[(String, Vec<u8>)],
+    out: &Path,
+    flags: &[&str],
+) -> anyhow::Result<()> {
+    {
         let dir = tempfile::tempdir()?;
-        self.write_dir(dir.path())?;
+        write_files(files, dir.path())?;
         let status = Command::new("mksquashfs")
             .arg(dir.path())
             .arg(out)
@@ -282,6 +360,71 @@ impl LayoutBuilder {
         }
         Ok(())
     }
+}
+
+/// How an archive bundle is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TarCompression {
+    None,
+    Gzip,
+    Zstd,
+    Xz,
+}
+
+/// A tar archive of `files` (with their parent directories, as GNU tar writes them).
+pub fn tar_bytes(files: &[(String, Vec<u8>)]) -> anyhow::Result<Vec<u8>> {
+    let mut ar = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (p, _) in files {
+        let mut acc = String::new();
+        for c in p.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+            acc.push_str(c);
+            acc.push('/');
+            dirs.insert(acc.clone());
+        }
+    }
+    for d in dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        ar.append_data(&mut h, &d, std::io::empty())?;
+    }
+    for (p, b) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(b.len() as u64);
+        ar.append_data(&mut h, p, b.as_slice())?;
+    }
+    Ok(ar.into_inner()?)
+}
+
+/// Compresses a tar as the bundle tools do (Koffer: gzip; Hauler, Zarf: zstd).
+pub fn compress(tar: Vec<u8>, how: TarCompression) -> anyhow::Result<Vec<u8>> {
+    Ok(match how {
+        TarCompression::None => tar,
+        TarCompression::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&tar)?;
+            e.finish()?
+        }
+        TarCompression::Zstd => zstd::stream::encode_all(tar.as_slice(), 3)?,
+        TarCompression::Xz => {
+            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+            e.write_all(&tar)?;
+            e.finish()?
+        }
+    })
+}
+
+/// oc-mirror style: the files spread over `n` separate tar archives (each whole, as
+/// `mirror_000001.tar`, `mirror_000002.tar`, ... are), in part order.
+pub fn tar_parts(files: &[(String, Vec<u8>)], n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut groups = vec![Vec::new(); n];
+    for (i, f) in files.iter().enumerate() {
+        groups[i % n].push(f.clone());
+    }
+    groups.iter().map(|g| tar_bytes(g)).collect()
 }
 
 /// The sample bundle: a layer shared by two images, a multi-platform index, and images

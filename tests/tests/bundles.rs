@@ -140,7 +140,10 @@ async fn a_file_that_is_not_a_bundle_fails_with_its_format() -> anyhow::Result<(
     let rec = app.wait_done(body["id"].as_str().unwrap(), DONE).await?;
     assert_eq!(rec["phase"], "Failed");
     assert!(
-        rec["error"].as_str().unwrap().contains("found neither an OCI image layout"),
+        rec["error"]
+            .as_str()
+            .unwrap()
+            .contains("found neither an OCI image layout"),
         "{rec:#}"
     );
     app.stop().await

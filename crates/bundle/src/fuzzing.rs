@@ -5,8 +5,8 @@
 use std::{collections::HashMap, io::Read, path::Path};
 
 use crate::{
-    BundleFs, Error, FsBlobs, Limits, Location, Result, Walker, archive::ArchiveFs,
-    cas::Cas, discover, format, parts::MultiFile,
+    BundleFs, Error, FsBlobs, Limits, Location, Result, Walker, archive::ArchiveFs, cas::Cas,
+    discover, format, parts::MultiFile,
 };
 
 /// Small limits so a fuzzer explores shapes, not sizes.

@@ -5,18 +5,32 @@
 //! the same size and modification time across one poll interval. A taken file is moved
 //! into the store; one that cannot be taken is renamed `<name>.failed` with the reason
 //! beside it in `<name>.failed.txt`, so it is neither lost nor retried forever.
+//!
+//! A sibling `<name>.sha256` (sha256sum format, as Koffer writes it) is the checksum the
+//! bundle must have: a bundle that does not match is refused like a corrupt upload.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration, time::SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::METRICS, store::Store};
+use crate::{
+    metrics::METRICS,
+    store::{Store, parse_checksum},
+};
 
 fn skipped(name: &str) -> bool {
     name.starts_with('.')
-        || [".part", ".tmp", ".partial", ".failed", ".failed.txt", "~"]
-            .iter()
-            .any(|s| name.ends_with(s))
+        || [
+            ".part",
+            ".tmp",
+            ".partial",
+            ".failed",
+            ".failed.txt",
+            ".sha256",
+            "~",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
 }
 
 pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: CancellationToken) {
@@ -66,8 +80,22 @@ pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: C
 
 async fn take(store: &Store, dir: &std::path::Path, name: &str) {
     let path = dir.join(name);
-    match store.receive_file(name, &path).await {
+    let sidecar = dir.join(format!("{name}.sha256"));
+    let expected = match tokio::fs::read_to_string(&sidecar).await {
+        Ok(text) => match text.split_whitespace().next().map(parse_checksum) {
+            Some(Ok(sum)) => Some(sum),
+            _ => {
+                tracing::warn!(file = %sidecar.display(), "checksum file is not in sha256sum format; ignoring it");
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    match store.receive_file(name, &path, expected.as_deref()).await {
         Ok(a) => {
+            if expected.is_some() {
+                let _ = tokio::fs::remove_file(&sidecar).await;
+            }
             tracing::info!(bundle_id = %a.record.id, name, created = a.created, "took bundle from the drop directory")
         }
         Err(error) if error.is_transient() => {

@@ -25,6 +25,8 @@ pub enum Error {
     Incomplete { received: u64, reason: String },
     #[error("the bundle is empty")]
     Empty,
+    #[error("multi-part upload: {0}")]
+    BadPart(String),
     #[error("bundle store I/O on {path}: {source}")]
     Io {
         path: String,
@@ -58,6 +60,7 @@ impl Error {
             | Error::BadChecksum(_)
             | Error::ChecksumMismatch { .. }
             | Error::Incomplete { .. }
+            | Error::BadPart(_)
             | Error::Empty => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -1,4 +1,6 @@
-//! The HTTP API: `PUT /v1/bundles/{name}`, `GET /v1/bundles[/{id}]`, health and metrics.
+//! The HTTP API: `PUT /v1/bundles/{name}`, multi-part uploads
+//! (`PUT /v1/uploads/{name}/parts/{n}`, then `POST /v1/uploads/{name}/complete?parts=N`),
+//! `GET /v1/bundles[/{id}]`, health and metrics.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -8,7 +10,7 @@ use axum::{
     extract::{DefaultBodyLimit, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{get, put},
+    routing::{get, post, put},
 };
 use serde_json::json;
 use shipperd_bus::BundleRecord;
@@ -23,6 +25,8 @@ pub fn router(store: Arc<Store>) -> Router {
     Router::new()
         .route("/v1/bundles", get(list))
         .route("/v1/bundles/{key}", put(upload).get(show))
+        .route("/v1/uploads/{name}/parts/{n}", put(upload_part))
+        .route("/v1/uploads/{name}/complete", post(complete))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(|| async { metrics::render() }))
@@ -70,6 +74,43 @@ async fn upload(
             Err(e)
         }
     }
+}
+
+async fn upload_part(
+    State(store): State<Arc<Store>>,
+    Path((name, n)): Path<(String, u32)>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Body,
+) -> Result<Response> {
+    let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
+    let part = store
+        .receive_part(&name, n, body.into_data_stream(), expected.as_deref())
+        .await
+        .inspect_err(|e| {
+            METRICS.uploads_rejected.add(1);
+            tracing::warn!(error = %e, name, n, "part refused");
+        })?;
+    Ok((StatusCode::CREATED, Json(part)).into_response())
+}
+
+async fn complete(
+    State(store): State<Arc<Store>>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response> {
+    let parts = q
+        .get("parts")
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or_else(|| crate::Error::BadPart("give the number of parts: ?parts=N".into()))?;
+    let a = store.complete(&name, parts).await?;
+    Ok(accepted(
+        if a.created {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::OK
+        },
+        &a.record,
+    ))
 }
 
 async fn list(State(store): State<Arc<Store>>) -> Result<Response> {

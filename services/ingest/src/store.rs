@@ -53,6 +53,34 @@ pub fn bundle_path(id: &str) -> String {
     format!("bundles/{id}/bundle")
 }
 
+/// Where a multi-part bundle's parts are stored, relative to the data directory.
+pub fn parts_path(id: &str) -> String {
+    format!("bundles/{id}/parts")
+}
+
+/// Most parts one multi-part bundle may have.
+pub const MAX_PARTS: u32 = 9999;
+/// Checksums of the parts received so far, beside them until completion.
+const SUMS_DIR: &str = ".sums";
+
+/// A part of a multi-part upload, taken in.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Part {
+    pub n: u32,
+    pub sha256: String,
+    pub size: u64,
+}
+
+fn check_expected(expected: Option<&str>, actual: &str) -> Result<()> {
+    match expected {
+        Some(e) if e != actual => Err(Error::ChecksumMismatch {
+            expected: e.to_string(),
+            actual: actual.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = (1..=200).contains(&name.len())
         && !name.starts_with('.')
@@ -91,7 +119,11 @@ impl Store {
                 .await
                 .map_err(|e| Error::io(&tmp_dir, e))?;
         }
-        for d in [&tmp_dir, &data_dir.join("bundles")] {
+        for d in [
+            &tmp_dir,
+            &data_dir.join("bundles"),
+            &data_dir.join("uploads"),
+        ] {
             tokio::fs::create_dir_all(d)
                 .await
                 .map_err(|e| Error::io(d, e))?;
@@ -123,7 +155,7 @@ impl Store {
     pub async fn receive<S, E>(
         &self,
         name: &str,
-        mut body: S,
+        body: S,
         expected: Option<&str>,
     ) -> Result<Accepted>
     where
@@ -135,9 +167,27 @@ impl Store {
             path: self.tmp_dir.join(format!("{}.part", uuid::Uuid::new_v4())),
             keep: false,
         };
-        let file = tokio::fs::File::create(&tmp.path)
+        let (id, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
+        check_expected(expected, &id)?;
+        METRICS.bytes_received.add(size);
+        self.commit(name, tmp, id, size).await
+    }
+
+    /// Streams `body` into a new file at `path` (fsynced), hashing it; returns its sha256
+    /// (hex) and size. Refuses empty bodies and bodies over `limit`.
+    async fn write_stream<S, E>(
+        &self,
+        path: &Path,
+        mut body: S,
+        limit: u64,
+    ) -> Result<(String, u64)>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let file = tokio::fs::File::create(path)
             .await
-            .map_err(|e| Error::io(&tmp.path, e))?;
+            .map_err(|e| Error::io(path, e))?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -147,40 +197,129 @@ impl Store {
                 reason: e.to_string(),
             })?;
             size += chunk.len() as u64;
-            if size > self.max_bytes {
-                return Err(Error::TooLarge {
-                    limit: self.max_bytes,
-                });
+            if size > limit {
+                return Err(Error::TooLarge { limit });
             }
             hasher.update(&chunk);
             out.write_all(&chunk)
                 .await
-                .map_err(|e| Error::io(&tmp.path, e))?;
+                .map_err(|e| Error::io(path, e))?;
         }
-        out.flush().await.map_err(|e| Error::io(&tmp.path, e))?;
+        out.flush().await.map_err(|e| Error::io(path, e))?;
         out.into_inner()
             .sync_all()
             .await
-            .map_err(|e| Error::io(&tmp.path, e))?;
+            .map_err(|e| Error::io(path, e))?;
         if size == 0 {
             return Err(Error::Empty);
         }
-        let id = hex::encode(hasher.finalize());
-        if let Some(expected) = expected
-            && expected != id
-        {
-            return Err(Error::ChecksumMismatch {
-                expected: expected.to_string(),
-                actual: id,
-            });
+        Ok((hex::encode(hasher.finalize()), size))
+    }
+
+    /// Where the parts of the multi-part upload `name` wait for completion.
+    fn upload_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join("uploads").join(name)
+    }
+
+    /// Takes in part `n` (1-based) of the multi-part bundle `name`; a part sent again
+    /// replaces the earlier one.
+    pub async fn receive_part<S, E>(
+        &self,
+        name: &str,
+        n: u32,
+        body: S,
+        expected: Option<&str>,
+    ) -> Result<Part>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        validate_name(name)?;
+        if !(1..=MAX_PARTS).contains(&n) {
+            return Err(Error::BadPart(format!(
+                "part number {n} is outside 1..={MAX_PARTS}"
+            )));
         }
+        let dir = self.upload_dir(name);
+        let sums = dir.join(SUMS_DIR);
+        tokio::fs::create_dir_all(&sums)
+            .await
+            .map_err(|e| Error::io(&sums, e))?;
+        let tmp = TempFile {
+            path: self.tmp_dir.join(format!("{}.part", uuid::Uuid::new_v4())),
+            keep: false,
+        };
+        let (sha256, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
+        check_expected(expected, &sha256)?;
+        let part = dir.join(format!("{n:06}"));
+        tokio::fs::write(sums.join(format!("{n:06}")), format!("{sha256} {size}\n"))
+            .await
+            .map_err(|e| Error::io(&sums, e))?;
+        tokio::fs::rename(&tmp.path, &part)
+            .await
+            .map_err(|e| Error::io(&part, e))?;
         METRICS.bytes_received.add(size);
-        self.commit(name, tmp, id, size).await
+        Ok(Part { n, sha256, size })
+    }
+
+    /// Completes the multi-part upload `name` of `parts` parts: they become one bundle,
+    /// read as their concatenation in part order. Its id is the sha256 of the list of
+    /// part checksums (`shipperd-parts-v1`, then `<sha256> <size>` per part).
+    pub async fn complete(&self, name: &str, parts: u32) -> Result<Accepted> {
+        validate_name(name)?;
+        let dir = self.upload_dir(name);
+        if !(1..=MAX_PARTS).contains(&parts) {
+            return Err(Error::BadPart(format!(
+                "parts={parts} is outside 1..={MAX_PARTS}"
+            )));
+        }
+        let mut list = String::from("shipperd-parts-v1\n");
+        let mut size = 0u64;
+        for n in 1..=parts {
+            let sum = tokio::fs::read_to_string(dir.join(SUMS_DIR).join(format!("{n:06}")))
+                .await
+                .map_err(|_| Error::BadPart(format!("part {n} of {name} has not been uploaded")))?;
+            let bytes: u64 = sum
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            size += bytes;
+            list.push_str(&sum);
+        }
+        let extra = dir.join(format!("{:06}", parts + 1));
+        if tokio::fs::try_exists(&extra).await.unwrap_or(false) {
+            return Err(Error::BadPart(format!(
+                "{name} has a part {} but parts={parts} was given",
+                parts + 1
+            )));
+        }
+        let id = hex::encode(Sha256::digest(list.as_bytes()));
+        let rel = parts_path(&id);
+        let dest = self.data_dir.join(&rel);
+        if !tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            let parent = dest.parent().expect("parts path has a parent");
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| Error::io(parent, e))?;
+            let _ = tokio::fs::remove_dir_all(dir.join(SUMS_DIR)).await;
+            tokio::fs::rename(&dir, &dest)
+                .await
+                .map_err(|e| Error::io(&dest, e))?;
+        } else {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        self.record(name, &id, size, rel).await
     }
 
     /// Takes in a file that is already on this machine (the drop directory): hashed in
     /// place, then moved into the store.
-    pub async fn receive_file(&self, name: &str, path: &Path) -> Result<Accepted> {
+    pub async fn receive_file(
+        &self,
+        name: &str,
+        path: &Path,
+        expected: Option<&str>,
+    ) -> Result<Accepted> {
         validate_name(name)?;
         let mut file = tokio::fs::File::open(path)
             .await
@@ -205,6 +344,7 @@ impl Store {
             return Err(Error::Empty);
         }
         let id = hex::encode(hasher.finalize());
+        check_expected(expected, &id)?;
         let mut tmp = TempFile {
             path: self.tmp_dir.join(format!("{}.part", uuid::Uuid::new_v4())),
             // The bytes are the user's only copy: on failure they go back, never away.
@@ -231,7 +371,7 @@ impl Store {
                 return Err(e);
             }
         };
-        match self.record(name, &id, size).await {
+        match self.record(name, &id, size, bundle_path(&id)).await {
             Ok(a) => {
                 // Known already: the stored copy stays, this one goes.
                 tmp.keep = dest.is_some();
@@ -255,7 +395,7 @@ impl Store {
         size: u64,
     ) -> Result<Accepted> {
         self.place(&mut tmp, &id).await?;
-        self.record(name, &id, size).await
+        self.record(name, &id, size, bundle_path(&id)).await
     }
 
     /// Moves the temp file to `bundles/<id>/bundle`; returns that path if it moved it
@@ -277,8 +417,8 @@ impl Store {
     }
 
     /// Creates the bundle's record and announces it (or finds the existing one).
-    async fn record(&self, name: &str, id: &str, size: u64) -> Result<Accepted> {
-        let record = BundleRecord::new(id.to_string(), name.to_string(), size, bundle_path(id));
+    async fn record(&self, name: &str, id: &str, size: u64, path: String) -> Result<Accepted> {
+        let record = BundleRecord::new(id.to_string(), name.to_string(), size, path);
         if self.state.create(&record).await? {
             tracing::info!(bundle_id = %id, name, size, "bundle received");
             METRICS.bundles_received.add(1);

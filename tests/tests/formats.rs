@@ -1,0 +1,150 @@
+//! Every bundle format people carry, through the real pipeline into docker-registry,
+//! with every digest checked: Koffer (gzip tar of a registry tree under a prefix, named
+//! `.tar.xz`, with its `.sha256`), oc-mirror (several tar parts of a registry tree, and
+//! byte-split parts), Hauler (zstd tar of an OCI layout), Zarf (zstd tar, layout under
+//! `images/`), xz tar, plain tar read in place, and squashfs of a registry tree.
+
+use std::time::Duration;
+
+use shipperd_tests::{
+    app::{Options, spawn_app},
+    fixtures::{
+        Compression, TarCompression, compress, sample, tar_bytes, tar_parts, write_squashfs_files,
+    },
+};
+
+const DONE: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_format_is_published_byte_for_byte() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let mut done = Vec::new();
+
+    // Koffer: gzip (named .tar.xz) of a registry tree under platform/mirror/.
+    let koffer = sample("koffer", "koffer", 0);
+    let body = compress(
+        tar_bytes(&koffer.tree_files("platform/mirror/"))?,
+        TarCompression::Gzip,
+    )?;
+    let (st, b) = app.put("koffer-bundle.tar.xz", body, None).await?;
+    assert_eq!(st, 202, "{b}");
+    done.push((
+        "koffer",
+        b["id"].as_str().unwrap().to_string(),
+        koffer,
+        "gzip",
+    ));
+
+    // oc-mirror: three whole tars of a registry tree at the root, as one bundle.
+    let ocm = sample("ocmirror", "ocmirror", 0);
+    let parts = tar_parts(&ocm.tree_files(""), 3)?;
+    let (st, b) = app.put_parts("mirror", parts).await?;
+    assert_eq!(st, 202, "{b}");
+    done.push((
+        "oc-mirror",
+        b["id"].as_str().unwrap().to_string(),
+        ocm,
+        "tar",
+    ));
+
+    // One tar of an OCI layout split at arbitrary bytes (`split -n 3`).
+    let split = sample("split", "split", 0);
+    let whole = tar_bytes(&split.oci_files(""))?;
+    let third = whole.len() / 3 + 7;
+    let pieces: Vec<Vec<u8>> = whole.chunks(third).map(<[u8]>::to_vec).collect();
+    assert_eq!(pieces.len(), 3);
+    let (st, b) = app.put_parts("split", pieces).await?;
+    assert_eq!(st, 202, "{b}");
+    done.push(("split", b["id"].as_str().unwrap().to_string(), split, "tar"));
+
+    // Hauler: zstd tar of an OCI layout at the root.
+    let hauler = sample("hauler", "haul", 0);
+    let body = compress(tar_bytes(&hauler.oci_files(""))?, TarCompression::Zstd)?;
+    let (st, b) = app.put("haul.tar.zst", body, None).await?;
+    assert_eq!(st, 202, "{b}");
+    done.push((
+        "hauler",
+        b["id"].as_str().unwrap().to_string(),
+        hauler,
+        "zstd",
+    ));
+
+    // Zarf: zstd tar, the layout under images/, beside other package files.
+    let zarf = sample("zarf", "zarf-package-demo-amd64", 0);
+    let mut files = zarf.oci_files("images/");
+    files.push(("zarf.yaml".into(), b"kind: ZarfPackageConfig\n".to_vec()));
+    files.push(("components/app.tar".into(), vec![7u8; 4096]));
+    let body = compress(tar_bytes(&files)?, TarCompression::Zstd)?;
+    let (st, b) = app
+        .put("zarf-package-demo-amd64.tar.zst", body, None)
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    done.push(("zarf", b["id"].as_str().unwrap().to_string(), zarf, "zstd"));
+
+    // xz tar of an OCI layout.
+    let xz = sample("xz", "layout", 0);
+    let body = compress(tar_bytes(&xz.oci_files(""))?, TarCompression::Xz)?;
+    let (st, b) = app.put("layout.tar.xz", body, None).await?;
+    assert_eq!(st, 202, "{b}");
+    done.push(("xz", b["id"].as_str().unwrap().to_string(), xz, "xz"));
+
+    // Plain tar of an OCI layout: read in place.
+    let plain = sample("plain", "layout", 0);
+    let (st, b) = app
+        .put("layout.tar", tar_bytes(&plain.oci_files(""))?, None)
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    done.push(("plain", b["id"].as_str().unwrap().to_string(), plain, "tar"));
+
+    // squashfs of a registry tree.
+    let sq = sample("sqtree", "sqtree", 0);
+    let path = dir.path().join("tree.squashfs");
+    write_squashfs_files(&sq.tree_files(""), &path, Compression::Zstd)?;
+    let (st, b) = app
+        .put("tree.squashfs", std::fs::read(&path)?, None)
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    done.push((
+        "squashfs tree",
+        b["id"].as_str().unwrap().to_string(),
+        sq,
+        "squashfs",
+    ));
+
+    for (what, id, layout, format) in &done {
+        let rec = app.wait_done(id, DONE).await?;
+        assert_eq!(rec["phase"], "Published", "{what}: {rec:#}");
+        assert_eq!(rec["format"], *format, "{what}");
+        assert_eq!(
+            rec["images"].as_array().unwrap().len(),
+            layout.images.len(),
+            "{what}"
+        );
+    }
+    // Tags are shared across bundles (demo/app:1.0 ...): the last bundle published wins
+    // them, so check digests per bundle by its own bundle-named repository, and the
+    // whole of the last one.
+    let (_, _, last, _) = done.last().unwrap();
+    app.assert_published(last, "").await?;
+    for (what, _, layout, _) in &done {
+        for img in &layout.images {
+            for m in &img.manifests {
+                let (bytes, _) = app
+                    .manifest(&img.repo, m)
+                    .await?
+                    .unwrap_or_else(|| panic!("{what}: {}@{m} missing", img.repo));
+                assert_eq!(&shipperd_tests::fixtures::sha256(&bytes), m, "{what}");
+            }
+            for blob in &img.blobs {
+                let bytes = app.blob(&img.repo, blob).await?.unwrap();
+                assert_eq!(&shipperd_tests::fixtures::sha256(&bytes), blob, "{what}");
+            }
+        }
+    }
+    // The expanded blobs of finished bundles were collected: nothing is left behind.
+    let cas = app.data.path().join("cas/blobs/sha256");
+    let left: Vec<_> = std::fs::read_dir(&cas)?.collect();
+    assert!(left.is_empty(), "{} blobs left in the store", left.len());
+    app.stop().await
+}
