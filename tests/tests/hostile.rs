@@ -1,0 +1,294 @@
+//! Broken and hostile bundles: each one ends `Failed` with a reason that names what is
+//! wrong, and the registry holds nothing from any of them.
+
+use std::time::Duration;
+
+use backhand::{FilesystemWriter, NodeHeader};
+use serde_json::json;
+use shipperd_bundle::Limits;
+use shipperd_tests::{
+    app::{Options, spawn_app},
+    fixtures::{LayoutBuilder, TarCompression, compress, sha256, tar_bytes},
+};
+
+const DONE: Duration = Duration::from_secs(60);
+
+/// A small valid image as OCI layout files.
+fn image(salt: &str) -> (LayoutBuilder, Vec<(String, Vec<u8>)>) {
+    let mut b = LayoutBuilder::new();
+    let l = b.layer(
+        &[("etc/salt", salt.as_bytes().to_vec())],
+        flate2::Compression::fast(),
+    );
+    b.image(
+        json!({ "org.opencontainers.image.ref.name": format!("example.com/hostile/{salt}:1") }),
+        &[l],
+        &format!("hostile/{salt}"),
+        "1",
+    );
+    let files = b.oci_files("");
+    (b, files)
+}
+
+/// An OCI layout whose index names one image with `desc`, plus `blobs` by their digest.
+fn layout_with(desc: serde_json::Value, blobs: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
+    let mut desc = desc;
+    desc["annotations"] =
+        json!({ "org.opencontainers.image.ref.name": "example.com/hostile/raw:1" });
+    let index = json!({ "schemaVersion": 2, "manifests": [desc] });
+    let mut files = vec![(
+        "index.json".to_string(),
+        serde_json::to_vec(&index).unwrap(),
+    )];
+    for b in blobs {
+        files.push((format!("blobs/sha256/{}", &sha256(b)[7..]), b.clone()));
+    }
+    files
+}
+
+/// A tar with one raw member whose name (and link target) bypass the tar crate's checks.
+fn raw_member(mut tar: Vec<u8>, name: &[u8], kind: tar::EntryType, link: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    let data = b"evil";
+    h.set_size(if kind == tar::EntryType::Regular {
+        4
+    } else {
+        0
+    });
+    h.set_cksum();
+    // Before the end-of-archive blocks.
+    let end = tar.len() - 1024;
+    let mut member = h.as_bytes().to_vec();
+    if kind == tar::EntryType::Regular {
+        member.extend_from_slice(data);
+        member.resize(1024, 0);
+    }
+    tar.splice(end..end, member);
+    tar
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_bundles_fail_with_a_reason_and_publish_nothing() -> anyhow::Result<()> {
+    let app = spawn_app(Options {
+        limits: Some(Limits {
+            max_entries: 500,
+            expansion_floor: 4 << 20,
+            max_expansion_ratio: 20,
+            ..Limits::default()
+        }),
+        ..Options::default()
+    })
+    .await?;
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+
+    let (_, files) = image("truncated");
+    let whole = tar_bytes(&files)?;
+    cases.push((
+        "truncated tar",
+        whole[..whole.len() * 6 / 10].to_vec(),
+        "truncated",
+    ));
+
+    let (_, files) = image("gzcut");
+    let gz = compress(tar_bytes(&files)?, TarCompression::Gzip)?;
+    cases.push((
+        "truncated gzip",
+        gz[..gz.len() / 2].to_vec(),
+        "corrupt or truncated",
+    ));
+
+    let (_, files) = image("gzbad");
+    let mut gz = compress(tar_bytes(&files)?, TarCompression::Gzip)?;
+    let mid = gz.len() / 2;
+    for b in &mut gz[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    cases.push(("corrupt gzip", gz, "corrupt"));
+
+    let (mut b, _) = image("wrongdigest");
+    let layer = b.images[0].blobs[1].clone();
+    b.corrupt(&layer);
+    cases.push((
+        "wrong digest",
+        tar_bytes(&b.oci_files(""))?,
+        "content is corrupt",
+    ));
+
+    let (b, _) = image("wrongdigestgz");
+    let mut files = b.oci_files("");
+    let layer = &b.images[0].blobs[1][7..];
+    for (p, data) in &mut files {
+        if p.ends_with(layer) {
+            data[0] ^= 0xff;
+        }
+    }
+    cases.push((
+        "wrong digest, compressed",
+        compress(tar_bytes(&files)?, TarCompression::Zstd)?,
+        "hashes to",
+    ));
+
+    let (b, mut files) = image("missing");
+    let layer = b.images[0].blobs[1][7..].to_string();
+    files.retain(|(p, _)| !p.ends_with(&layer));
+    cases.push((
+        "missing blob",
+        tar_bytes(&files)?,
+        "missing from the bundle",
+    ));
+
+    let (b, mut files) = image("sizelies");
+    let layer = b.images[0].blobs[1][7..].to_string();
+    for (p, data) in &mut files {
+        if p.ends_with(&layer) {
+            data.push(0);
+        }
+    }
+    cases.push(("size lies", tar_bytes(&files)?, "the manifest says"));
+
+    let not_json = b"this is { not json".to_vec();
+    let d = json!({ "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": sha256(&not_json), "size": not_json.len() });
+    cases.push((
+        "manifest not JSON",
+        tar_bytes(&layout_with(d, &[not_json]))?,
+        "not valid JSON",
+    ));
+
+    let mut huge = br#"{"schemaVersion":2,"pad":""#.to_vec();
+    huge.resize(5 << 20, b' ');
+    let d = json!({ "digest": sha256(&huge), "size": huge.len() });
+    cases.push((
+        "huge manifest",
+        tar_bytes(&layout_with(d, &[huge]))?,
+        "over the limit",
+    ));
+
+    let d = json!({ "digest": format!("sha512:{}", "a".repeat(128)), "size": 10 });
+    cases.push((
+        "other algorithm",
+        tar_bytes(&layout_with(d, &[]))?,
+        "invalid digest",
+    ));
+
+    let d = json!({ "digest": "sha256:../../../../etc/passwd", "size": 10 });
+    cases.push((
+        "digest with a path",
+        tar_bytes(&layout_with(d, &[]))?,
+        "invalid digest",
+    ));
+
+    let (_, files) = image("dotdot");
+    let t = raw_member(
+        tar_bytes(&files)?,
+        b"../../evil",
+        tar::EntryType::Regular,
+        b"",
+    );
+    cases.push(("`..` in tar", t, "`..` component"));
+
+    let (_, files) = image("absolute");
+    let t = raw_member(
+        tar_bytes(&files)?,
+        b"/etc/evil",
+        tar::EntryType::Regular,
+        b"",
+    );
+    cases.push(("absolute path in tar", t, "absolute path"));
+
+    let (_, files) = image("symlink");
+    let t = raw_member(
+        tar_bytes(&files)?,
+        b"blobs/sha256/shadow",
+        tar::EntryType::Symlink,
+        b"../../../etc/shadow",
+    );
+    cases.push(("symlink out of tar", t, "points outside the bundle"));
+
+    let (_, files) = image("sqlink");
+    let mut fs = FilesystemWriter::default();
+    let h = NodeHeader {
+        permissions: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+    };
+    fs.push_dir_all("blobs/sha256", h)?;
+    for (p, data) in &files {
+        fs.push_file(std::io::Cursor::new(data.clone()), p, h)?;
+    }
+    fs.push_symlink("/etc/shadow", "blobs/shadow", h)?;
+    let mut sq = std::io::Cursor::new(Vec::new());
+    fs.write(&mut sq)?;
+    cases.push((
+        "symlink out of squashfs",
+        sq.into_inner(),
+        "points outside the bundle",
+    ));
+
+    let (b, _) = image("danglinglink");
+    let mut files = b.tree_files("");
+    let nowhere = format!("sha256:{}", "e".repeat(64));
+    for (p, data) in &mut files {
+        if p.ends_with("current/link") {
+            *data = nowhere.clone().into_bytes();
+        }
+    }
+    cases.push((
+        "link to nothing",
+        tar_bytes(&files)?,
+        "which is not in the bundle",
+    ));
+
+    let (_, mut files) = image("bomb");
+    files.push(("zeros".into(), vec![0u8; 64 << 20]));
+    cases.push((
+        "decompression bomb",
+        compress(tar_bytes(&files)?, TarCompression::Gzip)?,
+        "decompression bomb",
+    ));
+
+    let (_, mut files) = image("tiny");
+    for i in 0..600 {
+        files.push((format!("tiny/{i}"), vec![b'x']));
+    }
+    cases.push((
+        "many tiny entries",
+        tar_bytes(&files)?,
+        "more than 500 entries",
+    ));
+
+    let mut ids = Vec::new();
+    for (i, (what, body, _)) in cases.iter().enumerate() {
+        let (st, b) = app.put(&format!("hostile-{i}"), body.clone(), None).await?;
+        assert_eq!(st, 202, "{what}: {b}");
+        ids.push(b["id"].as_str().unwrap().to_string());
+    }
+    for ((what, _, reason), id) in cases.iter().zip(&ids) {
+        let rec = app.wait_done(id, DONE).await?;
+        assert_eq!(rec["phase"], "Failed", "{what}: {rec:#}");
+        let error = rec["error"].as_str().unwrap_or_default();
+        eprintln!("{what}: {error}");
+        assert!(error.contains(reason), "{what}: {error:?} lacks {reason:?}");
+    }
+    assert_eq!(
+        app.catalog().await?,
+        Vec::<String>::new(),
+        "the registry holds something"
+    );
+    // Nothing was written outside the data directory's own places.
+    assert!(!app.data.path().join("../evil").exists());
+    let cas = app.data.path().join("cas/blobs/sha256");
+    if cas.exists() {
+        assert_eq!(
+            std::fs::read_dir(&cas)?.count(),
+            0,
+            "failed bundles left blobs"
+        );
+    }
+    app.stop().await
+}
