@@ -193,6 +193,34 @@ impl LayoutBuilder {
         });
     }
 
+    /// Adds an OCI 1.1 referrer (an SBOM-like artifact whose `subject` is the manifest
+    /// `subject`), listed in `index.json` without a name; returns its digest.
+    pub fn referrer(&mut self, subject: &str, artifact_type: &str, payload: &[u8]) -> String {
+        let subject_size = self.blobs[subject].len();
+        let subject_type = if self
+            .images
+            .iter()
+            .any(|i| i.digest == subject && i.media_type == OCI_INDEX)
+        {
+            OCI_INDEX
+        } else {
+            OCI_MANIFEST
+        };
+        let (ed, es) = self.blob(b"{}".to_vec());
+        let (pd, ps) = self.blob(payload.to_vec());
+        let m = json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+            "config": { "mediaType": "application/vnd.oci.empty.v1+json", "digest": ed, "size": es },
+            "layers": [{ "mediaType": "application/spdx+json", "digest": pd, "size": ps }],
+            "subject": { "mediaType": subject_type, "digest": subject, "size": subject_size },
+        });
+        let (d, s) = self.blob(serde_json::to_vec(&m).unwrap());
+        self.index
+            .push(json!({ "mediaType": OCI_MANIFEST, "digest": d, "size": s,
+                                "artifactType": artifact_type }));
+        d
+    }
+
     /// Flips bytes in the middle of a blob, keeping its name: a corrupt bundle.
     pub fn corrupt(&mut self, digest: &str) {
         let b = self.blobs.get_mut(digest).expect("blob exists");

@@ -148,3 +148,56 @@ async fn every_format_is_published_byte_for_byte() -> anyhow::Result<()> {
     assert!(left.is_empty(), "{} blobs left in the store", left.len());
     app.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signatures_and_referrers_travel_with_their_images() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let mut b = sample("refs", "refs", 0);
+    let app_img = b.images[0].clone();
+    // An OCI 1.1 referrer of the image, unnamed in index.json.
+    let sbom = b.referrer(&app_img.digest, "application/spdx+json", b"{\"spdx\":1}");
+    // A cosign signature: an image tagged sha256-<hex>.sig in the same repository.
+    let sig_layer = b.layer(
+        &[("sig", b"signature".to_vec())],
+        flate2::Compression::fast(),
+    );
+    let sig_tag = format!("{}.sig", app_img.digest.replace(':', "-"));
+    b.image(
+        serde_json::json!({ "org.opencontainers.image.ref.name":
+            format!("example.com/{}:{sig_tag}", app_img.repo) }),
+        &[sig_layer],
+        &app_img.repo,
+        &sig_tag,
+    );
+    let body = compress(tar_bytes(&b.oci_files(""))?, TarCompression::Zstd)?;
+    let (st, r) = app.put("refs.tar.zst", body, None).await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    app.assert_published(&b, "").await?;
+    // The referrer is there by digest, and (docker-registry 2.8 has no referrers API)
+    // listed under the fallback tag sha256-<subject hex>.
+    let (bytes, _) = app
+        .manifest(&app_img.repo, &sbom)
+        .await?
+        .expect("the referrer was published");
+    assert_eq!(shipperd_tests::fixtures::sha256(&bytes), sbom);
+    let fallback = app_img.digest.replace(':', "-");
+    let (index, _) = app
+        .manifest(&app_img.repo, &fallback)
+        .await?
+        .expect("the referrers fallback tag exists");
+    let index: serde_json::Value = serde_json::from_slice(&index)?;
+    let listed: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, vec![sbom.as_str()]);
+    assert_eq!(
+        index["manifests"][0]["artifactType"],
+        "application/spdx+json"
+    );
+    app.stop().await
+}

@@ -203,8 +203,8 @@ impl Registry {
         Ok(())
     }
 
-    /// Lists `referrers` of `subject` in `repo`: nothing to do where the registry serves
-    /// the referrers API (it indexes `subject` itself); elsewhere the fallback tag
+    /// Lists `referrers` of `subject` in `repo`: nothing to do where the registry's
+    /// referrers API lists them already; elsewhere the fallback tag
     /// `sha256-<hex>` holds an image index of them, merged with what it held before.
     pub async fn update_referrers_tag(
         &self,
@@ -212,8 +212,14 @@ impl Registry {
         subject: &str,
         referrers: &[Descriptor],
     ) -> Result<()> {
+        // A registry with the referrers API lists them by now (it indexes `subject` as
+        // manifests arrive); one without answers 404, or an empty list.
         let subject_ref = self.by_digest(repo, subject);
-        if self.client.pull_referrers(&subject_ref, None).await.is_ok() {
+        if let Ok(listed) = self.client.pull_referrers(&subject_ref, None).await
+            && referrers
+                .iter()
+                .all(|r| listed.manifests.iter().any(|m| m.digest == r.digest))
+        {
             return Ok(());
         }
         let tag = subject.replace(':', "-");
