@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use shipperd_bundle::Limits;
 use shipperd_bus::Secret;
 
 use crate::AllConfig;
@@ -106,6 +107,41 @@ pub struct RegistryArgs {
     /// Images pushed at once by this process.
     #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 4)]
     pub publish_concurrency: usize,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Bounds on one bundle; a bundle over any of them fails with the limit's name.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Entries (files, directories, links) in one bundle.
+    #[arg(long, env = "SHIPPERD_MAX_ENTRIES", default_value_t = Limits::default().max_entries)]
+    pub max_entries: u64,
+    /// A compressed bundle may expand to this many times its size (or the floor).
+    #[arg(long, env = "SHIPPERD_MAX_EXPANSION_RATIO", default_value_t = Limits::default().max_expansion_ratio)]
+    pub max_expansion_ratio: u64,
+    /// Bytes any compressed bundle may expand to, whatever the ratio.
+    #[arg(long, env = "SHIPPERD_EXPANSION_FLOOR", default_value_t = Limits::default().expansion_floor)]
+    pub expansion_floor: u64,
+    /// Largest manifest or image index, in bytes.
+    #[arg(long, env = "SHIPPERD_MAX_MANIFEST_BYTES", default_value_t = Limits::default().max_manifest_bytes)]
+    pub max_manifest_bytes: u64,
+    /// Images one bundle may hold.
+    #[arg(long, env = "SHIPPERD_MAX_IMAGES", default_value_t = Limits::default().max_images)]
+    pub max_images: usize,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_entries: self.max_entries,
+            max_expansion_ratio: self.max_expansion_ratio,
+            expansion_floor: self.expansion_floor,
+            max_manifest_bytes: self.max_manifest_bytes,
+            max_images: self.max_images,
+            ..Limits::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -134,6 +170,7 @@ impl RegistryArgs {
     pub fn unpack(&self, c: &Common) -> shipperd_unpack::Config {
         let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, &self.registry);
         cfg.registry_prefix = self.registry_prefix.clone();
+        cfg.limits = self.limits.limits();
         cfg
     }
 
@@ -142,6 +179,7 @@ impl RegistryArgs {
         cfg.username = self.registry_username.clone();
         cfg.password = self.registry_password.clone();
         cfg.concurrency = self.publish_concurrency;
+        cfg.max_manifest_bytes = self.limits.max_manifest_bytes;
         cfg
     }
 }

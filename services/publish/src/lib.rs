@@ -74,6 +74,8 @@ pub struct Config {
     pub max_deliver: i64,
     /// First retry delay; doubles per delivery, up to a minute.
     pub retry_base: Duration,
+    /// Largest manifest read from a bundle (as unpack's limit).
+    pub max_manifest_bytes: u64,
 }
 
 impl Config {
@@ -91,6 +93,7 @@ impl Config {
             concurrency: 4,
             max_deliver: 5,
             retry_base: Duration::from_secs(2),
+            max_manifest_bytes: Limits::default().max_manifest_bytes,
         }
     }
 }
@@ -345,9 +348,12 @@ async fn push_image(ctx: &Ctx, job: &v1::PublishJob, image: &v1::ImageRef) -> Re
     let data_dir = ctx.config.data_dir.clone();
     let path = data_dir.join(&job.bundle_path);
     let source = image.source.clone();
+    let limits = Limits {
+        max_manifest_bytes: ctx.config.max_manifest_bytes,
+        ..Limits::default()
+    };
     let (bundle, plan) = tokio::task::spawn_blocking(move || -> Result<_> {
         let blobs = Arc::new(Catalog::load(&Catalog::path_for(&path))?.open(&data_dir)?);
-        let limits = Limits::default();
         let referrers = |d: &str| blobs.referrers(d).to_vec();
         let plan = Walker::new(blobs.as_ref(), &limits).plan(&source, &top, &referrers)?;
         Ok((blobs, plan))
