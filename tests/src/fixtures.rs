@@ -21,6 +21,10 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -63,11 +67,21 @@ pub struct LayoutBuilder {
     pub blobs: BTreeMap<String, Vec<u8>>,
     index: Vec<Value>,
     pub images: Vec<ExpectedImage>,
+    /// Docker schema 2 media types (manifest lists, v2 manifests) instead of OCI ones.
+    pub docker: bool,
 }
 
 impl LayoutBuilder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A builder that writes Docker schema 2 manifests and manifest lists.
+    pub fn docker() -> Self {
+        LayoutBuilder {
+            docker: true,
+            ..Self::default()
+        }
     }
 
     pub fn blob(&mut self, bytes: Vec<u8>) -> (String, u64) {
@@ -102,7 +116,16 @@ impl LayoutBuilder {
     }
 
     /// A single-platform manifest; returns its descriptor and the blobs it needs.
+    fn types(&self) -> (&'static str, &'static str, &'static str, &'static str) {
+        if self.docker {
+            (DOCKER_MANIFEST, DOCKER_LIST, DOCKER_CONFIG, DOCKER_LAYER)
+        } else {
+            (OCI_MANIFEST, OCI_INDEX, OCI_CONFIG, OCI_LAYER_GZIP)
+        }
+    }
+
     fn manifest(&mut self, layers: &[Layer], arch: &str) -> (Value, Vec<String>) {
+        let (mt_manifest, _, mt_config, mt_layer) = self.types();
         let config = json!({
             "architecture": arch,
             "os": "linux",
@@ -112,17 +135,17 @@ impl LayoutBuilder {
         let (cd, cs) = self.blob(serde_json::to_vec(&config).unwrap());
         let manifest = json!({
             "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": { "mediaType": OCI_CONFIG, "digest": cd, "size": cs },
+            "mediaType": mt_manifest,
+            "config": { "mediaType": mt_config, "digest": cd, "size": cs },
             "layers": layers.iter().map(|l| json!({
-                "mediaType": OCI_LAYER_GZIP, "digest": l.digest, "size": l.size
+                "mediaType": mt_layer, "digest": l.digest, "size": l.size
             })).collect::<Vec<_>>(),
         });
         let (md, ms) = self.blob(serde_json::to_vec_pretty(&manifest).unwrap());
         let mut blobs = vec![cd];
         blobs.extend(layers.iter().map(|l| l.digest.clone()));
         (
-            json!({ "mediaType": OCI_MANIFEST, "digest": md, "size": ms,
+            json!({ "mediaType": mt_manifest, "digest": md, "size": ms,
                     "platform": { "architecture": arch, "os": "linux" } }),
             blobs,
         )
@@ -132,7 +155,8 @@ impl LayoutBuilder {
     pub fn image(&mut self, annotations: Value, layers: &[Layer], repo: &str, tag: &str) {
         let (mut desc, blobs) = self.manifest(layers, "amd64");
         desc.as_object_mut().unwrap().remove("platform");
-        self.name(desc, annotations, repo, tag, OCI_MANIFEST, blobs, vec![]);
+        let mt = self.types().0;
+        self.name(desc, annotations, repo, tag, mt, blobs, vec![]);
     }
 
     /// Adds a multi-platform image: an index over one manifest per (arch, layers).
@@ -150,18 +174,19 @@ impl LayoutBuilder {
             blobs.extend(b);
             children.push(desc);
         }
-        let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children });
+        let mt_index = self.types().1;
+        let index = json!({ "schemaVersion": 2, "mediaType": mt_index, "manifests": children });
         let (d, s) = self.blob(serde_json::to_vec_pretty(&index).unwrap());
         let child_digests = children
             .iter()
             .map(|c| c["digest"].as_str().unwrap().to_string())
             .collect();
         self.name(
-            json!({ "mediaType": OCI_INDEX, "digest": d, "size": s }),
+            json!({ "mediaType": mt_index, "digest": d, "size": s }),
             annotations,
             repo,
             tag,
-            OCI_INDEX,
+            mt_index,
             blobs,
             child_digests,
         );
@@ -461,8 +486,17 @@ pub fn tar_parts(files: &[(String, Vec<u8>)], n: usize) -> anyhow::Result<Vec<Ve
 /// bytes (and so the bundle id) differ between bundles; `big_layer_mb` adds a layer of
 /// that many MiB of random data to the first image.
 pub fn sample(salt: &str, bundle_repo: &str, big_layer_mb: usize) -> LayoutBuilder {
+    sample_into(LayoutBuilder::new(), salt, bundle_repo, big_layer_mb)
+}
+
+/// [`sample`] built into `b` (e.g. one with Docker media types).
+pub fn sample_into(
+    mut b: LayoutBuilder,
+    salt: &str,
+    bundle_repo: &str,
+    big_layer_mb: usize,
+) -> LayoutBuilder {
     let fast = flate2::Compression::fast();
-    let mut b = LayoutBuilder::new();
     let shared = b.layer(
         &[
             (

@@ -36,6 +36,27 @@ async fn every_format_is_published_byte_for_byte() -> anyhow::Result<()> {
         "gzip",
     ));
 
+    // The same with Docker schema 2 manifests and a manifest list, as `registry serve`
+    // stores images pulled from Docker Hub.
+    let docker = shipperd_tests::fixtures::sample_into(
+        shipperd_tests::fixtures::LayoutBuilder::docker(),
+        "docker",
+        "docker",
+        0,
+    );
+    let body = compress(
+        tar_bytes(&docker.tree_files("mirror/"))?,
+        TarCompression::Gzip,
+    )?;
+    let (st, b) = app.put("docker-v2.tar.gz", body, None).await?;
+    assert_eq!(st, 202, "{b}");
+    done.push((
+        "docker v2",
+        b["id"].as_str().unwrap().to_string(),
+        docker,
+        "gzip",
+    ));
+
     // oc-mirror: three whole tars of a registry tree at the root, as one bundle.
     let ocm = sample("ocmirror", "ocmirror", 0);
     let parts = tar_parts(&ocm.tree_files(""), 3)?;

@@ -141,6 +141,10 @@ impl Builder<'_> {
 }
 
 fn corrupt(what: &str, after: &str, e: impl std::fmt::Display) -> Error {
+    let e = e.to_string();
+    if e.contains(BOMB) {
+        return Error::Hostile(format!("{what} {e}"));
+    }
     let place = if after.is_empty() {
         "at its start".to_string()
     } else {
@@ -309,6 +313,8 @@ impl ArchiveFs {
     }
 }
 
+const BOMB: &str = "refusing a likely decompression bomb";
+
 /// Counts decompressed bytes and stops a stream that expands past its limit.
 struct Counted<'a> {
     inner: Box<dyn Read + 'a>,
@@ -323,7 +329,7 @@ impl Read for Counted<'_> {
         self.read += n as u64;
         if self.read > self.limit {
             return Err(io::Error::other(format!(
-                "it expands past {} bytes from {} compressed bytes: refusing a likely decompression bomb (limits maxExpansionRatio, expansionFloor)",
+                "expands past {} bytes from {} compressed bytes: {BOMB} (limits maxExpansionRatio, expansionFloor)",
                 self.limit, self.compressed
             )));
         }

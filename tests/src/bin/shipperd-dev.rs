@@ -25,14 +25,31 @@ enum Comp {
     Lz4,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Archive {
+    Tar,
+    Gzip,
+    Zstd,
+    Xz,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Write the sample bundle (four images, one multi-arch, a shared layer) as squashfs.
+    /// Write the sample bundle (four images, one multi-arch, a shared layer): squashfs by
+    /// default, or a tar (plain or compressed) with `--archive`.
     SampleBundle {
         #[arg(long)]
         out: PathBuf,
+        /// Squashfs compression.
         #[arg(long, value_enum, default_value = "gzip")]
         compression: Comp,
+        /// Write a tar instead of squashfs, compressed this way.
+        #[arg(long, value_enum)]
+        archive: Option<Archive>,
+        /// Lay the images out as a registry storage tree under this prefix (e.g.
+        /// `platform/mirror/`, as Koffer does) instead of an OCI layout.
+        #[arg(long)]
+        tree: Option<String>,
         /// Add a layer of this many MiB of random bytes (memory and speed checks).
         #[arg(long, default_value_t = 0)]
         big_layer_mb: usize,
@@ -67,6 +84,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::SampleBundle {
             out,
             compression,
+            archive,
+            tree,
             big_layer_mb,
             salt,
         } => {
@@ -80,7 +99,23 @@ async fn main() -> anyhow::Result<()> {
                 Comp::Zstd => Compression::Zstd,
                 Comp::Lz4 => Compression::Lz4,
             };
-            layout.write_squashfs(&out, c)?;
+            let files = match &tree {
+                Some(prefix) => layout.tree_files(prefix),
+                None => layout.oci_files(""),
+            };
+            match archive {
+                None => shipperd_tests::fixtures::write_squashfs_files(&files, &out, c)?,
+                Some(a) => {
+                    use shipperd_tests::fixtures::{TarCompression as T, compress, tar_bytes};
+                    let how = match a {
+                        Archive::Tar => T::None,
+                        Archive::Gzip => T::Gzip,
+                        Archive::Zstd => T::Zstd,
+                        Archive::Xz => T::Xz,
+                    };
+                    std::fs::write(&out, compress(tar_bytes(&files)?, how)?)?;
+                }
+            }
             for img in &layout.images {
                 println!("{}:{} {}", img.repo, img.tag, img.digest);
             }
