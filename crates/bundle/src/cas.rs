@@ -173,10 +173,19 @@ impl Cas {
         }
     }
 
-    /// [`Self::release`] then [`Self::collect`].
-    pub fn release_and_collect(&self, bundle_id: &str) -> Result<Option<Collected>> {
-        self.release(bundle_id)?;
-        self.collect()
+    /// A bundle is finished: [`Self::release`] its blobs, then [`Self::collect`]. Errors
+    /// are logged, not returned: a later collection catches up.
+    pub fn finish(&self, bundle_id: &str) {
+        match self.release(bundle_id).and_then(|()| self.collect()) {
+            Ok(Some(c)) if c.blobs_removed > 0 => tracing::info!(
+                removed = c.blobs_removed,
+                bytes = c.bytes_removed,
+                kept = c.blobs_kept,
+                "blob store collected"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, bundle_id, "cannot collect the blob store"),
+        }
     }
 
     /// Deletes every blob (and stray temp file) no bundle claims. Returns `None` when an

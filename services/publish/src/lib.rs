@@ -283,21 +283,10 @@ async fn process(
 
 /// Lets go of the blobs a finished bundle claimed in the content-addressed store, and
 /// deletes those no other bundle needs.
-async fn release_blobs(data_dir: &std::path::Path, bundle_id: &str) {
+pub(crate) async fn release_blobs(data_dir: &std::path::Path, bundle_id: &str) {
     let cas = Cas::new(data_dir);
     let id = bundle_id.to_string();
-    let done = tokio::task::spawn_blocking(move || cas.release_and_collect(&id)).await;
-    match done {
-        Ok(Ok(Some(c))) if c.blobs_removed > 0 => tracing::info!(
-            removed = c.blobs_removed,
-            bytes = c.bytes_removed,
-            kept = c.blobs_kept,
-            "blob store collected"
-        ),
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "cannot collect the blob store"),
-        Err(error) => tracing::warn!(%error, "blob store collection panicked"),
-    }
+    let _ = tokio::task::spawn_blocking(move || cas.finish(&id)).await;
 }
 
 async fn announce_image(
