@@ -25,6 +25,15 @@ pub struct Options {
     pub publish_retry: Option<Duration>,
     /// Bundle limits for unpack (default: the service's defaults).
     pub limits: Option<shipperd_bundle::Limits>,
+    /// A targets file (TOML) instead of the one loopback target; `{registry}` in it
+    /// becomes the test registry's URL, relative paths are taken from the data dir.
+    pub targets_toml: Option<String>,
+    /// Files written into the data dir before the targets file is read.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Transfer settings of the default loopback target.
+    pub transfer: Option<shipperd_target::Transfer>,
+    /// Least time between two progress reports of one image (default 2 s).
+    pub progress_interval: Option<Duration>,
 }
 
 pub struct TestApp {
@@ -47,22 +56,43 @@ impl Drop for TestApp {
 
 pub async fn spawn_app(opts: Options) -> anyhow::Result<TestApp> {
     crate::init();
+    spawn_app_with(opts, Registry::start().await?).await
+}
+
+/// [`spawn_app`] with a registry the test started (e.g. to put a proxy in front).
+pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result<TestApp> {
+    crate::init();
     let nats = Nats::start().await?;
-    let registry = Registry::start().await?;
     let data = tempfile::tempdir()?;
+    for (name, bytes) in &opts.files {
+        std::fs::write(data.path().join(name), bytes)?;
+    }
+    let targets = match &opts.targets_toml {
+        Some(t) => {
+            shipperd_target::Targets::parse(&t.replace("{registry}", &registry.url()), data.path())?
+        }
+        None => shipperd_target::Targets::single(&registry.url(), &opts.prefix, None, None, false)?
+            .with_transfer(|t| {
+                if let Some(x) = &opts.transfer {
+                    *t = x.clone();
+                }
+            }),
+    };
     let drop_dir = opts.drop_dir.then(|| data.path().join("drop"));
     let listen = "127.0.0.1:0".parse().unwrap();
 
     let mut ingest = shipperd_ingest::Config::new(nats.url(), data.path(), listen);
     ingest.drop_dir = drop_dir.clone();
     ingest.drop_poll = Duration::from_millis(200);
-    let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), registry.url());
-    unpack.registry_prefix = opts.prefix.clone();
+    let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), targets.clone());
     if let Some(l) = &opts.limits {
         unpack.limits = l.clone();
     }
-    let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), registry.url());
+    let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), targets);
     publish.retry_base = opts.publish_retry.unwrap_or(Duration::from_millis(200));
+    if let Some(p) = opts.progress_interval {
+        publish.progress_interval = p;
+    }
     let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
     notify.secret = opts.secret.as_deref().map(shipperd_bus::Secret::new);
     notify.timeout = Duration::from_secs(2);

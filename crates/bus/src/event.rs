@@ -21,16 +21,18 @@ pub enum EventKind {
     BundleUnpacked,
     ImagePublished,
     ImageFailed,
+    ImageProgress,
     BundlePublished,
     BundleFailed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::BundleReceived,
         EventKind::BundleUnpacked,
         EventKind::ImagePublished,
         EventKind::ImageFailed,
+        EventKind::ImageProgress,
         EventKind::BundlePublished,
         EventKind::BundleFailed,
     ];
@@ -42,6 +44,7 @@ impl EventKind {
             EventKind::BundleUnpacked => "io.shipperd.bundle.unpacked",
             EventKind::ImagePublished => "io.shipperd.image.published",
             EventKind::ImageFailed => "io.shipperd.image.failed",
+            EventKind::ImageProgress => "io.shipperd.image.progress",
             EventKind::BundlePublished => "io.shipperd.bundle.published",
             EventKind::BundleFailed => "io.shipperd.bundle.failed",
         }
@@ -74,6 +77,7 @@ impl EventKind {
             EventKind::BundleUnpacked => conv::<v1::BundleUnpacked>(body),
             EventKind::ImagePublished => conv::<v1::ImagePublished>(body),
             EventKind::ImageFailed => conv::<v1::ImageFailed>(body),
+            EventKind::ImageProgress => conv::<v1::ImageProgress>(body),
             EventKind::BundlePublished => conv::<v1::BundlePublished>(body),
             EventKind::BundleFailed => conv::<v1::BundleFailed>(body),
         }

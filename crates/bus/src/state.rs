@@ -47,6 +47,15 @@ pub struct ImageRecord {
     pub phase: ImagePhase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of the image's blobs and manifests (known once publishing starts).
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// Of those, how many the registry has (uploaded, mounted or already there).
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// The tag already pointed at this digest: nothing was pushed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +72,14 @@ pub struct BundleRecord {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// The registry target it goes to (`None`: the default target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Sums of the images' `bytes_total` and `bytes_done`.
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub bytes_done: u64,
     pub received_at: String,
     pub updated_at: String,
     #[serde(default)]
@@ -84,6 +101,9 @@ impl BundleRecord {
             phase: Phase::Received,
             error: None,
             format: None,
+            target: None,
+            bytes_total: 0,
+            bytes_done: 0,
             received_at: now.clone(),
             updated_at: now,
             images: Vec::new(),
@@ -137,6 +157,16 @@ impl BundleRecord {
 
     pub fn image(&self, index: u32) -> Option<&ImageRecord> {
         self.images.iter().find(|i| i.index == index)
+    }
+
+    /// Records how far one image's push got, and the bundle's sums.
+    pub fn set_progress(&mut self, index: u32, done: u64, total: u64) {
+        if let Some(img) = self.images.iter_mut().find(|i| i.index == index) {
+            img.bytes_total = total;
+            img.bytes_done = done.min(total);
+        }
+        self.bytes_total = self.images.iter().map(|i| i.bytes_total).sum();
+        self.bytes_done = self.images.iter().map(|i| i.bytes_done).sum();
     }
 }
 
@@ -253,9 +283,21 @@ mod tests {
                 size: 1,
                 phase: ImagePhase::Pending,
                 error: None,
+                bytes_total: 0,
+                bytes_done: 0,
+                skipped: false,
             })
             .collect();
         r
+    }
+
+    #[test]
+    fn progress_sums_over_images() {
+        let mut r = rec(2);
+        r.set_progress(0, 5, 10);
+        r.set_progress(1, 30, 20);
+        assert_eq!((r.bytes_done, r.bytes_total), (25, 30));
+        assert_eq!(r.images[1].bytes_done, 20);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use shipperd_bundle::Limits;
 use shipperd_bus::Secret;
+use shipperd_target::Targets;
 
 use crate::AllConfig;
 
@@ -92,12 +93,20 @@ pub struct IngestArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RegistryArgs {
-    /// Target registry, e.g. http://127.0.0.1:5000 (the scheme decides TLS).
-    #[arg(long, env = "SHIPPERD_REGISTRY")]
-    pub registry: String,
+    /// Target registry, e.g. http://127.0.0.1:5000 (the scheme decides TLS): the one
+    /// target, named `default`. Give this or --targets.
+    #[arg(long, env = "SHIPPERD_REGISTRY", required_unless_present = "targets")]
+    pub registry: Option<String>,
+    /// Plain HTTP to a registry that is not on loopback, or TLS without verifying it.
+    #[arg(long, env = "SHIPPERD_REGISTRY_INSECURE")]
+    pub registry_insecure: bool,
+    /// A targets file (TOML): several named registries with credentials, CA, path
+    /// mapping and transfer settings (see docs/targets.example.toml).
+    #[arg(long, env = "SHIPPERD_TARGETS", conflicts_with_all = ["registry", "registry_prefix", "registry_username", "registry_password"])]
+    pub targets: Option<PathBuf>,
     /// Path prepended to every repository in the target registry.
-    #[arg(long, env = "SHIPPERD_REGISTRY_PREFIX", default_value = "")]
-    pub registry_prefix: String,
+    #[arg(long, env = "SHIPPERD_REGISTRY_PREFIX")]
+    pub registry_prefix: Option<String>,
     /// Registry user name (basic auth).
     #[arg(long, env = "SHIPPERD_REGISTRY_USERNAME")]
     pub registry_username: Option<String>,
@@ -167,20 +176,32 @@ impl IngestArgs {
 }
 
 impl RegistryArgs {
-    pub fn unpack(&self, c: &Common) -> shipperd_unpack::Config {
-        let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, &self.registry);
-        cfg.registry_prefix = self.registry_prefix.clone();
-        cfg.limits = self.limits.limits();
-        cfg
+    /// The targets: from the file, or the one the `--registry` flags describe.
+    pub fn targets(&self) -> anyhow::Result<Targets> {
+        Ok(match (&self.targets, &self.registry) {
+            (Some(file), _) => Targets::load(file)?,
+            (None, Some(url)) => Targets::single(
+                url,
+                self.registry_prefix.as_deref().unwrap_or(""),
+                self.registry_username.clone(),
+                self.registry_password.clone(),
+                self.registry_insecure,
+            )?,
+            (None, None) => anyhow::bail!("give --registry or --targets"),
+        })
     }
 
-    pub fn publish(&self, c: &Common) -> shipperd_publish::Config {
-        let mut cfg = shipperd_publish::Config::new(&c.nats_url, &c.data_dir, &self.registry);
-        cfg.username = self.registry_username.clone();
-        cfg.password = self.registry_password.clone();
+    pub fn unpack(&self, c: &Common) -> anyhow::Result<shipperd_unpack::Config> {
+        let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
+        cfg.limits = self.limits.limits();
+        Ok(cfg)
+    }
+
+    pub fn publish(&self, c: &Common) -> anyhow::Result<shipperd_publish::Config> {
+        let mut cfg = shipperd_publish::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
         cfg.concurrency = self.publish_concurrency;
         cfg.max_manifest_bytes = self.limits.max_manifest_bytes;
-        cfg
+        Ok(cfg)
     }
 }
 
@@ -199,11 +220,16 @@ impl NotifyArgs {
     }
 }
 
-pub fn all_config(c: &Common, i: &IngestArgs, r: &RegistryArgs, n: &NotifyArgs) -> AllConfig {
-    AllConfig {
+pub fn all_config(
+    c: &Common,
+    i: &IngestArgs,
+    r: &RegistryArgs,
+    n: &NotifyArgs,
+) -> anyhow::Result<AllConfig> {
+    Ok(AllConfig {
         ingest: i.config(c),
-        unpack: r.unpack(c),
-        publish: r.publish(c),
+        unpack: r.unpack(c)?,
+        publish: r.publish(c)?,
         notify: n.config(c),
-    }
+    })
 }

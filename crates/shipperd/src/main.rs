@@ -7,9 +7,29 @@ use shipperd::{
     shutdown_on_signal,
 };
 
+enum Config {
+    Unpack(shipperd_unpack::Config),
+    Publish(shipperd_publish::Config),
+    All(Box<shipperd::AllConfig>),
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Every setting is read and checked before anything starts.
+    let config = match &cli.command {
+        Command::Unpack { common, registry } => Some(Config::Unpack(registry.unpack(common)?)),
+        Command::Publish { common, registry } => Some(Config::Publish(registry.publish(common)?)),
+        Command::All {
+            common,
+            ingest,
+            registry,
+            notify,
+        } => Some(Config::All(Box::new(all_config(
+            common, ingest, registry, notify,
+        )?))),
+        _ => None,
+    };
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was installed already"))?;
@@ -26,23 +46,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest { common, ingest } => {
             shipperd_ingest::run(ingest.config(&common), shutdown).await?
         }
-        Command::Unpack { common, registry } => {
-            shipperd_unpack::run(registry.unpack(&common), shutdown).await?
-        }
-        Command::Publish { common, registry } => {
-            shipperd_publish::run(registry.publish(&common), shutdown).await?
-        }
+        Command::Unpack { .. } | Command::Publish { .. } | Command::All { .. } => match config {
+            Some(Config::Unpack(c)) => shipperd_unpack::run(c, shutdown).await?,
+            Some(Config::Publish(c)) => shipperd_publish::run(c, shutdown).await?,
+            Some(Config::All(c)) => App::start(*c).await?.serve(shutdown).await?,
+            None => unreachable!("parsed above"),
+        },
         Command::Notify { common, notify } => {
             shipperd_notify::run(notify.config(&common), shutdown).await?
-        }
-        Command::All {
-            common,
-            ingest,
-            registry,
-            notify,
-        } => {
-            let app = App::start(all_config(&common, &ingest, &registry, &notify)).await?;
-            app.serve(shutdown).await?
         }
     }
     Ok(())

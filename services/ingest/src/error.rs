@@ -27,6 +27,8 @@ pub enum Error {
     Empty,
     #[error("multi-part upload: {0}")]
     BadPart(String),
+    #[error("{0}")]
+    BadRequest(String),
     #[error("bundle store I/O on {path}: {source}")]
     Io {
         path: String,
@@ -61,6 +63,7 @@ impl Error {
             | Error::ChecksumMismatch { .. }
             | Error::Incomplete { .. }
             | Error::BadPart(_)
+            | Error::BadRequest(_)
             | Error::Empty => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -49,6 +49,23 @@ fn accepted(status: StatusCode, rec: &BundleRecord) -> Response {
         .into_response()
 }
 
+/// `?target=NAME`: the registry target the bundle goes to (default: the default one).
+fn target_param(q: &HashMap<String, String>) -> Result<Option<&str>> {
+    match q.get("target").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(t)
+            if t.len() <= 63
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+        {
+            Ok(Some(t))
+        }
+        Some(t) => Err(crate::Error::BadRequest(format!(
+            "target {t:?}: names are up to 63 letters, digits and - _ ."
+        ))),
+    }
+}
+
 async fn upload(
     State(store): State<Arc<Store>>,
     Path(name): Path<String>,
@@ -56,6 +73,7 @@ async fn upload(
     body: Body,
 ) -> Result<Response> {
     let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
+    let target = target_param(&q)?;
     if let Some(id) = &expected
         && let Some(rec) = store.known(id).await?
     {
@@ -63,7 +81,7 @@ async fn upload(
         return Ok(accepted(StatusCode::OK, &rec));
     }
     match store
-        .receive(&name, body.into_data_stream(), expected.as_deref())
+        .receive(&name, body.into_data_stream(), expected.as_deref(), target)
         .await
     {
         Ok(a) if a.created => Ok(accepted(StatusCode::ACCEPTED, &a.record)),
@@ -102,7 +120,7 @@ async fn complete(
         .get("parts")
         .and_then(|p| p.parse::<u32>().ok())
         .ok_or_else(|| crate::Error::BadPart("give the number of parts: ?parts=N".into()))?;
-    let a = store.complete(&name, parts).await?;
+    let a = store.complete(&name, parts, target_param(&q)?).await?;
     Ok(accepted(
         if a.created {
             StatusCode::ACCEPTED

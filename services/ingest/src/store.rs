@@ -157,6 +157,7 @@ impl Store {
         name: &str,
         body: S,
         expected: Option<&str>,
+        target: Option<&str>,
     ) -> Result<Accepted>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -170,7 +171,7 @@ impl Store {
         let (id, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
         check_expected(expected, &id)?;
         METRICS.bytes_received.add(size);
-        self.commit(name, tmp, id, size).await
+        self.commit(name, tmp, id, size, target).await
     }
 
     /// Streams `body` into a new file at `path` (fsynced), hashing it; returns its sha256
@@ -265,7 +266,7 @@ impl Store {
     /// Completes the multi-part upload `name` of `parts` parts: they become one bundle,
     /// read as their concatenation in part order. Its id is the sha256 of the list of
     /// part checksums (`shipperd-parts-v1`, then `<sha256> <size>` per part).
-    pub async fn complete(&self, name: &str, parts: u32) -> Result<Accepted> {
+    pub async fn complete(&self, name: &str, parts: u32, target: Option<&str>) -> Result<Accepted> {
         validate_name(name)?;
         let dir = self.upload_dir(name);
         if !(1..=MAX_PARTS).contains(&parts) {
@@ -309,7 +310,7 @@ impl Store {
         } else {
             let _ = tokio::fs::remove_dir_all(&dir).await;
         }
-        self.record(name, &id, size, rel).await
+        self.record(name, &id, size, rel, target).await
     }
 
     /// Takes in a file that is already on this machine (the drop directory): hashed in
@@ -320,6 +321,7 @@ impl Store {
         path: &Path,
         expected: Option<&str>,
     ) -> Result<Accepted> {
+        let target = None;
         validate_name(name)?;
         let mut file = tokio::fs::File::open(path)
             .await
@@ -371,7 +373,7 @@ impl Store {
                 return Err(e);
             }
         };
-        match self.record(name, &id, size, bundle_path(&id)).await {
+        match self.record(name, &id, size, bundle_path(&id), target).await {
             Ok(a) => {
                 // Known already: the stored copy stays, this one goes.
                 tmp.keep = dest.is_some();
@@ -393,9 +395,10 @@ impl Store {
         mut tmp: TempFile,
         id: String,
         size: u64,
+        target: Option<&str>,
     ) -> Result<Accepted> {
         self.place(&mut tmp, &id).await?;
-        self.record(name, &id, size, bundle_path(&id)).await
+        self.record(name, &id, size, bundle_path(&id), target).await
     }
 
     /// Moves the temp file to `bundles/<id>/bundle`; returns that path if it moved it
@@ -417,8 +420,16 @@ impl Store {
     }
 
     /// Creates the bundle's record and announces it (or finds the existing one).
-    async fn record(&self, name: &str, id: &str, size: u64, path: String) -> Result<Accepted> {
-        let record = BundleRecord::new(id.to_string(), name.to_string(), size, path);
+    async fn record(
+        &self,
+        name: &str,
+        id: &str,
+        size: u64,
+        path: String,
+        target: Option<&str>,
+    ) -> Result<Accepted> {
+        let mut record = BundleRecord::new(id.to_string(), name.to_string(), size, path);
+        record.target = target.map(str::to_string);
         if self.state.create(&record).await? {
             tracing::info!(bundle_id = %id, name, size, "bundle received");
             METRICS.bundles_received.add(1);

@@ -1,31 +1,36 @@
-//! publish: pushes every image of a bundle, byte for byte, into the target registry.
+//! publish: pushes every image of a bundle, byte for byte, into its target registry.
 //!
 //! One job per image (from the `SHIPPERD_JOBS` work queue; replicas share the durable
-//! consumer `publish`). For an image: blobs first (skipped when the repository has them,
-//! mounted when another repository of the registry has them, else streamed straight out
-//! of the bundle), then manifests children-first, the index by digest, and the tag last:
-//! an image that fails part-way is never tagged. The outcome goes into the bundle's
-//! record by compare-and-set; the worker that finishes the last image announces the
-//! bundle.
+//! consumer `publish`). For an image: if its tag already points at its digest, nothing
+//! more (Day-2). Else blobs, several at once (skipped when the repository has them,
+//! mounted when another repository of the registry has them, else streamed straight
+//! out of the bundle, in resumable chunks when large), then manifests children-first,
+//! the index by digest, and the tag last: an image that fails part-way is never
+//! tagged. The outcome goes into the bundle's record by compare-and-set; the worker
+//! that finishes the last image announces the bundle.
 
+mod progress;
 mod registry;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
-use shipperd_bundle::{Catalog, Descriptor, Limits, Reference, RegistryUrl, Walker, cas::Cas};
+use futures::StreamExt as _;
+use shipperd_bundle::{Catalog, Descriptor, Limits, Reference, Walker, cas::Cas};
 use shipperd_bus::{
-    BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, Secret, StateStore,
+    BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, StateStore,
     event::{encode, event_id},
     lifecycle,
     subjects::{BLOBS_BUCKET, JOBS_STREAM, PUBLISH_CONSUMER, PUBLISH_JOB_SUBJECT},
     worker::{self, Outcome},
 };
 use shipperd_proto::v1;
+use shipperd_target::Targets;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use registry::{BlobOutcome, Registry};
+pub use progress::Progress;
+pub use registry::{BlobOutcome, Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,26 +38,30 @@ pub enum Error {
     Bus(#[from] shipperd_bus::Error),
     #[error(transparent)]
     Bundle(#[from] shipperd_bundle::Error),
-    #[error("pushing {what}: {source}")]
+    #[error(transparent)]
+    Target(#[from] shipperd_target::Error),
+    #[error("{what}: {source}")]
     Registry {
         what: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: RegistryError,
     },
 }
 
 impl Error {
-    fn registry(what: String, source: oci_client::errors::OciDistributionError) -> Self {
-        Error::Registry { what, source }
+    fn registry(what: impl Into<String>) -> impl FnOnce(RegistryError) -> Self {
+        let what = what.into();
+        move |source| Error::Registry { what, source }
     }
 
     /// Could trying again later succeed? (The registry or NATS may recover; a broken
-    /// bundle will not.)
+    /// bundle or an unknown target will not.)
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Bus(e) => e.kind() != shipperd_bus::ErrorKind::Permanent,
             Error::Bundle(e) => e.kind() == shipperd_bundle::ErrorKind::Io,
-            Error::Registry { .. } => true,
+            Error::Target(_) => false,
+            Error::Registry { source, .. } => source.is_transient(),
         }
     }
 }
@@ -64,36 +73,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Config {
     pub nats_url: String,
     pub data_dir: PathBuf,
-    /// Target registry URL, e.g. `http://127.0.0.1:5000` (the scheme decides TLS).
-    pub registry: String,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
+    /// Where images go: named registries, their credentials, trust and path mapping.
+    pub targets: Targets,
     /// Images pushed at once by this replica.
     pub concurrency: usize,
     /// Deliveries of one image job before a registry error fails the image.
     pub max_deliver: i64,
-    /// First retry delay; doubles per delivery, up to a minute.
+    /// First retry delay of a job; doubles per delivery, up to a minute.
     pub retry_base: Duration,
     /// Largest manifest read from a bundle (as unpack's limit).
     pub max_manifest_bytes: u64,
+    /// Least time between two progress reports of one image.
+    pub progress_interval: Duration,
 }
 
 impl Config {
     pub fn new(
         nats_url: impl Into<String>,
         data_dir: impl Into<PathBuf>,
-        registry: impl Into<String>,
+        targets: Targets,
     ) -> Self {
         Config {
             nats_url: nats_url.into(),
             data_dir: data_dir.into(),
-            registry: registry.into(),
-            username: None,
-            password: None,
+            targets,
             concurrency: 4,
             max_deliver: 5,
             retry_base: Duration::from_secs(2),
             max_manifest_bytes: Limits::default().max_manifest_bytes,
+            progress_interval: Duration::from_secs(2),
         }
     }
 }
@@ -101,17 +109,29 @@ impl Config {
 struct Ctx {
     bus: Bus,
     state: StateStore,
-    registry: Registry,
+    /// One client per target, by name.
+    registries: HashMap<String, Arc<Registry>>,
     config: Config,
 }
 
+impl Ctx {
+    fn registry(&self, name: &str) -> Result<&Arc<Registry>> {
+        let t = self.config.targets.get(Some(name))?;
+        Ok(&self.registries[&t.name])
+    }
+}
+
 /// Counts of what one image's push did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Stats {
     pushed: u32,
     mounted: u32,
     skipped: u32,
     bytes: u64,
+    /// The tag was already at this digest: nothing pushed.
+    image_skipped: bool,
+    target: String,
+    bytes_total: u64,
 }
 
 /// A started publish service.
@@ -122,7 +142,6 @@ pub struct Publish {
 
 impl Publish {
     pub async fn start(config: Config) -> Result<Self> {
-        let url = RegistryUrl::parse(&config.registry)?;
         // ring is our one TLS provider; a no-op when the binary installed it already.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let bus = Bus::connect(&config.nats_url, "shipperd-publish").await?;
@@ -138,18 +157,19 @@ impl Publish {
                 deliver_policy: DeliverPolicy::All,
             })
             .await?;
-        let registry = Registry::new(
-            url,
-            config.username.clone(),
-            config.password.as_ref().map(|p| p.expose().to_string()),
-            bus.kv(BLOBS_BUCKET, 1).await?,
-        );
+        let blobs = bus.kv(BLOBS_BUCKET, 1).await?;
+        let mut registries = HashMap::new();
+        for t in config.targets.iter() {
+            let r = Registry::new(t.clone(), blobs.clone())
+                .map_err(Error::registry(format!("target {}", t.name)))?;
+            registries.insert(t.name.clone(), Arc::new(r));
+        }
         let state = bus.state().await?;
         Ok(Publish {
             ctx: Arc::new(Ctx {
                 bus,
                 state,
-                registry,
+                registries,
                 config,
             }),
             consumer,
@@ -237,8 +257,22 @@ async fn process(
         }
         Some(_) => {}
     }
-    let pushed =
-        worker::with_progress(msg, Duration::from_secs(15), push_image(ctx, job, image)).await;
+    let progress = Progress::default();
+    let reporter = progress::Reporter::start(
+        ctx.bus.clone(),
+        ctx.state.clone(),
+        job.bundle_id.clone(),
+        image.clone(),
+        progress.clone(),
+        ctx.config.progress_interval,
+    );
+    let pushed = worker::with_progress(
+        msg,
+        Duration::from_secs(15),
+        push_image(ctx, job, image, &progress),
+    )
+    .await;
+    drop(reporter);
     let (error, stats) = match pushed {
         Ok(stats) => (None, Some(stats)),
         Err(e) if e.is_transient() && worker::delivered(msg) < ctx.config.max_deliver => {
@@ -253,11 +287,21 @@ async fn process(
         }
     };
     let index = image.index;
+    let (done, total) = progress.get();
     let updated = ctx
         .state
         .update(&job.bundle_id, |r| {
-            (r.image(index)?.phase == ImagePhase::Pending)
-                .then(|| r.finish_image(index, error.clone()))
+            (r.image(index)?.phase == ImagePhase::Pending).then(|| {
+                if let Some(s) = &stats {
+                    r.set_progress(index, s.bytes_total, s.bytes_total);
+                } else {
+                    r.set_progress(index, done, total);
+                }
+                if let Some(img) = r.images.iter_mut().find(|i| i.index == index) {
+                    img.skipped = stats.as_ref().is_some_and(|s| s.image_skipped);
+                }
+                r.finish_image(index, error.clone())
+            })
         })
         .await?;
     let rec = match updated {
@@ -307,6 +351,8 @@ async fn announce_image(
                 blobs_mounted: s.mounted,
                 blobs_skipped: s.skipped,
                 bytes_pushed: s.bytes,
+                skipped: s.image_skipped || img.skipped,
+                target_name: s.target,
             };
             (EventKind::ImagePublished, encode(&body))
         }
@@ -324,8 +370,15 @@ async fn announce_image(
     Ok(())
 }
 
-/// Pushes one image: blobs, then manifests children-first, then the tag.
-async fn push_image(ctx: &Ctx, job: &v1::PublishJob, image: &v1::ImageRef) -> Result<Stats> {
+/// Pushes one image: blobs, then manifests children-first, then the tag; or nothing
+/// when the tag is already at the image's digest.
+async fn push_image(
+    ctx: &Ctx,
+    job: &v1::PublishJob,
+    image: &v1::ImageRef,
+    progress: &Progress,
+) -> Result<Stats> {
+    let reg = ctx.registry(&job.target)?;
     let target = Reference::parse(&image.target)?;
     let repo = target.repository.clone();
     let top = Descriptor {
@@ -349,33 +402,78 @@ async fn push_image(ctx: &Ctx, job: &v1::PublishJob, image: &v1::ImageRef) -> Re
     })
     .await
     .expect("opening a bundle does not panic")?;
+    let manifest_bytes: u64 = plan
+        .manifests
+        .iter()
+        .map(|(_, b)| b.len() as u64)
+        .sum::<u64>()
+        + plan
+            .referrers
+            .iter()
+            .map(|(_, _, b)| b.len() as u64)
+            .sum::<u64>();
+    let total = plan.blobs.iter().map(|b| b.size).sum::<u64>() + manifest_bytes;
+    progress.set_total(total);
+    let mut stats = Stats {
+        target: reg.target().name.clone(),
+        bytes_total: total,
+        ..Stats::default()
+    };
 
-    ctx.registry.login(&repo).await?;
-    let mut stats = Stats::default();
-    for blob in &plan.blobs {
-        match ctx.registry.push_blob(&repo, blob, bundle.clone()).await? {
+    // Day-2: the tag already points at this image. One request, and done.
+    if let Some(tag) = target.tag.as_deref() {
+        let now = reg
+            .tag_digest(&repo, tag)
+            .await
+            .map_err(Error::registry(format!("checking {repo}:{tag}")))?;
+        if now.as_deref() == Some(image.digest.as_str()) {
+            push_referrers(reg, &repo, &plan).await?;
+            progress.add(total);
+            stats.image_skipped = true;
+            stats.skipped = plan.blobs.len() as u32;
+            tracing::info!("tag already at this digest; skipped");
+            return Ok(stats);
+        }
+    }
+
+    let blobs = futures::stream::iter(plan.blobs.clone())
+        .map(|blob| {
+            let (bundle, repo, reg, progress) =
+                (bundle.clone(), repo.clone(), reg.clone(), progress.clone());
+            async move {
+                reg.push_blob(&repo, &blob, bundle, &progress)
+                    .await
+                    .map_err(Error::registry(format!("blob {} to {repo}", blob.digest)))
+            }
+        })
+        .buffer_unordered(reg.target().transfer.concurrency);
+    futures::pin_mut!(blobs);
+    while let Some(outcome) = blobs.next().await {
+        match outcome? {
             BlobOutcome::Skipped => stats.skipped += 1,
             BlobOutcome::Mounted => stats.mounted += 1,
-            BlobOutcome::Pushed => {
+            BlobOutcome::Pushed(sent) => {
                 stats.pushed += 1;
-                stats.bytes += blob.size;
+                stats.bytes += sent;
             }
         }
     }
     // Children before their index; everything by digest, so nothing is tagged yet.
     for (desc, bytes) in &plan.manifests {
-        let r = ctx.registry.reference(&repo, None, &desc.digest);
-        ctx.registry
-            .push_manifest(&repo, r, bytes, &desc.media_type)
-            .await?;
+        reg.push_manifest(&repo, &desc.digest, bytes, &desc.media_type)
+            .await
+            .map_err(Error::registry(format!(
+                "manifest {} to {repo}",
+                desc.digest
+            )))?;
+        progress.add(bytes.len() as u64);
     }
     if let (Some(tag), Some((desc, bytes))) = (target.tag.as_deref(), plan.manifests.last()) {
-        let r = ctx.registry.reference(&repo, Some(tag), &desc.digest);
-        ctx.registry
-            .push_manifest(&repo, r, bytes, &desc.media_type)
-            .await?;
+        reg.push_manifest(&repo, tag, bytes, &desc.media_type)
+            .await
+            .map_err(Error::registry(format!("tag {repo}:{tag}")))?;
     }
-    push_referrers(ctx, &repo, &plan).await?;
+    push_referrers(reg, &repo, &plan).await?;
     tracing::info!(
         pushed = stats.pushed,
         mounted = stats.mounted,
@@ -390,24 +488,30 @@ async fn push_image(ctx: &Ctx, job: &v1::PublishJob, image: &v1::ImageRef) -> Re
 /// Pushes the image's referrers by digest (their blobs went up with the image's), then,
 /// where the registry has no referrers API, lists them under the fallback tag
 /// `sha256-<subject hex>` (OCI distribution spec 1.1, "referrers tag schema").
-async fn push_referrers(ctx: &Ctx, repo: &str, plan: &shipperd_bundle::ImagePlan) -> Result<()> {
+async fn push_referrers(
+    reg: &Registry,
+    repo: &str,
+    plan: &shipperd_bundle::ImagePlan,
+) -> Result<()> {
     if plan.referrers.is_empty() {
         return Ok(());
     }
     let mut by_subject: std::collections::BTreeMap<&str, Vec<Descriptor>> = Default::default();
     for (subject, desc, bytes) in &plan.referrers {
-        let r = ctx.registry.reference(repo, None, &desc.digest);
-        ctx.registry
-            .push_manifest(repo, r, bytes, &desc.media_type)
-            .await?;
+        reg.push_manifest(repo, &desc.digest, bytes, &desc.media_type)
+            .await
+            .map_err(Error::registry(format!(
+                "referrer {} to {repo}",
+                desc.digest
+            )))?;
         if let Some(s) = subject {
             by_subject.entry(s.as_str()).or_default().push(desc.clone());
         }
     }
     for (subject, referrers) in by_subject {
-        ctx.registry
-            .update_referrers_tag(repo, subject, &referrers)
-            .await?;
+        reg.update_referrers_tag(repo, subject, &referrers)
+            .await
+            .map_err(Error::registry(format!("referrers of {subject} in {repo}")))?;
     }
     Ok(())
 }

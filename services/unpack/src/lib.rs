@@ -14,7 +14,7 @@ mod inspect;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
-use shipperd_bundle::{Limits, RegistryUrl, cas::Cas};
+use shipperd_bundle::{Limits, cas::Cas};
 use shipperd_bus::{
     BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, IncomingEvent, Phase,
     StateStore,
@@ -24,6 +24,7 @@ use shipperd_bus::{
     worker::{self, Outcome},
 };
 use shipperd_proto::v1;
+use shipperd_target::Targets;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -44,9 +45,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Config {
     pub nats_url: String,
     pub data_dir: PathBuf,
-    /// Target registry URL; images land at `<host>/<prefix>/<repository>:<tag>`.
-    pub registry: String,
-    pub registry_prefix: String,
+    /// Where images land: each bundle's target (or the default one) maps its images'
+    /// names.
+    pub targets: Targets,
     /// Bundles opened at once by this replica.
     pub concurrency: usize,
     /// Deliveries of one bundle before a read error fails it.
@@ -59,13 +60,12 @@ impl Config {
     pub fn new(
         nats_url: impl Into<String>,
         data_dir: impl Into<PathBuf>,
-        registry: impl Into<String>,
+        targets: Targets,
     ) -> Self {
         Config {
             nats_url: nats_url.into(),
             data_dir: data_dir.into(),
-            registry: registry.into(),
-            registry_prefix: String::new(),
+            targets,
             concurrency: 2,
             max_deliver: 5,
             limits: Limits::default(),
@@ -77,7 +77,6 @@ struct Ctx {
     bus: Bus,
     state: StateStore,
     config: Config,
-    registry: RegistryUrl,
 }
 
 /// A started unpack service: connected, its consumer declared.
@@ -88,7 +87,6 @@ pub struct Unpack {
 
 impl Unpack {
     pub async fn start(config: Config) -> Result<Self> {
-        let registry = RegistryUrl::parse(&config.registry)?;
         let bus = Bus::connect(&config.nats_url, "shipperd-unpack").await?;
         bus.ensure_topology().await?;
         let consumer = bus
@@ -104,12 +102,7 @@ impl Unpack {
             .await?;
         let state = bus.state().await?;
         Ok(Unpack {
-            ctx: Arc::new(Ctx {
-                bus,
-                state,
-                config,
-                registry,
-            }),
+            ctx: Arc::new(Ctx { bus, state, config }),
             consumer,
         })
     }
@@ -218,24 +211,15 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Res
         }
     };
 
-    let images: Vec<ImageRecord> = inventory
-        .images
-        .iter()
-        .enumerate()
-        .map(|(i, img)| ImageRecord {
-            index: i as u32,
-            source: img.source.to_string(),
-            target: img
-                .source
-                .retarget(&ctx.registry.host, &ctx.config.registry_prefix)
-                .to_string(),
-            digest: img.descriptor.digest.clone(),
-            media_type: img.descriptor.media_type.clone(),
-            size: img.descriptor.size,
-            phase: ImagePhase::Pending,
-            error: None,
-        })
-        .collect();
+    let images = match target_images(&ctx.config.targets, rec.target.as_deref(), &inventory) {
+        Ok(images) => images,
+        Err(error) => {
+            tracing::warn!(%error, "bundle rejected");
+            lifecycle::fail_bundle(&ctx.bus, &ctx.state, id, error).await?;
+            release_blobs(&ctx.config.data_dir, id).await;
+            return Ok(Outcome::Term);
+        }
+    };
     tracing::info!(
         images = images.len(),
         blobs = inventory.blob_count,
@@ -279,6 +263,7 @@ async fn dispatch(ctx: &Ctx, rec: &BundleRecord) -> Result<()> {
             bundle_id: rec.id.clone(),
             bundle_path: rec.path.clone(),
             image: Some(BundleRecord::image_ref(img)),
+            target: rec.target.clone().unwrap_or_default(),
         };
         let msg_id = format!("{}.publish.{}", rec.id, img.index);
         ctx.bus
@@ -286,6 +271,54 @@ async fn dispatch(ctx: &Ctx, rec: &BundleRecord) -> Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// Where each image of the bundle lands in its target. Refuses an unknown target, a name
+/// the mapping cannot make, and two different images landing on one tag (which path
+/// flattening can cause).
+fn target_images(
+    targets: &Targets,
+    name: Option<&str>,
+    inventory: &Inventory,
+) -> Result<Vec<ImageRecord>, String> {
+    let target = targets.get(name).map_err(|e| {
+        let known: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        format!("{e} (targets: {})", known.join(", "))
+    })?;
+    let mut landed: std::collections::HashMap<String, (String, &str)> = Default::default();
+    let mut images = Vec::with_capacity(inventory.images.len());
+    for (i, img) in inventory.images.iter().enumerate() {
+        let mapped = target
+            .mapping
+            .map(&img.source, &target.url.host)
+            .map_err(|e| format!("target {}: {e}", target.name))?
+            .to_string();
+        let digest = img.descriptor.digest.as_str();
+        if let Some((other, d)) = landed.get(&mapped)
+            && *d != digest
+        {
+            return Err(format!(
+                "{other} and {} would both land at {mapped} (target {}'s path mapping); \
+                 change the mapping or the bundle",
+                img.source, target.name
+            ));
+        }
+        landed.insert(mapped.clone(), (img.source.to_string(), digest));
+        images.push(ImageRecord {
+            index: i as u32,
+            source: img.source.to_string(),
+            target: mapped,
+            digest: digest.to_string(),
+            media_type: img.descriptor.media_type.clone(),
+            size: img.descriptor.size,
+            phase: ImagePhase::Pending,
+            error: None,
+            bytes_total: 0,
+            bytes_done: 0,
+            skipped: false,
+        });
+    }
+    Ok(images)
 }
 
 /// Lets go of the blobs a finished bundle claimed in the content-addressed store, and

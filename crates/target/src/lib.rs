@@ -1,0 +1,402 @@
+//! Registry targets: where bundles are published, how to reach and trust each registry,
+//! how to log in, and where each image lands.
+//!
+//! Targets come from the `--registry` flags (one target, named `default`) or from a
+//! targets file (TOML, several named targets; see `docs/targets.example.toml`). Both
+//! are read and checked once, at start, so a wrong path or a missing credential stops
+//! the service with a clear message before it takes any work.
+
+mod auth;
+mod mapping;
+
+use std::{path::Path, time::Duration};
+
+use serde::Deserialize;
+use shipperd_bundle::RegistryUrl;
+use shipperd_bus::Secret;
+
+pub use auth::{AuthSpec, Credentials};
+pub use mapping::{Mapping, Rename};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("targets file {path}: {problem}")]
+    File { path: String, problem: String },
+    #[error("target {target}: {problem}")]
+    Target { target: String, problem: String },
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("path mapping: {0}")]
+    Mapping(String),
+    #[error("no target named {0:?}")]
+    Unknown(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How blobs move to one target.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Transfer {
+    /// Requests carrying blob bytes at once to this target, over every image.
+    pub concurrency: usize,
+    /// Blobs larger than this go up in chunks (POST, PATCH..., PUT) and resume after a
+    /// failure from the offset the registry reports; smaller ones in one PUT.
+    pub chunk_threshold: u64,
+    /// Bytes per PATCH of a chunked upload.
+    pub chunk_size: u64,
+    /// A request that moves no byte for this long is abandoned and retried.
+    #[serde(with = "secs")]
+    pub stall_timeout: Duration,
+    /// Attempts of one request on 429, 5xx or a broken connection.
+    pub retries: u32,
+    /// First retry delay (doubled each time, with full jitter, capped at `retry_max`),
+    /// unless the registry says `Retry-After`.
+    #[serde(with = "secs")]
+    pub retry_base: Duration,
+    #[serde(with = "secs")]
+    pub retry_max: Duration,
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer {
+            concurrency: 4,
+            chunk_threshold: 64 << 20,
+            chunk_size: 32 << 20,
+            stall_timeout: Duration::from_secs(30),
+            retries: 6,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = f64::deserialize(d)?;
+        if !(0.0..=86_400.0).contains(&s) {
+            return Err(serde::de::Error::custom("seconds must be within 0..=86400"));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+}
+
+/// One registry to publish into.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub url: RegistryUrl,
+    /// Plain HTTP to a host that is not loopback, or TLS without verification.
+    pub insecure: bool,
+    /// Extra trusted CA certificates (PEM), e.g. the cluster's service CA.
+    pub ca_pem: Option<Vec<u8>>,
+    pub auth: AuthSpec,
+    pub mapping: Mapping,
+    pub transfer: Transfer,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetSpec {
+    name: String,
+    url: String,
+    #[serde(default)]
+    insecure: bool,
+    ca_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    auth: AuthSpec,
+    #[serde(default)]
+    mapping: Mapping,
+    #[serde(default)]
+    transfer: Transfer,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetsFile {
+    default: Option<String>,
+    #[serde(default)]
+    target: Vec<TargetSpec>,
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Target {
+    /// A target from its parts, checked.
+    pub fn new(
+        name: &str,
+        url: &str,
+        insecure: bool,
+        ca_pem: Option<Vec<u8>>,
+        auth: AuthSpec,
+        mapping: Mapping,
+        transfer: Transfer,
+    ) -> Result<Self> {
+        let bad = |problem: String| Error::Target {
+            target: name.to_string(),
+            problem,
+        };
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(bad("names are letters, digits and - _ .".into()));
+        }
+        let url = RegistryUrl::parse(url).map_err(|e| bad(e.to_string()))?;
+        if !url.https && !insecure && !is_loopback(&url.host) {
+            return Err(bad(format!(
+                "plain http to {} needs insecure = true (or --registry-insecure)",
+                url.host
+            )));
+        }
+        mapping.validate().map_err(|e| bad(e.to_string()))?;
+        auth.validate().map_err(|e| bad(e.to_string()))?;
+        auth.credentials(&url.host)
+            .map_err(|e| bad(e.to_string()))?;
+        if transfer.concurrency == 0 || transfer.chunk_size == 0 {
+            return Err(bad("concurrency and chunk_size must be above 0".into()));
+        }
+        if transfer.stall_timeout.is_zero() {
+            return Err(bad("stall_timeout must be above 0".into()));
+        }
+        Ok(Target {
+            name: name.to_string(),
+            url,
+            insecure,
+            ca_pem,
+            auth,
+            mapping,
+            transfer,
+        })
+    }
+
+    /// The credentials to present now (files are read again each time).
+    pub fn credentials(&self) -> Result<Credentials> {
+        self.auth.credentials(&self.url.host)
+    }
+}
+
+/// Every configured target, and the one bundles go to unless they name another.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    targets: Vec<Target>,
+    default: usize,
+}
+
+impl Targets {
+    /// The one target of the `--registry` flags, named `default`.
+    pub fn single(
+        url: &str,
+        prefix: &str,
+        username: Option<String>,
+        password: Option<Secret>,
+        insecure: bool,
+    ) -> Result<Self> {
+        let auth = AuthSpec {
+            username,
+            password,
+            ..Default::default()
+        };
+        let mapping = Mapping {
+            prefix: prefix.to_string(),
+            ..Default::default()
+        };
+        let t = Target::new(
+            "default",
+            url,
+            insecure,
+            None,
+            auth,
+            mapping,
+            Transfer::default(),
+        )?;
+        Ok(Targets {
+            targets: vec![t],
+            default: 0,
+        })
+    }
+
+    pub fn from_list(targets: Vec<Target>, default: Option<&str>) -> Result<Self> {
+        if targets.is_empty() {
+            return Err(Error::Unknown("(no targets configured)".into()));
+        }
+        for (i, t) in targets.iter().enumerate() {
+            if targets[..i].iter().any(|o| o.name == t.name) {
+                return Err(Error::Target {
+                    target: t.name.clone(),
+                    problem: "named twice".into(),
+                });
+            }
+        }
+        let default = match default {
+            Some(d) => targets
+                .iter()
+                .position(|t| t.name == d)
+                .ok_or_else(|| Error::Unknown(d.to_string()))?,
+            None => 0,
+        };
+        Ok(Targets { targets, default })
+    }
+
+    /// Reads a targets file (TOML).
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = |problem: String| Error::File {
+            path: path.display().to_string(),
+            problem,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(|e| match e {
+            Error::File { problem, .. } => file(problem),
+            other => other,
+        })
+    }
+
+    /// Parses a targets file's text; relative file names are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let spec: TargetsFile = toml::from_str(text).map_err(|e| Error::File {
+            path: String::new(),
+            problem: e.to_string(),
+        })?;
+        let mut targets = Vec::new();
+        for t in spec.target {
+            let rel = |p: Option<std::path::PathBuf>| p.map(|p| base.join(p));
+            let ca_pem = match rel(t.ca_file) {
+                Some(f) => Some(std::fs::read(&f).map_err(|e| Error::Target {
+                    target: t.name.clone(),
+                    problem: format!("ca_file {}: {e}", f.display()),
+                })?),
+                None => None,
+            };
+            let mut auth = t.auth;
+            auth.password_file = rel(auth.password_file);
+            auth.docker_config = rel(auth.docker_config);
+            auth.service_account_token = rel(auth.service_account_token);
+            auth.bearer_token_file = rel(auth.bearer_token_file);
+            targets.push(Target::new(
+                &t.name, &t.url, t.insecure, ca_pem, auth, t.mapping, t.transfer,
+            )?);
+        }
+        Self::from_list(targets, spec.default.as_deref())
+    }
+
+    /// The target called `name`, or the default one for `None`.
+    pub fn get(&self, name: Option<&str>) -> Result<&Target> {
+        match name {
+            None | Some("") => Ok(&self.targets[self.default]),
+            Some(n) => self
+                .targets
+                .iter()
+                .find(|t| t.name == n)
+                .ok_or_else(|| Error::Unknown(n.to_string())),
+        }
+    }
+
+    pub fn default_target(&self) -> &Target {
+        &self.targets[self.default]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.targets.iter()
+    }
+
+    /// Changes every target's transfer settings (tests and benchmarks).
+    pub fn with_transfer(mut self, f: impl Fn(&mut Transfer)) -> Self {
+        for t in &mut self.targets {
+            f(&mut t.transfer);
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_targets_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "sa-token").unwrap();
+        let t = Targets::parse(
+            r#"
+            default = "internal"
+
+            [[target]]
+            name = "quay"
+            url = "https://quay.example"
+            [target.mapping]
+            keep_host = true
+            max_depth = 2
+
+            [[target]]
+            name = "internal"
+            url = "https://image-registry.openshift-image-registry.svc:5000"
+            auth.service_account_token = "token"
+            mapping.prefix = "mirror"
+            transfer = { concurrency = 8, stall_timeout = 5 }
+            "#,
+            dir.path(),
+        )
+        .unwrap();
+        let d = t.get(None).unwrap();
+        assert_eq!(d.name, "internal");
+        assert_eq!(d.transfer.concurrency, 8);
+        assert_eq!(d.transfer.stall_timeout, Duration::from_secs(5));
+        assert_eq!(d.transfer.chunk_size, Transfer::default().chunk_size);
+        assert!(matches!(
+            d.credentials().unwrap(),
+            Credentials::Basic { username, .. } if username == "serviceaccount"
+        ));
+        assert_eq!(t.get(Some("quay")).unwrap().mapping.max_depth, Some(2));
+        assert!(t.get(Some("nope")).is_err());
+    }
+
+    #[test]
+    fn refuses_what_would_surprise() {
+        let base = Path::new("/");
+        for (bad, why) in [
+            (
+                "[[target]]\nname='a'\nurl='http://reg.example'",
+                "needs insecure",
+            ),
+            (
+                "[[target]]\nname='a'\nurl='https://r'\ncolour=1",
+                "unknown field",
+            ),
+            (
+                "[[target]]\nname='a'\nurl='https://r'\n[[target]]\nname='a'\nurl='https://s'",
+                "named twice",
+            ),
+            (
+                "default='x'\n[[target]]\nname='a'\nurl='https://r'",
+                "no target named",
+            ),
+            (
+                "[[target]]\nname='a'\nurl='https://r'\nauth.password_file='/nonexistent'\nauth.username='u'",
+                "/nonexistent",
+            ),
+        ] {
+            let err = Targets::parse(bad, base).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert!(Targets::single("http://127.0.0.1:5000", "", None, None, false).is_ok());
+        assert!(Targets::single("http://[::1]:5000", "", None, None, false).is_ok());
+        assert!(Targets::single("http://reg:5000", "", None, None, true).is_ok());
+    }
+}

@@ -1,0 +1,662 @@
+//! Blobs: skip what the repository has, mount what another repository of the registry
+//! has, else upload from the bundle.
+//!
+//! Blobs up to the chunk threshold go up in one `PUT`. Larger ones go up in chunks
+//! (`POST`, `PATCH`..., `PUT ?digest=`); the session's location is kept in the KV
+//! bucket after every chunk, so after a broken connection, a registry restart or a
+//! crash of this service the upload asks the registry where it got to (`GET` on the
+//! location) and goes on from there. Bytes are hashed as they are read: a blob whose
+//! bytes do not match its digest is never committed.
+
+use std::{io::Read, sync::Arc};
+
+use bytes::Bytes;
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use shipperd_bundle::{BlobSource, CatalogBlobs, Descriptor};
+
+use super::{Call, Moved, Registry, RegistryError, no_body};
+use crate::progress::Progress;
+
+/// What happened to one blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobOutcome {
+    /// The repository had it already.
+    Skipped,
+    /// Mounted from another repository of the same registry (no bytes sent).
+    Mounted,
+    /// Uploaded from the bundle; the bytes sent (more than its size when a transfer
+    /// had to start again).
+    Pushed(u64),
+}
+
+/// Bytes per read from the bundle, and per item of a request body.
+const READ_CHUNK: usize = 1 << 20;
+/// Sessions started again from zero (the registry lost one) before giving up.
+const MAX_RESTARTS: u32 = 3;
+
+#[derive(Serialize, Deserialize)]
+struct Session {
+    repo: String,
+    location: String,
+}
+
+impl Registry {
+    /// Makes sure `repo` has blob `desc`, moving as few bytes as possible.
+    pub async fn push_blob(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        bundle: Arc<CatalogBlobs>,
+        progress: &Progress,
+    ) -> Result<BlobOutcome, RegistryError> {
+        let lock = self
+            .inflight
+            .lock()
+            .expect("inflight map is never poisoned")
+            .entry(desc.digest.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock().await;
+        let out = self.push_blob_locked(repo, desc, bundle, progress).await;
+        drop(guard);
+        let mut map = self
+            .inflight
+            .lock()
+            .expect("inflight map is never poisoned");
+        // The map and `lock` hold the only references: nobody else waits on it.
+        if Arc::strong_count(&lock) == 2 {
+            map.remove(&desc.digest);
+        }
+        out
+    }
+
+    async fn push_blob_locked(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        bundle: Arc<CatalogBlobs>,
+        progress: &Progress,
+    ) -> Result<BlobOutcome, RegistryError> {
+        if self.blob_exists(repo, &desc.digest).await? {
+            progress.add(desc.size);
+            return Ok(BlobOutcome::Skipped);
+        }
+        let key = self.blob_key(&desc.digest);
+        let mut location = None;
+        if let Ok(Some(from)) = self.blobs.get(&key).await {
+            let from = String::from_utf8_lossy(&from).to_string();
+            if from != repo {
+                match self.mount(repo, &from, &desc.digest).await? {
+                    Mount::Mounted => {
+                        self.remember(&key, repo).await;
+                        progress.add(desc.size);
+                        return Ok(BlobOutcome::Mounted);
+                    }
+                    // The source lost it: the registry opened an upload instead.
+                    Mount::Session(loc) => location = Some(loc),
+                }
+            }
+        }
+        let upload = Upload {
+            reg: self,
+            repo,
+            desc,
+            progress,
+            source: Source::new(bundle, desc.clone()),
+        };
+        let permit = self
+            .uploads
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the upload semaphore is never closed");
+        let sent = if desc.size > self.transfer().chunk_threshold {
+            upload.chunked(location).await
+        } else {
+            upload.monolithic(location).await
+        };
+        drop(permit);
+        let sent = sent?;
+        self.remember(&key, repo).await;
+        Ok(BlobOutcome::Pushed(sent))
+    }
+
+    pub async fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, RegistryError> {
+        let call = Call {
+            method: Method::HEAD,
+            url: format!("/v2/{repo}/blobs/{digest}"),
+            repo,
+            build: &no_body,
+            ok: &[200, 404],
+            once: false,
+        };
+        Ok(self.send(&call).await?.status() == 200)
+    }
+
+    async fn mount(&self, repo: &str, from: &str, digest: &str) -> Result<Mount, RegistryError> {
+        let call = Call {
+            method: Method::POST,
+            url: format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
+            repo,
+            build: &|b| b.header(reqwest::header::CONTENT_LENGTH, "0"),
+            ok: &[201, 202],
+            once: false,
+        };
+        let resp = self.send(&call).await?;
+        if resp.status() == 201 {
+            return Ok(Mount::Mounted);
+        }
+        Ok(Mount::Session(location(&resp)?))
+    }
+
+    async fn remember(&self, key: &str, repo: &str) {
+        if let Err(error) = self.blobs.put(key, Bytes::from(repo.to_string())).await {
+            tracing::debug!(%error, "cannot record blob location; later pushes will upload it");
+        }
+    }
+
+    async fn start_upload(&self, repo: &str) -> Result<String, RegistryError> {
+        let call = Call {
+            method: Method::POST,
+            url: format!("/v2/{repo}/blobs/uploads/"),
+            repo,
+            build: &|b| b.header(reqwest::header::CONTENT_LENGTH, "0"),
+            ok: &[202],
+            once: false,
+        };
+        location(&self.send(&call).await?)
+    }
+
+    /// Where the registry got to in an upload session: `(next offset, newest location)`,
+    /// or `None` when it no longer knows the session.
+    async fn upload_status(
+        &self,
+        repo: &str,
+        loc: &str,
+    ) -> Result<Option<(u64, String)>, RegistryError> {
+        let call = Call {
+            method: Method::GET,
+            url: loc.to_string(),
+            repo,
+            build: &no_body,
+            ok: &[204, 404, 400],
+            once: false,
+        };
+        let resp = self.send(&call).await?;
+        if resp.status() != 204 {
+            return Ok(None);
+        }
+        let next = match resp
+            .headers()
+            .get(reqwest::header::RANGE)
+            .and_then(|v| v.to_str().ok())
+        {
+            // "0-0" is what distribution says for an empty session.
+            Some(r) => match r.trim_start_matches("bytes=").split_once('-') {
+                Some((_, end)) => end
+                    .parse::<u64>()
+                    .map(|e| e + 1)
+                    .map_err(|_| RegistryError::Protocol(format!("Range {r:?}")))?,
+                None => return Err(RegistryError::Protocol(format!("Range {r:?}"))),
+            },
+            None => 0,
+        };
+        let newest = location(&resp).unwrap_or_else(|_| loc.to_string());
+        Ok(Some((next, newest)))
+    }
+
+    fn session_key(&self, repo: &str, digest: &str) -> String {
+        let r = hex::encode(&Sha256::digest(repo.as_bytes())[..6]);
+        format!("up.{}.{r}", self.blob_key(digest))
+    }
+
+    async fn save_session(&self, repo: &str, digest: &str, loc: &str) {
+        let s = Session {
+            repo: repo.to_string(),
+            location: loc.to_string(),
+        };
+        let v = serde_json::to_vec(&s).expect("a session serialises");
+        if let Err(error) = self
+            .blobs
+            .put(self.session_key(repo, digest), v.into())
+            .await
+        {
+            tracing::debug!(%error, "cannot record the upload session; a crash would restart it");
+        }
+    }
+
+    async fn saved_session(&self, repo: &str, digest: &str) -> Option<String> {
+        let v = self
+            .blobs
+            .get(self.session_key(repo, digest))
+            .await
+            .ok()??;
+        let s: Session = serde_json::from_slice(&v).ok()?;
+        (s.repo == repo).then_some(s.location)
+    }
+
+    async fn forget_session(&self, repo: &str, digest: &str) {
+        let _ = self.blobs.purge(self.session_key(repo, digest)).await;
+    }
+}
+
+enum Mount {
+    Mounted,
+    Session(String),
+}
+
+fn location(resp: &reqwest::Response) -> Result<String, RegistryError> {
+    resp.headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| RegistryError::Protocol(format!("{} without a Location", resp.status())))
+}
+
+fn with_query(loc: &str, q: &str) -> String {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    format!("{loc}{sep}{q}")
+}
+
+/// One blob going up.
+struct Upload<'a> {
+    reg: &'a Registry,
+    repo: &'a str,
+    desc: &'a Descriptor,
+    progress: &'a Progress,
+    source: Source,
+}
+
+impl Upload<'_> {
+    fn what(&self) -> String {
+        format!("blob {} to {}", self.desc.digest, self.repo)
+    }
+
+    /// One `PUT ?digest=` with the whole blob; on a retryable failure, again from a new
+    /// session. Returns the bytes sent.
+    async fn monolithic(&self, mut location: Option<String>) -> Result<u64, RegistryError> {
+        let t = self.reg.transfer();
+        let size = self.desc.size;
+        let mut sent = 0;
+        let mut attempt = 0;
+        loop {
+            let loc = match location.take() {
+                Some(l) => l,
+                None => self.reg.start_upload(self.repo).await?,
+            };
+            let result = self
+                .send_range(
+                    Method::PUT,
+                    &with_query(&loc, &format!("digest={}", self.desc.digest)),
+                    0,
+                    size,
+                    false,
+                    &[201],
+                )
+                .await;
+            match result {
+                Ok((_, n)) => return Ok(sent + n),
+                Err((e, n)) => {
+                    sent += n;
+                    self.progress.sub(n);
+                    let e = self.source.explain(e);
+                    if !e.is_retryable() || attempt + 1 >= t.retries {
+                        return Err(e);
+                    }
+                    let delay = self.reg.backoff(attempt, e.retry_after());
+                    tracing::warn!(error = %e, ?delay, what = %self.what(), "upload failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Chunks of `chunk_size`, each `PATCH`ed; after a failure the registry is asked
+    /// where it got to and the upload goes on from there. Returns the bytes sent.
+    async fn chunked(&self, mounted_session: Option<String>) -> Result<u64, RegistryError> {
+        let t = self.reg.transfer();
+        let size = self.desc.size;
+        let digest = &self.desc.digest;
+        let mut loc = None;
+        let mut offset = 0;
+        if let Some(saved) = self.reg.saved_session(self.repo, digest).await
+            && let Some((next, newest)) = self.reg.upload_status(self.repo, &saved).await?
+            && next <= size
+        {
+            tracing::info!(offset = next, what = %self.what(), "resuming an upload a previous attempt began");
+            offset = next;
+            loc = Some(newest);
+        }
+        let mut loc = match (loc, mounted_session) {
+            (Some(l), _) | (None, Some(l)) => l,
+            (None, None) => self.reg.start_upload(self.repo).await?,
+        };
+        self.reg.save_session(self.repo, digest, &loc).await;
+        self.progress.add(offset);
+        let mut sent = 0;
+        let mut failures = 0;
+        let mut restarts = 0;
+        while offset < size {
+            let n = t.chunk_size.min(size - offset);
+            match self
+                .send_range(Method::PATCH, &loc, offset, n, true, &[202])
+                .await
+            {
+                Ok((resp, k)) => {
+                    sent += k;
+                    failures = 0;
+                    loc = location(&resp)?;
+                    offset += n;
+                    self.reg.save_session(self.repo, digest, &loc).await;
+                }
+                Err((e, k)) => {
+                    sent += k;
+                    self.progress.sub(k);
+                    failures += 1;
+                    let e = self.source.explain(e);
+                    if !e.is_retryable() || failures >= t.retries {
+                        return Err(e);
+                    }
+                    let delay = self.reg.backoff(failures - 1, e.retry_after());
+                    tracing::warn!(error = %e, offset, ?delay, what = %self.what(), "chunk failed; asking the registry where it got to");
+                    tokio::time::sleep(delay).await;
+                    match self.reg.upload_status(self.repo, &loc).await? {
+                        Some((next, newest)) if next <= size => {
+                            tracing::info!(from = next, what = %self.what(), "resuming at the registry's offset");
+                            if next >= offset {
+                                self.progress.add(next - offset);
+                            } else {
+                                self.progress.sub(offset - next);
+                            }
+                            offset = next;
+                            loc = newest;
+                        }
+                        _ => {
+                            restarts += 1;
+                            if restarts > MAX_RESTARTS {
+                                return Err(e);
+                            }
+                            tracing::warn!(what = %self.what(), "the registry lost the upload session; starting again from zero");
+                            self.progress.sub(offset);
+                            offset = 0;
+                            loc = self.reg.start_upload(self.repo).await?;
+                        }
+                    }
+                    self.reg.save_session(self.repo, digest, &loc).await;
+                }
+            }
+        }
+        // Every byte is up: the digest the reader computed must match before commit.
+        self.source.verify().await?;
+        let call = Call {
+            method: Method::PUT,
+            url: with_query(&loc, &format!("digest={digest}")),
+            repo: self.repo,
+            build: &|b| b.header(reqwest::header::CONTENT_LENGTH, "0"),
+            ok: &[201],
+            once: false,
+        };
+        match self.reg.send(&call).await {
+            Ok(_) => {}
+            // A PUT whose answer was lost may have committed the blob.
+            Err(e)
+                if self
+                    .reg
+                    .blob_exists(self.repo, digest)
+                    .await
+                    .unwrap_or(false) =>
+            {
+                tracing::debug!(error = %e, "the commit's answer was lost, but the blob is there");
+            }
+            Err(e) => return Err(e),
+        }
+        self.reg.forget_session(self.repo, digest).await;
+        Ok(sent)
+    }
+
+    /// Sends bytes `[offset, offset + len)` of the blob as one request body. On failure,
+    /// also says how many bytes went out.
+    async fn send_range(
+        &self,
+        method: Method,
+        url: &str,
+        offset: u64,
+        len: u64,
+        content_range: bool,
+        ok: &[u16],
+    ) -> Result<(reqwest::Response, u64), (RegistryError, u64)> {
+        let moved = Moved::default();
+        let body = self
+            .source
+            .read(offset, len, moved.clone(), self.progress.clone())
+            .await
+            .map_err(|e| (e, 0))?;
+        let body = std::sync::Mutex::new(Some(body));
+        let build = move |b: reqwest::RequestBuilder| {
+            let mut b = b
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, len.to_string());
+            if content_range && len > 0 {
+                b = b.header(
+                    reqwest::header::CONTENT_RANGE,
+                    format!("{offset}-{}", offset + len - 1),
+                );
+            }
+            match body.lock().expect("not poisoned").take() {
+                Some(body) => b.body(body),
+                None => b,
+            }
+        };
+        let call = Call {
+            method,
+            url: url.to_string(),
+            repo: self.repo,
+            build: &build,
+            ok,
+            once: true,
+        };
+        let result = self.reg.send_once(&call, &moved).await;
+        let n = moved.total();
+        result.map(|r| (r, n)).map_err(|e| (e, n))
+    }
+}
+
+/// Reads one blob from the bundle on a blocking thread, hashing every byte in order.
+/// Reading from an offset reads (and hashes) the bytes before it without sending them.
+struct Source {
+    tx: tokio::sync::mpsc::Sender<Cmd>,
+    desc: Descriptor,
+}
+
+enum Cmd {
+    Read {
+        offset: u64,
+        len: u64,
+        out: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    },
+    Verify {
+        done: tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
+    },
+}
+
+impl Source {
+    fn new(bundle: Arc<CatalogBlobs>, desc: Descriptor) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let d = desc.clone();
+        tokio::task::spawn_blocking(move || reader_loop(bundle, d, rx));
+        Source { tx, desc }
+    }
+
+    /// A request body of bytes `[offset, offset + len)`.
+    async fn read(
+        &self,
+        offset: u64,
+        len: u64,
+        moved: Moved,
+        progress: Progress,
+    ) -> Result<reqwest::Body, RegistryError> {
+        let (out, rx) = tokio::sync::mpsc::channel(4);
+        self.tx
+            .send(Cmd::Read { offset, len, out })
+            .await
+            .map_err(|_| RegistryError::Read("the blob reader stopped".into()))?;
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let stream = futures::StreamExt::inspect(stream, move |item| {
+            if let Ok(b) = item {
+                moved.add(b.len() as u64);
+                progress.add(b.len() as u64);
+            }
+        });
+        Ok(reqwest::Body::wrap_stream(stream))
+    }
+
+    /// Every byte has been read: does the blob hash to its digest?
+    async fn verify(&self) -> Result<(), RegistryError> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Cmd::Verify { done })
+            .await
+            .map_err(|_| RegistryError::Read("the blob reader stopped".into()))?;
+        rx.await
+            .map_err(|_| RegistryError::Read("the blob reader stopped".into()))?
+    }
+
+    /// A failed request whose body broke because the bundle's bytes are wrong says so.
+    fn explain(&self, e: RegistryError) -> RegistryError {
+        match e {
+            RegistryError::Transport(m) if m.contains(CHANGED) => RegistryError::Changed(format!(
+                "blob {} {CHANGED}{}",
+                self.desc.digest,
+                m.split(CHANGED).nth(1).unwrap_or_default()
+            )),
+            RegistryError::Transport(m) if m.contains(UNREADABLE) => RegistryError::Read(m),
+            other => other,
+        }
+    }
+}
+
+const CHANGED: &str = "changed in the bundle";
+const UNREADABLE: &str = "cannot read the blob";
+
+fn reader_loop(
+    bundle: Arc<CatalogBlobs>,
+    desc: Descriptor,
+    mut rx: tokio::sync::mpsc::Receiver<Cmd>,
+) {
+    let digest = match desc.digest() {
+        Ok(d) => d,
+        Err(_) => return,
+    };
+    let open = || -> std::io::Result<Box<dyn Read + '_>> {
+        match bundle.blob(&digest) {
+            Ok(Some((r, _))) => Ok(r),
+            Ok(None) => Err(std::io::Error::other(format!(
+                "{UNREADABLE}: {digest} is not in the bundle's catalog"
+            ))),
+            Err(e) => Err(std::io::Error::other(format!("{UNREADABLE}: {e}"))),
+        }
+    };
+    let mut reader: Option<Box<dyn Read + '_>> = None;
+    let mut pos = 0u64;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    // Reads up to `want` bytes into `buf`, hashing them.
+    let mut read = |reader: &mut Box<dyn Read + '_>,
+                    hasher: &mut Sha256,
+                    want: usize|
+     -> std::io::Result<Bytes> {
+        let mut filled = 0;
+        while filled < want {
+            match reader.read(&mut buf[filled..want]) {
+                Ok(0) => {
+                    return Err(std::io::Error::other(format!(
+                        "{CHANGED}: it ends before its {} bytes",
+                        desc.size
+                    )));
+                }
+                Ok(n) => filled += n,
+                Err(e) => return Err(std::io::Error::other(format!("{UNREADABLE}: {e}"))),
+            }
+        }
+        hasher.update(&buf[..filled]);
+        Ok(Bytes::copy_from_slice(&buf[..filled]))
+    };
+    let check = |hasher: &Sha256| -> std::io::Result<()> {
+        let actual = format!("sha256:{}", hex::encode(hasher.clone().finalize()));
+        if actual == desc.digest {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "{CHANGED}: its bytes hash to {actual}"
+            )))
+        }
+    };
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            Cmd::Read { offset, len, out } => {
+                let result = (|| -> std::io::Result<()> {
+                    if reader.is_none() || offset < pos {
+                        reader = Some(open()?);
+                        pos = 0;
+                        hasher = Sha256::new();
+                    }
+                    let r = reader.as_mut().expect("opened above");
+                    while pos < offset {
+                        let n = (offset - pos).min(READ_CHUNK as u64) as usize;
+                        read(r, &mut hasher, n)?;
+                        pos += n as u64;
+                    }
+                    let end = offset + len;
+                    while pos < end {
+                        let n = (end - pos).min(READ_CHUNK as u64) as usize;
+                        let bytes = read(r, &mut hasher, n)?;
+                        pos += n as u64;
+                        if pos == desc.size {
+                            check(&hasher)?;
+                        }
+                        if out.blocking_send(Ok(bytes)).is_err() {
+                            return Ok(()); // the request was abandoned
+                        }
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = result {
+                    // The body ends in an error: the request is abandoned, not completed.
+                    reader = None;
+                    let _ = out.blocking_send(Err(e));
+                }
+            }
+            Cmd::Verify { done } => {
+                // A resumed upload may not have read the start: hash what is missing.
+                let r = (|| -> std::io::Result<()> {
+                    if reader.is_none() {
+                        reader = Some(open()?);
+                        pos = 0;
+                        hasher = Sha256::new();
+                    }
+                    let r = reader.as_mut().expect("opened above");
+                    while pos < desc.size {
+                        let n = (desc.size - pos).min(READ_CHUNK as u64) as usize;
+                        read(r, &mut hasher, n)?;
+                        pos += n as u64;
+                    }
+                    check(&hasher)
+                })();
+                let r = r.map_err(|e| {
+                    let m = e.to_string();
+                    if m.starts_with(CHANGED) {
+                        RegistryError::Changed(format!("blob {} {m}", desc.digest))
+                    } else {
+                        RegistryError::Read(m)
+                    }
+                });
+                let _ = done.send(r);
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! One target registry, spoken to in the distribution protocol directly (reqwest):
+//! retries with backoff and jitter on 429, 5xx and broken connections (honouring
+//! `Retry-After`), stall detection, a cap on concurrent uploads, and logins through
+//! oci-client's token handling (basic auth, or a bearer token from the registry's token
+//! service).
+//!
+//! Blobs: [`blob`]; manifests and referrers: [`manifest`].
+
+mod auth;
+pub mod blob;
+mod error;
+pub mod manifest;
+mod watch;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream::kv;
+use reqwest::{Method, RequestBuilder, Response, header::HeaderValue};
+use sha2::{Digest as _, Sha256};
+use shipperd_target::{Target, Transfer};
+
+pub use blob::BlobOutcome;
+pub use error::RegistryError;
+pub(crate) use watch::Moved;
+
+/// A request to send: method, URL (absolute, or a path under the registry), and how to
+/// add headers and body on each attempt.
+pub(crate) struct Call<'a> {
+    pub method: Method,
+    pub url: String,
+    pub repo: &'a str,
+    pub build: &'a (dyn Fn(RequestBuilder) -> RequestBuilder + Send + Sync),
+    /// Statuses that mean success.
+    pub ok: &'a [u16],
+    /// The body can be sent only once (a stream from the bundle).
+    pub once: bool,
+}
+
+pub struct Registry {
+    target: Target,
+    http: reqwest::Client,
+    base: String,
+    auth: auth::Auth,
+    /// digest → a repository of this registry known to hold it (for mounts), and open
+    /// upload sessions of large blobs (for resuming after a crash).
+    blobs: kv::Store,
+    /// Prefix of this registry's keys in `blobs` (KV keys cannot hold `:`).
+    key_prefix: String,
+    /// Uploads moving bytes at once, over every image.
+    uploads: Arc<tokio::sync::Semaphore>,
+    /// One lock per blob digest being pushed by this process: images sharing a layer
+    /// wait for the first push, then mount instead of uploading it again.
+    inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Registry {
+    pub fn new(target: Target, blobs: kv::Store) -> Result<Self, RegistryError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("shipperd/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &target.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| RegistryError::Auth(format!("CA bundle: {e}")))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        if target.insecure {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        let http = builder.build().map_err(RegistryError::transport)?;
+        let scheme = if target.url.https { "https" } else { "http" };
+        let base = format!("{scheme}://{}", target.url.host);
+        let key_prefix = hex::encode(&Sha256::digest(target.url.host.as_bytes())[..6]);
+        Ok(Registry {
+            auth: auth::Auth::new(&target)?,
+            uploads: Arc::new(tokio::sync::Semaphore::new(target.transfer.concurrency)),
+            target,
+            http,
+            base,
+            blobs,
+            key_prefix,
+            inflight: Default::default(),
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.target.url.host
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub(crate) fn transfer(&self) -> &Transfer {
+        &self.target.transfer
+    }
+
+    /// `/v2/...` paths become absolute; absolute URLs (upload locations) stay.
+    pub(crate) fn url(&self, path_or_url: &str) -> String {
+        if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
+            path_or_url.to_string()
+        } else {
+            format!("{}{path_or_url}", self.base)
+        }
+    }
+
+    /// One attempt: auth header, body from `build`, watched for stalls. A 401 logs in
+    /// again once. Any status comes back as a response; only `ok` ones as `Ok`.
+    pub(crate) async fn send_once(
+        &self,
+        call: &Call<'_>,
+        moved: &Moved,
+    ) -> Result<Response, RegistryError> {
+        let stall = self.target.transfer.stall_timeout;
+        let mut relogged = false;
+        loop {
+            let mut req = (call.build)(self.http.request(call.method.clone(), self.url(&call.url)));
+            if let Some(h) = self.auth.header(call.repo).await? {
+                req = req.header(reqwest::header::AUTHORIZATION, h);
+            }
+            let resp = watch::watched(req.send(), moved, stall)
+                .await
+                .map_err(RegistryError::Stalled)?
+                .map_err(RegistryError::transport)?;
+            let status = resp.status().as_u16();
+            if call.ok.contains(&status) {
+                return Ok(resp);
+            }
+            if status == 401 && !relogged {
+                relogged = true;
+                let challenge = resp
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .cloned();
+                self.auth.login(call.repo, challenge.as_ref()).await?;
+                if call.once {
+                    return Err(RegistryError::Relogin);
+                }
+                continue;
+            }
+            let retry_after = error::retry_after(resp.headers());
+            let body = tokio::time::timeout(stall, resp.bytes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            return Err(RegistryError::Status {
+                status,
+                detail: error::detail(&body),
+                retry_after,
+            });
+        }
+    }
+
+    /// [`Registry::send_once`] with retries on 429, 5xx and broken or stalled
+    /// connections: `Retry-After` when the registry gives one, else exponential backoff
+    /// with full jitter, `retries` attempts in all.
+    pub(crate) async fn send(&self, call: &Call<'_>) -> Result<Response, RegistryError> {
+        let mut attempt = 0;
+        loop {
+            match self.send_once(call, &Moved::default()).await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_retryable() && attempt + 1 < self.target.transfer.retries => {
+                    let delay = self.backoff(attempt, e.retry_after());
+                    tracing::debug!(error = %e, ?delay, url = %call.url, "registry request failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// How long to wait before attempt `attempt + 1`.
+    pub(crate) fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let t = &self.target.transfer;
+        if let Some(d) = retry_after {
+            return d;
+        }
+        let cap = t
+            .retry_base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(t.retry_max);
+        cap.mul_f64(rand::random::<f64>())
+    }
+
+    fn blob_key(&self, digest: &str) -> String {
+        format!(
+            "{}.{}",
+            self.key_prefix,
+            digest.trim_start_matches("sha256:")
+        )
+    }
+}
+
+/// Standard request builders.
+pub(crate) fn no_body(b: RequestBuilder) -> RequestBuilder {
+    b
+}
+
+pub(crate) fn accept_manifests(b: RequestBuilder) -> RequestBuilder {
+    b.header(
+        reqwest::header::ACCEPT,
+        HeaderValue::from_static(manifest::ACCEPT),
+    )
+}
