@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod fixtures;
+pub mod proxy;
 pub mod servers;
 pub mod webhook;
 
