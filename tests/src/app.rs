@@ -44,6 +44,8 @@ pub struct TestApp {
     /// `http://127.0.0.1:PORT` of the ingest API.
     pub base: String,
     pub http: reqwest::Client,
+    /// For checks against the registry (its CA, its auth).
+    pub reg_http: reqwest::Client,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -107,6 +109,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     })
     .await?;
     let base = format!("http://{}", app.ingest_addr());
+    let reg_http = registry.client()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(app.serve(shutdown.clone()));
     Ok(TestApp {
@@ -116,6 +119,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         drop_dir,
         base,
         http: reqwest::Client::new(),
+        reg_http,
         shutdown,
         task: Some(task),
     })
@@ -133,6 +137,19 @@ impl TestApp {
         if let Some(s) = sha256 {
             url.push_str(&format!("?sha256={s}"));
         }
+        let resp = self.http.put(url).body(body).send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `PUT /v1/bundles/{name}?{query}` (e.g. `target=quay`).
+    pub async fn put_with(
+        &self,
+        name: &str,
+        body: Vec<u8>,
+        query: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}/v1/bundles/{name}?{query}", self.base);
         let resp = self.http.put(url).body(body).send().await?;
         let status = resp.status().as_u16();
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
@@ -248,7 +265,7 @@ impl TestApp {
         ]
         .join(", ");
         let resp = self
-            .http
+            .reg_http
             .get(format!(
                 "{}/v2/{repo}/manifests/{reference}",
                 self.registry.url()
@@ -272,7 +289,7 @@ impl TestApp {
     /// A blob from the registry, `None` on 404.
     pub async fn blob(&self, repo: &str, digest: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let resp = self
-            .http
+            .reg_http
             .get(format!("{}/v2/{repo}/blobs/{digest}", self.registry.url()))
             .send()
             .await?;
@@ -285,7 +302,7 @@ impl TestApp {
     /// Repositories in the registry.
     pub async fn catalog(&self) -> anyhow::Result<Vec<String>> {
         let v: Value = self
-            .http
+            .reg_http
             .get(format!("{}/v2/_catalog", self.registry.url()))
             .send()
             .await?
@@ -303,7 +320,7 @@ impl TestApp {
     /// Tags of a repository (empty when it has none or does not exist).
     pub async fn tags(&self, repo: &str) -> anyhow::Result<Vec<String>> {
         let resp = self
-            .http
+            .reg_http
             .get(format!("{}/v2/{repo}/tags/list", self.registry.url()))
             .send()
             .await?;

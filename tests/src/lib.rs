@@ -5,8 +5,10 @@
 
 pub mod app;
 pub mod fixtures;
+pub mod pki;
 pub mod proxy;
 pub mod servers;
+pub mod token;
 pub mod webhook;
 
 use std::time::{Duration, Instant};

@@ -109,45 +109,116 @@ impl Nats {
     }
 }
 
-/// docker-registry (distribution 2.8), plain http on loopback.
-pub struct Registry(pub Proc);
+/// docker-registry (distribution 2.8) on loopback: plain http, or TLS and token auth
+/// when the test asks.
+pub struct Registry {
+    pub proc: Proc,
+    /// CA of its TLS certificate (PEM), when it serves https.
+    pub ca_pem: Option<String>,
+    /// `Authorization` for the test's own checks (a registry with token auth).
+    pub check_auth: Option<String>,
+    extra: String,
+}
+
+/// How a test registry differs from the plain one.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Serve https with this certificate and key (PEM); `ca_pem` is what signed it.
+    pub tls: Option<crate::pki::ServerCert>,
+    /// Token auth: (realm URL, service, issuer, PEM of the token signing certificate).
+    pub token: Option<(String, String, String, String)>,
+}
 
 impl Registry {
     pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let port = free_port();
-        let config = registry_config(&dir.path().join("storage"), port);
-        std::fs::write(dir.path().join("config.yml"), config)?;
-        Self::serve(port, dir).await
+        Self::start_with(RegistryOptions::default()).await
     }
 
-    async fn serve(port: u16, dir: TempDir) -> anyhow::Result<Self> {
+    pub async fn start_with(opts: RegistryOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let mut extra = String::new();
+        if let Some(tls) = &opts.tls {
+            std::fs::write(dir.path().join("cert.pem"), &tls.cert_pem)?;
+            std::fs::write(dir.path().join("key.pem"), &tls.key_pem)?;
+            extra.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("cert.pem").display(),
+                dir.path().join("key.pem").display()
+            ));
+        }
+        let mut auth = String::new();
+        if let Some((realm, service, issuer, cert)) = &opts.token {
+            std::fs::write(dir.path().join("token.pem"), cert)?;
+            auth = format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+                dir.path().join("token.pem").display()
+            );
+        }
+        let config = registry_config(&dir.path().join("storage"), port).replace(
+            "  secret: shipperd-test-secret\n",
+            &format!("  secret: shipperd-test-secret\n{extra}"),
+        ) + &auth;
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let mut r = Self::serve(port, dir, extra).await?;
+        r.ca_pem = opts.tls.map(|t| t.ca_pem);
+        Ok(r)
+    }
+
+    async fn serve(port: u16, dir: TempDir, extra: String) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary("SHIPPERD_TEST_REGISTRY", "docker-registry")?);
         cmd.arg("serve").arg(dir.path().join("config.yml"));
         let mut p = Proc::spawn(cmd, port, dir)?;
         wait_tcp(port, &mut p, "docker-registry").await?;
-        Ok(Registry(p))
+        Ok(Registry {
+            proc: p,
+            ca_pem: None,
+            check_auth: None,
+            extra,
+        })
     }
 
     /// Kills the registry (as a crash would); [`Self::restart`] brings it back on the
     /// same port with the same storage.
     pub fn kill(&mut self) {
-        self.0.kill();
+        self.proc.kill();
     }
 
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.0.kill();
-        let dir = std::mem::replace(&mut self.0.dir, tempfile::tempdir()?);
-        *self = Self::serve(self.0.port, dir).await?;
+        self.proc.kill();
+        let dir = std::mem::replace(&mut self.proc.dir, tempfile::tempdir()?);
+        let (ca, check) = (self.ca_pem.take(), self.check_auth.take());
+        *self = Self::serve(self.proc.port, dir, std::mem::take(&mut self.extra)).await?;
+        self.ca_pem = ca;
+        self.check_auth = check;
         Ok(())
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.0.port)
+        let scheme = if self.extra.contains("tls:") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.proc.port)
     }
 
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.0.port)
+        format!("127.0.0.1:{}", self.proc.port)
+    }
+
+    /// A client for the test's own checks: trusts the registry's CA, sends its auth.
+    pub fn client(&self) -> anyhow::Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder();
+        if let Some(ca) = &self.ca_pem {
+            b = b.tls_certs_merge(reqwest::Certificate::from_pem_bundle(ca.as_bytes())?);
+        }
+        if let Some(a) = &self.check_auth {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::AUTHORIZATION, a.parse()?);
+            b = b.default_headers(h);
+        }
+        Ok(b.build()?)
     }
 }
 

@@ -94,8 +94,8 @@ impl Registry {
                         progress.add(desc.size);
                         return Ok(BlobOutcome::Mounted);
                     }
-                    // The source lost it: the registry opened an upload instead.
                     Mount::Session(loc) => location = Some(loc),
+                    Mount::Denied => {}
                 }
             }
         }
@@ -144,7 +144,17 @@ impl Registry {
             ok: &[201, 202],
             once: false,
         };
-        let resp = self.send(&call).await?;
+        let resp = match self.send(&call).await {
+            Ok(r) => r,
+            // A token scoped to `repo` alone does not let us read `from`: upload instead.
+            Err(RegistryError::Status {
+                status: 401 | 403, ..
+            }) => {
+                tracing::debug!(repo, from, "mount not allowed; uploading");
+                return Ok(Mount::Denied);
+            }
+            Err(e) => return Err(e),
+        };
         if resp.status() == 201 {
             return Ok(Mount::Mounted);
         }
@@ -244,7 +254,9 @@ impl Registry {
 
 enum Mount {
     Mounted,
+    /// The registry opened an upload session instead (the source lost the blob).
     Session(String),
+    Denied,
 }
 
 fn location(resp: &reqwest::Response) -> Result<String, RegistryError> {

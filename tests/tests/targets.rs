@@ -1,0 +1,263 @@
+//! Registry targets from a targets file: token auth with credentials from a
+//! `.dockerconfigjson`, a custom CA over TLS, several targets chosen per bundle, and
+//! path mapping for registries that cap path depth.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use shipperd_tests::{
+    app::{Options, spawn_app_with},
+    fixtures::{LayoutBuilder, sample, tar_bytes},
+    pki,
+    servers::{Registry, RegistryOptions},
+    token::TokenServer,
+};
+
+const DONE: Duration = Duration::from_secs(90);
+
+fn repos(b: &LayoutBuilder) -> Vec<&str> {
+    let mut r: Vec<&str> = b.images.iter().map(|i| i.repo.as_str()).collect();
+    r.sort();
+    r.dedup();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_auth_with_credentials_from_a_dockerconfigjson() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let tokens = TokenServer::start("mirror", "s3cret", pki::token_signing_cert()?).await?;
+    let mut registry = Registry::start_with(RegistryOptions {
+        token: Some(tokens.registry_auth()),
+        ..Default::default()
+    })
+    .await?;
+    let b = sample("tok", "tok", 0);
+    registry.check_auth = Some(format!("Bearer {}", tokens.token_for(&repos(&b))));
+    let auth = base64::engine::general_purpose::STANDARD.encode("mirror:s3cret");
+    let dockercfg = format!(
+        r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#,
+        registry.host()
+    );
+    let opts = Options {
+        files: vec![
+            ("dockercfg.json".into(), dockercfg.into_bytes()),
+            ("wrong-password".into(), b"nope\n".to_vec()),
+        ],
+        targets_toml: Some(
+            r#"
+            default = "good"
+            [[target]]
+            name = "good"
+            url = "{registry}"
+            auth.docker_config = "dockercfg.json"
+            [[target]]
+            name = "bad"
+            url = "{registry}"
+            auth = { username = "mirror", password_file = "wrong-password" }
+            transfer = { retries = 1 }
+            "#
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let app = spawn_app_with(opts, registry).await?;
+
+    let (st, r) = app
+        .put("tok.tar", tar_bytes(&b.oci_files(""))?, None)
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    app.assert_published(&b, "").await?;
+    let (issued, refused) = tokens.counts();
+    assert!(issued >= repos(&b).len() as u64, "{issued} tokens issued");
+    assert_eq!(refused, 0);
+
+    // The same registry with a wrong password: refused by the token service, the
+    // bundle fails saying so, and nothing of it is tagged.
+    let other = sample("tok2", "tok2", 0);
+    let (st, r) = app
+        .put_with("tok2.tar", tar_bytes(&other.oci_files(""))?, "target=bad")
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let errors: Vec<&str> = rec["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["error"].as_str())
+        .collect();
+    println!("wrong password: {errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("authentication")),
+        "{errors:?}"
+    );
+    assert!(tokens.counts().1 > 0);
+    assert!(app.tags("tok2").await.unwrap_or_default().is_empty());
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_custom_ca_is_trusted_over_tls_and_nothing_else_is() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let cert = pki::loopback_server_cert()?;
+    let registry = Registry::start_with(RegistryOptions {
+        tls: Some(cert.clone()),
+        ..Default::default()
+    })
+    .await?;
+    assert!(registry.url().starts_with("https://"));
+    let opts = Options {
+        files: vec![("ca.pem".into(), cert.ca_pem.clone().into_bytes())],
+        targets_toml: Some(
+            r#"
+            [[target]]
+            name = "tls"
+            url = "{registry}"
+            ca_file = "ca.pem"
+            [[target]]
+            name = "untrusted"
+            url = "{registry}"
+            transfer = { retries = 1 }
+            "#
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let app = spawn_app_with(opts, registry).await?;
+    let b = sample("tls", "tls", 2);
+    let (st, r) = app
+        .put("tls.tar", tar_bytes(&b.oci_files(""))?, None)
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    app.assert_published(&b, "").await?;
+
+    // Without the CA the registry's certificate is not trusted: the bundle fails.
+    let other = sample("tls2", "tls2", 0);
+    let (st, r) = app
+        .put_with(
+            "tls2.tar",
+            tar_bytes(&other.oci_files(""))?,
+            "target=untrusted",
+        )
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let err = rec["images"][0]["error"].as_str().unwrap_or_default();
+    println!("untrusted: {err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // An unknown target fails the bundle with the names of those there are.
+    let (st, r) = app
+        .put_with(
+            "tls3.tar",
+            tar_bytes(&sample("tls3", "tls3", 0).oci_files(""))?,
+            "target=nope",
+        )
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed");
+    let err = rec["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("no target named \"nope\"") && err.contains("tls, untrusted"),
+        "{err}"
+    );
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn path_mapping_flattens_deep_names_and_refuses_collisions() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let registry = Registry::start().await?;
+    let opts = Options {
+        targets_toml: Some(
+            r#"
+            [[target]]
+            name = "openshift"
+            url = "{registry}"
+            [target.mapping]
+            keep_host = true
+            prefix = "mirror"
+            max_depth = 2
+            rename = [{ from = "demo/tool", to = "ops/tool" }]
+            "#
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let app = spawn_app_with(opts, registry).await?;
+    let b = sample("depth", "depth", 0);
+    let (st, r) = app
+        .put("depth.tar", tar_bytes(&b.oci_files(""))?, None)
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    // Written out by hand: source → where OpenShift's namespace/name allows it.
+    let expected = [
+        ("demo/app", "mirror/example.com-demo-app"),
+        ("demo/multi", "mirror/example.com-demo-multi"),
+        ("demo/tool", "mirror/example.com-ops-tool"),
+        ("depth", "mirror/depth"),
+    ];
+    for img in &b.images {
+        let (_, landed) = expected
+            .iter()
+            .find(|(src, _)| *src == img.repo)
+            .unwrap_or_else(|| panic!("no expectation for {}", img.repo));
+        let (top, _) = app
+            .manifest(landed, &img.tag)
+            .await?
+            .unwrap_or_else(|| panic!("{landed}:{} missing", img.tag));
+        assert_eq!(
+            shipperd_tests::fixtures::sha256(&top),
+            img.digest,
+            "{landed}"
+        );
+        for blob in &img.blobs {
+            assert!(
+                app.blob(landed, blob).await?.is_some(),
+                "{landed} lacks {blob}"
+            );
+        }
+    }
+    let mut catalog = app.catalog().await?;
+    catalog.sort();
+    let mut want: Vec<&str> = expected.iter().map(|(_, l)| *l).collect();
+    want.sort();
+    assert_eq!(catalog, want);
+
+    // a/b-c and a/b/c flatten to the same name: the bundle is refused, nothing pushed.
+    let mut c = LayoutBuilder::new();
+    for (repo, salt) in [("a/b-c", "one"), ("a/b/c", "two")] {
+        let layer = c.layer(
+            &[("f", salt.as_bytes().to_vec())],
+            flate2::Compression::fast(),
+        );
+        c.image(
+            serde_json::json!({ "org.opencontainers.image.ref.name":
+                format!("example.com/{repo}:1") }),
+            &[layer],
+            repo,
+            "1",
+        );
+    }
+    let (st, r) = app
+        .put("clash.tar", tar_bytes(&c.oci_files(""))?, None)
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let err = rec["error"].as_str().unwrap_or_default();
+    println!("clash: {err}");
+    assert!(
+        err.contains("would both land at") && err.contains("mirror/example.com-a-b-c"),
+        "{err}"
+    );
+    assert_eq!(app.catalog().await?.len(), want.len());
+    app.stop().await
+}
