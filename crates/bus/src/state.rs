@@ -82,6 +82,12 @@ pub struct BundleRecord {
     pub bytes_done: u64,
     pub received_at: String,
     pub updated_at: String,
+    /// When unpack handed the images to publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpacked_at: Option<String>,
+    /// When the last image finished (Published or Failed after publishing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
     #[serde(default)]
     pub images: Vec<ImageRecord>,
     /// Set once the terminal event (bundle.published / bundle.failed) is stored on the
@@ -106,6 +112,8 @@ impl BundleRecord {
             bytes_done: 0,
             received_at: now.clone(),
             updated_at: now,
+            unpacked_at: None,
+            finished_at: None,
             images: Vec::new(),
             announced: false,
         }
@@ -124,6 +132,7 @@ impl BundleRecord {
             img.error = error;
         }
         if !was_terminal && self.images.iter().all(|i| i.phase != ImagePhase::Pending) {
+            self.finished_at = Some(now_rfc3339());
             let failed = self
                 .images
                 .iter()

@@ -114,7 +114,7 @@ pub struct RegistryArgs {
     #[arg(long, env = "SHIPPERD_REGISTRY_PASSWORD", hide_env_values = true)]
     pub registry_password: Option<Secret>,
     /// Images pushed at once by this process.
-    #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 4)]
+    #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 16)]
     pub publish_concurrency: usize,
     #[command(flatten)]
     pub limits: LimitArgs,

@@ -62,8 +62,8 @@ impl Default for Transfer {
     fn default() -> Self {
         Transfer {
             concurrency: 4,
-            chunk_threshold: 64 << 20,
-            chunk_size: 32 << 20,
+            chunk_threshold: 128 << 20,
+            chunk_size: 64 << 20,
             stall_timeout: Duration::from_secs(30),
             retries: 6,
             retry_base: Duration::from_millis(500),

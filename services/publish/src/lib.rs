@@ -97,7 +97,7 @@ impl Config {
             nats_url: nats_url.into(),
             data_dir: data_dir.into(),
             targets,
-            concurrency: 4,
+            concurrency: 16,
             max_deliver: 5,
             retry_base: Duration::from_secs(2),
             max_manifest_bytes: Limits::default().max_manifest_bytes,

@@ -233,6 +233,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Res
         .update(id, |r| {
             (r.phase == Phase::Unpacking).then(|| {
                 r.phase = Phase::Publishing;
+                r.unpacked_at = Some(shipperd_bus::event::now_rfc3339());
                 r.format = Some(format.clone());
                 r.images = images.clone();
             })

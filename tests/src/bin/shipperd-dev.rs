@@ -5,7 +5,7 @@ use std::{io::Write, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use shipperd_tests::{
-    fixtures::{Compression, sample},
+    fixtures::{Compression, LayoutBuilder, sample},
     servers::{free_port, registry_config},
     webhook::WebhookSink,
 };
@@ -56,6 +56,19 @@ enum Cmd {
         /// Makes the bundle's bytes (and id) unique.
         #[arg(long, default_value = "demo")]
         salt: String,
+    },
+    /// Write the publish benchmark's images (scripts/bench-publish.sh): six images and a
+    /// two-platform index sharing a base layer of BASE MiB, each with its own layer of
+    /// OWN MiB (half that per platform), random bytes. Writes DIR/layout (an OCI layout),
+    /// DIR/bundle.tar, DIR/day2.tar (the same images, other bytes), DIR/images.txt
+    /// (one `oci:` reference per line) and DIR/blobs.txt (`digest size` of each blob).
+    BenchBundle {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 150)]
+        base_mb: usize,
+        #[arg(long, default_value_t = 110)]
+        own_mb: usize,
     },
     /// Receive webhooks on 127.0.0.1:PORT; print one line per event (signature checked).
     WebhookSink {
@@ -120,6 +133,11 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}:{} {}", img.repo, img.tag, img.digest);
             }
         }
+        Cmd::BenchBundle {
+            dir,
+            base_mb,
+            own_mb,
+        } => bench_bundle(&dir, base_mb, own_mb)?,
         Cmd::WebhookSink {
             port,
             secret,
@@ -152,5 +170,71 @@ async fn main() -> anyhow::Result<()> {
         Cmd::RegistryConfig { port, root } => print!("{}", registry_config(&root, port)),
         Cmd::FreePort => println!("{}", free_port()),
     }
+    Ok(())
+}
+
+fn random_layer(b: &mut LayoutBuilder, name: &str, mb: usize) -> shipperd_tests::fixtures::Layer {
+    let mut data = vec![0u8; mb << 20];
+    rand::Rng::fill(&mut rand::rng(), data.as_mut_slice());
+    // Stored (level 0) gzip: valid gzip, no time spent compressing random bytes.
+    b.layer(&[(name, data)], flate2::Compression::none())
+}
+
+fn bench_bundle(dir: &std::path::Path, base_mb: usize, own_mb: usize) -> anyhow::Result<()> {
+    use shipperd_tests::fixtures::tar_bytes;
+    let mut b = LayoutBuilder::new();
+    let base = random_layer(&mut b, "base.bin", base_mb);
+    let mut refs = Vec::new();
+    for i in 0..6 {
+        let own = random_layer(&mut b, "own.bin", own_mb);
+        let name = format!("bench.example.com/bench/app{i}:1.0");
+        b.image(
+            serde_json::json!({ "org.opencontainers.image.ref.name": name }),
+            &[base.clone(), own],
+            &format!("bench/app{i}"),
+            "1.0",
+        );
+        refs.push(name);
+    }
+    let amd = random_layer(&mut b, "amd64.bin", own_mb / 2);
+    let arm = random_layer(&mut b, "arm64.bin", own_mb / 2);
+    let name = "bench.example.com/bench/multi:1.0".to_string();
+    b.multi_arch(
+        serde_json::json!({ "org.opencontainers.image.ref.name": name }),
+        &[
+            ("amd64", vec![base.clone(), amd]),
+            ("arm64", vec![base, arm]),
+        ],
+        "bench/multi",
+        "1.0",
+    );
+    refs.push(name);
+    std::fs::create_dir_all(dir)?;
+    let layout = dir.join("layout");
+    let _ = std::fs::remove_dir_all(&layout);
+    b.write_dir(&layout)?;
+    let mut files = b.oci_files("");
+    std::fs::write(dir.join("bundle.tar"), tar_bytes(&files)?)?;
+    files.push((
+        "day2.txt".into(),
+        b"the same images, in another bundle\n".to_vec(),
+    ));
+    std::fs::write(dir.join("day2.tar"), tar_bytes(&files)?)?;
+    let mut f = std::fs::File::create(dir.join("images.txt"))?;
+    for r in &refs {
+        writeln!(f, "{r}")?;
+    }
+    let mut f = std::fs::File::create(dir.join("blobs.txt"))?;
+    let mut total = 0;
+    for (digest, bytes) in &b.blobs {
+        writeln!(f, "{digest} {}", bytes.len())?;
+        total += bytes.len();
+    }
+    println!(
+        "{} images, {} blobs, {} MiB",
+        refs.len(),
+        b.blobs.len(),
+        total >> 20
+    );
     Ok(())
 }
