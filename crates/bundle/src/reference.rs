@@ -21,7 +21,8 @@ fn bad(reference: &str, problem: impl Into<String>) -> Error {
     }
 }
 
-fn valid_component(c: &str) -> bool {
+/// A repository path component: lowercase letters, digits and `._-`, alphanumeric at both ends.
+pub fn valid_component(c: &str) -> bool {
     let b = c.as_bytes();
     !b.is_empty()
         && b.iter()

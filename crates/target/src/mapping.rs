@@ -18,7 +18,7 @@
 //! in which two different images would land on the same tag.
 
 use serde::Deserialize;
-use shipperd_bundle::Reference;
+use shipperd_bundle::{Reference, reference::valid_component};
 
 use crate::{Error, Result};
 
@@ -44,15 +44,6 @@ pub struct Rename {
 
 /// Longest repository name registries accept.
 const MAX_REPOSITORY: usize = 255;
-
-fn valid_component(c: &str) -> bool {
-    let b = c.as_bytes();
-    !b.is_empty()
-        && b.iter()
-            .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-}
 
 fn check_path(what: &str, path: &str, empty_ok: bool) -> Result<()> {
     if path.is_empty() && empty_ok {
