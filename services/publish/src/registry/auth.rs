@@ -56,7 +56,7 @@ impl Auth {
                 .unwrap_or_default(),
             ..Default::default()
         })
-        .map_err(|e| RegistryError::Auth(format!("TLS settings: {e}")))?;
+        .map_err(|e| RegistryError::Tls(e.to_string()))?;
         Ok(Auth {
             target: target.clone(),
             oci,
@@ -71,17 +71,13 @@ impl Auth {
             return Ok(Some(h.clone()));
         }
         if self.required.load(std::sync::atomic::Ordering::Relaxed) {
-            return self.login(repo, None).await.map(Some);
+            return self.login(repo).await.map(Some);
         }
         Ok(None)
     }
 
-    /// Logs in for pushing to `repo` (after a 401 with `challenge`).
-    pub(crate) async fn login(
-        &self,
-        repo: &str,
-        _challenge: Option<&HeaderValue>,
-    ) -> Result<HeaderValue, RegistryError> {
+    /// Logs in for pushing to `repo` (after a 401; oci-client reads the challenge).
+    pub(crate) async fn login(&self, repo: &str) -> Result<HeaderValue, RegistryError> {
         self.required
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let creds = self

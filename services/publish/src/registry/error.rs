@@ -21,6 +21,9 @@ pub enum RegistryError {
     /// twice: the caller sends it again.
     #[error("the registry asked to log in again")]
     Relogin,
+    /// The target's TLS settings (CA bundle) cannot be used.
+    #[error("TLS settings: {0}")]
+    Tls(String),
     /// Logging in failed.
     #[error("authentication: {0}")]
     Auth(String),
@@ -48,7 +51,7 @@ impl RegistryError {
             | RegistryError::Relogin
             | RegistryError::Protocol(_)
             | RegistryError::Read(_) => true,
-            RegistryError::Changed(_) => false,
+            RegistryError::Changed(_) | RegistryError::Tls(_) => false,
         }
     }
 

@@ -61,7 +61,7 @@ impl Registry {
             .user_agent(concat!("shipperd/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &target.ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| RegistryError::Auth(format!("CA bundle: {e}")))?;
+                .map_err(|e| RegistryError::Tls(format!("CA bundle: {e}")))?;
             builder = builder.tls_certs_merge(certs);
         }
         if target.insecure {
@@ -128,11 +128,7 @@ impl Registry {
             }
             if status == 401 && !relogged {
                 relogged = true;
-                let challenge = resp
-                    .headers()
-                    .get(reqwest::header::WWW_AUTHENTICATE)
-                    .cloned();
-                self.auth.login(call.repo, challenge.as_ref()).await?;
+                self.auth.login(call.repo).await?;
                 if call.once {
                     return Err(RegistryError::Relogin);
                 }
