@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
 use base64::Engine as _;
 use shipperd_tests::{
     app::{Options, spawn_app_with},
@@ -61,6 +63,8 @@ async fn token_auth_with_credentials_from_a_dockerconfigjson() -> anyhow::Result
         ..Default::default()
     };
     let app = spawn_app_with(opts, registry).await?;
+    let nats = async_nats::connect(app.nats.url()).await?;
+    let mut published = nats.subscribe("shipperd.events.image.published").await?;
 
     let (st, r) = app
         .put("tok.tar", tar_bytes(&b.oci_files(""))?, None)
@@ -72,6 +76,18 @@ async fn token_auth_with_credentials_from_a_dockerconfigjson() -> anyhow::Result
     let (issued, refused) = tokens.counts();
     assert!(issued >= repos(&b).len() as u64, "{issued} tokens issued");
     assert_eq!(refused, 0);
+    // The layer the sample's repositories share went up once and was mounted into the
+    // others: that takes a token for two repositories (push here, pull there).
+    let (mut mounted, mut pushed) = (0, 0);
+    for _ in 0..rec["images"].as_array().map_or(0, Vec::len) {
+        let msg = tokio::time::timeout(Duration::from_secs(10), published.next())
+            .await?
+            .expect("subscription open");
+        let ev: shipperd_proto::v1::ImagePublished = prost::Message::decode(msg.payload)?;
+        mounted += ev.blobs_mounted;
+        pushed += ev.blobs_pushed;
+    }
+    assert!(mounted >= 1, "{mounted} blobs mounted, {pushed} pushed");
 
     // The same registry with a wrong password: refused by the token service, the
     // bundle fails saying so, and nothing of it is tagged.

@@ -128,6 +128,7 @@ impl Registry {
             method: Method::HEAD,
             url: format!("/v2/{repo}/blobs/{digest}"),
             repo,
+            from: None,
             build: &no_body,
             ok: &[200, 404],
             once: false,
@@ -140,17 +141,21 @@ impl Registry {
             method: Method::POST,
             url: format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
             repo,
+            from: Some(from),
             build: &|b| b.header(reqwest::header::CONTENT_LENGTH, "0"),
             ok: &[201, 202],
             once: false,
         };
         let resp = match self.send(&call).await {
             Ok(r) => r,
-            // A token scoped to `repo` alone does not let us read `from`: upload instead.
-            Err(RegistryError::Status {
-                status: 401 | 403, ..
-            }) => {
-                tracing::debug!(repo, from, "mount not allowed; uploading");
+            // We may not read `from` (or the token service will not say so): upload.
+            Err(
+                e @ (RegistryError::Status {
+                    status: 401 | 403, ..
+                }
+                | RegistryError::Auth(_)),
+            ) => {
+                tracing::debug!(repo, from, error = %e, "mount not allowed; uploading");
                 return Ok(Mount::Denied);
             }
             Err(e) => return Err(e),
@@ -172,6 +177,7 @@ impl Registry {
             method: Method::POST,
             url: format!("/v2/{repo}/blobs/uploads/"),
             repo,
+            from: None,
             build: &|b| b.header(reqwest::header::CONTENT_LENGTH, "0"),
             ok: &[202],
             once: false,
@@ -190,6 +196,7 @@ impl Registry {
             method: Method::GET,
             url: loc.to_string(),
             repo,
+            from: None,
             build: &no_body,
             ok: &[204, 404, 400],
             once: false,
@@ -407,6 +414,7 @@ impl Upload<'_> {
             method: Method::PUT,
             url: with_query(&loc, &format!("digest={digest}")),
             repo: self.repo,
+            from: None,
             build: &|b| b.header(reqwest::header::CONTENT_LENGTH, "0"),
             ok: &[201],
             once: false,
@@ -466,6 +474,7 @@ impl Upload<'_> {
             method,
             url: url.to_string(),
             repo: self.repo,
+            from: None,
             build: &build,
             ok,
             once: true,

@@ -29,6 +29,8 @@ pub(crate) struct Call<'a> {
     pub method: Method,
     pub url: String,
     pub repo: &'a str,
+    /// For a cross-repository mount: the repository read from (the login needs both).
+    pub from: Option<&'a str>,
     pub build: &'a (dyn Fn(RequestBuilder) -> RequestBuilder + Send + Sync),
     /// Statuses that mean success.
     pub ok: &'a [u16],
@@ -72,7 +74,7 @@ impl Registry {
         let base = format!("{scheme}://{}", target.url.host);
         let key_prefix = hex::encode(&Sha256::digest(target.url.host.as_bytes())[..6]);
         Ok(Registry {
-            auth: auth::Auth::new(&target)?,
+            auth: auth::Auth::new(&target, http.clone(), base.clone())?,
             uploads: Arc::new(tokio::sync::Semaphore::new(target.transfer.concurrency)),
             target,
             http,
@@ -115,7 +117,7 @@ impl Registry {
         let mut relogged = false;
         loop {
             let mut req = (call.build)(self.http.request(call.method.clone(), self.url(&call.url)));
-            if let Some(h) = self.auth.header(call.repo).await? {
+            if let Some(h) = self.auth.header(call.repo, call.from).await? {
                 req = req.header(reqwest::header::AUTHORIZATION, h);
             }
             let resp = watch::watched(req.send(), moved, stall)
@@ -128,7 +130,7 @@ impl Registry {
             }
             if status == 401 && !relogged {
                 relogged = true;
-                self.auth.login(call.repo).await?;
+                self.auth.login(call.repo, call.from).await?;
                 if call.once {
                     return Err(RegistryError::Relogin);
                 }
