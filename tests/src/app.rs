@@ -34,6 +34,10 @@ pub struct Options {
     pub transfer: Option<shipperd_target::Transfer>,
     /// Least time between two progress reports of one image (default 2 s).
     pub progress_interval: Option<Duration>,
+    /// Images one publish service works on at once (default: the service's default).
+    pub publish_concurrency: Option<usize>,
+    /// Publish services beside the one in `shipperd all` (replicas of it).
+    pub extra_publishers: usize,
 }
 
 pub struct TestApp {
@@ -95,6 +99,15 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     if let Some(p) = opts.progress_interval {
         publish.progress_interval = p;
     }
+    if let Some(c) = opts.publish_concurrency {
+        publish.concurrency = c;
+    }
+    let shutdown = CancellationToken::new();
+    let mut replicas = Vec::new();
+    for _ in 0..opts.extra_publishers {
+        let p = shipperd_publish::Publish::start(publish.clone()).await?;
+        replicas.push(tokio::spawn(p.serve(shutdown.clone())));
+    }
     let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
     notify.secret = opts.secret.as_deref().map(shipperd_bus::Secret::new);
     notify.timeout = Duration::from_secs(2);
@@ -110,8 +123,14 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     .await?;
     let base = format!("http://{}", app.ingest_addr());
     let reg_http = registry.client()?;
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(app.serve(shutdown.clone()));
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        app.serve(stop).await?;
+        for r in replicas {
+            r.await??;
+        }
+        Ok(())
+    });
     Ok(TestApp {
         nats,
         registry,

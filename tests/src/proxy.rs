@@ -31,6 +31,8 @@ pub enum Fault {
     HangBefore,
     /// Pass the whole request on, then never answer.
     HangAfter,
+    /// Wait this long before passing the request on (a slow registry).
+    Delay(Duration),
 }
 
 /// One request as the proxy saw it.
@@ -148,6 +150,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             tokio::time::sleep(HANG).await;
             return Response::builder().status(504).body(Body::empty()).unwrap();
         }
+        Fault::Delay(d) => tokio::time::sleep(d).await,
         Fault::Pass | Fault::HangAfter => {}
     }
     let mut out = inner

@@ -18,7 +18,7 @@ const DONE: Duration = Duration::from_secs(90);
 const MIB: u64 = 1 << 20;
 
 /// A target through the proxy: 4 MiB chunks above 4 MiB, a 1 s stall timeout, quick
-/// retries.
+/// retries, upload leases taken over after 1 s.
 fn targets(proxy: &Proxy) -> String {
     format!(
         r#"
@@ -32,6 +32,7 @@ fn targets(proxy: &Proxy) -> String {
         retries = 8
         retry_base = 0.05
         retry_max = 0.5
+        lease_timeout = 1
         "#,
         proxy.url(),
         4 * MIB,
@@ -40,13 +41,17 @@ fn targets(proxy: &Proxy) -> String {
 }
 
 async fn app_behind_proxy() -> anyhow::Result<(TestApp, Proxy)> {
+    app_behind_proxy_with(Options::default()).await
+}
+
+async fn app_behind_proxy_with(opts: Options) -> anyhow::Result<(TestApp, Proxy)> {
     shipperd_tests::init();
     let registry = Registry::start().await?;
     let proxy = Proxy::start(&registry.url()).await?;
     let opts = Options {
         targets_toml: Some(targets(&proxy)),
         progress_interval: Some(Duration::from_millis(100)),
-        ..Default::default()
+        ..opts
     };
     Ok((spawn_app_with(opts, registry).await?, proxy))
 }
@@ -284,5 +289,106 @@ async fn day_two_skips_images_already_there_with_one_request_each() -> anyhow::R
     );
     assert_eq!(second["bytes_done"], second["bytes_total"]);
     app.assert_published(&b, "").await?;
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publish_replicas_upload_a_shared_layer_once() -> anyhow::Result<()> {
+    // Two publish services, one image at a time each: images needing the same layer
+    // are worked on by both at once.
+    let (app, proxy) = app_behind_proxy_with(Options {
+        publish_concurrency: Some(1),
+        extra_publishers: 1,
+        ..Default::default()
+    })
+    .await?;
+    let mut b = LayoutBuilder::new();
+    let mut data = vec![0u8; 3 << 20];
+    rand::Rng::fill(&mut rand::rng(), data.as_mut_slice());
+    let shared = b.layer(&[("base.bin", data)], flate2::Compression::none());
+    for i in 0..4 {
+        let own = b.layer(
+            &[("own.txt", format!("image {i}").into_bytes())],
+            flate2::Compression::fast(),
+        );
+        let repo = format!("replicas/app{i}");
+        b.image(
+            serde_json::json!({ "io.containerd.image.name": format!("example.com/{repo}:1.0") }),
+            &[shared.clone(), own],
+            &repo,
+            "1.0",
+        );
+    }
+    let hex = shared.digest["sha256:".len()..].to_string();
+    // The first upload of the shared layer is slow (under the 1 s stall timeout): the
+    // other replica needs the layer meanwhile.
+    let mut slowed = false;
+    let digest = hex.clone();
+    proxy.rule(move |m, p| {
+        if m == "PUT" && p.contains(&digest) && !slowed {
+            slowed = true;
+            return Fault::Delay(Duration::from_millis(800));
+        }
+        Fault::Pass
+    });
+    let rec = publish(&app, "replicas.tar", &b).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    app.assert_published(&b, "").await?;
+    let uploads: Vec<_> = proxy
+        .log()
+        .into_iter()
+        .filter(|s| matches!(s.method.as_str(), "PUT" | "PATCH") && s.forwarded > 0)
+        .filter(|s| s.path.contains(&hex))
+        .collect();
+    assert_eq!(
+        uploads.len(),
+        1,
+        "the shared layer went up {} times",
+        uploads.len()
+    );
+    let mounts = proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.method == "POST" && s.path.contains("mount=") && s.path.contains(&hex))
+        .count();
+    assert!(mounts >= 3, "{mounts} mounts of the shared layer");
+
+    // A replica died holding the lease on a layer: after `lease_timeout` (1 s) without
+    // renewal the lease is taken over and the layer goes up, once.
+    proxy.rule(|_, _| Fault::Pass);
+    proxy.clear_log();
+    let mut b = LayoutBuilder::new();
+    let orphan = b.layer(
+        &[("orphan.txt", b"left by a dead replica".to_vec())],
+        flate2::Compression::fast(),
+    );
+    b.image(
+        serde_json::json!({ "io.containerd.image.name": "example.com/replicas/orphan:1.0" }),
+        std::slice::from_ref(&orphan),
+        "replicas/orphan",
+        "1.0",
+    );
+    let nats = async_nats::connect(app.nats.url()).await?;
+    let kv = async_nats::jetstream::new(nats)
+        .get_key_value("shipperd-blobs")
+        .await?;
+    let host = proxy.url().trim_start_matches("http://").to_string();
+    kv.put(
+        shipperd_publish::lease_key(&host, &orphan.digest),
+        "dead-replica".into(),
+    )
+    .await?;
+    let t0 = std::time::Instant::now();
+    let rec = publish(&app, "orphan.tar", &b).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    app.assert_published(&b, "").await?;
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
+    let hex = &orphan.digest["sha256:".len()..];
+    let uploads = proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.method == "PUT" && s.forwarded > 0 && s.path.contains(hex))
+        .count();
+    assert_eq!(uploads, 1);
     app.stop().await
 }

@@ -56,6 +56,11 @@ pub struct Transfer {
     pub retry_base: Duration,
     #[serde(with = "secs")]
     pub retry_max: Duration,
+    /// Publish replicas take a lease (in NATS KV) on each blob they upload, so a layer
+    /// goes up once however many replicas need it; the others wait and then mount it.
+    /// A lease its holder has not renewed for this long (the holder died) is taken over.
+    #[serde(with = "secs")]
+    pub lease_timeout: Duration,
 }
 
 impl Default for Transfer {
@@ -68,6 +73,7 @@ impl Default for Transfer {
             retries: 6,
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            lease_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -173,8 +179,8 @@ impl Target {
         if transfer.concurrency == 0 || transfer.chunk_size == 0 {
             return Err(bad("concurrency and chunk_size must be above 0".into()));
         }
-        if transfer.stall_timeout.is_zero() {
-            return Err(bad("stall_timeout must be above 0".into()));
+        if transfer.stall_timeout.is_zero() || transfer.lease_timeout.is_zero() {
+            return Err(bad("stall_timeout and lease_timeout must be above 0".into()));
         }
         Ok(Target {
             name: name.to_string(),

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use progress::Progress;
-pub use registry::{BlobOutcome, Registry, RegistryError};
+pub use registry::{BlobOutcome, Registry, RegistryError, lease_key};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{BlobSource, CatalogBlobs, Descriptor};
 
-use super::{Call, Moved, Registry, RegistryError, no_body};
+use super::{Call, Moved, Registry, RegistryError, lease::Lease, no_body};
 use crate::progress::Progress;
 
 /// What happened to one blob.
@@ -35,6 +35,8 @@ pub enum BlobOutcome {
 const READ_CHUNK: usize = 1 << 20;
 /// Sessions started again from zero (the registry lost one) before giving up.
 const MAX_RESTARTS: u32 = 3;
+/// Times a blob waits for another replica's upload lease before uploading regardless.
+const LEASE_ROUNDS: u32 = 3;
 
 #[derive(Serialize, Deserialize)]
 struct Session {
@@ -79,26 +81,61 @@ impl Registry {
         bundle: Arc<CatalogBlobs>,
         progress: &Progress,
     ) -> Result<BlobOutcome, RegistryError> {
-        if self.blob_exists(repo, &desc.digest).await? {
-            progress.add(desc.size);
-            return Ok(BlobOutcome::Skipped);
-        }
         let key = self.blob_key(&desc.digest);
-        let mut location = None;
-        if let Ok(Some(from)) = self.blobs.get(&key).await {
-            let from = String::from_utf8_lossy(&from).to_string();
-            if from != repo {
-                match self.mount(repo, &from, &desc.digest).await? {
-                    Mount::Mounted => {
-                        self.remember(&key, repo).await;
-                        progress.add(desc.size);
-                        return Ok(BlobOutcome::Mounted);
+        // Another replica's upload may end (or fail) while we wait for its lease: then
+        // look again. The last round uploads without a lease.
+        for round in 0..=LEASE_ROUNDS {
+            if self.blob_exists(repo, &desc.digest).await? {
+                progress.add(desc.size);
+                return Ok(BlobOutcome::Skipped);
+            }
+            let mut location = None;
+            if let Ok(Some(from)) = self.blobs.get(&key).await {
+                let from = String::from_utf8_lossy(&from).to_string();
+                if from != repo {
+                    match self.mount(repo, &from, &desc.digest).await? {
+                        Mount::Mounted => {
+                            self.remember(&key, repo).await;
+                            progress.add(desc.size);
+                            return Ok(BlobOutcome::Mounted);
+                        }
+                        Mount::Session(loc) => location = Some(loc),
+                        Mount::Denied => {}
                     }
-                    Mount::Session(loc) => location = Some(loc),
-                    Mount::Denied => {}
                 }
             }
+            let lease = match round {
+                LEASE_ROUNDS => Lease::Unavailable,
+                _ => self.lease(&desc.digest).await,
+            };
+            let held = match lease {
+                Lease::Released => continue,
+                Lease::Held(h) => Some(h),
+                Lease::Unavailable => None,
+            };
+            let sent = self
+                .upload(repo, desc, bundle.clone(), progress, location)
+                .await;
+            if sent.is_ok() {
+                self.remember(&key, repo).await;
+            }
+            if let Some(h) = held {
+                h.release().await;
+            }
+            return sent.map(BlobOutcome::Pushed);
         }
+        unreachable!("the last round always returns")
+    }
+
+    /// Uploads the blob (into the mount's session when it gave one); the bytes sent.
+    async fn upload(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        bundle: Arc<CatalogBlobs>,
+        progress: &Progress,
+        location: Option<String>,
+    ) -> Result<u64, RegistryError> {
         let upload = Upload {
             reg: self,
             repo,
@@ -106,21 +143,17 @@ impl Registry {
             progress,
             source: Source::new(bundle, desc.clone()),
         };
-        let permit = self
+        let _permit = self
             .uploads
             .clone()
             .acquire_owned()
             .await
             .expect("the upload semaphore is never closed");
-        let sent = if desc.size > self.transfer().chunk_threshold {
+        if desc.size > self.transfer().chunk_threshold {
             upload.chunked(location).await
         } else {
             upload.monolithic(location).await
-        };
-        drop(permit);
-        let sent = sent?;
-        self.remember(&key, repo).await;
-        Ok(BlobOutcome::Pushed(sent))
+        }
     }
 
     pub async fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, RegistryError> {

@@ -9,6 +9,7 @@
 mod auth;
 pub mod blob;
 mod error;
+mod lease;
 pub mod manifest;
 mod watch;
 
@@ -53,6 +54,8 @@ pub struct Registry {
     /// One lock per blob digest being pushed by this process: images sharing a layer
     /// wait for the first push, then mount instead of uploading it again.
     inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Who we are in upload leases (see [`lease`]): host name and a random number.
+    holder: String,
 }
 
 impl Registry {
@@ -72,7 +75,7 @@ impl Registry {
         let http = builder.build().map_err(RegistryError::transport)?;
         let scheme = if target.url.https { "https" } else { "http" };
         let base = format!("{scheme}://{}", target.url.host);
-        let key_prefix = hex::encode(&Sha256::digest(target.url.host.as_bytes())[..6]);
+        let key_prefix = registry_key_prefix(&target.url.host);
         Ok(Registry {
             auth: auth::Auth::new(&target, http.clone(), base.clone())?,
             uploads: Arc::new(tokio::sync::Semaphore::new(target.transfer.concurrency)),
@@ -82,6 +85,11 @@ impl Registry {
             blobs,
             key_prefix,
             inflight: Default::default(),
+            holder: format!(
+                "{}/{:016x}",
+                std::env::var("HOSTNAME").unwrap_or_default(),
+                rand::random::<u64>()
+            ),
         })
     }
 
@@ -189,6 +197,22 @@ impl Registry {
             digest.trim_start_matches("sha256:")
         )
     }
+}
+
+/// A registry's part of its keys in the `shipperd-blobs` bucket (KV keys cannot hold
+/// the `:` of a host with a port).
+fn registry_key_prefix(host: &str) -> String {
+    hex::encode(&Sha256::digest(host.as_bytes())[..6])
+}
+
+/// The `shipperd-blobs` key of the upload lease on `digest` at registry `host`
+/// (`host[:port]`); see [`lease`].
+pub fn lease_key(host: &str, digest: &str) -> String {
+    format!(
+        "lease.{}.{}",
+        registry_key_prefix(host),
+        digest.trim_start_matches("sha256:")
+    )
 }
 
 /// Standard request builders.
