@@ -10,6 +10,7 @@
 # index sharing a 150 MiB base layer, each with its own 110 MiB layer (55 MiB per
 # platform), about 0.9 GiB of distinct blobs.
 #   scripts/bench-publish.sh [BASE_MB OWN_MB] [PARALLEL]
+# PERF=FILE profiles shipperd with `perf record` during the first bundle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE_MB=${1:-150}
@@ -32,11 +33,13 @@ BYTES=$(awk '{s += $2} END {print s}' "$W/blobs.txt")
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc -l; }
 mbps() { echo "$BYTES / $1 / 1000000" | bc -l; }
+cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; } # user + system seconds of PID
 
 start_registry() { # name → sets RP
   RP=$($BIN/shipperd-dev free-port)
   $BIN/shipperd-dev registry-config --port "$RP" --root "$PWD/$W/$1" >"$W/$1.yml"
   docker-registry serve "$W/$1.yml" >"$W/$1.log" 2>&1 & PIDS+=($!)
+  RPID=$!
   wait_port "$RP" docker-registry
 }
 
@@ -54,6 +57,7 @@ export -f upload_blob
 T0=$(now)
 cut -d' ' -f1 "$W/blobs.txt" | xargs -P "$PAR" -n 1 bash -c 'upload_blob "$0"'
 T_CEIL=$(secs "$T0" "$(now)")
+CPU_CEIL=$(cpu "$RPID")
 
 echo "== 2. skopeo copy --all, image after image"
 start_registry skopeo
@@ -63,6 +67,7 @@ while read -r ref; do
     "docker://127.0.0.1:$RP/${ref#*/}" >/dev/null
 done <"$W/images.txt"
 T_SKOPEO=$(secs "$T0" "$(now)")
+CPU_SKOPEO=$(cpu "$RPID")
 
 echo "== 3. ShipperD"
 RUST_LOG=warn start_stack
@@ -74,9 +79,14 @@ run() {
   local t0 t1 phase
   t0=$(now)
   upload "$1" "$2" >/dev/null
+  PUB_CPU0=""
   for _ in $(seq 1 12000); do
     phase=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" | jq -r .phase)
     case "$phase" in Published|Failed) break ;; esac
+    # CPU used so far, taken when publishing starts: the publish phase's share.
+    if [ "$phase" = Publishing ] && [ -z "$PUB_CPU0" ]; then
+      PUB_CPU0=$(cpu "$SHIPPERD_PID") PUB_REG0=$(cpu "$REG_PID")
+    fi
     sleep 0.02
   done
   t1=$(now)
@@ -88,12 +98,15 @@ run() {
   T_PUB=$(secs "$(date -d "$(jq -r .unpacked_at <<<"$rec")" +%s.%N)" \
     "$(date -d "$(jq -r .finished_at <<<"$rec")" +%s.%N)")
 }
-cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
 REG_PID=$(pgrep -f "docker-registry serve $DEMO/registry.yml" | head -1)
 C0=$(cpu "$SHIPPERD_PID") R0=$(cpu "$REG_PID")
+# PERF=FILE: profile shipperd (perf record) while the first bundle goes through.
+[ -n "${PERF:-}" ] && { perf record -q -F 999 -g -p "$SHIPPERD_PID" -o "$PERF" & PERF_PID=$!; }
 run "$W/bundle.tar" bench.tar
+[ -n "${PERF:-}" ] && { kill -INT "$PERF_PID"; wait "$PERF_PID" || true; }
 E2E=$T_E2E PUB=$T_PUB
 CPU_S=$(echo "$(cpu "$SHIPPERD_PID") - $C0" | bc -l) CPU_R=$(echo "$(cpu "$REG_PID") - $R0" | bc -l)
+PCPU_S=$(echo "$(cpu "$SHIPPERD_PID") - ${PUB_CPU0:-0}" | bc -l) PCPU_R=$(echo "$(cpu "$REG_PID") - ${PUB_REG0:-0}" | bc -l)
 HWM=$(rss VmHWM)
 curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" \
   | jq -r '.images[] | "   \(.target)  \(.bytes_done)/\(.bytes_total) bytes\(if .skipped then " (skipped)" else "" end)"'
@@ -112,5 +125,7 @@ printf '%-34s %7.2f    (target ≤ 0.60)\n' "publish / skopeo" "$(echo "$PUB / $
 printf '%-34s %7.2f    (target ≤ 1.25)\n' "publish / ceiling" "$(echo "$PUB / $T_CEIL" | bc -l)"
 printf '%-34s %7d MiB before, %d MiB peak (VmHWM)\n' "shipperd all RSS" $((RSS0 / 1024)) $((HWM / 1024))
 printf '%-34s %7.2f s shipperd (upload, unpack, publish), %.2f s registry\n' "CPU time, first bundle" "$CPU_S" "$CPU_R"
+printf '%-34s %7.2f s shipperd, %.2f s registry\n' "CPU time, publishing alone" "$PCPU_S" "$PCPU_R"
+printf '%-34s %7.2f s with curl, %.2f s with skopeo\n' "registry CPU time, the others" "$CPU_CEIL" "$CPU_SKOPEO"
 printf '%-34s %7.2f s publish alone, %.2f s upload → Published; %d of %d images skipped\n' \
   "Day-2 (all present)" "$T_PUB" "$T_E2E" "$SKIPPED" "$IMAGES"

@@ -41,7 +41,10 @@ pub struct Transfer {
     /// Requests carrying blob bytes at once to this target, over every image.
     pub concurrency: usize,
     /// Blobs larger than this go up in chunks (POST, PATCH..., PUT) and resume after a
-    /// failure from the offset the registry reports; smaller ones in one PUT.
+    /// failure from the offset the registry reports; smaller ones in one PUT (sent
+    /// again whole after a failure). Chunks cost time (one request after another,
+    /// a round trip and a KV write between them), so only blobs whose re-sending
+    /// would hurt are chunked.
     pub chunk_threshold: u64,
     /// Bytes per PATCH of a chunked upload.
     pub chunk_size: u64,
@@ -67,7 +70,7 @@ impl Default for Transfer {
     fn default() -> Self {
         Transfer {
             concurrency: 4,
-            chunk_threshold: 128 << 20,
+            chunk_threshold: 256 << 20,
             chunk_size: 64 << 20,
             stall_timeout: Duration::from_secs(30),
             retries: 6,
