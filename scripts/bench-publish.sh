@@ -9,13 +9,16 @@
 # Each run gets a fresh docker-registry. The bundle: six images and a two-platform
 # index sharing a 150 MiB base layer, each with its own 110 MiB layer (55 MiB per
 # platform), about 0.9 GiB of distinct blobs.
-#   scripts/bench-publish.sh [BASE_MB OWN_MB] [PARALLEL]
+#   scripts/bench-publish.sh [BASE_MB OWN_MB] [PARALLEL] [OWN_LAYERS]
+# OWN_LAYERS (default 1) splits each image's own bytes into that many layers, each half
+# the one before, as real images have (one large layer, several small ones).
 # PERF=FILE profiles shipperd with `perf record` during the first bundle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE_MB=${1:-150}
 OWN_MB=${2:-110}
 PAR=${3:-4}
+OWN_LAYERS=${4:-1}
 scripts/install-deps.sh
 echo "== building (release)"
 cargo build --locked --release -q -p shipperd -p shipperd-tests --bins
@@ -28,7 +31,8 @@ rm -rf "$W"; mkdir -p "$W"
 trap 'cleanup; rm -rf "$W"' EXIT
 
 echo "== building the bundle"
-$BIN/shipperd-dev bench-bundle --dir "$W" --base-mb "$BASE_MB" --own-mb "$OWN_MB"
+$BIN/shipperd-dev bench-bundle --dir "$W" --base-mb "$BASE_MB" --own-mb "$OWN_MB" \
+  --own-layers "$OWN_LAYERS"
 BYTES=$(awk '{s += $2} END {print s}' "$W/blobs.txt")
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc -l; }

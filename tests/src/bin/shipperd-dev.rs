@@ -62,6 +62,8 @@ enum Cmd {
     /// OWN MiB (half that per platform), random bytes. Writes DIR/layout (an OCI layout),
     /// DIR/bundle.tar, DIR/day2.tar (the same images, other bytes), DIR/images.txt
     /// (one `oci:` reference per line) and DIR/blobs.txt (`digest size` of each blob).
+    /// With --own-layers N an image's own bytes are N layers instead of one, each half
+    /// the one before (as real images have one large layer and several small ones).
     BenchBundle {
         #[arg(long)]
         dir: PathBuf,
@@ -69,6 +71,8 @@ enum Cmd {
         base_mb: usize,
         #[arg(long, default_value_t = 110)]
         own_mb: usize,
+        #[arg(long, default_value_t = 1)]
+        own_layers: usize,
     },
     /// Receive webhooks on 127.0.0.1:PORT; print one line per event (signature checked).
     WebhookSink {
@@ -137,7 +141,8 @@ async fn main() -> anyhow::Result<()> {
             dir,
             base_mb,
             own_mb,
-        } => bench_bundle(&dir, base_mb, own_mb)?,
+            own_layers,
+        } => bench_bundle(&dir, base_mb, own_mb, own_layers)?,
         Cmd::WebhookSink {
             port,
             secret,
@@ -173,38 +178,63 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn random_layer(b: &mut LayoutBuilder, name: &str, mb: usize) -> shipperd_tests::fixtures::Layer {
-    let mut data = vec![0u8; mb << 20];
+fn random_layer(
+    b: &mut LayoutBuilder,
+    name: &str,
+    bytes: usize,
+) -> shipperd_tests::fixtures::Layer {
+    let mut data = vec![0u8; bytes];
     rand::Rng::fill(&mut rand::rng(), data.as_mut_slice());
     // Stored (level 0) gzip: valid gzip, no time spent compressing random bytes.
     b.layer(&[(name, data)], flate2::Compression::none())
 }
 
-fn bench_bundle(dir: &std::path::Path, base_mb: usize, own_mb: usize) -> anyhow::Result<()> {
+/// The base layer, then `n` random layers of `bytes` in all, each half the one before
+/// (the last takes what is left).
+fn own_layers(
+    b: &mut LayoutBuilder,
+    base: &shipperd_tests::fixtures::Layer,
+    bytes: usize,
+    n: usize,
+) -> Vec<shipperd_tests::fixtures::Layer> {
+    let mut layers = vec![base.clone()];
+    let mut left = bytes;
+    for k in 0..n {
+        let size = if k + 1 == n { left } else { left / 2 };
+        left -= size;
+        layers.push(random_layer(b, &format!("own{k}.bin"), size));
+    }
+    layers
+}
+
+fn bench_bundle(
+    dir: &std::path::Path,
+    base_mb: usize,
+    own_mb: usize,
+    n: usize,
+) -> anyhow::Result<()> {
     use shipperd_tests::fixtures::tar_bytes;
+    anyhow::ensure!(n >= 1, "--own-layers must be at least 1");
     let mut b = LayoutBuilder::new();
-    let base = random_layer(&mut b, "base.bin", base_mb);
+    let base = random_layer(&mut b, "base.bin", base_mb << 20);
     let mut refs = Vec::new();
     for i in 0..6 {
-        let own = random_layer(&mut b, "own.bin", own_mb);
+        let layers = own_layers(&mut b, &base, own_mb << 20, n);
         let name = format!("bench.example.com/bench/app{i}:1.0");
         b.image(
             serde_json::json!({ "org.opencontainers.image.ref.name": name }),
-            &[base.clone(), own],
+            &layers,
             &format!("bench/app{i}"),
             "1.0",
         );
         refs.push(name);
     }
-    let amd = random_layer(&mut b, "amd64.bin", own_mb / 2);
-    let arm = random_layer(&mut b, "arm64.bin", own_mb / 2);
+    let amd = own_layers(&mut b, &base, own_mb << 19, n);
+    let arm = own_layers(&mut b, &base, own_mb << 19, n);
     let name = "bench.example.com/bench/multi:1.0".to_string();
     b.multi_arch(
         serde_json::json!({ "org.opencontainers.image.ref.name": name }),
-        &[
-            ("amd64", vec![base.clone(), amd]),
-            ("arm64", vec![base, arm]),
-        ],
+        &[("amd64", amd), ("arm64", arm)],
         "bench/multi",
         "1.0",
     );

@@ -136,6 +136,13 @@ impl Registry {
         progress: &Progress,
         location: Option<String>,
     ) -> Result<u64, RegistryError> {
+        let _permit = self
+            .uploads
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the upload semaphore is never closed");
+        // The reader (a blocking thread) starts only once the upload may move bytes.
         let upload = Upload {
             reg: self,
             repo,
@@ -143,12 +150,6 @@ impl Registry {
             progress,
             source: Source::new(bundle, desc.clone()),
         };
-        let _permit = self
-            .uploads
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the upload semaphore is never closed");
         if desc.size > self.transfer().chunk_threshold {
             upload.chunked(location).await
         } else {
