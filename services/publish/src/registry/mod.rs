@@ -1,8 +1,8 @@
 //! One target registry, spoken to in the distribution protocol directly (reqwest):
 //! retries with backoff and jitter on 429, 5xx and broken connections (honouring
-//! `Retry-After`), stall detection, a cap on concurrent uploads, and logins through
-//! oci-client's token handling (basic auth, or a bearer token from the registry's token
-//! service).
+//! `Retry-After`), stall detection, a cap on concurrent uploads, upload leases shared
+//! by replicas, and logins through oci-client's token handling (basic auth, or a bearer
+//! token from the registry's token service; two-repository tokens for mounts are ours).
 //!
 //! Blobs: [`blob`]; manifests and referrers: [`manifest`].
 
