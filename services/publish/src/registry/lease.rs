@@ -67,6 +67,7 @@ impl Registry {
         let started = Instant::now();
         // The holder's revision and when we first saw it.
         let mut seen: Option<(u64, Instant)> = None;
+        let mut refused = 0;
         while started.elapsed() < WAIT_MAX {
             let entry = match self.blobs.entry(&key).await {
                 Ok(e) => e.filter(|e| e.operation == Operation::Put),
@@ -85,8 +86,15 @@ impl Registry {
                         tracing::debug!(key, rev, "upload lease taken");
                         return Lease::Held(self.hold(key, rev));
                     }
-                    // Another replica was quicker: wait on it.
-                    Err(error) => tracing::debug!(key, %error, "upload lease taken elsewhere"),
+                    // Another replica was quicker (then we wait on it), or the bucket
+                    // refuses writes (then, after a few tries, we go without).
+                    Err(error) => {
+                        tracing::debug!(key, %error, "upload lease not created");
+                        refused += 1;
+                        if refused >= 3 {
+                            return Lease::Unavailable;
+                        }
+                    }
                 }
                 tokio::time::sleep(POLL).await;
                 continue;
