@@ -31,7 +31,7 @@ pub struct Options {
     /// Files written into the data dir before the targets file is read.
     pub files: Vec<(String, Vec<u8>)>,
     /// Transfer settings of the default loopback target.
-    pub transfer: Option<shipperd_target::Transfer>,
+    pub transfer: Option<shipperd_registry_targets::Transfer>,
     /// Least time between two progress reports of one image (default 2 s).
     pub progress_interval: Option<Duration>,
     /// Images one publish service works on at once (default: the service's default).
@@ -74,15 +74,22 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         std::fs::write(data.path().join(name), bytes)?;
     }
     let targets = match &opts.targets_toml {
-        Some(t) => {
-            shipperd_target::Targets::parse(&t.replace("{registry}", &registry.url()), data.path())?
-        }
-        None => shipperd_target::Targets::single(&registry.url(), &opts.prefix, None, None, false)?
-            .with_transfer(|t| {
-                if let Some(x) = &opts.transfer {
-                    *t = x.clone();
-                }
-            }),
+        Some(t) => shipperd_registry_targets::Targets::parse(
+            &t.replace("{registry}", &registry.url()),
+            data.path(),
+        )?,
+        None => shipperd_registry_targets::Targets::single(
+            &registry.url(),
+            &opts.prefix,
+            None,
+            None,
+            false,
+        )?
+        .with_transfer(|t| {
+            if let Some(x) = &opts.transfer {
+                *t = x.clone();
+            }
+        }),
     };
     let drop_dir = opts.drop_dir.then(|| data.path().join("drop"));
     let listen = "127.0.0.1:0".parse().unwrap();
@@ -109,7 +116,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         replicas.push(tokio::spawn(p.serve(shutdown.clone())));
     }
     let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
-    notify.secret = opts.secret.as_deref().map(shipperd_bus::Secret::new);
+    notify.secret = opts.secret.as_deref().map(shipperd_model::Secret::new);
     notify.timeout = Duration::from_secs(2);
     notify.retry_initial = Duration::from_millis(100);
     notify.retry_max = Duration::from_millis(500);

@@ -89,8 +89,9 @@ async fn token_auth_with_credentials_from_a_dockerconfigjson() -> anyhow::Result
     }
     assert!(mounted >= 1, "{mounted} blobs mounted, {pushed} pushed");
 
-    // The same registry with a wrong password: refused by the token service, the
-    // bundle fails saying so, and nothing of it is tagged.
+    // The same registry with a wrong password: refused by the token service. Retrying
+    // cannot fix that, so every image fails at its first attempt (one refused login
+    // each), the bundle's error says why, and nothing of it is tagged.
     let other = sample("tok2", "tok2", 0);
     let (st, r) = app
         .put_with("tok2.tar", tar_bytes(&other.oci_files(""))?, "target=bad")
@@ -98,18 +99,34 @@ async fn token_auth_with_credentials_from_a_dockerconfigjson() -> anyhow::Result
     assert_eq!(st, 202, "{r}");
     let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
     assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let n = other.images.len();
     let errors: Vec<&str> = rec["images"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|i| i["error"].as_str())
         .collect();
-    println!("wrong password: {errors:?}");
+    assert_eq!(errors.len(), n, "{rec:#}");
     assert!(
-        errors.iter().any(|e| e.contains("authentication")),
-        "{errors:?}"
+        errors
+            .iter()
+            .all(|e| e.contains("refused (401)") && e.contains("bad credentials")),
+        "the registry's own answer: {errors:?}"
     );
-    assert!(tokens.counts().1 > 0);
+    let why = rec["error"].as_str().unwrap_or_default();
+    assert_eq!(
+        why,
+        format!(
+            "{n} of {n} images failed: login to {} refused (401) ({n} images)",
+            app.registry.host()
+        )
+    );
+    assert_eq!(rec["counts"]["failed"], n as u64);
+    assert_eq!(
+        tokens.counts().1,
+        n as u64,
+        "one refused login per image: no retries"
+    );
     assert!(app.tags("tok2").await.unwrap_or_default().is_empty());
     app.stop().await
 }

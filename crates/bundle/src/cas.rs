@@ -16,11 +16,11 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
-use crate::{Error, Result};
+use crate::{DataDir, Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct Cas {
-    dir: PathBuf,
+    data: DataDir,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -57,22 +57,23 @@ impl Claim {
 }
 
 impl Cas {
-    pub fn new(data_dir: &Path) -> Self {
-        Cas {
-            dir: data_dir.join("cas"),
-        }
+    pub fn new(data: &DataDir) -> Self {
+        Cas { data: data.clone() }
     }
 
     pub fn blob_path(&self, hex: &str) -> PathBuf {
-        self.dir.join("blobs/sha256").join(hex)
+        self.data.cas_blob(hex)
     }
 
     fn lock_file(&self) -> Result<File> {
-        for d in ["blobs/sha256", "refs", "tmp"] {
-            let d = self.dir.join(d);
+        for d in [
+            self.data.cas_blobs(),
+            self.data.cas_refs_dir(),
+            self.data.cas_tmp(),
+        ] {
             fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
-        let p = self.dir.join("lock");
+        let p = self.data.cas_lock();
         File::options()
             .create(true)
             .truncate(false)
@@ -84,11 +85,11 @@ impl Cas {
     /// Starts claiming blobs for `bundle_id` (a shared lock until the claim is dropped).
     pub fn claim(&self, bundle_id: &str) -> Result<Claim> {
         let lock = self.lock_file()?;
-        let p = self.dir.join("lock");
+        let p = self.data.cas_lock();
         lock.lock_shared().map_err(io_err(&p))?;
         Ok(Claim {
             _lock: lock,
-            refs: self.dir.join("refs").join(bundle_id),
+            refs: self.data.cas_refs(bundle_id),
             claimed: Vec::new(),
         })
     }
@@ -107,8 +108,8 @@ impl Cas {
         let dest = self.blob_path(hex);
         let have = dest.exists();
         let tmp = self
-            .dir
-            .join("tmp")
+            .data
+            .cas_tmp()
             .join(format!("{hex}.{}", std::process::id()))
             .with_extension(format!("{:x}", rand_suffix()));
         let mut out: Box<dyn Write> = if have {
@@ -166,7 +167,7 @@ impl Cas {
 
     /// Forgets the blobs `bundle_id` claimed (it is finished).
     pub fn release(&self, bundle_id: &str) -> Result<()> {
-        let p = self.dir.join("refs").join(bundle_id);
+        let p = self.data.cas_refs(bundle_id);
         match fs::remove_file(&p) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&p)(e)),
             _ => Ok(()),
@@ -195,10 +196,10 @@ impl Cas {
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Ok(None),
-            Err(fs::TryLockError::Error(e)) => return Err(io_err(&self.dir)(e)),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&self.data.cas())(e)),
         }
         let mut live = HashSet::new();
-        let refs = self.dir.join("refs");
+        let refs = self.data.cas_refs_dir();
         for e in fs::read_dir(&refs).map_err(io_err(&refs))? {
             let p = e.map_err(io_err(&refs))?.path();
             if p.extension().is_some_and(|x| x == "tmp") {
@@ -207,12 +208,12 @@ impl Cas {
             let body = fs::read_to_string(&p).map_err(io_err(&p))?;
             live.extend(body.lines().map(str::to_string));
         }
-        let tmp = self.dir.join("tmp");
+        let tmp = self.data.cas_tmp();
         for e in fs::read_dir(&tmp).map_err(io_err(&tmp))?.flatten() {
             let _ = fs::remove_file(e.path());
         }
         let mut done = Collected::default();
-        let blobs = self.dir.join("blobs/sha256");
+        let blobs = self.data.cas_blobs();
         for e in fs::read_dir(&blobs).map_err(io_err(&blobs))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if live.contains(&name) {
@@ -241,7 +242,7 @@ mod tests {
     #[test]
     fn blobs_are_checked_shared_and_collected() {
         let dir = tempfile::tempdir().unwrap();
-        let cas = Cas::new(dir.path());
+        let cas = Cas::new(&DataDir::new(dir.path()));
         let data = b"hello blob";
         let hex = hex::encode(Sha256::digest(data));
         let mut a = cas.claim("a").unwrap();

@@ -1,18 +1,16 @@
-//! The catalog of a checked bundle: where each blob its images need lives, written by
-//! unpack next to the bundle (`bundles/<id>/catalog.json`) so that publish reads blobs
-//! straight away, without opening or indexing the bundle again.
+//! What unpack leaves beside a checked bundle for publish: the catalog
+//! (`catalog.json`: how to open the bundle's bytes again) and where each blob's bytes
+//! are ([`Location`], carried in each image's plan, see [`crate::plan`]), so that publish
+//! reads blobs straight away, without opening, indexing or walking the bundle again.
 
 use std::{
-    collections::BTreeMap,
     io::Read,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    BlobSource, Descriptor, Digest, Error, Result, SquashfsBundle, cas::Cas, parts::MultiFile,
-};
+use crate::{BundleId, DataDir, Error, Limits, Result, SquashfsBundle, cas::Cas, parts::MultiFile};
 
 /// Where one blob's bytes are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,80 +32,63 @@ pub enum Container {
     Expanded,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlobEntry {
-    pub size: u64,
-    #[serde(flatten)]
-    pub location: Location,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Catalog {
     pub container: Container,
     /// The bundle's files, relative to the data directory, in order.
     pub parts: Vec<String>,
-    /// Every blob (manifests included) the bundle's images need.
-    pub blobs: BTreeMap<String, BlobEntry>,
-    /// Manifests that refer to another (OCI 1.1 `subject`): subject digest → referrers.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub referrers: BTreeMap<String, Vec<Descriptor>>,
+    /// The limits the bundle was accepted with (a squashfs is opened again with them).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
-pub const CATALOG_FILE: &str = "catalog.json";
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `body` to `path` atomically (temp file, fsync, rename).
+pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body).map_err(io(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
 
 impl Catalog {
-    /// Where the catalog of the bundle stored at `bundle_path` lives.
-    pub fn path_for(bundle_path: &Path) -> PathBuf {
-        bundle_path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(CATALOG_FILE)
-    }
-
-    /// Writes the catalog atomically (temp file, fsync, rename).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let io = |source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let tmp = path.with_extension("json.tmp");
+    pub fn save(&self, data: &DataDir, id: &BundleId) -> Result<()> {
         let body = serde_json::to_vec(self).expect("a catalog serialises");
-        std::fs::write(&tmp, body).map_err(io)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        write_atomic(&data.catalog(id), &body)
     }
 
-    pub fn load(path: &Path) -> Result<Self> {
-        let raw = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+    pub fn load(data: &DataDir, id: &BundleId) -> Result<Self> {
+        let path = data.catalog(id);
+        let raw = std::fs::read(&path).map_err(io(&path))?;
         serde_json::from_slice(&raw).map_err(|e| Error::Json {
             path: path.display().to_string(),
             reason: e.to_string(),
         })
     }
 
-    /// Opens the blobs for reading; `data_dir` is where `parts` and the store are.
-    pub fn open(self, data_dir: &Path) -> Result<CatalogBlobs> {
-        let parts: Vec<PathBuf> = self.parts.iter().map(|p| data_dir.join(p)).collect();
+    /// Opens the bundle's bytes for reading blobs by [`Location`].
+    pub fn open(&self, data: &DataDir) -> Result<BlobStore> {
+        let parts: Vec<PathBuf> = self.parts.iter().map(|p| data.root().join(p)).collect();
         let backing = match self.container {
             Container::Squashfs => {
                 let [one] = parts.as_slice() else {
                     return Err(Error::Layout("a squashfs bundle has one part".into()));
                 };
-                Backing::Squashfs(Box::new(SquashfsBundle::open(one, &Default::default())?))
+                Backing::Squashfs(Box::new(SquashfsBundle::open(one, &self.limits)?))
             }
             Container::Tar => Backing::Tar(MultiFile::open(&parts)?),
-            Container::Expanded => Backing::Cas(Cas::new(data_dir)),
+            Container::Expanded => Backing::Cas(Cas::new(data)),
         };
-        Ok(CatalogBlobs {
-            catalog: self,
-            backing,
-        })
+        Ok(BlobStore { backing })
     }
 }
 
@@ -117,47 +98,29 @@ enum Backing {
     Cas(Cas),
 }
 
-/// The blobs of a catalogued bundle.
-pub struct CatalogBlobs {
-    catalog: Catalog,
+/// An opened bundle's bytes, read by location. One per bundle and process is enough:
+/// every read opens its own stream.
+pub struct BlobStore {
     backing: Backing,
 }
 
-impl CatalogBlobs {
-    pub fn referrers(&self, subject: &str) -> &[Descriptor] {
-        self.catalog
-            .referrers
-            .get(subject)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-    }
-}
-
-impl BlobSource for CatalogBlobs {
-    fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>> {
-        let Some(entry) = self.catalog.blobs.get(digest.as_str()) else {
-            return Ok(None);
-        };
-        let reader: Box<dyn Read + '_> = match (&self.backing, &entry.location) {
+impl BlobStore {
+    /// The `size` bytes at `at` (a blob whose digest has `hex`).
+    pub fn read(&self, at: &Location, size: u64, hex: &str) -> Result<Box<dyn Read + '_>> {
+        Ok(match (&self.backing, at) {
             (Backing::Squashfs(fs), Location::Path { path }) => {
-                return crate::BundleFs::open(fs.as_ref(), path).map(Some);
+                crate::BundleFs::open(fs.as_ref(), path)?.0
             }
-            (Backing::Tar(mf), Location::Range { offset }) => {
-                Box::new(mf.range(*offset, entry.size))
-            }
-            (Backing::Cas(cas), Location::Cas { hex }) if hex == digest.hex() => {
-                let p = cas.blob_path(hex);
-                Box::new(std::fs::File::open(&p).map_err(|source| Error::Io {
-                    path: p.display().to_string(),
-                    source,
-                })?)
+            (Backing::Tar(mf), Location::Range { offset }) => Box::new(mf.range(*offset, size)),
+            (Backing::Cas(cas), Location::Cas { hex: h }) if h == hex => {
+                let p = cas.blob_path(h);
+                Box::new(std::fs::File::open(&p).map_err(io(&p))?)
             }
             _ => {
                 return Err(Error::Layout(format!(
-                    "the catalog's entry for {digest} does not match its container"
+                    "the plan's location of sha256:{hex} does not match the bundle's container"
                 )));
             }
-        };
-        Ok(Some((reader, entry.size)))
+        })
     }
 }

@@ -41,7 +41,7 @@ pub struct Discovered {
     /// (with the repository they were found in, for a registry tree).
     pub unnamed: Vec<(Option<String>, Descriptor)>,
     /// Every blob file: digest → path in the bundle.
-    pub blob_paths: HashMap<String, String>,
+    pub blob_paths: HashMap<Digest, String>,
     /// Where the layouts were found, for logs (`oci:images/`, `registry:platform/mirror/`).
     pub roots: Vec<String>,
 }
@@ -53,10 +53,10 @@ pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result
     let mut files = fs.files();
     files.sort_unstable();
     for f in &files {
-        if let Some(hex) = blob_hex(f) {
+        if let Some(digest) = blob_hex(f).and_then(|hex| Digest::from_hex(hex).ok()) {
             found
                 .blob_paths
-                .entry(format!("sha256:{hex}"))
+                .entry(digest)
                 .or_insert_with(|| f.to_string());
         }
         if let Some(dir) = f.strip_suffix("index.json")
@@ -138,8 +138,6 @@ fn oci_images(
         reason: e.to_string(),
     })?;
     for desc in index.manifests {
-        desc.digest()
-            .map_err(|e| Error::Layout(format!("{path}: {e}")))?;
         match image_name(&desc, fallback_repo)? {
             Some(name) => {
                 names.entry(name.to_string()).or_insert(LayoutImage {
@@ -158,7 +156,7 @@ fn tree_images(
     fs: &dyn BundleFs,
     files: &[&str],
     root: &str,
-    blob_paths: &HashMap<String, String>,
+    blob_paths: &HashMap<Digest, String>,
     names: &mut BTreeMap<String, LayoutImage>,
     unnamed: &mut Vec<(Option<String>, Descriptor)>,
 ) -> Result<()> {
@@ -180,10 +178,7 @@ fn tree_images(
             continue;
         }
         let digest = read_link(fs, f, blob_paths)?;
-        let desc = Descriptor {
-            digest: digest.to_string(),
-            ..Default::default()
-        };
+        let desc = Descriptor::new("", digest.clone(), 0);
         if let Some(tag) = tag {
             let source = Reference::parse(&format!("{repo}:{tag}"))
                 .map_err(|e| Error::Layout(format!("{f}: {e}")))?;
@@ -209,7 +204,7 @@ fn tree_images(
 fn read_link(
     fs: &dyn BundleFs,
     path: &str,
-    blob_paths: &HashMap<String, String>,
+    blob_paths: &HashMap<Digest, String>,
 ) -> Result<Digest> {
     let raw = fs.read_small(path, MAX_LINK_BYTES)?;
     let text = String::from_utf8_lossy(&raw);
@@ -219,7 +214,7 @@ fn read_link(
             text.chars().take(100).collect::<String>()
         ))
     })?;
-    if !blob_paths.contains_key(digest.as_str()) {
+    if !blob_paths.contains_key(&digest) {
         return Err(Error::Hostile(format!(
             "link file {path} points at {digest}, which is not in the bundle (no blobs/sha256/{}/{}/data)",
             &digest.hex()[..2],
@@ -232,16 +227,16 @@ fn read_link(
 /// The source reference an `index.json` entry names, if any.
 pub(crate) fn image_name(desc: &Descriptor, fallback_repo: &str) -> Result<Option<Reference>> {
     if let Some(full) = desc.annotations.get(ANNOTATION_CONTAINERD_NAME) {
-        return Reference::parse(full).map(Some);
+        return Ok(Some(Reference::parse(full)?));
     }
     let Some(name) = desc.annotations.get(ANNOTATION_REF_NAME) else {
         return Ok(None);
     };
     if name.contains('/') || name.contains(':') || name.contains('@') {
-        Reference::parse(name).map(Some)
+        Ok(Some(Reference::parse(name)?))
     } else {
         // A tag alone, as skopeo and oras write it.
-        Reference::parse(&format!("{fallback_repo}:{name}")).map(Some)
+        Ok(Some(Reference::parse(&format!("{fallback_repo}:{name}"))?))
     }
 }
 
@@ -252,13 +247,11 @@ mod tests {
 
     #[test]
     fn names_from_annotations() {
-        let mut d = Descriptor {
-            media_type: OCI_MANIFEST.into(),
-            digest: format!("sha256:{}", "a".repeat(64)),
-            size: 1,
-            annotations: BTreeMap::new(),
-            ..Default::default()
-        };
+        let mut d = Descriptor::new(
+            OCI_MANIFEST,
+            Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap(),
+            1,
+        );
         assert!(image_name(&d, "b").unwrap().is_none());
         d.annotations
             .insert(ANNOTATION_REF_NAME.into(), "1.0".into());

@@ -38,8 +38,6 @@ pub enum Error {
     TooLarge { path: String, size: u64, limit: u64 },
     #[error("{path} is not valid JSON of the expected shape: {reason}")]
     Json { path: String, reason: String },
-    #[error("invalid digest {0:?}: only sha256:<64 lowercase hex> is supported")]
-    Digest(String),
     #[error("blob {digest} of image {image}: {problem}")]
     Blob {
         image: String,
@@ -50,8 +48,8 @@ pub enum Error {
     Image { image: String, problem: String },
     #[error("invalid bundle layout: {0}")]
     Layout(String),
-    #[error("invalid image reference {reference:?}: {problem}")]
-    Reference { reference: String, problem: String },
+    #[error(transparent)]
+    Parse(#[from] shipperd_model::ParseError),
 }
 
 impl Error {

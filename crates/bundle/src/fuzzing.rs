@@ -35,7 +35,7 @@ fn exercise(fs: &dyn BundleFs) {
         paths: &found.blob_paths,
     };
     let walker = Walker::new(&blobs, &limits);
-    let none = |_: &str| Vec::new();
+    let none = |_: &crate::Digest| Vec::new();
     for img in found.images.iter().take(50) {
         if let Ok(plan) = walker.plan("fuzz", &img.descriptor, &none) {
             for b in plan.blobs.iter().take(50) {
@@ -65,7 +65,7 @@ pub fn tar(data: &[u8]) {
         };
         match format::detect_bytes(data) {
             f @ (format::Format::Gzip | format::Format::Zstd | format::Format::Xz) => {
-                let cas = Cas::new(p.parent().expect("a parent"));
+                let cas = Cas::new(&crate::DataDir::new(p.parent().expect("a parent")));
                 if let Ok(fs) = ArchiveFs::expand(&mf, f, &cas, "fuzz", &limits()) {
                     exercise(&fs);
                 }

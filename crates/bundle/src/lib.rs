@@ -6,8 +6,8 @@
 //! - [`discover`]: the OCI image layouts and registry storage trees inside, and the
 //!   images they name;
 //! - [`layout`]: digests, descriptors, and the walk from an image to everything it needs;
-//! - [`catalog`]: where each needed blob lives, saved for the publish stage;
-//! - [`reference`]: image names (`[host/]repo[:tag][@digest]`) and where they land;
+//! - [`catalog`]: how to open a checked bundle again, and where a blob's bytes are;
+//! - [`plan`]: each image's publish plan, stored once by unpack;
 //! - [`limits`]: the bounds that keep hostile bundles harmless.
 
 pub mod archive;
@@ -22,16 +22,17 @@ pub mod layout;
 pub mod limits;
 pub mod parts;
 pub mod paths;
-pub mod reference;
+pub mod plan;
 pub mod squashfs;
 
-pub use catalog::{Catalog, CatalogBlobs, Location};
+pub use catalog::{BlobStore, Catalog, Location};
 pub use discover::{Discovered, LayoutImage, discover};
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
-pub use layout::{Descriptor, Digest, ImagePlan, ManifestDoc, Walker};
+pub use layout::{Descriptor, ImagePlan, ManifestDoc, Walker};
 pub use limits::Limits;
-pub use reference::{Reference, RegistryUrl};
+pub use plan::{PlanBlobs, PlanWriter, StoredPlan, read_plan};
+pub use shipperd_model::{BundleId, DataDir, Digest, Reference, RegistryUrl, reference};
 pub use squashfs::SquashfsBundle;
 
 use std::io::Read;
@@ -80,12 +81,12 @@ pub trait BlobSource: Send + Sync {
 /// The blobs of an opened bundle, by the paths [`discover`] found.
 pub struct FsBlobs<'a> {
     pub fs: &'a dyn BundleFs,
-    pub paths: &'a std::collections::HashMap<String, String>,
+    pub paths: &'a std::collections::HashMap<Digest, String>,
 }
 
 impl BlobSource for FsBlobs<'_> {
     fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>> {
-        match self.paths.get(digest.as_str()) {
+        match self.paths.get(digest) {
             Some(p) => self.fs.open(p).map(Some),
             None => Ok(None),
         }

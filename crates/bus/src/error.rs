@@ -19,7 +19,7 @@ pub enum Error {
     Nats(String),
     #[error("cannot decode {what}: {reason}")]
     Decode { what: &'static str, reason: String },
-    #[error("bundle {0} is not known")]
+    #[error("{0} is not known")]
     NotFound(String),
     #[error("bundle {0} was changed concurrently too many times; giving up this update")]
     Conflict(String),
@@ -35,7 +35,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn nats(e: impl std::fmt::Display) -> Self {
+    pub fn nats(e: impl std::fmt::Display) -> Self {
         Error::Nats(e.to_string())
     }
 }

@@ -5,6 +5,7 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde_json::Value;
+use shipperd_model::{BundleId, now_rfc3339};
 use shipperd_proto::v1;
 
 use crate::{Error, Result, subjects::EVENT_SOURCE};
@@ -87,7 +88,7 @@ impl EventKind {
 /// The CloudEvents id of an event about `bundle_id` (and one image of it, when given).
 /// Deterministic, so a retried publish of the same logical event is dropped by JetStream's
 /// duplicate window and a webhook sees one `webhook-id` for it.
-pub fn event_id(kind: EventKind, bundle_id: &str, image: Option<u32>) -> String {
+pub fn event_id(kind: EventKind, bundle_id: &BundleId, image: Option<u32>) -> String {
     let short = kind.type_name().trim_start_matches("io.shipperd.");
     match image {
         Some(i) => format!("{bundle_id}.{short}.{i}"),
@@ -108,11 +109,6 @@ pub fn event_headers(kind: EventKind, id: &str, subject: &str) -> HeaderMap {
     h.insert(async_nats::header::NATS_MESSAGE_ID, id);
     crate::trace::inject(&mut h);
     h
-}
-
-/// Current time as RFC 3339 (UTC, microseconds).
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
 }
 
 /// An event read back from NATS.

@@ -13,6 +13,8 @@ use async_nats::jetstream::{
 };
 use bytes::Bytes;
 
+use shipperd_model::BundleId;
+
 use crate::{
     Error, Result,
     event::{EventKind, event_headers},
@@ -25,6 +27,17 @@ pub struct Bus {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
 }
+
+/// A message for the jobs stream: its subject, de-duplication id and body.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub subject: &'static str,
+    pub msg_id: String,
+    pub body: Bytes,
+}
+
+/// Publishes awaiting their acknowledgement at once, in [`Bus::publish_jobs`].
+const PUBLISH_WINDOW: usize = 256;
 
 /// How a durable pull consumer is declared.
 #[derive(Debug, Clone)]
@@ -59,7 +72,7 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Declares both streams and both KV buckets.
+    /// Declares both streams and the KV buckets.
     pub async fn ensure_topology(&self) -> Result<()> {
         let week = Duration::from_secs(7 * 24 * 3600);
         self.js
@@ -86,18 +99,22 @@ impl Bus {
             })
             .await
             .map_err(|e| Error::Nats(format!("declaring stream {JOBS_STREAM}: {e}")))?;
-        self.kv(BUNDLES_BUCKET, 10).await?;
-        self.kv(BLOBS_BUCKET, 1).await?;
+        for (bucket, history, direct) in BUCKETS {
+            self.kv(bucket, history, direct).await?;
+        }
         Ok(())
     }
 
-    /// Gets (or creates) a KV bucket.
+    /// Gets (or creates) a KV bucket keeping `history` values per key. With `direct`,
+    /// reads may be served by any replica of a clustered bucket (faster, possibly a
+    /// moment stale); without it they go to the leader, which compare-and-set loops
+    /// that read one key to decide a write to another rely on.
     ///
     /// async-nats' `create_key_value` first reads the account info, whose reply from
     /// nats-server 2.9 lacks fields the client requires (`reserved_memory`), so it fails
     /// there. We declare the bucket's backing stream ourselves, shaped as the KV
     /// protocol wants it, then bind to it.
-    pub async fn kv(&self, bucket: &str, history: i64) -> Result<kv::Store> {
+    pub async fn kv(&self, bucket: &str, history: i64, direct: bool) -> Result<kv::Store> {
         if let Ok(store) = self.js.get_key_value(bucket).await {
             return Ok(store);
         }
@@ -110,7 +127,7 @@ impl Bus {
                 max_messages_per_subject: history,
                 discard: stream::DiscardPolicy::New,
                 storage: StorageType::File,
-                allow_direct: true,
+                allow_direct: direct,
                 allow_rollup: true,
                 deny_delete: true,
                 duplicate_window: Duration::from_secs(120),
@@ -144,40 +161,84 @@ impl Bus {
     }
 
     /// Publishes an event and waits for JetStream to store it (a duplicate within the
-    /// window counts as stored).
+    /// window counts as stored). Returns its stream sequence.
     pub async fn publish_event(
         &self,
         kind: EventKind,
         id: &str,
-        bundle_id: &str,
+        bundle_id: &BundleId,
         body: Bytes,
-    ) -> Result<()> {
-        let headers = event_headers(kind, id, bundle_id);
-        self.js
+    ) -> Result<u64> {
+        let headers = event_headers(kind, id, bundle_id.as_str());
+        let ack = self
+            .js
             .publish_with_headers(kind.subject(), headers, body)
             .await
             .map_err(Error::nats)?
             .await
             .map_err(Error::nats)?;
-        Ok(())
+        Ok(ack.sequence)
     }
 
-    /// Publishes a job with a de-duplication id and waits for JetStream to store it.
-    pub async fn publish_job(&self, subject: &str, msg_id: &str, body: Bytes) -> Result<()> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
-        crate::trace::inject(&mut headers);
-        self.js
-            .publish_with_headers(subject.to_string(), headers, body)
+    /// Publishes jobs, each with its de-duplication id, and waits until JetStream has
+    /// stored every one. Up to [`PUBLISH_WINDOW`] are in flight at once, so thousands go
+    /// out in one round of acknowledgements rather than one round trip each.
+    pub async fn publish_jobs(&self, jobs: Vec<Job>) -> Result<u64> {
+        let mut pending = std::collections::VecDeque::new();
+        let mut sent = 0u64;
+        for job in jobs {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, job.msg_id.as_str());
+            crate::trace::inject(&mut headers);
+            let ack = self
+                .js
+                .publish_with_headers(job.subject, headers, job.body)
+                .await
+                .map_err(Error::nats)?;
+            pending.push_back(ack);
+            if pending.len() >= PUBLISH_WINDOW
+                && let Some(first) = pending.pop_front()
+            {
+                first.await.map_err(Error::nats)?;
+            }
+            sent += 1;
+        }
+        for ack in pending {
+            ack.await.map_err(Error::nats)?;
+        }
+        Ok(sent)
+    }
+
+    /// One of ShipperD's KV buckets ([`BUNDLES_BUCKET`], [`IMAGES_BUCKET`],
+    /// [`BLOBS_BUCKET`]), declared as [`Bus::ensure_topology`] does.
+    pub async fn bucket(&self, name: &str) -> Result<kv::Store> {
+        let (_, history, direct) = BUCKETS
+            .iter()
+            .find(|(b, ..)| *b == name)
+            .copied()
+            .unwrap_or((name, 1, true));
+        self.kv(name, history, direct).await
+    }
+
+    /// Messages of a durable consumer not yet delivered or not yet acknowledged: is
+    /// there work queued or in hand?
+    pub async fn consumer_backlog(&self, stream: &str, durable: &str) -> Result<u64> {
+        let mut consumer: PullConsumer = self
+            .js
+            .get_stream(stream)
             .await
             .map_err(Error::nats)?
+            .get_consumer(durable)
             .await
             .map_err(Error::nats)?;
-        Ok(())
-    }
-
-    /// The bundle state store.
-    pub async fn state(&self) -> Result<crate::StateStore> {
-        Ok(crate::StateStore::new(self.kv(BUNDLES_BUCKET, 10).await?))
+        let info = consumer.info().await.map_err(Error::nats)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
     }
 }
+
+/// The KV buckets: name, values kept per key, reads from any replica.
+const BUCKETS: [(&str, i64, bool); 3] = [
+    (BUNDLES_BUCKET, 5, false),
+    (IMAGES_BUCKET, 1, false),
+    (BLOBS_BUCKET, 1, true),
+];

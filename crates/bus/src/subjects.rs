@@ -14,8 +14,10 @@ pub const JOBS_SUBJECTS: &str = "shipperd.jobs.>";
 /// One message per image to publish.
 pub const PUBLISH_JOB_SUBJECT: &str = "shipperd.jobs.publish";
 
-/// KV bucket with one record per bundle, keyed by bundle id.
+/// KV bucket with one small summary per bundle, keyed by bundle id.
 pub const BUNDLES_BUCKET: &str = "shipperd-bundles";
+/// KV bucket with the state of every image, keyed `<bundle id>.<image index>`.
+pub const IMAGES_BUCKET: &str = "shipperd-images";
 /// KV bucket mapping a blob digest to a repository that holds it, per registry, so later
 /// pushes of the same blob to other repositories can be cross-repository mounts.
 pub const BLOBS_BUCKET: &str = "shipperd-blobs";

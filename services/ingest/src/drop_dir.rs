@@ -91,12 +91,12 @@ async fn take(store: &Store, dir: &std::path::Path, name: &str) {
         },
         Err(_) => None,
     };
-    match store.receive_file(name, &path, expected.as_deref()).await {
+    match store.receive_file(name, &path, expected.as_ref()).await {
         Ok(a) => {
             if expected.is_some() {
                 let _ = tokio::fs::remove_file(&sidecar).await;
             }
-            tracing::info!(bundle_id = %a.record.id, name, created = a.created, "took bundle from the drop directory")
+            tracing::info!(bundle_id = %a.summary.id, name, created = a.created, "took bundle from the drop directory")
         }
         Err(error) if error.is_transient() => {
             tracing::warn!(%error, name, "cannot take bundle from the drop directory now; will try again");

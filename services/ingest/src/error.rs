@@ -29,6 +29,12 @@ pub enum Error {
     BadPart(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("no bundle with id {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Gone(String),
     #[error("bundle store I/O on {path}: {source}")]
     Io {
         path: String,
@@ -66,6 +72,9 @@ impl Error {
             | Error::BadRequest(_)
             | Error::Empty => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Gone(_) => StatusCode::GONE,
             Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Io { .. } | Error::Bind(..) | Error::Serve(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

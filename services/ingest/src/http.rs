@@ -1,6 +1,7 @@
 //! The HTTP API: `PUT /v1/bundles/{name}`, multi-part uploads
 //! (`PUT /v1/uploads/{name}/parts/{n}`, then `POST /v1/uploads/{name}/complete?parts=N`),
-//! `GET /v1/bundles[/{id}]`, health and metrics.
+//! `GET /v1/bundles[/{id}[/images]]` (paged), `POST /v1/bundles/{id}/retry`,
+//! `DELETE /v1/bundles/{id}`, health and metrics.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -13,18 +14,27 @@ use axum::{
     routing::{get, post, put},
 };
 use serde_json::json;
-use shipperd_bus::BundleRecord;
+use shipperd_model::{BundleId, BundleSummary, ImagePhase, TargetName};
 
 use crate::{
-    Result,
+    Error, Result,
     metrics::{self, METRICS},
+    ops,
     store::{Store, parse_checksum},
+    views,
 };
+
+/// Images in a bundle's status document, and in a page unless `limit` says otherwise.
+const PAGE: u32 = 100;
+/// Most images or bundles one page may ask for.
+const MAX_PAGE: u32 = 1000;
 
 pub fn router(store: Arc<Store>) -> Router {
     Router::new()
         .route("/v1/bundles", get(list))
-        .route("/v1/bundles/{key}", put(upload).get(show))
+        .route("/v1/bundles/{key}", put(upload).get(show).delete(delete))
+        .route("/v1/bundles/{id}/images", get(images))
+        .route("/v1/bundles/{id}/retry", post(retry))
         .route("/v1/uploads/{name}/parts/{n}", put(upload_part))
         .route("/v1/uploads/{name}/complete", post(complete))
         .route("/healthz", get(|| async { "ok" }))
@@ -36,34 +46,45 @@ pub fn router(store: Arc<Store>) -> Router {
         .with_state(store)
 }
 
-fn accepted(status: StatusCode, rec: &BundleRecord) -> Response {
+fn accepted(status: StatusCode, s: &BundleSummary) -> Response {
     (
         status,
         Json(json!({
-            "id": rec.id,
-            "name": rec.name,
-            "size": rec.size,
-            "status": rec.phase,
+            "id": s.id,
+            "name": s.name,
+            "size": s.size,
+            "status": s.phase,
         })),
     )
         .into_response()
 }
 
 /// `?target=NAME`: the registry target the bundle goes to (default: the default one).
-fn target_param(q: &HashMap<String, String>) -> Result<Option<&str>> {
+fn target_param(q: &HashMap<String, String>) -> Result<Option<TargetName>> {
     match q.get("target").map(String::as_str) {
         None | Some("") => Ok(None),
-        Some(t)
-            if t.len() <= 63
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
-        {
-            Ok(Some(t))
-        }
-        Some(t) => Err(crate::Error::BadRequest(format!(
-            "target {t:?}: names are up to 63 letters, digits and - _ ."
-        ))),
+        Some(t) => TargetName::parse(t)
+            .map(Some)
+            .map_err(|e| Error::BadRequest(e.to_string())),
     }
+}
+
+/// A bundle id in a path; anything else names no bundle.
+fn bundle_id(s: &str) -> Result<BundleId> {
+    BundleId::from_checksum(s).map_err(|_| Error::NotFound(s.to_string()))
+}
+
+/// `?offset=&limit=`.
+fn paging(q: &HashMap<String, String>) -> Result<(u32, u32)> {
+    let num = |k: &str, default: u32| -> Result<u32> {
+        match q.get(k) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| Error::BadRequest(format!("{k}={v:?}: expected a number"))),
+        }
+    };
+    Ok((num("offset", 0)?, num("limit", PAGE)?.clamp(1, MAX_PAGE)))
 }
 
 async fn upload(
@@ -75,17 +96,24 @@ async fn upload(
     let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
     let target = target_param(&q)?;
     if let Some(id) = &expected
-        && let Some(rec) = store.known(id).await?
+        && let Some(s) = store.known(id).await?
+        && s.expired_at.is_none()
+        && !s.deleting
     {
         // Known by its checksum: no need to read (possibly gigabytes of) body again.
-        return Ok(accepted(StatusCode::OK, &rec));
+        return Ok(accepted(StatusCode::OK, &s));
     }
     match store
-        .receive(&name, body.into_data_stream(), expected.as_deref(), target)
+        .receive(
+            &name,
+            body.into_data_stream(),
+            expected.as_ref(),
+            target.as_ref(),
+        )
         .await
     {
-        Ok(a) if a.created => Ok(accepted(StatusCode::ACCEPTED, &a.record)),
-        Ok(a) => Ok(accepted(StatusCode::OK, &a.record)),
+        Ok(a) if a.created => Ok(accepted(StatusCode::ACCEPTED, &a.summary)),
+        Ok(a) => Ok(accepted(StatusCode::OK, &a.summary)),
         Err(e) => {
             METRICS.uploads_rejected.add(1);
             tracing::warn!(error = %e, name, "upload refused");
@@ -102,7 +130,7 @@ async fn upload_part(
 ) -> Result<Response> {
     let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
     let part = store
-        .receive_part(&name, n, body.into_data_stream(), expected.as_deref())
+        .receive_part(&name, n, body.into_data_stream(), expected.as_ref())
         .await
         .inspect_err(|e| {
             METRICS.uploads_rejected.add(1);
@@ -120,38 +148,119 @@ async fn complete(
         .get("parts")
         .and_then(|p| p.parse::<u32>().ok())
         .ok_or_else(|| crate::Error::BadPart("give the number of parts: ?parts=N".into()))?;
-    let a = store.complete(&name, parts, target_param(&q)?).await?;
+    let a = store
+        .complete(&name, parts, target_param(&q)?.as_ref())
+        .await?;
     Ok(accepted(
         if a.created {
             StatusCode::ACCEPTED
         } else {
             StatusCode::OK
         },
-        &a.record,
+        &a.summary,
     ))
 }
 
-async fn list(State(store): State<Arc<Store>>) -> Result<Response> {
+/// `GET /v1/bundles?offset=&limit=`: newest first.
+async fn list(
+    State(store): State<Arc<Store>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response> {
+    let (offset, limit) = paging(&q)?;
     let mut bundles = store.state().list().await?;
+    bundles.retain(|s| !s.deleting);
     bundles.sort_by(|a, b| b.received_at.cmp(&a.received_at));
-    Ok(Json(json!({ "bundles": bundles })).into_response())
+    let total = bundles.len();
+    let page: Vec<_> = bundles
+        .iter()
+        .skip(offset as usize)
+        .take(limit as usize)
+        .map(views::summary)
+        .collect();
+    let end = offset as usize + page.len();
+    Ok(Json(json!({
+        "bundles": page,
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "next": (end < total).then_some(end),
+    }))
+    .into_response())
 }
 
+async fn summary_of(store: &Store, id: &str) -> Result<BundleSummary> {
+    let id = bundle_id(id)?;
+    match store.known(&id).await? {
+        Some(s) if !s.deleting => Ok(s),
+        _ => Err(Error::NotFound(id.to_string())),
+    }
+}
+
+/// `GET /v1/bundles/{id}`: the status, and the first page of images.
 async fn show(State(store): State<Arc<Store>>, Path(id): Path<String>) -> Result<Response> {
-    let not_found = || {
-        (
-            StatusCode::NOT_FOUND,
-            Json(json!({ "error": format!("no bundle with id {id:?}") })),
-        )
-            .into_response()
+    let s = summary_of(&store, &id).await?;
+    let page = store.state().page(&s, None, 0, PAGE).await?;
+    let mut doc = views::summary(&s);
+    doc["images"] = page.images.iter().map(|i| views::image(&s, i)).collect();
+    doc["images_next"] = json!(page.next);
+    Ok(Json(doc).into_response())
+}
+
+/// `GET /v1/bundles/{id}/images?phase=&offset=&limit=`: images in index order from
+/// `offset`; `next` is the offset of the following page.
+async fn images(
+    State(store): State<Arc<Store>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response> {
+    let s = summary_of(&store, &id).await?;
+    let (offset, limit) = paging(&q)?;
+    let phase = match q.get("phase").map(String::as_str) {
+        None | Some("") => None,
+        Some(p) => Some(ImagePhase::parse(p).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "phase={p:?}: expected Pending, Published or Failed"
+            ))
+        })?),
     };
-    let Ok(id) = parse_checksum(&id) else {
-        return Ok(not_found());
-    };
-    Ok(match store.known(&id).await? {
-        Some(rec) => Json(rec).into_response(),
-        None => not_found(),
-    })
+    let page = store.state().page(&s, phase, offset, limit).await?;
+    let total = phase.map_or(s.counts.total, |p| s.counts.of(p));
+    Ok(Json(json!({
+        "images": page.images.iter().map(|i| views::image(&s, i)).collect::<Vec<_>>(),
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "next": page.next,
+    }))
+    .into_response())
+}
+
+/// `POST /v1/bundles/{id}/retry`.
+async fn retry(State(store): State<Arc<Store>>, Path(id): Path<String>) -> Result<Response> {
+    let id = bundle_id(&id)?;
+    let r = ops::retry(&store, &id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "id": r.summary.id,
+            "status": r.summary.phase,
+            "generation": r.summary.generation,
+            "images": r.images,
+        })),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/bundles/{id}[?force=true]`.
+async fn delete(
+    State(store): State<Arc<Store>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response> {
+    let id = bundle_id(&id)?;
+    let force = q.get("force").is_some_and(|v| v == "true" || v == "1");
+    ops::delete(&store, &id, force).await?;
+    Ok(Json(json!({ "id": id, "deleted": true })).into_response())
 }
 
 async fn ready(State(store): State<Arc<Store>>) -> Response {

@@ -3,18 +3,27 @@
 //! Bundles arrive by `PUT /v1/bundles/{name}` (streamed to disk, never whole in memory)
 //! or by being copied into the drop directory (`oc rsync`, `kubectl cp`). The sha256 of
 //! the bytes is the bundle's id: a bundle sent twice is stored and processed once. Once a
-//! bundle is safely on disk its record is created in KV and `bundle.received` is emitted.
+//! bundle is safely on disk its summary is created in KV and `bundle.received` is emitted.
+//!
+//! It also answers for bundles (status, paged image lists, retry, delete) and runs the
+//! janitor: expiry of old files, re-driving bundles that stalled, recovering bundles
+//! stored but never recorded.
 
 mod drop_dir;
 mod error;
 mod http;
+mod janitor;
 mod metrics;
+mod ops;
 mod store;
+mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 pub use error::{Error, Result};
+pub use janitor::Janitor;
 use shipperd_bus::Bus;
+use shipperd_model::DataDir;
 pub use store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -22,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
-    /// The bundle store: bundles land in `<data_dir>/bundles/<id>/bundle`.
-    pub data_dir: PathBuf,
+    /// The bundle store, shared with the other services.
+    pub data_dir: DataDir,
     /// Address of the HTTP API.
     pub listen: SocketAddr,
     /// Directory watched for bundles copied in; `None` to watch nothing.
@@ -33,6 +42,8 @@ pub struct Config {
     pub drop_poll: Duration,
     /// Largest bundle accepted, in bytes.
     pub max_bundle_bytes: u64,
+    /// What the janitor does, and how often.
+    pub janitor: janitor::Settings,
 }
 
 impl Config {
@@ -43,11 +54,12 @@ impl Config {
     ) -> Self {
         Config {
             nats_url: nats_url.into(),
-            data_dir: data_dir.into(),
+            data_dir: DataDir::new(data_dir.into()),
             listen,
             drop_dir: None,
             drop_poll: Duration::from_secs(2),
             max_bundle_bytes: 1 << 40,
+            janitor: janitor::Settings::default(),
         }
     }
 }
@@ -83,6 +95,9 @@ impl Ingest {
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
         tracing::info!(addr = %self.local_addr(), "ingest listening");
+        let janitor = tokio::spawn(
+            Janitor::new(self.store.clone(), self.config.janitor.clone()).run(shutdown.clone()),
+        );
         let watcher = self.config.drop_dir.clone().map(|dir| {
             tokio::spawn(drop_dir::watch(
                 dir,
@@ -100,6 +115,7 @@ impl Ingest {
         if let Some(w) = watcher {
             let _ = w.await;
         }
+        let _ = janitor.await;
         Ok(())
     }
 }

@@ -1,19 +1,24 @@
-//! The bundle store: `<data_dir>/bundles/<id>/bundle`, written once.
+//! The bundle store: `<data>/bundles/<id>/bundle` (or `.../parts/`), written once.
 //!
-//! Uploads stream into `<data_dir>/tmp/` while being hashed, are fsynced, then renamed
-//! into place (same filesystem, so the rename is atomic: a stored bundle is always whole).
-//! A temp file is removed whenever an upload does not complete.
+//! Uploads stream into `<data>/tmp/` while being hashed, are fsynced, then renamed into
+//! place (same filesystem, so the rename is atomic: a stored bundle is always whole).
+//! A temp file is removed whenever an upload does not complete. Before a bundle is put
+//! in place, `meta.json` beside it says what it is, so a crash between storing it and
+//! recording it leaves something the janitor can record later.
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shipperd_bus::{
-    BundleRecord, Bus, EventKind, Phase, StateStore,
+    Bus, EventKind,
     event::{encode, event_id},
 };
+use shipperd_model::{BundleId, BundleSummary, DataDir, Phase, TargetName};
 use shipperd_proto::v1;
+use shipperd_state::StateStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Error, Result, metrics::METRICS};
@@ -21,16 +26,26 @@ use crate::{Error, Result, metrics::METRICS};
 /// Result of taking a bundle in.
 #[derive(Debug, Clone)]
 pub struct Accepted {
-    pub record: BundleRecord,
+    pub summary: BundleSummary,
     /// `false` when the bundle was known already (same bytes, same id).
     pub created: bool,
+}
+
+/// What a stored bundle is, kept beside it (`meta.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub name: String,
+    pub size: u64,
+    /// Relative to the data directory.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetName>,
 }
 
 pub struct Store {
     bus: Bus,
     state: StateStore,
-    data_dir: PathBuf,
-    tmp_dir: PathBuf,
+    data: DataDir,
     max_bytes: u64,
 }
 
@@ -46,16 +61,6 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
-}
-
-/// Where a bundle is stored, relative to the data directory.
-pub fn bundle_path(id: &str) -> String {
-    format!("bundles/{id}/bundle")
-}
-
-/// Where a multi-part bundle's parts are stored, relative to the data directory.
-pub fn parts_path(id: &str) -> String {
-    format!("bundles/{id}/parts")
 }
 
 /// Most parts one multi-part bundle may have.
@@ -81,6 +86,10 @@ fn check_expected(expected: Option<&str>, actual: &str) -> Result<()> {
     }
 }
 
+fn hash_id(hasher: Sha256) -> BundleId {
+    BundleId::from_sha256(&hasher.finalize().into())
+}
+
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = (1..=200).contains(&name.len())
         && !name.starts_with('.')
@@ -94,14 +103,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-pub fn parse_checksum(s: &str) -> Result<String> {
-    let s = s.trim().to_ascii_lowercase();
-    let s = s.strip_prefix("sha256:").unwrap_or(&s).to_string();
-    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(s)
-    } else {
-        Err(Error::BadChecksum(s))
-    }
+/// A sha256 as people write it (any case, optional `sha256:`), as 64 lowercase hex.
+pub fn parse_checksum(s: &str) -> Result<BundleId> {
+    BundleId::from_checksum(s).map_err(|_| Error::BadChecksum(s.trim().to_string()))
 }
 
 async fn restore(from: &Path, to: &Path) {
@@ -111,28 +115,23 @@ async fn restore(from: &Path, to: &Path) {
 }
 
 impl Store {
-    pub async fn open(bus: Bus, data_dir: &Path, max_bytes: u64) -> Result<Self> {
-        let tmp_dir = data_dir.join("tmp");
+    pub async fn open(bus: Bus, data: &DataDir, max_bytes: u64) -> Result<Self> {
+        let tmp_dir = data.tmp();
         // Leftovers of uploads cut off by a crash are never whole bundles.
         if tmp_dir.exists() {
             tokio::fs::remove_dir_all(&tmp_dir)
                 .await
                 .map_err(|e| Error::io(&tmp_dir, e))?;
         }
-        for d in [
-            &tmp_dir,
-            &data_dir.join("bundles"),
-            &data_dir.join("uploads"),
-        ] {
+        for d in [&tmp_dir, &data.bundles(), &data.uploads()] {
             tokio::fs::create_dir_all(d)
                 .await
                 .map_err(|e| Error::io(d, e))?;
         }
         Ok(Store {
-            state: bus.state().await?,
+            state: StateStore::open(&bus).await?,
             bus,
-            data_dir: data_dir.to_path_buf(),
-            tmp_dir,
+            data: data.clone(),
             max_bytes,
         })
     }
@@ -145,10 +144,23 @@ impl Store {
         &self.bus
     }
 
-    /// A known bundle, if `expected` names one: lets a re-upload be answered before its
-    /// body is read.
-    pub async fn known(&self, id: &str) -> Result<Option<BundleRecord>> {
-        Ok(self.state.get(id).await?.map(|(r, _)| r))
+    pub fn data(&self) -> &DataDir {
+        &self.data
+    }
+
+    /// A known bundle, if `id` names one.
+    pub async fn known(&self, id: &BundleId) -> Result<Option<BundleSummary>> {
+        Ok(self.state.summary(id).await?)
+    }
+
+    fn temp_file(&self, keep: bool) -> TempFile {
+        TempFile {
+            path: self
+                .data
+                .tmp()
+                .join(format!("{}.part", uuid::Uuid::new_v4())),
+            keep,
+        }
     }
 
     /// Takes a bundle in from a stream of chunks.
@@ -156,32 +168,30 @@ impl Store {
         &self,
         name: &str,
         body: S,
-        expected: Option<&str>,
-        target: Option<&str>,
+        expected: Option<&BundleId>,
+        target: Option<&TargetName>,
     ) -> Result<Accepted>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         validate_name(name)?;
-        let tmp = TempFile {
-            path: self.tmp_dir.join(format!("{}.part", uuid::Uuid::new_v4())),
-            keep: false,
-        };
-        let (id, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
-        check_expected(expected, &id)?;
+        let tmp = self.temp_file(false);
+        let (hasher, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
+        let id = hash_id(hasher);
+        check_expected(expected.map(BundleId::as_str), id.as_str())?;
         METRICS.bytes_received.add(size);
         self.commit(name, tmp, id, size, target).await
     }
 
-    /// Streams `body` into a new file at `path` (fsynced), hashing it; returns its sha256
-    /// (hex) and size. Refuses empty bodies and bodies over `limit`.
+    /// Streams `body` into a new file at `path` (fsynced), hashing it; returns the hash
+    /// and the size. Refuses empty bodies and bodies over `limit`.
     async fn write_stream<S, E>(
         &self,
         path: &Path,
         mut body: S,
         limit: u64,
-    ) -> Result<(String, u64)>
+    ) -> Result<(Sha256, u64)>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -214,12 +224,12 @@ impl Store {
         if size == 0 {
             return Err(Error::Empty);
         }
-        Ok((hex::encode(hasher.finalize()), size))
+        Ok((hasher, size))
     }
 
     /// Where the parts of the multi-part upload `name` wait for completion.
     fn upload_dir(&self, name: &str) -> PathBuf {
-        self.data_dir.join("uploads").join(name)
+        self.data.upload(name)
     }
 
     /// Takes in part `n` (1-based) of the multi-part bundle `name`; a part sent again
@@ -229,7 +239,7 @@ impl Store {
         name: &str,
         n: u32,
         body: S,
-        expected: Option<&str>,
+        expected: Option<&BundleId>,
     ) -> Result<Part>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -246,12 +256,10 @@ impl Store {
         tokio::fs::create_dir_all(&sums)
             .await
             .map_err(|e| Error::io(&sums, e))?;
-        let tmp = TempFile {
-            path: self.tmp_dir.join(format!("{}.part", uuid::Uuid::new_v4())),
-            keep: false,
-        };
-        let (sha256, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
-        check_expected(expected, &sha256)?;
+        let tmp = self.temp_file(false);
+        let (hasher, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
+        let sha256 = hex::encode(hasher.finalize());
+        check_expected(expected.map(BundleId::as_str), &sha256)?;
         let part = dir.join(format!("{n:06}"));
         tokio::fs::write(sums.join(format!("{n:06}")), format!("{sha256} {size}\n"))
             .await
@@ -266,7 +274,12 @@ impl Store {
     /// Completes the multi-part upload `name` of `parts` parts: they become one bundle,
     /// read as their concatenation in part order. Its id is the sha256 of the list of
     /// part checksums (`shipperd-parts-v1`, then `<sha256> <size>` per part).
-    pub async fn complete(&self, name: &str, parts: u32, target: Option<&str>) -> Result<Accepted> {
+    pub async fn complete(
+        &self,
+        name: &str,
+        parts: u32,
+        target: Option<&TargetName>,
+    ) -> Result<Accepted> {
         validate_name(name)?;
         let dir = self.upload_dir(name);
         if !(1..=MAX_PARTS).contains(&parts) {
@@ -295,14 +308,17 @@ impl Store {
                 parts + 1
             )));
         }
-        let id = hex::encode(Sha256::digest(list.as_bytes()));
-        let rel = parts_path(&id);
-        let dest = self.data_dir.join(&rel);
+        let id = BundleId::from_sha256(&Sha256::digest(list.as_bytes()).into());
+        let rel = DataDir::bundle_parts_rel(&id);
+        let dest = self.data.bundle_parts(&id);
+        let meta = Meta {
+            name: name.to_string(),
+            size,
+            path: rel.clone(),
+            target: target.cloned(),
+        };
         if !tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-            let parent = dest.parent().expect("parts path has a parent");
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| Error::io(parent, e))?;
+            self.write_meta(&id, &meta).await?;
             let _ = tokio::fs::remove_dir_all(dir.join(SUMS_DIR)).await;
             tokio::fs::rename(&dir, &dest)
                 .await
@@ -310,7 +326,30 @@ impl Store {
         } else {
             let _ = tokio::fs::remove_dir_all(&dir).await;
         }
-        self.record(name, &id, size, rel, target).await
+        self.record(&id, &meta).await
+    }
+
+    /// Writes `bundles/<id>/meta.json` (creating the bundle's directory).
+    async fn write_meta(&self, id: &BundleId, meta: &Meta) -> Result<()> {
+        let dir = self.data.bundle_dir(id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::io(&dir, e))?;
+        let path = self.data.meta(id);
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec(meta).expect("meta serialises");
+        tokio::fs::write(&tmp, body)
+            .await
+            .map_err(|e| Error::io(&tmp, e))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| Error::io(&path, e))
+    }
+
+    /// What `bundles/<id>/meta.json` says, if it is there and whole.
+    pub async fn read_meta(&self, id: &BundleId) -> Option<Meta> {
+        let raw = tokio::fs::read(self.data.meta(id)).await.ok()?;
+        serde_json::from_slice(&raw).ok()
     }
 
     /// Takes in a file that is already on this machine (the drop directory): hashed in
@@ -319,9 +358,8 @@ impl Store {
         &self,
         name: &str,
         path: &Path,
-        expected: Option<&str>,
+        expected: Option<&BundleId>,
     ) -> Result<Accepted> {
-        let target = None;
         validate_name(name)?;
         let mut file = tokio::fs::File::open(path)
             .await
@@ -345,13 +383,10 @@ impl Store {
         if size == 0 {
             return Err(Error::Empty);
         }
-        let id = hex::encode(hasher.finalize());
-        check_expected(expected, &id)?;
-        let mut tmp = TempFile {
-            path: self.tmp_dir.join(format!("{}.part", uuid::Uuid::new_v4())),
-            // The bytes are the user's only copy: on failure they go back, never away.
-            keep: true,
-        };
+        let id = hash_id(hasher);
+        check_expected(expected.map(BundleId::as_str), id.as_str())?;
+        // The bytes are the user's only copy: on failure they go back, never away.
+        let mut tmp = self.temp_file(true);
         if let Err(e) = tokio::fs::rename(path, &tmp.path).await {
             if e.kind() != std::io::ErrorKind::CrossesDevices {
                 return Err(Error::io(path, e));
@@ -366,14 +401,20 @@ impl Store {
                 .map_err(|e| Error::io(path, e))?;
             tmp.keep = true;
         }
-        let dest = match self.place(&mut tmp, &id).await {
+        let meta = Meta {
+            name: name.to_string(),
+            size,
+            path: DataDir::bundle_file_rel(&id),
+            target: None,
+        };
+        let dest = match self.place(&mut tmp, &id, &meta).await {
             Ok(dest) => dest,
             Err(e) => {
                 restore(&tmp.path, path).await;
                 return Err(e);
             }
         };
-        match self.record(name, &id, size, bundle_path(&id), target).await {
+        match self.record(&id, &meta).await {
             Ok(a) => {
                 // Known already: the stored copy stays, this one goes.
                 tmp.keep = dest.is_some();
@@ -393,25 +434,34 @@ impl Store {
         &self,
         name: &str,
         mut tmp: TempFile,
-        id: String,
+        id: BundleId,
         size: u64,
-        target: Option<&str>,
+        target: Option<&TargetName>,
     ) -> Result<Accepted> {
-        self.place(&mut tmp, &id).await?;
-        self.record(name, &id, size, bundle_path(&id), target).await
+        let meta = Meta {
+            name: name.to_string(),
+            size,
+            path: DataDir::bundle_file_rel(&id),
+            target: target.cloned(),
+        };
+        self.place(&mut tmp, &id, &meta).await?;
+        self.record(&id, &meta).await
     }
 
-    /// Moves the temp file to `bundles/<id>/bundle`; returns that path if it moved it
-    /// there (`None`: the same bytes were stored already, and the temp file is dropped).
-    async fn place(&self, tmp: &mut TempFile, id: &str) -> Result<Option<PathBuf>> {
-        let dest = self.data_dir.join(bundle_path(id));
-        let dir = dest.parent().expect("bundle path has a parent");
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| Error::io(dir, e))?;
+    /// Moves the temp file to `bundles/<id>/bundle` (its `meta.json` first); returns
+    /// that path if it moved it there (`None`: the same bytes were stored already, and
+    /// the temp file is dropped).
+    async fn place(
+        &self,
+        tmp: &mut TempFile,
+        id: &BundleId,
+        meta: &Meta,
+    ) -> Result<Option<PathBuf>> {
+        let dest = self.data.bundle_file(id);
         if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
             return Ok(None);
         }
+        self.write_meta(id, meta).await?;
         tokio::fs::rename(&tmp.path, &dest)
             .await
             .map_err(|e| Error::io(&dest, e))?;
@@ -419,52 +469,71 @@ impl Store {
         Ok(Some(dest))
     }
 
-    /// Creates the bundle's record and announces it (or finds the existing one).
-    async fn record(
-        &self,
-        name: &str,
-        id: &str,
-        size: u64,
-        path: String,
-        target: Option<&str>,
-    ) -> Result<Accepted> {
-        let mut record = BundleRecord::new(id.to_string(), name.to_string(), size, path);
-        record.target = target.map(str::to_string);
-        if self.state.create(&record).await? {
-            tracing::info!(bundle_id = %id, name, size, "bundle received");
+    /// Creates the bundle's summary and announces it (or finds the existing one).
+    pub(crate) async fn record(&self, id: &BundleId, meta: &Meta) -> Result<Accepted> {
+        let summary = BundleSummary::new(
+            id.clone(),
+            meta.name.clone(),
+            meta.size,
+            meta.path.clone(),
+            meta.target.clone(),
+        );
+        let name = meta.name.as_str();
+        if self.state.create(&summary).await? {
+            tracing::info!(bundle_id = %id, name, size = meta.size, "bundle received");
             METRICS.bundles_received.add(1);
-            self.announce(&record).await?;
+            self.announce(&summary).await?;
             return Ok(Accepted {
-                record,
+                summary,
                 created: true,
             });
         }
-        let existing = self
+        let mut existing = self
             .known(id)
             .await?
             .ok_or_else(|| shipperd_bus::Error::NotFound(id.to_string()))?;
+        if existing.expired_at.is_some() {
+            // Its files had expired; they are back.
+            if let Some(((), s)) = self
+                .state
+                .update(id, |s| s.expired_at.take().map(|_| ()))
+                .await?
+            {
+                existing = s;
+            }
+        }
         if existing.phase == Phase::Received {
-            // Possibly a crash between the record and its event last time: the event is
+            // Possibly a crash between the summary and its event last time: the event is
             // de-duplicated by id if it did go out.
             self.announce(&existing).await?;
         }
         tracing::info!(bundle_id = %id, name, "bundle already known");
         Ok(Accepted {
-            record: existing,
+            summary: existing,
             created: false,
         })
     }
 
-    async fn announce(&self, rec: &BundleRecord) -> Result<()> {
+    /// Sends `bundle.received` for `s` (its generation's; a retry that unpacks again
+    /// sends another).
+    pub(crate) async fn announce(&self, s: &BundleSummary) -> Result<()> {
         let body = v1::BundleReceived {
-            bundle_id: rec.id.clone(),
-            name: rec.name.clone(),
-            size: rec.size,
-            path: rec.path.clone(),
+            bundle_id: s.id.to_string(),
+            name: s.name.clone(),
+            size: s.size,
+            path: s.path.clone(),
         };
-        let id = event_id(EventKind::BundleReceived, &rec.id, None);
+        let redrive = match s.redrives {
+            0 => String::new(),
+            r => format!(".r{r}"),
+        };
+        let id = format!(
+            "{}{}{redrive}",
+            event_id(EventKind::BundleReceived, &s.id, None),
+            s.generation_suffix()
+        );
         self.bus
-            .publish_event(EventKind::BundleReceived, &id, &rec.id, encode(&body))
+            .publish_event(EventKind::BundleReceived, &id, &s.id, encode(&body))
             .await?;
         Ok(())
     }

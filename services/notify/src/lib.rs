@@ -14,10 +14,11 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
 use sha2::{Digest, Sha256};
 use shipperd_bus::{
-    Bus, ConsumerSpec, IncomingEvent, Secret,
+    Bus, ConsumerSpec, IncomingEvent,
     subjects::{EVENTS_STREAM, EVENTS_SUBJECTS, NOTIFY_CONSUMER_PREFIX},
     worker::{self, Outcome},
 };
+use shipperd_model::Secret;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 

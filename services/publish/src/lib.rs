@@ -1,31 +1,45 @@
 //! publish: pushes every image of a bundle, byte for byte, into its target registry.
 //!
 //! One job per image (from the `SHIPPERD_JOBS` work queue; replicas share the durable
-//! consumer `publish`). For an image: if its tag already points at its digest, nothing
-//! more (Day-2). Else blobs, several at once (skipped when the repository has them,
-//! mounted when another repository of the registry has them, else streamed straight
-//! out of the bundle, in resumable chunks when large), then manifests children-first,
-//! the index by digest, and the tag last: an image that fails part-way is never
-//! tagged. The outcome goes into the bundle's record by compare-and-set; the worker
-//! that finishes the last image announces the bundle.
+//! consumer `publish`). A job names its image's plan, which unpack stored beside the
+//! bundle: reading it is one small read, and the bundle's bytes are opened once per
+//! process and shared by its jobs, so an image costs the same whatever the bundle's
+//! size. For an image: if its tag already points at its digest, nothing more (Day-2).
+//! Else blobs, several at once (skipped when the repository has them, mounted when
+//! another repository of the registry has them, else streamed straight out of the
+//! bundle, in resumable chunks when large), then child manifests by digest, and the
+//! top manifest last, by its tag: an image that fails part-way is never tagged. The
+//! outcome is counted exactly once in the bundle's summary (see `shipperd-state`); the
+//! worker that counts the last image announces the bundle.
+//!
+//! Failures: 429, 5xx, timeouts and broken connections are retried (within a request,
+//! then by redelivering the job with a growing delay, up to `max_deliver` attempts);
+//! answers that retrying cannot fix (credentials refused, 400, 404, 413, a corrupt
+//! blob) fail the image at once with the registry's own message.
 
+mod bundles;
 mod progress;
 mod registry;
+mod tags;
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
-use futures::StreamExt as _;
-use shipperd_bundle::{Catalog, Descriptor, Limits, Reference, Walker, cas::Cas};
+use futures::{FutureExt as _, StreamExt as _};
+use shipperd_bundle::{PlanBlobs, StoredPlan, cas::Cas};
 use shipperd_bus::{
-    BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, StateStore,
+    Bus, ConsumerSpec, EventKind,
     event::{encode, event_id},
-    lifecycle,
     subjects::{BLOBS_BUCKET, JOBS_STREAM, PUBLISH_CONSUMER, PUBLISH_JOB_SUBJECT},
     worker::{self, Outcome},
 };
+use shipperd_model::{
+    BundleId, BundleSummary, DataDir, ImagePhase, ImageState, Outcome as ImageOutcome, Phase,
+    PlanRef, TargetName,
+};
 use shipperd_proto::v1;
-use shipperd_target::Targets;
+use shipperd_registry_targets::Targets;
+use shipperd_state::{StateStore, dispatch::image_ref, finish, lifecycle};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -39,13 +53,16 @@ pub enum Error {
     #[error(transparent)]
     Bundle(#[from] shipperd_bundle::Error),
     #[error(transparent)]
-    Target(#[from] shipperd_target::Error),
+    Target(#[from] shipperd_registry_targets::Error),
     #[error("{what}: {source}")]
     Registry {
         what: String,
         #[source]
         source: RegistryError,
     },
+    /// A bug: something panicked.
+    #[error("internal error (a bug; please report it): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -55,13 +72,23 @@ impl Error {
     }
 
     /// Could trying again later succeed? (The registry or NATS may recover; a broken
-    /// bundle or an unknown target will not.)
+    /// bundle, an unknown target or a refusal will not.)
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Bus(e) => e.kind() != shipperd_bus::ErrorKind::Permanent,
             Error::Bundle(e) => e.kind() == shipperd_bundle::ErrorKind::Io,
-            Error::Target(_) => false,
+            Error::Target(_) | Error::Internal(_) => false,
             Error::Registry { source, .. } => source.is_transient(),
+        }
+    }
+
+    /// The failure without what is particular to one image, for grouping.
+    pub fn cause(&self) -> String {
+        match self {
+            Error::Registry { source, .. } => source.cause(),
+            Error::Bundle(_) => "cannot read the stored bundle".into(),
+            Error::Bus(_) => "NATS failed".into(),
+            other => other.to_string(),
         }
     }
 }
@@ -72,17 +99,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     /// Where images go: named registries, their credentials, trust and path mapping.
     pub targets: Targets,
     /// Images pushed at once by this replica.
     pub concurrency: usize,
-    /// Deliveries of one image job before a registry error fails the image.
+    /// Attempts at one image before a registry error that may heal fails it.
     pub max_deliver: i64,
     /// First retry delay of a job; doubles per delivery, up to a minute.
     pub retry_base: Duration,
-    /// Largest manifest read from a bundle (as unpack's limit).
-    pub max_manifest_bytes: u64,
     /// Least time between two progress reports of one image.
     pub progress_interval: Duration,
 }
@@ -90,33 +115,40 @@ pub struct Config {
 impl Config {
     pub fn new(
         nats_url: impl Into<String>,
-        data_dir: impl Into<PathBuf>,
+        data_dir: impl Into<std::path::PathBuf>,
         targets: Targets,
     ) -> Self {
         Config {
             nats_url: nats_url.into(),
-            data_dir: data_dir.into(),
+            data_dir: DataDir::new(data_dir.into()),
             targets,
             concurrency: 16,
             max_deliver: 5,
             retry_base: Duration::from_secs(2),
-            max_manifest_bytes: Limits::default().max_manifest_bytes,
             progress_interval: Duration::from_secs(2),
         }
     }
 }
 
+/// Deliveries the server makes beyond `max_deliver`: room to record a failure after the
+/// last attempt (the janitor re-drives an image the server gave up on).
+const RECORD_SLACK: i64 = 10;
+
 struct Ctx {
     bus: Bus,
     state: StateStore,
     /// One client per target, by name.
-    registries: HashMap<String, Arc<Registry>>,
+    registries: HashMap<TargetName, Arc<Registry>>,
+    /// Opened bundles, shared by their jobs.
+    bundles: bundles::Bundles,
+    /// Who holds each tag (see [`tags`]).
+    tags: tags::Tags,
     config: Config,
 }
 
 impl Ctx {
-    fn registry(&self, name: &str) -> Result<&Arc<Registry>> {
-        let t = self.config.targets.get(Some(name))?;
+    fn registry(&self, name: Option<&TargetName>) -> Result<&Arc<Registry>> {
+        let t = self.config.targets.get(name)?;
         Ok(&self.registries[&t.name])
     }
 }
@@ -152,24 +184,26 @@ impl Publish {
                 durable: PUBLISH_CONSUMER.into(),
                 filter: PUBLISH_JOB_SUBJECT.into(),
                 ack_wait: Duration::from_secs(60),
-                max_deliver: config.max_deliver,
-                max_ack_pending: 1024,
+                max_deliver: config.max_deliver + RECORD_SLACK,
+                max_ack_pending: 4096,
                 deliver_policy: DeliverPolicy::All,
             })
             .await?;
-        let blobs = bus.kv(BLOBS_BUCKET, 1).await?;
+        let blobs = bus.bucket(BLOBS_BUCKET).await?;
         let mut registries = HashMap::new();
         for t in config.targets.iter() {
             let r = Registry::new(t.clone(), blobs.clone())
                 .map_err(Error::registry(format!("target {}", t.name)))?;
             registries.insert(t.name.clone(), Arc::new(r));
         }
-        let state = bus.state().await?;
+        let state = StateStore::open(&bus).await?;
         Ok(Publish {
             ctx: Arc::new(Ctx {
                 bus,
                 state,
                 registries,
+                bundles: bundles::Bundles::new(config.data_dir.clone()),
+                tags: tags::Tags::new(blobs),
                 config,
             }),
             consumer,
@@ -199,19 +233,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     Publish::start(config).await?.serve(shutdown).await
 }
 
+/// A job we can act on.
+struct Job {
+    id: BundleId,
+    index: u32,
+    plan: PlanRef,
+    target: String,
+}
+
+fn decode_job(b: &[u8]) -> Option<Job> {
+    let job: v1::PublishJob = prost::Message::decode(b).ok()?;
+    Some(Job {
+        id: BundleId::parse(&job.bundle_id).ok()?,
+        index: job.image.as_ref()?.index,
+        plan: PlanRef {
+            offset: job.plan_offset,
+            len: job.plan_length,
+        },
+        target: job.image?.target,
+    })
+}
+
 async fn handle(ctx: &Ctx, msg: Message) {
-    let job = match decode_job(&msg.payload) {
-        Some(j) => j,
-        None => {
-            tracing::error!("undecodable publish job; dropping it");
-            return worker::settle(&msg, Outcome::Term).await;
-        }
+    let Some(job) = decode_job(&msg.payload) else {
+        tracing::error!("undecodable publish job; dropping it");
+        return worker::settle(&msg, Outcome::Term).await;
     };
-    let image = job.image.clone().unwrap_or_default();
-    let span = tracing::info_span!("publish", bundle_id = %job.bundle_id, image = %image.target);
+    let span = tracing::info_span!("publish", bundle_id = %job.id, image = %job.target);
     shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
     let outcome = async {
-        match process(ctx, &msg, &job, &image).await {
+        let work = std::panic::AssertUnwindSafe(process(ctx, &msg, &job)).catch_unwind();
+        let result = match work.await {
+            Ok(r) => r,
+            Err(panic) => {
+                let e = Error::Internal(panic_text(&*panic));
+                tracing::error!(error = %e, "publishing an image panicked");
+                record(
+                    ctx,
+                    &job,
+                    ImageOutcome::failed(e.to_string(), e.cause()),
+                    None,
+                )
+                .await
+            }
+        };
+        match result {
             Ok(o) => o,
             Err(error) => {
                 tracing::warn!(%error, "cannot record the image's outcome; will retry");
@@ -224,210 +290,233 @@ async fn handle(ctx: &Ctx, msg: Message) {
     worker::settle(&msg, outcome).await;
 }
 
-/// A job we can act on: it decodes and names an image.
-fn decode_job(b: &[u8]) -> Option<v1::PublishJob> {
-    prost::Message::decode(b)
-        .ok()
-        .filter(|j: &v1::PublishJob| j.image.is_some())
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
-async fn process(
-    ctx: &Ctx,
-    msg: &Message,
-    job: &v1::PublishJob,
-    image: &v1::ImageRef,
-) -> Result<Outcome> {
-    let Some((rec, _)) = ctx.state.get(&job.bundle_id).await? else {
+async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
+    let Some(s) = ctx.state.summary(&job.id).await? else {
         tracing::error!("job for an unknown bundle; dropping it");
         return Ok(Outcome::Term);
     };
-    match rec.image(image.index) {
-        None => {
-            tracing::error!(
-                index = image.index,
-                "job for an image the bundle does not list"
-            );
-            return Ok(Outcome::Term);
+    let Some((img, revision)) = ctx.state.image(&job.id, job.index).await? else {
+        tracing::error!(
+            index = job.index,
+            "job for an image the bundle does not have"
+        );
+        return Ok(Outcome::Term);
+    };
+    if s.deleting {
+        return Ok(Outcome::Term);
+    }
+    if img.is_counted(s.generation) || s.claims.contains_key(&job.index) {
+        // Done (or decided) by an earlier delivery: finish what it began, make sure its
+        // events went out (de-duplicated).
+        if let Some(f) = finish::resume(&ctx.state, &job.id, job.index).await? {
+            announce(ctx, &f.summary, &f.image, None).await?;
         }
-        Some(img) if img.phase != ImagePhase::Pending => {
-            // Done by an earlier delivery: make sure its events went out (de-duplicated).
-            announce_image(ctx, &rec, img, None).await?;
-            lifecycle::announce_if_done(&ctx.bus, &ctx.state, &rec).await?;
-            return Ok(Outcome::Ack);
-        }
-        Some(_) => {}
+        return Ok(Outcome::Ack);
+    }
+    if s.phase != Phase::Publishing {
+        // A job of an earlier round (the bundle is being unpacked again).
+        return Ok(Outcome::Ack);
+    }
+    let attempt = worker::delivered(msg);
+    if attempt > ctx.config.max_deliver {
+        // The last attempt could not record its outcome: record it now.
+        let last = img.error.clone().unwrap_or_else(|| "unknown error".into());
+        let error = format!("gave up after {} attempts: {last}", ctx.config.max_deliver);
+        return record(ctx, job, ImageOutcome::failed(error.clone(), error), None).await;
     }
     let progress = Progress::default();
     let reporter = progress::Reporter::start(
         ctx.bus.clone(),
         ctx.state.clone(),
-        job.bundle_id.clone(),
-        image.clone(),
+        s.clone(),
+        img.clone(),
+        revision,
         progress.clone(),
         ctx.config.progress_interval,
     );
     let pushed = worker::with_progress(
         msg,
         Duration::from_secs(15),
-        push_image(ctx, job, image, &progress),
+        push(ctx, &s, &img, job.plan, &progress),
     )
     .await;
-    drop(reporter);
-    let (error, stats) = match pushed {
-        Ok(stats) => (None, Some(stats)),
-        Err(e) if e.is_transient() && worker::delivered(msg) < ctx.config.max_deliver => {
-            let n = worker::delivered(msg).clamp(1, 6) as u32;
+    let revision = reporter.stop().await;
+    match pushed {
+        Ok(stats) => {
+            let outcome = ImageOutcome::published(stats.bytes_total, stats.image_skipped);
+            record(ctx, job, outcome, Some(stats)).await
+        }
+        Err(e) if e.is_transient() && attempt < ctx.config.max_deliver => {
+            let n = attempt.clamp(1, 6) as u32;
             let delay = (ctx.config.retry_base * 2u32.pow(n - 1)).min(Duration::from_secs(60));
-            tracing::warn!(error = %e, ?delay, "image push failed; will retry");
-            return Ok(Outcome::Retry(delay));
+            tracing::warn!(error = %e, ?delay, attempt, "image push failed; will retry");
+            let mut img = img;
+            img.error = Some(e.to_string());
+            img.attempts = attempt as u32;
+            img.bytes_done = progress.get().0;
+            // Only over what this job last wrote: a concurrent delivery's outcome stands.
+            if let Some(rev) = revision
+                && let Err(error) = ctx.state.update_image(&job.id, &img, rev).await
+            {
+                tracing::debug!(%error, "cannot note the failed attempt");
+            }
+            Ok(Outcome::Retry(delay))
         }
         Err(e) => {
             tracing::warn!(error = %e, "image failed");
-            (Some(e.to_string()), None)
+            record(
+                ctx,
+                job,
+                ImageOutcome::failed(e.to_string(), e.cause()),
+                None,
+            )
+            .await
         }
-    };
-    let index = image.index;
-    let (done, total) = progress.get();
-    let updated = ctx
-        .state
-        .update(&job.bundle_id, |r| {
-            (r.image(index)?.phase == ImagePhase::Pending).then(|| {
-                if let Some(s) = &stats {
-                    r.set_progress(index, s.bytes_total, s.bytes_total);
-                } else {
-                    r.set_progress(index, done, total);
-                }
-                if let Some(img) = r.images.iter_mut().find(|i| i.index == index) {
-                    img.skipped = stats.as_ref().is_some_and(|s| s.image_skipped);
-                }
-                r.finish_image(index, error.clone())
-            })
-        })
-        .await?;
-    let rec = match updated {
-        Some((_, rec)) => rec,
-        None => ctx
-            .state
-            .get(&job.bundle_id)
-            .await?
-            .map(|(r, _)| r)
-            .unwrap_or(rec),
-    };
-    if let Some(img) = rec.image(index) {
-        announce_image(ctx, &rec, img, stats).await?;
     }
-    lifecycle::announce_if_done(&ctx.bus, &ctx.state, &rec).await?;
-    if let Some((done, _)) = ctx.state.get(&job.bundle_id).await?
-        && done.phase.is_terminal()
-    {
-        release_blobs(&ctx.config.data_dir, &job.bundle_id).await;
-    }
+}
+
+/// Counts the image's outcome (once), announces it, and the bundle if this ended it.
+async fn record(
+    ctx: &Ctx,
+    job: &Job,
+    outcome: ImageOutcome,
+    stats: Option<Stats>,
+) -> Result<Outcome> {
+    let Some(f) = finish::finish_image(&ctx.state, &job.id, job.index, &outcome).await? else {
+        return Ok(Outcome::Ack);
+    };
+    announce(ctx, &f.summary, &f.image, stats).await?;
     Ok(Outcome::Ack)
 }
 
-/// Lets go of the blobs a finished bundle claimed in the content-addressed store, and
-/// deletes those no other bundle needs.
-pub(crate) async fn release_blobs(data_dir: &std::path::Path, bundle_id: &str) {
-    let cas = Cas::new(data_dir);
-    let id = bundle_id.to_string();
+/// Sends the image's event and, when the bundle has ended, the bundle's; a published
+/// bundle's blobs in the shared store are let go.
+async fn announce(
+    ctx: &Ctx,
+    s: &BundleSummary,
+    img: &ImageState,
+    stats: Option<Stats>,
+) -> Result<()> {
+    announce_image(ctx, s, img, stats).await?;
+    if s.phase.is_terminal() {
+        lifecycle::announce_if_done(&ctx.bus, &ctx.state, s).await?;
+        ctx.bundles.forget(&s.id);
+        if s.phase == Phase::Published {
+            release_blobs(&ctx.config.data_dir, &s.id).await;
+        }
+    }
+    Ok(())
+}
+
+/// Lets go of the blobs a published bundle claimed in the content-addressed store, and
+/// deletes those no other bundle needs. (A failed bundle keeps them for a retry, until
+/// its files expire or it is deleted.)
+async fn release_blobs(data: &DataDir, id: &BundleId) {
+    let cas = Cas::new(data);
+    let id = id.to_string();
     let _ = tokio::task::spawn_blocking(move || cas.finish(&id)).await;
 }
 
 async fn announce_image(
     ctx: &Ctx,
-    rec: &BundleRecord,
-    img: &ImageRecord,
+    s: &BundleSummary,
+    img: &ImageState,
     stats: Option<Stats>,
 ) -> Result<()> {
-    let image = Some(BundleRecord::image_ref(img));
+    let image = Some(image_ref(img));
     let (kind, body) = match img.phase {
         ImagePhase::Pending => return Ok(()),
         ImagePhase::Published => {
-            let s = stats.unwrap_or_default();
+            let st = stats.unwrap_or_default();
             let body = v1::ImagePublished {
-                bundle_id: rec.id.clone(),
+                bundle_id: s.id.to_string(),
                 image,
-                blobs_pushed: s.pushed,
-                blobs_mounted: s.mounted,
-                blobs_skipped: s.skipped,
-                bytes_pushed: s.bytes,
-                skipped: s.image_skipped || img.skipped,
-                target_name: s.target,
+                blobs_pushed: st.pushed,
+                blobs_mounted: st.mounted,
+                blobs_skipped: st.skipped,
+                bytes_pushed: st.bytes,
+                skipped: st.image_skipped || img.skipped,
+                target_name: s
+                    .target
+                    .as_ref()
+                    .map(|t| t.to_string())
+                    .unwrap_or(st.target),
             };
             (EventKind::ImagePublished, encode(&body))
         }
         ImagePhase::Failed => {
             let body = v1::ImageFailed {
-                bundle_id: rec.id.clone(),
+                bundle_id: s.id.to_string(),
                 image,
                 error: img.error.clone().unwrap_or_default(),
             };
             (EventKind::ImageFailed, encode(&body))
         }
     };
-    let id = event_id(kind, &rec.id, Some(img.index));
-    ctx.bus.publish_event(kind, &id, &rec.id, body).await?;
+    let suffix = match img.generation {
+        0 => String::new(),
+        g => format!(".g{g}"),
+    };
+    let id = format!("{}{suffix}", event_id(kind, &s.id, Some(img.index)));
+    ctx.bus.publish_event(kind, &id, &s.id, body).await?;
     Ok(())
 }
 
-/// Pushes one image: blobs, then manifests children-first, then the tag; or nothing
-/// when the tag is already at the image's digest.
-async fn push_image(
+/// Reads the image's plan and pushes it.
+async fn push(
     ctx: &Ctx,
-    job: &v1::PublishJob,
-    image: &v1::ImageRef,
+    s: &BundleSummary,
+    img: &ImageState,
+    at: PlanRef,
     progress: &Progress,
 ) -> Result<Stats> {
-    let reg = ctx.registry(&job.target)?;
-    let target = Reference::parse(&image.target)?;
-    let repo = target.repository.clone();
-    let top = Descriptor {
-        media_type: image.media_type.clone(),
-        digest: image.digest.clone(),
-        size: image.size,
-        ..Default::default()
-    };
-    let data_dir = ctx.config.data_dir.clone();
-    let path = data_dir.join(&job.bundle_path);
-    let source = image.source.clone();
-    let limits = Limits {
-        max_manifest_bytes: ctx.config.max_manifest_bytes,
-        ..Limits::default()
-    };
-    let (bundle, plan) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let blobs = Arc::new(Catalog::load(&Catalog::path_for(&path))?.open(&data_dir)?);
-        let referrers = |d: &str| blobs.referrers(d).to_vec();
-        let plan = Walker::new(blobs.as_ref(), &limits).plan(&source, &top, &referrers)?;
-        Ok((blobs, plan))
-    })
-    .await
-    .expect("opening a bundle does not panic")?;
-    let manifest_bytes: u64 = plan
-        .manifests
-        .iter()
-        .map(|(_, b)| b.len() as u64)
-        .sum::<u64>()
-        + plan
-            .referrers
-            .iter()
-            .map(|(_, _, b)| b.len() as u64)
-            .sum::<u64>();
-    let total = plan.blobs.iter().map(|b| b.size).sum::<u64>() + manifest_bytes;
+    let (store, plan) = ctx.bundles.plan(&s.id, at).await?;
+    let blobs: Arc<dyn shipperd_bundle::BlobSource> = Arc::new(PlanBlobs::new(store, &plan));
+    push_image(ctx, s, img, &plan, blobs, progress).await
+}
+
+/// Pushes one image: blobs, then child manifests by digest, then the top manifest by
+/// its tag; or nothing when the tag is already at the image's digest.
+async fn push_image(
+    ctx: &Ctx,
+    s: &BundleSummary,
+    img: &ImageState,
+    plan: &StoredPlan,
+    bundle: Arc<dyn shipperd_bundle::BlobSource>,
+    progress: &Progress,
+) -> Result<Stats> {
+    let reg = ctx.registry(s.target.as_ref())?;
+    let repo = img.target.repository.clone();
+    let total = plan.bytes_total();
     progress.set_total(total);
     let mut stats = Stats {
-        target: reg.target().name.clone(),
+        target: reg.target().name.to_string(),
         bytes_total: total,
         ..Stats::default()
     };
+    let Some((top, children)) = plan.manifests.split_last() else {
+        return Err(Error::Internal(format!(
+            "the plan of {} has no manifest",
+            img.source
+        )));
+    };
 
     // Day-2: the tag already points at this image. One request, and done.
-    if let Some(tag) = target.tag.as_deref() {
+    if let Some(tag) = img.target.tag.as_deref() {
         let now = reg
             .tag_digest(&repo, tag)
             .await
             .map_err(Error::registry(format!("checking {repo}:{tag}")))?;
-        if now.as_deref() == Some(image.digest.as_str()) {
-            push_referrers(reg, &repo, &plan).await?;
+        if now.as_ref() == Some(&img.digest) {
+            push_referrers(reg, &repo, plan).await?;
             progress.add(total);
             stats.image_skipped = true;
             stats.skipped = plan.blobs.len() as u32;
@@ -436,7 +525,9 @@ async fn push_image(
         }
     }
 
-    let blobs = futures::stream::iter(plan.blobs.clone())
+    let descriptors: Vec<shipperd_bundle::Descriptor> =
+        plan.blobs.iter().map(|b| b.desc.clone()).collect();
+    let blobs = futures::stream::iter(descriptors)
         .map(|blob| {
             let (bundle, repo, reg, progress) =
                 (bundle.clone(), repo.clone(), reg.clone(), progress.clone());
@@ -458,22 +549,37 @@ async fn push_image(
             }
         }
     }
-    // Children before their index; everything by digest, so nothing is tagged yet.
-    for (desc, bytes) in &plan.manifests {
-        reg.push_manifest(&repo, &desc.digest, bytes, &desc.media_type)
+    // Children before their index, by digest: nothing is tagged yet.
+    for m in children {
+        reg.push_manifest(&repo, m.desc.digest.as_str(), &m.bytes, &m.desc.media_type)
             .await
             .map_err(Error::registry(format!(
                 "manifest {} to {repo}",
-                desc.digest
+                m.desc.digest
             )))?;
-        progress.add(bytes.len() as u64);
+        progress.add(m.bytes.len() as u64);
     }
-    if let (Some(tag), Some((desc, bytes))) = (target.tag.as_deref(), plan.manifests.last()) {
-        reg.push_manifest(&repo, tag, bytes, &desc.media_type)
-            .await
-            .map_err(Error::registry(format!("tag {repo}:{tag}")))?;
-    }
-    push_referrers(reg, &repo, &plan).await?;
+    // The top manifest last, straight under its tag (which stores it by digest too), unless
+    // a bundle received after this one holds the tag now.
+    let reference = match img.target.tag.as_deref() {
+        Some(tag) if ctx.tags.may_move(reg, &repo, tag, s, &img.digest).await => tag.to_string(),
+        Some(tag) => {
+            tracing::info!(
+                tag,
+                "a bundle received later holds this tag; pushed by digest only"
+            );
+            top.desc.digest.to_string()
+        }
+        None => top.desc.digest.to_string(),
+    };
+    reg.push_manifest(&repo, &reference, &top.bytes, &top.desc.media_type)
+        .await
+        .map_err(Error::registry(format!(
+            "manifest {} to {repo}:{reference}",
+            top.desc.digest
+        )))?;
+    progress.add(top.bytes.len() as u64);
+    push_referrers(reg, &repo, plan).await?;
     tracing::info!(
         pushed = stats.pushed,
         mounted = stats.mounted,
@@ -488,24 +594,23 @@ async fn push_image(
 /// Pushes the image's referrers by digest (their blobs went up with the image's), then,
 /// where the registry has no referrers API, lists them under the fallback tag
 /// `sha256-<subject hex>` (OCI distribution spec 1.1, "referrers tag schema").
-async fn push_referrers(
-    reg: &Registry,
-    repo: &str,
-    plan: &shipperd_bundle::ImagePlan,
-) -> Result<()> {
+async fn push_referrers(reg: &Registry, repo: &str, plan: &StoredPlan) -> Result<()> {
     if plan.referrers.is_empty() {
         return Ok(());
     }
-    let mut by_subject: std::collections::BTreeMap<&str, Vec<Descriptor>> = Default::default();
-    for (subject, desc, bytes) in &plan.referrers {
-        reg.push_manifest(repo, &desc.digest, bytes, &desc.media_type)
+    let mut by_subject: std::collections::BTreeMap<
+        &shipperd_model::Digest,
+        Vec<shipperd_bundle::Descriptor>,
+    > = Default::default();
+    for r in &plan.referrers {
+        reg.push_manifest(repo, r.desc.digest.as_str(), &r.bytes, &r.desc.media_type)
             .await
             .map_err(Error::registry(format!(
                 "referrer {} to {repo}",
-                desc.digest
+                r.desc.digest
             )))?;
-        if let Some(s) = subject {
-            by_subject.entry(s.as_str()).or_default().push(desc.clone());
+        if let Some(s) = &r.subject {
+            by_subject.entry(s).or_default().push(r.desc.clone());
         }
     }
     for (subject, referrers) in by_subject {

@@ -1,8 +1,9 @@
 //! How far an image's push has got: bytes the registry has of it, out of its total.
 //! Uploads add bytes as they stream (and take them back when a request fails);
 //! skipped and mounted blobs count whole. A reporter writes the figures into the
-//! bundle's record and sends `io.shipperd.image.progress`, at most once per interval,
-//! and only for pushes that last longer than one interval.
+//! image's own state (never the bundle's summary: a progress tick costs the same
+//! whatever the bundle's size) and sends `io.shipperd.image.progress`, at most once per
+//! interval, and only for pushes that last longer than one interval.
 
 use std::sync::{
     Arc,
@@ -11,10 +12,12 @@ use std::sync::{
 use std::time::Duration;
 
 use shipperd_bus::{
-    BundleRecord, Bus, EventKind, ImagePhase, StateStore,
+    Bus, EventKind,
     event::{encode, event_id},
 };
+use shipperd_model::{BundleSummary, ImageState};
 use shipperd_proto::v1;
+use shipperd_state::{StateStore, dispatch::image_ref};
 
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -46,9 +49,10 @@ impl Progress {
     }
 }
 
-/// Reports `progress` of image `index` every `every` until dropped.
+/// Reports `progress` of one image every `every` until stopped.
 pub(crate) struct Reporter {
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Option<u64>>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for Reporter {
@@ -58,78 +62,88 @@ impl Drop for Reporter {
 }
 
 impl Reporter {
+    /// `revision` is the image key's revision as the job read it; the reporter writes
+    /// only over its own writes, so a concurrent delivery's outcome is never undone.
     pub(crate) fn start(
         bus: Bus,
         state: StateStore,
-        bundle_id: String,
-        image: v1::ImageRef,
+        summary: BundleSummary,
+        mut image: ImageState,
+        revision: u64,
         progress: Progress,
         every: Duration,
     ) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
         let task = tokio::spawn(async move {
+            let mut revision = Some(revision);
             let mut last = None;
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = stopped.cancelled() => return revision,
+                    _ = tick.tick() => {}
+                }
                 let now = progress.get();
                 if last == Some(now) {
                     continue;
                 }
                 last = Some(now);
-                if let Err(error) = report(&bus, &state, &bundle_id, &image, now).await {
+                (image.bytes_done, image.bytes_total) = now;
+                if let Some(rev) = revision {
+                    revision = match state.update_image(&summary.id, &image, rev).await {
+                        Ok(r) => r,
+                        Err(error) => {
+                            tracing::debug!(%error, "cannot record progress");
+                            Some(rev)
+                        }
+                    };
+                }
+                if let Err(error) = report(&bus, &state, &summary, &image).await {
                     tracing::debug!(%error, "cannot report progress");
                 }
             }
         });
-        Reporter { task }
+        Reporter { task, stop }
+    }
+
+    /// Stops reporting; the image key's revision as this job last wrote it (`None`
+    /// when another writer changed it meanwhile).
+    pub(crate) async fn stop(mut self) -> Option<u64> {
+        self.stop.cancel();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async { None }));
+        task.await.ok().flatten()
     }
 }
 
 async fn report(
     bus: &Bus,
     state: &StateStore,
-    bundle_id: &str,
-    image: &v1::ImageRef,
-    (done, total): (u64, u64),
+    summary: &BundleSummary,
+    image: &ImageState,
 ) -> shipperd_bus::Result<()> {
-    let index = image.index;
-    let updated = state
-        .update(bundle_id, |r| {
-            (r.image(index)?.phase == ImagePhase::Pending)
-                .then(|| r.set_progress(index, done, total))
-        })
-        .await?;
-    let Some(((), rec)) = updated else {
-        return Ok(());
+    // The bundle's figures as of now (one small read).
+    let s = state
+        .summary(&summary.id)
+        .await?
+        .unwrap_or_else(|| summary.clone());
+    let body = v1::ImageProgress {
+        bundle_id: s.id.to_string(),
+        image: Some(image_ref(image)),
+        bytes_done: image.bytes_done,
+        bytes_total: image.bytes_total,
+        bundle_bytes_done: s.bytes_done,
+        bundle_bytes_total: s.bytes_total,
+        images_done: s.counts.done(),
+        images_total: s.counts.total,
     };
-    let body = progress_event(&rec, image, done, total);
     let id = format!(
-        "{}.{done}",
-        event_id(EventKind::ImageProgress, bundle_id, Some(index))
+        "{}.{}",
+        event_id(EventKind::ImageProgress, &s.id, Some(image.index)),
+        image.bytes_done
     );
-    bus.publish_event(EventKind::ImageProgress, &id, bundle_id, encode(&body))
+    bus.publish_event(EventKind::ImageProgress, &id, &s.id, encode(&body))
         .await
-}
-
-fn progress_event(
-    rec: &BundleRecord,
-    image: &v1::ImageRef,
-    done: u64,
-    total: u64,
-) -> v1::ImageProgress {
-    v1::ImageProgress {
-        bundle_id: rec.id.clone(),
-        image: Some(image.clone()),
-        bytes_done: done,
-        bytes_total: total,
-        bundle_bytes_done: rec.bytes_done,
-        bundle_bytes_total: rec.bytes_total,
-        images_done: rec
-            .images
-            .iter()
-            .filter(|i| i.phase != ImagePhase::Pending)
-            .count() as u32,
-        images_total: rec.images.len() as u32,
-    }
+        .map(|_| ())
 }

@@ -1,14 +1,17 @@
 //! Opening and checking one bundle (blocking: call from `spawn_blocking`).
+//!
+//! Every image is walked and every distinct blob checked once; each image's plan (its
+//! manifests' bytes, its blobs and where they are) is appended to the bundle's plans
+//! file as soon as it is walked, so memory holds one image's manifests at a time, not
+//! the bundle's.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    path::Path,
-};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shipperd_bundle::{
-    Catalog, Descriptor, Digest, Error, Format, FsBlobs, Limits, ManifestDoc, Reference, Result,
-    Walker, cas::Cas, catalog::BlobEntry, container, discover,
+    BundleFs, Catalog, Descriptor, Digest, Error, Format, FsBlobs, Limits, Location, ManifestDoc,
+    PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
 };
+use shipperd_model::{BundleId, DataDir, PlanRef};
 
 /// What a checked bundle holds.
 #[derive(Debug)]
@@ -27,20 +30,26 @@ pub struct InventoryImage {
     pub source: Reference,
     /// The top manifest or index, with its media type and size filled in.
     pub descriptor: Descriptor,
+    /// Where its plan is in the plans file.
+    pub plan: PlanRef,
+    /// Bytes of its blobs, manifests and referrers.
+    pub bytes: u64,
 }
 
-/// Opens the bundle stored at `data_dir/rel_path`, names its images, checks every blob
-/// they need, and saves the bundle's catalog beside it.
+/// Opens the bundle `id` stored at `rel_path` (relative to `data`), names its images,
+/// checks every blob they need, and saves the catalog and the images' plans beside it.
 pub fn inspect(
-    data_dir: &Path,
+    data: &DataDir,
+    id: &BundleId,
     rel_path: &str,
     bundle_name: &str,
-    bundle_id: &str,
     limits: &Limits,
 ) -> Result<Inventory> {
-    let path = data_dir.join(rel_path);
-    let cas = Cas::new(data_dir);
-    let opened = container::open(&path, &cas, bundle_id, limits)?;
+    let path = data
+        .resolve(id, rel_path)
+        .ok_or_else(|| Error::Layout(format!("{rel_path} is not where bundle {id} is kept")))?;
+    let cas = Cas::new(data);
+    let opened = container::open(&path, &cas, id.as_str(), limits)?;
     let fs = opened.fs.as_ref();
     let found = discover(fs, bundle_name, limits)?;
     tracing::debug!(roots = ?found.roots, images = found.images.len(), "layouts found");
@@ -51,7 +60,7 @@ pub fn inspect(
     let walker = Walker::new(&blobs, limits);
 
     // Unnamed manifests: referrers of another manifest, or images kept by digest only.
-    let mut referrers: BTreeMap<String, Vec<Descriptor>> = BTreeMap::new();
+    let mut referrers: BTreeMap<Digest, Vec<Descriptor>> = BTreeMap::new();
     let mut by_digest = Vec::new();
     for (repo, desc) in &found.unnamed {
         let what = format!("manifest {}", desc.digest);
@@ -59,20 +68,19 @@ pub fn inspect(
         let doc = ManifestDoc::parse(&what, &bytes)?;
         match &doc.subject {
             Some(subject) => {
-                subject.digest()?;
                 let list = referrers.entry(subject.digest.clone()).or_default();
                 if !list.iter().any(|d| d.digest == desc.digest) {
-                    list.push(Descriptor {
-                        media_type: doc.media_type(&desc.media_type),
-                        digest: desc.digest.clone(),
-                        size: bytes.len() as u64,
-                        annotations: doc.annotations.clone(),
-                        artifact_type: doc
-                            .artifact_type
-                            .clone()
-                            .or_else(|| doc.config.as_ref().map(|c| c.media_type.clone())),
-                        ..Default::default()
-                    });
+                    let mut r = Descriptor::new(
+                        doc.media_type(&desc.media_type),
+                        desc.digest.clone(),
+                        bytes.len() as u64,
+                    );
+                    r.annotations = doc.annotations.clone();
+                    r.artifact_type = doc
+                        .artifact_type
+                        .clone()
+                        .or_else(|| doc.config.as_ref().map(|c| c.media_type.clone()));
+                    list.push(r);
                 }
             }
             None => {
@@ -82,47 +90,30 @@ pub fn inspect(
             }
         }
     }
-    let lookup = |d: &str| referrers.get(d).cloned().unwrap_or_default();
+    let lookup = |d: &Digest| referrers.get(d).cloned().unwrap_or_default();
 
-    let mut needed: BTreeMap<String, u64> = BTreeMap::new();
-    let mut verified = HashSet::new();
-    let reached = std::cell::RefCell::new(HashSet::new());
-    let mut images = Vec::new();
-    let mut referrer_count = 0u64;
-    let mut check = |source: Reference, top: &Descriptor| -> Result<InventoryImage> {
-        let name = source.to_string();
-        let plan = walker.plan(&name, top, &lookup)?;
-        for blob in &plan.blobs {
-            if verified.insert(blob.digest.clone()) {
-                walker.verify_blob(&name, blob)?;
-                needed.insert(blob.digest.clone(), blob.size);
-            }
-        }
-        for (m, bytes) in &plan.manifests {
-            reached.borrow_mut().insert(m.digest.clone());
-            needed.insert(m.digest.clone(), bytes.len() as u64);
-        }
-        for (_, m, bytes) in &plan.referrers {
-            referrer_count += 1;
-            needed.insert(m.digest.clone(), bytes.len() as u64);
-        }
-        let descriptor = plan
-            .manifests
-            .last()
-            .map(|(d, _)| d.clone())
-            .unwrap_or_else(|| top.clone());
-        Ok(InventoryImage { source, descriptor })
+    let mut plans = PlanWriter::create(&data.plans(id))?;
+    let mut check = Checker {
+        fs,
+        walker: &walker,
+        paths: &found.blob_paths,
+        needed: BTreeMap::new(),
+        verified: HashSet::new(),
+        reached: HashSet::new(),
+        located: HashMap::new(),
+        referrers: 0,
     };
+    let mut images = Vec::new();
     for img in &found.images {
-        images.push(check(img.source.clone(), &img.descriptor)?);
+        images.push(check.image(img.source.clone(), &img.descriptor, &lookup, &mut plans)?);
     }
     // A manifest of a registry tree that no tag reaches is published by digest.
     for (repo, desc) in by_digest {
-        if reached.borrow().contains(&desc.digest) {
+        if check.reached.contains(&desc.digest) {
             continue;
         }
         let source = Reference::parse(&format!("{repo}@{}", desc.digest))?;
-        images.push(check(source, &desc)?);
+        images.push(check.image(source, &desc, &lookup, &mut plans)?);
     }
     if images.len() > limits.max_images {
         return Err(Error::Hostile(format!(
@@ -131,39 +122,89 @@ pub fn inspect(
             limits.max_images
         )));
     }
-
-    let mut catalog = Catalog {
+    plans.finish()?;
+    let catalog = Catalog {
         container: opened.container,
         parts: shipperd_bundle::parts::part_paths(&path)?
             .iter()
-            .map(|p| {
-                p.strip_prefix(data_dir)
-                    .unwrap_or(p)
-                    .to_string_lossy()
-                    .into_owned()
-            })
+            .map(|p| data.relative(p))
             .collect(),
-        blobs: BTreeMap::new(),
-        referrers,
+        limits: limits.clone(),
     };
-    let blob_bytes = needed.values().sum();
-    for digest in needed.keys() {
-        let d = Digest::parse(digest)?;
-        let p = found
-            .blob_paths
-            .get(d.as_str())
-            .ok_or_else(|| Error::Missing(d.to_string()))?;
-        let (location, size) = fs.locate(p)?;
-        catalog
-            .blobs
-            .insert(digest.clone(), BlobEntry { size, location });
-    }
-    catalog.save(&Catalog::path_for(&path))?;
+    catalog.save(data, id)?;
     Ok(Inventory {
         format: opened.format,
-        blob_count: needed.len() as u64,
-        blob_bytes,
-        referrers: referrer_count,
+        blob_count: check.needed.len() as u64,
+        blob_bytes: check.needed.values().sum(),
+        referrers: check.referrers,
         images,
     })
+}
+
+/// Walks images one by one, checking each distinct blob once.
+struct Checker<'a> {
+    fs: &'a dyn BundleFs,
+    walker: &'a Walker<'a>,
+    paths: &'a HashMap<Digest, String>,
+    /// Every distinct blob and manifest, with its size.
+    needed: BTreeMap<Digest, u64>,
+    verified: HashSet<Digest>,
+    /// Manifests some image reaches.
+    reached: HashSet<Digest>,
+    located: HashMap<Digest, Location>,
+    referrers: u64,
+}
+
+impl Checker<'_> {
+    fn image(
+        &mut self,
+        source: Reference,
+        top: &Descriptor,
+        lookup: &dyn Fn(&Digest) -> Vec<Descriptor>,
+        plans: &mut PlanWriter,
+    ) -> Result<InventoryImage> {
+        let name = source.to_string();
+        let plan = self.walker.plan(&name, top, lookup)?;
+        for blob in &plan.blobs {
+            if self.verified.insert(blob.digest.clone()) {
+                self.walker.verify_blob(&name, blob)?;
+                self.needed.insert(blob.digest.clone(), blob.size);
+            }
+        }
+        for (m, bytes) in &plan.manifests {
+            self.reached.insert(m.digest.clone());
+            self.needed.insert(m.digest.clone(), bytes.len() as u64);
+        }
+        for (_, m, bytes) in &plan.referrers {
+            self.referrers += 1;
+            self.needed.insert(m.digest.clone(), bytes.len() as u64);
+        }
+        let descriptor = plan
+            .manifests
+            .last()
+            .map(|(d, _)| d.clone())
+            .unwrap_or_else(|| top.clone());
+        let stored = StoredPlan::new(plan, |d| self.locate(d))?;
+        let bytes = stored.bytes_total();
+        let at = plans.append(&stored)?;
+        Ok(InventoryImage {
+            source,
+            descriptor,
+            plan: at,
+            bytes,
+        })
+    }
+
+    fn locate(&mut self, digest: &Digest) -> Result<Location> {
+        if let Some(at) = self.located.get(digest) {
+            return Ok(at.clone());
+        }
+        let p = self
+            .paths
+            .get(digest)
+            .ok_or_else(|| Error::Missing(digest.to_string()))?;
+        let (at, _) = self.fs.locate(p)?;
+        self.located.insert(digest.clone(), at.clone());
+        Ok(at)
+    }
 }

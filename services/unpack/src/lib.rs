@@ -6,25 +6,29 @@
 //! walks every named image (multi-arch indexes and referrers included) and checks that
 //! every blob is present with the right size and sha256. A bundle that fails a check ends
 //! `Failed` with a reason naming the file, image or blob, and no job is published for it.
-//! Otherwise the bundle's catalog (where each blob lives) is saved beside it, the record
-//! gets its inventory, one publish job per image goes out, then `bundle.unpacked`.
+//! Otherwise each image's plan is saved beside the bundle, each image gets its own state
+//! key, the summary its counts, one publish job per image goes out, then
+//! `bundle.unpacked` (with counts: events never list a bundle's images).
 
 mod inspect;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
+use futures::FutureExt as _;
 use shipperd_bundle::{Limits, cas::Cas};
 use shipperd_bus::{
-    BundleRecord, Bus, ConsumerSpec, EventKind, ImagePhase, ImageRecord, IncomingEvent, Phase,
-    StateStore,
-    event::{encode, event_id},
-    lifecycle,
-    subjects::{EVENTS_STREAM, PUBLISH_JOB_SUBJECT, UNPACK_CONSUMER},
+    Bus, ConsumerSpec, EventKind, IncomingEvent,
+    event::encode,
+    subjects::{EVENTS_STREAM, UNPACK_CONSUMER},
     worker::{self, Outcome},
 };
+use shipperd_model::{
+    BundleId, BundleSummary, DataDir, ImagePhase, ImageState, Phase, Reference, state::Unpacked,
+};
 use shipperd_proto::v1;
-use shipperd_target::Targets;
+use shipperd_registry_targets::Targets;
+use shipperd_state::{StateStore, dispatch, lifecycle};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -44,13 +48,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     /// Where images land: each bundle's target (or the default one) maps its images'
     /// names.
     pub targets: Targets,
     /// Bundles opened at once by this replica.
     pub concurrency: usize,
-    /// Deliveries of one bundle before a read error fails it.
+    /// Attempts at one bundle before a read error (or a result that cannot be recorded)
+    /// fails it.
     pub max_deliver: i64,
     /// Bounds on what one bundle may hold.
     pub limits: Limits,
@@ -59,12 +64,12 @@ pub struct Config {
 impl Config {
     pub fn new(
         nats_url: impl Into<String>,
-        data_dir: impl Into<PathBuf>,
+        data_dir: impl Into<std::path::PathBuf>,
         targets: Targets,
     ) -> Self {
         Config {
             nats_url: nats_url.into(),
-            data_dir: data_dir.into(),
+            data_dir: DataDir::new(data_dir.into()),
             targets,
             concurrency: 2,
             max_deliver: 5,
@@ -72,6 +77,10 @@ impl Config {
         }
     }
 }
+
+/// Deliveries the server makes beyond `max_deliver`: room to record a failure after the
+/// last attempt (the janitor re-announces a bundle the server gave up on).
+const RECORD_SLACK: i64 = 10;
 
 struct Ctx {
     bus: Bus,
@@ -95,12 +104,12 @@ impl Unpack {
                 durable: UNPACK_CONSUMER.into(),
                 filter: EventKind::BundleReceived.subject(),
                 ack_wait: Duration::from_secs(60),
-                max_deliver: config.max_deliver,
+                max_deliver: config.max_deliver + RECORD_SLACK,
                 max_ack_pending: 256,
                 deliver_policy: DeliverPolicy::All,
             })
             .await?;
-        let state = bus.state().await?;
+        let state = StateStore::open(&bus).await?;
         Ok(Unpack {
             ctx: Arc::new(Ctx { bus, state, config }),
             consumer,
@@ -131,26 +140,56 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 }
 
 async fn handle(ctx: &Ctx, msg: Message) {
-    let event = match IncomingEvent::parse(msg.headers.as_ref(), msg.payload.clone())
-        .and_then(|e| e.decode::<v1::BundleReceived>())
-    {
-        Ok(e) => e,
-        Err(error) => {
-            tracing::error!(%error, "undecodable bundle.received; dropping it");
+    let event = IncomingEvent::parse(msg.headers.as_ref(), msg.payload.clone())
+        .and_then(|e| e.decode::<v1::BundleReceived>());
+    let (event, id) = match event.map(|e| (BundleId::parse(&e.bundle_id), e)) {
+        Ok((Ok(id), e)) => (e, id),
+        _ => {
+            tracing::error!("undecodable bundle.received; dropping it");
             return worker::settle(&msg, Outcome::Term).await;
         }
     };
-    let span = tracing::info_span!("unpack", bundle_id = %event.bundle_id, name = %event.name);
+    let span = tracing::info_span!("unpack", bundle_id = %id, name = %event.name);
     shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
-    let outcome = worker::with_progress(&msg, Duration::from_secs(15), unpack(ctx, &msg, &event))
-        .instrument(span)
-        .await;
+    let work = std::panic::AssertUnwindSafe(unpack(ctx, &msg, &id)).catch_unwind();
+    let outcome = async {
+        match worker::with_progress(&msg, Duration::from_secs(15), work).await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let error = format!(
+                    "internal error while unpacking (a bug; please report it): {}",
+                    panic_message(&*panic)
+                );
+                tracing::error!(%error, "unpack panicked");
+                fail(ctx, &id, error, Outcome::Term).await
+            }
+        }
+    }
+    .instrument(span)
+    .await;
     worker::settle(&msg, outcome).await;
 }
 
-async fn unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Outcome {
-    match try_unpack(ctx, msg, event).await {
+/// The text of a panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+async fn unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Outcome {
+    match try_unpack(ctx, msg, id).await {
         Ok(o) => o,
+        Err(error) if worker::delivered(msg) >= ctx.config.max_deliver => {
+            let error = format!(
+                "unpack gave up after {} attempts: {error}",
+                worker::delivered(msg)
+            );
+            tracing::warn!(%error, "unpack step failed for the last time");
+            fail(ctx, id, error, Outcome::Retry(Duration::from_secs(5))).await
+        }
         Err(error) => {
             tracing::warn!(%error, "unpack step failed; will retry");
             Outcome::Retry(Duration::from_secs(2))
@@ -158,66 +197,94 @@ async fn unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Outcome
     }
 }
 
-async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Result<Outcome> {
-    let id = &event.bundle_id;
-    let Some((rec, _)) = ctx.state.get(id).await? else {
+/// Fails the bundle with `error` and lets go of its blobs; `Term` once recorded, else
+/// `otherwise` (to try recording it again).
+async fn fail(ctx: &Ctx, id: &BundleId, error: String, otherwise: Outcome) -> Outcome {
+    match lifecycle::fail_bundle(&ctx.bus, &ctx.state, id, error).await {
+        Ok(_) => {
+            release_blobs(&ctx.config.data_dir, id).await;
+            Outcome::Term
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the bundle's failure; will retry");
+            otherwise
+        }
+    }
+}
+
+async fn try_unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Result<Outcome> {
+    let Some(s) = ctx.state.summary(id).await? else {
         tracing::error!("bundle.received for an unknown bundle; dropping it");
         return Ok(Outcome::Term);
     };
-    match rec.phase {
+    if s.deleting {
+        return Ok(Outcome::Term);
+    }
+    match s.phase {
         Phase::Received | Phase::Unpacking => {}
         Phase::Publishing => {
-            // Redelivered after the inventory was stored: make sure the jobs and the event
-            // went out (both are de-duplicated by id).
-            dispatch(ctx, &rec).await?;
+            // Redelivered after the images were stored: make sure the jobs and the
+            // event went out (both are de-duplicated by id).
+            dispatch::dispatch_uncounted(&ctx.bus, &ctx.state, &s).await?;
+            announce_unpacked(ctx, &s).await?;
             return Ok(Outcome::Ack);
         }
         Phase::Published | Phase::Failed => {
-            lifecycle::announce_if_done(&ctx.bus, &ctx.state, &rec).await?;
+            lifecycle::announce_if_done(&ctx.bus, &ctx.state, &s).await?;
             return Ok(Outcome::Ack);
         }
     }
+    // The order bundles arrived in: the stream sequence of their first bundle.received.
+    let order = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
     ctx.state
-        .update(id, |r| {
-            matches!(r.phase, Phase::Received).then(|| r.phase = Phase::Unpacking)
-        })
+        .update(id, |r| r.start_unpacking(order).then_some(()))
         .await?;
 
-    let (data_dir, rel, name, limits) = (
+    let (data, rel, name, limits, bundle) = (
         ctx.config.data_dir.clone(),
-        rec.path.clone(),
-        rec.name.clone(),
+        s.path.clone(),
+        s.name.clone(),
         ctx.config.limits.clone(),
+        id.clone(),
     );
-    let bundle_id = id.clone();
     let inspected =
-        tokio::task::spawn_blocking(move || inspect(&data_dir, &rel, &name, &bundle_id, &limits))
-            .await
-            .expect("inspect does not panic");
+        tokio::task::spawn_blocking(move || inspect(&data, &bundle, &rel, &name, &limits)).await;
     let inventory = match inspected {
-        Ok(inv) => inv,
-        Err(error)
+        Ok(Ok(inv)) => inv,
+        Ok(Err(error))
             if error.kind() == shipperd_bundle::ErrorKind::Io
                 && worker::delivered(msg) < ctx.config.max_deliver =>
         {
             tracing::warn!(%error, "cannot read the bundle; will retry");
             return Ok(Outcome::Retry(Duration::from_secs(5)));
         }
-        Err(error) => {
+        Ok(Err(error)) => {
             tracing::warn!(%error, "bundle rejected");
-            lifecycle::fail_bundle(&ctx.bus, &ctx.state, id, error.to_string()).await?;
-            release_blobs(&ctx.config.data_dir, id).await;
-            return Ok(Outcome::Term);
+            return Ok(fail(
+                ctx,
+                id,
+                error.to_string(),
+                Outcome::Retry(Duration::from_secs(5)),
+            )
+            .await);
+        }
+        Err(join) => {
+            let error = format!(
+                "internal error while reading the bundle (a bug; please report it): {}",
+                join.try_into_panic()
+                    .map(|p| panic_message(&*p))
+                    .unwrap_or_else(|_| "the reader was cancelled".into())
+            );
+            tracing::error!(%error, "bundle reader panicked");
+            return Ok(fail(ctx, id, error, Outcome::Retry(Duration::from_secs(5))).await);
         }
     };
 
-    let images = match target_images(&ctx.config.targets, rec.target.as_deref(), &inventory) {
-        Ok(images) => images,
+    let (target, images) = match target_images(&ctx.config.targets, &s, &inventory) {
+        Ok(t) => t,
         Err(error) => {
             tracing::warn!(%error, "bundle rejected");
-            lifecycle::fail_bundle(&ctx.bus, &ctx.state, id, error).await?;
-            release_blobs(&ctx.config.data_dir, id).await;
-            return Ok(Outcome::Term);
+            return Ok(fail(ctx, id, error, Outcome::Retry(Duration::from_secs(5))).await);
         }
     };
     tracing::info!(
@@ -227,74 +294,66 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, event: &v1::BundleReceived) -> Res
         referrers = inventory.referrers,
         "bundle checked"
     );
-    let format = inventory.format.to_string();
+    ctx.state.put_images(id, &images).await?;
+    let unpacked = Unpacked {
+        format: inventory.format.to_string(),
+        images: images.len() as u32,
+        blobs: inventory.blob_count,
+        blob_bytes: inventory.blob_bytes,
+        bytes_total: images.iter().map(|i| i.bytes_total).sum(),
+        target: Some(target),
+    };
     let stored = ctx
         .state
-        .update(id, |r| {
-            (r.phase == Phase::Unpacking).then(|| {
-                r.phase = Phase::Publishing;
-                r.unpacked_at = Some(shipperd_bus::event::now_rfc3339());
-                r.format = Some(format.clone());
-                r.images = images.clone();
-            })
-        })
+        .update(id, |r| r.unpacked(&unpacked).then_some(()))
         .await?;
-    if let Some(((), rec)) = stored {
-        dispatch(ctx, &rec).await?;
-        let body = v1::BundleUnpacked {
-            bundle_id: id.clone(),
-            name: rec.name.clone(),
-            format,
-            images: rec.images.iter().map(BundleRecord::image_ref).collect(),
-            blob_count: inventory.blob_count,
-            blob_bytes: inventory.blob_bytes,
-        };
-        let eid = event_id(EventKind::BundleUnpacked, id, None);
-        ctx.bus
-            .publish_event(EventKind::BundleUnpacked, &eid, id, encode(&body))
-            .await?;
+    if let Some(((), s)) = stored {
+        dispatch::dispatch(&ctx.bus, &s, &images).await?;
+        announce_unpacked(ctx, &s).await?;
+        // A bundle without images is published at once.
+        lifecycle::announce_if_done(&ctx.bus, &ctx.state, &s).await?;
     }
     Ok(Outcome::Ack)
 }
 
-/// Publishes one job per image still pending (de-duplicated by `<bundle>.publish.<index>`).
-async fn dispatch(ctx: &Ctx, rec: &BundleRecord) -> Result<()> {
-    for img in rec.images.iter().filter(|i| i.phase == ImagePhase::Pending) {
-        let job = v1::PublishJob {
-            bundle_id: rec.id.clone(),
-            bundle_path: rec.path.clone(),
-            image: Some(BundleRecord::image_ref(img)),
-            target: rec.target.clone().unwrap_or_default(),
-        };
-        let msg_id = format!("{}.publish.{}", rec.id, img.index);
-        ctx.bus
-            .publish_job(PUBLISH_JOB_SUBJECT, &msg_id, encode(&job))
-            .await?;
-    }
+async fn announce_unpacked(ctx: &Ctx, s: &BundleSummary) -> Result<()> {
+    let body = v1::BundleUnpacked {
+        bundle_id: s.id.to_string(),
+        name: s.name.clone(),
+        format: s.format.clone().unwrap_or_default(),
+        blob_count: s.blobs,
+        blob_bytes: s.blob_bytes,
+        image_count: s.counts.total,
+        bytes_total: s.bytes_total,
+    };
+    let eid = lifecycle::bundle_event_id(EventKind::BundleUnpacked, s);
+    ctx.bus
+        .publish_event(EventKind::BundleUnpacked, &eid, &s.id, encode(&body))
+        .await?;
     Ok(())
 }
 
-/// Where each image of the bundle lands in its target. Refuses an unknown target, a name
-/// the mapping cannot make, and two different images landing on one tag (which path
-/// flattening can cause).
+/// Where each image of the bundle lands in its target, as pending image states.
+/// Refuses an unknown target, a name the mapping cannot make, and two different images
+/// landing on one tag (which path flattening can cause).
 fn target_images(
     targets: &Targets,
-    name: Option<&str>,
+    s: &BundleSummary,
     inventory: &Inventory,
-) -> Result<Vec<ImageRecord>, String> {
-    let target = targets.get(name).map_err(|e| {
+) -> Result<(shipperd_model::TargetName, Vec<ImageState>), String> {
+    let target = targets.get(s.target.as_ref()).map_err(|e| {
         let known: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         format!("{e} (targets: {})", known.join(", "))
     })?;
-    let mut landed: std::collections::HashMap<String, (String, &str)> = Default::default();
+    let mut landed: std::collections::HashMap<Reference, (&Reference, &shipperd_model::Digest)> =
+        Default::default();
     let mut images = Vec::with_capacity(inventory.images.len());
     for (i, img) in inventory.images.iter().enumerate() {
         let mapped = target
             .mapping
             .map(&img.source, &target.url.host)
-            .map_err(|e| format!("target {}: {e}", target.name))?
-            .to_string();
-        let digest = img.descriptor.digest.as_str();
+            .map_err(|e| format!("target {}: {e}", target.name))?;
+        let digest = &img.descriptor.digest;
         if let Some((other, d)) = landed.get(&mapped)
             && *d != digest
         {
@@ -304,28 +363,31 @@ fn target_images(
                 img.source, target.name
             ));
         }
-        landed.insert(mapped.clone(), (img.source.to_string(), digest));
-        images.push(ImageRecord {
+        landed.insert(mapped.clone(), (&img.source, digest));
+        images.push(ImageState {
             index: i as u32,
-            source: img.source.to_string(),
+            source: img.source.clone(),
             target: mapped,
-            digest: digest.to_string(),
+            digest: digest.clone(),
             media_type: img.descriptor.media_type.clone(),
             size: img.descriptor.size,
             phase: ImagePhase::Pending,
             error: None,
-            bytes_total: 0,
+            bytes_total: img.bytes,
             bytes_done: 0,
             skipped: false,
+            attempts: 0,
+            generation: s.generation,
+            plan: img.plan,
         });
     }
-    Ok(images)
+    Ok((target.name.clone(), images))
 }
 
 /// Lets go of the blobs a finished bundle claimed in the content-addressed store, and
 /// deletes those no other bundle needs.
-pub(crate) async fn release_blobs(data_dir: &std::path::Path, bundle_id: &str) {
-    let cas = Cas::new(data_dir);
-    let id = bundle_id.to_string();
+pub async fn release_blobs(data: &DataDir, id: &BundleId) {
+    let cas = Cas::new(data);
+    let id = id.to_string();
     let _ = tokio::task::spawn_blocking(move || cas.finish(&id)).await;
 }

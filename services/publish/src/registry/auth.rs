@@ -1,32 +1,27 @@
 //! Logging in. Requests go out without credentials until the registry answers 401;
-//! then oci-client reads the challenge and fetches a token from the registry's token
-//! service (with basic credentials when the target has them), or, for a registry that
-//! takes basic auth itself, the basic header is used. Headers are kept per repository
-//! (tokens are scoped to one) and renewed on the next 401.
+//! then the registry's `Bearer` challenge names its token service, and a token is
+//! requested there (with basic credentials when the target has them), or, for a
+//! registry that takes basic auth itself, the basic header is used. Headers are kept
+//! per repository (tokens are scoped to one) and renewed on the next 401.
 //!
 //! A cross-repository mount needs more than one repository's token: push on the
-//! destination and pull on the source. oci-client asks for one repository only, so for
-//! mounts the token is requested here with both scopes (the distribution token
-//! protocol's repeated `scope` parameter) and kept under the pair.
+//! destination and pull on the source, asked for together (the distribution token
+//! protocol's repeated `scope` parameter) and kept under the pair. The token service's
+//! answer says what a failure is: 401 or 403 (credentials refused) will not heal, 429,
+//! 5xx or no answer may. Tokens are read with oci-client's token type.
 
 use std::{collections::HashMap, sync::Mutex};
 
 use base64::Engine as _;
-use oci_client::{
-    Reference,
-    client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol},
-    secrets::RegistryAuth,
-    token_cache::RegistryToken,
-};
+use oci_client::token_cache::RegistryToken;
 use reqwest::header::HeaderValue;
-use shipperd_target::{Credentials, Target};
+use shipperd_registry_targets::{Credentials, Target};
 
 use super::RegistryError;
 
 pub(crate) struct Auth {
     target: Target,
-    oci: oci_client::Client,
-    /// The registry's own client and base URL (for two-repository tokens).
+    /// The registry's own client and base URL.
     http: reqwest::Client,
     base: String,
     /// Per repository, or per `destination source` pair for mounts.
@@ -35,45 +30,14 @@ pub(crate) struct Auth {
     required: std::sync::atomic::AtomicBool,
 }
 
-/// Each certificate of a PEM bundle.
-fn pem_certificates(pem: &[u8]) -> Vec<Certificate> {
-    let text = String::from_utf8_lossy(pem);
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    const END: &str = "-----END CERTIFICATE-----";
-    text.split(BEGIN)
-        .skip(1)
-        .filter_map(|rest| rest.split_once(END))
-        .map(|(body, _)| Certificate {
-            encoding: CertificateEncoding::Pem,
-            data: format!("{BEGIN}{body}{END}\n").into_bytes(),
-        })
-        .collect()
-}
-
 impl Auth {
     pub(crate) fn new(
         target: &Target,
         http: reqwest::Client,
         base: String,
     ) -> Result<Self, RegistryError> {
-        let oci = oci_client::Client::try_from(ClientConfig {
-            protocol: if target.url.https {
-                ClientProtocol::Https
-            } else {
-                ClientProtocol::Http
-            },
-            accept_invalid_certificates: target.insecure,
-            extra_root_certificates: target
-                .ca_pem
-                .as_deref()
-                .map(pem_certificates)
-                .unwrap_or_default(),
-            ..Default::default()
-        })
-        .map_err(|e| RegistryError::Tls(e.to_string()))?;
         Ok(Auth {
             target: target.clone(),
-            oci,
             http,
             base,
             headers: Mutex::default(),
@@ -111,53 +75,38 @@ impl Auth {
     ) -> Result<HeaderValue, RegistryError> {
         self.required
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        let host = self.target.url.host.clone();
+        let denied = |status: Option<u16>, message: String| RegistryError::AuthDenied {
+            host: host.clone(),
+            status,
+            message,
+        };
         let creds = self
             .target
             .credentials()
-            .map_err(|e| RegistryError::Auth(e.to_string()))?;
+            .map_err(|e| denied(None, e.to_string()))?;
         let value = match &creds {
             Credentials::Bearer(t) => format!("Bearer {}", t.expose()),
-            _ => {
-                let auth = match &creds {
-                    Credentials::Basic { username, password } => {
-                        RegistryAuth::Basic(username.clone(), password.expose().to_string())
-                    }
-                    _ => RegistryAuth::Anonymous,
-                };
-                let token = match from {
-                    None => {
-                        let r = Reference::with_tag(
-                            self.target.url.host.clone(),
-                            repo.to_string(),
-                            "latest".into(),
-                        );
-                        self.oci
-                            .auth(&r, &auth, oci_client::RegistryOperation::Push)
-                            .await
-                            .map_err(|e| {
-                                RegistryError::Auth(format!("logging in for {repo}: {e}"))
-                            })?
-                    }
-                    Some(from) => self.mount_token(repo, from, &creds).await?,
-                };
-                match (token, &creds) {
-                    (Some(t), _) => format!("Bearer {t}"),
-                    (None, Credentials::Basic { username, password }) => format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD
-                            .encode(format!("{username}:{}", password.expose()))
-                    ),
-                    (None, _) => {
-                        return Err(RegistryError::Auth(format!(
-                            "{} asks for credentials and target {} has none",
-                            self.target.url.host, self.target.name
-                        )));
-                    }
+            _ => match (self.token(repo, from, &creds).await?, &creds) {
+                (Some(t), _) => format!("Bearer {t}"),
+                (None, Credentials::Basic { username, password }) => format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{username}:{}", password.expose()))
+                ),
+                (None, _) => {
+                    return Err(denied(
+                        Some(401),
+                        format!(
+                            "{host} asks for credentials and target {} has none",
+                            self.target.name
+                        ),
+                    ));
                 }
-            }
+            },
         };
         let mut h = HeaderValue::from_str(&value)
-            .map_err(|_| RegistryError::Auth("the token is not a valid header".into()))?;
+            .map_err(|_| denied(None, "the token is not a valid header".into()))?;
         h.set_sensitive(true);
         self.headers
             .lock()
@@ -166,23 +115,30 @@ impl Auth {
         Ok(h)
     }
 
-    /// A token for pushing to `repo` and pulling from `from`, or `None` when the
-    /// registry does not use a token service (basic auth covers every repository).
-    async fn mount_token(
+    /// A token for pushing to `repo` (and pulling from `from`, for a mount), or `None`
+    /// when the registry does not use a token service (basic auth covers every
+    /// repository).
+    async fn token(
         &self,
         repo: &str,
-        from: &str,
+        from: Option<&str>,
         creds: &Credentials,
     ) -> Result<Option<String>, RegistryError> {
-        let failed = |e: &dyn std::fmt::Display| {
-            RegistryError::Auth(format!("logging in for {repo} (mounting from {from}): {e}"))
+        let host = &self.target.url.host;
+        let what = match from {
+            Some(from) => format!("logging in for {repo} (mounting from {from})"),
+            None => format!("logging in for {repo}"),
+        };
+        let unavailable = |e: &dyn std::fmt::Display| RegistryError::AuthUnavailable {
+            host: host.clone(),
+            message: format!("{what}: {e}"),
         };
         let resp = self
             .http
             .get(format!("{}/v2/", self.base))
             .send()
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(RegistryError::transport)?;
         let Some((realm, service)) = resp
             .headers()
             .get(reqwest::header::WWW_AUTHENTICATE)
@@ -191,29 +147,43 @@ impl Auth {
         else {
             return Ok(None);
         };
-        let mut url = reqwest::Url::parse(&realm).map_err(|e| failed(&e))?;
+        let mut url = reqwest::Url::parse(&realm).map_err(|e| unavailable(&e))?;
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = &service {
                 q.append_pair("service", s);
             }
             q.append_pair("scope", &format!("repository:{repo}:pull,push"));
-            q.append_pair("scope", &format!("repository:{from}:pull"));
+            if let Some(from) = from {
+                q.append_pair("scope", &format!("repository:{from}:pull"));
+            }
         }
         let mut req = self.http.get(url);
         if let Credentials::Basic { username, password } = creds {
             req = req.basic_auth(username, Some(password.expose()));
         }
-        let resp = req.send().await.map_err(|e| failed(&e))?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| failed(&e))?;
-        if !status.is_success() {
-            return Err(failed(&format!(
-                "the token service answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)]).trim()
-            )));
+        let resp = req.send().await.map_err(|e| unavailable(&e))?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| unavailable(&e))?;
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)])
+                .trim()
+                .to_string();
+            let message = format!("{what}: the token service answered {status}: {text}");
+            return Err(if status == 429 || status >= 500 {
+                RegistryError::AuthUnavailable {
+                    host: host.clone(),
+                    message,
+                }
+            } else {
+                RegistryError::AuthDenied {
+                    host: host.clone(),
+                    status: Some(status),
+                    message,
+                }
+            });
         }
-        let token: RegistryToken = serde_json::from_slice(&body).map_err(|e| failed(&e))?;
+        let token: RegistryToken = serde_json::from_slice(&body).map_err(|e| unavailable(&e))?;
         Ok(Some(token.token().to_string()))
     }
 }
@@ -243,14 +213,6 @@ fn bearer_challenge(header: &str) -> Option<(String, Option<String>)> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn splits_a_pem_bundle() {
-        let one = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        let certs = super::pem_certificates(format!("junk\n{one}{one}").as_bytes());
-        assert_eq!(certs.len(), 2);
-        assert!(String::from_utf8_lossy(&certs[0].data).contains("AAAA"));
-    }
-
     #[test]
     fn reads_a_bearer_challenge() {
         let h = r#"Basic realm="x", Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a:pull""#;

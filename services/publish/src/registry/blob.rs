@@ -14,9 +14,9 @@ use bytes::Bytes;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use shipperd_bundle::{BlobSource, CatalogBlobs, Descriptor};
+use shipperd_bundle::{BlobSource, Descriptor, Digest};
 
-use super::{Call, Moved, Registry, RegistryError, lease::Lease, no_body};
+use super::{Call, Moved, Registry, RegistryError, error::BodyError, lease::Lease, no_body};
 use crate::progress::Progress;
 
 /// What happened to one blob.
@@ -50,7 +50,7 @@ impl Registry {
         &self,
         repo: &str,
         desc: &Descriptor,
-        bundle: Arc<CatalogBlobs>,
+        bundle: Arc<dyn BlobSource>,
         progress: &Progress,
     ) -> Result<BlobOutcome, RegistryError> {
         let lock = self
@@ -78,7 +78,7 @@ impl Registry {
         &self,
         repo: &str,
         desc: &Descriptor,
-        bundle: Arc<CatalogBlobs>,
+        bundle: Arc<dyn BlobSource>,
         progress: &Progress,
     ) -> Result<BlobOutcome, RegistryError> {
         let key = self.blob_key(&desc.digest);
@@ -132,7 +132,7 @@ impl Registry {
         &self,
         repo: &str,
         desc: &Descriptor,
-        bundle: Arc<CatalogBlobs>,
+        bundle: Arc<dyn BlobSource>,
         progress: &Progress,
         location: Option<String>,
     ) -> Result<u64, RegistryError> {
@@ -157,7 +157,7 @@ impl Registry {
         }
     }
 
-    pub async fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, RegistryError> {
+    pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool, RegistryError> {
         let call = Call {
             method: Method::HEAD,
             url: format!("/v2/{repo}/blobs/{digest}"),
@@ -170,7 +170,7 @@ impl Registry {
         Ok(self.send(&call).await?.status() == 200)
     }
 
-    async fn mount(&self, repo: &str, from: &str, digest: &str) -> Result<Mount, RegistryError> {
+    async fn mount(&self, repo: &str, from: &str, digest: &Digest) -> Result<Mount, RegistryError> {
         let call = Call {
             method: Method::POST,
             url: format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
@@ -187,7 +187,8 @@ impl Registry {
                 e @ (RegistryError::Status {
                     status: 401 | 403, ..
                 }
-                | RegistryError::Auth(_)),
+                | RegistryError::AuthDenied { .. }
+                | RegistryError::AuthUnavailable { .. }),
             ) => {
                 tracing::debug!(repo, from, error = %e, "mount not allowed; uploading");
                 return Ok(Mount::Denied);
@@ -258,12 +259,12 @@ impl Registry {
         Ok(Some((next, newest)))
     }
 
-    fn session_key(&self, repo: &str, digest: &str) -> String {
+    fn session_key(&self, repo: &str, digest: &Digest) -> String {
         let r = hex::encode(&Sha256::digest(repo.as_bytes())[..6]);
         format!("up.{}.{r}", self.blob_key(digest))
     }
 
-    async fn save_session(&self, repo: &str, digest: &str, loc: &str) {
+    async fn save_session(&self, repo: &str, digest: &Digest, loc: &str) {
         let s = Session {
             repo: repo.to_string(),
             location: loc.to_string(),
@@ -278,7 +279,7 @@ impl Registry {
         }
     }
 
-    async fn saved_session(&self, repo: &str, digest: &str) -> Option<String> {
+    async fn saved_session(&self, repo: &str, digest: &Digest) -> Option<String> {
         let v = self
             .blobs
             .get(self.session_key(repo, digest))
@@ -288,7 +289,7 @@ impl Registry {
         (s.repo == repo).then_some(s.location)
     }
 
-    async fn forget_session(&self, repo: &str, digest: &str) {
+    async fn forget_session(&self, repo: &str, digest: &Digest) {
         let _ = self.blobs.purge(self.session_key(repo, digest)).await;
     }
 }
@@ -354,7 +355,6 @@ impl Upload<'_> {
                 Err((e, n)) => {
                     sent += n;
                     self.progress.sub(n);
-                    let e = self.source.explain(e);
                     if !e.is_retryable() || attempt + 1 >= t.retries {
                         return Err(e);
                     }
@@ -409,7 +409,6 @@ impl Upload<'_> {
                     sent += k;
                     self.progress.sub(k);
                     failures += 1;
-                    let e = self.source.explain(e);
                     if !e.is_retryable() || failures >= t.retries {
                         return Err(e);
                     }
@@ -523,7 +522,6 @@ impl Upload<'_> {
 /// Reading from an offset reads (and hashes) the bytes before it without sending them.
 struct Source {
     tx: tokio::sync::mpsc::Sender<Cmd>,
-    desc: Descriptor,
 }
 
 enum Cmd {
@@ -538,11 +536,10 @@ enum Cmd {
 }
 
 impl Source {
-    fn new(bundle: Arc<CatalogBlobs>, desc: Descriptor) -> Self {
+    fn new(bundle: Arc<dyn BlobSource>, desc: Descriptor) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let d = desc.clone();
-        tokio::task::spawn_blocking(move || reader_loop(bundle, d, rx));
-        Source { tx, desc }
+        tokio::task::spawn_blocking(move || reader_loop(bundle, desc, rx));
+        Source { tx }
     }
 
     /// A request body of bytes `[offset, offset + len)`.
@@ -557,7 +554,7 @@ impl Source {
         self.tx
             .send(Cmd::Read { offset, len, out })
             .await
-            .map_err(|_| RegistryError::Read("the blob reader stopped".into()))?;
+            .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?;
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
@@ -576,44 +573,25 @@ impl Source {
         self.tx
             .send(Cmd::Verify { done })
             .await
-            .map_err(|_| RegistryError::Read("the blob reader stopped".into()))?;
+            .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?;
         rx.await
-            .map_err(|_| RegistryError::Read("the blob reader stopped".into()))?
-    }
-
-    /// A failed request whose body broke because the bundle's bytes are wrong says so.
-    fn explain(&self, e: RegistryError) -> RegistryError {
-        match e {
-            RegistryError::Transport(m) if m.contains(CHANGED) => RegistryError::Changed(format!(
-                "blob {} {CHANGED}{}",
-                self.desc.digest,
-                m.split(CHANGED).nth(1).unwrap_or_default()
-            )),
-            RegistryError::Transport(m) if m.contains(UNREADABLE) => RegistryError::Read(m),
-            other => other,
-        }
+            .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?
     }
 }
 
-const CHANGED: &str = "changed in the bundle";
-const UNREADABLE: &str = "cannot read the blob";
-
 fn reader_loop(
-    bundle: Arc<CatalogBlobs>,
+    bundle: Arc<dyn BlobSource>,
     desc: Descriptor,
     mut rx: tokio::sync::mpsc::Receiver<Cmd>,
 ) {
-    let digest = match desc.digest() {
-        Ok(d) => d,
-        Err(_) => return,
-    };
-    let open = || -> std::io::Result<Box<dyn Read + '_>> {
+    let digest = desc.digest.clone();
+    let open = || -> Result<Box<dyn Read + '_>, BodyError> {
         match bundle.blob(&digest) {
             Ok(Some((r, _))) => Ok(r),
-            Ok(None) => Err(std::io::Error::other(format!(
-                "{UNREADABLE}: {digest} is not in the bundle's catalog"
+            Ok(None) => Err(BodyError::Unreadable(format!(
+                "{digest} is not in the image's plan"
             ))),
-            Err(e) => Err(std::io::Error::other(format!("{UNREADABLE}: {e}"))),
+            Err(e) => Err(BodyError::Unreadable(format!("blob {digest}: {e}"))),
         }
     };
     let mut reader: Option<Box<dyn Read + '_>> = None;
@@ -624,94 +602,109 @@ fn reader_loop(
     let mut read = |reader: &mut Box<dyn Read + '_>,
                     hasher: &mut Sha256,
                     want: usize|
-     -> std::io::Result<Bytes> {
+     -> Result<Bytes, BodyError> {
         let mut filled = 0;
         while filled < want {
             match reader.read(&mut buf[filled..want]) {
                 Ok(0) => {
-                    return Err(std::io::Error::other(format!(
-                        "{CHANGED}: it ends before its {} bytes",
+                    return Err(BodyError::Changed(format!(
+                        "blob {digest} changed in the bundle: it ends before its {} bytes",
                         desc.size
                     )));
                 }
                 Ok(n) => filled += n,
-                Err(e) => return Err(std::io::Error::other(format!("{UNREADABLE}: {e}"))),
+                Err(e) => {
+                    return Err(BodyError::Unreadable(format!("blob {digest}: {e}")));
+                }
             }
         }
         hasher.update(&buf[..filled]);
         Ok(Bytes::copy_from_slice(&buf[..filled]))
     };
-    let check = |hasher: &Sha256| -> std::io::Result<()> {
-        let actual = format!("sha256:{}", hex::encode(hasher.clone().finalize()));
+    let check = |hasher: &Sha256| -> Result<(), BodyError> {
+        let actual = Digest::from_sha256(&hasher.clone().finalize().into());
         if actual == desc.digest {
             Ok(())
         } else {
-            Err(std::io::Error::other(format!(
-                "{CHANGED}: its bytes hash to {actual}"
+            Err(BodyError::Changed(format!(
+                "blob {} changed in the bundle: its bytes hash to {actual}",
+                desc.digest
             )))
         }
     };
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
             Cmd::Read { offset, len, out } => {
-                let result = (|| -> std::io::Result<()> {
-                    if reader.is_none() || offset < pos {
-                        reader = Some(open()?);
-                        pos = 0;
-                        hasher = Sha256::new();
-                    }
-                    let r = reader.as_mut().expect("opened above");
-                    while pos < offset {
-                        let n = (offset - pos).min(READ_CHUNK as u64) as usize;
-                        read(r, &mut hasher, n)?;
-                        pos += n as u64;
-                    }
-                    let end = offset + len;
-                    while pos < end {
-                        let n = (end - pos).min(READ_CHUNK as u64) as usize;
-                        let bytes = read(r, &mut hasher, n)?;
-                        pos += n as u64;
-                        if pos == desc.size {
-                            check(&hasher)?;
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                    || -> Result<(), BodyError> {
+                        if reader.is_none() || offset < pos {
+                            reader = Some(open()?);
+                            pos = 0;
+                            hasher = Sha256::new();
                         }
-                        if out.blocking_send(Ok(bytes)).is_err() {
-                            return Ok(()); // the request was abandoned
+                        let r = reader.as_mut().expect("opened above");
+                        while pos < offset {
+                            let n = (offset - pos).min(READ_CHUNK as u64) as usize;
+                            read(r, &mut hasher, n)?;
+                            pos += n as u64;
                         }
-                    }
-                    Ok(())
-                })();
+                        let end = offset + len;
+                        while pos < end {
+                            let n = (end - pos).min(READ_CHUNK as u64) as usize;
+                            let bytes = read(r, &mut hasher, n)?;
+                            pos += n as u64;
+                            if pos == desc.size {
+                                check(&hasher)?;
+                            }
+                            if out.blocking_send(Ok(bytes)).is_err() {
+                                return Ok(()); // the request was abandoned
+                            }
+                        }
+                        Ok(())
+                    },
+                ))
+                .unwrap_or_else(|p| Err(BodyError::Panicked(panic_text(&*p))));
                 if let Err(e) = result {
                     // The body ends in an error: the request is abandoned, not completed.
                     reader = None;
-                    let _ = out.blocking_send(Err(e));
+                    let _ = out.blocking_send(Err(e.into_io()));
                 }
             }
             Cmd::Verify { done } => {
                 // A resumed upload may not have read the start: hash what is missing.
-                let r = (|| -> std::io::Result<()> {
-                    if reader.is_none() {
-                        reader = Some(open()?);
-                        pos = 0;
-                        hasher = Sha256::new();
-                    }
-                    let r = reader.as_mut().expect("opened above");
-                    while pos < desc.size {
-                        let n = (desc.size - pos).min(READ_CHUNK as u64) as usize;
-                        read(r, &mut hasher, n)?;
-                        pos += n as u64;
-                    }
-                    check(&hasher)
-                })();
-                let r = r.map_err(|e| {
-                    let m = e.to_string();
-                    if m.starts_with(CHANGED) {
-                        RegistryError::Changed(format!("blob {} {m}", desc.digest))
-                    } else {
-                        RegistryError::Read(m)
-                    }
-                });
-                let _ = done.send(r);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                    || -> Result<(), BodyError> {
+                        if reader.is_none() {
+                            reader = Some(open()?);
+                            pos = 0;
+                            hasher = Sha256::new();
+                        }
+                        let r = reader.as_mut().expect("opened above");
+                        while pos < desc.size {
+                            let n = (desc.size - pos).min(READ_CHUNK as u64) as usize;
+                            read(r, &mut hasher, n)?;
+                            pos += n as u64;
+                        }
+                        check(&hasher)
+                    },
+                ))
+                .unwrap_or_else(|p| Err(BodyError::Panicked(panic_text(&*p))));
+                let _ = done.send(r.map_err(|e| match e {
+                    BodyError::Changed(m) => RegistryError::Changed(m),
+                    BodyError::Unreadable(m) => RegistryError::Read(m),
+                    BodyError::Panicked(m) => RegistryError::Internal(m),
+                }));
             }
         }
     }
+}
+
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into());
+    format!("the blob reader panicked: {what}")
 }

@@ -5,15 +5,21 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The registry answered with an unexpected status; `detail` holds its error codes.
-    #[error("{status}{detail}")]
+    #[error("{host} answered {status}{detail}")]
     Status {
+        host: String,
         status: u16,
         detail: String,
         retry_after: Option<Duration>,
     },
-    /// The connection failed (refused, reset, cut mid-body).
-    #[error("connection failed: {0}")]
-    Transport(String),
+    /// The connection failed (refused, reset, cut mid-body); `cause` is the innermost
+    /// reason (e.g. "Connection refused (os error 111)").
+    #[error("connection to {host} failed: {detail}")]
+    Transport {
+        host: String,
+        detail: String,
+        cause: String,
+    },
     /// Nothing moved for the stall timeout.
     #[error("no progress for {0:?}: the transfer stalled")]
     Stalled(Duration),
@@ -24,9 +30,17 @@ pub enum RegistryError {
     /// The target's TLS settings (CA bundle) cannot be used.
     #[error("TLS settings: {0}")]
     Tls(String),
-    /// Logging in failed.
-    #[error("authentication: {0}")]
-    Auth(String),
+    /// The credentials were refused (or the registry wants some and the target has
+    /// none): trying again will not help.
+    #[error("login to {host} refused{}: {message}", status.map(|s| format!(" ({s})")).unwrap_or_default())]
+    AuthDenied {
+        host: String,
+        status: Option<u16>,
+        message: String,
+    },
+    /// The token service could not be reached or failed (it may recover).
+    #[error("cannot log in to {host}: {message}")]
+    AuthUnavailable { host: String, message: String },
     /// The registry said something the distribution protocol does not allow.
     #[error("unexpected answer: {0}")]
     Protocol(String),
@@ -36,32 +50,64 @@ pub enum RegistryError {
     /// The bundle's bytes are not what its digest says: nothing was committed.
     #[error("{0}")]
     Changed(String),
+    /// A bug: a reader thread panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A failed read of a blob's bytes, carried through the HTTP client as the request
+/// body's error and recognised again by type.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    /// The bytes are not the blob's (short, or another digest).
+    #[error("{0}")]
+    Changed(String),
+    /// The bundle could not be read.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The reader panicked.
+    #[error("{0}")]
+    Panicked(String),
+}
+
+impl BodyError {
+    pub(crate) fn into_io(self) -> std::io::Error {
+        std::io::Error::other(self)
+    }
+}
+
+/// Statuses worth asking again (after a delay): the registry is busy or broken for now.
+fn retryable_status(status: u16) -> bool {
+    matches!(status, 408 | 425 | 429) || status >= 500
 }
 
 impl RegistryError {
-    /// Could the same request succeed later?
+    /// Could the same request succeed later? 429, 5xx, timeouts and broken connections
+    /// may heal; a refusal (400, 401 after logging in again, 403, 404, 413, ...), a
+    /// corrupt blob or bad TLS settings will not.
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Status { status, .. } => {
-                matches!(status, 401 | 403 | 404 | 408 | 409 | 429) || *status >= 500
-            }
-            RegistryError::Transport(_)
+            RegistryError::Status { status, .. } => retryable_status(*status),
+            RegistryError::Transport { .. }
             | RegistryError::Stalled(_)
-            | RegistryError::Auth(_)
+            | RegistryError::AuthUnavailable { .. }
             | RegistryError::Relogin
             | RegistryError::Protocol(_)
             | RegistryError::Read(_) => true,
-            RegistryError::Changed(_) | RegistryError::Tls(_) => false,
+            RegistryError::Changed(_)
+            | RegistryError::Tls(_)
+            | RegistryError::AuthDenied { .. }
+            | RegistryError::Internal(_) => false,
         }
     }
 
     /// Worth retrying at once (after a backoff) within the same job.
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Status { status, .. } => matches!(status, 408 | 429) || *status >= 500,
-            RegistryError::Transport(_) | RegistryError::Stalled(_) | RegistryError::Relogin => {
-                true
-            }
+            RegistryError::Status { status, .. } => retryable_status(*status),
+            RegistryError::Transport { .. }
+            | RegistryError::Stalled(_)
+            | RegistryError::Relogin => true,
             _ => false,
         }
     }
@@ -73,16 +119,74 @@ impl RegistryError {
         }
     }
 
+    /// The failure without what is particular to one image or blob, so that the
+    /// failures of many images group under one cause.
+    pub fn cause(&self) -> String {
+        match self {
+            RegistryError::Status {
+                host,
+                status,
+                detail,
+                ..
+            } => format!("{host} answered {status}{detail}"),
+            RegistryError::Transport { host, cause, .. } => {
+                format!("connection to {host} failed: {cause}")
+            }
+            RegistryError::Stalled(d) => format!("transfers stalled (no progress for {d:?})"),
+            RegistryError::Relogin => "the registry kept asking to log in again".into(),
+            RegistryError::Tls(m) => format!("TLS settings: {m}"),
+            RegistryError::AuthDenied { host, status, .. } => format!(
+                "login to {host} refused{}",
+                status.map(|s| format!(" ({s})")).unwrap_or_default()
+            ),
+            RegistryError::AuthUnavailable { host, .. } => format!("cannot log in to {host}"),
+            RegistryError::Protocol(_) => "the registry broke the distribution protocol".into(),
+            RegistryError::Read(_) => "cannot read the stored bundle".into(),
+            RegistryError::Changed(_) => {
+                "blobs in the bundle do not match their digests (a corrupt bundle)".into()
+            }
+            RegistryError::Internal(m) => format!("internal error: {m}"),
+        }
+    }
+
+    /// A failed request, from the HTTP client's error: a body that failed because the
+    /// bundle's bytes are wrong or unreadable says so; anything else is the connection.
     pub(crate) fn transport(e: reqwest::Error) -> Self {
         use std::error::Error as _;
-        let mut msg = e.to_string();
-        let mut src = e.source();
+        let host = e
+            .url()
+            .and_then(|u| {
+                u.host_str().map(|h| match u.port() {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h.to_string(),
+                })
+            })
+            .unwrap_or_else(|| "the registry".into());
+        let mut detail = e.to_string();
+        let mut cause = detail.clone();
+        let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();
         while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
+            let body = s.downcast_ref::<BodyError>().or_else(|| {
+                s.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|inner| inner.downcast_ref::<BodyError>())
+            });
+            match body {
+                Some(BodyError::Changed(m)) => return RegistryError::Changed(m.clone()),
+                Some(BodyError::Unreadable(m)) => return RegistryError::Read(m.clone()),
+                Some(BodyError::Panicked(m)) => return RegistryError::Internal(m.clone()),
+                None => {}
+            }
+            detail.push_str(": ");
+            detail.push_str(&s.to_string());
+            cause = s.to_string();
             src = s.source();
         }
-        RegistryError::Transport(msg)
+        RegistryError::Transport {
+            host,
+            detail,
+            cause,
+        }
     }
 }
 

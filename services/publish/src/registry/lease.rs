@@ -61,7 +61,7 @@ impl Held {
 impl Registry {
     /// Takes the lease on uploading `digest` to this registry, waiting while another
     /// replica holds it.
-    pub(crate) async fn lease(&self, digest: &str) -> Lease {
+    pub(crate) async fn lease(&self, digest: &shipperd_model::Digest) -> Lease {
         let key = super::lease_key(&self.target.url.host, digest);
         let stale = self.target.transfer.lease_timeout;
         let started = Instant::now();

@@ -3,8 +3,7 @@
 
 use bytes::Bytes;
 use reqwest::Method;
-use sha2::{Digest as _, Sha256};
-use shipperd_bundle::Descriptor;
+use shipperd_bundle::{Descriptor, Digest};
 
 use super::{Call, Registry, RegistryError, accept_manifests};
 
@@ -19,7 +18,7 @@ pub const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 impl Registry {
     /// The digest `repo:tag` points at now, or `None` when there is no such tag. One
     /// request (a `HEAD`), unless the registry leaves out `Docker-Content-Digest`.
-    pub async fn tag_digest(&self, repo: &str, tag: &str) -> Result<Option<String>, RegistryError> {
+    pub async fn tag_digest(&self, repo: &str, tag: &str) -> Result<Option<Digest>, RegistryError> {
         let url = format!("/v2/{repo}/manifests/{tag}");
         let head = Call {
             method: Method::HEAD,
@@ -38,8 +37,9 @@ impl Registry {
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok())
         {
-            return Ok(Some(d.to_string()));
+            return Ok(Some(d));
         }
         let get = Call {
             method: Method::GET,
@@ -51,10 +51,7 @@ impl Registry {
             .bytes()
             .await
             .map_err(RegistryError::transport)?;
-        Ok(Some(format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(&body))
-        )))
+        Ok(Some(Digest::of(&body)))
     }
 
     /// Puts a manifest under `reference` (a digest or a tag), bytes unchanged.
@@ -114,7 +111,7 @@ impl Registry {
     pub async fn update_referrers_tag(
         &self,
         repo: &str,
-        subject: &str,
+        subject: &Digest,
         referrers: &[Descriptor],
     ) -> Result<(), RegistryError> {
         let listed = |v: &serde_json::Value| -> Vec<serde_json::Value> {
@@ -123,9 +120,9 @@ impl Registry {
                 .cloned()
                 .unwrap_or_default()
         };
-        let has = |ms: &[serde_json::Value], d: &str| {
+        let has = |ms: &[serde_json::Value], d: &Digest| {
             ms.iter()
-                .any(|m| m.get("digest").and_then(|x| x.as_str()) == Some(d))
+                .any(|m| m.get("digest").and_then(|x| x.as_str()) == Some(d.as_str()))
         };
         // A registry with the referrers API lists them by now (it indexes `subject` as
         // manifests arrive); one without answers 404.
@@ -136,7 +133,7 @@ impl Registry {
         {
             return Ok(());
         }
-        let tag = subject.replace(':', "-");
+        let tag = subject.referrers_tag();
         let mut manifests = self
             .get_json(repo, format!("/v2/{repo}/manifests/{tag}"))
             .await?

@@ -18,7 +18,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_nats::jetstream::kv;
 use reqwest::{Method, RequestBuilder, Response, header::HeaderValue};
 use sha2::{Digest as _, Sha256};
-use shipperd_target::{Target, Transfer};
+use shipperd_model::Digest;
+use shipperd_registry_targets::{Target, Transfer};
 
 pub use blob::BlobOutcome;
 pub use error::RegistryError;
@@ -53,7 +54,7 @@ pub struct Registry {
     uploads: Arc<tokio::sync::Semaphore>,
     /// One lock per blob digest being pushed by this process: images sharing a layer
     /// wait for the first push, then mount instead of uploading it again.
-    inflight: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    inflight: std::sync::Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Who we are in upload leases (see [`lease`]): host name and a random number.
     holder: String,
 }
@@ -151,6 +152,7 @@ impl Registry {
                 .and_then(Result::ok)
                 .unwrap_or_default();
             return Err(RegistryError::Status {
+                host: self.target.url.host.clone(),
                 status,
                 detail: error::detail(&body),
                 retry_after,
@@ -190,12 +192,8 @@ impl Registry {
         cap.mul_f64(rand::random::<f64>())
     }
 
-    fn blob_key(&self, digest: &str) -> String {
-        format!(
-            "{}.{}",
-            self.key_prefix,
-            digest.trim_start_matches("sha256:")
-        )
+    fn blob_key(&self, digest: &Digest) -> String {
+        format!("{}.{}", self.key_prefix, digest.hex())
     }
 }
 
@@ -207,12 +205,8 @@ fn registry_key_prefix(host: &str) -> String {
 
 /// The `shipperd-blobs` key of the upload lease on `digest` at registry `host`
 /// (`host[:port]`); see [`lease`].
-pub fn lease_key(host: &str, digest: &str) -> String {
-    format!(
-        "lease.{}.{}",
-        registry_key_prefix(host),
-        digest.trim_start_matches("sha256:")
-    )
+pub fn lease_key(host: &str, digest: &Digest) -> String {
+    format!("lease.{}.{}", registry_key_prefix(host), digest.hex())
 }
 
 /// Standard request builders.

@@ -12,8 +12,7 @@ mod mapping;
 use std::{path::Path, time::Duration};
 
 use serde::Deserialize;
-use shipperd_bundle::RegistryUrl;
-use shipperd_bus::Secret;
+use shipperd_model::{RegistryUrl, Secret, TargetName};
 
 pub use auth::{AuthSpec, Credentials};
 pub use mapping::{Mapping, Rename};
@@ -30,6 +29,8 @@ pub enum Error {
     Mapping(String),
     #[error("no target named {0:?}")]
     Unknown(String),
+    #[error(transparent)]
+    Name(#[from] shipperd_model::ParseError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -97,7 +98,7 @@ mod secs {
 /// One registry to publish into.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub name: String,
+    pub name: TargetName,
     pub url: RegistryUrl,
     /// Plain HTTP to a host that is not loopback, or TLS without verification.
     pub insecure: bool,
@@ -161,13 +162,7 @@ impl Target {
             target: name.to_string(),
             problem,
         };
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(bad("names are letters, digits and - _ .".into()));
-        }
+        let name = TargetName::parse(name).map_err(|e| bad(e.to_string()))?;
         let url = RegistryUrl::parse(url).map_err(|e| bad(e.to_string()))?;
         if !url.https && !insecure && !is_loopback(&url.host) {
             return Err(bad(format!(
@@ -186,7 +181,7 @@ impl Target {
             return Err(bad("stall_timeout and lease_timeout must be above 0".into()));
         }
         Ok(Target {
-            name: name.to_string(),
+            name,
             url,
             insecure,
             ca_pem,
@@ -249,7 +244,7 @@ impl Targets {
         for (i, t) in targets.iter().enumerate() {
             if targets[..i].iter().any(|o| o.name == t.name) {
                 return Err(Error::Target {
-                    target: t.name.clone(),
+                    target: t.name.to_string(),
                     problem: "named twice".into(),
                 });
             }
@@ -257,7 +252,7 @@ impl Targets {
         let default = match default {
             Some(d) => targets
                 .iter()
-                .position(|t| t.name == d)
+                .position(|t| t.name.as_str() == d)
                 .ok_or_else(|| Error::Unknown(d.to_string()))?,
             None => 0,
         };
@@ -306,13 +301,13 @@ impl Targets {
     }
 
     /// The target called `name`, or the default one for `None`.
-    pub fn get(&self, name: Option<&str>) -> Result<&Target> {
+    pub fn get(&self, name: Option<&TargetName>) -> Result<&Target> {
         match name {
-            None | Some("") => Ok(&self.targets[self.default]),
+            None => Ok(&self.targets[self.default]),
             Some(n) => self
                 .targets
                 .iter()
-                .find(|t| t.name == n)
+                .find(|t| &t.name == n)
                 .ok_or_else(|| Error::Unknown(n.to_string())),
         }
     }
@@ -364,7 +359,7 @@ mod tests {
         )
         .unwrap();
         let d = t.get(None).unwrap();
-        assert_eq!(d.name, "internal");
+        assert_eq!(d.name.as_str(), "internal");
         assert_eq!(d.transfer.concurrency, 8);
         assert_eq!(d.transfer.stall_timeout, Duration::from_secs(5));
         assert_eq!(d.transfer.chunk_size, Transfer::default().chunk_size);
@@ -372,8 +367,12 @@ mod tests {
             d.credentials().unwrap(),
             Credentials::Basic { username, .. } if username == "serviceaccount"
         ));
-        assert_eq!(t.get(Some("quay")).unwrap().mapping.max_depth, Some(2));
-        assert!(t.get(Some("nope")).is_err());
+        let named = |n: &str| TargetName::parse(n).unwrap();
+        assert_eq!(
+            t.get(Some(&named("quay"))).unwrap().mapping.max_depth,
+            Some(2)
+        );
+        assert!(t.get(Some(&named("nope"))).is_err());
     }
 
     #[test]

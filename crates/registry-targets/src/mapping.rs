@@ -18,7 +18,7 @@
 //! in which two different images would land on the same tag.
 
 use serde::Deserialize;
-use shipperd_bundle::{Reference, reference::valid_component};
+use shipperd_model::{Reference, reference::valid_component};
 
 use crate::{Error, Result};
 

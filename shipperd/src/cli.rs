@@ -5,8 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use shipperd_bundle::Limits;
-use shipperd_bus::Secret;
-use shipperd_target::Targets;
+use shipperd_model::Secret;
+use shipperd_registry_targets::Targets;
 
 use crate::AllConfig;
 
@@ -89,6 +89,20 @@ pub struct IngestArgs {
     /// Largest bundle accepted, in bytes.
     #[arg(long, env = "SHIPPERD_MAX_BUNDLE_BYTES", default_value_t = 1 << 40)]
     pub max_bundle_bytes: u64,
+    /// Stored files of a Published or Failed bundle are removed this long after it
+    /// ended (its status stays; a failed bundle can be retried until then).
+    #[arg(long, env = "SHIPPERD_KEEP_FINISHED", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub keep_finished: Duration,
+    /// A multi-part upload not completed is removed this long after its last part.
+    #[arg(long, env = "SHIPPERD_KEEP_UPLOADS", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub keep_uploads: Duration,
+    /// A bundle that has not moved for this long is re-driven (announced again, or its
+    /// unfinished images sent to publish again).
+    #[arg(long, env = "SHIPPERD_STALE_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub stale_after: Duration,
+    /// Time between two sweeps of the janitor (expiry, re-driving, recovery).
+    #[arg(long, env = "SHIPPERD_SWEEP_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub sweep_every: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -116,6 +130,10 @@ pub struct RegistryArgs {
     /// Images pushed at once by this process.
     #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 16)]
     pub publish_concurrency: usize,
+    /// Attempts at one image (or bundle, for unpack) before an error that may heal
+    /// (429, 5xx, a broken connection) fails it.
+    #[arg(long, env = "SHIPPERD_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=100))]
+    pub max_attempts: i64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -171,6 +189,10 @@ impl IngestArgs {
         let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, self.listen);
         cfg.drop_dir = self.drop_dir.clone();
         cfg.max_bundle_bytes = self.max_bundle_bytes;
+        cfg.janitor.keep_finished = self.keep_finished;
+        cfg.janitor.keep_uploads = self.keep_uploads;
+        cfg.janitor.stale_after = self.stale_after;
+        cfg.janitor.every = self.sweep_every;
         cfg
     }
 }
@@ -194,13 +216,14 @@ impl RegistryArgs {
     pub fn unpack(&self, c: &Common) -> anyhow::Result<shipperd_unpack::Config> {
         let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
         cfg.limits = self.limits.limits();
+        cfg.max_deliver = self.max_attempts;
         Ok(cfg)
     }
 
     pub fn publish(&self, c: &Common) -> anyhow::Result<shipperd_publish::Config> {
         let mut cfg = shipperd_publish::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
         cfg.concurrency = self.publish_concurrency;
-        cfg.max_manifest_bytes = self.limits.max_manifest_bytes;
+        cfg.max_deliver = self.max_attempts;
         Ok(cfg)
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use serde::Deserialize;
-use shipperd_bus::Secret;
+use shipperd_model::Secret;
 
 use crate::{Error, Result};
 

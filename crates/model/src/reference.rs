@@ -4,18 +4,20 @@
 
 use std::fmt;
 
-use crate::{Error, Result};
+use crate::{Digest, ParseError};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+type Result<T, E = ParseError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reference {
     pub host: Option<String>,
     pub repository: String,
     pub tag: Option<String>,
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
 }
 
-fn bad(reference: &str, problem: impl Into<String>) -> Error {
-    Error::Reference {
+fn bad(reference: &str, problem: impl Into<String>) -> ParseError {
+    ParseError::Reference {
         reference: reference.to_string(),
         problem: problem.into(),
     }
@@ -51,10 +53,7 @@ impl Reference {
             return Err(bad(s, "longer than 512 characters"));
         }
         let (name, digest) = match s.split_once('@') {
-            Some((n, d)) => {
-                crate::Digest::parse(d)?;
-                (n, Some(d.to_string()))
-            }
+            Some((n, d)) => (n, Some(Digest::parse(d)?)),
             None => (s, None),
         };
         let last_slash = name.rfind('/');
@@ -132,6 +131,27 @@ impl fmt::Display for Reference {
     }
 }
 
+impl std::str::FromStr for Reference {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Reference::parse(s)
+    }
+}
+
+impl serde::Serialize for Reference {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Reference {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Reference::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A repository name made from a bundle's file name, for images the bundle names by tag
 /// only (`org.opencontainers.image.ref.name: "1.0"`): `My_Apps-v2.squashfs` → `my_apps-v2`.
 pub fn repository_from_bundle_name(name: &str) -> String {
@@ -190,7 +210,7 @@ mod tests {
         let d = format!("sha256:{}", "a".repeat(64));
         let r = Reference::parse(&format!("reg.io/app@{d}")).unwrap();
         assert_eq!(r.tag, None);
-        assert_eq!(r.digest.as_deref(), Some(d.as_str()));
+        assert_eq!(r.digest.as_ref().map(Digest::as_str), Some(d.as_str()));
     }
 
     #[test]

@@ -1,0 +1,39 @@
+//! ShipperD's domain model, free of any transport or I/O.
+//!
+//! Values are parsed once where they enter (an HTTP path, a manifest, a KV key) and then
+//! travel typed: [`BundleId`], [`Digest`], [`TargetName`], [`Reference`]. [`DataDir`] is
+//! the one place that knows the layout of `--data-dir`. [`state`] holds the bundle and
+//! image records and the rules that move them (the terminal-phase rule, the exactly-once
+//! count of image outcomes). [`Secret`] keeps credentials out of logs.
+
+mod data_dir;
+mod digest;
+mod error;
+mod id;
+pub mod reference;
+mod secret;
+pub mod state;
+
+pub use data_dir::DataDir;
+pub use digest::Digest;
+pub use error::ParseError;
+pub use id::{BundleId, TargetName};
+pub use reference::{Reference, RegistryUrl};
+pub use secret::Secret;
+pub use state::{BundleSummary, Counts, ImagePhase, ImageState, Outcome, Phase, PlanRef};
+
+/// Current time as RFC 3339 (UTC, microseconds): the timestamps of records and events.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+/// How long ago an RFC 3339 timestamp was (`None` if it does not parse; zero if it is in
+/// the future).
+pub fn age(rfc3339: &str) -> Option<std::time::Duration> {
+    let at = humantime::parse_rfc3339_weak(rfc3339).ok()?;
+    Some(
+        std::time::SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default(),
+    )
+}

@@ -1,0 +1,656 @@
+//! Bundle and image records, and the rules that move them.
+//!
+//! A bundle is one small [`BundleSummary`] (phase, counts, bytes, error, timestamps)
+//! plus one [`ImageState`] per image, each stored and written on its own, so finishing
+//! an image or reporting its progress costs the same whatever the bundle's size.
+//!
+//! ```text
+//!   Received ──► Unpacking ──► Publishing ──► Published
+//!       │            │              │
+//!       └────────────┴──────────────┴───────► Failed ──(retry)──► Publishing / Received
+//! ```
+//!
+//! The counts in the summary are exact although image outcomes arrive at least once
+//! (redelivered jobs, replicas racing): an outcome is first *claimed* in the summary
+//! ([`BundleSummary::claim`], a compare-and-set that counts it, unless a claim for that
+//! image is there already), then written to the image, then the claim is released. An
+//! image is counted when its state says so ([`ImageState::is_counted`]) or while a claim
+//! for it is held; the store checks both in the same compare-and-set loop, so no image is
+//! counted twice and the claim that counts the last image moves the bundle to its
+//! terminal phase exactly once. Claims live only between those writes, so there are at
+//! most as many as images finishing at once.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BundleId, Digest, Reference, TargetName, now_rfc3339};
+
+/// Where a bundle is in the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    Received,
+    Unpacking,
+    Publishing,
+    Published,
+    Failed,
+}
+
+impl Phase {
+    /// `Published` and `Failed` are where every bundle ends.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Published | Phase::Failed)
+    }
+}
+
+/// Where one image of a bundle is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ImagePhase {
+    Pending,
+    Published,
+    Failed,
+}
+
+impl ImagePhase {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "pending" => Some(ImagePhase::Pending),
+            "published" => Some(ImagePhase::Published),
+            "failed" => Some(ImagePhase::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// How many images a bundle has, and how they ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub total: u32,
+    /// In the registry (skipped ones included).
+    pub published: u32,
+    /// Of the published, those whose tag already pointed at their digest (Day-2).
+    pub skipped: u32,
+    pub failed: u32,
+}
+
+impl Counts {
+    pub fn done(&self) -> u32 {
+        self.published + self.failed
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.total.saturating_sub(self.done())
+    }
+
+    /// How many images are in `phase`.
+    pub fn of(&self, phase: ImagePhase) -> u32 {
+        match phase {
+            ImagePhase::Pending => self.pending(),
+            ImagePhase::Published => self.published,
+            ImagePhase::Failed => self.failed,
+        }
+    }
+}
+
+/// How one image ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// `Published` or `Failed`.
+    pub phase: ImagePhase,
+    /// Published without pushing: the tag already pointed at the digest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// The image's bytes (blobs and manifests, shared ones counted per image).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Why it failed, in full (names the blob, repository, registry answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The failure with what is particular to this image left out, so failures of many
+    /// images group under one cause in the bundle's error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+}
+
+impl Outcome {
+    pub fn published(bytes: u64, skipped: bool) -> Self {
+        Outcome {
+            phase: ImagePhase::Published,
+            skipped,
+            bytes,
+            error: None,
+            cause: None,
+        }
+    }
+
+    pub fn failed(error: String, cause: String) -> Self {
+        Outcome {
+            phase: ImagePhase::Failed,
+            skipped: false,
+            bytes: 0,
+            error: Some(error),
+            cause: Some(cause),
+        }
+    }
+}
+
+/// A failure cause and how many images it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cause {
+    pub cause: String,
+    pub images: u32,
+}
+
+/// Distinct causes a summary keeps; the rest are counted as "other errors".
+pub const MAX_CAUSES: usize = 5;
+const OTHER_CAUSES: &str = "other errors";
+
+/// Where an image's publish plan is in the bundle's plans file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRef {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One image of a bundle: where it comes from, where it lands, how it went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageState {
+    /// Its position in the bundle (stable: jobs, events and keys name it).
+    pub index: u32,
+    pub source: Reference,
+    pub target: Reference,
+    /// Digest, media type and size of its top manifest (or index).
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub phase: ImagePhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Bytes of its blobs and manifests, and how many of them the registry has.
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// The tag already pointed at this digest: nothing was pushed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// Pushes tried so far in this generation (failed ones retried later count).
+    #[serde(default)]
+    pub attempts: u32,
+    /// The bundle generation of its outcome (a retry starts a new generation, in which
+    /// images that failed before are pending again).
+    #[serde(default)]
+    pub generation: u32,
+    /// Where its plan is.
+    pub plan: PlanRef,
+}
+
+impl ImageState {
+    /// Is this image's outcome part of the bundle's counts in `generation`? Published
+    /// images stay counted; a failure counts only in the generation it happened in.
+    pub fn is_counted(&self, generation: u32) -> bool {
+        match self.phase {
+            ImagePhase::Pending => false,
+            ImagePhase::Published => true,
+            ImagePhase::Failed => self.generation == generation,
+        }
+    }
+
+    /// The phase as a bundle in `generation` sees it.
+    pub fn phase_in(&self, generation: u32) -> ImagePhase {
+        if self.is_counted(generation) {
+            self.phase
+        } else {
+            ImagePhase::Pending
+        }
+    }
+
+    /// Records `outcome` (as claimed in `generation`).
+    pub fn apply(&mut self, outcome: &Outcome, generation: u32) {
+        self.phase = outcome.phase;
+        self.skipped = outcome.skipped;
+        self.error = outcome.error.clone();
+        self.generation = generation;
+        if outcome.phase == ImagePhase::Published {
+            self.bytes_done = self.bytes_total;
+        }
+    }
+}
+
+/// What unpack found, for [`BundleSummary::unpacked`].
+#[derive(Debug, Clone, Default)]
+pub struct Unpacked {
+    pub format: String,
+    pub images: u32,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    /// Sum of the images' bytes (shared blobs counted per image).
+    pub bytes_total: u64,
+    /// The target the images were mapped for (the default one resolved to its name).
+    pub target: Option<TargetName>,
+}
+
+/// What [`BundleSummary::claim`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// Counted now; `finished` when it moved the bundle to its terminal phase.
+    Counted { finished: bool },
+    /// A claim for this image was there already: its outcome stands.
+    Held,
+    /// The bundle is not publishing: nothing to count.
+    NotPublishing,
+}
+
+/// What a retry re-drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The bundle failed before its images were listed: unpack it again.
+    Unpack,
+    /// Publish the images that are not published, in the new generation.
+    Publish,
+}
+
+/// A bundle: small and of fixed size whatever its image count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleSummary {
+    pub id: BundleId,
+    /// The name it was uploaded or dropped under.
+    pub name: String,
+    pub size: u64,
+    /// Where it is stored, relative to the data directory.
+    pub path: String,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// The registry target it goes to (`None`: the default target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetName>,
+    #[serde(default)]
+    pub counts: Counts,
+    /// Distinct blobs (manifests included) its images need, and their bytes.
+    #[serde(default)]
+    pub blobs: u64,
+    #[serde(default)]
+    pub blob_bytes: u64,
+    /// Bytes of every image (shared blobs counted per image), and of the finished ones.
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub bytes_done: u64,
+    pub received_at: String,
+    pub updated_at: String,
+    /// When unpack handed the images to publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpacked_at: Option<String>,
+    /// When it reached `Published` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// The terminal event (bundle.published / bundle.failed) is stored on the bus.
+    #[serde(default)]
+    pub announced: bool,
+    /// Bumped by each retry: failures of earlier generations no longer count.
+    #[serde(default)]
+    pub generation: u32,
+    /// Bumped each time a sweep re-drives it (keeps re-sent messages distinct).
+    #[serde(default)]
+    pub redrives: u32,
+    /// The order bundles were received in (the `bundle.received` event's stream
+    /// sequence): a tag moves only to the image of a bundle received later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<u64>,
+    /// Outcomes counted but not yet written to their image, by image index.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims: BTreeMap<u32, Outcome>,
+    /// Why images failed, most frequent first (at most [`MAX_CAUSES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub causes: Vec<Cause>,
+    /// `DELETE` began: its files and state are going.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+    /// When its stored files were removed after it finished (`--keep-finished`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<String>,
+}
+
+impl BundleSummary {
+    pub fn new(
+        id: BundleId,
+        name: String,
+        size: u64,
+        path: String,
+        target: Option<TargetName>,
+    ) -> Self {
+        let now = now_rfc3339();
+        BundleSummary {
+            id,
+            name,
+            size,
+            path,
+            phase: Phase::Received,
+            error: None,
+            format: None,
+            target,
+            counts: Counts::default(),
+            blobs: 0,
+            blob_bytes: 0,
+            bytes_total: 0,
+            bytes_done: 0,
+            received_at: now.clone(),
+            updated_at: now,
+            unpacked_at: None,
+            finished_at: None,
+            announced: false,
+            generation: 0,
+            redrives: 0,
+            order: None,
+            claims: BTreeMap::new(),
+            causes: Vec::new(),
+            deleting: false,
+            expired_at: None,
+        }
+    }
+
+    /// Received → Unpacking; `order` is kept from the first time.
+    pub fn start_unpacking(&mut self, order: u64) -> bool {
+        if self.phase != Phase::Received || self.deleting {
+            return false;
+        }
+        self.phase = Phase::Unpacking;
+        self.order.get_or_insert(order);
+        true
+    }
+
+    /// Unpacking → Publishing, with what unpack found. A bundle without images is
+    /// published at once.
+    pub fn unpacked(&mut self, u: &Unpacked) -> bool {
+        if self.phase != Phase::Unpacking || self.deleting {
+            return false;
+        }
+        self.phase = Phase::Publishing;
+        self.unpacked_at = Some(now_rfc3339());
+        self.format = Some(u.format.clone());
+        self.counts = Counts {
+            total: u.images,
+            ..Counts::default()
+        };
+        self.blobs = u.blobs;
+        self.blob_bytes = u.blob_bytes;
+        self.bytes_total = u.bytes_total;
+        self.bytes_done = 0;
+        if u.target.is_some() {
+            self.target = u.target.clone();
+        }
+        self.check_done();
+        true
+    }
+
+    /// Fails a bundle that has not ended (a broken bundle, found before anything was
+    /// published).
+    pub fn fail(&mut self, error: String) -> bool {
+        if self.phase.is_terminal() {
+            return false;
+        }
+        self.phase = Phase::Failed;
+        self.error = Some(error);
+        self.finished_at = Some(now_rfc3339());
+        true
+    }
+
+    /// Counts the outcome of image `index`, unless a claim for it is held already. The
+    /// caller has checked, in the same compare-and-set round, that the image itself is
+    /// not counted ([`ImageState::is_counted`]).
+    pub fn claim(&mut self, index: u32, outcome: &Outcome) -> Claimed {
+        if self.phase != Phase::Publishing {
+            return Claimed::NotPublishing;
+        }
+        if self.claims.contains_key(&index) {
+            return Claimed::Held;
+        }
+        match outcome.phase {
+            ImagePhase::Published => {
+                self.counts.published += 1;
+                self.counts.skipped += u32::from(outcome.skipped);
+                self.bytes_done = (self.bytes_done + outcome.bytes).min(self.bytes_total);
+            }
+            ImagePhase::Failed => {
+                self.counts.failed += 1;
+                let cause = outcome
+                    .cause
+                    .clone()
+                    .or_else(|| outcome.error.clone())
+                    .unwrap_or_else(|| "unknown error".into());
+                self.add_cause(cause);
+            }
+            // Not an outcome; nothing to count.
+            ImagePhase::Pending => return Claimed::Held,
+        }
+        self.claims.insert(index, outcome.clone());
+        Claimed::Counted {
+            finished: self.check_done(),
+        }
+    }
+
+    /// The claim on image `index` was written to the image: let it go.
+    pub fn release(&mut self, index: u32) -> bool {
+        self.claims.remove(&index).is_some()
+    }
+
+    fn add_cause(&mut self, cause: String) {
+        if let Some(c) = self.causes.iter_mut().find(|c| c.cause == cause) {
+            c.images += 1;
+        } else if self.causes.len() < MAX_CAUSES {
+            self.causes.push(Cause { cause, images: 1 });
+        } else if let Some(other) = self.causes.iter_mut().find(|c| c.cause == OTHER_CAUSES) {
+            other.images += 1;
+        } else {
+            // Make room for "other errors" by folding in the rarest cause.
+            self.causes.sort_by_key(|c| std::cmp::Reverse(c.images));
+            let rarest = self.causes.pop().map_or(0, |c| c.images);
+            self.causes.push(Cause {
+                cause: OTHER_CAUSES.into(),
+                images: rarest + 1,
+            });
+        }
+        self.causes.sort_by_key(|c| std::cmp::Reverse(c.images));
+    }
+
+    /// Moves a publishing bundle whose images have all ended to its terminal phase;
+    /// whether it did.
+    fn check_done(&mut self) -> bool {
+        if self.phase != Phase::Publishing || self.counts.pending() > 0 {
+            return false;
+        }
+        self.finished_at = Some(now_rfc3339());
+        if self.counts.failed == 0 {
+            self.phase = Phase::Published;
+            self.error = None;
+        } else {
+            self.phase = Phase::Failed;
+            self.error = Some(self.failure_text());
+        }
+        true
+    }
+
+    /// "4 of 4 images failed: connection refused by 127.0.0.1:5000 (4 images)".
+    pub fn failure_text(&self) -> String {
+        let causes: Vec<String> = self
+            .causes
+            .iter()
+            .map(|c| {
+                let s = if c.images == 1 { "" } else { "s" };
+                format!("{} ({} image{s})", c.cause, c.images)
+            })
+            .collect();
+        let head = format!(
+            "{} of {} images failed",
+            self.counts.failed, self.counts.total
+        );
+        if causes.is_empty() {
+            head
+        } else {
+            format!("{head}: {}", causes.join("; "))
+        }
+    }
+
+    /// Starts a new generation of a `Failed` bundle: its failed images are pending
+    /// again (published ones stay published). `None` when the bundle is not `Failed`.
+    pub fn retry(&mut self) -> Option<Retry> {
+        if self.phase != Phase::Failed || self.deleting || !self.claims.is_empty() {
+            return None;
+        }
+        self.generation += 1;
+        self.error = None;
+        self.finished_at = None;
+        self.announced = false;
+        self.causes.clear();
+        if self.unpacked_at.is_none() {
+            self.phase = Phase::Received;
+            return Some(Retry::Unpack);
+        }
+        self.phase = Phase::Publishing;
+        self.counts.failed = 0;
+        Some(Retry::Publish)
+    }
+
+    /// The suffix that keeps ids of re-sent messages and events of a later generation
+    /// distinct from the first one's (which JetStream may still hold for de-duplication).
+    pub fn generation_suffix(&self) -> String {
+        match self.generation {
+            0 => String::new(),
+            g => format!(".g{g}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publishing(n: u32) -> BundleSummary {
+        let id = BundleId::parse(&"c".repeat(64)).unwrap();
+        let mut s = BundleSummary::new(id, "b".into(), 1, "p".into(), None);
+        assert!(s.start_unpacking(7));
+        assert!(s.unpacked(&Unpacked {
+            format: "tar".into(),
+            images: n,
+            bytes_total: 10 * u64::from(n),
+            ..Unpacked::default()
+        }));
+        s
+    }
+
+    fn ok() -> Outcome {
+        Outcome::published(10, false)
+    }
+
+    fn refused() -> Outcome {
+        Outcome::failed(
+            "blob sha256:aa to app: connection refused".into(),
+            "connection refused by 127.0.0.1:5000".into(),
+        )
+    }
+
+    #[test]
+    fn the_last_outcome_ends_the_bundle_once() {
+        let mut s = publishing(2);
+        assert_eq!(s.claim(0, &ok()), Claimed::Counted { finished: false });
+        assert_eq!(s.phase, Phase::Publishing);
+        assert_eq!(s.claim(1, &ok()), Claimed::Counted { finished: true });
+        assert_eq!(s.phase, Phase::Published);
+        assert_eq!(s.bytes_done, 20);
+        // A redelivered outcome for the same image while its claim is held: not again.
+        assert_eq!(s.claim(1, &ok()), Claimed::NotPublishing);
+        assert_eq!(s.counts.published, 2);
+    }
+
+    #[test]
+    fn a_held_claim_is_counted_once() {
+        let mut s = publishing(3);
+        assert_eq!(s.claim(0, &ok()), Claimed::Counted { finished: false });
+        assert_eq!(s.claim(0, &refused()), Claimed::Held);
+        assert_eq!((s.counts.published, s.counts.failed), (1, 0));
+        assert!(s.release(0));
+        assert!(!s.release(0));
+    }
+
+    #[test]
+    fn failures_group_by_cause() {
+        let mut s = publishing(4);
+        for i in 0..4 {
+            s.claim(i, &refused());
+        }
+        assert_eq!(s.phase, Phase::Failed);
+        assert_eq!(
+            s.error.as_deref(),
+            Some("4 of 4 images failed: connection refused by 127.0.0.1:5000 (4 images)")
+        );
+    }
+
+    #[test]
+    fn causes_stay_bounded() {
+        let mut s = publishing(100);
+        for i in 0..100 {
+            let cause = format!("cause {}", i % 9);
+            s.claim(i, &Outcome::failed(cause.clone(), cause));
+        }
+        assert!(s.causes.len() <= MAX_CAUSES);
+        assert_eq!(s.causes.iter().map(|c| c.images).sum::<u32>(), 100);
+        assert!(s.error.unwrap().starts_with("100 of 100 images failed: "));
+    }
+
+    #[test]
+    fn an_empty_bundle_is_published_at_once() {
+        let s = publishing(0);
+        assert_eq!(s.phase, Phase::Published);
+    }
+
+    #[test]
+    fn retry_makes_failed_images_pending_again() {
+        let mut s = publishing(2);
+        s.claim(0, &ok());
+        s.claim(1, &refused());
+        assert_eq!(s.retry(), None, "claims are still held");
+        s.release(0);
+        s.release(1);
+        assert_eq!(s.retry(), Some(Retry::Publish));
+        assert_eq!(s.phase, Phase::Publishing);
+        assert_eq!((s.counts.published, s.counts.failed), (1, 0));
+        assert_eq!(s.generation_suffix(), ".g1");
+        let mut failed = ImageState {
+            index: 1,
+            source: Reference::parse("a:1").unwrap(),
+            target: Reference::parse("r.io/a:1").unwrap(),
+            digest: Digest::of(b"x"),
+            media_type: String::new(),
+            size: 1,
+            phase: ImagePhase::Failed,
+            error: Some("x".into()),
+            bytes_total: 10,
+            bytes_done: 0,
+            skipped: false,
+            attempts: 5,
+            generation: 0,
+            plan: PlanRef::default(),
+        };
+        assert!(!failed.is_counted(s.generation));
+        assert_eq!(failed.phase_in(s.generation), ImagePhase::Pending);
+        assert_eq!(s.claim(1, &ok()), Claimed::Counted { finished: true });
+        failed.apply(&ok(), s.generation);
+        assert!(failed.is_counted(s.generation));
+        assert_eq!(s.phase, Phase::Published);
+    }
+
+    #[test]
+    fn a_bundle_that_failed_unpacking_is_unpacked_again() {
+        let id = BundleId::parse(&"d".repeat(64)).unwrap();
+        let mut s = BundleSummary::new(id, "b".into(), 1, "p".into(), None);
+        assert!(s.fail("corrupt".into()));
+        assert!(!s.fail("again".into()));
+        assert_eq!(s.retry(), Some(Retry::Unpack));
+        assert_eq!(s.phase, Phase::Received);
+        assert!(s.start_unpacking(9));
+        assert_eq!(s.order, Some(9));
+    }
+}

@@ -1,0 +1,291 @@
+//! Typed access to the two state buckets: `shipperd-bundles` (one [`BundleSummary`] per
+//! bundle, key `<id>`) and `shipperd-images` (one [`ImageState`] per image, key
+//! `<id>.<index>`). Summaries change only by compare-and-set, so replicas never
+//! overwrite each other; an image is written by the one job that holds it.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use serde::{Serialize, de::DeserializeOwned};
+use shipperd_bus::{
+    Bus, Error, Result,
+    subjects::{BUNDLES_BUCKET, IMAGES_BUCKET},
+};
+use shipperd_model::{BundleId, BundleSummary, ImagePhase, ImageState, now_rfc3339};
+
+/// Reads or writes of image keys in flight at once.
+const IMAGE_IO: usize = 64;
+/// How many compare-and-set races an update may lose before giving up.
+const MAX_CAS_ATTEMPTS: usize = 64;
+/// Image keys one page request may read (a filtered page stops there and says where
+/// to go on).
+const MAX_SCAN: u32 = 10_000;
+
+#[derive(Clone)]
+pub struct StateStore {
+    bundles: kv::Store,
+    images: kv::Store,
+}
+
+/// One page of a bundle's images.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub images: Vec<ImageState>,
+    /// The index to ask for next (`offset=`), if any image is left to look at.
+    pub next: Option<u32>,
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Decode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn encode(v: &impl Serialize) -> bytes::Bytes {
+    serde_json::to_vec(v)
+        .expect("state records always serialize")
+        .into()
+}
+
+/// The key of image `index` of bundle `id`.
+pub fn image_key(id: &BundleId, index: u32) -> String {
+    format!("{id}.{index}")
+}
+
+impl StateStore {
+    pub async fn open(bus: &Bus) -> Result<Self> {
+        Ok(StateStore {
+            bundles: bus.bucket(BUNDLES_BUCKET).await?,
+            images: bus.bucket(IMAGES_BUCKET).await?,
+        })
+    }
+
+    /// The summary and its revision, if the bundle is known.
+    pub async fn get(&self, id: &BundleId) -> Result<Option<(BundleSummary, u64)>> {
+        match self.bundles.entry(id.as_str()).await.map_err(Error::nats)? {
+            Some(e) if e.operation == Operation::Put => {
+                Ok(Some((decode("bundle summary", &e.value)?, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub async fn summary(&self, id: &BundleId) -> Result<Option<BundleSummary>> {
+        Ok(self.get(id).await?.map(|(s, _)| s))
+    }
+
+    /// Stores a new summary; `false` if one with that id exists already.
+    pub async fn create(&self, s: &BundleSummary) -> Result<bool> {
+        match self.bundles.create(s.id.as_str(), encode(s)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::nats(e)),
+        }
+    }
+
+    /// Reads, changes and writes back a summary with compare-and-set, retrying when
+    /// another writer got there first. `change` returns `None` to leave it as it is.
+    /// Returns what `change` returned and the summary as stored.
+    pub async fn update<T>(
+        &self,
+        id: &BundleId,
+        mut change: impl FnMut(&mut BundleSummary) -> Option<T>,
+    ) -> Result<Option<(T, BundleSummary)>> {
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            let (mut s, revision) = self
+                .get(id)
+                .await?
+                .ok_or_else(|| Error::NotFound(id.to_string()))?;
+            let Some(out) = change(&mut s) else {
+                return Ok(None);
+            };
+            match self.write(&mut s, revision).await? {
+                true => return Ok(Some((out, s))),
+                false => backoff(attempt).await,
+            }
+        }
+        Err(Error::Conflict(id.to_string()))
+    }
+
+    /// Writes `s` if the stored summary is still at `revision`; `false` if it is not.
+    pub async fn write(&self, s: &mut BundleSummary, revision: u64) -> Result<bool> {
+        s.updated_at = now_rfc3339();
+        match self
+            .bundles
+            .update(s.id.as_str(), encode(s), revision)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(Error::nats(e)),
+        }
+    }
+
+    /// Every bundle id.
+    pub async fn ids(&self) -> Result<Vec<BundleId>> {
+        let keys: Vec<String> = self
+            .bundles
+            .keys()
+            .await
+            .map_err(Error::nats)?
+            .try_collect()
+            .await
+            .map_err(Error::nats)?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| BundleId::parse(k).ok())
+            .collect())
+    }
+
+    /// Every summary, in no particular order.
+    pub async fn list(&self) -> Result<Vec<BundleSummary>> {
+        let ids = self.ids().await?;
+        let store = self.clone();
+        let found: Vec<Option<BundleSummary>> = futures::stream::iter(ids)
+            .map(move |id| {
+                let store = store.clone();
+                async move { store.summary(&id).await }
+            })
+            .buffer_unordered(IMAGE_IO)
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    /// Image `index` of bundle `id`, with its revision.
+    pub async fn image(&self, id: &BundleId, index: u32) -> Result<Option<(ImageState, u64)>> {
+        match self
+            .images
+            .entry(image_key(id, index))
+            .await
+            .map_err(Error::nats)?
+        {
+            Some(e) if e.operation == Operation::Put => {
+                Ok(Some((decode("image state", &e.value)?, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub async fn put_image(&self, id: &BundleId, img: &ImageState) -> Result<()> {
+        self.images
+            .put(image_key(id, img.index), encode(img))
+            .await
+            .map_err(Error::nats)?;
+        Ok(())
+    }
+
+    /// Writes `img` if its key is still at `revision`; its new revision, or `None` when
+    /// another write came first (which then stands).
+    pub async fn update_image(
+        &self,
+        id: &BundleId,
+        img: &ImageState,
+        revision: u64,
+    ) -> Result<Option<u64>> {
+        match self
+            .images
+            .update(image_key(id, img.index), encode(img), revision)
+            .await
+        {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(Error::nats(e)),
+        }
+    }
+
+    /// Writes many images, [`IMAGE_IO`] at a time.
+    pub async fn put_images(&self, id: &BundleId, images: &[ImageState]) -> Result<()> {
+        let (store, id) = (self.clone(), id.clone());
+        futures::stream::iter(images.to_vec())
+            .map(move |img| {
+                let (store, id) = (store.clone(), id.clone());
+                async move { store.put_image(&id, &img).await }
+            })
+            .buffer_unordered(IMAGE_IO)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// Images `from..to` of bundle `id` in index order (missing ones left out), read
+    /// [`IMAGE_IO`] at a time.
+    pub fn images(
+        &self,
+        id: &BundleId,
+        from: u32,
+        to: u32,
+    ) -> BoxStream<'static, Result<ImageState>> {
+        let (store, id) = (self.clone(), id.clone());
+        futures::stream::iter(from..to)
+            .map(move |i| {
+                let (store, id) = (store.clone(), id.clone());
+                async move { store.image(&id, i).await }
+            })
+            .buffered(IMAGE_IO)
+            .try_filter_map(|found| async move { Ok(found.map(|(img, _)| img)) })
+            .boxed()
+    }
+
+    /// Up to `limit` images of bundle `s` from index `offset` on, only those in
+    /// `phase` (as the bundle's current generation sees them) when given.
+    pub async fn page(
+        &self,
+        s: &BundleSummary,
+        phase: Option<ImagePhase>,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Page> {
+        let total = s.counts.total;
+        let limit = limit as usize;
+        let mut page = Page::default();
+        let mut at = offset.min(total);
+        while at < total && page.images.len() < limit && at - offset < MAX_SCAN {
+            // Unfiltered, a page reads exactly what it returns; filtered, it reads ahead
+            // in batches and stops after MAX_SCAN keys.
+            let want = (limit - page.images.len()) as u32;
+            let batch = if phase.is_none() {
+                want
+            } else {
+                want.max(IMAGE_IO as u32)
+            };
+            let end = at.saturating_add(batch).min(total);
+            let images: Vec<ImageState> = self.images(&s.id, at, end).try_collect().await?;
+            for img in images {
+                if page.images.len() == limit {
+                    break;
+                }
+                at = img.index + 1;
+                if phase.is_none_or(|p| img.phase_in(s.generation) == p) {
+                    page.images.push(img);
+                }
+            }
+            if page.images.len() < limit {
+                at = end;
+            }
+        }
+        page.next = (at < total).then_some(at);
+        Ok(page)
+    }
+
+    /// Removes the bundle's state: every image key (one purge of the stream's subjects),
+    /// then the summary.
+    pub async fn remove(&self, id: &BundleId) -> Result<()> {
+        let filter = format!("{}{id}.>", self.images.prefix);
+        self.images
+            .stream
+            .purge()
+            .filter(filter)
+            .await
+            .map_err(Error::nats)?;
+        self.bundles.purge(id.as_str()).await.map_err(Error::nats)?;
+        Ok(())
+    }
+}
+
+/// After losing a compare-and-set race: wait a little (more each time), then re-read.
+async fn backoff(attempt: usize) {
+    let ms = 1 + (attempt as u64).min(20) * 5;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}

@@ -1,0 +1,112 @@
+//! Operations on a stored bundle: retry a failed one, delete one, let a finished one's
+//! files expire. Each is safe to repeat and to run on several replicas at once; the
+//! janitor finishes what a crash cut short (a summary marked `deleting`, a claim left).
+
+use shipperd_bundle::cas::Cas;
+use shipperd_model::{BundleId, BundleSummary, Phase, now_rfc3339, state::Retry};
+use shipperd_state::{dispatch, finish};
+
+use crate::{Error, Result, store::Store};
+
+/// What a retry set going.
+#[derive(Debug, Clone)]
+pub struct Retried {
+    pub summary: BundleSummary,
+    /// Images handed to publish again (0 when the bundle is unpacked again).
+    pub images: u64,
+}
+
+/// Re-drives a `Failed` bundle: unpacked again when it failed before listing its
+/// images, else its images that are not published go to publish again (a new
+/// generation, in which earlier failures no longer count).
+pub async fn retry(store: &Store, id: &BundleId) -> Result<Retried> {
+    let s = store
+        .known(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(id.to_string()))?;
+    if s.phase != Phase::Failed || s.deleting {
+        return Err(Error::Conflict(format!(
+            "only a Failed bundle can be retried; {id} is {:?}",
+            s.phase
+        )));
+    }
+    if s.expired_at.is_some() || !stored(store, &s).await {
+        return Err(Error::Gone(format!(
+            "the stored bundle {id} has expired; upload it again, then retry"
+        )));
+    }
+    finish::settle_claims(store.state(), id).await?;
+    let Some((how, s)) = store.state().update(id, |s| s.retry()).await? else {
+        return Err(Error::Conflict(format!(
+            "{id} changed meanwhile; try again"
+        )));
+    };
+    let images = match how {
+        Retry::Unpack => {
+            store.announce(&s).await?;
+            0
+        }
+        Retry::Publish => dispatch::dispatch_uncounted(store.bus(), store.state(), &s).await?,
+    };
+    tracing::info!(bundle_id = %id, generation = s.generation, images, "bundle retried");
+    Ok(Retried { summary: s, images })
+}
+
+/// Are the bundle's stored files there?
+async fn stored(store: &Store, s: &BundleSummary) -> bool {
+    match store.data().resolve(&s.id, &s.path) {
+        Some(p) => tokio::fs::try_exists(p).await.unwrap_or(false),
+        None => false,
+    }
+}
+
+/// Deletes a bundle: its stored files, its claim on the blob store, its state. Images
+/// in the registry stay. A bundle being unpacked or published is refused unless
+/// `force`.
+pub async fn delete(store: &Store, id: &BundleId, force: bool) -> Result<()> {
+    let s = store
+        .known(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(id.to_string()))?;
+    if !force && matches!(s.phase, Phase::Unpacking | Phase::Publishing) && !s.deleting {
+        return Err(Error::Conflict(format!(
+            "{id} is {:?}; wait for it to end, or delete with ?force=true",
+            s.phase
+        )));
+    }
+    store
+        .state()
+        .update(id, |s| (!s.deleting).then(|| s.deleting = true))
+        .await?;
+    remove_files(store, id).await?;
+    store.state().remove(id).await?;
+    tracing::info!(bundle_id = %id, "bundle deleted");
+    Ok(())
+}
+
+/// Removes `bundles/<id>/` and lets go of the bundle's blobs in the shared store.
+pub async fn remove_files(store: &Store, id: &BundleId) -> Result<()> {
+    let dir = store.data().bundle_dir(id);
+    match tokio::fs::remove_dir_all(&dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&dir, e)),
+        _ => {}
+    }
+    let cas = Cas::new(store.data());
+    let key = id.to_string();
+    let _ = tokio::task::spawn_blocking(move || cas.finish(&key)).await;
+    Ok(())
+}
+
+/// Removes a finished bundle's stored files, keeping its status.
+pub async fn expire(store: &Store, id: &BundleId) -> Result<()> {
+    remove_files(store, id).await?;
+    store
+        .state()
+        .update(id, |s| {
+            (s.phase.is_terminal() && s.expired_at.is_none())
+                .then(|| s.expired_at = Some(now_rfc3339()))
+        })
+        .await?;
+    tracing::info!(bundle_id = %id, "stored bundle expired");
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Who holds a tag: a tag moves only to the image of a bundle received later than the
+//! one that set it, so a late redelivery of an old bundle's job never moves a tag back
+//! to an older digest.
+//!
+//! The `shipperd-blobs` bucket keeps, per registry and tag, the order (see
+//! `BundleSummary::order`), bundle and digest of the last image tagged there; the key
+//! is claimed by compare-and-set before the tag is pushed. When the bucket cannot be
+//! used the tag is pushed anyway (publishing does not stop on a bookkeeping failure).
+//! Two bundles tagging the same tag at the very same moment may still race at the
+//! registry; the guard is for the late redelivery, which comes long after.
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use shipperd_model::{BundleId, BundleSummary, Digest};
+
+use crate::Registry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Holder {
+    order: u64,
+    bundle: BundleId,
+    digest: Digest,
+}
+
+pub(crate) struct Tags {
+    kv: kv::Store,
+}
+
+const MAX_ROUNDS: usize = 16;
+
+impl Tags {
+    pub(crate) fn new(kv: kv::Store) -> Self {
+        Tags { kv }
+    }
+
+    /// May bundle `s` point `repo:tag` at `digest`? Claims the tag when so.
+    pub(crate) async fn may_move(
+        &self,
+        reg: &Registry,
+        repo: &str,
+        tag: &str,
+        s: &BundleSummary,
+        digest: &Digest,
+    ) -> bool {
+        let Some(order) = s.order else {
+            return true;
+        };
+        let key = tag_key(reg.host(), repo, tag);
+        let mine = Holder {
+            order,
+            bundle: s.id.clone(),
+            digest: digest.clone(),
+        };
+        let value: bytes::Bytes = serde_json::to_vec(&mine)
+            .expect("a holder serialises")
+            .into();
+        for _ in 0..MAX_ROUNDS {
+            let entry = match self.kv.entry(&key).await {
+                Ok(e) => e.filter(|e| e.operation == Operation::Put),
+                Err(error) => {
+                    tracing::debug!(%error, "tag holders unavailable; tagging regardless");
+                    return true;
+                }
+            };
+            let written = match entry {
+                None => match self.kv.create(&key, value.clone()).await {
+                    Ok(_) => return true,
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                    Err(_) => return true,
+                },
+                Some(e) => {
+                    let holder: Option<Holder> = serde_json::from_slice(&e.value).ok();
+                    match holder {
+                        Some(h) if h == mine => return true,
+                        Some(h) if h.order > order && h.digest != *digest => {
+                            tracing::info!(
+                                repo, tag, holder = %h.bundle,
+                                "the tag belongs to a bundle received later; not moving it"
+                            );
+                            return false;
+                        }
+                        _ => self.kv.update(&key, value.clone(), e.revision).await,
+                    }
+                }
+            };
+            match written {
+                Ok(_) => return true,
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(_) => return true,
+            }
+        }
+        true
+    }
+}
+
+/// The bucket key of `repo:tag` at registry `host`.
+fn tag_key(host: &str, repo: &str, tag: &str) -> String {
+    let h = Sha256::digest(format!("{host}/{repo}:{tag}").as_bytes());
+    format!("tag.{}", hex::encode(&h[..16]))
+}
