@@ -36,7 +36,7 @@ for spec in "squashfs::" "tar:tar:" "tar.gz:gzip:platform/mirror/" "tar.zst:zstd
   peak=0
   for _ in $(seq 1 6000); do
     e=$(( $(extra) - base )); [ "$e" -gt "$peak" ] && peak=$e
-    PHASE=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" | jq -r .phase)
+    PHASE=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA?limit=0" | jq -r .phase)
     case "$PHASE" in Published|Failed) break;; esac
     sleep 0.05
   done

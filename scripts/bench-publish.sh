@@ -85,7 +85,7 @@ run() {
   upload "$1" "$2" >/dev/null
   PUB_CPU0=""
   for _ in $(seq 1 12000); do
-    phase=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" | jq -r .phase)
+    phase=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA?limit=0" | jq -r .phase)
     case "$phase" in Published|Failed) break ;; esac
     # CPU used so far, taken when publishing starts: the publish phase's share.
     if [ "$phase" = Publishing ] && [ -z "$PUB_CPU0" ]; then

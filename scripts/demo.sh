@@ -20,7 +20,7 @@ upload "$DEMO/sample.squashfs" sample.squashfs
 
 echo "== waiting for the bundle to be published"
 wait_done
-curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" | jq '{phase, error, images: [.images[] | {source, target, digest, phase}]}'
+curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" | jq '{phase, error, counts, images: [.images[] | {source, target, digest, phase}]}'
 
 echo "== the registry now holds"
 for repo in $(curl -sS "http://127.0.0.1:$REG_PORT/v2/_catalog" | jq -r '.repositories[]'); do

@@ -53,7 +53,7 @@ upload() {
 # wait_done: polls the bundle $SHA until it is Published or Failed (10 min at most); sets PHASE.
 wait_done() {
   for _ in $(seq 1 3000); do
-    PHASE=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" | jq -r .phase)
+    PHASE=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA?limit=0" | jq -r .phase)
     case "$PHASE" in Published|Failed) return 0;; esac
     sleep 0.2
   done

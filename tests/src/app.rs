@@ -38,6 +38,10 @@ pub struct Options {
     pub publish_concurrency: Option<usize>,
     /// Publish services beside the one in `shipperd all` (replicas of it).
     pub extra_publishers: usize,
+    /// Attempts at one image (and bundle) before an error that may heal fails it.
+    pub max_attempts: Option<i64>,
+    /// The janitor's settings (default: sweeps every 200 ms, otherwise the service's).
+    pub janitor: Option<shipperd_ingest::JanitorSettings>,
 }
 
 pub struct TestApp {
@@ -97,9 +101,19 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     let mut ingest = shipperd_ingest::Config::new(nats.url(), data.path(), listen);
     ingest.drop_dir = drop_dir.clone();
     ingest.drop_poll = Duration::from_millis(200);
+    ingest.janitor = opts
+        .janitor
+        .clone()
+        .unwrap_or_else(|| shipperd_ingest::JanitorSettings {
+            every: Duration::from_millis(200),
+            ..Default::default()
+        });
     let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), targets.clone());
     if let Some(l) = &opts.limits {
         unpack.limits = l.clone();
+    }
+    if let Some(n) = opts.max_attempts {
+        unpack.max_deliver = n;
     }
     let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), targets);
     publish.retry_base = opts.publish_retry.unwrap_or(Duration::from_millis(200));
@@ -108,6 +122,9 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     }
     if let Some(c) = opts.publish_concurrency {
         publish.concurrency = c;
+    }
+    if let Some(n) = opts.max_attempts {
+        publish.max_deliver = n;
     }
     let shutdown = CancellationToken::new();
     let mut replicas = Vec::new();

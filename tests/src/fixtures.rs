@@ -557,3 +557,48 @@ pub fn sample_into(
     );
     b
 }
+
+/// A bundle shaped like an OpenShift operator-catalog mirror: `n` small images in
+/// nested repositories, ten tags per repository (`catalog/op-<g>/bundle:v0.<k>`, from
+/// `registry.example.com`), every image with a layer of its own and its own config,
+/// each group of ten sharing an operator layer, and all sharing one base layer.
+pub fn catalog(n: usize, salt: &str) -> LayoutBuilder {
+    let mut b = LayoutBuilder::new();
+    let fast = flate2::Compression::fast();
+    let base = b.layer(
+        &[(
+            "etc/os-release",
+            format!("NAME=catalog base {salt}\n").into_bytes(),
+        )],
+        fast,
+    );
+    let mut group = None;
+    for i in 0..n {
+        let g = i / 10;
+        if i % 10 == 0 {
+            group = Some(b.layer(
+                &[(
+                    "opt/operator",
+                    format!("operator {g} {salt}\n").into_bytes(),
+                )],
+                fast,
+            ));
+        }
+        let own = b.layer(
+            &[(
+                "manifests/csv.yaml",
+                format!("bundle {i} {salt}\n").into_bytes(),
+            )],
+            fast,
+        );
+        let repo = format!("catalog/op-{g}/bundle");
+        let tag = format!("v0.{}", i % 10);
+        b.image(
+            json!({ "org.opencontainers.image.ref.name": format!("registry.example.com/{repo}:{tag}") }),
+            &[base.clone(), group.clone().expect("set at i % 10 == 0"), own],
+            &repo,
+            &tag,
+        );
+    }
+    b
+}

@@ -7,6 +7,7 @@ pub mod app;
 pub mod fixtures;
 pub mod pki;
 pub mod proxy;
+pub mod rawpush;
 pub mod servers;
 pub mod token;
 pub mod webhook;

@@ -238,6 +238,12 @@ impl StateStore {
         limit: u32,
     ) -> Result<Page> {
         let total = s.counts.total;
+        if limit == 0 {
+            return Ok(Page {
+                images: Vec::new(),
+                next: (offset < total).then_some(offset),
+            });
+        }
         let limit = limit as usize;
         let mut page = Page::default();
         let mut at = offset.min(total);

@@ -196,10 +196,22 @@ async fn summary_of(store: &Store, id: &str) -> Result<BundleSummary> {
     }
 }
 
-/// `GET /v1/bundles/{id}`: the status, and the first page of images.
-async fn show(State(store): State<Arc<Store>>, Path(id): Path<String>) -> Result<Response> {
+/// `GET /v1/bundles/{id}[?limit=N]`: the status, and the first page of images (`N`,
+/// default 100; 0 for none, e.g. when polling).
+async fn show(
+    State(store): State<Arc<Store>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response> {
     let s = summary_of(&store, &id).await?;
-    let page = store.state().page(&s, None, 0, PAGE).await?;
+    let limit = match q.get("limit") {
+        None => PAGE,
+        Some(v) => v
+            .parse::<u32>()
+            .map_err(|_| Error::BadRequest(format!("limit={v:?}: expected a number")))?
+            .min(MAX_PAGE),
+    };
+    let page = store.state().page(&s, None, 0, limit).await?;
     let mut doc = views::summary(&s);
     doc["images"] = page.images.iter().map(|i| views::image(&s, i)).collect();
     doc["images_next"] = json!(page.next);

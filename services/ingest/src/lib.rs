@@ -21,7 +21,7 @@ mod views;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 pub use error::{Error, Result};
-pub use janitor::Janitor;
+pub use janitor::{Janitor, Settings as JanitorSettings};
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
 pub use store::Store;

@@ -74,6 +74,31 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         own_layers: usize,
     },
+    /// Write a bundle shaped like an operator-catalog mirror (scripts/bench-scale.sh):
+    /// N small images in nested repositories. Writes DIR/bundle.tar (an OCI layout in a
+    /// tar), DIR/layout (the same layout as a directory) and DIR/images.txt (one
+    /// reference per line).
+    CatalogBundle {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        images: usize,
+        #[arg(long, default_value = "bench")]
+        salt: String,
+    },
+    /// Push every image of an OCI layout directory into a registry the plain way, as a
+    /// 16-connection client would: per blob HEAD, then a mount (when an earlier image
+    /// pushed it) or POST + PUT; then PUT the manifest by tag. The ceiling ShipperD is
+    /// measured against; prints images/s and requests.
+    RawPush {
+        #[arg(long)]
+        layout: PathBuf,
+        /// e.g. http://127.0.0.1:5000
+        #[arg(long)]
+        registry: String,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
     /// Receive webhooks on 127.0.0.1:PORT; print one line per event (signature checked).
     WebhookSink {
         #[arg(long)]
@@ -143,6 +168,29 @@ async fn main() -> anyhow::Result<()> {
             own_mb,
             own_layers,
         } => bench_bundle(&dir, base_mb, own_mb, own_layers)?,
+        Cmd::CatalogBundle { dir, images, salt } => {
+            let b = shipperd_tests::fixtures::catalog(images, &salt);
+            std::fs::create_dir_all(&dir)?;
+            let layout = dir.join("layout");
+            let _ = std::fs::remove_dir_all(&layout);
+            b.write_dir(&layout)?;
+            let files = b.oci_files("");
+            std::fs::write(
+                dir.join("bundle.tar"),
+                shipperd_tests::fixtures::tar_bytes(&files)?,
+            )?;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("images.txt"))?);
+            for img in &b.images {
+                writeln!(f, "registry.example.com/{}:{}", img.repo, img.tag)?;
+            }
+            f.flush()?;
+            println!("{} images, {} blobs", b.images.len(), b.blobs.len());
+        }
+        Cmd::RawPush {
+            layout,
+            registry,
+            connections,
+        } => shipperd_tests::rawpush::run(&layout, &registry, connections).await?,
         Cmd::WebhookSink {
             port,
             secret,

@@ -33,6 +33,11 @@ pub enum BlobOutcome {
 
 /// Bytes per read from the bundle, and per item of a request body.
 const READ_CHUNK: usize = 1 << 20;
+/// Blobs up to this size (configs, small layers: most blobs of an operator catalog) are
+/// read whole, checked, and sent from memory: no reader thread, no upload permit (they
+/// move few bytes; the permits bound bytes in flight), no upload lease (sending one
+/// twice costs less than the lease's round trips).
+const SMALL_BLOB: u64 = 256 << 10;
 /// Sessions started again from zero (the registry lost one) before giving up.
 const MAX_RESTARTS: u32 = 3;
 /// Times a blob waits for another replica's upload lease before uploading regardless.
@@ -61,7 +66,16 @@ impl Registry {
             .or_default()
             .clone();
         let guard = lock.lock().await;
-        let out = self.push_blob_locked(repo, desc, bundle, progress).await;
+        let out = if self.is_linked(repo, &desc.digest) {
+            progress.add(desc.size);
+            Ok(BlobOutcome::Skipped)
+        } else {
+            let out = self.push_blob_locked(repo, desc, bundle, progress).await;
+            if out.is_ok() {
+                self.mark_linked(repo, &desc.digest);
+            }
+            out
+        };
         drop(guard);
         let mut map = self
             .inflight
@@ -85,26 +99,30 @@ impl Registry {
         // Another replica's upload may end (or fail) while we wait for its lease: then
         // look again. The last round uploads without a lease.
         for round in 0..=LEASE_ROUNDS {
-            if self.blob_exists(repo, &desc.digest).await? {
+            // Known in another repository: one request, the mount (which also succeeds
+            // when this repository has the blob already). Else: does it have it?
+            let mut location = None;
+            let from = match self.blobs.get(&key).await {
+                Ok(Some(from)) => Some(String::from_utf8_lossy(&from).to_string()),
+                _ => None,
+            };
+            if let Some(from) = from.filter(|f| f != repo) {
+                match self.mount(repo, &from, &desc.digest).await? {
+                    Mount::Mounted => {
+                        progress.add(desc.size);
+                        return Ok(BlobOutcome::Mounted);
+                    }
+                    // The source lost it: upload into the session the registry opened.
+                    Mount::Session(loc) => location = Some(loc),
+                    Mount::Denied => {}
+                }
+            }
+            if location.is_none() && self.blob_exists(repo, &desc.digest).await? {
                 progress.add(desc.size);
                 return Ok(BlobOutcome::Skipped);
             }
-            let mut location = None;
-            if let Ok(Some(from)) = self.blobs.get(&key).await {
-                let from = String::from_utf8_lossy(&from).to_string();
-                if from != repo {
-                    match self.mount(repo, &from, &desc.digest).await? {
-                        Mount::Mounted => {
-                            self.remember(&key, repo).await;
-                            progress.add(desc.size);
-                            return Ok(BlobOutcome::Mounted);
-                        }
-                        Mount::Session(loc) => location = Some(loc),
-                        Mount::Denied => {}
-                    }
-                }
-            }
             let lease = match round {
+                _ if desc.size <= SMALL_BLOB => Lease::Unavailable,
                 LEASE_ROUNDS => Lease::Unavailable,
                 _ => self.lease(&desc.digest).await,
             };
@@ -136,6 +154,9 @@ impl Registry {
         progress: &Progress,
         location: Option<String>,
     ) -> Result<u64, RegistryError> {
+        if desc.size <= SMALL_BLOB {
+            return self.small(repo, desc, bundle, progress, location).await;
+        }
         let _permit = self
             .uploads
             .clone()
@@ -154,6 +175,60 @@ impl Registry {
             upload.chunked(location).await
         } else {
             upload.monolithic(location).await
+        }
+    }
+
+    /// A small blob: read whole and checked first, then one `PUT` (in a new session
+    /// after a failure).
+    async fn small(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        bundle: Arc<dyn BlobSource>,
+        progress: &Progress,
+        mut location: Option<String>,
+    ) -> Result<u64, RegistryError> {
+        let d = desc.clone();
+        let bytes = tokio::task::spawn_blocking(move || read_whole(bundle.as_ref(), &d))
+            .await
+            .map_err(|e| RegistryError::Internal(format!("reading a blob: {e}")))??;
+        let t = self.transfer();
+        let mut attempt = 0;
+        loop {
+            let loc = match location.take() {
+                Some(l) => l,
+                None => self.start_upload(repo).await?,
+            };
+            let body = bytes.clone();
+            let build = move |b: reqwest::RequestBuilder| {
+                b.header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            };
+            let call = Call {
+                method: Method::PUT,
+                url: with_query(&loc, &format!("digest={}", desc.digest)),
+                repo,
+                from: None,
+                build: &build,
+                ok: &[201],
+                once: false,
+            };
+            match self.send_once(&call, &Moved::default()).await {
+                Ok(_) => {
+                    progress.add(desc.size);
+                    return Ok(desc.size);
+                }
+                Err(e)
+                    if (e.is_retryable() || matches!(e, RegistryError::Relogin))
+                        && attempt + 1 < t.retries =>
+                {
+                    let delay = self.backoff(attempt, e.retry_after());
+                    tracing::debug!(error = %e, ?delay, "small blob upload failed; again");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -697,6 +772,34 @@ fn reader_loop(
             }
         }
     }
+}
+
+/// A small blob's bytes, checked against its size and digest.
+fn read_whole(bundle: &dyn BlobSource, desc: &Descriptor) -> Result<Bytes, RegistryError> {
+    let (mut reader, len) = match bundle.blob(&desc.digest) {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            return Err(RegistryError::Read(format!(
+                "{} is not in the image's plan",
+                desc.digest
+            )));
+        }
+        Err(e) => return Err(RegistryError::Read(format!("blob {}: {e}", desc.digest))),
+    };
+    let mut buf = Vec::with_capacity(len.min(SMALL_BLOB) as usize);
+    (&mut reader)
+        .take(SMALL_BLOB + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| RegistryError::Read(format!("blob {}: {e}", desc.digest)))?;
+    let actual = Digest::of(&buf);
+    if buf.len() as u64 != desc.size || actual != desc.digest {
+        return Err(RegistryError::Changed(format!(
+            "blob {} changed in the bundle: {} bytes hashing to {actual}",
+            desc.digest,
+            buf.len()
+        )));
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// The text of a panic's payload.

@@ -4,12 +4,14 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// The registry answered with an unexpected status; `detail` holds its error codes.
+    /// The registry answered with an unexpected status; `detail` holds its error codes
+    /// and messages, `codes` the codes alone (`MANIFEST_BLOB_UNKNOWN`, ...).
     #[error("{host} answered {status}{detail}")]
     Status {
         host: String,
         status: u16,
         detail: String,
+        codes: Vec<String>,
         retry_after: Option<Duration>,
     },
     /// The connection failed (refused, reset, cut mid-body); `cause` is the innermost
@@ -81,12 +83,23 @@ fn retryable_status(status: u16) -> bool {
     matches!(status, 408 | 425 | 429) || status >= 500
 }
 
+/// The registry's code for a manifest naming a blob the repository does not link.
+pub(crate) const MANIFEST_BLOB_UNKNOWN: &str = "MANIFEST_BLOB_UNKNOWN";
+
 impl RegistryError {
     /// Could the same request succeed later? 429, 5xx, timeouts and broken connections
     /// may heal; a refusal (400, 401 after logging in again, 403, 404, 413, ...), a
     /// corrupt blob or bad TLS settings will not.
     pub fn is_transient(&self) -> bool {
         match self {
+            // Every blob goes up before its manifest, so a blob the registry does not
+            // know then was lost in a race (docker-registry 2.8 rewrites a link file in
+            // place, and a concurrent read can miss it): pushing the image again heals.
+            RegistryError::Status { codes, .. }
+                if codes.iter().any(|c| c == MANIFEST_BLOB_UNKNOWN) =>
+            {
+                true
+            }
             RegistryError::Status { status, .. } => retryable_status(*status),
             RegistryError::Transport { .. }
             | RegistryError::Stalled(_)
@@ -225,8 +238,9 @@ fn rfc1123_to_rfc3339(v: &str) -> Option<String> {
     Some(format!("{year}-{m:02}-{day:0>2} {time}"))
 }
 
-/// The registry's error codes from a JSON error body: `": DIGEST_INVALID: ..."`.
-pub(crate) fn detail(body: &[u8]) -> String {
+/// The registry's error codes and messages from a JSON error body
+/// (`": DIGEST_INVALID: ..."`), and the codes alone.
+pub(crate) fn detail(body: &[u8]) -> (String, Vec<String>) {
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<Entry>,
@@ -238,18 +252,20 @@ pub(crate) fn detail(body: &[u8]) -> String {
         message: String,
     }
     match serde_json::from_slice::<Errors>(body) {
-        Ok(e) if !e.errors.is_empty() => e
-            .errors
-            .iter()
-            .map(|e| format!(": {}: {}", e.code, e.message))
-            .collect(),
+        Ok(e) if !e.errors.is_empty() => (
+            e.errors
+                .iter()
+                .map(|e| format!(": {}: {}", e.code, e.message))
+                .collect(),
+            e.errors.into_iter().map(|e| e.code).collect(),
+        ),
         _ => {
             let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
             let text = text.trim();
             if text.is_empty() {
-                String::new()
+                (String::new(), Vec::new())
             } else {
-                format!(": {text}")
+                (format!(": {text}"), Vec::new())
             }
         }
     }
@@ -277,7 +293,13 @@ mod tests {
     fn error_bodies() {
         let b =
             br#"{"errors":[{"code":"DIGEST_INVALID","message":"provided digest did not match"}]}"#;
-        assert_eq!(detail(b), ": DIGEST_INVALID: provided digest did not match");
-        assert_eq!(detail(b""), "");
+        assert_eq!(
+            detail(b),
+            (
+                ": DIGEST_INVALID: provided digest did not match".to_string(),
+                vec!["DIGEST_INVALID".to_string()]
+            )
+        );
+        assert_eq!(detail(b""), (String::new(), vec![]));
     }
 }

@@ -57,7 +57,14 @@ pub struct Registry {
     inflight: std::sync::Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Who we are in upload leases (see [`lease`]): host name and a random number.
     holder: String,
+    /// (repository, blob) pairs this process saw the registry link (hashed), so the
+    /// next image of a repository needs no request for them. Cleared when it holds
+    /// [`MAX_LINKED`], or when the registry says a manifest names an unknown blob.
+    linked: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
+
+/// Most (repository, blob) pairs [`Registry`] remembers.
+const MAX_LINKED: usize = 200_000;
 
 impl Registry {
     pub fn new(target: Target, blobs: kv::Store) -> Result<Self, RegistryError> {
@@ -91,7 +98,31 @@ impl Registry {
                 std::env::var("HOSTNAME").unwrap_or_default(),
                 rand::random::<u64>()
             ),
+            linked: Default::default(),
         })
+    }
+
+    fn linked_key(repo: &str, digest: &Digest) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (repo, digest.as_str()).hash(&mut h);
+        h.finish()
+    }
+
+    /// Did this process see `repo` get `digest`?
+    pub(crate) fn is_linked(&self, repo: &str, digest: &Digest) -> bool {
+        self.linked
+            .lock()
+            .expect("not poisoned")
+            .contains(&Self::linked_key(repo, digest))
+    }
+
+    pub(crate) fn mark_linked(&self, repo: &str, digest: &Digest) {
+        let mut set = self.linked.lock().expect("not poisoned");
+        if set.len() >= MAX_LINKED {
+            set.clear();
+        }
+        set.insert(Self::linked_key(repo, digest));
     }
 
     pub fn host(&self) -> &str {
@@ -151,10 +182,16 @@ impl Registry {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
+            let (detail, codes) = error::detail(&body);
+            if codes.iter().any(|c| c == error::MANIFEST_BLOB_UNKNOWN) {
+                // What we believed linked may not be: look again next time.
+                self.linked.lock().expect("not poisoned").clear();
+            }
             return Err(RegistryError::Status {
                 host: self.target.url.host.clone(),
                 status,
-                detail: error::detail(&body),
+                detail,
+                codes,
                 retry_after,
             });
         }

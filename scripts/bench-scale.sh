@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Many small images, as an operator-catalog mirror carries (release build, loopback):
+#   1. the raw ceiling: the same images pushed into a fresh docker-registry by a plain
+#      16-connection client (HEAD, mount or POST+PUT per blob, PUT manifest);
+#   2. ShipperD end to end (upload → Published) into another fresh registry, with its
+#      publish phase alone, images/s, and the peak resident memory of `shipperd all`;
+#   3. sequential `skopeo copy` of a sample of the images, ms per image.
+#   scripts/bench-scale.sh [N] [SKOPEO_SAMPLE]     (default 3000 images, 50 for skopeo)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-3000}
+SAMPLE=${2:-50}
+scripts/install-deps.sh
+echo "== building (release)"
+cargo build --locked --release -q -p shipperd -p shipperd-tests --bins
+BIN=target/release
+DEMO=.bench
+source scripts/lib.sh
+W=.bench-scale
+rm -rf "$W"; mkdir -p "$W"
+trap 'cleanup; rm -rf "$W"' EXIT
+now() { date +%s.%N; }
+secs() { echo "$2 - $1" | bc -l; }
+cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
+
+echo "== building a bundle of $N images"
+$BIN/shipperd-dev catalog-bundle --dir "$W" --images "$N"
+ls -l "$W/bundle.tar" | awk '{printf "   bundle.tar: %.1f MiB\n", $5 / 1048576}'
+
+start_registry() { # name → sets RP RPID
+  RP=$($BIN/shipperd-dev free-port)
+  $BIN/shipperd-dev registry-config --port "$RP" --root "$PWD/$W/$1" >"$W/$1.yml"
+  docker-registry serve "$W/$1.yml" >"$W/$1.log" 2>&1 & PIDS+=($!)
+  RPID=$!
+  wait_port "$RP" docker-registry
+}
+
+echo "== 1. raw ceiling: 16 connections, fresh registry"
+start_registry raw
+RAW_OUT=$($BIN/shipperd-dev raw-push --layout "$W/layout" --registry "http://127.0.0.1:$RP" --connections 16)
+echo "   $RAW_OUT"
+RAW_RATE=$(sed -E 's/.* ([0-9.]+) images\/s.*/\1/' <<<"$RAW_OUT")
+RAW_CPU=$(cpu "$RPID")
+
+echo "== 2. ShipperD (shipperd all), fresh registry"
+RUST_LOG=warn start_stack
+REG_PID=$(pgrep -f "docker-registry serve $DEMO/registry.yml" | head -1)
+rss() { awk "/^$1/ {print \$2}" "/proc/$SHIPPERD_PID/status"; }
+RSS0=$(rss VmRSS)
+C0=$(cpu "$SHIPPERD_PID") R0=$(cpu "$REG_PID")
+T0=$(now)
+upload "$W/bundle.tar" catalog.tar >/dev/null
+wait_done
+T_E2E=$(secs "$T0" "$(now)")
+[ "$PHASE" = Published ] || { echo "the bundle ended $PHASE" >&2; curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA" | jq '{error, counts}' >&2; exit 1; }
+REC=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA?limit=0")
+T_PUB=$(secs "$(date -d "$(jq -r .unpacked_at <<<"$REC")" +%s.%N)" "$(date -d "$(jq -r .finished_at <<<"$REC")" +%s.%N)")
+T_UNPACK=$(secs "$(date -d "$(jq -r .received_at <<<"$REC")" +%s.%N)" "$(date -d "$(jq -r .unpacked_at <<<"$REC")" +%s.%N)")
+HWM=$(rss VmHWM)
+CPU_S=$(echo "$(cpu "$SHIPPERD_PID") - $C0" | bc -l) CPU_R=$(echo "$(cpu "$REG_PID") - $R0" | bc -l)
+PUBLISHED=$(jq .counts.published <<<"$REC")
+PAGE=$(curl -sS "http://127.0.0.1:$API_PORT/v1/bundles/$SHA/images?offset=$((N - 5))&limit=5" | jq '.images | length')
+
+echo "== 3. skopeo copy, one image after another ($SAMPLE images)"
+start_registry skopeo
+head -n "$SAMPLE" "$W/images.txt" >"$W/sample.txt"
+T0=$(now)
+while read -r ref; do
+  skopeo copy -q --dest-tls-verify=false "oci:$W/layout:$ref" \
+    "docker://127.0.0.1:$RP/${ref#*/}" >/dev/null
+done <"$W/sample.txt"
+T_SKOPEO=$(secs "$T0" "$(now)")
+
+RATE=$(echo "$N / $T_PUB" | bc -l)
+RATE_E2E=$(echo "$N / $T_E2E" | bc -l)
+echo "== result ($N images; $PUBLISHED published; last page of the listing: $PAGE images)"
+printf '%-38s %8.1f images/s   (%s)\n' "raw ceiling, 16 connections" "$RAW_RATE" "$(sed -E 's/^raw push: //' <<<"$RAW_OUT")"
+printf '%-38s %8.1f images/s   %.1f s\n' "ShipperD publish (unpacked → Published)" "$RATE" "$T_PUB"
+printf '%-38s %8.1f images/s   %.1f s (unpack %.1f s)\n' "ShipperD upload → Published" "$RATE_E2E" "$T_E2E" "$T_UNPACK"
+printf '%-38s %8.2f         (target ≥ 0.80)\n' "publish / raw ceiling" "$(echo "$RATE / $RAW_RATE" | bc -l)"
+printf '%-38s %8.2f\n' "end to end / raw ceiling" "$(echo "$RATE_E2E / $RAW_RATE" | bc -l)"
+printf '%-38s %8d MiB before, %d MiB peak (VmHWM; target < 150)\n' "shipperd all RSS" $((RSS0 / 1024)) $((HWM / 1024))
+printf '%-38s %8.1f s shipperd, %.1f s registry (raw client: registry %.1f s)\n' "CPU time" "$CPU_S" "$CPU_R" "$RAW_CPU"
+printf '%-38s %8.0f ms/image (%s images)\n' "skopeo copy, sequential" "$(echo "$T_SKOPEO * 1000 / $SAMPLE" | bc -l)" "$SAMPLE"
