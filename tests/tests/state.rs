@@ -59,8 +59,8 @@ async fn bundle(store: &StateStore, salt: &str, n: u32) -> anyhow::Result<Bundle
 }
 
 fn outcome(i: u32) -> Outcome {
-    if i % 2 == 0 {
-        Outcome::published(10, i % 4 == 0)
+    if i.is_multiple_of(2) {
+        Outcome::published(10, i.is_multiple_of(4))
     } else {
         Outcome::failed(format!("image {i}: refused"), "refused".into())
     }
