@@ -123,6 +123,14 @@ impl WebhookSink {
         self.shared.deliveries.lock().unwrap().clone()
     }
 
+    /// The deliveries after the first `seen` (without copying those).
+    pub fn deliveries_since(&self, seen: usize) -> Vec<Delivery> {
+        let all = self.shared.deliveries.lock().unwrap();
+        all.get(seen..)
+            .map(<[Delivery]>::to_vec)
+            .unwrap_or_default()
+    }
+
     pub fn of_type(&self, ty: &str) -> Vec<Delivery> {
         self.deliveries()
             .into_iter()

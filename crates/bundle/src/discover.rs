@@ -137,9 +137,13 @@ fn oci_images(
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    for desc in index.manifests {
+    drop(raw);
+    for mut desc in index.manifests {
         match image_name(&desc, fallback_repo)? {
             Some(name) => {
+                // Named: the annotations did their work (the manifest's own travel
+                // with its bytes), and a catalog's tens of thousands of them add up.
+                desc.annotations = BTreeMap::new();
                 names.entry(name.to_string()).or_insert(LayoutImage {
                     source: name,
                     descriptor: desc,

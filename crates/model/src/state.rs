@@ -110,6 +110,13 @@ pub struct Outcome {
     /// images group under one cause in the bundle's error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// Pushes it took (0 when not known).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Outcome {
@@ -120,6 +127,7 @@ impl Outcome {
             bytes,
             error: None,
             cause: None,
+            attempts: 0,
         }
     }
 
@@ -130,6 +138,7 @@ impl Outcome {
             bytes: 0,
             error: Some(error),
             cause: Some(cause),
+            attempts: 0,
         }
     }
 }
@@ -207,6 +216,7 @@ impl ImageState {
 
     /// Records `outcome` (as claimed in `generation`).
     pub fn apply(&mut self, outcome: &Outcome, generation: u32) {
+        self.attempts = self.attempts.max(outcome.attempts);
         self.phase = outcome.phase;
         self.skipped = outcome.skipped;
         self.error = outcome.error.clone();
@@ -512,6 +522,15 @@ impl BundleSummary {
         self.phase = Phase::Publishing;
         self.counts.failed = 0;
         Some(Retry::Publish)
+    }
+
+    /// Where `img` is as this bundle sees it: its phase in the current generation, or
+    /// the outcome a claim holds for it (counted, not yet written to the image).
+    pub fn phase_of(&self, img: &ImageState) -> ImagePhase {
+        match self.claims.get(&img.index) {
+            Some(o) if !img.is_counted(self.generation) => o.phase,
+            _ => img.phase_in(self.generation),
+        }
     }
 
     /// The suffix that keeps ids of re-sent messages and events of a later generation

@@ -48,10 +48,14 @@ pub fn job(s: &BundleSummary, img: &ImageState) -> Job {
     }
 }
 
-/// Sends the jobs of `images`.
+/// Sends the jobs of `images` (built a thousand at a time).
 pub async fn dispatch(bus: &Bus, s: &BundleSummary, images: &[ImageState]) -> Result<u64> {
-    let jobs: Vec<Job> = images.iter().map(|img| job(s, img)).collect();
-    bus.publish_jobs(jobs).await
+    let mut sent = 0;
+    for chunk in images.chunks(1024) {
+        let jobs: Vec<Job> = chunk.iter().map(|img| job(s, img)).collect();
+        sent += bus.publish_jobs(jobs).await?;
+    }
+    Ok(sent)
 }
 
 /// Reads every image of `s` and sends the jobs of those its generation has not

@@ -198,15 +198,10 @@ impl StateStore {
 
     /// Writes many images, [`IMAGE_IO`] at a time.
     pub async fn put_images(&self, id: &BundleId, images: &[ImageState]) -> Result<()> {
-        let (store, id) = (self.clone(), id.clone());
-        futures::stream::iter(images.to_vec())
-            .map(move |img| {
-                let (store, id) = (store.clone(), id.clone());
-                async move { store.put_image(&id, &img).await }
-            })
-            .buffer_unordered(IMAGE_IO)
-            .try_collect::<()>()
-            .await
+        for chunk in images.chunks(IMAGE_IO) {
+            futures::future::try_join_all(chunk.iter().map(|img| self.put_image(id, img))).await?;
+        }
+        Ok(())
     }
 
     /// Images `from..to` of bundle `id` in index order (missing ones left out), read
@@ -263,7 +258,7 @@ impl StateStore {
                     break;
                 }
                 at = img.index + 1;
-                if phase.is_none_or(|p| img.phase_in(s.generation) == p) {
+                if phase.is_none_or(|p| s.phase_of(&img) == p) {
                     page.images.push(img);
                 }
             }

@@ -29,8 +29,19 @@ pub fn summary(s: &BundleSummary) -> Value {
 }
 
 /// One image, in the phase its bundle's current generation gives it (an image that
-/// failed before a retry is pending again).
+/// failed before a retry is pending again), with an outcome the summary has counted but
+/// not yet written to the image.
 pub fn image(s: &BundleSummary, img: &ImageState) -> Value {
+    let claimed;
+    let img = match s.claims.get(&img.index) {
+        Some(outcome) if !img.is_counted(s.generation) => {
+            let mut i = img.clone();
+            i.apply(outcome, s.generation);
+            claimed = i;
+            &claimed
+        }
+        _ => img,
+    };
     let mut v = serde_json::to_value(img).expect("an image serialises");
     if let Some(m) = v.as_object_mut() {
         m.remove("plan");

@@ -349,10 +349,14 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
     )
     .await;
     let revision = reporter.stop().await;
+    let tried = |mut o: ImageOutcome| {
+        o.attempts = attempt as u32;
+        o
+    };
     match pushed {
         Ok(stats) => {
             let outcome = ImageOutcome::published(stats.bytes_total, stats.image_skipped);
-            record(ctx, job, outcome, Some(stats)).await
+            record(ctx, job, tried(outcome), Some(stats)).await
         }
         Err(e) if e.is_transient() && attempt < ctx.config.max_deliver => {
             let n = attempt.clamp(1, 6) as u32;
@@ -371,14 +375,9 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
             Ok(Outcome::Retry(delay))
         }
         Err(e) => {
-            tracing::warn!(error = %e, "image failed");
-            record(
-                ctx,
-                job,
-                ImageOutcome::failed(e.to_string(), e.cause()),
-                None,
-            )
-            .await
+            tracing::warn!(error = %e, attempt, "image failed");
+            let outcome = ImageOutcome::failed(e.to_string(), e.cause());
+            record(ctx, job, tried(outcome), None).await
         }
     }
 }
@@ -509,8 +508,12 @@ async fn push_image(
         )));
     };
 
-    // Day-2: the tag already points at this image. One request, and done.
-    if let Some(tag) = img.target.tag.as_deref() {
+    // Day-2: a bundle set this tag to this digest before, and the registry still has
+    // it. One request, and done. (A tag nothing of ours ever set costs no request: the
+    // image is pushed, and blobs the repository has are found on the way.)
+    if let Some(tag) = img.target.tag.as_deref()
+        && ctx.tags.set_before(reg, &repo, tag, &img.digest).await
+    {
         let now = reg
             .tag_digest(&repo, tag)
             .await

@@ -51,13 +51,15 @@ impl Progress {
 
 /// Reports `progress` of one image every `every` until stopped.
 pub(crate) struct Reporter {
-    task: tokio::task::JoinHandle<Option<u64>>,
+    task: Option<tokio::task::JoinHandle<Option<u64>>>,
     stop: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for Reporter {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
@@ -105,14 +107,17 @@ impl Reporter {
                 }
             }
         });
-        Reporter { task, stop }
+        Reporter {
+            task: Some(task),
+            stop,
+        }
     }
 
     /// Stops reporting; the image key's revision as this job last wrote it (`None`
     /// when another writer changed it meanwhile).
     pub(crate) async fn stop(mut self) -> Option<u64> {
         self.stop.cancel();
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async { None }));
+        let task = self.task.take()?;
         task.await.ok().flatten()
     }
 }

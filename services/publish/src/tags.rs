@@ -34,6 +34,22 @@ impl Tags {
         Tags { kv }
     }
 
+    /// Did a bundle point `repo:tag` at `digest` before (so the registry may have it
+    /// already, worth one request to find out)? `false` when nothing says so, or the
+    /// holders cannot be read.
+    pub(crate) async fn set_before(
+        &self,
+        reg: &Registry,
+        repo: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> bool {
+        match self.kv.get(tag_key(reg.host(), repo, tag)).await {
+            Ok(Some(v)) => serde_json::from_slice::<Holder>(&v).is_ok_and(|h| h.digest == *digest),
+            _ => false,
+        }
+    }
+
     /// May bundle `s` point `repo:tag` at `digest`? Claims the tag when so.
     pub(crate) async fn may_move(
         &self,

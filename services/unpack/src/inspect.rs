@@ -28,8 +28,10 @@ pub struct Inventory {
 #[derive(Debug)]
 pub struct InventoryImage {
     pub source: Reference,
-    /// The top manifest or index, with its media type and size filled in.
-    pub descriptor: Descriptor,
+    /// Its top manifest or index.
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
     /// Where its plan is in the plans file.
     pub plan: PlanRef,
     /// Bytes of its blobs, manifests and referrers.
@@ -97,10 +99,8 @@ pub fn inspect(
         fs,
         walker: &walker,
         paths: &found.blob_paths,
-        needed: BTreeMap::new(),
-        verified: HashSet::new(),
+        needed: HashMap::new(),
         reached: HashSet::new(),
-        located: HashMap::new(),
         referrers: 0,
     };
     let mut images = Vec::new();
@@ -146,12 +146,10 @@ struct Checker<'a> {
     fs: &'a dyn BundleFs,
     walker: &'a Walker<'a>,
     paths: &'a HashMap<Digest, String>,
-    /// Every distinct blob and manifest, with its size.
-    needed: BTreeMap<Digest, u64>,
-    verified: HashSet<Digest>,
+    /// Every distinct blob and manifest (checked), with its size.
+    needed: HashMap<Digest, u64>,
     /// Manifests some image reaches.
     reached: HashSet<Digest>,
-    located: HashMap<Digest, Location>,
     referrers: u64,
 }
 
@@ -166,7 +164,7 @@ impl Checker<'_> {
         let name = source.to_string();
         let plan = self.walker.plan(&name, top, lookup)?;
         for blob in &plan.blobs {
-            if self.verified.insert(blob.digest.clone()) {
+            if !self.needed.contains_key(&blob.digest) {
                 self.walker.verify_blob(&name, blob)?;
                 self.needed.insert(blob.digest.clone(), blob.size);
             }
@@ -179,32 +177,26 @@ impl Checker<'_> {
             self.referrers += 1;
             self.needed.insert(m.digest.clone(), bytes.len() as u64);
         }
-        let descriptor = plan
-            .manifests
-            .last()
-            .map(|(d, _)| d.clone())
-            .unwrap_or_else(|| top.clone());
+        let d = plan.manifests.last().map_or(top, |(d, _)| d);
+        let (digest, media_type, size) = (d.digest.clone(), d.media_type.clone(), d.size);
         let stored = StoredPlan::new(plan, |d| self.locate(d))?;
         let bytes = stored.bytes_total();
         let at = plans.append(&stored)?;
         Ok(InventoryImage {
             source,
-            descriptor,
+            digest,
+            media_type,
+            size,
             plan: at,
             bytes,
         })
     }
 
-    fn locate(&mut self, digest: &Digest) -> Result<Location> {
-        if let Some(at) = self.located.get(digest) {
-            return Ok(at.clone());
-        }
+    fn locate(&self, digest: &Digest) -> Result<Location> {
         let p = self
             .paths
             .get(digest)
             .ok_or_else(|| Error::Missing(digest.to_string()))?;
-        let (at, _) = self.fs.locate(p)?;
-        self.located.insert(digest.clone(), at.clone());
-        Ok(at)
+        Ok(self.fs.locate(p)?.0)
     }
 }

@@ -353,7 +353,7 @@ fn target_images(
             .mapping
             .map(&img.source, &target.url.host)
             .map_err(|e| format!("target {}: {e}", target.name))?;
-        let digest = &img.descriptor.digest;
+        let digest = &img.digest;
         if let Some((other, d)) = landed.get(&mapped)
             && *d != digest
         {
@@ -369,8 +369,8 @@ fn target_images(
             source: img.source.clone(),
             target: mapped,
             digest: digest.clone(),
-            media_type: img.descriptor.media_type.clone(),
-            size: img.descriptor.size,
+            media_type: img.media_type.clone(),
+            size: img.size,
             phase: ImagePhase::Pending,
             error: None,
             bytes_total: img.bytes,

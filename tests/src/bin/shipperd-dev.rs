@@ -201,8 +201,8 @@ async fn main() -> anyhow::Result<()> {
             let mut seen = 0;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
             while tokio::time::Instant::now() < deadline {
-                let all = sink.deliveries();
-                for d in &all[seen..] {
+                let new = sink.deliveries_since(seen);
+                for d in &new {
                     let signed = match &key {
                         Some(k) if d.signed_with(k) => "signature ok",
                         Some(_) => "SIGNATURE BAD",
@@ -216,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
                     );
                     std::io::stdout().flush()?;
                 }
-                seen = all.len();
+                seen += new.len();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
