@@ -54,7 +54,7 @@ async fn bundle(store: &StateStore, salt: &str, n: u32) -> anyhow::Result<Bundle
             plan: PlanRef::default(),
         })
         .collect();
-    store.put_images(&id, &images).await?;
+    store.put_pending_images(&id, &images).await?;
     Ok(id)
 }
 

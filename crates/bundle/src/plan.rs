@@ -132,7 +132,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// Writes a bundle's plans file: plans one after another, then fsynced and renamed into
-/// place by [`PlanWriter::finish`] (a crash leaves no half-written plans file).
+/// place by [`PlanWriter::finish`] (a crash leaves no half-written plans file). The
+/// walk is deterministic, so the same bundle always gives the same plans at the same
+/// offsets.
 pub struct PlanWriter {
     out: BufWriter<std::fs::File>,
     tmp: PathBuf,
@@ -142,7 +144,9 @@ pub struct PlanWriter {
 
 impl PlanWriter {
     pub fn create(dest: &Path) -> Result<Self> {
-        let tmp = dest.with_extension("tmp");
+        // Its own temp file: two unpacks of one bundle (a re-announced one) write the
+        // same plans, and must not write them into one file.
+        let tmp = crate::catalog::temp_beside(dest);
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         Ok(PlanWriter {
             out: BufWriter::with_capacity(1 << 20, file),

@@ -196,12 +196,38 @@ impl StateStore {
         }
     }
 
-    /// Writes many images, [`IMAGE_IO`] at a time.
-    pub async fn put_images(&self, id: &BundleId, images: &[ImageState]) -> Result<()> {
+    /// Writes the pending images of a bundle being unpacked, [`IMAGE_IO`] at a time,
+    /// never over an image that has an outcome: a second unpack of the same bundle (a
+    /// re-announced one) may finish after publishing began.
+    pub async fn put_pending_images(&self, id: &BundleId, images: &[ImageState]) -> Result<()> {
         for chunk in images.chunks(IMAGE_IO) {
-            futures::future::try_join_all(chunk.iter().map(|img| self.put_image(id, img))).await?;
+            futures::future::try_join_all(chunk.iter().map(|img| self.put_pending(id, img)))
+                .await?;
         }
         Ok(())
+    }
+
+    async fn put_pending(&self, id: &BundleId, img: &ImageState) -> Result<()> {
+        let key = image_key(id, img.index);
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            // The usual case: a new key.
+            match self.images.create(&key, encode(img)).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::nats(e)),
+            }
+            let Some((old, revision)) = self.image(id, img.index).await? else {
+                continue;
+            };
+            if old.phase != ImagePhase::Pending && old.generation >= img.generation {
+                return Ok(());
+            }
+            if self.update_image(id, img, revision).await?.is_some() {
+                return Ok(());
+            }
+            backoff(attempt).await;
+        }
+        Err(Error::Conflict(key))
     }
 
     /// Images `from..to` of bundle `id` in index order (missing ones left out), read

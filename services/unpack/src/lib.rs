@@ -294,7 +294,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Result<Outcome> 
         referrers = inventory.referrers,
         "bundle checked"
     );
-    ctx.state.put_images(id, &images).await?;
+    ctx.state.put_pending_images(id, &images).await?;
     let unpacked = Unpacked {
         format: inventory.format.to_string(),
         images: images.len() as u32,
