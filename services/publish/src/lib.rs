@@ -329,8 +329,9 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
     if attempt > ctx.config.max_deliver {
         // The last attempt could not record its outcome: record it now.
         let last = img.error.clone().unwrap_or_else(|| "unknown error".into());
-        let error = format!("gave up after {} attempts: {last}", ctx.config.max_deliver);
-        return record(ctx, job, ImageOutcome::failed(error.clone(), error), None).await;
+        let cause = format!("gave up after {} attempts", ctx.config.max_deliver);
+        let error = format!("{cause}: {last}");
+        return record(ctx, job, ImageOutcome::failed(error, cause), None).await;
     }
     let progress = Progress::default();
     let reporter = progress::Reporter::start(
