@@ -18,8 +18,9 @@ pub const PUBLISH_JOB_SUBJECT: &str = "shipperd.jobs.publish";
 pub const BUNDLES_BUCKET: &str = "shipperd-bundles";
 /// KV bucket with the state of every image, keyed `<bundle id>.<image index>`.
 pub const IMAGES_BUCKET: &str = "shipperd-images";
-/// KV bucket mapping a blob digest to a repository that holds it, per registry, so later
-/// pushes of the same blob to other repositories can be cross-repository mounts.
+/// KV bucket of publish's registry bookkeeping, per registry: a repository holding each
+/// blob (so later pushes to other repositories can be cross-repository mounts), open
+/// chunked upload sessions, upload leases across replicas, and who set each tag last.
 pub const BLOBS_BUCKET: &str = "shipperd-blobs";
 
 /// Durable consumer of the unpack service (bundle.received).
