@@ -34,18 +34,7 @@ echo "== building the bundle"
 $BIN/shipperd-dev bench-bundle --dir "$W" --base-mb "$BASE_MB" --own-mb "$OWN_MB" \
   --own-layers "$OWN_LAYERS"
 BYTES=$(awk '{s += $2} END {print s}' "$W/blobs.txt")
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
 mbps() { echo "$BYTES / $1 / 1000000" | bc -l; }
-cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; } # user + system seconds of PID
-
-start_registry() { # name → sets RP
-  RP=$($BIN/shipperd-dev free-port)
-  $BIN/shipperd-dev registry-config --port "$RP" --root "$PWD/$W/$1" >"$W/$1.yml"
-  docker-registry serve "$W/$1.yml" >"$W/$1.log" 2>&1 & PIDS+=($!)
-  RPID=$!
-  wait_port "$RP" docker-registry
-}
 
 echo "== 1. raw ceiling: $PAR parallel curl uploads of each distinct blob"
 start_registry ceiling

@@ -19,21 +19,10 @@ source scripts/lib.sh
 W=.bench-scale
 rm -rf "$W"; mkdir -p "$W"
 trap 'cleanup; rm -rf "$W"' EXIT
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
-cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
 
 echo "== building a bundle of $N images"
 $BIN/shipperd-dev catalog-bundle --dir "$W" --images "$N"
 ls -l "$W/bundle.tar" | awk '{printf "   bundle.tar: %.1f MiB\n", $5 / 1048576}'
-
-start_registry() { # name → sets RP RPID
-  RP=$($BIN/shipperd-dev free-port)
-  $BIN/shipperd-dev registry-config --port "$RP" --root "$PWD/$W/$1" >"$W/$1.yml"
-  docker-registry serve "$W/$1.yml" >"$W/$1.log" 2>&1 & PIDS+=($!)
-  RPID=$!
-  wait_port "$RP" docker-registry
-}
 
 echo "== 1. raw ceiling: 16 connections, fresh registry"
 start_registry raw

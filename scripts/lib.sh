@@ -1,6 +1,7 @@
-# Shared by scripts/demo.sh and scripts/bench-rss.sh: start a loopback stack (NATS, a
-# registry, a webhook receiver, shipperd all) under $DEMO, stopped when the script exits.
-# Needs BIN (where shipperd and shipperd-dev are) and DEMO (a scratch directory).
+# Shared by scripts/demo.sh and the benchmarks: start a loopback stack (NATS, a registry,
+# a webhook receiver, shipperd all) under $DEMO, stopped when the script exits; extra
+# registries and timing helpers for the benchmarks. Needs BIN (where shipperd and
+# shipperd-dev are) and DEMO (a scratch directory).
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -59,4 +60,19 @@ wait_done() {
   done
   echo "bundle $SHA did not finish" >&2
   exit 1
+}
+
+# Timing helpers of the benchmarks.
+now() { date +%s.%N; }
+secs() { echo "$2 - $1" | bc -l; }
+cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; } # user + system seconds of PID
+
+# start_registry NAME: another docker-registry on loopback, its storage and config under
+# $W/NAME; sets RP (its port) and RPID.
+start_registry() {
+  RP=$($BIN/shipperd-dev free-port)
+  $BIN/shipperd-dev registry-config --port "$RP" --root "$PWD/$W/$1" >"$W/$1.yml"
+  docker-registry serve "$W/$1.yml" >"$W/$1.log" 2>&1 & PIDS+=($!)
+  RPID=$!
+  wait_port "$RP" docker-registry
 }
