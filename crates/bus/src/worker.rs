@@ -37,6 +37,16 @@ pub async fn settle(msg: &Message, outcome: Outcome) {
     }
 }
 
+/// The text a panic carried (its `&str` or `String` payload), for recording the failure
+/// of the work it cut short.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
 /// How many times this message has been delivered (1 on the first delivery).
 pub fn delivered(msg: &Message) -> i64 {
     msg.info().map(|i| i.delivered).unwrap_or(1)

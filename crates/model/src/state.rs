@@ -533,13 +533,27 @@ impl BundleSummary {
         }
     }
 
-    /// The suffix that keeps ids of re-sent messages and events of a later generation
-    /// distinct from the first one's (which JetStream may still hold for de-duplication).
+    /// The suffix that keeps ids of events of a later generation distinct from the
+    /// first one's (which JetStream may still hold for de-duplication).
     pub fn generation_suffix(&self) -> String {
-        match self.generation {
-            0 => String::new(),
-            g => format!(".g{g}"),
+        generation_suffix(self.generation)
+    }
+
+    /// The suffix of a message sent again: its generation's, and the re-drive's when a
+    /// sweep sends it again within the same generation.
+    pub fn resend_suffix(&self) -> String {
+        match self.redrives {
+            0 => self.generation_suffix(),
+            r => format!("{}.r{r}", self.generation_suffix()),
         }
+    }
+}
+
+/// `""` for generation 0, `".g<n>"` after: appended to ids of events and messages.
+pub fn generation_suffix(generation: u32) -> String {
+    match generation {
+        0 => String::new(),
+        g => format!(".g{g}"),
     }
 }
 

@@ -32,18 +32,9 @@ pub fn job(s: &BundleSummary, img: &ImageState) -> Job {
         plan_length: img.plan.len,
         generation: s.generation,
     };
-    let redrive = match s.redrives {
-        0 => String::new(),
-        r => format!(".r{r}"),
-    };
     Job {
         subject: PUBLISH_JOB_SUBJECT,
-        msg_id: format!(
-            "{}.publish.{}{}{redrive}",
-            s.id,
-            img.index,
-            s.generation_suffix()
-        ),
+        msg_id: format!("{}.publish.{}{}", s.id, img.index, s.resend_suffix()),
         body: encode(&body),
     }
 }

@@ -28,8 +28,6 @@ pub struct Finished {
     pub ended: bool,
 }
 
-const MAX_ROUNDS: usize = 64;
-
 /// Records `outcome` for image `index` of bundle `id`. `None` when there is nothing to
 /// record it in (the bundle or image is gone, or the bundle is not publishing).
 pub async fn finish_image(
@@ -54,7 +52,7 @@ async fn record(
     index: u32,
     outcome: Option<&Outcome>,
 ) -> Result<Option<Finished>> {
-    for round in 0..MAX_ROUNDS {
+    for round in 0..crate::store::MAX_CAS_ATTEMPTS {
         let Some((mut s, rev)) = store.get(id).await? else {
             return Ok(None);
         };
@@ -80,10 +78,7 @@ async fn record(
             (None, Some(outcome)) => match s.claim(index, outcome) {
                 Claimed::Counted { finished } => {
                     if !store.write(&mut s, rev).await? {
-                        tokio::time::sleep(std::time::Duration::from_millis(
-                            1 + (round as u64).min(20) * 3,
-                        ))
-                        .await;
+                        crate::store::backoff(round).await;
                         continue;
                     }
                     (outcome.clone(), true, finished)

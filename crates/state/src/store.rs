@@ -17,7 +17,7 @@ use shipperd_model::{BundleId, BundleSummary, ImagePhase, ImageState, now_rfc333
 /// Reads or writes of image keys in flight at once.
 const IMAGE_IO: usize = 64;
 /// How many compare-and-set races an update may lose before giving up.
-const MAX_CAS_ATTEMPTS: usize = 64;
+pub(crate) const MAX_CAS_ATTEMPTS: usize = 64;
 /// Image keys one page request may read (a filtered page stops there and says where
 /// to go on).
 const MAX_SCAN: u32 = 10_000;
@@ -312,7 +312,7 @@ impl StateStore {
 }
 
 /// After losing a compare-and-set race: wait a little (more each time), then re-read.
-async fn backoff(attempt: usize) {
+pub(crate) async fn backoff(attempt: usize) {
     let ms = 1 + (attempt as u64).min(20) * 5;
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }

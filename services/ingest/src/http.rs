@@ -74,17 +74,22 @@ fn bundle_id(s: &str) -> Result<BundleId> {
     BundleId::from_checksum(s).map_err(|_| Error::NotFound(s.to_string()))
 }
 
+/// The number `?key=` gives, or `default`.
+fn number(q: &HashMap<String, String>, key: &str, default: u32) -> Result<u32> {
+    match q.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| Error::BadRequest(format!("{key}={v:?}: expected a number"))),
+    }
+}
+
 /// `?offset=&limit=`.
 fn paging(q: &HashMap<String, String>) -> Result<(u32, u32)> {
-    let num = |k: &str, default: u32| -> Result<u32> {
-        match q.get(k) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| Error::BadRequest(format!("{k}={v:?}: expected a number"))),
-        }
-    };
-    Ok((num("offset", 0)?, num("limit", PAGE)?.clamp(1, MAX_PAGE)))
+    Ok((
+        number(q, "offset", 0)?,
+        number(q, "limit", PAGE)?.clamp(1, MAX_PAGE),
+    ))
 }
 
 async fn upload(
@@ -204,13 +209,7 @@ async fn show(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response> {
     let s = summary_of(&store, &id).await?;
-    let limit = match q.get("limit") {
-        None => PAGE,
-        Some(v) => v
-            .parse::<u32>()
-            .map_err(|_| Error::BadRequest(format!("limit={v:?}: expected a number")))?
-            .min(MAX_PAGE),
-    };
+    let limit = number(&q, "limit", PAGE)?.min(MAX_PAGE);
     let page = store.state().page(&s, None, 0, limit).await?;
     let mut doc = views::summary(&s);
     doc["images"] = page.images.iter().map(|i| views::image(&s, i)).collect();

@@ -108,8 +108,8 @@ impl Janitor {
         if !s.claims.is_empty() && stale(&s.updated_at, Duration::from_secs(30)) {
             finish::settle_claims(state, &s.id).await?;
         }
-        let stuck = |s: &BundleSummary| stale(&s.updated_at, self.settings.stale_after);
-        let long_stuck = |s: &BundleSummary| stale(&s.updated_at, self.settings.stale_after * 4);
+        let stuck = stale(&s.updated_at, self.settings.stale_after);
+        let long_stuck = stale(&s.updated_at, self.settings.stale_after * 4);
         match s.phase {
             Phase::Published | Phase::Failed => {
                 if !s.announced {
@@ -123,15 +123,15 @@ impl Janitor {
                     ops::expire(&self.store, &s.id).await?;
                 }
             }
-            Phase::Received | Phase::Unpacking if stuck(s) => {
+            Phase::Received | Phase::Unpacking if stuck => {
                 let busy = backlog.unpack(&self.store).await? > 0;
-                if !busy || long_stuck(s) {
+                if !busy || long_stuck {
                     self.redrive_unpack(&s.id).await?;
                 }
             }
-            Phase::Publishing if stuck(s) => {
+            Phase::Publishing if stuck => {
                 let busy = backlog.publish(&self.store).await? > 0;
-                if !busy || long_stuck(s) {
+                if !busy || long_stuck {
                     self.redrive_publish(&s.id).await?;
                 }
             }

@@ -523,14 +523,10 @@ impl Store {
             size: s.size,
             path: s.path.clone(),
         };
-        let redrive = match s.redrives {
-            0 => String::new(),
-            r => format!(".r{r}"),
-        };
         let id = format!(
-            "{}{}{redrive}",
+            "{}{}",
             event_id(EventKind::BundleReceived, &s.id, None),
-            s.generation_suffix()
+            s.resend_suffix()
         );
         self.bus
             .publish_event(EventKind::BundleReceived, &id, &s.id, encode(&body))

@@ -266,7 +266,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         let result = match work.await {
             Ok(r) => r,
             Err(panic) => {
-                let e = Error::Internal(panic_text(&*panic));
+                let e = Error::Internal(worker::panic_message(&*panic));
                 tracing::error!(error = %e, "publishing an image panicked");
                 record(
                     ctx,
@@ -288,14 +288,6 @@ async fn handle(ctx: &Ctx, msg: Message) {
     .instrument(span)
     .await;
     worker::settle(&msg, outcome).await;
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
 }
 
 async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
@@ -461,11 +453,11 @@ async fn announce_image(
             (EventKind::ImageFailed, encode(&body))
         }
     };
-    let suffix = match img.generation {
-        0 => String::new(),
-        g => format!(".g{g}"),
-    };
-    let id = format!("{}{suffix}", event_id(kind, &s.id, Some(img.index)));
+    let id = format!(
+        "{}{}",
+        event_id(kind, &s.id, Some(img.index)),
+        shipperd_model::state::generation_suffix(img.generation)
+    );
     ctx.bus.publish_event(kind, &id, &s.id, body).await?;
     Ok(())
 }
@@ -512,13 +504,17 @@ async fn push_image(
     // Day-2: a bundle set this tag to this digest before, and the registry still has
     // it. One request, and done. (A tag nothing of ours ever set costs no request: the
     // image is pushed, and blobs the repository has are found on the way.)
-    if let Some(tag) = img.target.tag.as_deref()
-        && ctx.tags.set_before(reg, &repo, tag, &img.digest).await
+    let tag = match img.target.tag.as_deref() {
+        Some(t) => Some((t, ctx.tags.read(reg, &repo, t).await)),
+        None => None,
+    };
+    if let Some((t, held)) = &tag
+        && held.set_before(&img.digest)
     {
         let now = reg
-            .tag_digest(&repo, tag)
+            .tag_digest(&repo, t)
             .await
-            .map_err(Error::registry(format!("checking {repo}:{tag}")))?;
+            .map_err(Error::registry(format!("checking {repo}:{t}")))?;
         if now.as_ref() == Some(&img.digest) {
             push_referrers(reg, &repo, plan).await?;
             progress.add(total);
@@ -565,14 +561,17 @@ async fn push_image(
     }
     // The top manifest last, straight under its tag (which stores it by digest too), unless
     // a bundle received after this one holds the tag now.
-    let reference = match img.target.tag.as_deref() {
-        Some(tag) if ctx.tags.may_move(reg, &repo, tag, s, &img.digest).await => tag.to_string(),
-        Some(tag) => {
-            tracing::info!(
-                tag,
-                "a bundle received later holds this tag; pushed by digest only"
-            );
-            top.desc.digest.to_string()
+    let reference = match tag {
+        Some((t, held)) => {
+            if ctx.tags.may_move(held, s, &img.digest).await {
+                t.to_string()
+            } else {
+                tracing::info!(
+                    tag = t,
+                    "a bundle received later holds this tag; pushed by digest only"
+                );
+                top.desc.digest.to_string()
+            }
         }
         None => top.desc.digest.to_string(),
     };

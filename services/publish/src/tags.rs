@@ -29,40 +29,59 @@ pub(crate) struct Tags {
 
 const MAX_ROUNDS: usize = 16;
 
+/// A tag's holder as last read: `None` when nothing holds it, `Err` when the holders
+/// cannot be read.
+type Read = Result<Option<kv::Entry>, ()>;
+
+/// One tag of one registry, and its holder as read when its image began.
+pub(crate) struct Tag {
+    key: String,
+    read: Read,
+}
+
+impl Tag {
+    /// Did a bundle point this tag at `digest` before (so the registry may have it
+    /// already, worth one request to find out)? `false` when nothing says so, or the
+    /// holders cannot be read.
+    pub(crate) fn set_before(&self, digest: &Digest) -> bool {
+        match &self.read {
+            Ok(Some(e)) => {
+                serde_json::from_slice::<Holder>(&e.value).is_ok_and(|h| h.digest == *digest)
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Tags {
     pub(crate) fn new(kv: kv::Store) -> Self {
         Tags { kv }
     }
 
-    /// Did a bundle point `repo:tag` at `digest` before (so the registry may have it
-    /// already, worth one request to find out)? `false` when nothing says so, or the
-    /// holders cannot be read.
-    pub(crate) async fn set_before(
-        &self,
-        reg: &Registry,
-        repo: &str,
-        tag: &str,
-        digest: &Digest,
-    ) -> bool {
-        match self.kv.get(tag_key(reg.host(), repo, tag)).await {
-            Ok(Some(v)) => serde_json::from_slice::<Holder>(&v).is_ok_and(|h| h.digest == *digest),
-            _ => false,
+    async fn entry(&self, key: &str) -> Read {
+        match self.kv.entry(key).await {
+            Ok(e) => Ok(e.filter(|e| e.operation == Operation::Put)),
+            Err(error) => {
+                tracing::debug!(%error, "tag holders unavailable");
+                Err(())
+            }
         }
     }
 
-    /// May bundle `s` point `repo:tag` at `digest`? Claims the tag when so.
-    pub(crate) async fn may_move(
-        &self,
-        reg: &Registry,
-        repo: &str,
-        tag: &str,
-        s: &BundleSummary,
-        digest: &Digest,
-    ) -> bool {
+    /// `repo:tag` at `reg`, with its holder.
+    pub(crate) async fn read(&self, reg: &Registry, repo: &str, tag: &str) -> Tag {
+        let key = tag_key(reg.host(), repo, tag);
+        let read = self.entry(&key).await;
+        Tag { key, read }
+    }
+
+    /// May bundle `s` point `tag` at `digest`? Claims the tag when so (starting from the
+    /// holder `tag` was read with; reading again only when another writer came first).
+    pub(crate) async fn may_move(&self, tag: Tag, s: &BundleSummary, digest: &Digest) -> bool {
         let Some(order) = s.order else {
             return true;
         };
-        let key = tag_key(reg.host(), repo, tag);
+        let Tag { key, mut read } = tag;
         let mine = Holder {
             order,
             bundle: s.id.clone(),
@@ -72,17 +91,17 @@ impl Tags {
             .expect("a holder serialises")
             .into();
         for _ in 0..MAX_ROUNDS {
-            let entry = match self.kv.entry(&key).await {
-                Ok(e) => e.filter(|e| e.operation == Operation::Put),
-                Err(error) => {
-                    tracing::debug!(%error, "tag holders unavailable; tagging regardless");
-                    return true;
-                }
+            let Ok(entry) = read else {
+                // Publishing does not stop on a bookkeeping failure.
+                return true;
             };
             let written = match entry {
                 None => match self.kv.create(&key, value.clone()).await {
                     Ok(_) => return true,
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                        read = self.entry(&key).await;
+                        continue;
+                    }
                     Err(_) => return true,
                 },
                 Some(e) => {
@@ -91,7 +110,7 @@ impl Tags {
                         Some(h) if h == mine => return true,
                         Some(h) if h.order > order && h.digest != *digest => {
                             tracing::info!(
-                                repo, tag, holder = %h.bundle,
+                                holder = %h.bundle,
                                 "the tag belongs to a bundle received later; not moving it"
                             );
                             return false;
@@ -102,7 +121,9 @@ impl Tags {
             };
             match written {
                 Ok(_) => return true,
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                    read = self.entry(&key).await;
+                }
                 Err(_) => return true,
             }
         }

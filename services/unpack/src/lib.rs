@@ -158,7 +158,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
             Err(panic) => {
                 let error = format!(
                     "internal error while unpacking (a bug; please report it): {}",
-                    panic_message(&*panic)
+                    worker::panic_message(&*panic)
                 );
                 tracing::error!(%error, "unpack panicked");
                 fail(ctx, &id, error, Outcome::Term).await
@@ -168,15 +168,6 @@ async fn handle(ctx: &Ctx, msg: Message) {
     .instrument(span)
     .await;
     worker::settle(&msg, outcome).await;
-}
-
-/// The text of a panic's payload.
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
 }
 
 async fn unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Outcome {
@@ -272,7 +263,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Result<Outcome> 
             let error = format!(
                 "internal error while reading the bundle (a bug; please report it): {}",
                 join.try_into_panic()
-                    .map(|p| panic_message(&*p))
+                    .map(|p| worker::panic_message(&*p))
                     .unwrap_or_else(|_| "the reader was cancelled".into())
             );
             tracing::error!(%error, "bundle reader panicked");

@@ -155,7 +155,14 @@ impl Registry {
         location: Option<String>,
     ) -> Result<u64, RegistryError> {
         if desc.size <= SMALL_BLOB {
-            return self.small(repo, desc, bundle, progress, location).await;
+            let upload = Upload {
+                reg: self,
+                repo,
+                desc,
+                progress,
+                source: Source::memory(bundle, desc.clone()).await?,
+            };
+            return upload.monolithic(location).await;
         }
         let _permit = self
             .uploads
@@ -175,60 +182,6 @@ impl Registry {
             upload.chunked(location).await
         } else {
             upload.monolithic(location).await
-        }
-    }
-
-    /// A small blob: read whole and checked first, then one `PUT` (in a new session
-    /// after a failure).
-    async fn small(
-        &self,
-        repo: &str,
-        desc: &Descriptor,
-        bundle: Arc<dyn BlobSource>,
-        progress: &Progress,
-        mut location: Option<String>,
-    ) -> Result<u64, RegistryError> {
-        let d = desc.clone();
-        let bytes = tokio::task::spawn_blocking(move || read_whole(bundle.as_ref(), &d))
-            .await
-            .map_err(|e| RegistryError::Internal(format!("reading a blob: {e}")))??;
-        let t = self.transfer();
-        let mut attempt = 0;
-        loop {
-            let loc = match location.take() {
-                Some(l) => l,
-                None => self.start_upload(repo).await?,
-            };
-            let body = bytes.clone();
-            let build = move |b: reqwest::RequestBuilder| {
-                b.header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .body(body.clone())
-            };
-            let call = Call {
-                method: Method::PUT,
-                url: with_query(&loc, &format!("digest={}", desc.digest)),
-                repo,
-                from: None,
-                build: &build,
-                ok: &[201],
-                once: false,
-            };
-            match self.send_once(&call, &Moved::default()).await {
-                Ok(_) => {
-                    progress.add(desc.size);
-                    return Ok(desc.size);
-                }
-                Err(e)
-                    if (e.is_retryable() || matches!(e, RegistryError::Relogin))
-                        && attempt + 1 < t.retries =>
-                {
-                    let delay = self.backoff(attempt, e.retry_after());
-                    tracing::debug!(error = %e, ?delay, "small blob upload failed; again");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
         }
     }
 
@@ -593,10 +546,13 @@ impl Upload<'_> {
     }
 }
 
-/// Reads one blob from the bundle on a blocking thread, hashing every byte in order.
-/// Reading from an offset reads (and hashes) the bytes before it without sending them.
-struct Source {
-    tx: tokio::sync::mpsc::Sender<Cmd>,
+/// Where an upload's bytes come from: a blocking thread reading the blob from the
+/// bundle and hashing every byte in order (reading from an offset reads and hashes the
+/// bytes before it without sending them), or, for a small blob, its bytes read whole
+/// and checked beforehand.
+enum Source {
+    Stream(tokio::sync::mpsc::Sender<Cmd>),
+    Memory(Bytes),
 }
 
 enum Cmd {
@@ -614,7 +570,15 @@ impl Source {
     fn new(bundle: Arc<dyn BlobSource>, desc: Descriptor) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::task::spawn_blocking(move || reader_loop(bundle, desc, rx));
-        Source { tx }
+        Source::Stream(tx)
+    }
+
+    /// A small blob, read and checked now.
+    async fn memory(bundle: Arc<dyn BlobSource>, desc: Descriptor) -> Result<Self, RegistryError> {
+        let bytes = tokio::task::spawn_blocking(move || read_whole(bundle.as_ref(), &desc))
+            .await
+            .map_err(|e| RegistryError::Internal(format!("reading a blob: {e}")))??;
+        Ok(Source::Memory(bytes))
     }
 
     /// A request body of bytes `[offset, offset + len)`.
@@ -625,14 +589,23 @@ impl Source {
         moved: Moved,
         progress: Progress,
     ) -> Result<reqwest::Body, RegistryError> {
-        let (out, rx) = tokio::sync::mpsc::channel(4);
-        self.tx
-            .send(Cmd::Read { offset, len, out })
-            .await
-            .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?;
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
+        use futures::StreamExt as _;
+        let stream: futures::stream::BoxStream<'static, std::io::Result<Bytes>> = match self {
+            Source::Memory(bytes) => {
+                let part = bytes.slice(offset as usize..(offset + len) as usize);
+                futures::stream::once(async move { Ok(part) }).boxed()
+            }
+            Source::Stream(tx) => {
+                let (out, rx) = tokio::sync::mpsc::channel(4);
+                tx.send(Cmd::Read { offset, len, out })
+                    .await
+                    .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?;
+                futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                })
+                .boxed()
+            }
+        };
         let stream = futures::StreamExt::inspect(stream, move |item| {
             if let Ok(b) = item {
                 moved.add(b.len() as u64);
@@ -644,9 +617,11 @@ impl Source {
 
     /// Every byte has been read: does the blob hash to its digest?
     async fn verify(&self) -> Result<(), RegistryError> {
+        let Source::Stream(tx) = self else {
+            return Ok(()); // checked when read
+        };
         let (done, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Cmd::Verify { done })
+        tx.send(Cmd::Verify { done })
             .await
             .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?;
         rx.await
@@ -738,7 +713,12 @@ fn reader_loop(
                         Ok(())
                     },
                 ))
-                .unwrap_or_else(|p| Err(BodyError::Panicked(panic_text(&*p))));
+                .unwrap_or_else(|p| {
+                    Err(BodyError::Panicked(format!(
+                        "the blob reader panicked: {}",
+                        shipperd_bus::worker::panic_message(&*p)
+                    )))
+                });
                 if let Err(e) = result {
                     // The body ends in an error: the request is abandoned, not completed.
                     reader = None;
@@ -763,7 +743,12 @@ fn reader_loop(
                         check(&hasher)
                     },
                 ))
-                .unwrap_or_else(|p| Err(BodyError::Panicked(panic_text(&*p))));
+                .unwrap_or_else(|p| {
+                    Err(BodyError::Panicked(format!(
+                        "the blob reader panicked: {}",
+                        shipperd_bus::worker::panic_message(&*p)
+                    )))
+                });
                 let _ = done.send(r.map_err(|e| match e {
                     BodyError::Changed(m) => RegistryError::Changed(m),
                     BodyError::Unreadable(m) => RegistryError::Read(m),
@@ -800,14 +785,4 @@ fn read_whole(bundle: &dyn BlobSource, desc: &Descriptor) -> Result<Bytes, Regis
         )));
     }
     Ok(Bytes::from(buf))
-}
-
-/// The text of a panic's payload.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    let what = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into());
-    format!("the blob reader panicked: {what}")
 }
