@@ -52,6 +52,7 @@ async fn bundle(store: &StateStore, salt: &str, n: u32) -> anyhow::Result<Bundle
             attempts: 0,
             generation: 0,
             plan: PlanRef::default(),
+            blobs: Default::default(),
         })
         .collect();
     store.put_pending_images(&id, &images).await?;
@@ -60,7 +61,7 @@ async fn bundle(store: &StateStore, salt: &str, n: u32) -> anyhow::Result<Bundle
 
 fn outcome(i: u32) -> Outcome {
     if i.is_multiple_of(2) {
-        Outcome::published(10, i.is_multiple_of(4))
+        Outcome::published(10, i.is_multiple_of(4), Default::default())
     } else {
         Outcome::failed(format!("image {i}: refused"), "refused".into())
     }
@@ -133,7 +134,7 @@ async fn a_claim_left_by_a_crash_is_finished_by_whoever_comes_next() -> anyhow::
     let (_nats, store) = store().await?;
     let id = bundle(&store, "crash", 2).await?;
     // A worker counted image 0 and died before writing it to the image.
-    let ok = Outcome::published(10, false);
+    let ok = Outcome::published(10, false, Default::default());
     store
         .update(&id, |s| Some(s.claim(0, &ok)))
         .await?
@@ -159,7 +160,8 @@ async fn a_claim_left_by_a_crash_is_finished_by_whoever_comes_next() -> anyhow::
         .expect("claimed");
     assert_eq!(finish::settle_claims(&store, &id).await?, 1);
     let s = store.summary(&id).await?.unwrap();
-    assert_eq!(s.phase, Phase::Published);
+    // Every image is in the registry: its tags are set next.
+    assert_eq!(s.phase, Phase::Tagging);
     assert!(s.claims.is_empty());
     assert_eq!(
         store.image(&id, 1).await?.unwrap().0.phase,

@@ -22,6 +22,8 @@ pub enum Location {
     Range { offset: u64 },
     /// A blob of the content-addressed store.
     Cas { hex: String },
+    /// Not in the bundle (a differential bundle): the target registry must have it.
+    Absent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,14 +92,7 @@ pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result
     }
     for root in &tree_roots {
         found.roots.push(format!("registry:{root}"));
-        tree_images(
-            fs,
-            &files,
-            root,
-            &found.blob_paths,
-            &mut names,
-            &mut found.unnamed,
-        )?;
+        tree_images(fs, &files, root, &mut names, &mut found.unnamed)?;
     }
     if names.len() > limits.max_images {
         return Err(Error::Hostile(format!(
@@ -160,7 +153,6 @@ fn tree_images(
     fs: &dyn BundleFs,
     files: &[&str],
     root: &str,
-    blob_paths: &HashMap<Digest, String>,
     names: &mut BTreeMap<String, LayoutImage>,
     unnamed: &mut Vec<(Option<String>, Descriptor)>,
 ) -> Result<()> {
@@ -181,7 +173,7 @@ fn tree_images(
         if tag.is_none() && revision.is_none() {
             continue;
         }
-        let digest = read_link(fs, f, blob_paths)?;
+        let digest = read_link(fs, f)?;
         let desc = Descriptor::new("", digest.clone(), 0);
         if let Some(tag) = tag {
             let source = Reference::parse(&format!("{repo}:{tag}"))
@@ -204,28 +196,18 @@ fn tree_images(
     Ok(())
 }
 
-/// Reads a link file: one sha256 digest, of a blob the bundle holds.
-fn read_link(
-    fs: &dyn BundleFs,
-    path: &str,
-    blob_paths: &HashMap<Digest, String>,
-) -> Result<Digest> {
+/// Reads a link file: one sha256 digest. The blob it names may be absent from the
+/// bundle (a differential bundle leaves out what an earlier one carried): the walk plans
+/// it as absent, and publish finds it in the registry or fails the image naming it.
+fn read_link(fs: &dyn BundleFs, path: &str) -> Result<Digest> {
     let raw = fs.read_small(path, MAX_LINK_BYTES)?;
     let text = String::from_utf8_lossy(&raw);
-    let digest = Digest::parse(text.trim()).map_err(|_| {
+    Digest::parse(text.trim()).map_err(|_| {
         Error::Hostile(format!(
             "link file {path} holds {:?}, not a sha256 digest",
             text.chars().take(100).collect::<String>()
         ))
-    })?;
-    if !blob_paths.contains_key(&digest) {
-        return Err(Error::Hostile(format!(
-            "link file {path} points at {digest}, which is not in the bundle (no blobs/sha256/{}/{}/data)",
-            &digest.hex()[..2],
-            digest.hex()
-        )));
-    }
-    Ok(digest)
+    })
 }
 
 /// The source reference an `index.json` entry names, if any.

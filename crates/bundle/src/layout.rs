@@ -1,7 +1,9 @@
 //! Digests, descriptors, and the walk from an image's top manifest to everything it
 //! needs: manifests (children first), blobs, and the referrers (signatures, SBOMs,
-//! attestations) attached to any of its manifests. Every manifest is checked for size,
-//! digest and shape as it is read; [`Walker::verify_blob`] checks a blob's bytes.
+//! attestations) attached to any of its manifests. Every manifest the bundle carries is
+//! checked for size, digest and shape as it is read. A manifest the bundle does not
+//! carry (a differential, Day-2 bundle) is planned as absent: the target registry must
+//! have it. Blobs' bytes are checked as publish sends them (and by the registry).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -117,8 +119,9 @@ pub struct ImagePlan {
     /// referrers.
     pub blobs: Vec<Descriptor>,
     /// The image's manifests with their exact bytes, children before the index that lists
-    /// them; the last one is the image's own top manifest (or index).
-    pub manifests: Vec<(Descriptor, Vec<u8>)>,
+    /// them; the last one is the image's own top manifest (or index). `None`: the
+    /// bundle does not carry it (nor, then, what it lists).
+    pub manifests: Vec<(Descriptor, Option<Vec<u8>>)>,
     /// Referrers (with their own children first), pushed by digest after the image:
     /// (the subject digest, for the referrer itself; `None` for its children), the
     /// descriptor, the bytes.
@@ -159,15 +162,11 @@ impl<'a> Walker<'a> {
     }
 
     /// Reads a manifest blob, checking its size (when the descriptor gives one) and
-    /// digest. Returns the bytes.
-    pub fn manifest_bytes(&self, image: &str, desc: &Descriptor) -> Result<Vec<u8>> {
+    /// digest. Returns the bytes, or `None` when the bundle does not carry it.
+    pub fn manifest_bytes(&self, image: &str, desc: &Descriptor) -> Result<Option<Vec<u8>>> {
         let digest = &desc.digest;
         let Some((reader, len)) = self.blobs.blob(digest)? else {
-            return Err(blob_err(
-                image,
-                digest,
-                "manifest is missing from the bundle",
-            ));
+            return Ok(None);
         };
         let limit = self.limits.max_manifest_bytes;
         if len > limit {
@@ -201,12 +200,12 @@ impl<'a> Walker<'a> {
                 format!("manifest content hashes to {actual}"),
             ));
         }
-        Ok(bytes)
+        Ok(Some(bytes))
     }
 
     /// Walks an image from its top descriptor: every manifest (children first), every
     /// blob it needs, and the referrers `referrers(digest)` names for any manifest.
-    /// Checks manifest digests; blobs are checked by [`Self::verify_blob`].
+    /// Checks manifest digests; a manifest the bundle lacks is planned as absent.
     pub fn plan(
         &self,
         image: &str,
@@ -249,8 +248,11 @@ impl<'a> Walker<'a> {
                     for (i, (d, b)) in found.into_iter().enumerate() {
                         seen.insert(d.digest.clone());
                         next.push(d.digest.clone());
-                        plan.referrers
-                            .push(((i == last).then(|| subject.clone()), d, b));
+                        // Referrers are found among the bundle's manifests: present.
+                        if let Some(b) = b {
+                            plan.referrers
+                                .push(((i == last).then(|| subject.clone()), d, b));
+                        }
                     }
                 }
             }
@@ -267,7 +269,7 @@ impl<'a> Walker<'a> {
         image: &str,
         desc: &Descriptor,
         depth: usize,
-        manifests: &mut Vec<(Descriptor, Vec<u8>)>,
+        manifests: &mut Vec<(Descriptor, Option<Vec<u8>>)>,
         blobs: &mut Vec<Descriptor>,
         seen_blobs: &mut HashSet<Digest>,
     ) -> Result<()> {
@@ -277,7 +279,12 @@ impl<'a> Walker<'a> {
                 problem: format!("indexes nest deeper than {MAX_NESTING} levels"),
             });
         }
-        let bytes = self.manifest_bytes(image, desc)?;
+        let Some(bytes) = self.manifest_bytes(image, desc)? else {
+            // Not carried (a differential bundle): the registry must have it, and so
+            // everything it lists.
+            manifests.push((desc.clone(), None));
+            return Ok(());
+        };
         let doc = ManifestDoc::parse(
             &format!("manifest {} of image {image}", desc.digest),
             &bytes,
@@ -317,8 +324,28 @@ impl<'a> Walker<'a> {
         if desc.annotations.is_empty() {
             desc.annotations = doc.annotations.clone();
         }
-        manifests.push((desc, bytes));
+        manifests.push((desc, Some(bytes)));
         Ok(())
+    }
+
+    /// Is the blob in the bundle (`false`: absent, a differential bundle), and of the
+    /// size its manifest states? Reads none of its bytes: they are hashed as publish
+    /// sends them.
+    pub fn blob_present(&self, image: &str, blob: &Descriptor) -> Result<bool> {
+        let Some((_, len)) = self.blobs.blob(&blob.digest)? else {
+            return Ok(false);
+        };
+        if len != blob.size {
+            return Err(blob_err(
+                image,
+                &blob.digest,
+                format!(
+                    "is {len} bytes in the bundle, the manifest says {}",
+                    blob.size
+                ),
+            ));
+        }
+        Ok(true)
     }
 
     /// Streams one blob, checking that it is present, of the stated size, and hashes to

@@ -39,8 +39,13 @@ pub struct PlannedBlob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlannedManifest {
     pub desc: Descriptor,
+    /// Its exact bytes; empty when `absent`.
     #[serde(with = "b64")]
     pub bytes: Vec<u8>,
+    /// The bundle does not carry it (a differential bundle): the target registry must
+    /// have it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub absent: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,7 +94,11 @@ impl StoredPlan {
             manifests: plan
                 .manifests
                 .into_iter()
-                .map(|(desc, bytes)| PlannedManifest { desc, bytes })
+                .map(|(desc, bytes)| PlannedManifest {
+                    desc,
+                    absent: bytes.is_none(),
+                    bytes: bytes.unwrap_or_default(),
+                })
                 .collect(),
             referrers: plan
                 .referrers
@@ -106,6 +115,15 @@ impl StoredPlan {
     /// The image's own top manifest (or index).
     pub fn top(&self) -> Option<&PlannedManifest> {
         self.manifests.last()
+    }
+
+    /// Blobs and manifests the bundle does not carry (the registry must have them).
+    pub fn absent(&self) -> usize {
+        self.blobs
+            .iter()
+            .filter(|b| b.at == Location::Absent)
+            .count()
+            + self.manifests.iter().filter(|m| m.absent).count()
     }
 
     /// Bytes of everything the image needs: blobs, manifests and referrers.
@@ -219,7 +237,11 @@ impl PlanBlobs {
 
 impl BlobSource for PlanBlobs {
     fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn std::io::Read + '_>, u64)>> {
-        let Some(b) = self.blobs.iter().find(|b| &b.desc.digest == digest) else {
+        let Some(b) = self
+            .blobs
+            .iter()
+            .find(|b| &b.desc.digest == digest && b.at != Location::Absent)
+        else {
             return Ok(None);
         };
         let reader = self.store.read(&b.at, b.desc.size, digest.hex())?;
@@ -249,6 +271,7 @@ mod tests {
                 manifests: vec![PlannedManifest {
                     desc: Descriptor::new("m", Digest::of(&bytes), bytes.len() as u64),
                     bytes,
+                    absent: false,
                 }],
                 referrers: vec![],
             };

@@ -20,7 +20,9 @@ pub use error::ParseError;
 pub use id::{BundleId, TargetName};
 pub use reference::{Reference, RegistryUrl};
 pub use secret::Secret;
-pub use state::{BundleSummary, Counts, ImagePhase, ImageState, Outcome, Phase, PlanRef};
+pub use state::{
+    BlobCounts, BundleSummary, Counts, ImagePhase, ImageState, Outcome, Phase, PlanRef,
+};
 
 /// Current time as RFC 3339 (UTC, microseconds): the timestamps of records and events.
 pub fn now_rfc3339() -> String {

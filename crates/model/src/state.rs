@@ -5,10 +5,15 @@
 //! an image or reporting its progress costs the same whatever the bundle's size.
 //!
 //! ```text
-//!   Received ──► Unpacking ──► Publishing ──► Published
-//!       │            │              │
-//!       └────────────┴──────────────┴───────► Failed ──(retry)──► Publishing / Received
+//!   Received ──► Unpacking ──► Publishing ──► Tagging ──► Published
+//!       │            │              │             │
+//!       └────────────┴──────────────┴─────────────┴──► Failed ──(retry)──► Publishing / Tagging / Received
 //! ```
+//!
+//! Publishing pushes every image's content by digest; only when every image of the
+//! bundle has succeeded does the bundle move to `Tagging`, where its tags are set (the
+//! bundle-level commit). A bundle with any failed image (a corrupt blob, a missing one)
+//! tags nothing.
 //!
 //! The counts in the summary are exact although image outcomes arrive at least once
 //! (redelivered jobs, replicas racing): an outcome is first *claimed* in the summary
@@ -32,6 +37,8 @@ pub enum Phase {
     Received,
     Unpacking,
     Publishing,
+    /// Every image's content is in the registry; its tags are being set.
+    Tagging,
     Published,
     Failed,
 }
@@ -113,14 +120,50 @@ pub struct Outcome {
     /// Pushes it took (0 when not known).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
+    /// Where its blobs came from.
+    #[serde(default, skip_serializing_if = "BlobCounts::is_empty")]
+    pub blobs: BlobCounts,
+}
+
+/// Where an image's (or a bundle's images') blobs came from: uploaded from the bundle,
+/// mounted from another repository of the registry, or already in the repository.
+/// Counted per image (a layer two images share counts for each).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobCounts {
+    #[serde(default)]
+    pub uploaded: u64,
+    #[serde(default)]
+    pub mounted: u64,
+    #[serde(default)]
+    pub present: u64,
+    /// Bytes uploaded.
+    #[serde(default)]
+    pub uploaded_bytes: u64,
+}
+
+impl BlobCounts {
+    pub fn is_empty(&self) -> bool {
+        *self == BlobCounts::default()
+    }
+
+    fn add(&mut self, o: &BlobCounts) {
+        self.uploaded += o.uploaded;
+        self.mounted += o.mounted;
+        self.present += o.present;
+        self.uploaded_bytes += o.uploaded_bytes;
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_zero64(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Outcome {
-    pub fn published(bytes: u64, skipped: bool) -> Self {
+    pub fn published(bytes: u64, skipped: bool, blobs: BlobCounts) -> Self {
         Outcome {
             phase: ImagePhase::Published,
             skipped,
@@ -128,6 +171,7 @@ impl Outcome {
             error: None,
             cause: None,
             attempts: 0,
+            blobs,
         }
     }
 
@@ -139,6 +183,7 @@ impl Outcome {
             error: Some(error),
             cause: Some(cause),
             attempts: 0,
+            blobs: BlobCounts::default(),
         }
     }
 }
@@ -192,6 +237,9 @@ pub struct ImageState {
     pub generation: u32,
     /// Where its plan is.
     pub plan: PlanRef,
+    /// Where its blobs came from (once published).
+    #[serde(default, skip_serializing_if = "BlobCounts::is_empty")]
+    pub blobs: BlobCounts,
 }
 
 impl ImageState {
@@ -221,6 +269,7 @@ impl ImageState {
         self.skipped = outcome.skipped;
         self.error = outcome.error.clone();
         self.generation = generation;
+        self.blobs = outcome.blobs;
         if outcome.phase == ImagePhase::Published {
             self.bytes_done = self.bytes_total;
         }
@@ -234,6 +283,9 @@ pub struct Unpacked {
     pub images: u32,
     pub blobs: u64,
     pub blob_bytes: u64,
+    /// Of `blobs`, those the bundle does not carry (a differential bundle): the
+    /// registry must have them already.
+    pub absent: u64,
     /// Sum of the images' bytes (shared blobs counted per image).
     pub bytes_total: u64,
     /// The target the images were mapped for (the default one resolved to its name).
@@ -258,6 +310,8 @@ pub enum Retry {
     Unpack,
     /// Publish the images that are not published, in the new generation.
     Publish,
+    /// Every image is in the registry; set the tags again.
+    Tag,
 }
 
 /// A bundle: small and of fixed size whatever its image count.
@@ -284,6 +338,15 @@ pub struct BundleSummary {
     pub blobs: u64,
     #[serde(default)]
     pub blob_bytes: u64,
+    /// Of `blobs`, those the bundle does not carry (the registry had them already).
+    #[serde(default, skip_serializing_if = "is_zero64")]
+    pub blobs_absent: u64,
+    /// Where the published images' blobs came from (summed over images).
+    #[serde(default, skip_serializing_if = "BlobCounts::is_empty")]
+    pub blob_sources: BlobCounts,
+    /// While `Tagging`: images below this index are tagged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tag_cursor: u32,
     /// Bytes of every image (shared blobs counted per image), and of the finished ones.
     #[serde(default)]
     pub bytes_total: u64,
@@ -345,6 +408,9 @@ impl BundleSummary {
             counts: Counts::default(),
             blobs: 0,
             blob_bytes: 0,
+            blobs_absent: 0,
+            blob_sources: BlobCounts::default(),
+            tag_cursor: 0,
             bytes_total: 0,
             bytes_done: 0,
             received_at: now.clone(),
@@ -387,6 +453,7 @@ impl BundleSummary {
         };
         self.blobs = u.blobs;
         self.blob_bytes = u.blob_bytes;
+        self.blobs_absent = u.absent;
         self.bytes_total = u.bytes_total;
         self.bytes_done = 0;
         if u.target.is_some() {
@@ -422,6 +489,7 @@ impl BundleSummary {
             ImagePhase::Published => {
                 self.counts.published += 1;
                 self.counts.skipped += u32::from(outcome.skipped);
+                self.blob_sources.add(&outcome.blobs);
                 self.bytes_done = (self.bytes_done + outcome.bytes).min(self.bytes_total);
             }
             ImagePhase::Failed => {
@@ -466,20 +534,50 @@ impl BundleSummary {
         self.causes.sort_by_key(|c| std::cmp::Reverse(c.images));
     }
 
-    /// Moves a publishing bundle whose images have all ended to its terminal phase;
-    /// whether it did.
+    /// Moves a publishing bundle whose images have all ended on: to `Tagging` when every
+    /// one is in the registry (straight to `Published` when no tag needs setting), else
+    /// to `Failed`, tagging nothing. Whether it moved.
     fn check_done(&mut self) -> bool {
         if self.phase != Phase::Publishing || self.counts.pending() > 0 {
             return false;
         }
-        self.finished_at = Some(now_rfc3339());
         if self.counts.failed == 0 {
-            self.phase = Phase::Published;
             self.error = None;
+            self.tag_cursor = 0;
+            if self.counts.published == self.counts.skipped {
+                self.phase = Phase::Published;
+                self.finished_at = Some(now_rfc3339());
+            } else {
+                self.phase = Phase::Tagging;
+            }
         } else {
             self.phase = Phase::Failed;
+            self.finished_at = Some(now_rfc3339());
             self.error = Some(self.failure_text());
         }
+        true
+    }
+
+    /// Notes that images below `cursor` are tagged (a resumed commit starts there).
+    pub fn tagged_through(&mut self, cursor: u32, generation: u32) -> bool {
+        if self.phase != Phase::Tagging
+            || self.generation != generation
+            || cursor <= self.tag_cursor
+        {
+            return false;
+        }
+        self.tag_cursor = cursor;
+        true
+    }
+
+    /// Every tag is set: `Tagging` → `Published`.
+    pub fn tagged(&mut self, generation: u32) -> bool {
+        if self.phase != Phase::Tagging || self.generation != generation || self.deleting {
+            return false;
+        }
+        self.phase = Phase::Published;
+        self.tag_cursor = self.counts.total;
+        self.finished_at = Some(now_rfc3339());
         true
     }
 
@@ -518,6 +616,12 @@ impl BundleSummary {
         if self.unpacked_at.is_none() {
             self.phase = Phase::Received;
             return Some(Retry::Unpack);
+        }
+        if self.counts.failed == 0 && self.counts.pending() == 0 {
+            // Every image is in the registry; setting the tags failed.
+            self.phase = Phase::Tagging;
+            self.tag_cursor = 0;
+            return Some(Retry::Tag);
         }
         self.phase = Phase::Publishing;
         self.counts.failed = 0;
@@ -575,7 +679,16 @@ mod tests {
     }
 
     fn ok() -> Outcome {
-        Outcome::published(10, false)
+        Outcome::published(10, false, BlobCounts::default())
+    }
+
+    /// Moves a bundle whose images are all in the registry through tagging.
+    fn commit(s: &mut BundleSummary) {
+        assert_eq!(s.phase, Phase::Tagging);
+        assert!(s.tagged_through(1, s.generation));
+        assert!(!s.tagged_through(1, s.generation));
+        assert!(s.tagged(s.generation));
+        assert!(!s.tagged(s.generation));
     }
 
     fn refused() -> Outcome {
@@ -591,11 +704,50 @@ mod tests {
         assert_eq!(s.claim(0, &ok()), Claimed::Counted { finished: false });
         assert_eq!(s.phase, Phase::Publishing);
         assert_eq!(s.claim(1, &ok()), Claimed::Counted { finished: true });
-        assert_eq!(s.phase, Phase::Published);
         assert_eq!(s.bytes_done, 20);
+        assert_eq!(s.finished_at, None, "not finished before its tags are set");
         // A redelivered outcome for the same image while its claim is held: not again.
         assert_eq!(s.claim(1, &ok()), Claimed::NotPublishing);
         assert_eq!(s.counts.published, 2);
+        commit(&mut s);
+        assert_eq!(s.phase, Phase::Published);
+        assert!(s.finished_at.is_some());
+    }
+
+    #[test]
+    fn a_bundle_of_images_already_tagged_needs_no_commit() {
+        let mut s = publishing(2);
+        let skipped = Outcome::published(10, true, BlobCounts::default());
+        s.claim(0, &skipped);
+        s.claim(1, &skipped);
+        assert_eq!(s.phase, Phase::Published);
+    }
+
+    #[test]
+    fn a_failed_image_tags_nothing_and_a_failed_commit_is_retried_as_one() {
+        let mut s = publishing(2);
+        let sent = BlobCounts {
+            uploaded: 2,
+            mounted: 1,
+            present: 0,
+            uploaded_bytes: 7,
+        };
+        s.claim(0, &Outcome::published(10, false, sent));
+        s.claim(1, &refused());
+        assert_eq!(s.phase, Phase::Failed, "one failure: no tagging");
+        assert_eq!(s.blob_sources, sent);
+        s.claims.clear();
+        assert_eq!(s.retry(), Some(Retry::Publish));
+        s.claim(1, &ok());
+        assert_eq!(s.phase, Phase::Tagging);
+        // Setting the tags failed: a retry sets them again, pushing nothing.
+        s.claims.clear();
+        assert!(s.tagged_through(1, s.generation));
+        assert!(s.fail("tagging failed".into()));
+        assert_eq!(s.retry(), Some(Retry::Tag));
+        assert_eq!((s.phase, s.tag_cursor), (Phase::Tagging, 0));
+        assert!(!s.tagged(s.generation - 1), "a stale generation's commit");
+        commit(&mut s);
     }
 
     #[test]
@@ -666,13 +818,14 @@ mod tests {
             attempts: 5,
             generation: 0,
             plan: PlanRef::default(),
+            blobs: BlobCounts::default(),
         };
         assert!(!failed.is_counted(s.generation));
         assert_eq!(failed.phase_in(s.generation), ImagePhase::Pending);
         assert_eq!(s.claim(1, &ok()), Claimed::Counted { finished: true });
         failed.apply(&ok(), s.generation);
         assert!(failed.is_counted(s.generation));
-        assert_eq!(s.phase, Phase::Published);
+        commit(&mut s);
     }
 
     #[test]

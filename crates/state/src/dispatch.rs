@@ -1,6 +1,7 @@
 //! Handing images to publish: one job per image on `shipperd.jobs.publish`, with a
 //! de-duplication id per image and generation (and per sweep that re-drives it), so a
-//! repeated dispatch within JetStream's window stores each job once.
+//! repeated dispatch within JetStream's window stores each job once. Once every image is
+//! in the registry, one commit job per bundle sets the tags.
 
 use futures::TryStreamExt;
 use shipperd_bus::{Bus, Job, Result, event::encode, subjects::PUBLISH_JOB_SUBJECT};
@@ -31,12 +32,33 @@ pub fn job(s: &BundleSummary, img: &ImageState) -> Job {
         plan_offset: img.plan.offset,
         plan_length: img.plan.len,
         generation: s.generation,
+        commit: false,
     };
     Job {
         subject: PUBLISH_JOB_SUBJECT,
         msg_id: format!("{}.publish.{}{}", s.id, img.index, s.resend_suffix()),
         body: encode(&body),
     }
+}
+
+/// Sends the commit job of `s` (a bundle in `Tagging`): set every tag. De-duplicated per
+/// generation and re-drive.
+pub async fn commit(bus: &Bus, s: &BundleSummary) -> Result<()> {
+    let body = v1::PublishJob {
+        bundle_id: s.id.to_string(),
+        bundle_path: s.path.clone(),
+        target: s.target.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+        generation: s.generation,
+        commit: true,
+        ..Default::default()
+    };
+    let job = Job {
+        subject: PUBLISH_JOB_SUBJECT,
+        msg_id: format!("{}.commit{}", s.id, s.resend_suffix()),
+        body: encode(&body),
+    };
+    bus.publish_jobs(vec![job]).await?;
+    Ok(())
 }
 
 /// Sends the jobs of `images` (built a thousand at a time).

@@ -37,6 +37,12 @@ pub async fn announce_if_done(bus: &Bus, store: &StateStore, s: &BundleSummary) 
             name: s.name.clone(),
             images: Some(counts(&s.counts)),
             target_name: s.target.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+            blobs: Some(v1::BlobSources {
+                uploaded: s.blob_sources.uploaded,
+                mounted: s.blob_sources.mounted,
+                present: s.blob_sources.present,
+                absent: s.blobs_absent,
+            }),
         };
         (EventKind::BundlePublished, encode(&body))
     } else {

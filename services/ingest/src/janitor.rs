@@ -14,6 +14,10 @@
 
 use std::{sync::Arc, time::Duration};
 
+/// How long a bundle put in place is left to the upload that placed it to record,
+/// before a sweep records it (at most `stale_after`).
+const RECORD_GRACE: Duration = Duration::from_secs(60);
+
 use shipperd_bus::subjects::{EVENTS_STREAM, JOBS_STREAM, PUBLISH_CONSUMER, UNPACK_CONSUMER};
 use shipperd_model::{BundleId, BundleSummary, Phase, age};
 use shipperd_state::{dispatch, finish, lifecycle};
@@ -129,7 +133,7 @@ impl Janitor {
                     self.redrive_unpack(&s.id).await?;
                 }
             }
-            Phase::Publishing if stuck => {
+            Phase::Publishing | Phase::Tagging if stuck => {
                 let busy = backlog.publish(&self.store).await? > 0;
                 if !busy || long_stuck {
                     self.redrive_publish(&s.id).await?;
@@ -154,18 +158,26 @@ impl Janitor {
         Ok(())
     }
 
-    /// Sends the jobs of a stuck publishing bundle's unfinished images again.
+    /// Sends the jobs of a stuck publishing bundle's unfinished images again, or the
+    /// commit job of a stuck one setting its tags.
     async fn redrive_publish(&self, id: &BundleId) -> Result<()> {
         let state = self.store.state();
         finish::settle_claims(state, id).await?;
         let updated = state
             .update(id, |r| {
-                (r.phase == Phase::Publishing).then(|| r.redrives += 1)
+                matches!(r.phase, Phase::Publishing | Phase::Tagging).then(|| r.redrives += 1)
             })
             .await?;
-        if let Some(((), s)) = updated {
-            let sent = dispatch::dispatch_uncounted(self.store.bus(), state, &s).await?;
-            tracing::warn!(bundle_id = %s.id, images = sent, "bundle stalled; its unfinished images go to publish again");
+        match updated {
+            Some(((), s)) if s.phase == Phase::Tagging => {
+                dispatch::commit(self.store.bus(), &s).await?;
+                tracing::warn!(bundle_id = %s.id, "bundle stalled setting its tags; committing again");
+            }
+            Some(((), s)) => {
+                let sent = dispatch::dispatch_uncounted(self.store.bus(), state, &s).await?;
+                tracing::warn!(bundle_id = %s.id, images = sent, "bundle stalled; its unfinished images go to publish again");
+            }
+            None => {}
         }
         Ok(())
     }
@@ -190,7 +202,8 @@ impl Janitor {
     }
 
     /// Bundle directories without a summary: recorded from their metadata when the
-    /// bundle is whole, else removed after the grace period.
+    /// bundle is whole (and was not put in place a moment ago: its upload records it),
+    /// else removed after the grace period.
     async fn orphans(&self, known: &std::collections::HashSet<&BundleId>) {
         let dir = self.store.data().bundles();
         let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
@@ -210,12 +223,23 @@ impl Janitor {
             let meta = self.store.read_meta(&id).await;
             let whole = match &meta {
                 Some(m) => match self.store.data().resolve(&id, &m.path) {
-                    Some(p) => tokio::fs::try_exists(p).await.unwrap_or(false),
+                    Some(p) => tokio::fs::try_exists(&p).await.unwrap_or(false),
                     None => false,
                 },
                 None => false,
             };
+            // Just put in place, its upload is about to record it: leave it a moment.
+            let settled = match meta
+                .as_ref()
+                .and_then(|m| self.store.data().resolve(&id, &m.path))
+            {
+                Some(p) => mtime_age(&p)
+                    .await
+                    .is_some_and(|a| a > self.settings.stale_after.min(RECORD_GRACE)),
+                None => false,
+            };
             match meta {
+                Some(_) if whole && !settled => {}
                 Some(m) if whole => match self.store.record(&id, &m).await {
                     Ok(_) => {
                         tracing::warn!(bundle_id = %id, name = %m.name, "recorded a bundle stored before a crash")

@@ -47,6 +47,10 @@ pub async fn retry(store: &Store, id: &BundleId) -> Result<Retried> {
             0
         }
         Retry::Publish => dispatch::dispatch_uncounted(store.bus(), store.state(), &s).await?,
+        Retry::Tag => {
+            dispatch::commit(store.bus(), &s).await?;
+            0
+        }
     };
     tracing::info!(bundle_id = %id, generation = s.generation, images, "bundle retried");
     Ok(Retried { summary: s, images })
@@ -68,7 +72,13 @@ pub async fn delete(store: &Store, id: &BundleId, force: bool) -> Result<()> {
         .known(id)
         .await?
         .ok_or_else(|| Error::NotFound(id.to_string()))?;
-    if !force && matches!(s.phase, Phase::Unpacking | Phase::Publishing) && !s.deleting {
+    if !force
+        && matches!(
+            s.phase,
+            Phase::Unpacking | Phase::Publishing | Phase::Tagging
+        )
+        && !s.deleting
+    {
         return Err(Error::Conflict(format!(
             "{id} is {:?}; wait for it to end, or delete with ?force=true",
             s.phase

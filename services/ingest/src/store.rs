@@ -19,9 +19,9 @@ use shipperd_bus::{
 use shipperd_model::{BundleId, BundleSummary, DataDir, Phase, TargetName};
 use shipperd_proto::v1;
 use shipperd_state::StateStore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
-use crate::{Error, Result, metrics::METRICS};
+use crate::{Error, Result, disk::DiskWriter, metrics::METRICS};
 
 /// Result of taking a bundle in.
 #[derive(Debug, Clone)]
@@ -196,10 +196,10 @@ impl Store {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let file = tokio::fs::File::create(path)
+        // Hashed here while a writer thread writes and flushes (see `disk`).
+        let mut out = DiskWriter::create(path)
             .await
             .map_err(|e| Error::io(path, e))?;
-        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
@@ -212,15 +212,9 @@ impl Store {
                 return Err(Error::TooLarge { limit });
             }
             hasher.update(&chunk);
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| Error::io(path, e))?;
+            out.write(&chunk).await.map_err(|e| Error::io(path, e))?;
         }
-        out.flush().await.map_err(|e| Error::io(path, e))?;
-        out.into_inner()
-            .sync_all()
-            .await
-            .map_err(|e| Error::io(path, e))?;
+        out.finish().await.map_err(|e| Error::io(path, e))?;
         if size == 0 {
             return Err(Error::Empty);
         }

@@ -2,7 +2,7 @@
 //! only the pipeline needs) and its images as the bundle's current generation sees them.
 
 use serde_json::{Value, json};
-use shipperd_model::{BundleSummary, ImageState};
+use shipperd_model::{BundleSummary, ImagePhase, ImageState, Phase};
 
 /// Fields of a summary that are the pipeline's bookkeeping, not status.
 const INTERNAL: [&str; 5] = ["claims", "announced", "order", "redrives", "deleting"];
@@ -45,10 +45,18 @@ pub fn image(s: &BundleSummary, img: &ImageState) -> Value {
     let mut v = serde_json::to_value(img).expect("an image serialises");
     if let Some(m) = v.as_object_mut() {
         m.remove("plan");
+        let phase = img.phase_in(s.generation);
         m.insert(
             "phase".into(),
-            serde_json::to_value(img.phase_in(s.generation)).expect("a phase serialises"),
+            serde_json::to_value(phase).expect("a phase serialises"),
         );
+        // Content in the registry is tagged once every image of the bundle is (the
+        // bundle's commit); an image whose tag was there already needed none.
+        let tagged = phase == ImagePhase::Published
+            && (img.skipped
+                || s.phase == Phase::Published
+                || (s.phase == Phase::Tagging && img.index < s.tag_cursor));
+        m.insert("tagged".into(), tagged.into());
         if !img.is_counted(s.generation) {
             // An earlier generation's failure: keep it as the last error.
             if let Some(e) = m.remove("error") {

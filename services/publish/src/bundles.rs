@@ -36,11 +36,16 @@ impl Bundles {
         at: PlanRef,
     ) -> Result<(Arc<BlobStore>, StoredPlan)> {
         let store = self.get(id).await?;
+        Ok((store, self.plan_only(id, at).await?))
+    }
+
+    /// The plan at `at` in bundle `id`'s plans file, without opening the bundle.
+    pub(crate) async fn plan_only(&self, id: &BundleId, at: PlanRef) -> Result<StoredPlan> {
         let path = self.data.plans(id);
-        let plan = tokio::task::spawn_blocking(move || read_plan(&path, at))
+        tokio::task::spawn_blocking(move || read_plan(&path, at))
             .await
-            .map_err(|e| Error::Internal(format!("reading a plan: {e}")))??;
-        Ok((store, plan))
+            .map_err(|e| Error::Internal(format!("reading a plan: {e}")))?
+            .map_err(Error::from)
     }
 
     async fn get(&self, id: &BundleId) -> Result<Arc<BlobStore>> {

@@ -7,10 +7,13 @@
 //! size. For an image: if its tag already points at its digest, nothing more (Day-2).
 //! Else blobs, several at once (skipped when the repository has them, mounted when
 //! another repository of the registry has them, else streamed straight out of the
-//! bundle, in resumable chunks when large), then child manifests by digest, and the
-//! top manifest last, by its tag: an image that fails part-way is never tagged. The
-//! outcome is counted exactly once in the bundle's summary (see `shipperd-state`); the
-//! worker that counts the last image announces the bundle.
+//! bundle and hashed on the way, in resumable chunks when large), then its manifests,
+//! all by digest. What a differential bundle does not carry must be in the registry
+//! already, else the image fails naming it. The outcome is counted exactly once in the
+//! bundle's summary (see `shipperd-state`). When every image of the bundle is in the
+//! registry, the worker that counted the last one sends the bundle's commit job, which
+//! sets the tags (see [`commit`]): a bundle with any failed image (a corrupt or a
+//! missing blob) tags nothing.
 //!
 //! Failures: 429, 5xx, timeouts and broken connections are retried (within a request,
 //! then by redelivering the job with a growing delay, up to `max_deliver` attempts);
@@ -18,6 +21,7 @@
 //! blob) fail the image at once with the registry's own message.
 
 mod bundles;
+mod commit;
 mod progress;
 mod registry;
 mod tags;
@@ -26,7 +30,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{Message, consumer::DeliverPolicy};
 use futures::{FutureExt as _, StreamExt as _};
-use shipperd_bundle::{PlanBlobs, StoredPlan, cas::Cas};
+use shipperd_bundle::{Location, PlanBlobs, StoredPlan, cas::Cas};
 use shipperd_bus::{
     Bus, ConsumerSpec, EventKind,
     event::{encode, event_id},
@@ -34,8 +38,8 @@ use shipperd_bus::{
     worker::{self, Outcome},
 };
 use shipperd_model::{
-    BundleId, BundleSummary, DataDir, ImagePhase, ImageState, Outcome as ImageOutcome, Phase,
-    PlanRef, TargetName,
+    BlobCounts, BundleId, BundleSummary, DataDir, ImagePhase, ImageState, Outcome as ImageOutcome,
+    Phase, PlanRef, TargetName,
 };
 use shipperd_proto::v1;
 use shipperd_registry_targets::Targets;
@@ -82,9 +86,14 @@ impl Error {
         }
     }
 
-    /// The failure without what is particular to one image, for grouping.
-    pub fn cause(&self) -> String {
+    /// The failure without what is particular to one image, for grouping; a defect of
+    /// the bundle (a corrupt or missing blob) names the image, for a person to act on.
+    pub fn cause(&self, image: &shipperd_model::Reference) -> String {
         match self {
+            Error::Registry {
+                source: source @ (RegistryError::Changed(_) | RegistryError::Missing(_)),
+                ..
+            } => format!("image {image}: {}", source.cause()),
             Error::Registry { source, .. } => source.cause(),
             Error::Bundle(_) => "cannot read the stored bundle".into(),
             Error::Bus(_) => "NATS failed".into(),
@@ -156,13 +165,9 @@ impl Ctx {
 /// Counts of what one image's push did.
 #[derive(Debug, Default, Clone)]
 struct Stats {
-    pushed: u32,
-    mounted: u32,
-    skipped: u32,
-    bytes: u64,
+    blobs: BlobCounts,
     /// The tag was already at this digest: nothing pushed.
     image_skipped: bool,
-    target: String,
     bytes_total: u64,
 }
 
@@ -241,23 +246,43 @@ struct Job {
     target: String,
 }
 
-fn decode_job(b: &[u8]) -> Option<Job> {
+enum Work {
+    /// Push one image's content.
+    Image(Job),
+    /// Set the tags of a bundle whose images are all in the registry.
+    Commit(BundleId),
+}
+
+fn decode_job(b: &[u8]) -> Option<Work> {
     let job: v1::PublishJob = prost::Message::decode(b).ok()?;
-    Some(Job {
-        id: BundleId::parse(&job.bundle_id).ok()?,
+    let id = BundleId::parse(&job.bundle_id).ok()?;
+    if job.commit {
+        return Some(Work::Commit(id));
+    }
+    Some(Work::Image(Job {
+        id,
         index: job.image.as_ref()?.index,
         plan: PlanRef {
             offset: job.plan_offset,
             len: job.plan_length,
         },
         target: job.image?.target,
-    })
+    }))
 }
 
 async fn handle(ctx: &Ctx, msg: Message) {
-    let Some(job) = decode_job(&msg.payload) else {
-        tracing::error!("undecodable publish job; dropping it");
-        return worker::settle(&msg, Outcome::Term).await;
+    let job = match decode_job(&msg.payload) {
+        Some(Work::Image(job)) => job,
+        Some(Work::Commit(id)) => {
+            let span = tracing::info_span!("commit", bundle_id = %id);
+            shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
+            let outcome = commit::commit(ctx, &msg, &id).instrument(span).await;
+            return worker::settle(&msg, outcome).await;
+        }
+        None => {
+            tracing::error!("undecodable publish job; dropping it");
+            return worker::settle(&msg, Outcome::Term).await;
+        }
     };
     let span = tracing::info_span!("publish", bundle_id = %job.id, image = %job.target);
     shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
@@ -268,13 +293,8 @@ async fn handle(ctx: &Ctx, msg: Message) {
             Err(panic) => {
                 let e = Error::Internal(worker::panic_message(&*panic));
                 tracing::error!(error = %e, "publishing an image panicked");
-                record(
-                    ctx,
-                    &job,
-                    ImageOutcome::failed(e.to_string(), e.cause()),
-                    None,
-                )
-                .await
+                let cause = e.to_string();
+                record(ctx, &job, ImageOutcome::failed(e.to_string(), cause)).await
             }
         };
         match result {
@@ -309,7 +329,7 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
         // Done (or decided) by an earlier delivery: finish what it began, make sure its
         // events went out (de-duplicated).
         if let Some(f) = finish::resume(&ctx.state, &job.id, job.index).await? {
-            announce(ctx, &f.summary, &f.image, None).await?;
+            announce(ctx, &f.summary, &f.image).await?;
         }
         return Ok(Outcome::Ack);
     }
@@ -323,7 +343,7 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
         let last = img.error.clone().unwrap_or_else(|| "unknown error".into());
         let cause = format!("gave up after {} attempts", ctx.config.max_deliver);
         let error = format!("{cause}: {last}");
-        return record(ctx, job, ImageOutcome::failed(error, cause), None).await;
+        return record(ctx, job, ImageOutcome::failed(error, cause)).await;
     }
     let progress = Progress::default();
     let reporter = progress::Reporter::start(
@@ -348,8 +368,9 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
     };
     match pushed {
         Ok(stats) => {
-            let outcome = ImageOutcome::published(stats.bytes_total, stats.image_skipped);
-            record(ctx, job, tried(outcome), Some(stats)).await
+            let outcome =
+                ImageOutcome::published(stats.bytes_total, stats.image_skipped, stats.blobs);
+            record(ctx, job, tried(outcome)).await
         }
         Err(e) if e.is_transient() && attempt < ctx.config.max_deliver => {
             let n = attempt.clamp(1, 6) as u32;
@@ -369,35 +390,32 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
         }
         Err(e) => {
             tracing::warn!(error = %e, attempt, "image failed");
-            let outcome = ImageOutcome::failed(e.to_string(), e.cause());
-            record(ctx, job, tried(outcome), None).await
+            let outcome = ImageOutcome::failed(e.to_string(), e.cause(&img.source));
+            record(ctx, job, tried(outcome)).await
         }
     }
 }
 
 /// Counts the image's outcome (once), announces it, and the bundle if this ended it.
-async fn record(
-    ctx: &Ctx,
-    job: &Job,
-    outcome: ImageOutcome,
-    stats: Option<Stats>,
-) -> Result<Outcome> {
+async fn record(ctx: &Ctx, job: &Job, outcome: ImageOutcome) -> Result<Outcome> {
     let Some(f) = finish::finish_image(&ctx.state, &job.id, job.index, &outcome).await? else {
         return Ok(Outcome::Ack);
     };
-    announce(ctx, &f.summary, &f.image, stats).await?;
+    announce(ctx, &f.summary, &f.image).await?;
     Ok(Outcome::Ack)
 }
 
-/// Sends the image's event and, when the bundle has ended, the bundle's; a published
-/// bundle's blobs in the shared store are let go.
-async fn announce(
-    ctx: &Ctx,
-    s: &BundleSummary,
-    img: &ImageState,
-    stats: Option<Stats>,
-) -> Result<()> {
-    announce_image(ctx, s, img, stats).await?;
+/// Sends the image's event (a failure now; a pushed image's once its tag is set, by the
+/// commit, unless its tag was there already), then: the commit job when every image of
+/// the bundle is in the registry, or the bundle's event when it has ended (a published
+/// bundle's blobs in the shared store are let go).
+async fn announce(ctx: &Ctx, s: &BundleSummary, img: &ImageState) -> Result<()> {
+    if img.phase == ImagePhase::Failed || img.skipped {
+        announce_image(ctx, s, img).await?;
+    }
+    if s.phase == Phase::Tagging {
+        shipperd_state::dispatch::commit(&ctx.bus, s).await?;
+    }
     if s.phase.is_terminal() {
         lifecycle::announce_if_done(&ctx.bus, &ctx.state, s).await?;
         ctx.bundles.forget(&s.id);
@@ -417,30 +435,27 @@ async fn release_blobs(data: &DataDir, id: &BundleId) {
     let _ = tokio::task::spawn_blocking(move || cas.finish(&id)).await;
 }
 
-async fn announce_image(
-    ctx: &Ctx,
-    s: &BundleSummary,
-    img: &ImageState,
-    stats: Option<Stats>,
-) -> Result<()> {
+/// `image.published` or `image.failed` for `img`.
+async fn announce_image(ctx: &Ctx, s: &BundleSummary, img: &ImageState) -> Result<()> {
     let image = Some(image_ref(img));
     let (kind, body) = match img.phase {
         ImagePhase::Pending => return Ok(()),
         ImagePhase::Published => {
-            let st = stats.unwrap_or_default();
+            let b = &img.blobs;
             let body = v1::ImagePublished {
                 bundle_id: s.id.to_string(),
                 image,
-                blobs_pushed: st.pushed,
-                blobs_mounted: st.mounted,
-                blobs_skipped: st.skipped,
-                bytes_pushed: st.bytes,
-                skipped: st.image_skipped || img.skipped,
-                target_name: s
-                    .target
-                    .as_ref()
-                    .map(|t| t.to_string())
-                    .unwrap_or(st.target),
+                blobs_pushed: b.uploaded as u32,
+                blobs_mounted: b.mounted as u32,
+                blobs_skipped: b.present as u32,
+                bytes_pushed: b.uploaded_bytes,
+                skipped: img.skipped,
+                target_name: ctx
+                    .config
+                    .targets
+                    .get(s.target.as_ref())
+                    .map(|t| t.name.to_string())
+                    .unwrap_or_default(),
             };
             (EventKind::ImagePublished, encode(&body))
         }
@@ -475,8 +490,9 @@ async fn push(
     push_image(ctx, s, img, &plan, blobs, progress).await
 }
 
-/// Pushes one image: blobs, then child manifests by digest, then the top manifest by
-/// its tag; or nothing when the tag is already at the image's digest.
+/// Pushes one image's content: blobs, then its manifests (children first), all by
+/// digest; its tag is set by the bundle's commit. Or nothing when the tag is already at
+/// the image's digest (Day-2).
 async fn push_image(
     ctx: &Ctx,
     s: &BundleSummary,
@@ -490,26 +506,21 @@ async fn push_image(
     let total = plan.bytes_total();
     progress.set_total(total);
     let mut stats = Stats {
-        target: reg.target().name.to_string(),
         bytes_total: total,
         ..Stats::default()
     };
-    let Some((top, children)) = plan.manifests.split_last() else {
+    if plan.manifests.is_empty() {
         return Err(Error::Internal(format!(
             "the plan of {} has no manifest",
             img.source
         )));
-    };
+    }
 
     // Day-2: a bundle set this tag to this digest before, and the registry still has
     // it. One request, and done. (A tag nothing of ours ever set costs no request: the
     // image is pushed, and blobs the repository has are found on the way.)
-    let tag = match img.target.tag.as_deref() {
-        Some(t) => Some((t, ctx.tags.read(reg, &repo, t).await)),
-        None => None,
-    };
-    if let Some((t, held)) = &tag
-        && held.set_before(&img.digest)
+    if let Some(t) = img.target.tag.as_deref()
+        && ctx.tags.read(reg, &repo, t).await.set_before(&img.digest)
     {
         let now = reg
             .tag_digest(&repo, t)
@@ -517,22 +528,26 @@ async fn push_image(
             .map_err(Error::registry(format!("checking {repo}:{t}")))?;
         if now.as_ref() == Some(&img.digest) {
             push_referrers(reg, &repo, plan).await?;
+            referrers_tags(reg, &repo, plan).await?;
             progress.add(total);
             stats.image_skipped = true;
-            stats.skipped = plan.blobs.len() as u32;
+            stats.blobs.present = plan.blobs.len() as u64;
             tracing::info!("tag already at this digest; skipped");
             return Ok(stats);
         }
     }
 
-    let descriptors: Vec<shipperd_bundle::Descriptor> =
-        plan.blobs.iter().map(|b| b.desc.clone()).collect();
-    let blobs = futures::stream::iter(descriptors)
-        .map(|blob| {
+    let wanted: Vec<(shipperd_bundle::Descriptor, bool)> = plan
+        .blobs
+        .iter()
+        .map(|b| (b.desc.clone(), b.at == Location::Absent))
+        .collect();
+    let blobs = futures::stream::iter(wanted)
+        .map(|(blob, absent)| {
             let (bundle, repo, reg, progress) =
                 (bundle.clone(), repo.clone(), reg.clone(), progress.clone());
             async move {
-                reg.push_blob(&repo, &blob, bundle, &progress)
+                reg.push_blob(&repo, &blob, absent, bundle, &progress)
                     .await
                     .map_err(Error::registry(format!("blob {} to {repo}", blob.digest)))
             }
@@ -541,70 +556,56 @@ async fn push_image(
     futures::pin_mut!(blobs);
     while let Some(outcome) = blobs.next().await {
         match outcome? {
-            BlobOutcome::Skipped => stats.skipped += 1,
-            BlobOutcome::Mounted => stats.mounted += 1,
+            BlobOutcome::Skipped => stats.blobs.present += 1,
+            BlobOutcome::Mounted => stats.blobs.mounted += 1,
             BlobOutcome::Pushed(sent) => {
-                stats.pushed += 1;
-                stats.bytes += sent;
+                stats.blobs.uploaded += 1;
+                stats.blobs.uploaded_bytes += sent;
             }
         }
     }
-    // Children before their index, by digest: nothing is tagged yet.
-    for m in children {
-        reg.push_manifest(&repo, m.desc.digest.as_str(), &m.bytes, &m.desc.media_type)
-            .await
-            .map_err(Error::registry(format!(
-                "manifest {} to {repo}",
-                m.desc.digest
-            )))?;
+    // Manifests by digest, children before their index; nothing is tagged yet. One the
+    // bundle leaves out must be in the repository already (and so, what it lists).
+    for m in &plan.manifests {
+        let digest = &m.desc.digest;
+        if m.absent {
+            let there = reg
+                .manifest_exists(&repo, digest)
+                .await
+                .map_err(Error::registry(format!(
+                    "checking manifest {digest} in {repo}"
+                )))?;
+            if !there {
+                return Err(Error::Registry {
+                    what: format!("manifest {digest} of {}", img.source),
+                    source: RegistryError::Missing(format!(
+                        "manifest {digest} is not in the bundle, and {}/{repo} does not have it",
+                        reg.host()
+                    )),
+                });
+            }
+        } else {
+            reg.push_manifest(&repo, digest.as_str(), &m.bytes, &m.desc.media_type)
+                .await
+                .map_err(Error::registry(format!("manifest {digest} to {repo}")))?;
+        }
         progress.add(m.bytes.len() as u64);
     }
-    // The top manifest last, straight under its tag (which stores it by digest too), unless
-    // a bundle received after this one holds the tag now.
-    let reference = match tag {
-        Some((t, held)) => {
-            if ctx.tags.may_move(held, s, &img.digest).await {
-                t.to_string()
-            } else {
-                tracing::info!(
-                    tag = t,
-                    "a bundle received later holds this tag; pushed by digest only"
-                );
-                top.desc.digest.to_string()
-            }
-        }
-        None => top.desc.digest.to_string(),
-    };
-    reg.push_manifest(&repo, &reference, &top.bytes, &top.desc.media_type)
-        .await
-        .map_err(Error::registry(format!(
-            "manifest {} to {repo}:{reference}",
-            top.desc.digest
-        )))?;
-    progress.add(top.bytes.len() as u64);
     push_referrers(reg, &repo, plan).await?;
     tracing::info!(
-        pushed = stats.pushed,
-        mounted = stats.mounted,
-        skipped = stats.skipped,
-        bytes = stats.bytes,
+        uploaded = stats.blobs.uploaded,
+        mounted = stats.blobs.mounted,
+        present = stats.blobs.present,
+        bytes = stats.blobs.uploaded_bytes,
         referrers = plan.referrers.len(),
-        "image published"
+        absent = plan.absent(),
+        "image content in the registry"
     );
     Ok(stats)
 }
 
-/// Pushes the image's referrers by digest (their blobs went up with the image's), then,
-/// where the registry has no referrers API, lists them under the fallback tag
-/// `sha256-<subject hex>` (OCI distribution spec 1.1, "referrers tag schema").
+/// Pushes the image's referrers by digest (their blobs went up with the image's).
 async fn push_referrers(reg: &Registry, repo: &str, plan: &StoredPlan) -> Result<()> {
-    if plan.referrers.is_empty() {
-        return Ok(());
-    }
-    let mut by_subject: std::collections::BTreeMap<
-        &shipperd_model::Digest,
-        Vec<shipperd_bundle::Descriptor>,
-    > = Default::default();
     for r in &plan.referrers {
         reg.push_manifest(repo, r.desc.digest.as_str(), &r.bytes, &r.desc.media_type)
             .await
@@ -612,6 +613,19 @@ async fn push_referrers(reg: &Registry, repo: &str, plan: &StoredPlan) -> Result
                 "referrer {} to {repo}",
                 r.desc.digest
             )))?;
+    }
+    Ok(())
+}
+
+/// Where the registry has no referrers API, lists the image's referrers under the
+/// fallback tag `sha256-<subject hex>` (OCI distribution spec 1.1, "referrers tag
+/// schema"): a tag, so set with the image's own.
+async fn referrers_tags(reg: &Registry, repo: &str, plan: &StoredPlan) -> Result<()> {
+    let mut by_subject: std::collections::BTreeMap<
+        &shipperd_model::Digest,
+        Vec<shipperd_bundle::Descriptor>,
+    > = Default::default();
+    for r in &plan.referrers {
         if let Some(s) = &r.subject {
             by_subject.entry(s).or_default().push(r.desc.clone());
         }

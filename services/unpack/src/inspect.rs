@@ -1,6 +1,9 @@
 //! Opening and checking one bundle (blocking: call from `spawn_blocking`).
 //!
-//! Every image is walked and every distinct blob checked once; each image's plan (its
+//! Every image is walked: its manifests are read and checked, its blobs looked up (their
+//! presence and size, not their bytes: those are hashed once, as publish sends them,
+//! and by the registry). What the bundle does not carry (a differential bundle) is
+//! planned as absent, for publish to find in the registry. Each image's plan (its
 //! manifests' bytes, its blobs and where they are) is appended to the bundle's plans
 //! file as soon as it is walked, so memory holds one image's manifests at a time, not
 //! the bundle's.
@@ -21,6 +24,8 @@ pub struct Inventory {
     /// Distinct blobs across all images (configs, layers, manifests, referrers).
     pub blob_count: u64,
     pub blob_bytes: u64,
+    /// Of those, the ones the bundle does not carry (the registry must have them).
+    pub absent: u64,
     /// Manifests published with an image as its referrers (signatures, SBOMs, ...).
     pub referrers: u64,
 }
@@ -39,7 +44,7 @@ pub struct InventoryImage {
 }
 
 /// Opens the bundle `id` stored at `rel_path` (relative to `data`), names its images,
-/// checks every blob they need, and saves the catalog and the images' plans beside it.
+/// looks up every blob they need, and saves the catalog and the images' plans beside it.
 pub fn inspect(
     data: &DataDir,
     id: &BundleId,
@@ -66,7 +71,14 @@ pub fn inspect(
     let mut by_digest = Vec::new();
     for (repo, desc) in &found.unnamed {
         let what = format!("manifest {}", desc.digest);
-        let bytes = walker.manifest_bytes(&what, desc)?;
+        let Some(bytes) = walker.manifest_bytes(&what, desc)? else {
+            // A revision the bundle names but does not carry: unless an image reaches
+            // it, it is an image by digest, which the registry must have.
+            if let Some(repo) = repo {
+                by_digest.push((repo.clone(), desc.clone()));
+            }
+            continue;
+        };
         let doc = ManifestDoc::parse(&what, &bytes)?;
         match &doc.subject {
             Some(subject) => {
@@ -100,6 +112,7 @@ pub fn inspect(
         walker: &walker,
         paths: &found.blob_paths,
         needed: HashMap::new(),
+        absent: HashSet::new(),
         reached: HashSet::new(),
         referrers: 0,
     };
@@ -136,18 +149,21 @@ pub fn inspect(
         format: opened.format,
         blob_count: check.needed.len() as u64,
         blob_bytes: check.needed.values().sum(),
+        absent: check.absent.len() as u64,
         referrers: check.referrers,
         images,
     })
 }
 
-/// Walks images one by one, checking each distinct blob once.
+/// Walks images one by one, looking each distinct blob up once.
 struct Checker<'a> {
     fs: &'a dyn BundleFs,
     walker: &'a Walker<'a>,
     paths: &'a HashMap<Digest, String>,
-    /// Every distinct blob and manifest (checked), with its size.
+    /// Every distinct blob and manifest, with its size.
     needed: HashMap<Digest, u64>,
+    /// Those the bundle does not carry.
+    absent: HashSet<Digest>,
     /// Manifests some image reaches.
     reached: HashSet<Digest>,
     referrers: u64,
@@ -165,13 +181,21 @@ impl Checker<'_> {
         let plan = self.walker.plan(&name, top, lookup)?;
         for blob in &plan.blobs {
             if !self.needed.contains_key(&blob.digest) {
-                self.walker.verify_blob(&name, blob)?;
+                if !self.walker.blob_present(&name, blob)? {
+                    self.absent.insert(blob.digest.clone());
+                }
                 self.needed.insert(blob.digest.clone(), blob.size);
             }
         }
         for (m, bytes) in &plan.manifests {
             self.reached.insert(m.digest.clone());
-            self.needed.insert(m.digest.clone(), bytes.len() as u64);
+            match bytes {
+                Some(b) => self.needed.insert(m.digest.clone(), b.len() as u64),
+                None => {
+                    self.absent.insert(m.digest.clone());
+                    self.needed.insert(m.digest.clone(), m.size)
+                }
+            };
         }
         for (_, m, bytes) in &plan.referrers {
             self.referrers += 1;
@@ -193,10 +217,9 @@ impl Checker<'_> {
     }
 
     fn locate(&self, digest: &Digest) -> Result<Location> {
-        let p = self
-            .paths
-            .get(digest)
-            .ok_or_else(|| Error::Missing(digest.to_string()))?;
-        Ok(self.fs.locate(p)?.0)
+        match self.paths.get(digest) {
+            Some(p) => Ok(self.fs.locate(p)?.0),
+            None => Ok(Location::Absent),
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! For every `bundle.received` it detects the container by magic bytes and opens it:
 //! squashfs and plain tar in place, gzip/zstd/xz tar expanded once into the shared
 //! content-addressed store. It finds the OCI layouts and registry storage trees inside,
-//! walks every named image (multi-arch indexes and referrers included) and checks that
-//! every blob is present with the right size and sha256. A bundle that fails a check ends
-//! `Failed` with a reason naming the file, image or blob, and no job is published for it.
+//! walks every named image (multi-arch indexes and referrers included), checking every
+//! manifest and the size of every blob (blob bytes are hashed once, as publish sends
+//! them). What a differential bundle leaves out is planned as absent, for publish to
+//! find in the registry. A bundle that fails a check ends `Failed` with a reason naming
+//! the file, image or blob, and no job is published for it.
 //! Otherwise each image's plan is saved beside the bundle, each image gets its own state
 //! key, the summary its counts, one publish job per image goes out, then
 //! `bundle.unpacked` (with counts: events never list a bundle's images).
@@ -220,6 +222,10 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Result<Outcome> 
             announce_unpacked(ctx, &s).await?;
             return Ok(Outcome::Ack);
         }
+        Phase::Tagging => {
+            dispatch::commit(&ctx.bus, &s).await?;
+            return Ok(Outcome::Ack);
+        }
         Phase::Published | Phase::Failed => {
             lifecycle::announce_if_done(&ctx.bus, &ctx.state, &s).await?;
             return Ok(Outcome::Ack);
@@ -281,6 +287,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Result<Outcome> 
     tracing::info!(
         images = images.len(),
         blobs = inventory.blob_count,
+        absent = inventory.absent,
         bytes = inventory.blob_bytes,
         referrers = inventory.referrers,
         "bundle checked"
@@ -291,6 +298,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Result<Outcome> 
         images: images.len() as u32,
         blobs: inventory.blob_count,
         blob_bytes: inventory.blob_bytes,
+        absent: inventory.absent,
         bytes_total: images.iter().map(|i| i.bytes_total).sum(),
         target: Some(target),
     };
@@ -316,6 +324,7 @@ async fn announce_unpacked(ctx: &Ctx, s: &BundleSummary) -> Result<()> {
         blob_bytes: s.blob_bytes,
         image_count: s.counts.total,
         bytes_total: s.bytes_total,
+        blobs_absent: s.blobs_absent,
     };
     let eid = lifecycle::bundle_event_id(EventKind::BundleUnpacked, s);
     ctx.bus
@@ -370,6 +379,7 @@ fn target_images(
             attempts: 0,
             generation: s.generation,
             plan: img.plan,
+            blobs: Default::default(),
         });
     }
     Ok((target.name.clone(), images))

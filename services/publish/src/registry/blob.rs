@@ -55,6 +55,7 @@ impl Registry {
         &self,
         repo: &str,
         desc: &Descriptor,
+        absent: bool,
         bundle: Arc<dyn BlobSource>,
         progress: &Progress,
     ) -> Result<BlobOutcome, RegistryError> {
@@ -70,7 +71,9 @@ impl Registry {
             progress.add(desc.size);
             Ok(BlobOutcome::Skipped)
         } else {
-            let out = self.push_blob_locked(repo, desc, bundle, progress).await;
+            let out = self
+                .push_blob_locked(repo, desc, absent, bundle, progress)
+                .await;
             if out.is_ok() {
                 self.mark_linked(repo, &desc.digest);
             }
@@ -92,6 +95,7 @@ impl Registry {
         &self,
         repo: &str,
         desc: &Descriptor,
+        absent: bool,
         bundle: Arc<dyn BlobSource>,
         progress: &Progress,
     ) -> Result<BlobOutcome, RegistryError> {
@@ -117,9 +121,17 @@ impl Registry {
                     Mount::Denied => {}
                 }
             }
-            if location.is_none() && self.blob_exists(repo, &desc.digest).await? {
+            if (location.is_none() || absent) && self.blob_exists(repo, &desc.digest).await? {
                 progress.add(desc.size);
                 return Ok(BlobOutcome::Skipped);
+            }
+            if absent {
+                return Err(RegistryError::Missing(format!(
+                    "blob {} is not in the bundle, and {}/{repo} does not have it (nor does \
+                     any repository ShipperD pushed it to)",
+                    desc.digest,
+                    self.host()
+                )));
             }
             let lease = match round {
                 _ if desc.size <= SMALL_BLOB => Lease::Unavailable,
@@ -658,7 +670,7 @@ fn reader_loop(
             match reader.read(&mut buf[filled..want]) {
                 Ok(0) => {
                     return Err(BodyError::Changed(format!(
-                        "blob {digest} changed in the bundle: it ends before its {} bytes",
+                        "blob {digest} is corrupt in the bundle: it ends before its {} bytes",
                         desc.size
                     )));
                 }
@@ -677,7 +689,7 @@ fn reader_loop(
             Ok(())
         } else {
             Err(BodyError::Changed(format!(
-                "blob {} changed in the bundle: its bytes hash to {actual}",
+                "blob {} is corrupt in the bundle: its bytes hash to {actual}",
                 desc.digest
             )))
         }
@@ -779,7 +791,7 @@ fn read_whole(bundle: &dyn BlobSource, desc: &Descriptor) -> Result<Bytes, Regis
     let actual = Digest::of(&buf);
     if buf.len() as u64 != desc.size || actual != desc.digest {
         return Err(RegistryError::Changed(format!(
-            "blob {} changed in the bundle: {} bytes hashing to {actual}",
+            "blob {} is corrupt in the bundle: {} bytes hashing to {actual}",
             desc.digest,
             buf.len()
         )));

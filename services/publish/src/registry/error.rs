@@ -52,6 +52,10 @@ pub enum RegistryError {
     /// The bundle's bytes are not what its digest says: nothing was committed.
     #[error("{0}")]
     Changed(String),
+    /// A differential bundle leaves out a blob or manifest that the registry does not
+    /// have either.
+    #[error("{0}")]
+    Missing(String),
     /// A bug: a reader thread panicked.
     #[error("internal error: {0}")]
     Internal(String),
@@ -108,6 +112,7 @@ impl RegistryError {
             | RegistryError::Protocol(_)
             | RegistryError::Read(_) => true,
             RegistryError::Changed(_)
+            | RegistryError::Missing(_)
             | RegistryError::Tls(_)
             | RegistryError::AuthDenied { .. }
             | RegistryError::Internal(_) => false,
@@ -155,9 +160,8 @@ impl RegistryError {
             RegistryError::AuthUnavailable { host, .. } => format!("cannot log in to {host}"),
             RegistryError::Protocol(_) => "the registry broke the distribution protocol".into(),
             RegistryError::Read(_) => "cannot read the stored bundle".into(),
-            RegistryError::Changed(_) => {
-                "blobs in the bundle do not match their digests (a corrupt bundle)".into()
-            }
+            // A defect of the bundle: what to act on is the blob itself.
+            RegistryError::Changed(m) | RegistryError::Missing(m) => m.clone(),
             RegistryError::Internal(m) => format!("internal error: {m}"),
         }
     }

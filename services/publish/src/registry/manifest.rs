@@ -54,6 +54,61 @@ impl Registry {
         Ok(Some(Digest::of(&body)))
     }
 
+    /// The manifest `repo@digest` with its media type, or `None` when the repository
+    /// does not have it (a differential bundle's manifest the registry should have).
+    /// Its bytes are checked against the digest.
+    pub async fn fetch_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<(Bytes, String)>, RegistryError> {
+        let call = Call {
+            method: Method::GET,
+            url: format!("/v2/{repo}/manifests/{digest}"),
+            repo,
+            from: None,
+            build: &accept_manifests,
+            ok: &[200, 404],
+            once: false,
+        };
+        let resp = self.send(&call).await?;
+        if resp.status() == 404 {
+            return Ok(None);
+        }
+        let media_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = resp.bytes().await.map_err(RegistryError::transport)?;
+        let actual = Digest::of(&body);
+        if actual != *digest {
+            return Err(RegistryError::Protocol(format!(
+                "{repo}@{digest} came back hashing to {actual}"
+            )));
+        }
+        Ok(Some((body, media_type)))
+    }
+
+    /// Does `repo` have the manifest `digest`? One `HEAD`.
+    pub async fn manifest_exists(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<bool, RegistryError> {
+        let call = Call {
+            method: Method::HEAD,
+            url: format!("/v2/{repo}/manifests/{digest}"),
+            repo,
+            from: None,
+            build: &accept_manifests,
+            ok: &[200, 404],
+            once: false,
+        };
+        Ok(self.send(&call).await?.status() == 200)
+    }
+
     /// Puts a manifest under `reference` (a digest or a tag), bytes unchanged.
     pub async fn push_manifest(
         &self,
