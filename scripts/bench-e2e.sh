@@ -97,7 +97,7 @@ for round in $(seq 1 "$ROUNDS"); do
   sync
 
   # 2. The raw ceiling.
-  start_registry "ceiling$round"
+  start_registry "ceiling$round"; export RP
   T0=$(now)
   cut -d' ' -f1 "$W/blobs.txt" | xargs -P 4 -n 1 bash -c 'upload_blob "$0"'
   add ceiling "$(secs "$T0" "$(now)")"

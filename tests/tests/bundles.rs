@@ -5,7 +5,7 @@ use std::time::Duration;
 use shipperd_tests::{
     app::{Options, spawn_app},
     eventually,
-    fixtures::{Compression, sample, sha256},
+    fixtures::{Compression, sample, sha256, tar_bytes},
     webhook::WebhookSink,
 };
 
@@ -103,6 +103,32 @@ async fn a_corrupt_blob_fails_the_bundle_and_tags_nothing() -> anyhow::Result<()
     .await?;
     assert_eq!(failed.event["data"]["error"], error);
     assert!(hook.of_type("io.shipperd.image.published").is_empty());
+    app.stop().await
+}
+
+/// A large blob is streamed, not read beforehand: the registry's digest check on commit
+/// (`DIGEST_INVALID`) is what finds it corrupt, and the bundle still tags nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_large_blob_is_refused_by_the_registry_and_tags_nothing() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let mut layout = sample("corruptbig", "corruptbig", 2);
+    let big = layout.images[0].blobs.last().unwrap().clone();
+    assert!(layout.blobs[&big].len() > 1 << 20);
+    layout.corrupt(&big);
+    let (status, body) = app
+        .put("corrupt-big.tar", tar_bytes(&layout.oci_files(""))?, None)
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let rec = app.wait_done(body["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let error = rec["error"].as_str().unwrap();
+    assert!(error.contains(&big), "{error}");
+    assert!(error.contains("is corrupt in the bundle"), "{error}");
+    assert!(error.contains("example.com/demo/app:1.0"), "{error}");
+    assert_eq!(app.blob("demo/app", &big).await?, None, "committed");
+    for repo in app.catalog().await? {
+        assert!(app.tags(&repo).await?.is_empty(), "{repo} was tagged");
+    }
     app.stop().await
 }
 

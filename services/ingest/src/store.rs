@@ -196,11 +196,10 @@ impl Store {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        // Hashed here while a writer thread writes and flushes (see `disk`).
+        // Hashed and written on threads of their own (see `disk`).
         let mut out = DiskWriter::create(path)
             .await
             .map_err(|e| Error::io(path, e))?;
-        let mut hasher = Sha256::new();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| Error::Incomplete {
@@ -211,10 +210,9 @@ impl Store {
             if size > limit {
                 return Err(Error::TooLarge { limit });
             }
-            hasher.update(&chunk);
             out.write(&chunk).await.map_err(|e| Error::io(path, e))?;
         }
-        out.finish().await.map_err(|e| Error::io(path, e))?;
+        let hasher = out.finish().await.map_err(|e| Error::io(path, e))?;
         if size == 0 {
             return Err(Error::Empty);
         }

@@ -5,8 +5,11 @@
 //! (`POST`, `PATCH`..., `PUT ?digest=`); the session's location is kept in the KV
 //! bucket after every chunk, so after a broken connection, a registry restart or a
 //! crash of this service the upload asks the registry where it got to (`GET` on the
-//! location) and goes on from there. Bytes are hashed as they are read: a blob whose
-//! bytes do not match its digest is never committed.
+//! location) and goes on from there. The registry checks every blob's digest as it
+//! commits the upload (the `?digest=` of the last request), so a blob whose bytes do not
+//! match is never committed: `DIGEST_INVALID` is a corrupt bundle. (Blobs up to 256 KiB
+//! are read whole and checked here first; reading a blob that ends early fails it here.)
+//! So publishing hashes nothing that the registry does not hash anyway.
 
 use std::{io::Read, sync::Arc};
 
@@ -145,7 +148,8 @@ impl Registry {
             };
             let sent = self
                 .upload(repo, desc, bundle.clone(), progress, location)
-                .await;
+                .await
+                .map_err(|e| e.for_blob(&desc.digest));
             if sent.is_ok() {
                 self.remember(&key, repo).await;
             }
@@ -481,8 +485,7 @@ impl Upload<'_> {
                 }
             }
         }
-        // Every byte is up: the digest the reader computed must match before commit.
-        self.source.verify().await?;
+        // Every byte is up; the registry checks the digest as it commits.
         let call = Call {
             method: Method::PUT,
             url: with_query(&loc, &format!("digest={digest}")),
@@ -559,9 +562,8 @@ impl Upload<'_> {
 }
 
 /// Where an upload's bytes come from: a blocking thread reading the blob from the
-/// bundle and hashing every byte in order (reading from an offset reads and hashes the
-/// bytes before it without sending them), or, for a small blob, its bytes read whole
-/// and checked beforehand.
+/// bundle in order (reading from an offset skips the bytes before it), or, for a small
+/// blob, its bytes read whole and checked beforehand.
 enum Source {
     Stream(tokio::sync::mpsc::Sender<Cmd>),
     Memory(Bytes),
@@ -572,9 +574,6 @@ enum Cmd {
         offset: u64,
         len: u64,
         out: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-    },
-    Verify {
-        done: tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
     },
 }
 
@@ -626,19 +625,6 @@ impl Source {
         });
         Ok(reqwest::Body::wrap_stream(stream))
     }
-
-    /// Every byte has been read: does the blob hash to its digest?
-    async fn verify(&self) -> Result<(), RegistryError> {
-        let Source::Stream(tx) = self else {
-            return Ok(()); // checked when read
-        };
-        let (done, rx) = tokio::sync::oneshot::channel();
-        tx.send(Cmd::Verify { done })
-            .await
-            .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?;
-        rx.await
-            .map_err(|_| RegistryError::Internal("the blob reader stopped".into()))?
-    }
 }
 
 fn reader_loop(
@@ -658,16 +644,12 @@ fn reader_loop(
     };
     let mut reader: Option<Box<dyn Read + '_>> = None;
     let mut pos = 0u64;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; READ_CHUNK];
-    // Reads up to `want` bytes into `buf`, hashing them.
-    let mut read = |reader: &mut Box<dyn Read + '_>,
-                    hasher: &mut Sha256,
-                    want: usize|
-     -> Result<Bytes, BodyError> {
+    // Reads exactly `want` bytes (a blob that ends early is corrupt).
+    let read = |reader: &mut Box<dyn Read + '_>, want: usize| -> Result<Bytes, BodyError> {
+        let mut buf = vec![0u8; want];
         let mut filled = 0;
         while filled < want {
-            match reader.read(&mut buf[filled..want]) {
+            match reader.read(&mut buf[filled..]) {
                 Ok(0) => {
                     return Err(BodyError::Changed(format!(
                         "blob {digest} is corrupt in the bundle: it ends before its {} bytes",
@@ -680,93 +662,51 @@ fn reader_loop(
                 }
             }
         }
-        hasher.update(&buf[..filled]);
-        Ok(Bytes::copy_from_slice(&buf[..filled]))
+        Ok(Bytes::from(buf))
     };
-    let check = |hasher: &Sha256| -> Result<(), BodyError> {
-        let actual = Digest::from_sha256(&hasher.clone().finalize().into());
-        if actual == desc.digest {
-            Ok(())
-        } else {
-            Err(BodyError::Changed(format!(
-                "blob {} is corrupt in the bundle: its bytes hash to {actual}",
-                desc.digest
-            )))
-        }
-    };
-    while let Some(cmd) = rx.blocking_recv() {
-        match cmd {
-            Cmd::Read { offset, len, out } => {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-                    || -> Result<(), BodyError> {
-                        if reader.is_none() || offset < pos {
-                            reader = Some(open()?);
-                            pos = 0;
-                            hasher = Sha256::new();
-                        }
-                        let r = reader.as_mut().expect("opened above");
-                        while pos < offset {
-                            let n = (offset - pos).min(READ_CHUNK as u64) as usize;
-                            read(r, &mut hasher, n)?;
-                            pos += n as u64;
-                        }
-                        let end = offset + len;
-                        while pos < end {
-                            let n = (end - pos).min(READ_CHUNK as u64) as usize;
-                            let bytes = read(r, &mut hasher, n)?;
-                            pos += n as u64;
-                            if pos == desc.size {
-                                check(&hasher)?;
-                            }
-                            if out.blocking_send(Ok(bytes)).is_err() {
-                                return Ok(()); // the request was abandoned
-                            }
-                        }
-                        Ok(())
-                    },
-                ))
-                .unwrap_or_else(|p| {
-                    Err(BodyError::Panicked(format!(
-                        "the blob reader panicked: {}",
-                        shipperd_bus::worker::panic_message(&*p)
-                    )))
-                });
-                if let Err(e) = result {
-                    // The body ends in an error: the request is abandoned, not completed.
-                    reader = None;
-                    let _ = out.blocking_send(Err(e.into_io()));
+    while let Some(Cmd::Read { offset, len, out }) = rx.blocking_recv() {
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), BodyError> {
+                if reader.is_none() || offset < pos {
+                    reader = Some(open()?);
+                    pos = 0;
                 }
-            }
-            Cmd::Verify { done } => {
-                // A resumed upload may not have read the start: hash what is missing.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-                    || -> Result<(), BodyError> {
-                        if reader.is_none() {
-                            reader = Some(open()?);
-                            pos = 0;
-                            hasher = Sha256::new();
-                        }
-                        let r = reader.as_mut().expect("opened above");
-                        while pos < desc.size {
-                            let n = (desc.size - pos).min(READ_CHUNK as u64) as usize;
-                            read(r, &mut hasher, n)?;
-                            pos += n as u64;
-                        }
-                        check(&hasher)
-                    },
-                ))
-                .unwrap_or_else(|p| {
-                    Err(BodyError::Panicked(format!(
-                        "the blob reader panicked: {}",
-                        shipperd_bus::worker::panic_message(&*p)
-                    )))
-                });
-                let _ = done.send(r.map_err(|e| match e {
-                    BodyError::Changed(m) => RegistryError::Changed(m),
-                    BodyError::Unreadable(m) => RegistryError::Read(m),
-                    BodyError::Panicked(m) => RegistryError::Internal(m),
-                }));
-            }
+                let r = reader.as_mut().expect("opened above");
+                // Resuming: skip what the registry has (readers do not seek).
+                let mut skip = offset - pos;
+                while skip > 0 {
+                    let n = std::io::copy(&mut r.by_ref().take(skip), &mut std::io::sink())
+                        .map_err(|e| BodyError::Unreadable(format!("blob {digest}: {e}")))?;
+                    if n == 0 {
+                        return Err(BodyError::Changed(format!(
+                            "blob {digest} is corrupt in the bundle: it ends before its {} bytes",
+                            desc.size
+                        )));
+                    }
+                    skip -= n;
+                }
+                pos = offset;
+                let end = offset + len;
+                while pos < end {
+                    let n = (end - pos).min(READ_CHUNK as u64) as usize;
+                    let bytes = read(r, n)?;
+                    pos += n as u64;
+                    if out.blocking_send(Ok(bytes)).is_err() {
+                        return Ok(()); // the request was abandoned
+                    }
+                }
+                Ok(())
+            }))
+            .unwrap_or_else(|p| {
+                Err(BodyError::Panicked(format!(
+                    "the blob reader panicked: {}",
+                    shipperd_bus::worker::panic_message(&*p)
+                )))
+            });
+        if let Err(e) = result {
+            // The body ends in an error: the request is abandoned, not completed.
+            reader = None;
+            let _ = out.blocking_send(Err(e.into_io()));
         }
     }
 }

@@ -130,6 +130,23 @@ impl RegistryError {
         }
     }
 
+    /// A blob upload the registry refused because the bytes do not hash to the digest
+    /// (`DIGEST_INVALID`): the bundle's copy is corrupt. Anything else unchanged.
+    pub(crate) fn for_blob(self, digest: &shipperd_model::Digest) -> Self {
+        match self {
+            RegistryError::Status {
+                host,
+                status: 400,
+                codes,
+                ..
+            } if codes.iter().any(|c| c == "DIGEST_INVALID") => RegistryError::Changed(format!(
+                "blob {digest} is corrupt in the bundle: {host} found that its bytes do not \
+                 hash to it (DIGEST_INVALID)"
+            )),
+            other => other,
+        }
+    }
+
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             RegistryError::Status { retry_after, .. } => *retry_after,
