@@ -1,7 +1,7 @@
 //! Writing an upload to disk at the disk's speed, durably, hashing it on the way.
 //!
-//! The receiving task gathers the body into 1 MiB buffers and hands each to two
-//! threads at once: a hasher (SHA-256 of a gigabyte is about 0.6 s of a core here) and a
+//! The receiving task gathers the body's chunks (without copying them) into batches of
+//! about 1 MiB and hands each to two threads at once: a hasher (SHA-256 of a gigabyte is about 0.6 s of a core here) and a
 //! writer, which appends them; every [`FLUSH_EVERY`] bytes a flusher thread (on a clone
 //! of the descriptor) runs `fdatasync`, so dirty pages go to disk while the rest of the upload
 //! is still arriving, rather than in one long flush at the end (which, for a bundle of
@@ -15,22 +15,26 @@ use std::{
     sync::mpsc::{SyncSender, TrySendError, sync_channel},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-/// Buffer handed to the writer at a time.
-const BUFFER: usize = 1 << 20;
+/// Bytes handed to the writer and hasher at a time.
+const BATCH: usize = 1 << 20;
 /// Buffers in flight between the receiving task and the writer.
 const IN_FLIGHT: usize = 16;
 /// Bytes written between two background flushes.
 const FLUSH_EVERY: u64 = 64 << 20;
 
+/// Chunks of the body, shared by the writer and the hasher.
+type Batch = std::sync::Arc<Vec<Bytes>>;
+
 /// A file being written by a writer thread and hashed by another.
 pub(crate) struct DiskWriter {
-    tx: Option<mpsc::Sender<Bytes>>,
-    hash_tx: Option<mpsc::Sender<Bytes>>,
-    buf: BytesMut,
+    tx: Option<mpsc::Sender<Batch>>,
+    hash_tx: Option<mpsc::Sender<Batch>>,
+    batch: Vec<Bytes>,
+    batched: usize,
     writer: tokio::task::JoinHandle<io::Result<()>>,
     hasher: tokio::task::JoinHandle<Sha256>,
 }
@@ -41,41 +45,47 @@ impl DiskWriter {
         let file = tokio::fs::File::create(path).await?.into_std().await;
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || write_all(file, rx));
-        let (hash_tx, mut hash_rx) = mpsc::channel::<Bytes>(IN_FLIGHT);
+        let (hash_tx, mut hash_rx) = mpsc::channel::<Batch>(IN_FLIGHT);
         let hasher = tokio::task::spawn_blocking(move || {
             let mut h = Sha256::new();
-            while let Some(b) = hash_rx.blocking_recv() {
-                h.update(&b);
+            while let Some(batch) = hash_rx.blocking_recv() {
+                for b in batch.iter() {
+                    h.update(b);
+                }
             }
             h
         });
         Ok(DiskWriter {
             tx: Some(tx),
             hash_tx: Some(hash_tx),
-            buf: BytesMut::with_capacity(BUFFER),
+            batch: Vec::new(),
+            batched: 0,
             writer,
             hasher,
         })
     }
 
     /// Appends `chunk`.
-    pub(crate) async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.buf.extend_from_slice(chunk);
-        if self.buf.len() >= BUFFER {
-            let full = std::mem::replace(&mut self.buf, BytesMut::with_capacity(BUFFER));
-            self.send(full.freeze()).await?;
+    pub(crate) async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.batched += chunk.len();
+        self.batch.push(chunk);
+        if self.batched >= BATCH {
+            self.send().await?;
         }
         Ok(())
     }
 
-    async fn send(&mut self, bytes: Bytes) -> io::Result<()> {
+    /// Hands the batch to the hasher and the writer.
+    async fn send(&mut self) -> io::Result<()> {
+        let batch: Batch = std::sync::Arc::new(std::mem::take(&mut self.batch));
+        self.batched = 0;
         if let Some(h) = &self.hash_tx
-            && h.send(bytes.clone()).await.is_err()
+            && h.send(batch.clone()).await.is_err()
         {
             return Err(io::Error::other("the hasher stopped"));
         }
         let sent = match &self.tx {
-            Some(tx) => tx.send(bytes).await.is_ok(),
+            Some(tx) => tx.send(batch).await.is_ok(),
             None => false,
         };
         if sent {
@@ -92,9 +102,8 @@ impl DiskWriter {
     /// Writes what is buffered, waits for every byte to be on disk (`fsync`); the
     /// SHA-256 of every byte written.
     pub(crate) async fn finish(mut self) -> io::Result<Sha256> {
-        if !self.buf.is_empty() {
-            let rest = std::mem::take(&mut self.buf).freeze();
-            self.send(rest).await?;
+        if !self.batch.is_empty() {
+            self.send().await?;
         }
         self.tx = None;
         self.hash_tx = None;
@@ -109,14 +118,16 @@ impl DiskWriter {
 
 /// The writer thread: appends what arrives, asks for a flush every [`FLUSH_EVERY`]
 /// bytes, and syncs the whole file once the sender is gone.
-fn write_all(mut file: File, mut rx: mpsc::Receiver<Bytes>) -> io::Result<()> {
+fn write_all(mut file: File, mut rx: mpsc::Receiver<Batch>) -> io::Result<()> {
     let (flush, flusher) = start_flusher(file.try_clone()?);
     let mut written = 0u64;
     let mut asked = 0u64;
     let result = (|| -> io::Result<()> {
-        while let Some(bytes) = rx.blocking_recv() {
-            file.write_all(&bytes)?;
-            written += bytes.len() as u64;
+        while let Some(batch) = rx.blocking_recv() {
+            for bytes in batch.iter() {
+                file.write_all(bytes)?;
+                written += bytes.len() as u64;
+            }
             if written - asked >= FLUSH_EVERY {
                 match flush.try_send(()) {
                     // Busy with the last one: ask again after the next buffer.
@@ -166,8 +177,8 @@ mod tests {
             let chunk: Vec<u8> = (0..(i % 997) as usize + 1)
                 .map(|j| (i as usize + j) as u8)
                 .collect();
-            w.write(&chunk).await.unwrap();
             want.extend_from_slice(&chunk);
+            w.write(Bytes::from(chunk)).await.unwrap();
         }
         let hash = w.finish().await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), want);

@@ -210,7 +210,7 @@ impl Store {
             if size > limit {
                 return Err(Error::TooLarge { limit });
             }
-            out.write(&chunk).await.map_err(|e| Error::io(path, e))?;
+            out.write(chunk).await.map_err(|e| Error::io(path, e))?;
         }
         let hasher = out.finish().await.map_err(|e| Error::io(path, e))?;
         if size == 0 {
