@@ -108,6 +108,81 @@ async fn a_registry_failing_every_request_fails_the_bundle_with_a_reason() -> an
     app.stop().await
 }
 
+/// Tags are set only once every image is in the registry; a registry that refuses them
+/// fails the bundle (its images' content stays), and a retry sets them without pushing
+/// anything again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_commit_fails_the_bundle_and_retry_sets_the_tags() -> anyhow::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    shipperd_tests::init();
+    let registry = Registry::start().await?;
+    let proxy = Proxy::start(&registry.url()).await?;
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r = refuse.clone();
+    proxy.rule(move |method, path| {
+        let tag_put = method == "PUT"
+            && path
+                .rsplit_once("/manifests/")
+                .is_some_and(|(_, reference)| !reference.starts_with("sha256:"));
+        if tag_put && r.load(Ordering::Relaxed) {
+            Fault::Status(500, None)
+        } else {
+            Fault::Pass
+        }
+    });
+    let app = spawn_app_with(
+        Options {
+            targets_toml: Some(proxied(&proxy)),
+            max_attempts: Some(2),
+            publish_retry: Some(Duration::from_millis(50)),
+            ..Default::default()
+        },
+        registry,
+    )
+    .await?;
+    let b = sample("commit", "commit", 0);
+    let id = put(&app, "commit.tar", tar_bytes(&b.oci_files(""))?).await?;
+    let rec = app.wait_done(&id, DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let why = rec["error"].as_str().unwrap_or_default();
+    assert!(why.starts_with("setting the tags failed"), "{why}");
+    assert!(why.contains("answered 500"), "{why}");
+    assert_eq!(rec["counts"]["published"], b.images.len() as u64, "{rec:#}");
+    for img in rec["images"].as_array().unwrap() {
+        assert_eq!(
+            (&img["phase"], &img["tagged"]),
+            (&"Published".into(), &false.into())
+        );
+    }
+    for img in &b.images {
+        assert!(
+            app.tags(&img.repo).await?.is_empty(),
+            "{} was tagged",
+            img.repo
+        );
+        // The content went up by digest.
+        assert!(app.manifest(&img.repo, &img.digest).await?.is_some());
+    }
+
+    refuse.store(false, Ordering::Relaxed);
+    let before = proxy.log().len();
+    let (st, r) = post(&app, &format!("/v1/bundles/{id}/retry")).await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(&id, DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    app.assert_published(&b, "").await?;
+    let again = &proxy.log()[before..];
+    assert!(
+        !again.iter().any(|s| s.path.contains("/blobs/")),
+        "a retried commit pushed blobs again: {again:?}"
+    );
+    assert!(again.iter().any(|s| s.method == "PUT"));
+    app.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_publishes_what_an_outage_longer_than_the_budget_failed() -> anyhow::Result<()> {
     let mut app = spawn_app(Options {
