@@ -24,7 +24,7 @@ const BATCH: usize = 1 << 20;
 /// Buffers in flight between the receiving task and the writer.
 const IN_FLIGHT: usize = 16;
 /// Bytes written between two background flushes.
-const FLUSH_EVERY: u64 = 64 << 20;
+const FLUSH_EVERY: u64 = 16 << 20;
 
 /// Chunks of the body, shared by the writer and the hasher.
 type Batch = std::sync::Arc<Vec<Bytes>>;
