@@ -32,7 +32,7 @@ RAW_RATE=$(sed -E 's/.* ([0-9.]+) images\/s.*/\1/' <<<"$RAW_OUT")
 RAW_CPU=$(cpu "$RPID")
 
 echo "== 2. ShipperD (shipperd all), fresh registry"
-RUST_LOG=warn start_stack
+RUST_LOG=${RUST_LOG:-warn} start_stack
 REG_PID=$(pgrep -f "docker-registry serve $DEMO/registry.yml" | head -1)
 rss() { awk "/^$1/ {print \$2}" "/proc/$SHIPPERD_PID/status"; }
 RSS0=$(rss VmRSS)
