@@ -562,6 +562,7 @@ impl BundleSummary {
     pub fn tagged_through(&mut self, cursor: u32, generation: u32) -> bool {
         if self.phase != Phase::Tagging
             || self.generation != generation
+            || self.deleting
             || cursor <= self.tag_cursor
         {
             return false;
@@ -635,6 +636,18 @@ impl BundleSummary {
             Some(o) if !img.is_counted(self.generation) => o.phase,
             _ => img.phase_in(self.generation),
         }
+    }
+
+    /// `img` as this bundle sees it: with the outcome a claim holds for it applied when
+    /// the claim is not yet written to the image.
+    pub fn view_of(&self, img: &ImageState) -> ImageState {
+        let mut img = img.clone();
+        if let Some(o) = self.claims.get(&img.index)
+            && !img.is_counted(self.generation)
+        {
+            img.apply(o, self.generation);
+        }
+        img
     }
 
     /// The suffix that keeps ids of events of a later generation distinct from the

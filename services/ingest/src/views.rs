@@ -32,16 +32,7 @@ pub fn summary(s: &BundleSummary) -> Value {
 /// failed before a retry is pending again), with an outcome the summary has counted but
 /// not yet written to the image.
 pub fn image(s: &BundleSummary, img: &ImageState) -> Value {
-    let claimed;
-    let img = match s.claims.get(&img.index) {
-        Some(outcome) if !img.is_counted(s.generation) => {
-            let mut i = img.clone();
-            i.apply(outcome, s.generation);
-            claimed = i;
-            &claimed
-        }
-        _ => img,
-    };
+    let img = &s.view_of(img);
     let mut v = serde_json::to_value(img).expect("an image serialises");
     if let Some(m) = v.as_object_mut() {
         m.remove("plan");

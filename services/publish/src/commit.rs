@@ -118,7 +118,10 @@ async fn try_commit(ctx: &Ctx, id: &BundleId) -> Result<()> {
 
 /// Sets one image's tag (and its referrers' fallback tag), then sends `image.published`.
 async fn tag(ctx: &Ctx, s: &BundleSummary, reg: &Registry, img: ImageState) -> Result<()> {
-    if s.phase_of(&img) != ImagePhase::Published {
+    // An outcome counted just before the bundle moved here may not be written to the
+    // image yet: its claim says what it is.
+    let img = s.view_of(&img);
+    if img.phase_in(s.generation) != ImagePhase::Published {
         // Not in the registry: the bundle would not be committing (a bug, or a retry
         // raced this commit); set nothing.
         return Err(Error::Internal(format!(
