@@ -396,6 +396,26 @@ async fn the_janitor_finishes_what_a_crash_left() -> anyhow::Result<()> {
     assert_eq!(rec["phase"], "Published", "{rec:#}");
     app.assert_published(&b, "").await?;
 
+    // Every image in the registry, its commit job lost (a crash before it was sent):
+    // committed again once it has sat in Tagging for `stale_after`.
+    state
+        .update(&id, |s| {
+            s.phase = shipperd_model::Phase::Tagging;
+            s.tag_cursor = 0;
+            s.finished_at = None;
+            Some(())
+        })
+        .await?
+        .expect("updated");
+    let rec = eventually("the janitor to commit it again", DONE, || async {
+        let s = state.summary(&id).await.ok()??;
+        (s.phase == shipperd_model::Phase::Published).then_some(s)
+    })
+    .await?;
+    assert!(rec.redrives >= 1, "{rec:?}");
+    assert_eq!(rec.tag_cursor, rec.counts.total);
+    app.assert_published(&b, "").await?;
+
     // A directory nothing records and nothing explains is left alone until its grace
     // period ends (an upload may be between its two steps).
     let stray = data.bundles().join("f".repeat(64));
