@@ -62,6 +62,9 @@ pub enum Command {
         #[command(flatten)]
         notify: NotifyArgs,
     },
+    /// Print the CustomResourceDefinitions of ShipperD's resources (Bundle,
+    /// RegistryTarget, WebhookTarget) as YAML, e.g. `shipperd crd | kubectl apply -f -`.
+    Crd,
 }
 
 #[derive(Debug, Clone, Args)]

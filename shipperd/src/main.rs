@@ -16,6 +16,10 @@ enum Config {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Crd = cli.command {
+        print!("{}", shipperd_operator::crds_yaml());
+        return Ok(());
+    }
     // Every setting is read and checked before anything starts.
     let config = match &cli.command {
         Command::Unpack { common, registry } => Some(Config::Unpack(registry.unpack(common)?)),
@@ -39,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Publish { .. } => "shipperd-publish",
         Command::Notify { .. } => "shipperd-notify",
         Command::All { .. } => "shipperd",
+        Command::Crd => unreachable!("printed above"),
     };
     let _telemetry = shipperd_telemetry::init(service)?;
     let shutdown = shutdown_on_signal();
@@ -55,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Notify { common, notify } => {
             shipperd_notify::run(notify.config(&common), shutdown).await?
         }
+        Command::Crd => unreachable!("printed above"),
     }
     Ok(())
 }

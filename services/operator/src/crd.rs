@@ -1,0 +1,348 @@
+//! The custom resources. Doc comments become the CRDs' field descriptions (what
+//! `kubectl explain` shows), so they are written for the person editing the YAML.
+
+// kube's `printcolumn(...)` arguments repeat (`type_ = "string"`), which clippy takes
+// for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every ShipperD resource.
+pub const GROUP: &str = "shipperd.io";
+/// Their version.
+pub const VERSION: &str = "v1alpha1";
+
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "shipperd.io",
+    version = "v1alpha1",
+    kind = "Bundle",
+    namespaced,
+    status = "BundleStatus",
+    shortname = "bdl",
+    category = "shipperd",
+    doc = "A bundle of container images (squashfs, or tar as Koffer, oc-mirror, Hauler and Zarf write) carried into the cluster, and where it is in ShipperD's pipeline.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Images", type_ = "string", json_path = ".status.imagesSummary"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.target"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+/// What bundle this is and where its images go.
+pub struct BundleSpec {
+    /// Where the bundle's bytes come from: exactly one of `upload`, `url` and `path`.
+    pub source: BundleSource,
+    /// The `RegistryTarget` (in this namespace) the images go to; empty: ShipperD's
+    /// default target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Apply the generated ImageDigestMirrorSet (and, when asked for, ImageTagMirrorSet)
+    /// and CatalogSources once the bundle is published. Off: they are only written to
+    /// the status.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub apply_cluster_resources: bool,
+    /// Also generate an ImageTagMirrorSet (applying one drains and reboots nodes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tag_mirror_set: bool,
+}
+
+/// Where a bundle's bytes come from.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("[has(self.upload), has(self.url), has(self.path)].filter(x, x).size() == 1")
+        .message("set exactly one of upload, url and path")
+)]
+pub struct BundleSource {
+    /// The bundle arrived through ShipperD's ingest endpoint or drop directory; ShipperD
+    /// created this object so that every bundle is visible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadSource>,
+    /// ShipperD fetches the bundle from an http(s) URL into its store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<UrlSource>,
+    /// A file already on ShipperD's shared volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathSource>,
+}
+
+/// A bundle that came in through the ingest endpoint or the drop directory.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadSource {
+    /// The name it was uploaded or dropped under.
+    pub name: String,
+    /// The bundle id (the sha256 of its bytes).
+    pub bundle_id: String,
+}
+
+/// A bundle fetched from an http(s) URL: streamed into the store, resumed with `Range`
+/// after a broken connection, checked against `sha256` before anything is published.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UrlSource {
+    /// An http or https URL.
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("an http(s) URL"))]
+    pub url: String,
+    /// The sha256 of the bundle's bytes (64 hex digits), required: the bundle is
+    /// refused when its bytes hash to anything else.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+    /// A CA bundle (PEM) to trust for an https URL, beside the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaSource>,
+}
+
+/// A file on ShipperD's shared volume.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PathSource {
+    /// Relative to ShipperD's data directory (no `..`).
+    pub path: String,
+    /// The sha256 the file must have, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// A key of a ConfigMap or a Secret in the resource's namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRef {
+    /// The object's name.
+    pub name: String,
+    /// The key within it.
+    pub key: String,
+}
+
+/// PEM certificates to trust, from a ConfigMap (e.g. OpenShift's injected service CA)
+/// or a Secret.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("has(self.configMapKeyRef) != has(self.secretKeyRef)")
+        .message("set exactly one of configMapKeyRef and secretKeyRef")
+)]
+pub struct CaSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+}
+
+/// Where a bundle is, as ShipperD's state says.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleStatus {
+    /// `Pending` (not yet in ShipperD's store), `Received`, `Unpacking`, `Publishing`,
+    /// `Tagging`, `Published` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The bundle id (the sha256 of its bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_id: Option<String>,
+    /// Its images and how they ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImageCounts>,
+    /// `published/total` (with failures), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_summary: Option<String>,
+    /// Bytes of its images in the registry so far, and in all.
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// `bytesDone` as a percentage of `bytesTotal`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `Ready` (published) and `Failed`, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// How many images a bundle has, and how they ended.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageCounts {
+    pub total: u32,
+    /// In the registry (skipped ones included).
+    pub published: u32,
+    /// Of the published, those whose tag already pointed at their digest (Day-2).
+    pub skipped: u32,
+    pub failed: u32,
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "shipperd.io",
+    version = "v1alpha1",
+    kind = "RegistryTarget",
+    namespaced,
+    status = "TargetStatus",
+    shortname = "rt",
+    category = "shipperd",
+    doc = "A registry ShipperD publishes images to.",
+    printcolumn(name = "URL", type_ = "string", json_path = ".spec.url"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+/// A registry images go to: its URL, how image names map into it, credentials, trust
+/// and transfer settings.
+pub struct RegistryTargetSpec {
+    /// The registry's base URL, e.g.
+    /// `https://image-registry.openshift-image-registry.svc:5000`. Empty with
+    /// `openshiftInternal`: that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// OpenShift's internal registry: its service URL, the pod's service-account token,
+    /// the service CA, and `<project>/<name>` paths unless `mapping` says otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub openshift_internal: bool,
+    /// Plain http, or https without verifying the certificate (for tests only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// How an image's name becomes its name in this registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<MappingSpec>,
+    /// How to log in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsSpec>,
+    /// PEM certificates to trust for this registry, beside the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaSource>,
+    /// Transfer settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferSpec>,
+}
+
+/// How an image `[host/]repo:tag` lands: `<registry>/<prefix>/[host/]repo:tag`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MappingSpec {
+    /// A path put before every repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Keep the source registry's host as the first path component.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_host: bool,
+    /// At most this many path components (deeper paths are joined with `-` at the
+    /// end); OpenShift's internal registry takes two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_depth: Option<u32>,
+    /// Repository prefixes renamed, first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renames: Vec<RenameSpec>,
+}
+
+/// One rename of a repository prefix.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+pub struct RenameSpec {
+    pub from: String,
+    pub to: String,
+}
+
+/// How to log in to a registry.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("has(self.secretName) != (has(self.serviceAccountToken) && self.serviceAccountToken)")
+        .message("set exactly one of secretName and serviceAccountToken")
+)]
+pub struct CredentialsSpec {
+    /// A Secret in this namespace: `kubernetes.io/dockerconfigjson` (the entry for
+    /// this registry's host), `kubernetes.io/basic-auth`, or a bearer token under the
+    /// key `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// Log in with the pod's own service-account token (OpenShift's internal
+    /// registry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token: Option<bool>,
+}
+
+/// Transfer settings; each defaults to ShipperD's.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferSpec {
+    /// Large blobs uploaded at once (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub concurrency: Option<u32>,
+    /// Blobs larger than this (bytes) go up in chunks (default 256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_threshold: Option<u64>,
+    /// Tries of one request before its image's job is retried later (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub retries: Option<u32>,
+}
+
+/// Whether a target resource could be used, and why not.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    /// `Ready`: applied to the running services; `False` with the reason when the
+    /// object (or a Secret or ConfigMap it names) cannot be used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "shipperd.io",
+    version = "v1alpha1",
+    kind = "WebhookTarget",
+    namespaced,
+    status = "TargetStatus",
+    shortname = "wht",
+    category = "shipperd",
+    doc = "A webhook ShipperD posts its events to.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+/// Where ShipperD's events go: a URL, which event types, signed with which secret
+/// (Standard Webhooks).
+pub struct WebhookTargetSpec {
+    /// An http(s) URL. Shown without credentials or query in status and logs.
+    pub url: String,
+    /// Event types to send (e.g. `io.shipperd.bundle.published`); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+    /// The signing secret (`whsec_<base64>` or raw bytes).
+    pub signing_secret: KeyRef,
+}
