@@ -11,6 +11,7 @@
 //! - [`WebhookTarget`]: where events go, which ones, signed with which secret.
 
 pub mod crd;
+pub mod mirrors;
 
 pub use crd::{
     Bundle, BundleSpec, BundleStatus, RegistryTarget, RegistryTargetSpec, WebhookTarget,
