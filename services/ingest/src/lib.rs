@@ -12,6 +12,7 @@
 mod disk;
 mod drop_dir;
 mod error;
+mod fetch;
 mod http;
 mod janitor;
 mod metrics;
@@ -22,10 +23,11 @@ mod views;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 pub use error::{Error, Result};
+pub use fetch::{FetchSettings, FetchSource, redact};
 pub use janitor::{Janitor, Settings as JanitorSettings};
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
-pub use store::Store;
+pub use store::{Accepted, Store};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the ingest service.

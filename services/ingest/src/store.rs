@@ -50,8 +50,8 @@ pub struct Store {
 }
 
 /// Removes a temp file unless the upload completed.
-struct TempFile {
-    path: PathBuf,
+pub(crate) struct TempFile {
+    pub(crate) path: PathBuf,
     keep: bool,
 }
 
@@ -86,7 +86,7 @@ fn check_expected(expected: Option<&str>, actual: &str) -> Result<()> {
     }
 }
 
-fn hash_id(hasher: Sha256) -> BundleId {
+pub(crate) fn hash_id(hasher: Sha256) -> BundleId {
     BundleId::from_sha256(&hasher.finalize().into())
 }
 
@@ -153,7 +153,7 @@ impl Store {
         Ok(self.state.summary(id).await?)
     }
 
-    fn temp_file(&self, keep: bool) -> TempFile {
+    pub(crate) fn temp_file(&self, keep: bool) -> TempFile {
         TempFile {
             path: self
                 .data
@@ -421,8 +421,13 @@ impl Store {
         }
     }
 
+    /// The largest bundle taken in.
+    pub(crate) fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// Moves a complete, hashed temp file into place and records the bundle.
-    async fn commit(
+    pub(crate) async fn commit(
         &self,
         name: &str,
         mut tmp: TempFile,

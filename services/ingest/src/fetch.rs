@@ -1,0 +1,244 @@
+//! Fetching a bundle from an http(s) URL into the store: what a `Bundle` resource's
+//! `url` source asks for. The body goes through the same writer as an upload (hashed on
+//! its own thread, flushed as it arrives); a broken or stalled connection is resumed
+//! with `Range` from the bytes already written (a server that answers the range with
+//! the whole file starts the fetch over); the bytes must hash to the sha256 the source
+//! names before the bundle is recorded, else nothing is kept.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use shipperd_model::{BundleId, TargetName};
+
+use crate::{
+    Error, Result,
+    disk::DiskWriter,
+    store::{Accepted, Store, hash_id},
+};
+
+/// Where a bundle is fetched from.
+#[derive(Debug, Clone)]
+pub struct FetchSource {
+    /// An http or https URL.
+    pub url: String,
+    /// What the bytes must hash to (the bundle's id).
+    pub sha256: BundleId,
+    /// PEM certificates to trust beside the system's, for https.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// How hard to try.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    /// Requests made at most (the first and its resumptions).
+    pub attempts: u32,
+    /// A connection that moves no byte for this long is abandoned (and resumed).
+    pub stall_timeout: Duration,
+    /// Waited before the first resumption; doubles, up to 30 s.
+    pub retry_base: Duration,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        FetchSettings {
+            attempts: 8,
+            stall_timeout: Duration::from_secs(30),
+            retry_base: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why one request ended before the whole body arrived.
+enum Broken {
+    /// Try again from where it stopped.
+    Resume(String),
+    /// Trying again will not help.
+    Fail(Error),
+}
+
+impl Store {
+    /// Fetches `source` into the store as bundle `name` and records it (or finds it
+    /// known already, by its sha256, without fetching).
+    pub async fn fetch(
+        &self,
+        name: &str,
+        source: &FetchSource,
+        target: Option<&TargetName>,
+        settings: &FetchSettings,
+    ) -> Result<Accepted> {
+        crate::store::validate_name(name)?;
+        if let Some(s) = self.known(&source.sha256).await?
+            && s.expired_at.is_none()
+            && !s.deleting
+        {
+            return Ok(Accepted {
+                summary: s,
+                created: false,
+            });
+        }
+        let client = client(source)?;
+        let mut tmp = self.temp_file(false);
+        let mut out = DiskWriter::create(&tmp.path)
+            .await
+            .map_err(|e| Error::io(&tmp.path, e))?;
+        let mut written = 0u64;
+        let mut last = String::new();
+        for attempt in 0..settings.attempts.max(1) {
+            if attempt > 0 {
+                let delay = (settings.retry_base * 2u32.pow(attempt.min(6) - 1))
+                    .min(Duration::from_secs(30));
+                tracing::warn!(url = %redact(&source.url), written, error = %last, ?delay, "fetch broken; resuming");
+                tokio::time::sleep(delay).await;
+            }
+            match self
+                .fetch_once(&client, source, settings, &mut out, &mut written)
+                .await
+            {
+                Ok(()) => {
+                    let hasher = out.finish().await.map_err(|e| Error::io(&tmp.path, e))?;
+                    let id = hash_id(hasher);
+                    if id != source.sha256 {
+                        return Err(Error::ChecksumMismatch {
+                            expected: source.sha256.to_string(),
+                            actual: id.to_string(),
+                        });
+                    }
+                    if written == 0 {
+                        return Err(Error::Empty);
+                    }
+                    return self.commit(name, tmp, id, written, target).await;
+                }
+                Err(Broken::Fail(e)) => return Err(e),
+                Err(Broken::Resume(why)) if why == RESTART => {
+                    // The server sent the whole file again: start over, in a new file.
+                    tmp = self.temp_file(false);
+                    out = DiskWriter::create(&tmp.path)
+                        .await
+                        .map_err(|e| Error::io(&tmp.path, e))?;
+                    written = 0;
+                    last = "the server does not resume (no range support)".into();
+                }
+                Err(Broken::Resume(why)) => last = why,
+            }
+        }
+        Err(Error::Incomplete {
+            received: written,
+            reason: format!(
+                "fetching {} failed {} times, the last: {last}",
+                redact(&source.url),
+                settings.attempts
+            ),
+        })
+    }
+
+    /// One request, from byte `written` on; appends what arrives.
+    async fn fetch_once(
+        &self,
+        client: &reqwest::Client,
+        source: &FetchSource,
+        settings: &FetchSettings,
+        out: &mut DiskWriter,
+        written: &mut u64,
+    ) -> Result<(), Broken> {
+        let mut req = client.get(&source.url);
+        if *written > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={written}-"));
+        }
+        let resp = match tokio::time::timeout(settings.stall_timeout, req.send()).await {
+            Err(_) => return Err(Broken::Resume("no answer".into())),
+            Ok(Err(e)) => return Err(Broken::Resume(error_chain(&e.without_url()))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        match status {
+            200 if *written > 0 => return Err(Broken::Resume(RESTART.into())),
+            200 => {}
+            206 => {
+                let from = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if from != Some(*written) {
+                    return Err(Broken::Resume(RESTART.into()));
+                }
+            }
+            408 | 425 | 429 | 500..=599 => {
+                return Err(Broken::Resume(format!("the server answered {status}")));
+            }
+            _ => {
+                return Err(Broken::Fail(Error::BadRequest(format!(
+                    "fetching {}: the server answered {status}",
+                    redact(&source.url)
+                ))));
+            }
+        }
+        let mut body = resp.bytes_stream();
+        loop {
+            let chunk = match tokio::time::timeout(settings.stall_timeout, body.next()).await {
+                Err(_) => return Err(Broken::Resume("the transfer stalled".into())),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => return Err(Broken::Resume(error_chain(&e.without_url()))),
+                Ok(Some(Ok(c))) => c,
+            };
+            *written += chunk.len() as u64;
+            if *written > self.max_bytes() {
+                return Err(Broken::Fail(Error::TooLarge {
+                    limit: self.max_bytes(),
+                }));
+            }
+            out.write(chunk).await.map_err(|e| {
+                Broken::Fail(Error::Incomplete {
+                    received: *written,
+                    reason: format!("writing it failed: {e}"),
+                })
+            })?;
+        }
+    }
+}
+
+const RESTART: &str = "restart";
+
+fn client(source: &FetchSource) -> Result<reqwest::Client> {
+    // ring is our one TLS provider; a no-op when the binary installed it already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        // A redirect to elsewhere would fetch from a place the resource does not name.
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pem) = &source.ca_pem {
+        for cert in reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| Error::BadRequest(format!("the fetch's CA bundle: {e}")))?
+        {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build()
+        .map_err(|e| Error::BadRequest(format!("cannot build an HTTP client: {e}")))
+}
+
+/// The URL without credentials or query (which often carry tokens), for logs and errors.
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => "<an invalid URL>".into(),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -1,0 +1,211 @@
+//! A bundle fetched from a URL (a `Bundle` resource's `url` source): a connection cut
+//! mid-way is resumed with `Range`, the bytes are checked against the sha256 the source
+//! names, and the bundle is published like an upload.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::Response,
+    routing::get,
+};
+use shipperd_ingest::{FetchSettings, FetchSource, Store};
+use shipperd_model::{BundleId, DataDir};
+use shipperd_tests::{
+    app::{Options, TestApp, spawn_app},
+    fixtures::{sample, sha256, tar_bytes},
+};
+
+const DONE: Duration = Duration::from_secs(90);
+
+/// A file server whose first answer is cut after `cut` bytes; `ranges` says whether it
+/// honours `Range` afterwards (else it sends the whole file again).
+#[derive(Clone)]
+struct Server {
+    bytes: Arc<Vec<u8>>,
+    cut: usize,
+    ranges: bool,
+    requests: Arc<AtomicUsize>,
+    seen_ranges: Arc<Mutex<Vec<String>>>,
+}
+
+async fn serve(State(s): State<Server>, headers: HeaderMap) -> Response {
+    let n = s.requests.fetch_add(1, Ordering::SeqCst);
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Some(r) = &range {
+        s.seen_ranges.lock().unwrap().push(r.clone());
+    }
+    let total = s.bytes.len();
+    if n == 0 {
+        // The whole length announced, a part sent, then the connection breaks.
+        let part = bytes::Bytes::copy_from_slice(&s.bytes[..s.cut]);
+        let stream =
+            futures::stream::iter(vec![Ok(part), Err(std::io::Error::other("connection cut"))]);
+        return Response::builder()
+            .header(header::CONTENT_LENGTH, total)
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    let from = range.filter(|_| s.ranges).and_then(|r| {
+        r.strip_prefix("bytes=")?
+            .strip_suffix('-')?
+            .parse::<usize>()
+            .ok()
+    });
+    match from {
+        Some(from) => Response::builder()
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(
+                header::CONTENT_RANGE,
+                format!("bytes {from}-{}/{total}", total - 1),
+            )
+            .body(Body::from(s.bytes[from..].to_vec()))
+            .unwrap(),
+        None => Response::new(Body::from(s.bytes.as_ref().clone())),
+    }
+}
+
+async fn start(bytes: Vec<u8>, ranges: bool) -> anyhow::Result<(String, Server)> {
+    let server = Server {
+        cut: bytes.len() * 2 / 5,
+        bytes: Arc::new(bytes),
+        ranges,
+        requests: Arc::default(),
+        seen_ranges: Arc::default(),
+    };
+    let app = Router::new()
+        .route("/bundles/{name}", get(serve))
+        .with_state(server.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!(
+        "http://{}/bundles/b.tar?token=secret",
+        listener.local_addr()?
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, server))
+}
+
+async fn store(app: &TestApp) -> anyhow::Result<Store> {
+    let bus = shipperd_bus::Bus::connect(&app.nats.url(), "test-fetch").await?;
+    Ok(Store::open(bus, &DataDir::new(app.data.path()), 1 << 40).await?)
+}
+
+fn quick() -> FetchSettings {
+    FetchSettings {
+        attempts: 4,
+        stall_timeout: Duration::from_secs(5),
+        retry_base: Duration::from_millis(50),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_cut_mid_way_resumes_and_publishes() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("fetch", "fetch", 2);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    let id = BundleId::parse(&sha256(&bytes)[7..])?;
+    let (url, server) = start(bytes.clone(), true).await?;
+    let store = store(&app).await?;
+    let source = FetchSource {
+        url: url.clone(),
+        sha256: id.clone(),
+        ca_pem: None,
+    };
+    let accepted = store.fetch("fetch.tar", &source, None, &quick()).await?;
+    assert!(accepted.created);
+    assert_eq!(accepted.summary.size, bytes.len() as u64);
+    // Two requests: the cut one, then the rest from where it stopped.
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *server.seen_ranges.lock().unwrap(),
+        [format!("bytes={}-", server.cut)]
+    );
+    let rec = app.wait_done(id.as_str(), DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    assert_eq!(rec["name"], "fetch.tar");
+    app.assert_published(&layout, "").await?;
+
+    // Known by its sha256: nothing is fetched again.
+    let again = store.fetch("fetch.tar", &source, None, &quick()).await?;
+    assert!(!again.created);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_without_ranges_is_fetched_again_and_a_wrong_sha256_keeps_nothing()
+-> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("fetch-norange", "norange", 1);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    let id = BundleId::parse(&sha256(&bytes)[7..])?;
+    let (url, server) = start(bytes.clone(), false).await?;
+    let store = store(&app).await?;
+
+    // The checksum the resource names is not the file's: refused, nothing kept.
+    let wrong = FetchSource {
+        url: url.clone(),
+        sha256: BundleId::parse(&"e".repeat(64))?,
+        ca_pem: None,
+    };
+    let err = store
+        .fetch("wrong.tar", &wrong, None, &quick())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    assert_eq!(app.temp_files(), 0);
+    assert!(app.bundle(&"e".repeat(64)).await?.is_none());
+
+    // The cut transfer cannot be resumed (the server ignores Range): fetched again whole.
+    server.requests.store(0, Ordering::SeqCst);
+    let source = FetchSource {
+        url,
+        sha256: id.clone(),
+        ca_pem: None,
+    };
+    let accepted = store.fetch("norange.tar", &source, None, &quick()).await?;
+    assert!(accepted.created);
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        3,
+        "cut, whole again from a range, then whole"
+    );
+    let rec = app.wait_done(id.as_str(), DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    assert_eq!(app.temp_files(), 0);
+
+    // A URL's query (a token, often) never shows in errors.
+    let gone = FetchSource {
+        url: "http://127.0.0.1:9/bundle.tar?token=hunter2".into(),
+        sha256: BundleId::parse(&"f".repeat(64))?,
+        ca_pem: None,
+    };
+    let err = store
+        .fetch(
+            "gone.tar",
+            &gone,
+            None,
+            &FetchSettings {
+                attempts: 2,
+                ..quick()
+            },
+        )
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("failed 2 times"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    app.stop().await
+}
