@@ -12,6 +12,7 @@
 
 pub mod crd;
 pub mod mirrors;
+pub mod status;
 
 pub use crd::{
     Bundle, BundleSpec, BundleStatus, RegistryTarget, RegistryTargetSpec, WebhookTarget,
