@@ -25,6 +25,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 pub use error::{Error, Result};
 pub use fetch::{FetchSettings, FetchSource, redact};
 pub use janitor::{Janitor, Settings as JanitorSettings};
+pub use ops::delete as delete_bundle;
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
 pub use store::{Accepted, Store};

@@ -1,0 +1,305 @@
+//! The `Bundle` reconciler: turns a `Bundle` into ShipperD work and mirrors ShipperD's
+//! state into its status.
+//!
+//! - A finalizer (`shipperd.io/cleanup`) is added first; deleting the `Bundle` then
+//!   deletes its stored file and state in ShipperD (its images in the registry stay).
+//! - A `url` source ShipperD does not hold yet is fetched (`Store::fetch`: resumed,
+//!   checked against the `sha256`) in a task of its own; the status says `Fetching`,
+//!   and `Failed` with reason `FetchFailed` if it gives up. An `upload` source is
+//!   ShipperD's already.
+//! - Once ShipperD holds the bundle, the status is written from its summary (see
+//!   [`crate::status`]) when it changed, and a Kubernetes Event is recorded when the
+//!   phase moves on (`Received`, `Unpacked`, `Published`, `Failed`).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Api, Resource as _, ResourceExt as _,
+    api::{Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder},
+        finalizer::{Event, finalizer},
+    },
+};
+use shipperd_ingest::{FetchSettings, FetchSource, Store};
+use shipperd_model::{BundleId, TargetName};
+use shipperd_state::StateStore;
+
+use crate::{
+    crd::{Bundle, BundleStatus},
+    status::{bundle_status, pending_status},
+};
+
+/// The finalizer that lets ShipperD clean up a deleted `Bundle`.
+pub const FINALIZER: &str = "shipperd.io/cleanup";
+/// How soon an unfinished `Bundle` is looked at again.
+const REQUEUE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Bus(#[from] shipperd_bus::Error),
+    #[error(transparent)]
+    Ingest(#[from] shipperd_ingest::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How a fetch started by this operator is doing.
+#[derive(Debug, Clone, PartialEq)]
+enum Fetch {
+    Running,
+    Failed(String),
+    Done,
+}
+
+/// What the reconciler works with.
+pub struct Context {
+    pub client: kube::Client,
+    pub store: Arc<Store>,
+    pub state: StateStore,
+    pub recorder: Recorder,
+    pub fetch: FetchSettings,
+    /// Fetches started here, by `Bundle` uid.
+    fetches: Arc<Mutex<HashMap<String, Fetch>>>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        store: Arc<Store>,
+        state: StateStore,
+        fetch: FetchSettings,
+    ) -> Self {
+        let recorder = Recorder::new(client.clone(), "shipperd-operator".into());
+        Context {
+            client,
+            store,
+            state,
+            recorder,
+            fetch,
+            fetches: Arc::default(),
+        }
+    }
+
+    fn fetch_state(&self, uid: &str) -> Option<Fetch> {
+        self.fetches.lock().expect("not poisoned").get(uid).cloned()
+    }
+
+    fn set_fetch(&self, uid: &str, f: Fetch) {
+        self.fetches
+            .lock()
+            .expect("not poisoned")
+            .insert(uid.to_string(), f);
+    }
+}
+
+/// Reconciles one `Bundle`.
+pub async fn reconcile(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = b
+        .namespace()
+        .ok_or_else(|| Error::Invalid("a Bundle is namespaced".into()))?;
+    let api: Api<Bundle> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, b, |event| async {
+        match event {
+            Event::Apply(b) => apply(&b, &api, &ctx).await,
+            Event::Cleanup(b) => cleanup(&b, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+/// What to do after an error: look again later.
+pub fn error_policy(_b: Arc<Bundle>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(%error, "reconciling a Bundle failed");
+    Action::requeue(REQUEUE)
+}
+
+fn parse_id(s: &str) -> Result<BundleId, Error> {
+    BundleId::parse(s).map_err(|e| Error::Invalid(format!("bundle id {s:?}: {e}")))
+}
+
+/// The id of the bundle a `Bundle` stands for, when it can be known yet.
+fn bundle_id(b: &Bundle) -> Result<Option<BundleId>, Error> {
+    if let Some(id) = b.status.as_ref().and_then(|s| s.bundle_id.as_deref()) {
+        return parse_id(id).map(Some);
+    }
+    let src = &b.spec.source;
+    if let Some(u) = &src.upload {
+        return parse_id(&u.bundle_id).map(Some);
+    }
+    if let Some(u) = &src.url {
+        return parse_id(&u.sha256).map(Some);
+    }
+    if let Some(p) = &src.path {
+        return p.sha256.as_deref().map(parse_id).transpose();
+    }
+    Ok(None)
+}
+
+async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, Error> {
+    let generation = b.metadata.generation;
+    let previous = b
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let now = Timestamp::now();
+    let id = bundle_id(b)?;
+    let summary = match &id {
+        Some(id) => ctx.state.summary(id).await?,
+        None => None,
+    };
+    let status = match (&summary, &b.spec.source.url) {
+        (Some(s), _) => bundle_status(s, generation, &previous, now),
+        (None, Some(url)) => {
+            let uid = b.uid().unwrap_or_default();
+            match ctx.fetch_state(&uid) {
+                Some(Fetch::Failed(why)) => {
+                    pending_status("Failed", Some(&why), generation, &previous, now)
+                }
+                Some(Fetch::Running) | Some(Fetch::Done) => {
+                    pending_status("Fetching", None, generation, &previous, now)
+                }
+                None => {
+                    start_fetch(b, url, &uid, ctx)?;
+                    pending_status("Fetching", None, generation, &previous, now)
+                }
+            }
+        }
+        (None, None) if b.spec.source.path.is_some() => pending_status(
+            "Failed",
+            Some("path sources are not taken yet; upload the file or serve it by URL"),
+            generation,
+            &previous,
+            now,
+        ),
+        (None, None) => pending_status("Pending", None, generation, &previous, now),
+    };
+    let old_phase = b.status.as_ref().and_then(|s| s.phase.clone());
+    if old_phase != status.phase {
+        record_phase(b, &status, ctx).await;
+    }
+    if b.status.as_ref() != Some(&status) {
+        let patch = serde_json::json!({ "status": status });
+        api.patch_status(
+            &b.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    Ok(match status.phase.as_deref() {
+        Some("Published") | Some("Failed") => Action::await_change(),
+        _ => Action::requeue(REQUEUE),
+    })
+}
+
+/// Starts fetching a `url` source in a task of its own.
+fn start_fetch(
+    b: &Bundle,
+    url: &crate::crd::UrlSource,
+    uid: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let source = FetchSource {
+        url: url.url.clone(),
+        sha256: parse_id(&url.sha256)?,
+        // A CA from a ConfigMap or Secret is read by the caller once targets are
+        // resources; none yet.
+        ca_pem: None,
+    };
+    let target = b
+        .spec
+        .target
+        .as_deref()
+        .map(TargetName::parse)
+        .transpose()
+        .map_err(|e| Error::Invalid(format!("spec.target: {e}")))?;
+    let name = b.name_any();
+    ctx.set_fetch(uid, Fetch::Running);
+    let (store, settings, uid) = (ctx.store.clone(), ctx.fetch.clone(), uid.to_string());
+    let done = ctx.fetches.clone();
+    tokio::spawn(async move {
+        let outcome = store
+            .fetch(&name, &source, target.as_ref(), &settings)
+            .await;
+        let state = match outcome {
+            Ok(_) => Fetch::Done,
+            Err(e) => {
+                tracing::warn!(bundle = %name, error = %e, "fetching the bundle failed");
+                Fetch::Failed(e.to_string())
+            }
+        };
+        done.lock().expect("not poisoned").insert(uid, state);
+    });
+    Ok(())
+}
+
+/// Records a Kubernetes Event for the phase `status` reached.
+async fn record_phase(b: &Bundle, status: &BundleStatus, ctx: &Context) {
+    let phase = status.phase.as_deref().unwrap_or_default();
+    let (type_, reason, note) = match phase {
+        "Received" => (
+            EventType::Normal,
+            "Received",
+            "ShipperD stored the bundle".to_string(),
+        ),
+        "Publishing" => (
+            EventType::Normal,
+            "Unpacked",
+            format!(
+                "{} images to publish",
+                status.images.as_ref().map_or(0, |i| i.total)
+            ),
+        ),
+        "Published" => (
+            EventType::Normal,
+            "Published",
+            format!(
+                "{} images published",
+                status.images.as_ref().map_or(0, |i| i.published)
+            ),
+        ),
+        "Failed" => (
+            EventType::Warning,
+            "Failed",
+            status.error.clone().unwrap_or_default(),
+        ),
+        _ => return,
+    };
+    let ev = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
+        tracing::warn!(%error, "cannot record an Event");
+    }
+}
+
+/// A deleted `Bundle`: its stored file and state go (its images stay in the registry).
+async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
+    if let Some(id) = bundle_id(b)?
+        && ctx.state.summary(&id).await?.is_some()
+    {
+        match shipperd_ingest::delete_bundle(&ctx.store, &id, true).await {
+            Ok(()) | Err(shipperd_ingest::Error::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::await_change())
+}

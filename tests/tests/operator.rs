@@ -1,0 +1,245 @@
+//! The `Bundle` reconciler against a fake Kubernetes API server (a `tower_test` mock:
+//! no cluster can be had here) and a real ShipperD (nats-server, docker-registry, the
+//! services): a `Bundle` from a URL is fetched, published, and its status, conditions
+//! and Events are written; deleting it removes its bundle from ShipperD.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{Router, routing::get};
+use http::{Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+use shipperd_ingest::{FetchSettings, Store};
+use shipperd_model::{BundleId, DataDir};
+use shipperd_operator::{
+    Bundle,
+    controller::{Context, FINALIZER, reconcile},
+};
+use shipperd_tests::{
+    app::{Options, TestApp, spawn_app},
+    fixtures::{sample, sha256, tar_bytes},
+};
+
+/// What the fake API server holds and saw.
+#[derive(Default)]
+struct Fake {
+    bundle: Value,
+    events: Vec<Value>,
+    requests: Vec<String>,
+}
+
+/// A fake API server for one `Bundle`: finalizer patches, status patches, Events.
+fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let fake = Arc::new(Mutex::new(Fake {
+        bundle,
+        ..Fake::default()
+    }));
+    let f = fake.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            let body = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut fk = f.lock().unwrap();
+            fk.requests.push(format!("{method} {path}"));
+            let (status, answer) = match (method.as_str(), path.as_str()) {
+                ("PATCH", p) if p.ends_with("/bundles/b1") => {
+                    // The finalizer helper's JSON patch: test, then add (or remove).
+                    for op in body.as_array().into_iter().flatten() {
+                        match op["op"].as_str() {
+                            Some("add") | Some("replace") => {
+                                fk.bundle["metadata"]["finalizers"] = op["value"].clone()
+                            }
+                            Some("remove") => fk.bundle["metadata"]["finalizers"] = json!([]),
+                            _ => {}
+                        }
+                    }
+                    (200, fk.bundle.clone())
+                }
+                ("PATCH", p) if p.ends_with("/bundles/b1/status") => {
+                    fk.bundle["status"] = body["status"].clone();
+                    (200, fk.bundle.clone())
+                }
+                ("POST", p) if p.ends_with("/events") => {
+                    fk.events.push(body.clone());
+                    (201, body)
+                }
+                ("PATCH", p) if p.contains("/events/") => (200, body),
+                _ => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+            };
+            drop(fk);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (kube::Client::new(service, "default"), fake)
+}
+
+async fn context(app: &TestApp, client: kube::Client) -> anyhow::Result<Arc<Context>> {
+    let bus = shipperd_bus::Bus::connect(&app.nats.url(), "test-operator").await?;
+    let store = Store::open(bus.clone(), &DataDir::new(app.data.path()), 1 << 40).await?;
+    let state = shipperd_state::StateStore::open(&bus).await?;
+    Ok(Arc::new(Context::new(
+        client,
+        Arc::new(store),
+        state,
+        FetchSettings {
+            attempts: 3,
+            stall_timeout: Duration::from_secs(5),
+            retry_base: Duration::from_millis(50),
+        },
+    )))
+}
+
+/// Reconciles the fake's `Bundle` until `done` holds (a minute at most).
+async fn reconcile_until(
+    ctx: &Arc<Context>,
+    fake: &Arc<Mutex<Fake>>,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let current = fake.lock().unwrap().bundle.clone();
+        if done(&current) {
+            return Ok(current);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not done: {current:#}");
+        let b: Bundle = serde_json::from_value(current)?;
+        reconcile(Arc::new(b), ctx.clone()).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() -> anyhow::Result<()>
+{
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("operator", "b1", 0);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    let id = sha256(&bytes)[7..].to_string();
+    let served = bytes.clone();
+    let files = Router::new().route(
+        "/b1.tar",
+        get(move || {
+            let b = served.clone();
+            async move { b }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/b1.tar", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, files).await });
+
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1",
+        "kind": "Bundle",
+        "metadata": { "name": "b1", "namespace": "ns", "uid": "uid-1", "generation": 1,
+                      "resourceVersion": "1" },
+        "spec": { "source": { "url": { "url": url, "sha256": id } } },
+    }));
+    let ctx = context(&app, client).await?;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+
+    assert_eq!(done["metadata"]["finalizers"], json!([FINALIZER]));
+    let st = &done["status"];
+    assert_eq!(st["bundleId"], id);
+    assert_eq!(st["observedGeneration"], 1);
+    let n = layout.images.len() as u64;
+    assert_eq!(st["images"]["published"], n, "{st:#}");
+    assert_eq!(st["imagesSummary"], format!("{n}/{n}"));
+    assert_eq!(st["progress"], "100%");
+    let ready = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("Published"))
+    );
+    app.assert_published(&layout, "").await?;
+    {
+        let fk = fake.lock().unwrap();
+        let reasons: Vec<&str> = fk
+            .events
+            .iter()
+            .filter_map(|e| e["reason"].as_str())
+            .collect();
+        assert!(reasons.contains(&"Published"), "{reasons:?}");
+        assert!(
+            fk.events
+                .iter()
+                .all(|e| e["regarding"]["name"] == "b1" && e["regarding"]["kind"] == "Bundle"),
+            "{:#?}",
+            fk.events
+        );
+    }
+
+    // Deleted: ShipperD forgets the bundle (its images stay in the registry).
+    fake.lock().unwrap().bundle["metadata"]["deletionTimestamp"] = json!("2026-11-25T00:00:00Z");
+    let gone = reconcile_until(&ctx, &fake, |b| {
+        b["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.is_empty())
+    })
+    .await?;
+    assert!(gone["metadata"]["deletionTimestamp"].is_string());
+    assert!(app.bundle(&id).await?.is_none(), "ShipperD still has it");
+    assert!(
+        !DataDir::new(app.data.path())
+            .bundle_dir(&BundleId::parse(&id)?)
+            .exists()
+    );
+    app.assert_published(&layout, "").await?;
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_url_that_cannot_be_fetched_fails_the_bundle_with_a_reason() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1",
+        "kind": "Bundle",
+        "metadata": { "name": "b1", "namespace": "ns", "uid": "uid-2", "generation": 2,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "source": { "url": {
+            "url": "http://127.0.0.1:9/missing.tar?token=hunter2",
+            "sha256": "e".repeat(64) } } },
+    }));
+    let ctx = context(&app, client).await?;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
+    let st = &done["status"];
+    let failed = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Failed")
+        .unwrap();
+    assert_eq!(
+        (&failed["status"], &failed["reason"]),
+        (&json!("True"), &json!("FetchFailed"))
+    );
+    let why = failed["message"].as_str().unwrap();
+    assert!(why.contains("failed 3 times"), "{why}");
+    assert!(!why.contains("hunter2"), "{why}");
+    let fk = fake.lock().unwrap();
+    assert!(
+        fk.events
+            .iter()
+            .any(|e| e["reason"] == "Failed" && e["type"] == "Warning")
+    );
+    Ok(())
+}
