@@ -62,9 +62,39 @@ pub enum Command {
         #[command(flatten)]
         notify: NotifyArgs,
     },
+    /// Reconcile `Bundle` resources (a preview: url sources fetched, status, Events,
+    /// clean-up on delete); needs a Kubernetes API (in-cluster or a kubeconfig).
+    Operator {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        operator: OperatorArgs,
+    },
     /// Print the CustomResourceDefinitions of ShipperD's resources (Bundle,
     /// RegistryTarget, WebhookTarget) as YAML, e.g. `shipperd crd | kubectl apply -f -`.
     Crd,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Watch `Bundle`s in this namespace only (default: every namespace).
+    #[arg(long = "watch-namespace", env = "SHIPPERD_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Largest bundle fetched, in bytes.
+    #[arg(long, env = "SHIPPERD_MAX_BUNDLE_BYTES", default_value_t = 1 << 40)]
+    pub max_bundle_bytes: u64,
+}
+
+impl OperatorArgs {
+    pub fn config(&self, c: &Common) -> shipperd_operator::controller::Config {
+        shipperd_operator::controller::Config {
+            nats_url: c.nats_url.clone(),
+            data_dir: shipperd_model::DataDir::new(c.data_dir.clone()),
+            namespace: self.namespace.clone(),
+            max_bundle_bytes: self.max_bundle_bytes,
+            fetch: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Publish { .. } => "shipperd-publish",
         Command::Notify { .. } => "shipperd-notify",
         Command::All { .. } => "shipperd",
+        Command::Operator { .. } => "shipperd-operator",
         Command::Crd => unreachable!("printed above"),
     };
     let _telemetry = shipperd_telemetry::init(service)?;
@@ -59,6 +60,9 @@ async fn main() -> anyhow::Result<()> {
         },
         Command::Notify { common, notify } => {
             shipperd_notify::run(notify.config(&common), shutdown).await?
+        }
+        Command::Operator { common, operator } => {
+            shipperd_operator::controller::run(operator.config(&common), shutdown).await?
         }
         Command::Crd => unreachable!("printed above"),
     }

@@ -175,3 +175,27 @@ async fn a_claim_left_by_a_crash_is_finished_by_whoever_comes_next() -> anyhow::
     );
     Ok(())
 }
+
+/// The operator reconciles a `Bundle` when its summary changes: the watch names each
+/// changed bundle (on nats-server 2.9 too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn summary_changes_are_watched() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let (_nats, store) = store().await?;
+    let changes = store.changes().await?;
+    futures::pin_mut!(changes);
+    let id = bundle(&store, "watched", 1).await?;
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), changes.next())
+        .await?
+        .expect("a change");
+    assert_eq!(seen, id);
+    store
+        .update(&id, |s| s.fail("x".into()).then_some(()))
+        .await?
+        .expect("updated");
+    let again = tokio::time::timeout(std::time::Duration::from_secs(10), changes.next())
+        .await?
+        .expect("another change");
+    assert_eq!(again, id);
+    Ok(())
+}

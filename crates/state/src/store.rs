@@ -139,6 +139,13 @@ impl StateStore {
             .collect())
     }
 
+    /// The ids of bundles whose summary changes from now on (a stream that ends when
+    /// the watch does).
+    pub async fn changes(&self) -> Result<impl futures::Stream<Item = BundleId> + use<>> {
+        let watch = self.bundles.watch_all().await.map_err(Error::nats)?;
+        Ok(watch.filter_map(|e| async move { e.ok().and_then(|e| BundleId::parse(&e.key).ok()) }))
+    }
+
     /// Every summary, in no particular order.
     pub async fn list(&self) -> Result<Vec<BundleSummary>> {
         let ids = self.ids().await?;

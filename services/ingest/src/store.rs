@@ -115,6 +115,8 @@ async fn restore(from: &Path, to: &Path) {
 }
 
 impl Store {
+    /// Opens the store for the ingest service, which owns `<data>/tmp`: leftovers of
+    /// uploads a crash cut off are removed first.
     pub async fn open(bus: Bus, data: &DataDir, max_bytes: u64) -> Result<Self> {
         let tmp_dir = data.tmp();
         // Leftovers of uploads cut off by a crash are never whole bundles.
@@ -123,6 +125,13 @@ impl Store {
                 .await
                 .map_err(|e| Error::io(&tmp_dir, e))?;
         }
+        Self::attach(bus, data, max_bytes).await
+    }
+
+    /// Opens the store beside a running ingest service (the operator's fetches): its
+    /// temp files are left alone.
+    pub async fn attach(bus: Bus, data: &DataDir, max_bytes: u64) -> Result<Self> {
+        let tmp_dir = data.tmp();
         for d in [&tmp_dir, &data.bundles(), &data.uploads()] {
             tokio::fs::create_dir_all(d)
                 .await

@@ -104,6 +104,68 @@ impl Context {
     }
 }
 
+/// Settings of the operator.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    pub data_dir: shipperd_model::DataDir,
+    /// Watch `Bundle`s in this namespace only (default: every namespace).
+    pub namespace: Option<String>,
+    /// The largest bundle fetched.
+    pub max_bundle_bytes: u64,
+    pub fetch: FetchSettings,
+}
+
+/// Runs the `Bundle` controller until `shutdown`. A `Bundle` is reconciled when it
+/// changes and when ShipperD's summary of its bundle changes (a watch of the
+/// `shipperd-bundles` bucket), not by polling every bundle.
+pub async fn run(
+    config: Config,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), Error> {
+    use futures::StreamExt as _;
+    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
+
+    let client = kube::Client::try_default().await?;
+    let bus = shipperd_bus::Bus::connect(&config.nats_url, "shipperd-operator").await?;
+    bus.ensure_topology().await?;
+    let store = Store::attach(bus.clone(), &config.data_dir, config.max_bundle_bytes).await?;
+    let state = StateStore::open(&bus).await?;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(store),
+        state.clone(),
+        config.fetch,
+    ));
+    let bundles: Api<Bundle> = match &config.namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let controller = Controller::new(bundles, watcher::Config::default());
+    let cache = controller.store();
+    let changed = state.changes().await?.flat_map(move |id| {
+        let refs: Vec<ObjectRef<Bundle>> = cache
+            .state()
+            .into_iter()
+            .filter(|b| bundle_id(b).ok().flatten().as_ref() == Some(&id))
+            .map(|b| ObjectRef::from_obj(&*b))
+            .collect();
+        futures::stream::iter(refs)
+    });
+    tracing::info!(namespace = ?config.namespace, "operator started");
+    controller
+        .reconcile_on(changed)
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(error) = r {
+                tracing::debug!(%error, "reconcile");
+            }
+        })
+        .await;
+    Ok(())
+}
+
 /// Reconciles one `Bundle`.
 pub async fn reconcile(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = b
