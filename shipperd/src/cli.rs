@@ -83,16 +83,43 @@ pub struct OperatorArgs {
     /// Largest bundle fetched, in bytes.
     #[arg(long, env = "SHIPPERD_MAX_BUNDLE_BYTES", default_value_t = 1 << 40)]
     pub max_bundle_bytes: u64,
+    /// Act only while holding the Lease `shipperd-operator` (several replicas, one
+    /// acting). `false` for a single replica without the right to Leases.
+    #[arg(long, env = "SHIPPERD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// The Lease's namespace (default: the pod's, `POD_NAMESPACE`, else the watched
+    /// namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's name in the Lease (default: the pod's, `POD_NAME`, else the host's).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 impl OperatorArgs {
     pub fn config(&self, c: &Common) -> shipperd_operator::controller::Config {
+        let leader = self.leader_election.then(|| {
+            let ns = self
+                .lease_namespace
+                .clone()
+                .or_else(|| self.namespace.clone())
+                .unwrap_or_else(|| "default".into());
+            let me = self.identity.clone().unwrap_or_else(|| {
+                let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "shipperd".into());
+                format!("{host}-{}", std::process::id())
+            });
+            (
+                ns,
+                shipperd_operator::leader::Settings::new("shipperd-operator", me),
+            )
+        });
         shipperd_operator::controller::Config {
             nats_url: c.nats_url.clone(),
             data_dir: shipperd_model::DataDir::new(c.data_dir.clone()),
             namespace: self.namespace.clone(),
             max_bundle_bytes: self.max_bundle_bytes,
             fetch: Default::default(),
+            leader,
         }
     }
 }

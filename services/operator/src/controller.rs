@@ -114,18 +114,19 @@ pub struct Config {
     /// The largest bundle fetched.
     pub max_bundle_bytes: u64,
     pub fetch: FetchSettings,
+    /// Act only while holding this Lease (namespace, settings): several replicas, one
+    /// acting.
+    pub leader: Option<(String, crate::leader::Settings)>,
 }
 
-/// Runs the `Bundle` controller until `shutdown`. A `Bundle` is reconciled when it
+/// Runs the `Bundle` controller until `shutdown`: while this replica holds the leader
+/// lease when `config.leader` is set, else at once. A `Bundle` is reconciled when it
 /// changes and when ShipperD's summary of its bundle changes (a watch of the
 /// `shipperd-bundles` bucket), not by polling every bundle.
 pub async fn run(
     config: Config,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
-    use futures::StreamExt as _;
-    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
-
     let client = kube::Client::try_default().await?;
     let bus = shipperd_bus::Bus::connect(&config.nats_url, "shipperd-operator").await?;
     bus.ensure_topology().await?;
@@ -134,16 +135,47 @@ pub async fn run(
     let ctx = Arc::new(Context::new(
         client.clone(),
         Arc::new(store),
-        state.clone(),
-        config.fetch,
+        state,
+        config.fetch.clone(),
     ));
-    let bundles: Api<Bundle> = match &config.namespace {
+    match &config.leader {
+        Some((namespace, settings)) => {
+            let leases = Api::namespaced(client.clone(), namespace);
+            let elector = crate::leader::Elector::new(leases, settings.clone());
+            let namespace = config.namespace.clone();
+            elector
+                .run(shutdown, move |lead| {
+                    let (client, ctx, namespace) = (client.clone(), ctx.clone(), namespace.clone());
+                    async move {
+                        if let Err(error) = control(client, ctx, namespace, lead).await {
+                            tracing::error!(%error, "the controller stopped");
+                        }
+                    }
+                })
+                .await;
+            Ok(())
+        }
+        None => control(client, ctx, config.namespace.clone(), shutdown).await,
+    }
+}
+
+/// The controller, until `stop`.
+async fn control(
+    client: kube::Client,
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), Error> {
+    use futures::StreamExt as _;
+    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
+
+    let bundles: Api<Bundle> = match &namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
     let controller = Controller::new(bundles, watcher::Config::default());
     let cache = controller.store();
-    let changed = state.changes().await?.flat_map(move |id| {
+    let changed = ctx.state.changes().await?.flat_map(move |id| {
         let refs: Vec<ObjectRef<Bundle>> = cache
             .state()
             .into_iter()
@@ -152,10 +184,10 @@ pub async fn run(
             .collect();
         futures::stream::iter(refs)
     });
-    tracing::info!(namespace = ?config.namespace, "operator started");
+    tracing::info!(?namespace, "reconciling Bundles");
     controller
         .reconcile_on(changed)
-        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(error) = r {

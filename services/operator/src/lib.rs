@@ -12,6 +12,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod mirrors;
 pub mod status;
 
