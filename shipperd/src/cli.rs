@@ -94,6 +94,10 @@ pub struct OperatorArgs {
     /// This replica's name in the Lease (default: the pod's, `POD_NAME`, else the host's).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Where `Bundle` objects are created for bundles uploaded or dropped (default: the
+    /// watched namespace, else the Lease's).
+    #[arg(long, env = "SHIPPERD_UPLOAD_NAMESPACE")]
+    pub upload_namespace: Option<String>,
 }
 
 impl OperatorArgs {
@@ -119,6 +123,12 @@ impl OperatorArgs {
             namespace: self.namespace.clone(),
             max_bundle_bytes: self.max_bundle_bytes,
             fetch: Default::default(),
+            upload_namespace: self
+                .upload_namespace
+                .clone()
+                .or_else(|| self.namespace.clone())
+                .or_else(|| leader.as_ref().map(|(ns, _)| ns.clone()))
+                .or_else(|| Some("default".into())),
             leader,
         }
     }

@@ -16,7 +16,7 @@ use shipperd_ingest::{FetchSettings, Store};
 use shipperd_model::{BundleId, DataDir};
 use shipperd_operator::{
     Bundle,
-    controller::{Context, FINALIZER, reconcile},
+    controller::{Context, FINALIZER, adopt, reconcile},
 };
 use shipperd_tests::{
     app::{Options, TestApp, spawn_app},
@@ -46,8 +46,24 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let mut fk = f.lock().unwrap();
             fk.requests.push(format!("{method} {path}"));
+            let name = fk.bundle["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let this = format!("/bundles/{name}");
+            let status_of_this = format!("/bundles/{name}/status");
             let (status, answer) = match (method.as_str(), path.as_str()) {
-                ("PATCH", p) if p.ends_with("/bundles/b1") => {
+                ("POST", p) if p.ends_with("/bundles") => {
+                    // A Bundle created by the operator (for an upload).
+                    let mut b = body.clone();
+                    b["metadata"]["uid"] = json!("uid-created");
+                    b["metadata"]["generation"] = json!(1);
+                    b["metadata"]["resourceVersion"] = json!("1");
+                    b["metadata"]["namespace"] = json!("ns");
+                    fk.bundle = b.clone();
+                    (201, b)
+                }
+                ("PATCH", p) if p.ends_with(&this) => {
                     // The finalizer helper's JSON patch: test, then add (or remove).
                     for op in body.as_array().into_iter().flatten() {
                         match op["op"].as_str() {
@@ -60,7 +76,7 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                     }
                     (200, fk.bundle.clone())
                 }
-                ("PATCH", p) if p.ends_with("/bundles/b1/status") => {
+                ("PATCH", p) if p.ends_with(&status_of_this) => {
                     fk.bundle["status"] = body["status"].clone();
                     (200, fk.bundle.clone())
                 }
@@ -241,5 +257,32 @@ async fn a_url_that_cannot_be_fetched_fails_the_bundle_with_a_reason() -> anyhow
             .iter()
             .any(|e| e["reason"] == "Failed" && e["type"] == "Warning")
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_uploaded_bundle_gets_a_bundle_object_that_follows_it() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("adopt", "adopt", 0);
+    let (st, r) = app
+        .put("adopt.tar", tar_bytes(&layout.oci_files(""))?, None)
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let id = r["id"].as_str().unwrap().to_string();
+    let (client, fake) = fake_api(json!({ "metadata": { "name": "" } }));
+    let ctx = context(&app, client.clone()).await?;
+    let summary = ctx.state.summary(&BundleId::parse(&id)?).await?.unwrap();
+    let api: kube::Api<Bundle> = kube::Api::namespaced(client, "ns");
+    assert!(adopt(&api, &summary).await?);
+    {
+        let fk = fake.lock().unwrap();
+        let b = &fk.bundle;
+        assert_eq!(b["metadata"]["name"], format!("adopt-tar-{}", &id[..12]));
+        assert_eq!(b["spec"]["source"]["upload"]["bundleId"], id);
+        assert_eq!(b["spec"]["source"]["upload"]["name"], "adopt.tar");
+    }
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+    assert_eq!(done["status"]["bundleId"], id);
+    assert_eq!(done["metadata"]["finalizers"], json!([FINALIZER]));
     Ok(())
 }

@@ -28,7 +28,7 @@ use kube::{
     },
 };
 use shipperd_ingest::{FetchSettings, FetchSource, Store};
-use shipperd_model::{BundleId, TargetName};
+use shipperd_model::{BundleId, BundleSummary, TargetName};
 use shipperd_state::StateStore;
 
 use crate::{
@@ -117,6 +117,9 @@ pub struct Config {
     /// Act only while holding this Lease (namespace, settings): several replicas, one
     /// acting.
     pub leader: Option<(String, crate::leader::Settings)>,
+    /// Where `Bundle` objects are created for bundles that arrive through the ingest
+    /// endpoint or the drop directory (`None`: none are).
+    pub upload_namespace: Option<String>,
 }
 
 /// Runs the `Bundle` controller until `shutdown`: while this replica holds the leader
@@ -142,12 +145,13 @@ pub async fn run(
         Some((namespace, settings)) => {
             let leases = Api::namespaced(client.clone(), namespace);
             let elector = crate::leader::Elector::new(leases, settings.clone());
-            let namespace = config.namespace.clone();
+            let (namespace, uploads) = (config.namespace.clone(), config.upload_namespace.clone());
             elector
                 .run(shutdown, move |lead| {
-                    let (client, ctx, namespace) = (client.clone(), ctx.clone(), namespace.clone());
+                    let (client, ctx) = (client.clone(), ctx.clone());
+                    let (namespace, uploads) = (namespace.clone(), uploads.clone());
                     async move {
-                        if let Err(error) = control(client, ctx, namespace, lead).await {
+                        if let Err(error) = control(client, ctx, namespace, uploads, lead).await {
                             tracing::error!(%error, "the controller stopped");
                         }
                     }
@@ -155,7 +159,10 @@ pub async fn run(
                 .await;
             Ok(())
         }
-        None => control(client, ctx, config.namespace.clone(), shutdown).await,
+        None => {
+            let (namespace, uploads) = (config.namespace.clone(), config.upload_namespace.clone());
+            control(client, ctx, namespace, uploads, shutdown).await
+        }
     }
 }
 
@@ -164,26 +171,61 @@ async fn control(
     client: kube::Client,
     ctx: Arc<Context>,
     namespace: Option<String>,
+    uploads: Option<String>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
     use futures::StreamExt as _;
     use kube::runtime::{Controller, reflector::ObjectRef, watcher};
 
     let bundles: Api<Bundle> = match &namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
+    let adopt_in: Option<Api<Bundle>> = uploads.map(|ns| Api::namespaced(client, &ns));
+    if let Some(api) = &adopt_in {
+        // Bundles that arrived while no operator ran, and no Bundle stands for.
+        let known: std::collections::HashSet<BundleId> = bundles
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|b| bundle_id(b).ok().flatten())
+            .collect();
+        for s in ctx.state.list().await? {
+            if !known.contains(&s.id)
+                && let Err(error) = adopt(api, &s).await
+            {
+                tracing::warn!(%error, bundle_id = %s.id, "cannot create a Bundle for an upload");
+            }
+        }
+    }
     let controller = Controller::new(bundles, watcher::Config::default());
     let cache = controller.store();
-    let changed = ctx.state.changes().await?.flat_map(move |id| {
-        let refs: Vec<ObjectRef<Bundle>> = cache
-            .state()
-            .into_iter()
-            .filter(|b| bundle_id(b).ok().flatten().as_ref() == Some(&id))
-            .map(|b| ObjectRef::from_obj(&*b))
-            .collect();
-        futures::stream::iter(refs)
-    });
+    let state = ctx.state.clone();
+    let changed = ctx
+        .state
+        .changes()
+        .await?
+        .then(move |id| {
+            let (cache, state, adopt_in) = (cache.clone(), state.clone(), adopt_in.clone());
+            async move {
+                let refs: Vec<ObjectRef<Bundle>> = cache
+                    .state()
+                    .into_iter()
+                    .filter(|b| bundle_id(b).ok().flatten().as_ref() == Some(&id))
+                    .map(|b| ObjectRef::from_obj(&*b))
+                    .collect();
+                if refs.is_empty()
+                    && let Some(api) = &adopt_in
+                    && let Ok(Some(s)) = state.summary(&id).await
+                    && let Err(error) = adopt(api, &s).await
+                {
+                    tracing::warn!(%error, bundle_id = %id, "cannot create a Bundle for an upload");
+                }
+                futures::stream::iter(refs)
+            }
+        })
+        .flatten();
     tracing::info!(?namespace, "reconciling Bundles");
     controller
         .reconcile_on(changed)
@@ -196,6 +238,63 @@ async fn control(
         })
         .await;
     Ok(())
+}
+
+/// The name of the `Bundle` made for an uploaded bundle: its file name and short id.
+pub fn upload_object_name(s: &BundleSummary) -> String {
+    let mut name: String = s
+        .name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    name = name.trim_matches('-').chars().take(40).collect();
+    let name = name.trim_end_matches('-');
+    let short = &s.id.as_str()[..12];
+    if name.is_empty() {
+        format!("upload-{short}")
+    } else {
+        format!("{name}-{short}")
+    }
+}
+
+/// Creates the `Bundle` of a bundle that arrived through ingest (an `upload` source),
+/// unless it is there already. Whether it created one.
+pub async fn adopt(api: &Api<Bundle>, s: &BundleSummary) -> Result<bool, Error> {
+    if s.deleting {
+        return Ok(false);
+    }
+    let mut b = Bundle::new(
+        &upload_object_name(s),
+        crate::crd::BundleSpec {
+            source: crate::crd::BundleSource {
+                upload: Some(crate::crd::UploadSource {
+                    name: s.name.clone(),
+                    bundle_id: s.id.to_string(),
+                }),
+                url: None,
+                path: None,
+            },
+            target: s.target.as_ref().map(|t| t.to_string()),
+            apply_cluster_resources: false,
+            tag_mirror_set: false,
+        },
+    );
+    b.metadata.labels = Some(
+        [(
+            "shipperd.io/bundle".to_string(),
+            s.id.as_str()[..12].to_string(),
+        )]
+        .into(),
+    );
+    match api.create(&kube::api::PostParams::default(), &b).await {
+        Ok(_) => {
+            tracing::info!(bundle_id = %s.id, name = %b.name_any(), "Bundle created for an upload");
+            Ok(true)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Reconciles one `Bundle`.
