@@ -285,6 +285,7 @@ impl RegistryArgs {
 
     pub fn unpack(&self, c: &Common) -> anyhow::Result<shipperd_unpack::Config> {
         let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
+        cfg.targets_file = self.targets.clone();
         cfg.limits = self.limits.limits();
         cfg.max_deliver = self.max_attempts;
         Ok(cfg)
@@ -292,6 +293,7 @@ impl RegistryArgs {
 
     pub fn publish(&self, c: &Common) -> anyhow::Result<shipperd_publish::Config> {
         let mut cfg = shipperd_publish::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
+        cfg.targets_file = self.targets.clone();
         cfg.concurrency = self.publish_concurrency;
         cfg.max_deliver = self.max_attempts;
         Ok(cfg)

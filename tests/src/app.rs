@@ -28,6 +28,9 @@ pub struct Options {
     /// A targets file (TOML) instead of the one loopback target; `{registry}` in it
     /// becomes the test registry's URL, relative paths are taken from the data dir.
     pub targets_toml: Option<String>,
+    /// Also write the targets (TOML, `{registry}` replaced) to `<data>/targets.toml`
+    /// and have unpack and publish follow that file (re-read when it changes).
+    pub follow_targets: bool,
     /// Files written into the data dir before the targets file is read.
     pub files: Vec<(String, Vec<u8>)>,
     /// Transfer settings of the default loopback target.
@@ -95,6 +98,14 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
             }
         }),
     };
+    let targets_file = match (&opts.targets_toml, opts.follow_targets) {
+        (Some(t), true) => {
+            let path = data.path().join("targets.toml");
+            std::fs::write(&path, t.replace("{registry}", &registry.url()))?;
+            Some(path)
+        }
+        _ => None,
+    };
     let drop_dir = opts.drop_dir.then(|| data.path().join("drop"));
     let listen = "127.0.0.1:0".parse().unwrap();
 
@@ -109,6 +120,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
             ..Default::default()
         });
     let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), targets.clone());
+    unpack.targets_file = targets_file.clone();
     if let Some(l) = &opts.limits {
         unpack.limits = l.clone();
     }
@@ -116,6 +128,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         unpack.max_deliver = n;
     }
     let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), targets);
+    publish.targets_file = targets_file;
     publish.retry_base = opts.publish_retry.unwrap_or(Duration::from_millis(200));
     if let Some(p) = opts.progress_interval {
         publish.progress_interval = p;

@@ -300,3 +300,79 @@ async fn path_mapping_flattens_deep_names_and_refuses_collisions() -> anyhow::Re
     assert_eq!(app.catalog().await?.len(), want.len());
     app.stop().await
 }
+
+/// Tags of `repo` in the registry at `url`.
+async fn tags_at(url: &str, repo: &str) -> anyhow::Result<Vec<String>> {
+    let resp = reqwest::get(format!("{url}/v2/{repo}/tags/list")).await?;
+    if resp.status() == 404 {
+        return Ok(vec![]);
+    }
+    let v: serde_json::Value = resp.error_for_status()?.json().await?;
+    Ok(v["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect())
+}
+
+/// The targets file changes while the services run (by hand, or by the operator from a
+/// RegistryTarget): the next bundle goes where it says now; a file that no longer
+/// parses changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_targets_file_applies_without_a_restart() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let first = Registry::start().await?;
+    let second = Registry::start().await?;
+    let app = spawn_app_with(
+        Options {
+            targets_toml: Some("[[target]]\nname = \"default\"\nurl = \"{registry}\"\n".into()),
+            follow_targets: true,
+            ..Default::default()
+        },
+        first,
+    )
+    .await?;
+    let file = app.data.path().join("targets.toml");
+    let put = |salt: &'static str| {
+        let app = &app;
+        async move {
+            let b = sample(salt, salt, 0);
+            let (st, r) = app
+                .put(&format!("{salt}.tar"), tar_bytes(&b.oci_files(""))?, None)
+                .await?;
+            anyhow::ensure!(st == 202, "{r}");
+            let rec = app
+                .wait_done(r["id"].as_str().unwrap(), Duration::from_secs(60))
+                .await?;
+            anyhow::ensure!(rec["phase"] == "Published", "{rec:#}");
+            Ok::<_, anyhow::Error>(b)
+        }
+    };
+    let a = put("before").await?;
+    app.assert_published(&a, "").await?;
+
+    std::fs::write(
+        &file,
+        format!(
+            "[[target]]\nname = \"default\"\nurl = \"{}\"\nmapping.prefix = \"moved\"\n",
+            second.url()
+        ),
+    )?;
+    // The services look at the file every 2 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let b = put("after").await?;
+    assert_eq!(tags_at(&second.url(), "moved/after").await?, ["v3"]);
+    assert!(
+        app.tags("after").await?.is_empty(),
+        "went to the old registry"
+    );
+    assert!(app.tags("moved/after").await?.is_empty());
+    let _ = b;
+
+    std::fs::write(&file, "this is [not toml")?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    put("broken").await?;
+    assert_eq!(tags_at(&second.url(), "moved/broken").await?, ["v3"]);
+    app.stop().await
+}

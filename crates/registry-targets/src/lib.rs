@@ -7,6 +7,7 @@
 //! the service with a clear message before it takes any work.
 
 mod auth;
+mod live;
 mod mapping;
 
 use std::{path::Path, time::Duration};
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use shipperd_model::{RegistryUrl, Secret, TargetName};
 
 pub use auth::{AuthSpec, Credentials};
+pub use live::LiveTargets;
 pub use mapping::{Mapping, Rename};
 
 #[derive(Debug, thiserror::Error)]

@@ -77,7 +77,7 @@ async fn try_commit(ctx: &Ctx, id: &BundleId) -> Result<()> {
         // A commit of an earlier round (the bundle was retried and is publishing again).
         _ => return Ok(()),
     }
-    let reg = ctx.registry(s.target.as_ref())?;
+    let reg = &ctx.registry(s.target.as_ref())?;
     let generation = s.generation;
     let mut at = s.tag_cursor;
     let started = std::time::Instant::now();

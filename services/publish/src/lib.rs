@@ -42,7 +42,7 @@ use shipperd_model::{
     Phase, PlanRef, TargetName,
 };
 use shipperd_proto::v1;
-use shipperd_registry_targets::Targets;
+use shipperd_registry_targets::{LiveTargets, Targets};
 use shipperd_state::{StateStore, dispatch::image_ref, finish, lifecycle};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -111,6 +111,9 @@ pub struct Config {
     pub data_dir: DataDir,
     /// Where images go: named registries, their credentials, trust and path mapping.
     pub targets: Targets,
+    /// The file `targets` came from: read again when it changes (the next image uses
+    /// what it says; images under way finish with what they began with).
+    pub targets_file: Option<std::path::PathBuf>,
     /// Images pushed at once by this replica.
     pub concurrency: usize,
     /// Attempts at one image before a registry error that may heal fails it.
@@ -131,6 +134,7 @@ impl Config {
             nats_url: nats_url.into(),
             data_dir: DataDir::new(data_dir.into()),
             targets,
+            targets_file: None,
             concurrency: 16,
             max_deliver: 5,
             retry_base: Duration::from_secs(2),
@@ -147,7 +151,11 @@ struct Ctx {
     bus: Bus,
     state: StateStore,
     /// One client per target, by name.
-    registries: HashMap<TargetName, Arc<Registry>>,
+    /// The targets now, and a client per target built for them (dropped when they
+    /// change).
+    targets: LiveTargets,
+    registries: std::sync::Mutex<(u64, HashMap<TargetName, Arc<Registry>>)>,
+    blobs: async_nats::jetstream::kv::Store,
     /// Opened bundles, shared by their jobs.
     bundles: bundles::Bundles,
     /// Who holds each tag (see [`tags`]).
@@ -156,9 +164,24 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn registry(&self, name: Option<&TargetName>) -> Result<&Arc<Registry>> {
-        let t = self.config.targets.get(name)?;
-        Ok(&self.registries[&t.name])
+    fn registry(&self, name: Option<&TargetName>) -> Result<Arc<Registry>> {
+        let version = self.targets.version();
+        let targets = self.targets.get();
+        let t = targets.get(name)?;
+        let mut regs = self.registries.lock().expect("not poisoned");
+        if regs.0 != version {
+            regs.1.clear();
+            regs.0 = version;
+        }
+        if let Some(r) = regs.1.get(&t.name) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(
+            Registry::new(t.clone(), self.blobs.clone())
+                .map_err(Error::registry(format!("target {}", t.name)))?,
+        );
+        regs.1.insert(t.name.clone(), r.clone());
+        Ok(r)
     }
 }
 
@@ -206,7 +229,9 @@ impl Publish {
             ctx: Arc::new(Ctx {
                 bus,
                 state,
-                registries,
+                targets: LiveTargets::new(config.targets.clone(), config.targets_file.clone()),
+                registries: std::sync::Mutex::new((0, registries)),
+                blobs: blobs.clone(),
                 bundles: bundles::Bundles::new(config.data_dir.clone()),
                 tags: tags::Tags::new(blobs),
                 config,
@@ -217,6 +242,11 @@ impl Publish {
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
         let ctx = self.ctx.clone();
+        tokio::spawn(
+            ctx.targets
+                .clone()
+                .follow(Duration::from_secs(2), shutdown.clone().cancelled_owned()),
+        );
         worker::run(
             "publish",
             self.consumer,
@@ -451,8 +481,8 @@ async fn announce_image(ctx: &Ctx, s: &BundleSummary, img: &ImageState) -> Resul
                 bytes_pushed: b.uploaded_bytes,
                 skipped: img.skipped,
                 target_name: ctx
-                    .config
                     .targets
+                    .get()
                     .get(s.target.as_ref())
                     .map(|t| t.name.to_string())
                     .unwrap_or_default(),
@@ -501,7 +531,7 @@ async fn push_image(
     bundle: Arc<dyn shipperd_bundle::BlobSource>,
     progress: &Progress,
 ) -> Result<Stats> {
-    let reg = ctx.registry(s.target.as_ref())?;
+    let reg = &ctx.registry(s.target.as_ref())?;
     let repo = img.target.repository.clone();
     let total = plan.bytes_total();
     progress.set_total(total);

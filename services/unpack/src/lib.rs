@@ -29,7 +29,7 @@ use shipperd_model::{
     BundleId, BundleSummary, DataDir, ImagePhase, ImageState, Phase, Reference, state::Unpacked,
 };
 use shipperd_proto::v1;
-use shipperd_registry_targets::Targets;
+use shipperd_registry_targets::{LiveTargets, Targets};
 use shipperd_state::{StateStore, dispatch, lifecycle};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -54,6 +54,8 @@ pub struct Config {
     /// Where images land: each bundle's target (or the default one) maps its images'
     /// names.
     pub targets: Targets,
+    /// The file `targets` came from: read again when it changes.
+    pub targets_file: Option<std::path::PathBuf>,
     /// Bundles opened at once by this replica.
     pub concurrency: usize,
     /// Attempts at one bundle before a read error (or a result that cannot be recorded)
@@ -73,6 +75,7 @@ impl Config {
             nats_url: nats_url.into(),
             data_dir: DataDir::new(data_dir.into()),
             targets,
+            targets_file: None,
             concurrency: 2,
             max_deliver: 5,
             limits: Limits::default(),
@@ -87,6 +90,8 @@ const RECORD_SLACK: i64 = 10;
 struct Ctx {
     bus: Bus,
     state: StateStore,
+    /// The targets now (following `config.targets_file`).
+    targets: LiveTargets,
     config: Config,
 }
 
@@ -113,13 +118,23 @@ impl Unpack {
             .await?;
         let state = StateStore::open(&bus).await?;
         Ok(Unpack {
-            ctx: Arc::new(Ctx { bus, state, config }),
+            ctx: Arc::new(Ctx {
+                bus,
+                state,
+                targets: LiveTargets::new(config.targets.clone(), config.targets_file.clone()),
+                config,
+            }),
             consumer,
         })
     }
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
         let ctx = self.ctx.clone();
+        tokio::spawn(
+            ctx.targets
+                .clone()
+                .follow(Duration::from_secs(2), shutdown.clone().cancelled_owned()),
+        );
         worker::run(
             "unpack",
             self.consumer,
@@ -277,7 +292,7 @@ async fn try_unpack(ctx: &Ctx, msg: &Message, id: &BundleId) -> Result<Outcome> 
         }
     };
 
-    let (target, images) = match target_images(&ctx.config.targets, &s, &inventory) {
+    let (target, images) = match target_images(&ctx.targets.get(), &s, &inventory) {
         Ok(t) => t,
         Err(error) => {
             tracing::warn!(%error, "bundle rejected");
