@@ -98,6 +98,10 @@ pub struct OperatorArgs {
     /// watched namespace, else the Lease's).
     #[arg(long, env = "SHIPPERD_UPLOAD_NAMESPACE")]
     pub upload_namespace: Option<String>,
+    /// Where `RegistryTarget`s are written as a targets file (give it to unpack and
+    /// publish as `--targets`; they follow it). Default: `<data-dir>/config/targets.toml`.
+    #[arg(long, env = "SHIPPERD_TARGETS_OUTPUT")]
+    pub targets_output: Option<PathBuf>,
 }
 
 impl OperatorArgs {
@@ -123,6 +127,13 @@ impl OperatorArgs {
             namespace: self.namespace.clone(),
             max_bundle_bytes: self.max_bundle_bytes,
             fetch: Default::default(),
+            targets_output: {
+                let mut o = shipperd_operator::targets::Output::under(&c.data_dir);
+                if let Some(f) = &self.targets_output {
+                    o.file = f.clone();
+                }
+                o
+            },
             upload_namespace: self
                 .upload_namespace
                 .clone()

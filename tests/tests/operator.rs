@@ -286,3 +286,207 @@ async fn an_uploaded_bundle_gets_a_bundle_object_that_follows_it() -> anyhow::Re
     assert_eq!(done["metadata"]["finalizers"], json!([FINALIZER]));
     Ok(())
 }
+
+/// A fake API server holding RegistryTargets and Secrets of namespace `ns`.
+#[derive(Default)]
+struct FakeTargets {
+    targets: Vec<Value>,
+    secrets: Vec<Value>,
+}
+
+fn fake_targets_api(state: Arc<Mutex<FakeTargets>>) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            let body = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut st = state.lock().unwrap();
+            let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "NotFound", "code": 404, "message": "not found"});
+            let named = |list: &[Value], name: &str| {
+                list.iter().find(|o| o["metadata"]["name"] == name).cloned()
+            };
+            let last = path.rsplit('/').next().unwrap_or("").to_string();
+            let (status, answer) = match method.as_str() {
+                "GET" if path.ends_with("/registrytargets") => (
+                    200,
+                    json!({"apiVersion": "shipperd.io/v1alpha1", "kind": "RegistryTargetList",
+                           "metadata": {}, "items": st.targets}),
+                ),
+                "GET" if path.contains("/secrets/") => match named(&st.secrets, &last) {
+                    Some(s) => (200, s),
+                    None => (404, not_found),
+                },
+                "GET" => (404, not_found),
+                "PATCH" if path.ends_with("/status") => {
+                    let name = path.rsplit('/').nth(1).unwrap_or("").to_string();
+                    match st
+                        .targets
+                        .iter_mut()
+                        .find(|t| t["metadata"]["name"] == name)
+                    {
+                        Some(t) => {
+                            t["status"] = body["status"].clone();
+                            (200, t.clone())
+                        }
+                        None => (404, not_found),
+                    }
+                }
+                _ => (405, json!({})),
+            };
+            drop(st);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    kube::Client::new(service, "ns")
+}
+
+fn registry_target(name: &str, spec: Value) -> Value {
+    json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "RegistryTarget",
+            "metadata": { "name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                          "generation": 1, "resourceVersion": "1" },
+            "spec": spec })
+}
+
+fn basic_auth(name: &str, user: &str, password: &str) -> Value {
+    use base64::Engine as _;
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    json!({ "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
+            "metadata": { "name": name, "namespace": "ns" },
+            "data": { "username": b(user), "password": b(password) } })
+}
+
+fn ready_of(st: &Arc<Mutex<FakeTargets>>, name: &str) -> (String, String) {
+    let s = st.lock().unwrap();
+    let t = s
+        .targets
+        .iter()
+        .find(|t| t["metadata"]["name"] == name)
+        .unwrap();
+    let c = &t["status"]["conditions"][0];
+    (
+        c["status"].as_str().unwrap_or("").to_string(),
+        c["reason"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// RegistryTargets become the targets file the services follow; one that cannot be used
+/// is `Ready=False` with the reason and stays out; a rotated Secret reaches publish
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_targets_are_applied_and_a_rotated_secret_reaches_publish() -> anyhow::Result<()> {
+    use shipperd_operator::targets::{Output, TargetsContext, reconcile as reconcile_target};
+    use shipperd_tests::{
+        pki,
+        servers::{Registry, RegistryOptions},
+        token::TokenServer,
+    };
+
+    shipperd_tests::init();
+    let tokens = TokenServer::start("mirror", "s3cret", pki::token_signing_cert()?).await?;
+    let registry = Registry::start_with(RegistryOptions {
+        token: Some(tokens.registry_auth()),
+        ..Default::default()
+    })
+    .await?;
+    let url = registry.url();
+    let app = shipperd_tests::app::spawn_app_with(
+        Options {
+            targets_toml: Some("[[target]]\nname = \"good\"\nurl = \"{registry}\"\n".into()),
+            follow_targets: true,
+            ..Default::default()
+        },
+        registry,
+    )
+    .await?;
+    let state = Arc::new(Mutex::new(FakeTargets {
+        targets: vec![
+            registry_target(
+                "good",
+                json!({ "url": url, "default": true,
+                "credentials": { "secretName": "push" },
+                "transfer": { "retries": 1 } }),
+            ),
+            registry_target(
+                "nosecret",
+                json!({ "url": url,
+                "credentials": { "secretName": "missing" } }),
+            ),
+            registry_target("badurl", json!({ "url": "ftp://nowhere" })),
+        ],
+        secrets: vec![basic_auth("push", "mirror", "an old password")],
+    }));
+    let ctx = Arc::new(TargetsContext {
+        client: fake_targets_api(state.clone()),
+        output: Output {
+            file: app.data.path().join("targets.toml"),
+            secrets: app.data.path().join("config/secrets"),
+        },
+    });
+    let get = |name: &str| -> anyhow::Result<Arc<shipperd_operator::RegistryTarget>> {
+        let t = state
+            .lock()
+            .unwrap()
+            .targets
+            .iter()
+            .find(|t| t["metadata"]["name"] == name)
+            .cloned()
+            .unwrap();
+        Ok(Arc::new(serde_json::from_value(t)?))
+    };
+    for name in ["good", "nosecret", "badurl"] {
+        reconcile_target(get(name)?, ctx.clone()).await?;
+    }
+    assert_eq!(ready_of(&state, "good"), ("True".into(), "Applied".into()));
+    assert_eq!(
+        ready_of(&state, "nosecret"),
+        ("False".into(), "SecretNotFound".into())
+    );
+    assert_eq!(ready_of(&state, "badurl").0, "False");
+    assert_eq!(ready_of(&state, "badurl").1, "InvalidTarget");
+    let file = std::fs::read_to_string(app.data.path().join("targets.toml"))?;
+    assert!(
+        file.contains("name = \"good\"") && !file.contains("nosecret"),
+        "{file}"
+    );
+    assert!(
+        !file.contains("an old password"),
+        "the password is in its own file: {file}"
+    );
+
+    // The services follow the file (every 2 s); the old password is refused.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let put = |salt: &'static str| {
+        let app = &app;
+        async move {
+            let b = sample(salt, salt, 0);
+            let (st, r) = app
+                .put(&format!("{salt}.tar"), tar_bytes(&b.oci_files(""))?, None)
+                .await?;
+            anyhow::ensure!(st == 202, "{r}");
+            app.wait_done(r["id"].as_str().unwrap(), Duration::from_secs(60))
+                .await
+        }
+    };
+    let rec = put("oldpw").await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    assert!(
+        rec["error"].as_str().unwrap().contains("refused"),
+        "{rec:#}"
+    );
+
+    // The Secret is rotated: reconciled (a Secret change triggers it), the next push
+    // logs in with the new password, no restart.
+    state.lock().unwrap().secrets = vec![basic_auth("push", "mirror", "s3cret")];
+    reconcile_target(get("good")?, ctx.clone()).await?;
+    let rec = put("newpw").await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    Ok(())
+}

@@ -120,6 +120,8 @@ pub struct Config {
     /// Where `Bundle` objects are created for bundles that arrive through the ingest
     /// endpoint or the drop directory (`None`: none are).
     pub upload_namespace: Option<String>,
+    /// Where `RegistryTarget`s are written for the services (their `--targets`).
+    pub targets_output: crate::targets::Output,
 }
 
 /// Runs the `Bundle` controller until `shutdown`: while this replica holds the leader
@@ -141,6 +143,10 @@ pub async fn run(
         state,
         config.fetch.clone(),
     ));
+    let targets = Arc::new(crate::targets::TargetsContext {
+        client: client.clone(),
+        output: config.targets_output.clone(),
+    });
     match &config.leader {
         Some((namespace, settings)) => {
             let leases = Api::namespaced(client.clone(), namespace);
@@ -148,10 +154,12 @@ pub async fn run(
             let (namespace, uploads) = (config.namespace.clone(), config.upload_namespace.clone());
             elector
                 .run(shutdown, move |lead| {
-                    let (client, ctx) = (client.clone(), ctx.clone());
+                    let (client, ctx, targets) = (client.clone(), ctx.clone(), targets.clone());
                     let (namespace, uploads) = (namespace.clone(), uploads.clone());
                     async move {
-                        if let Err(error) = control(client, ctx, namespace, uploads, lead).await {
+                        let t = control_targets(targets, namespace.clone(), lead.clone());
+                        let b = control(client, ctx, namespace, uploads, lead);
+                        if let (_, Err(error)) = tokio::join!(t, b) {
                             tracing::error!(%error, "the controller stopped");
                         }
                     }
@@ -161,9 +169,75 @@ pub async fn run(
         }
         None => {
             let (namespace, uploads) = (config.namespace.clone(), config.upload_namespace.clone());
-            control(client, ctx, namespace, uploads, shutdown).await
+            let t = control_targets(targets, namespace.clone(), shutdown.clone());
+            let b = control(client, ctx, namespace, uploads, shutdown);
+            tokio::join!(t, b).1
         }
     }
+}
+
+/// The `RegistryTarget` controller, until `stop`: reconciled when a target changes, and
+/// when a Secret or ConfigMap of its namespace does (credentials rotated, a CA renewed).
+async fn control_targets(
+    ctx: Arc<crate::targets::TargetsContext>,
+    namespace: Option<String>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
+
+    use crate::crd::RegistryTarget;
+
+    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let client = ctx.client.clone();
+    let controller = Controller::new(
+        api::<RegistryTarget>(&client, &namespace),
+        watcher::Config::default(),
+    );
+    let cache = controller.store();
+    let in_ns = move |ns: Option<String>| -> Vec<ObjectRef<RegistryTarget>> {
+        // Any one target of the namespace: a reconcile writes them all.
+        cache
+            .state()
+            .into_iter()
+            .filter(|t| t.namespace() == ns)
+            .take(1)
+            .map(|t| ObjectRef::from_obj(&*t))
+            .collect()
+    };
+    let for_cm = in_ns.clone();
+    controller
+        .watches(
+            api::<Secret>(&client, &namespace),
+            watcher::Config::default(),
+            move |s: Secret| in_ns(s.namespace()),
+        )
+        .watches(
+            api::<ConfigMap>(&client, &namespace),
+            watcher::Config::default(),
+            move |c: ConfigMap| for_cm(c.namespace()),
+        )
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(
+            crate::targets::reconcile,
+            |_t, error, _ctx| {
+                tracing::warn!(%error, "reconciling a RegistryTarget failed");
+                Action::requeue(REQUEUE)
+            },
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
 }
 
 /// The controller, until `stop`.

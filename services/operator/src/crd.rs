@@ -223,6 +223,9 @@ pub struct RegistryTargetSpec {
     /// Plain http, or https without verifying the certificate (for tests only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+    /// Bundles that name no target go here (else to the first target by name).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default: bool,
     /// How an image's name becomes its name in this registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapping: Option<MappingSpec>,

@@ -15,6 +15,7 @@ pub mod crd;
 pub mod leader;
 pub mod mirrors;
 pub mod status;
+pub mod targets;
 
 pub use crd::{
     Bundle, BundleSpec, BundleStatus, RegistryTarget, RegistryTargetSpec, WebhookTarget,
