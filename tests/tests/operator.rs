@@ -143,15 +143,50 @@ async fn reconcile_until(
 async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() -> anyhow::Result<()>
 {
     let app = spawn_app(Options::default()).await?;
-    let layout = sample("operator", "b1", 0);
+    let layout = sample("operator", "b1", 1);
     let bytes = tar_bytes(&layout.oci_files(""))?;
     let id = sha256(&bytes)[7..].to_string();
-    let served = bytes.clone();
+    // The file server cuts its first answer half-way; the fetch resumes with Range.
+    let served = Arc::new(bytes.clone());
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let ranges = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = ranges.clone();
     let files = Router::new().route(
         "/b1.tar",
-        get(move || {
-            let b = served.clone();
-            async move { b }
+        get(move |headers: http::HeaderMap| {
+            let (b, first, seen) = (served.clone(), first.clone(), seen.clone());
+            async move {
+                let total = b.len();
+                if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    let part = bytes::Bytes::copy_from_slice(&b[..total / 2]);
+                    let stream = futures::stream::iter(vec![
+                        Ok(part),
+                        Err(std::io::Error::other("connection cut")),
+                    ]);
+                    return Response::builder()
+                        .header("content-length", total)
+                        .body(axum::body::Body::from_stream(stream))
+                        .unwrap();
+                }
+                let range = headers
+                    .get("range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                seen.lock().unwrap().push(range.to_string());
+                let from: usize = range
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                Response::builder()
+                    .status(206)
+                    .header(
+                        "content-range",
+                        format!("bytes {from}-{}/{total}", total - 1),
+                    )
+                    .body(axum::body::Body::from(b[from..].to_vec()))
+                    .unwrap()
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -169,6 +204,10 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
 
     assert_eq!(done["metadata"]["finalizers"], json!([FINALIZER]));
+    assert_eq!(
+        *ranges.lock().unwrap(),
+        [format!("bytes={}-", bytes.len() / 2)]
+    );
     let st = &done["status"];
     assert_eq!(st["bundleId"], id);
     assert_eq!(st["observedGeneration"], 1);
