@@ -29,6 +29,8 @@ struct Fake {
     bundle: Value,
     events: Vec<Value>,
     requests: Vec<String>,
+    /// Objects applied (server-side apply), by path.
+    applied: Vec<(String, Value)>,
 }
 
 /// A fake API server for one `Bundle`: finalizer patches, status patches, Events.
@@ -85,6 +87,15 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                     (201, body)
                 }
                 ("PATCH", p) if p.contains("/events/") => (200, body),
+                ("PATCH", p)
+                    if p.contains("/configmaps/")
+                        || p.contains("/imagedigestmirrorsets/")
+                        || p.contains("/imagetagmirrorsets/")
+                        || p.contains("/catalogsources/") =>
+                {
+                    fk.applied.push((p.to_string(), body.clone()));
+                    (200, body)
+                }
                 _ => (
                     404,
                     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -198,7 +209,8 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
         "kind": "Bundle",
         "metadata": { "name": "b1", "namespace": "ns", "uid": "uid-1", "generation": 1,
                       "resourceVersion": "1" },
-        "spec": { "source": { "url": { "url": url, "sha256": id } } },
+        "spec": { "source": { "url": { "url": url, "sha256": id } },
+                  "applyClusterResources": true },
     }));
     let ctx = context(&app, client).await?;
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
@@ -215,6 +227,7 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
     assert_eq!(st["images"]["published"], n, "{st:#}");
     assert_eq!(st["imagesSummary"], format!("{n}/{n}"));
     assert_eq!(st["progress"], "100%");
+    assert_eq!(st["clusterResources"], "b1-cluster-resources");
     let ready = st["conditions"]
         .as_array()
         .unwrap()
@@ -234,6 +247,29 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
             .filter_map(|e| e["reason"].as_str())
             .collect();
         assert!(reasons.contains(&"Published"), "{reasons:?}");
+        assert!(reasons.contains(&"ClusterResourcesApplied"), "{reasons:?}");
+        // The generated resources: in a ConfigMap the Bundle owns and names, and applied.
+        let (_, cm) = fk
+            .applied
+            .iter()
+            .find(|(p, _)| p.ends_with("/namespaces/ns/configmaps/b1-cluster-resources"))
+            .expect("the ConfigMap");
+        assert_eq!(cm["metadata"]["ownerReferences"][0]["name"], "b1");
+        let yaml = cm["data"]["cluster-resources.yaml"].as_str().unwrap();
+        assert!(yaml.contains("kind: ImageDigestMirrorSet"), "{yaml}");
+        // demo/app, demo/tool and demo/multi landed side by side: one namespace entry.
+        assert!(yaml.contains("- source: example.com/demo\n"), "{yaml}");
+        assert!(
+            !yaml.contains("ImageTagMirrorSet"),
+            "only when asked: {yaml}"
+        );
+        let idms: Vec<&(String, Value)> = fk
+            .applied
+            .iter()
+            .filter(|(p, _)| p.contains("/apis/config.openshift.io/v1/imagedigestmirrorsets/"))
+            .collect();
+        assert_eq!(idms.len(), 1, "{:?}", fk.applied);
+        assert_eq!(idms[0].1["kind"], "ImageDigestMirrorSet");
         assert!(
             fk.events
                 .iter()

@@ -454,6 +454,30 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         ),
         (None, None) => pending_status("Pending", None, generation, &previous, now),
     };
+    let mut status = status;
+    status.cluster_resources = b.status.as_ref().and_then(|s| s.cluster_resources.clone());
+    if let Some(s) = &summary
+        && s.phase == shipperd_model::Phase::Published
+        && status.cluster_resources.is_none()
+    {
+        let res = crate::cluster::resources(&ctx.state, ctx.store.data(), b, s).await?;
+        let name = crate::cluster::publish(&ctx.client, b, &res).await?;
+        if b.spec.apply_cluster_resources {
+            let ev = KubeEvent {
+                type_: EventType::Normal,
+                reason: "ClusterResourcesApplied".into(),
+                note: Some(format!(
+                    "mirror sets and catalog sources from ConfigMap {name}"
+                )),
+                action: "Apply".into(),
+                secondary: None,
+            };
+            if let Err(error) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
+                tracing::warn!(%error, "cannot record an Event");
+            }
+        }
+        status.cluster_resources = Some(name);
+    }
     let old_phase = b.status.as_ref().and_then(|s| s.phase.clone());
     if old_phase != status.phase {
         record_phase(b, &status, ctx).await;

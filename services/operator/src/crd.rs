@@ -171,6 +171,10 @@ pub struct BundleStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The ConfigMap holding the generated ImageDigestMirrorSet (ImageTagMirrorSet when
+    /// asked) and CatalogSources, once published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_resources: Option<String>,
 }
 
 /// How many images a bundle has, and how they ended.

@@ -10,6 +10,7 @@
 //!   and trust.
 //! - [`WebhookTarget`]: where events go, which ones, signed with which secret.
 
+pub mod cluster;
 pub mod controller;
 pub mod crd;
 pub mod leader;

@@ -73,6 +73,7 @@ pub fn bundle_status(
         error: s.error.clone(),
         conditions,
         observed_generation: generation,
+        cluster_resources: None,
     }
 }
 
