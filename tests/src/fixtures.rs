@@ -125,11 +125,36 @@ impl LayoutBuilder {
     }
 
     fn manifest(&mut self, layers: &[Layer], arch: &str) -> (Value, Vec<String>) {
+        self.manifest_labelled(layers, arch, json!({}))
+    }
+
+    /// Adds a single-platform image whose config carries `labels` (e.g. an operator
+    /// catalog's `operators.operatorframework.io.index.configs.v1`).
+    pub fn labelled_image(
+        &mut self,
+        annotations: Value,
+        layers: &[Layer],
+        repo: &str,
+        tag: &str,
+        labels: Value,
+    ) {
+        let (mut desc, blobs) = self.manifest_labelled(layers, "amd64", labels);
+        desc.as_object_mut().unwrap().remove("platform");
+        let mt = self.types().0;
+        self.name(desc, annotations, repo, tag, mt, blobs, vec![]);
+    }
+
+    fn manifest_labelled(
+        &mut self,
+        layers: &[Layer],
+        arch: &str,
+        labels: Value,
+    ) -> (Value, Vec<String>) {
         let (mt_manifest, _, mt_config, mt_layer) = self.types();
         let config = json!({
             "architecture": arch,
             "os": "linux",
-            "config": { "Env": ["PATH=/usr/bin"] },
+            "config": { "Env": ["PATH=/usr/bin"], "Labels": labels },
             "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>() },
         });
         let (cd, cs) = self.blob(serde_json::to_vec(&config).unwrap());

@@ -154,7 +154,19 @@ async fn reconcile_until(
 async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() -> anyhow::Result<()>
 {
     let app = spawn_app(Options::default()).await?;
-    let layout = sample("operator", "b1", 1);
+    let mut layout = sample("operator", "b1", 1);
+    // An operator catalog: a CatalogSource is made for it.
+    let fbc = layout.layer(
+        &[("configs/index.json", b"{}".to_vec())],
+        flate2::Compression::fast(),
+    );
+    layout.labelled_image(
+        json!({ "org.opencontainers.image.ref.name": "example.com/redhat/redhat-operator-index:v4.18" }),
+        &[fbc],
+        "redhat/redhat-operator-index",
+        "v4.18",
+        json!({ "operators.operatorframework.io.index.configs.v1": "/configs" }),
+    );
     let bytes = tar_bytes(&layout.oci_files(""))?;
     let id = sha256(&bytes)[7..].to_string();
     // The file server cuts its first answer half-way; the fetch resumes with Range.
@@ -270,6 +282,21 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
             .collect();
         assert_eq!(idms.len(), 1, "{:?}", fk.applied);
         assert_eq!(idms[0].1["kind"], "ImageDigestMirrorSet");
+        let cs: Vec<&(String, Value)> = fk
+            .applied
+            .iter()
+            .filter(|(p, _)| p.contains("/namespaces/openshift-marketplace/catalogsources/"))
+            .collect();
+        assert_eq!(cs.len(), 1, "one catalog: {:?}", fk.applied);
+        let catalog = layout.images.last().unwrap();
+        assert_eq!(
+            cs[0].1["spec"]["image"],
+            format!(
+                "{}/redhat/redhat-operator-index@{}",
+                app.registry.host(),
+                catalog.digest
+            )
+        );
         assert!(
             fk.events
                 .iter()

@@ -53,6 +53,7 @@ async fn bundle(store: &StateStore, salt: &str, n: u32) -> anyhow::Result<Bundle
             generation: 0,
             plan: PlanRef::default(),
             blobs: Default::default(),
+            catalog: false,
         })
         .collect();
     store.put_pending_images(&id, &images).await?;

@@ -240,6 +240,10 @@ pub struct ImageState {
     /// Where its blobs came from (once published).
     #[serde(default, skip_serializing_if = "BlobCounts::is_empty")]
     pub blobs: BlobCounts,
+    /// An operator catalog: its config carries the label
+    /// `operators.operatorframework.io.index.configs.v1`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catalog: bool,
 }
 
 impl ImageState {
@@ -832,6 +836,7 @@ mod tests {
             generation: 0,
             plan: PlanRef::default(),
             blobs: BlobCounts::default(),
+            catalog: false,
         };
         assert!(!failed.is_counted(s.generation));
         assert_eq!(failed.phase_in(s.generation), ImagePhase::Pending);

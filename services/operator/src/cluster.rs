@@ -1,7 +1,7 @@
 //! A published bundle's cluster resources (see [`crate::mirrors`]): worked out from its
-//! images (where each came from and landed; whether it is an operator catalog, from its
-//! config's labels, read from the stored bundle), written to a ConfigMap the `Bundle`
-//! owns and names in its status, and applied (server-side apply) when the `Bundle` asks.
+//! images (where each came from and landed; whether it is an operator catalog, which
+//! unpack noted from its config's labels), written to a ConfigMap the `Bundle` owns and
+//! names in its status, and applied (server-side apply) when the `Bundle` asks.
 
 use std::collections::BTreeMap;
 
@@ -11,13 +11,12 @@ use kube::{
     Api, Resource as _, ResourceExt as _,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
 };
-use shipperd_bundle::{BlobStore, Catalog, Location, ManifestDoc, read_plan};
-use shipperd_model::{BundleSummary, DataDir, ImageState};
+use shipperd_model::{BundleSummary, ImageState};
 use shipperd_state::StateStore;
 
 use crate::{
     crd::Bundle,
-    mirrors::{CATALOG_LABEL, ClusterResources, Landed, cluster_resources},
+    mirrors::{ClusterResources, Landed, cluster_resources},
 };
 
 /// The field manager of everything the operator applies.
@@ -25,67 +24,21 @@ const MANAGER: &str = "shipperd-operator";
 /// The ConfigMap key holding the resources.
 pub const KEY: &str = "cluster-resources.yaml";
 
-/// Does the image's config (its first platform's, for an index) carry the catalog
-/// label? Read from the stored bundle; `false` when it cannot be read (expired files, a
-/// config the bundle left out).
-fn is_catalog(data: &DataDir, s: &BundleSummary, img: &ImageState, store: &BlobStore) -> bool {
-    let Ok(plan) = read_plan(&data.plans(&s.id), img.plan) else {
-        return false;
-    };
-    let config = plan.manifests.iter().rev().find_map(|m| {
-        if m.absent {
-            return None;
-        }
-        ManifestDoc::parse("manifest", &m.bytes)
-            .ok()
-            .and_then(|d| d.config)
-    });
-    let Some(config) = config else {
-        return false;
-    };
-    let Some(blob) = plan.blobs.iter().find(|b| b.desc.digest == config.digest) else {
-        return false;
-    };
-    if blob.at == Location::Absent || blob.desc.size > 1 << 20 {
-        return false;
-    }
-    let Ok(mut r) = store.read(&blob.at, blob.desc.size, blob.desc.digest.hex()) else {
-        return false;
-    };
-    let mut bytes = Vec::new();
-    if std::io::Read::read_to_end(&mut r, &mut bytes).is_err() {
-        return false;
-    }
-    serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .is_some_and(|v| v["config"]["Labels"].get(CATALOG_LABEL).is_some())
-}
-
-/// The images of published bundle `s`, as landed.
+/// The images of published bundle `s`, as landed (unpack noted which are catalogs).
 pub async fn landed(
     state: &StateStore,
-    data: &DataDir,
     s: &BundleSummary,
 ) -> Result<Vec<Landed>, shipperd_bus::Error> {
     let images: Vec<ImageState> = state.images(&s.id, 0, s.counts.total).try_collect().await?;
-    let (data, s) = (data.clone(), s.clone());
-    let found = tokio::task::spawn_blocking(move || {
-        let store = Catalog::load(&data, &s.id).and_then(|c| c.open(&data)).ok();
-        images
-            .into_iter()
-            .map(|img| Landed {
-                catalog: store
-                    .as_ref()
-                    .is_some_and(|st| is_catalog(&data, &s, &img, st)),
-                source: img.source,
-                target: img.target,
-                digest: img.digest,
-            })
-            .collect()
-    })
-    .await
-    .unwrap_or_default();
-    Ok(found)
+    Ok(images
+        .into_iter()
+        .map(|img| Landed {
+            catalog: img.catalog,
+            source: img.source,
+            target: img.target,
+            digest: img.digest,
+        })
+        .collect())
 }
 
 /// The name of the ConfigMap holding `b`'s cluster resources.
@@ -154,11 +107,10 @@ async fn apply(client: &kube::Client, res: &ClusterResources) -> Result<(), kube
 /// `b`'s cluster resources, worked out now.
 pub async fn resources(
     state: &StateStore,
-    data: &DataDir,
     b: &Bundle,
     s: &BundleSummary,
 ) -> Result<ClusterResources, shipperd_bus::Error> {
-    let images = landed(state, data, s).await?;
+    let images = landed(state, s).await?;
     Ok(cluster_resources(
         &s.name,
         s.id.as_str(),

@@ -460,7 +460,7 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         && s.phase == shipperd_model::Phase::Published
         && status.cluster_resources.is_none()
     {
-        let res = crate::cluster::resources(&ctx.state, ctx.store.data(), b, s).await?;
+        let res = crate::cluster::resources(&ctx.state, b, s).await?;
         let name = crate::cluster::publish(&ctx.client, b, &res).await?;
         if b.spec.apply_cluster_resources {
             let ev = KubeEvent {

@@ -78,6 +78,10 @@ async fn try_commit(ctx: &Ctx, id: &BundleId) -> Result<()> {
         _ => return Ok(()),
     }
     let reg = &ctx.registry(s.target.as_ref())?;
+    // Every image's content is in the registry: the commit reads only plans, so the
+    // bundle's expanded blobs can go now (a retried commit needs none either).
+    ctx.bundles.forget(id);
+    crate::release_blobs(&ctx.config.data_dir, id).await;
     let generation = s.generation;
     let mut at = s.tag_cursor;
     let started = std::time::Instant::now();
@@ -111,8 +115,6 @@ async fn try_commit(ctx: &Ctx, id: &BundleId) -> Result<()> {
         "tags set"
     );
     lifecycle::announce_if_done(&ctx.bus, &ctx.state, &s).await?;
-    ctx.bundles.forget(id);
-    crate::release_blobs(&ctx.config.data_dir, id).await;
     Ok(())
 }
 

@@ -41,7 +41,14 @@ pub struct InventoryImage {
     pub plan: PlanRef,
     /// Bytes of its blobs, manifests and referrers.
     pub bytes: u64,
+    /// An operator catalog (its config carries [`CATALOG_LABEL`]).
+    pub catalog: bool,
 }
+
+/// The label of an operator catalog (file-based catalog) image's config.
+pub const CATALOG_LABEL: &str = "operators.operatorframework.io.index.configs.v1";
+/// Largest config read to look for it.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Opens the bundle `id` stored at `rel_path` (relative to `data`), names its images,
 /// looks up every blob they need, and saves the catalog and the images' plans beside it.
@@ -201,6 +208,7 @@ impl Checker<'_> {
             self.referrers += 1;
             self.needed.insert(m.digest.clone(), bytes.len() as u64);
         }
+        let catalog = self.is_catalog(&plan);
         let d = plan.manifests.last().map_or(top, |(d, _)| d);
         let (digest, media_type, size) = (d.digest.clone(), d.media_type.clone(), d.size);
         let stored = StoredPlan::new(plan, |d| self.locate(d))?;
@@ -213,7 +221,30 @@ impl Checker<'_> {
             size,
             plan: at,
             bytes,
+            catalog,
         })
+    }
+
+    /// Does the image's config (its first platform's, for an index) carry the catalog
+    /// label? One small read; `false` when the bundle does not carry the config.
+    fn is_catalog(&self, plan: &shipperd_bundle::ImagePlan) -> bool {
+        let config = plan.manifests.iter().rev().find_map(|(_, bytes)| {
+            ManifestDoc::parse("manifest", bytes.as_deref()?)
+                .ok()?
+                .config
+        });
+        let Some(config) = config.filter(|c| c.size <= MAX_CONFIG_BYTES) else {
+            return false;
+        };
+        let Some(path) = self.paths.get(&config.digest) else {
+            return false;
+        };
+        let Ok(bytes) = self.fs.read_small(path, MAX_CONFIG_BYTES) else {
+            return false;
+        };
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .is_some_and(|v| v["config"]["Labels"].get(CATALOG_LABEL).is_some())
     }
 
     fn locate(&self, digest: &Digest) -> Result<Location> {

@@ -395,6 +395,7 @@ fn target_images(
             generation: s.generation,
             plan: img.plan,
             blobs: Default::default(),
+            catalog: img.catalog,
         });
     }
     Ok((target.name.clone(), images))
