@@ -21,6 +21,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Take bundles in (HTTP API and drop directory).
@@ -102,6 +104,10 @@ pub struct OperatorArgs {
     /// publish as `--targets`; they follow it). Default: `<data-dir>/config/targets.toml`.
     #[arg(long, env = "SHIPPERD_TARGETS_OUTPUT")]
     pub targets_output: Option<PathBuf>,
+    /// Where `WebhookTarget`s are written as a webhooks file (notify's
+    /// `--webhooks-file`). Default: `<data-dir>/config/webhooks.toml`.
+    #[arg(long, env = "SHIPPERD_WEBHOOKS_OUTPUT")]
+    pub webhooks_output: Option<PathBuf>,
 }
 
 impl OperatorArgs {
@@ -134,6 +140,10 @@ impl OperatorArgs {
                 }
                 o
             },
+            webhooks_output: self
+                .webhooks_output
+                .clone()
+                .unwrap_or_else(|| c.data_dir.join("config/webhooks.toml")),
             upload_namespace: self
                 .upload_namespace
                 .clone()
@@ -263,6 +273,11 @@ pub struct NotifyArgs {
     /// Seconds allowed for one webhook delivery attempt.
     #[arg(long, env = "SHIPPERD_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
     pub webhook_timeout_secs: u64,
+    /// A webhooks file (TOML: `[[webhook]]` with `url`, `secret_file`, `types`),
+    /// followed while running; the operator writes it from WebhookTarget resources
+    /// (`<data-dir>/config/webhooks.toml`).
+    #[arg(long, env = "SHIPPERD_WEBHOOKS_FILE")]
+    pub webhooks_file: Option<PathBuf>,
 }
 
 impl IngestArgs {
@@ -322,6 +337,7 @@ impl NotifyArgs {
         let mut cfg = shipperd_notify::Config::new(&c.nats_url, webhooks);
         cfg.secret = self.webhook_secret.clone().filter(|s| !s.is_empty());
         cfg.timeout = Duration::from_secs(self.webhook_timeout_secs.max(1));
+        cfg.webhooks_file = self.webhooks_file.clone();
         cfg
     }
 }

@@ -31,6 +31,8 @@ pub struct Options {
     /// Also write the targets (TOML, `{registry}` replaced) to `<data>/targets.toml`
     /// and have unpack and publish follow that file (re-read when it changes).
     pub follow_targets: bool,
+    /// Have notify follow `<data>/webhooks.toml` (written by the test or the operator).
+    pub follow_webhooks: bool,
     /// Files written into the data dir before the targets file is read.
     pub files: Vec<(String, Vec<u8>)>,
     /// Transfer settings of the default loopback target.
@@ -150,6 +152,9 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     notify.timeout = Duration::from_secs(2);
     notify.retry_initial = Duration::from_millis(100);
     notify.retry_max = Duration::from_millis(500);
+    if opts.follow_webhooks {
+        notify.webhooks_file = Some(data.path().join("webhooks.toml"));
+    }
 
     let app = App::start(AllConfig {
         ingest,

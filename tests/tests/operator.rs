@@ -394,6 +394,7 @@ async fn an_uploaded_bundle_gets_a_bundle_object_that_follows_it() -> anyhow::Re
 struct FakeTargets {
     targets: Vec<Value>,
     secrets: Vec<Value>,
+    webhooks: Vec<Value>,
 }
 
 fn fake_targets_api(state: Arc<Mutex<FakeTargets>>) -> kube::Client {
@@ -416,6 +417,11 @@ fn fake_targets_api(state: Arc<Mutex<FakeTargets>>) -> kube::Client {
                     json!({"apiVersion": "shipperd.io/v1alpha1", "kind": "RegistryTargetList",
                            "metadata": {}, "items": st.targets}),
                 ),
+                "GET" if path.ends_with("/webhooktargets") => (
+                    200,
+                    json!({"apiVersion": "shipperd.io/v1alpha1", "kind": "WebhookTargetList",
+                           "metadata": {}, "items": st.webhooks}),
+                ),
                 "GET" if path.contains("/secrets/") => match named(&st.secrets, &last) {
                     Some(s) => (200, s),
                     None => (404, not_found),
@@ -423,11 +429,12 @@ fn fake_targets_api(state: Arc<Mutex<FakeTargets>>) -> kube::Client {
                 "GET" => (404, not_found),
                 "PATCH" if path.ends_with("/status") => {
                     let name = path.rsplit('/').nth(1).unwrap_or("").to_string();
-                    match st
-                        .targets
-                        .iter_mut()
-                        .find(|t| t["metadata"]["name"] == name)
-                    {
+                    let list = if path.contains("/webhooktargets/") {
+                        &mut st.webhooks
+                    } else {
+                        &mut st.targets
+                    };
+                    match list.iter_mut().find(|t| t["metadata"]["name"] == name) {
                         Some(t) => {
                             t["status"] = body["status"].clone();
                             (200, t.clone())
@@ -524,6 +531,7 @@ async fn registry_targets_are_applied_and_a_rotated_secret_reaches_publish() -> 
             registry_target("badurl", json!({ "url": "ftp://nowhere" })),
         ],
         secrets: vec![basic_auth("push", "mirror", "an old password")],
+        ..FakeTargets::default()
     }));
     let ctx = Arc::new(TargetsContext {
         client: fake_targets_api(state.clone()),
@@ -590,5 +598,123 @@ async fn registry_targets_are_applied_and_a_rotated_secret_reaches_publish() -> 
     reconcile_target(get("good")?, ctx.clone()).await?;
     let rec = put("newpw").await?;
     assert_eq!(rec["phase"], "Published", "{rec:#}");
+    Ok(())
+}
+
+/// WebhookTargets become the webhooks file notify follows: the valid one gets the event
+/// types it asked for, signed with its Secret; the others are `Ready=False`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use shipperd_operator::webhooks::{WebhooksContext, reconcile as reconcile_webhook};
+    use shipperd_tests::webhook::WebhookSink;
+
+    let app = spawn_app(Options {
+        follow_webhooks: true,
+        ..Default::default()
+    })
+    .await?;
+    let sink = WebhookSink::start().await?;
+    let hook = |name: &str, spec: Value| {
+        json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "WebhookTarget",
+                "metadata": { "name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                              "generation": 1, "resourceVersion": "1" },
+                "spec": spec })
+    };
+    let secret = base64::engine::general_purpose::STANDARD.encode("whsec_c2VjcmV0LWJ5dGVz");
+    let state = Arc::new(Mutex::new(FakeTargets {
+        webhooks: vec![
+            hook(
+                "chat",
+                json!({ "url": format!("{}?token=hunter2", sink.url()),
+                                 "types": ["io.shipperd.bundle.published"],
+                                 "signingSecret": { "name": "hook", "key": "secret" } }),
+            ),
+            hook(
+                "ftp",
+                json!({ "url": "ftp://nowhere",
+                                "signingSecret": { "name": "hook", "key": "secret" } }),
+            ),
+            hook(
+                "nosecret",
+                json!({ "url": sink.url(),
+                                     "signingSecret": { "name": "missing", "key": "secret" } }),
+            ),
+        ],
+        secrets: vec![
+            json!({ "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                              "metadata": { "name": "hook", "namespace": "ns" },
+                              "data": { "secret": secret } }),
+        ],
+        ..FakeTargets::default()
+    }));
+    let ctx = Arc::new(WebhooksContext {
+        client: fake_targets_api(state.clone()),
+        file: app.data.path().join("webhooks.toml"),
+        secrets: app.data.path().join("config/webhooks"),
+    });
+    for name in ["chat", "ftp", "nosecret"] {
+        let w = state
+            .lock()
+            .unwrap()
+            .webhooks
+            .iter()
+            .find(|w| w["metadata"]["name"] == name)
+            .cloned()
+            .unwrap();
+        reconcile_webhook(Arc::new(serde_json::from_value(w)?), ctx.clone()).await?;
+    }
+    let ready = |name: &str| {
+        let s = state.lock().unwrap();
+        let w = s
+            .webhooks
+            .iter()
+            .find(|w| w["metadata"]["name"] == name)
+            .unwrap();
+        let c = &w["status"]["conditions"][0];
+        (
+            c["status"].clone(),
+            c["reason"].clone(),
+            c["message"].clone(),
+        )
+    };
+    let (st, reason, message) = ready("chat");
+    assert_eq!((st, reason), (json!("True"), json!("Applied")));
+    assert!(!message.as_str().unwrap().contains("hunter2"), "{message}");
+    assert_eq!(ready("ftp").1, "InvalidURL");
+    assert_eq!(ready("nosecret").1, "SecretNotFound");
+
+    // notify looks at the file every 2 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let layout = sample("hooked", "hooked", 0);
+    let (code, r) = app
+        .put("hooked.tar", tar_bytes(&layout.oci_files(""))?, None)
+        .await?;
+    assert_eq!(code, 202, "{r}");
+    let rec = app
+        .wait_done(r["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await?;
+    assert_eq!(rec["phase"], "Published");
+    let got = shipperd_tests::eventually(
+        "bundle.published at the webhook",
+        Duration::from_secs(30),
+        || async {
+            sink.of_type("io.shipperd.bundle.published")
+                .into_iter()
+                .next()
+        },
+    )
+    .await?;
+    assert!(got.signature.is_some(), "signed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let types: Vec<String> = sink
+        .deliveries()
+        .iter()
+        .map(|d| d.event_type().to_string())
+        .collect();
+    assert!(
+        types.iter().all(|t| t == "io.shipperd.bundle.published"),
+        "only the types asked for: {types:?}"
+    );
     Ok(())
 }

@@ -6,6 +6,11 @@
 //! with Standard Webhooks headers; a non-2xx answer, a timeout or a refused connection
 //! leaves the event unacked and it comes back after a growing delay (at-least-once, the
 //! same `webhook-id` on every retry).
+//!
+//! Besides the `--webhook` flags, a webhooks file (TOML, `[[webhook]]` with `url`,
+//! optional `secret_file` and `types`) is followed: read again when it changes (every
+//! 2 s), a target added starts, one removed stops, one changed restarts with its new
+//! secret and event types. The operator writes it from `WebhookTarget` resources.
 
 pub mod sign;
 
@@ -51,6 +56,8 @@ pub struct Config {
     pub max_deliver: i64,
     /// Deliveries in flight per target.
     pub concurrency: usize,
+    /// A webhooks file to follow (see the module's doc).
+    pub webhooks_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -64,6 +71,7 @@ impl Config {
             retry_max: Duration::from_secs(300),
             max_deliver: 200,
             concurrency: 4,
+            webhooks_file: None,
         }
     }
 }
@@ -78,12 +86,64 @@ struct Target {
     url: String,
     http: reqwest::Client,
     key: Option<Vec<u8>>,
+    /// Event types sent (empty: all).
+    types: Vec<String>,
     config: Config,
+}
+
+/// One webhook of a webhooks file.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    pub url: String,
+    /// A file holding the signing secret (`whsec_<base64>` or raw bytes).
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Event types to send (e.g. `io.shipperd.bundle.published`); empty: all.
+    #[serde(default)]
+    pub types: Vec<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhooksFile {
+    #[serde(default)]
+    webhook: Vec<WebhookSpec>,
+}
+
+/// A webhook of the file, with its signing key (read from its `secret_file`).
+pub type Webhook = (WebhookSpec, Option<Vec<u8>>);
+
+/// Reads a webhooks file: each webhook with its secret (read now) and types.
+pub fn read_webhooks(path: &std::path::Path) -> Result<Vec<Webhook>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file: WebhooksFile =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    file.webhook
+        .into_iter()
+        .map(|w| {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(Error::BadUrl(w.url.clone()).to_string());
+            }
+            let key = match &w.secret_file {
+                Some(f) => {
+                    let raw =
+                        std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+                    Some(sign::key(raw.trim()))
+                }
+                None => None,
+            };
+            Ok((w, key))
+        })
+        .collect()
 }
 
 /// A started notify service.
 pub struct Notify {
     targets: Vec<(Arc<Target>, async_nats::jetstream::consumer::PullConsumer)>,
+    bus: Bus,
+    http: reqwest::Client,
+    config: Config,
 }
 
 impl Notify {
@@ -123,38 +183,139 @@ impl Notify {
                 url: url.clone(),
                 http: http.clone(),
                 key: config.secret.as_ref().map(|s| sign::key(s.expose())),
+                types: Vec::new(),
                 config: config.clone(),
             };
             targets.push((Arc::new(target), consumer));
         }
-        Ok(Notify { targets })
+        Ok(Notify {
+            targets,
+            bus,
+            http,
+            config,
+        })
     }
 
-    pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (target, consumer) in self.targets {
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                let concurrency = target.config.concurrency;
-                worker::run(
-                    "notify",
-                    consumer,
-                    concurrency,
-                    Duration::from_secs(15),
-                    shutdown,
-                    move |msg| {
-                        let target = target.clone();
-                        async move { deliver(&target, msg).await }
-                    },
-                )
-                .await
-            });
+    async fn consumer(&self, url: &str) -> Result<async_nats::jetstream::consumer::PullConsumer> {
+        Ok(self
+            .bus
+            .consumer(&ConsumerSpec {
+                stream: EVENTS_STREAM,
+                durable: consumer_name(url),
+                filter: EVENTS_SUBJECTS.into(),
+                ack_wait: self.config.timeout + Duration::from_secs(30),
+                max_deliver: self.config.max_deliver,
+                max_ack_pending: 1000,
+                deliver_policy: DeliverPolicy::New,
+            })
+            .await?)
+    }
+
+    /// Follows the webhooks file until `shutdown`: targets started, stopped and
+    /// restarted as it changes.
+    async fn follow(&self, path: std::path::PathBuf, shutdown: CancellationToken) {
+        type Running = (WebhookSpec, Option<Vec<u8>>, CancellationToken);
+        let mut running: std::collections::HashMap<String, Running> = Default::default();
+        let mut last: Option<Vec<u8>> = None;
+        while !shutdown.is_cancelled() {
+            let raw = std::fs::read(&path).ok();
+            if raw != last {
+                last = raw;
+                match read_webhooks(&path) {
+                    Err(error) => {
+                        tracing::warn!(%error, "the webhooks file does not parse; keeping the webhooks read before")
+                    }
+                    Ok(wanted) => {
+                        let urls: Vec<String> = wanted.iter().map(|(w, _)| w.url.clone()).collect();
+                        running.retain(|url, (_, _, stop)| {
+                            let keep = urls.contains(url);
+                            if !keep {
+                                stop.cancel();
+                            }
+                            keep
+                        });
+                        for (spec, key) in wanted {
+                            if let Some((w, k, stop)) = running.get(&spec.url) {
+                                if *w == spec && *k == key {
+                                    continue;
+                                }
+                                stop.cancel();
+                            }
+                            match self.consumer(&spec.url).await {
+                                Ok(consumer) => {
+                                    let stop = shutdown.child_token();
+                                    let target = Arc::new(Target {
+                                        url: spec.url.clone(),
+                                        http: self.http.clone(),
+                                        key: key.clone(),
+                                        types: spec.types.clone(),
+                                        config: self.config.clone(),
+                                    });
+                                    tracing::info!(url = %redact(&spec.url), types = ?spec.types, "webhook started");
+                                    tokio::spawn(serve_target(target, consumer, stop.clone()));
+                                    running.insert(spec.url.clone(), (spec, key, stop));
+                                }
+                                Err(error) => {
+                                    tracing::warn!(%error, "cannot start a webhook; will try again");
+                                    last = None;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown.cancelled() => {}
+            }
         }
-        if tasks.is_empty() {
-            shutdown.cancelled().await;
+    }
+
+    pub async fn serve(mut self, shutdown: CancellationToken) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (target, consumer) in std::mem::take(&mut self.targets) {
+            tasks.spawn(serve_target(target, consumer, shutdown.clone()));
+        }
+        match self.config.webhooks_file.clone() {
+            Some(path) => self.follow(path, shutdown.clone()).await,
+            None if tasks.is_empty() => shutdown.cancelled().await,
+            None => {}
         }
         while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+async fn serve_target(
+    target: Arc<Target>,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    stop: CancellationToken,
+) {
+    let concurrency = target.config.concurrency;
+    worker::run(
+        "notify",
+        consumer,
+        concurrency,
+        Duration::from_secs(15),
+        stop,
+        move |msg| {
+            let target = target.clone();
+            async move { deliver(&target, msg).await }
+        },
+    )
+    .await
+}
+
+/// A URL without credentials or query (which often carry tokens), for logs.
+fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => "<an invalid URL>".into(),
     }
 }
 
@@ -171,7 +332,10 @@ async fn deliver(target: &Target, msg: Message) {
             return worker::settle(&msg, Outcome::Term).await;
         }
     };
-    let span = tracing::info_span!("notify", event = %event.id, target = %target.url);
+    if !target.types.is_empty() && !target.types.iter().any(|t| t == event.kind.type_name()) {
+        return worker::settle(&msg, Outcome::Ack).await;
+    }
+    let span = tracing::info_span!("notify", event = %event.id, target = %redact(&target.url));
     shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
     let outcome = post(target, &event, worker::delivered(&msg))
         .instrument(span)

@@ -13,6 +13,7 @@
 
 use std::{
     collections::HashMap,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -122,6 +123,8 @@ pub struct Config {
     pub upload_namespace: Option<String>,
     /// Where `RegistryTarget`s are written for the services (their `--targets`).
     pub targets_output: crate::targets::Output,
+    /// Where `WebhookTarget`s are written for notify (its `--webhooks-file`).
+    pub webhooks_output: PathBuf,
 }
 
 /// Runs the `Bundle` controller until `shutdown`: while this replica holds the leader
@@ -147,6 +150,11 @@ pub async fn run(
         client: client.clone(),
         output: config.targets_output.clone(),
     });
+    let webhooks = Arc::new(crate::webhooks::WebhooksContext {
+        client: client.clone(),
+        file: config.webhooks_output.clone(),
+        secrets: config.data_dir.root().join("config/webhooks"),
+    });
     match &config.leader {
         Some((namespace, settings)) => {
             let leases = Api::namespaced(client.clone(), namespace);
@@ -155,11 +163,13 @@ pub async fn run(
             elector
                 .run(shutdown, move |lead| {
                     let (client, ctx, targets) = (client.clone(), ctx.clone(), targets.clone());
+                    let webhooks = webhooks.clone();
                     let (namespace, uploads) = (namespace.clone(), uploads.clone());
                     async move {
                         let t = control_targets(targets, namespace.clone(), lead.clone());
+                        let w = control_webhooks(webhooks, namespace.clone(), lead.clone());
                         let b = control(client, ctx, namespace, uploads, lead);
-                        if let (_, Err(error)) = tokio::join!(t, b) {
+                        if let (_, _, Err(error)) = tokio::join!(t, w, b) {
                             tracing::error!(%error, "the controller stopped");
                         }
                     }
@@ -170,8 +180,9 @@ pub async fn run(
         None => {
             let (namespace, uploads) = (config.namespace.clone(), config.upload_namespace.clone());
             let t = control_targets(targets, namespace.clone(), shutdown.clone());
+            let w = control_webhooks(webhooks, namespace.clone(), shutdown.clone());
             let b = control(client, ctx, namespace, uploads, shutdown);
-            tokio::join!(t, b).1
+            tokio::join!(t, w, b).2
         }
     }
 }
@@ -232,6 +243,53 @@ async fn control_targets(
             crate::targets::reconcile,
             |_t, error, _ctx| {
                 tracing::warn!(%error, "reconciling a RegistryTarget failed");
+                Action::requeue(REQUEUE)
+            },
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+/// The `WebhookTarget` controller, until `stop` (and when a Secret of its namespace
+/// changes: a rotated signing secret).
+async fn control_webhooks(
+    ctx: Arc<crate::webhooks::WebhooksContext>,
+    namespace: Option<String>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
+
+    use crate::crd::WebhookTarget;
+
+    let client = ctx.client.clone();
+    let (hooks, secrets): (Api<WebhookTarget>, Api<Secret>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let controller = Controller::new(hooks, watcher::Config::default());
+    let cache = controller.store();
+    controller
+        .watches(secrets, watcher::Config::default(), move |s: Secret| {
+            // Any one webhook of the namespace: a reconcile writes them all.
+            cache
+                .state()
+                .into_iter()
+                .filter(|w| w.namespace() == s.namespace())
+                .take(1)
+                .map(|w| ObjectRef::from_obj(&*w))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .run(
+            crate::webhooks::reconcile,
+            |_w, error, _ctx| {
+                tracing::warn!(%error, "reconciling a WebhookTarget failed");
                 Action::requeue(REQUEUE)
             },
             ctx,

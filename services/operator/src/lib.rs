@@ -17,6 +17,7 @@ pub mod leader;
 pub mod mirrors;
 pub mod status;
 pub mod targets;
+pub mod webhooks;
 
 pub use crd::{
     Bundle, BundleSpec, BundleStatus, RegistryTarget, RegistryTargetSpec, WebhookTarget,

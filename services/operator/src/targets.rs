@@ -95,7 +95,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Writes `bytes` to `path` (0600) through a temp file and a rename, unless it holds
 /// them already.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
     if std::fs::read(path).is_ok_and(|b| b == bytes) {
         return Ok(());
