@@ -718,3 +718,41 @@ async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// A `path` source: a file on the shared volume, taken into the store (hashed in place,
+/// moved in) and published; a path leaving the data directory is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bundle_from_a_path_on_the_volume_is_taken_and_published() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("pathsrc", "p1", 0);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    let id = sha256(&bytes)[7..].to_string();
+    let file = app.data.path().join("incoming/p1.tar");
+    std::fs::create_dir_all(file.parent().unwrap())?;
+    std::fs::write(&file, &bytes)?;
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1",
+        "kind": "Bundle",
+        "metadata": { "name": "p1", "namespace": "ns", "uid": "uid-p1", "generation": 1,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "source": { "path": { "path": "incoming/p1.tar" } } },
+    }));
+    let ctx = context(&app, client).await?;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+    assert_eq!(done["status"]["bundleId"], id);
+    assert!(!file.exists(), "the file was moved into the store");
+    app.assert_published(&layout, "").await?;
+
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1",
+        "kind": "Bundle",
+        "metadata": { "name": "p2", "namespace": "ns", "uid": "uid-p2", "generation": 1,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "source": { "path": { "path": "../../etc/passwd" } } },
+    }));
+    let ctx = context(&app, client).await?;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
+    let why = done["status"]["error"].as_str().unwrap();
+    assert!(why.contains("without `..`"), "{why}");
+    Ok(())
+}

@@ -61,7 +61,8 @@ pub enum Error {
 enum Fetch {
     Running,
     Failed(String),
-    Done,
+    /// Stored, as this bundle id.
+    Done(BundleId),
 }
 
 /// What the reconciler works with.
@@ -481,36 +482,39 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let now = Timestamp::now();
-    let id = bundle_id(b)?;
+    let uid = b.uid().unwrap_or_default();
+    let id = match bundle_id(b)? {
+        Some(id) => Some(id),
+        // A path source without a sha256: known once it is stored.
+        None => match ctx.fetch_state(&uid) {
+            Some(Fetch::Done(id)) => Some(id),
+            _ => None,
+        },
+    };
     let summary = match &id {
         Some(id) => ctx.state.summary(id).await?,
         None => None,
     };
-    let status = match (&summary, &b.spec.source.url) {
-        (Some(s), _) => bundle_status(s, generation, &previous, now),
-        (None, Some(url)) => {
-            let uid = b.uid().unwrap_or_default();
-            match ctx.fetch_state(&uid) {
-                Some(Fetch::Failed(why)) => {
-                    pending_status("Failed", Some(&why), generation, &previous, now)
-                }
-                Some(Fetch::Running) | Some(Fetch::Done) => {
-                    pending_status("Fetching", None, generation, &previous, now)
-                }
-                None => {
-                    start_fetch(b, url, &uid, ctx)?;
-                    pending_status("Fetching", None, generation, &previous, now)
-                }
+    let src = &b.spec.source;
+    let status = match &summary {
+        Some(s) => bundle_status(s, generation, &previous, now),
+        None if src.url.is_some() || src.path.is_some() => match ctx.fetch_state(&uid) {
+            Some(Fetch::Failed(why)) => {
+                pending_status("Failed", Some(&why), generation, &previous, now)
             }
-        }
-        (None, None) if b.spec.source.path.is_some() => pending_status(
-            "Failed",
-            Some("path sources are not taken yet; upload the file or serve it by URL"),
-            generation,
-            &previous,
-            now,
-        ),
-        (None, None) => pending_status("Pending", None, generation, &previous, now),
+            Some(Fetch::Running) | Some(Fetch::Done(_)) => {
+                pending_status("Fetching", None, generation, &previous, now)
+            }
+            None => {
+                match (&src.url, &src.path) {
+                    (Some(url), _) => start_fetch(b, url, &uid, ctx)?,
+                    (None, Some(path)) => start_take(b, path, &uid, ctx)?,
+                    (None, None) => {}
+                }
+                pending_status("Fetching", None, generation, &previous, now)
+            }
+        },
+        None => pending_status("Pending", None, generation, &previous, now),
     };
     let mut status = status;
     status.cluster_resources = b.status.as_ref().and_then(|s| s.cluster_resources.clone());
@@ -585,9 +589,51 @@ fn start_fetch(
             .fetch(&name, &source, target.as_ref(), &settings)
             .await;
         let state = match outcome {
-            Ok(_) => Fetch::Done,
+            Ok(a) => Fetch::Done(a.summary.id),
             Err(e) => {
                 tracing::warn!(bundle = %name, error = %e, "fetching the bundle failed");
+                Fetch::Failed(e.to_string())
+            }
+        };
+        done.lock().expect("not poisoned").insert(uid, state);
+    });
+    Ok(())
+}
+
+/// Takes a `path` source (a file on the shared volume, relative to the data directory)
+/// into the store, in a task of its own: hashed in place, then moved in (as the drop
+/// directory does).
+fn start_take(
+    b: &Bundle,
+    src: &crate::crd::PathSource,
+    uid: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let rel = std::path::Path::new(&src.path);
+    let confined = !rel.is_absolute()
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !confined {
+        ctx.set_fetch(
+            uid,
+            Fetch::Failed(format!(
+                "path {:?} must be relative to the data directory, without `..`",
+                src.path
+            )),
+        );
+        return Ok(());
+    }
+    let file = ctx.store.data().root().join(rel);
+    let expected = src.sha256.as_deref().map(parse_id).transpose()?;
+    let name = b.name_any();
+    ctx.set_fetch(uid, Fetch::Running);
+    let (store, uid, done) = (ctx.store.clone(), uid.to_string(), ctx.fetches.clone());
+    tokio::spawn(async move {
+        let state = match store.receive_file(&name, &file, expected.as_ref()).await {
+            Ok(a) => Fetch::Done(a.summary.id),
+            Err(e) => {
+                tracing::warn!(bundle = %name, error = %e, "taking the bundle's file failed");
                 Fetch::Failed(e.to_string())
             }
         };
