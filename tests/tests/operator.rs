@@ -31,6 +31,8 @@ struct Fake {
     requests: Vec<String>,
     /// Objects applied (server-side apply), by path.
     applied: Vec<(String, Value)>,
+    /// Answer applies with 403 (an operator without the right to).
+    refuse_apply: bool,
 }
 
 /// A fake API server for one `Bundle`: finalizer patches, status patches, Events.
@@ -93,8 +95,17 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                         || p.contains("/imagetagmirrorsets/")
                         || p.contains("/catalogsources/") =>
                 {
-                    fk.applied.push((p.to_string(), body.clone()));
-                    (200, body)
+                    if fk.refuse_apply {
+                        (
+                            403,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "Forbidden", "code": 403,
+                                   "message": "configmaps is forbidden"}),
+                        )
+                    } else {
+                        fk.applied.push((p.to_string(), body.clone()));
+                        (200, body)
+                    }
                 }
                 _ => (
                     404,
@@ -372,6 +383,8 @@ async fn an_uploaded_bundle_gets_a_bundle_object_that_follows_it() -> anyhow::Re
     assert_eq!(st, 202, "{r}");
     let id = r["id"].as_str().unwrap().to_string();
     let (client, fake) = fake_api(json!({ "metadata": { "name": "" } }));
+    // No right to write ConfigMaps: the status follows all the same.
+    fake.lock().unwrap().refuse_apply = true;
     let ctx = context(&app, client.clone()).await?;
     let summary = ctx.state.summary(&BundleId::parse(&id)?).await?.unwrap();
     let api: kube::Api<Bundle> = kube::Api::namespaced(client, "ns");
@@ -386,6 +399,15 @@ async fn an_uploaded_bundle_gets_a_bundle_object_that_follows_it() -> anyhow::Re
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
     assert_eq!(done["status"]["bundleId"], id);
     assert_eq!(done["metadata"]["finalizers"], json!([FINALIZER]));
+    assert!(done["status"]["clusterResources"].is_null());
+    let fk = fake.lock().unwrap();
+    assert!(
+        fk.events
+            .iter()
+            .any(|e| e["reason"] == "ClusterResourcesFailed" && e["type"] == "Warning"),
+        "{:#?}",
+        fk.events
+    );
     Ok(())
 }
 

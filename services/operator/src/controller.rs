@@ -518,27 +518,50 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
     };
     let mut status = status;
     status.cluster_resources = b.status.as_ref().and_then(|s| s.cluster_resources.clone());
+    // Cluster resources that could not be written (no right to, an API refusing a
+    // mirror set) do not hold the status back: a Warning Event says why, and they are
+    // tried again later.
+    let mut again = false;
     if let Some(s) = &summary
         && s.phase == shipperd_model::Phase::Published
         && status.cluster_resources.is_none()
     {
-        let res = crate::cluster::resources(&ctx.state, b, s).await?;
-        let name = crate::cluster::publish(&ctx.client, b, &res).await?;
-        if b.spec.apply_cluster_resources {
-            let ev = KubeEvent {
-                type_: EventType::Normal,
-                reason: "ClusterResourcesApplied".into(),
-                note: Some(format!(
-                    "mirror sets and catalog sources from ConfigMap {name}"
-                )),
-                action: "Apply".into(),
-                secondary: None,
-            };
-            if let Err(error) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
-                tracing::warn!(%error, "cannot record an Event");
+        let written = match crate::cluster::resources(&ctx.state, b, s).await {
+            Ok(res) => crate::cluster::publish(&ctx.client, b, &res)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let ev = match &written {
+            Ok(name) => {
+                status.cluster_resources = Some(name.clone());
+                b.spec.apply_cluster_resources.then(|| KubeEvent {
+                    type_: EventType::Normal,
+                    reason: "ClusterResourcesApplied".into(),
+                    note: Some(format!(
+                        "mirror sets and catalog sources from ConfigMap {name}"
+                    )),
+                    action: "Apply".into(),
+                    secondary: None,
+                })
             }
+            Err(error) => {
+                tracing::warn!(%error, "cannot write the bundle's cluster resources; will retry");
+                again = true;
+                Some(KubeEvent {
+                    type_: EventType::Warning,
+                    reason: "ClusterResourcesFailed".into(),
+                    note: Some(error.chars().take(1000).collect()),
+                    action: "Apply".into(),
+                    secondary: None,
+                })
+            }
+        };
+        if let Some(ev) = ev
+            && let Err(error) = ctx.recorder.publish(&ev, &b.object_ref(&())).await
+        {
+            tracing::warn!(%error, "cannot record an Event");
         }
-        status.cluster_resources = Some(name);
     }
     let old_phase = b.status.as_ref().and_then(|s| s.phase.clone());
     if old_phase != status.phase {
@@ -554,7 +577,7 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         .await?;
     }
     Ok(match status.phase.as_deref() {
-        Some("Published") | Some("Failed") => Action::await_change(),
+        Some("Published") | Some("Failed") if !again => Action::await_change(),
         _ => Action::requeue(REQUEUE),
     })
 }
