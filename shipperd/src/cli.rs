@@ -108,6 +108,10 @@ pub struct OperatorArgs {
     /// `--webhooks-file`). Default: `<data-dir>/config/webhooks.toml`.
     #[arg(long, env = "SHIPPERD_WEBHOOKS_OUTPUT")]
     pub webhooks_output: Option<PathBuf>,
+    /// Create the OpenShift projects a bundle's images land in when they are missing
+    /// (needs the right to create ProjectRequests); else a Warning Event names them.
+    #[arg(long, env = "SHIPPERD_CREATE_PROJECTS")]
+    pub create_projects: bool,
 }
 
 impl OperatorArgs {
@@ -140,6 +144,7 @@ impl OperatorArgs {
                 }
                 o
             },
+            create_projects: self.create_projects,
             webhooks_output: self
                 .webhooks_output
                 .clone()

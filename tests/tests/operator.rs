@@ -89,6 +89,16 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                     (201, body)
                 }
                 ("PATCH", p) if p.contains("/events/") => (200, body),
+                ("GET", p) if p.ends_with("/registrytargets/internal") => (
+                    200,
+                    json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "RegistryTarget",
+                            "metadata": { "name": "internal", "namespace": "ns" },
+                            "spec": { "openshiftInternal": true } }),
+                ),
+                ("POST", p) if p.ends_with("/projectrequests") => {
+                    fk.applied.push((p.to_string(), body.clone()));
+                    (201, body)
+                }
                 ("PATCH", p)
                     if p.contains("/configmaps/")
                         || p.contains("/imagedigestmirrorsets/")
@@ -776,5 +786,61 @@ async fn a_bundle_from_a_path_on_the_volume_is_taken_and_published() -> anyhow::
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
     let why = done["status"]["error"].as_str().unwrap();
     assert!(why.contains("without `..`"), "{why}");
+    Ok(())
+}
+
+/// A Bundle for OpenShift's internal registry: the projects its images land in are
+/// checked; a missing one is named in a Warning Event, or created when allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_openshift_projects_are_named_or_created() -> anyhow::Result<()> {
+    let app = spawn_app(Options {
+        targets_toml: Some("[[target]]\nname = \"internal\"\nurl = \"{registry}\"\n".into()),
+        ..Default::default()
+    })
+    .await?;
+    let layout = sample("projects", "p3", 0);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    let file = app.data.path().join("incoming/p3.tar");
+    std::fs::create_dir_all(file.parent().unwrap())?;
+    std::fs::write(&file, &bytes)?;
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1",
+        "kind": "Bundle",
+        "metadata": { "name": "p3", "namespace": "ns", "uid": "uid-p3", "generation": 1,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "source": { "path": { "path": "incoming/p3.tar" } }, "target": "internal" },
+    }));
+    let ctx = context(&app, client.clone()).await?;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+    let id = BundleId::parse(done["status"]["bundleId"].as_str().unwrap())?;
+    {
+        let fk = fake.lock().unwrap();
+        let missing = fk
+            .events
+            .iter()
+            .find(|e| e["reason"] == "ProjectMissing")
+            .expect("a ProjectMissing event");
+        let note = missing["note"].as_str().unwrap();
+        assert!(note.contains("demo") && note.contains("p3"), "{note}");
+        assert!(
+            !fk.applied
+                .iter()
+                .any(|(p, _)| p.ends_with("/projectrequests"))
+        );
+    }
+    // Allowed to: each missing project is requested.
+    let summary = ctx.state.summary(&id).await?.unwrap();
+    let b: Bundle = serde_json::from_value(fake.lock().unwrap().bundle.clone())?;
+    let checked =
+        shipperd_operator::projects::check(&client, &ctx.state, &b, &summary, true).await?;
+    assert_eq!(checked.unwrap().created, ["demo", "p3"]);
+    let fk = fake.lock().unwrap();
+    let requested: Vec<&str> = fk
+        .applied
+        .iter()
+        .filter(|(p, _)| p.ends_with("/apis/project.openshift.io/v1/projectrequests"))
+        .filter_map(|(_, v)| v["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(requested, ["demo", "p3"]);
     Ok(())
 }

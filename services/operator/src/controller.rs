@@ -74,6 +74,10 @@ pub struct Context {
     pub fetch: FetchSettings,
     /// Fetches started here, by `Bundle` uid.
     fetches: Arc<Mutex<HashMap<String, Fetch>>>,
+    /// Create the OpenShift projects a bundle's images land in when missing.
+    pub create_projects: bool,
+    /// Bundles whose projects were checked, by uid and bundle generation.
+    projects_checked: Mutex<std::collections::HashSet<(String, u32)>>,
 }
 
 impl Context {
@@ -91,6 +95,8 @@ impl Context {
             recorder,
             fetch,
             fetches: Arc::default(),
+            create_projects: false,
+            projects_checked: Mutex::default(),
         }
     }
 
@@ -126,6 +132,8 @@ pub struct Config {
     pub targets_output: crate::targets::Output,
     /// Where `WebhookTarget`s are written for notify (its `--webhooks-file`).
     pub webhooks_output: PathBuf,
+    /// Create missing OpenShift projects for the internal registry.
+    pub create_projects: bool,
 }
 
 /// Runs the `Bundle` controller until `shutdown`: while this replica holds the leader
@@ -141,12 +149,9 @@ pub async fn run(
     bus.ensure_topology().await?;
     let store = Store::attach(bus.clone(), &config.data_dir, config.max_bundle_bytes).await?;
     let state = StateStore::open(&bus).await?;
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Arc::new(store),
-        state,
-        config.fetch.clone(),
-    ));
+    let mut ctx = Context::new(client.clone(), Arc::new(store), state, config.fetch.clone());
+    ctx.create_projects = config.create_projects;
+    let ctx = Arc::new(ctx);
     let targets = Arc::new(crate::targets::TargetsContext {
         client: client.clone(),
         output: config.targets_output.clone(),
@@ -563,6 +568,11 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
             tracing::warn!(%error, "cannot record an Event");
         }
     }
+    if let Some(s) = &summary
+        && s.unpacked_at.is_some()
+    {
+        check_projects(b, s, ctx).await;
+    }
     let old_phase = b.status.as_ref().and_then(|s| s.phase.clone());
     if old_phase != status.phase {
         record_phase(b, &status, ctx).await;
@@ -663,6 +673,67 @@ fn start_take(
         done.lock().expect("not poisoned").insert(uid, state);
     });
     Ok(())
+}
+
+/// Checks once per bundle generation that the OpenShift projects its images land in
+/// exist (see [`crate::projects`]); says so in Events.
+async fn check_projects(b: &Bundle, s: &BundleSummary, ctx: &Context) {
+    let key = (b.uid().unwrap_or_default(), s.generation);
+    if !ctx
+        .projects_checked
+        .lock()
+        .expect("not poisoned")
+        .insert(key.clone())
+    {
+        return;
+    }
+    let checked =
+        match crate::projects::check(&ctx.client, &ctx.state, b, s, ctx.create_projects).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "cannot check the bundle's projects; will again");
+                ctx.projects_checked
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&key);
+                return;
+            }
+        };
+    let mut events = Vec::new();
+    if !checked.created.is_empty() {
+        events.push(KubeEvent {
+            type_: EventType::Normal,
+            reason: "ProjectsCreated".into(),
+            note: Some(format!("created {}", checked.created.join(", "))),
+            action: "CreateProjects".into(),
+            secondary: None,
+        });
+    }
+    if !checked.missing.is_empty() {
+        let list = checked.missing.join(", ");
+        events.push(KubeEvent {
+            type_: EventType::Warning,
+            reason: "ProjectMissing".into(),
+            note: Some(
+                format!(
+                    "the internal registry takes images only into existing projects; missing: \
+                 {list}. Create them (oc new-project NAME) and retry the bundle, or let the \
+                 operator create them (--create-projects)"
+                )
+                .chars()
+                .take(1000)
+                .collect(),
+            ),
+            action: "CheckProjects".into(),
+            secondary: None,
+        });
+    }
+    for ev in events {
+        if let Err(error) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
+            tracing::warn!(%error, "cannot record an Event");
+        }
+    }
 }
 
 /// Records a Kubernetes Event for the phase `status` reached.

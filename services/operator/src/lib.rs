@@ -15,6 +15,7 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod mirrors;
+pub mod projects;
 pub mod status;
 pub mod targets;
 pub mod webhooks;
