@@ -380,6 +380,25 @@ async fn a_url_that_cannot_be_fetched_fails_the_bundle_with_a_reason() -> anyhow
             .iter()
             .any(|e| e["reason"] == "Failed" && e["type"] == "Warning")
     );
+    drop(fk);
+
+    // An https URL whose CA ConfigMap is missing: failed, saying so.
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1",
+        "kind": "Bundle",
+        "metadata": { "name": "b1", "namespace": "ns", "uid": "uid-3", "generation": 1,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "source": { "url": {
+            "url": "https://127.0.0.1:9/b.tar", "sha256": "d".repeat(64),
+            "ca": { "configMapKeyRef": { "name": "internal-ca", "key": "ca.crt" } } } } },
+    }));
+    let ctx = context(&app, client).await?;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
+    let why = done["status"]["error"].as_str().unwrap();
+    assert!(
+        why.contains("the URL's CA: ConfigMap internal-ca not found"),
+        "{why}"
+    );
     Ok(())
 }
 

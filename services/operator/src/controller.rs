@@ -512,7 +512,7 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
             }
             None => {
                 match (&src.url, &src.path) {
-                    (Some(url), _) => start_fetch(b, url, &uid, ctx)?,
+                    (Some(url), _) => start_fetch(b, url, &uid, ctx).await?,
                     (None, Some(path)) => start_take(b, path, &uid, ctx)?,
                     (None, None) => {}
                 }
@@ -593,18 +593,33 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
 }
 
 /// Starts fetching a `url` source in a task of its own.
-fn start_fetch(
+async fn start_fetch(
     b: &Bundle,
     url: &crate::crd::UrlSource,
     uid: &str,
     ctx: &Context,
 ) -> Result<(), Error> {
+    // The CA to trust for an https URL, from its ConfigMap or Secret.
+    let ca_pem = match &url.ca {
+        None => None,
+        Some(ca) => {
+            let ns = b.namespace().unwrap_or_default();
+            match crate::targets::key_of(&ctx.client, &ns, ca)
+                .await
+                .map_err(|e| Error::Invalid(e.to_string()))?
+            {
+                Ok(pem) => Some(pem),
+                Err(p) => {
+                    ctx.set_fetch(uid, Fetch::Failed(format!("the URL's CA: {}", p.message)));
+                    return Ok(());
+                }
+            }
+        }
+    };
     let source = FetchSource {
         url: url.url.clone(),
         sha256: parse_id(&url.sha256)?,
-        // A CA from a ConfigMap or Secret is read by the caller once targets are
-        // resources; none yet.
-        ca_pem: None,
+        ca_pem,
     };
     let target = b
         .spec

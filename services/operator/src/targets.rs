@@ -143,7 +143,7 @@ struct Resolved {
     files: Vec<(PathBuf, Vec<u8>)>,
 }
 
-async fn key_of(
+pub(crate) async fn key_of(
     client: &kube::Client,
     ns: &str,
     src: &CaSource,
