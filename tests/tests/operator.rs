@@ -374,13 +374,13 @@ async fn a_url_that_cannot_be_fetched_fails_the_bundle_with_a_reason() -> anyhow
     let why = failed["message"].as_str().unwrap();
     assert!(why.contains("failed 3 times"), "{why}");
     assert!(!why.contains("hunter2"), "{why}");
-    let fk = fake.lock().unwrap();
     assert!(
-        fk.events
+        fake.lock()
+            .unwrap()
+            .events
             .iter()
             .any(|e| e["reason"] == "Failed" && e["type"] == "Warning")
     );
-    drop(fk);
 
     // An https URL whose CA ConfigMap is missing: failed, saying so.
     let (client, fake) = fake_api(json!({
