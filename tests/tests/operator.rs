@@ -381,6 +381,10 @@ async fn a_url_that_cannot_be_fetched_fails_the_bundle_with_a_reason() -> anyhow
             .iter()
             .any(|e| e["reason"] == "Failed" && e["type"] == "Warning")
     );
+    // Edited (a new generation): fetched again.
+    fake.lock().unwrap().bundle["metadata"]["generation"] = json!(3);
+    let again = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Fetching").await?;
+    assert_eq!(again["status"]["observedGeneration"], 3);
 
     // An https URL whose CA ConfigMap is missing: failed, saying so.
     let (client, fake) = fake_api(json!({

@@ -72,7 +72,7 @@ pub struct Context {
     pub state: StateStore,
     pub recorder: Recorder,
     pub fetch: FetchSettings,
-    /// Fetches started here, by `Bundle` uid.
+    /// Fetches started here, by `Bundle` uid and generation.
     fetches: Arc<Mutex<HashMap<String, Fetch>>>,
     /// Create the OpenShift projects a bundle's images land in when missing.
     pub create_projects: bool,
@@ -487,7 +487,12 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let now = Timestamp::now();
-    let uid = b.uid().unwrap_or_default();
+    // Fetches are per generation: editing a Bundle whose fetch failed tries again.
+    let uid = format!(
+        "{}/{}",
+        b.uid().unwrap_or_default(),
+        generation.unwrap_or(0)
+    );
     let id = match bundle_id(b)? {
         Some(id) => Some(id),
         // A path source without a sha256: known once it is stored.
