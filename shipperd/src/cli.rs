@@ -185,6 +185,10 @@ pub struct IngestArgs {
     /// Largest bundle accepted, in bytes.
     #[arg(long, env = "SHIPPERD_MAX_BUNDLE_BYTES", default_value_t = 1 << 40)]
     pub max_bundle_bytes: u64,
+    /// Bearer tokens, one per line, that every `/v1` request must present (read again
+    /// when the file changes). Without it the API is open.
+    #[arg(long, env = "SHIPPERD_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
     /// Stored files of a Published or Failed bundle are removed this long after it
     /// ended (its status stays; a failed bundle can be retried until then).
     #[arg(long, env = "SHIPPERD_KEEP_FINISHED", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -290,6 +294,7 @@ impl IngestArgs {
         let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, self.listen);
         cfg.drop_dir = self.drop_dir.clone();
         cfg.max_bundle_bytes = self.max_bundle_bytes;
+        cfg.auth_token_file = self.auth_token_file.clone();
         cfg.janitor.keep_finished = self.keep_finished;
         cfg.janitor.keep_uploads = self.keep_uploads;
         cfg.janitor.stale_after = self.stale_after;

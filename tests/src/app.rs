@@ -33,6 +33,8 @@ pub struct Options {
     pub follow_targets: bool,
     /// Have notify follow `<data>/webhooks.toml` (written by the test or the operator).
     pub follow_webhooks: bool,
+    /// Bearer tokens (the lines of `<data>/tokens`) the API requires.
+    pub auth_tokens: Option<String>,
     /// Files written into the data dir before the targets file is read.
     pub files: Vec<(String, Vec<u8>)>,
     /// Transfer settings of the default loopback target.
@@ -113,6 +115,11 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
 
     let mut ingest = shipperd_ingest::Config::new(nats.url(), data.path(), listen);
     ingest.drop_dir = drop_dir.clone();
+    if let Some(t) = &opts.auth_tokens {
+        let f = data.path().join("tokens");
+        std::fs::write(&f, t)?;
+        ingest.auth_token_file = Some(f);
+    }
     ingest.drop_poll = Duration::from_millis(200);
     ingest.janitor = opts
         .janitor

@@ -9,6 +9,7 @@
 //! janitor: expiry of old files, re-driving bundles that stalled, recovering bundles
 //! stored but never recorded.
 
+mod auth;
 mod disk;
 mod drop_dir;
 mod error;
@@ -48,6 +49,8 @@ pub struct Config {
     pub max_bundle_bytes: u64,
     /// What the janitor does, and how often.
     pub janitor: janitor::Settings,
+    /// Bearer tokens (one per line) every `/v1` request must present; `None`: open.
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             drop_poll: Duration::from_secs(2),
             max_bundle_bytes: 1 << 40,
             janitor: janitor::Settings::default(),
+            auth_token_file: None,
         }
     }
 }
@@ -110,7 +114,14 @@ impl Ingest {
                 shutdown.clone(),
             ))
         });
-        let app = http::router(self.store.clone());
+        let mut app = http::router(self.store.clone());
+        match &self.config.auth_token_file {
+            Some(f) => {
+                let tokens = Arc::new(auth::Tokens::new(f.clone()));
+                app = app.layer(axum::middleware::from_fn_with_state(tokens, auth::require));
+            }
+            None => tracing::warn!("no --auth-token-file: the API is open to whoever reaches it"),
+        }
         let stop = shutdown.clone();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
