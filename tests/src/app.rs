@@ -82,7 +82,11 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     let nats = Nats::start().await?;
     let data = tempfile::tempdir()?;
     for (name, bytes) in &opts.files {
-        std::fs::write(data.path().join(name), bytes)?;
+        let path = data.path().join(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, bytes)?;
     }
     let targets = match &opts.targets_toml {
         Some(t) => shipperd_registry_targets::Targets::parse(
@@ -406,9 +410,13 @@ impl TestApp {
 
     /// Files left in the ingest temp directory (should be none between uploads).
     pub fn temp_files(&self) -> usize {
+        // Every replica's temp directory (`tmp/<instance>/`).
         std::fs::read_dir(self.data.path().join("tmp"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| std::fs::read_dir(d.path()).map(|f| f.count()).unwrap_or(1))
+            .sum()
     }
 
     /// Stored bundles in the data directory.

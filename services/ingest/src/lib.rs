@@ -84,6 +84,12 @@ impl Ingest {
         let bus = Bus::connect(&config.nats_url, "shipperd-ingest").await?;
         bus.ensure_topology().await?;
         let store = Arc::new(Store::open(bus, &config.data_dir, config.max_bundle_bytes).await?);
+        if let Some(drop) = &config.drop_dir {
+            tokio::fs::create_dir_all(drop)
+                .await
+                .map_err(|e| Error::io(drop, e))?;
+            store.recover_taken(drop).await;
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Bind(config.listen, e))?;

@@ -47,7 +47,33 @@ pub struct Store {
     state: StateStore,
     data: DataDir,
     max_bytes: u64,
+    /// This process's own temp directory, `<data>/tmp/<instance>`: other replicas (and
+    /// the operator) have theirs, so a start-up cleans only what this one left.
+    tmp: PathBuf,
 }
+
+/// This replica's name among those sharing the data directory (the pod's name).
+fn instance() -> String {
+    let raw = std::env::var("SHIPPERD_INSTANCE")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "local".into());
+    let s: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if s.is_empty() { "local".into() } else { s }
+}
+
+/// Suffix of a drop-directory file taken into the store but not yet stored: the user's
+/// only copy, never deleted at start-up (put back instead).
+const TAKEN: &str = ".taken";
 
 /// Removes a temp file unless the upload completed.
 pub(crate) struct TempFile {
@@ -115,24 +141,38 @@ async fn restore(from: &Path, to: &Path) {
 }
 
 impl Store {
-    /// Opens the store for the ingest service, which owns `<data>/tmp`: leftovers of
-    /// uploads a crash cut off are removed first.
+    /// Opens the store for the ingest service: the leftovers of uploads a crash of this
+    /// replica cut off (in its own temp directory) are removed first; drop-directory
+    /// files it had taken are kept, for [`Store::recover_taken`]. Other replicas' temp
+    /// files are left alone.
     pub async fn open(bus: Bus, data: &DataDir, max_bytes: u64) -> Result<Self> {
-        let tmp_dir = data.tmp();
-        // Leftovers of uploads cut off by a crash are never whole bundles.
-        if tmp_dir.exists() {
-            tokio::fs::remove_dir_all(&tmp_dir)
-                .await
-                .map_err(|e| Error::io(&tmp_dir, e))?;
+        let store = Self::with_tmp(bus, data, max_bytes, instance()).await?;
+        let mut entries = tokio::fs::read_dir(&store.tmp)
+            .await
+            .map_err(|e| Error::io(&store.tmp, e))?;
+        while let Ok(Some(e)) = entries.next_entry().await {
+            if !e.file_name().to_string_lossy().ends_with(TAKEN) {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
         }
-        Self::attach(bus, data, max_bytes).await
+        Ok(store)
     }
 
-    /// Opens the store beside a running ingest service (the operator's fetches): its
-    /// temp files are left alone.
+    /// Opens the store beside a running ingest service (the operator's fetches), with a
+    /// temp directory of its own.
     pub async fn attach(bus: Bus, data: &DataDir, max_bytes: u64) -> Result<Self> {
-        let tmp_dir = data.tmp();
-        for d in [&tmp_dir, &data.bundles(), &data.uploads()] {
+        Self::with_tmp(
+            bus,
+            data,
+            max_bytes,
+            format!("{}.{}", instance(), std::process::id()),
+        )
+        .await
+    }
+
+    async fn with_tmp(bus: Bus, data: &DataDir, max_bytes: u64, name: String) -> Result<Self> {
+        let tmp = data.tmp().join(name);
+        for d in [&tmp, &data.bundles(), &data.uploads()] {
             tokio::fs::create_dir_all(d)
                 .await
                 .map_err(|e| Error::io(d, e))?;
@@ -142,7 +182,41 @@ impl Store {
             bus,
             data: data.clone(),
             max_bytes,
+            tmp,
         })
+    }
+
+    /// Puts the drop-directory files a crash left taken but not stored back into
+    /// `drop_dir` (under their names; a name taken meanwhile gets a suffix), to be taken
+    /// again. Without a drop directory they stay where they are.
+    pub async fn recover_taken(&self, drop_dir: &Path) {
+        let Ok(mut entries) = tokio::fs::read_dir(&self.tmp).await else {
+            return;
+        };
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let file = e.file_name().to_string_lossy().to_string();
+            let Some(name) = file
+                .strip_suffix(TAKEN)
+                .and_then(|f| f.split_once("--"))
+                .map(|(_, n)| n.to_string())
+            else {
+                continue;
+            };
+            let mut to = drop_dir.join(&name);
+            let mut n = 1;
+            while tokio::fs::try_exists(&to).await.unwrap_or(true) && n < 1000 {
+                to = drop_dir.join(format!("{name}.recovered-{n}"));
+                n += 1;
+            }
+            match tokio::fs::rename(e.path(), &to).await {
+                Ok(()) => {
+                    tracing::warn!(file = %to.display(), "a dropped bundle a crash left half taken is back in the drop directory")
+                }
+                Err(error) => {
+                    tracing::error!(%error, from = %e.path().display(), "cannot put a dropped bundle back")
+                }
+            }
+        }
     }
 
     pub fn state(&self) -> &StateStore {
@@ -164,11 +238,19 @@ impl Store {
 
     pub(crate) fn temp_file(&self, keep: bool) -> TempFile {
         TempFile {
-            path: self
-                .data
-                .tmp()
-                .join(format!("{}.part", uuid::Uuid::new_v4())),
+            path: self.tmp.join(format!("{}.part", uuid::Uuid::new_v4())),
             keep,
+        }
+    }
+
+    /// Where a drop-directory file named `name` waits while it is stored (see
+    /// [`TAKEN`]).
+    fn taken_file(&self, name: &str) -> TempFile {
+        TempFile {
+            path: self
+                .tmp
+                .join(format!("{}--{name}{TAKEN}", uuid::Uuid::new_v4())),
+            keep: true,
         }
     }
 
@@ -386,8 +468,9 @@ impl Store {
         }
         let id = hash_id(hasher);
         check_expected(expected.map(BundleId::as_str), id.as_str())?;
-        // The bytes are the user's only copy: on failure they go back, never away.
-        let mut tmp = self.temp_file(true);
+        // The bytes are the user's only copy: on failure they go back, never away (a
+        // crash leaves them `.taken`, and the next start puts them back).
+        let mut tmp = self.taken_file(name);
         if let Err(e) = tokio::fs::rename(path, &tmp.path).await {
             if e.kind() != std::io::ErrorKind::CrossesDevices {
                 return Err(Error::io(path, e));
