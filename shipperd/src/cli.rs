@@ -176,9 +176,10 @@ pub struct Common {
 
 #[derive(Debug, Clone, Args)]
 pub struct IngestArgs {
-    /// Address of the ingest HTTP API.
-    #[arg(long, env = "SHIPPERD_LISTEN", default_value = "0.0.0.0:8080")]
-    pub listen: SocketAddr,
+    /// Address of the ingest HTTP API. Default: `0.0.0.0:8080` in a Kubernetes pod
+    /// (`KUBERNETES_SERVICE_HOST` set), else loopback `127.0.0.1:8080`.
+    #[arg(long, env = "SHIPPERD_LISTEN")]
+    pub listen: Option<SocketAddr>,
     /// Directory watched for bundles copied in (oc rsync, kubectl cp).
     #[arg(long, env = "SHIPPERD_DROP_DIR")]
     pub drop_dir: Option<PathBuf>,
@@ -291,7 +292,12 @@ pub struct NotifyArgs {
 
 impl IngestArgs {
     pub fn config(&self, c: &Common) -> shipperd_ingest::Config {
-        let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, self.listen);
+        let listen = self.listen.unwrap_or_else(|| {
+            let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+            let ip = if in_cluster { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
+            SocketAddr::from((ip, 8080))
+        });
+        let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, listen);
         cfg.drop_dir = self.drop_dir.clone();
         cfg.max_bundle_bytes = self.max_bundle_bytes;
         cfg.auth_token_file = self.auth_token_file.clone();
