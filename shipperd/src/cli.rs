@@ -294,7 +294,11 @@ impl IngestArgs {
     pub fn config(&self, c: &Common) -> shipperd_ingest::Config {
         let listen = self.listen.unwrap_or_else(|| {
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-            let ip = if in_cluster { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
+            let ip = if in_cluster {
+                [0, 0, 0, 0]
+            } else {
+                [127, 0, 0, 1]
+            };
             SocketAddr::from((ip, 8080))
         });
         let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, listen);
