@@ -69,32 +69,13 @@ async fn the_api_wants_a_known_bearer_token() -> anyhow::Result<()> {
     app.stop().await
 }
 
-/// This replica's temp directory name, as ingest derives it.
-fn instance() -> String {
-    let raw = std::env::var("SHIPPERD_INSTANCE")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "local".into());
-    let s: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if s.is_empty() { "local".into() } else { s }
-}
-
 /// A start-up cleans only what this replica left: another replica's upload stays, and a
 /// drop-directory file a crash left half taken (the user's only copy) is put back and
 /// taken again, not deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_start_up_cleans_only_its_own_leftovers_and_loses_no_dropped_file() -> anyhow::Result<()>
 {
-    let me = instance();
+    let me = shipperd_ingest::instance();
     let layout = sample("taken", "taken", 0);
     let bundle = tar_bytes(&layout.oci_files(""))?;
     let app = spawn_app(Options {

@@ -18,7 +18,7 @@ pub use data_dir::DataDir;
 pub use digest::Digest;
 pub use error::ParseError;
 pub use id::{BundleId, TargetName};
-pub use reference::{Reference, RegistryUrl};
+pub use reference::{Reference, RegistryUrl, redact_url};
 pub use secret::Secret;
 pub use state::{
     BlobCounts, BundleSummary, Counts, ImagePhase, ImageState, Outcome, Phase, PlanRef,

@@ -293,3 +293,32 @@ mod registry_url_tests {
         assert!(RegistryUrl::parse("http://x/v2/").is_err());
     }
 }
+
+/// A URL as it may be shown in logs, status and errors: without credentials
+/// (`user:pass@`), query or fragment, which often carry tokens.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn credentials_and_queries_never_show() {
+        assert_eq!(
+            super::redact_url("https://u:p@hooks.example:8443/a/b?token=x#f"),
+            "https://hooks.example:8443/a/b"
+        );
+        assert_eq!(super::redact_url("http://h/x"), "http://h/x");
+    }
+}

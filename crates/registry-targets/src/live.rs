@@ -37,13 +37,13 @@ impl LiveTargets {
 
     /// The targets now.
     pub fn get(&self) -> Arc<Targets> {
-        self.inner.current.read().expect("not poisoned").0.clone()
+        self.snapshot().0
     }
 
-    /// Bumped each time the targets change (callers keep what they built per target
-    /// until it moves).
-    pub fn version(&self) -> u64 {
-        self.inner.current.read().expect("not poisoned").1
+    /// The targets now, and their version, read together: bumped each time they change
+    /// (callers keep what they built per target until it moves).
+    pub fn snapshot(&self) -> (Arc<Targets>, u64) {
+        self.inner.current.read().expect("not poisoned").clone()
     }
 
     /// Reads the file again and applies it; whether it could.

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use shipperd_model::{BundleId, TargetName};
+use shipperd_model::{BundleId, TargetName, redact_url as redact};
 
 use crate::{
     Error, Result,
@@ -217,19 +217,6 @@ fn client(source: &FetchSource) -> Result<reqwest::Client> {
     }
     b.build()
         .map_err(|e| Error::BadRequest(format!("cannot build an HTTP client: {e}")))
-}
-
-/// The URL without credentials or query (which often carry tokens), for logs and errors.
-pub fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.to_string()
-        }
-        Err(_) => "<an invalid URL>".into(),
-    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -24,12 +24,12 @@ mod views;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 pub use error::{Error, Result};
-pub use fetch::{FetchSettings, FetchSource, redact};
+pub use fetch::{FetchSettings, FetchSource};
 pub use janitor::{Janitor, Settings as JanitorSettings};
 pub use ops::delete as delete_bundle;
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
-pub use store::{Accepted, Store};
+pub use store::{Accepted, Store, instance};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the ingest service.

@@ -52,8 +52,9 @@ pub struct Store {
     tmp: PathBuf,
 }
 
-/// This replica's name among those sharing the data directory (the pod's name).
-fn instance() -> String {
+/// This replica's name among those sharing the data directory (the pod's name): its
+/// temp directory is `<data>/tmp/<instance>`.
+pub fn instance() -> String {
     let raw = std::env::var("SHIPPERD_INSTANCE")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| "local".into());

@@ -23,7 +23,7 @@ use shipperd_bus::{
     subjects::{EVENTS_STREAM, EVENTS_SUBJECTS, NOTIFY_CONSUMER_PREFIX},
     worker::{self, Outcome},
 };
-use shipperd_model::Secret;
+use shipperd_model::{Secret, redact_url as redact};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -304,19 +304,6 @@ async fn serve_target(
         },
     )
     .await
-}
-
-/// A URL without credentials or query (which often carry tokens), for logs.
-fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.to_string()
-        }
-        Err(_) => "<an invalid URL>".into(),
-    }
 }
 
 /// Starts and runs the notify service until `shutdown`.

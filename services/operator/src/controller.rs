@@ -802,6 +802,11 @@ async fn record_phase(b: &Bundle, status: &BundleStatus, ctx: &Context) {
 
 /// A deleted `Bundle`: its stored file and state go (its images stay in the registry).
 async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
+    let uid = format!("{}/", b.uid().unwrap_or_default());
+    ctx.fetches
+        .lock()
+        .expect("not poisoned")
+        .retain(|k, _| !k.starts_with(&uid));
     if let Some(id) = bundle_id(b)?
         && ctx.state.summary(&id).await?.is_some()
     {

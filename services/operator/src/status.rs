@@ -126,6 +126,32 @@ fn phase_reason_str(p: &str) -> &'static str {
     }
 }
 
+/// A target's status: its `Ready` condition, `Applied` with `applied` as the message
+/// when it could be used, else `False` with the problem's reason and message.
+pub(crate) fn ready_status(
+    verdict: Result<String, (&str, String)>,
+    generation: Option<i64>,
+    previous: Option<&crate::crd::TargetStatus>,
+) -> crate::crd::TargetStatus {
+    let previous = previous
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let ready = match verdict {
+        Ok(message) => (true, "Applied", message),
+        Err((reason, message)) => (false, reason, message),
+    };
+    crate::crd::TargetStatus {
+        conditions: vec![condition(
+            READY,
+            ready,
+            generation,
+            previous,
+            Timestamp::now(),
+        )],
+        observed_generation: generation,
+    }
+}
+
 /// A condition; its transition time is the previous one's while the status holds.
 fn condition(
     type_: &str,

@@ -15,18 +15,14 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::core::v1::{ConfigMap, Secret},
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
-    jiff::Timestamp,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, ResourceExt as _,
     api::{ListParams, Patch, PatchParams},
     runtime::controller::Action,
 };
 
-use crate::crd::{CaSource, RegistryTarget, TargetStatus};
+use crate::crd::{CaSource, RegistryTarget};
 
 /// OpenShift's internal registry, its service CA (injected into every namespace) and
 /// the pod's service-account token.
@@ -119,20 +115,9 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// A TOML string literal.
-fn lit(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// A TOML basic string (JSON's string escapes are TOML's).
+pub(crate) fn lit(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
 }
 
 /// One target, resolved: its section of the targets file, and the files it needs.
@@ -388,42 +373,20 @@ pub async fn reconcile(rt: Arc<RegistryTarget>, ctx: Arc<TargetsContext>) -> Res
         }
         write_file(&ctx.output.file, text.as_bytes())?;
     }
-    let now = Timestamp::now();
     let mine = verdicts
         .remove(&rt.name_any())
         .unwrap_or_else(|| Err(problem("NotListed", "not found among the RegistryTargets")));
-    let previous = rt
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let (status, reason, message) = match &mine {
-        Ok(()) => (
-            "True",
-            "Applied",
+    let st = crate::status::ready_status(
+        mine.map(|()| {
             format!(
                 "written to {}; the services apply it within seconds",
                 ctx.output.file.display()
-            ),
-        ),
-        Err(p) => ("False", p.reason, p.message.clone()),
-    };
-    let since = previous
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(now));
-    let st = TargetStatus {
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: rt.metadata.generation,
-            last_transition_time: since,
-        }],
-        observed_generation: rt.metadata.generation,
-    };
+            )
+        })
+        .map_err(|p| (p.reason, p.message)),
+        rt.metadata.generation,
+        rt.status.as_ref(),
+    );
     if rt.status.as_ref() != Some(&st) {
         api.patch_status(
             &rt.name_any(),

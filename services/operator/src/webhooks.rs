@@ -7,11 +7,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
-use k8s_openapi::{
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
-    jiff::Timestamp,
-};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt as _,
     api::{ListParams, Patch, PatchParams},
@@ -19,8 +15,8 @@ use kube::{
 };
 
 use crate::{
-    crd::{TargetStatus, WebhookTarget},
-    targets::{Error, write_file},
+    crd::WebhookTarget,
+    targets::{Error, lit, write_file},
 };
 
 /// What reconciling webhooks works with.
@@ -30,11 +26,6 @@ pub struct WebhooksContext {
     pub file: PathBuf,
     /// Where signing secrets are written.
     pub secrets: PathBuf,
-}
-
-/// A TOML string literal.
-fn lit(s: &str) -> String {
-    serde_json::to_string(s).expect("a string serialises")
 }
 
 /// Reconciles the `WebhookTarget`s of `wt`'s namespace into the webhooks file, and
@@ -85,39 +76,17 @@ pub async fn reconcile(wt: Arc<WebhookTarget>, ctx: Arc<WebhooksContext>) -> Res
     let mine = verdicts
         .remove(&wt.name_any())
         .unwrap_or_else(|| Err(("NotListed", "not found among the WebhookTargets".into())));
-    let (status, reason, message) = match mine {
-        Ok(()) => (
-            "True",
-            "Applied",
+    let st = crate::status::ready_status(
+        mine.map(|()| {
             format!(
                 "{} gets events; written to {}",
-                shipperd_ingest::redact(&wt.spec.url),
+                shipperd_model::redact_url(&wt.spec.url),
                 ctx.file.display()
-            ),
-        ),
-        Err((reason, message)) => ("False", reason, message),
-    };
-    let previous = wt
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let since = previous
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(Timestamp::now()));
-    let st = TargetStatus {
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: wt.metadata.generation,
-            last_transition_time: since,
-        }],
-        observed_generation: wt.metadata.generation,
-    };
+            )
+        }),
+        wt.metadata.generation,
+        wt.status.as_ref(),
+    );
     if wt.status.as_ref() != Some(&st) {
         api.patch_status(
             &wt.name_any(),

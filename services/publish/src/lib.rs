@@ -165,8 +165,7 @@ struct Ctx {
 
 impl Ctx {
     fn registry(&self, name: Option<&TargetName>) -> Result<Arc<Registry>> {
-        let version = self.targets.version();
-        let targets = self.targets.get();
+        let (targets, version) = self.targets.snapshot();
         let t = targets.get(name)?;
         let mut regs = self.registries.lock().expect("not poisoned");
         if regs.0 != version {
