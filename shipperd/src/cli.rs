@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use shipperd_bundle::Limits;
+use shipperd_ingest::Bounds;
 use shipperd_model::Secret;
 use shipperd_registry_targets::Targets;
 
@@ -190,6 +191,41 @@ pub struct IngestArgs {
     /// when the file changes). Without it the API is open.
     #[arg(long, env = "SHIPPERD_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// Serve the API over TLS with this certificate chain (PEM); it and the key are read
+    /// again when they change (cert-manager, OpenShift service CA).
+    #[arg(long, env = "SHIPPERD_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "SHIPPERD_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM): mutual TLS.
+    #[arg(long, env = "SHIPPERD_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Time a client has for the TLS handshake and each request's headers; a kept-alive
+    /// connection idle this long is closed.
+    #[arg(long, env = "SHIPPERD_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// Least bytes per second an upload body must bring, averaged over --body-window
+    /// (and at least one byte in every window); a slower upload is cut (408), nothing kept.
+    #[arg(long, env = "SHIPPERD_MIN_BODY_RATE", default_value_t = Bounds::default().min_body_rate)]
+    pub min_body_rate: u64,
+    /// The window --min-body-rate is measured over.
+    #[arg(long, env = "SHIPPERD_BODY_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub body_window: Duration,
+    /// Connections open at once; more are closed as they arrive.
+    #[arg(long, env = "SHIPPERD_MAX_CONNECTIONS", default_value_t = Bounds::default().max_connections)]
+    pub max_connections: usize,
+    /// Uploads (bundles and parts) received at once; more are answered 503 with Retry-After.
+    #[arg(long, env = "SHIPPERD_MAX_UPLOADS", default_value_t = Bounds::default().max_uploads)]
+    pub max_uploads: usize,
+    /// Free bytes kept on the data volume: an upload that would leave less is refused
+    /// with 507 (before it starts when it declares its length, else when it gets there).
+    #[arg(long, env = "SHIPPERD_MIN_FREE_BYTES", default_value_t = Bounds::default().min_free_bytes)]
+    pub min_free_bytes: u64,
+    /// Bytes stored bundles, parts and uploads in progress may take together (0: no
+    /// limit beyond --min-free-bytes).
+    #[arg(long, env = "SHIPPERD_MAX_STORED_BYTES", default_value_t = 0)]
+    pub max_stored_bytes: u64,
     /// Stored files of a Published or Failed bundle are removed this long after it
     /// ended (its status stays; a failed bundle can be retried until then).
     #[arg(long, env = "SHIPPERD_KEEP_FINISHED", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -305,6 +341,23 @@ impl IngestArgs {
         cfg.drop_dir = self.drop_dir.clone();
         cfg.max_bundle_bytes = self.max_bundle_bytes;
         cfg.auth_token_file = self.auth_token_file.clone();
+        cfg.tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(shipperd_ingest::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca_file.clone(),
+            }),
+            _ => None,
+        };
+        cfg.bounds = Bounds {
+            header_timeout: self.header_timeout,
+            min_body_rate: self.min_body_rate,
+            body_window: self.body_window,
+            max_connections: self.max_connections,
+            max_uploads: self.max_uploads,
+            min_free_bytes: self.min_free_bytes,
+            max_stored_bytes: self.max_stored_bytes,
+        };
         cfg.janitor.keep_finished = self.keep_finished;
         cfg.janitor.keep_uploads = self.keep_uploads;
         cfg.janitor.stale_after = self.stale_after;

@@ -51,3 +51,68 @@ pub fn token_signing_cert() -> anyhow::Result<SigningCert> {
         pkcs8: key.serialize_der(),
     })
 }
+
+/// A CA that signs server and client certificates on demand.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    pub pem: String,
+}
+
+/// A certificate and its key, in PEM.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Leaf {
+    /// Certificate and key in one PEM (what `reqwest::Identity::from_pem` reads).
+    pub fn identity_pem(&self) -> String {
+        format!("{}{}", self.cert_pem, self.key_pem)
+    }
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.distinguished_name.push(DnType::CommonName, name);
+        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        Ok(TestCa {
+            pem: issuer.pem(),
+            issuer,
+        })
+    }
+
+    /// A server certificate for `127.0.0.1` and `localhost`.
+    pub fn server(&self) -> anyhow::Result<Leaf> {
+        self.leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    /// A client certificate named `name`.
+    pub fn client(&self, name: &str) -> anyhow::Result<Leaf> {
+        self.leaf(
+            vec![name.into()],
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+
+    fn leaf(
+        &self,
+        names: Vec<String>,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> anyhow::Result<Leaf> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(names)?;
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}

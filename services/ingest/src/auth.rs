@@ -19,7 +19,14 @@ use axum::{
 use sha2::{Digest as _, Sha256};
 
 /// A file's modification time and length: changes when it is rewritten.
-type Stamp = Option<(SystemTime, u64)>;
+pub(crate) type Stamp = Option<(SystemTime, u64)>;
+
+/// The stamp of `path` now (`None` when it cannot be read).
+pub(crate) fn stamp(path: &std::path::Path) -> Stamp {
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())))
+}
 
 /// The tokens of a token file, followed.
 pub struct Tokens {
@@ -39,9 +46,7 @@ impl Tokens {
     /// The digests of the tokens now (the file read again when it changed; a file that
     /// cannot be read admits no one).
     fn current(&self) -> Vec<[u8; 32]> {
-        let stamp = std::fs::metadata(&self.path)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let stamp = stamp(&self.path);
         let mut cached = self.cached.lock().expect("not poisoned");
         if stamp.is_none() || cached.0 != stamp {
             let tokens = std::fs::read_to_string(&self.path)

@@ -99,6 +99,15 @@ impl DiskWriter {
         }
     }
 
+    /// Gives up on the file: waits for the writer and hasher to stop, so that its
+    /// space is freed as soon as it is removed.
+    pub(crate) async fn abort(mut self) {
+        self.tx = None;
+        self.hash_tx = None;
+        let _ = (&mut self.writer).await;
+        let _ = (&mut self.hasher).await;
+    }
+
     /// Writes what is buffered, waits for every byte to be on disk (`fsync`); the
     /// SHA-256 of every byte written.
     pub(crate) async fn finish(mut self) -> io::Result<Sha256> {

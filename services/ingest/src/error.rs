@@ -23,6 +23,15 @@ pub enum Error {
     TooLarge { limit: u64 },
     #[error("the upload was cut off after {received} bytes ({reason}); nothing was kept")]
     Incomplete { received: u64, reason: String },
+    #[error("the upload was too slow and was cut ({0}); nothing was kept")]
+    TooSlow(String),
+    /// A body stream broke (becomes [`Error::Incomplete`] with the bytes received).
+    #[error("{0}")]
+    Stream(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}; nothing was kept")]
+    NoSpace(String),
     #[error("the bundle is empty")]
     Empty,
     #[error("multi-part upload: {0}")]
@@ -45,8 +54,8 @@ pub enum Error {
     Bus(#[from] shipperd_bus::Error),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
-    #[error("HTTP server: {0}")]
-    Serve(#[source] std::io::Error),
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl Error {
@@ -72,15 +81,23 @@ impl Error {
             | Error::BadRequest(_)
             | Error::Empty => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::Stream(_) => StatusCode::BAD_REQUEST,
+            Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::Io { source, .. } if is_enospc(source) => StatusCode::INSUFFICIENT_STORAGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Gone(_) => StatusCode::GONE,
             Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Io { .. } | Error::Bind(..) | Error::Serve(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::Io { .. } | Error::Bind(..) | Error::Tls(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
+}
+
+/// Is `e` "no space left on device"?
+pub(crate) fn is_enospc(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
 impl IntoResponse for Error {
@@ -89,11 +106,11 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (
-            status,
-            axum::Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        let body = axum::Json(serde_json::json!({ "error": self.to_string() }));
+        if matches!(self, Error::Busy(_) | Error::Bus(_)) {
+            return (status, [(axum::http::header::RETRY_AFTER, "5")], body).into_response();
+        }
+        (status, body).into_response()
     }
 }
 

@@ -9,7 +9,7 @@ use axum::{
     Json, Router,
     body::Body,
     extract::{DefaultBodyLimit, Path, Query, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
@@ -20,6 +20,7 @@ use crate::{
     Error, Result,
     metrics::{self, METRICS},
     ops,
+    serve::Paced,
     store::{Store, parse_checksum},
     views,
 };
@@ -92,10 +93,21 @@ fn paging(q: &HashMap<String, String>) -> Result<(u32, u32)> {
     ))
 }
 
+/// The body's length, if the client declared it.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 async fn upload(
     State(store): State<Arc<Store>>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
     let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
@@ -111,7 +123,8 @@ async fn upload(
     match store
         .receive(
             &name,
-            body.into_data_stream(),
+            Paced::new(body.into_data_stream(), store.bounds()),
+            content_length(&headers),
             expected.as_ref(),
             target.as_ref(),
         )
@@ -131,11 +144,18 @@ async fn upload_part(
     State(store): State<Arc<Store>>,
     Path((name, n)): Path<(String, u32)>,
     Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
     let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
     let part = store
-        .receive_part(&name, n, body.into_data_stream(), expected.as_ref())
+        .receive_part(
+            &name,
+            n,
+            Paced::new(body.into_data_stream(), store.bounds()),
+            content_length(&headers),
+            expected.as_ref(),
+        )
         .await
         .inspect_err(|e| {
             METRICS.uploads_rejected.add(1);

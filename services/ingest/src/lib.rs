@@ -18,7 +18,10 @@ mod http;
 mod janitor;
 mod metrics;
 mod ops;
+mod serve;
+mod space;
 mod store;
+mod tls;
 mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -27,9 +30,11 @@ pub use error::{Error, Result};
 pub use fetch::{FetchSettings, FetchSource};
 pub use janitor::{Janitor, Settings as JanitorSettings};
 pub use ops::delete as delete_bundle;
+pub use serve::Bounds;
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
 pub use store::{Accepted, Store, instance};
+pub use tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the ingest service.
@@ -51,6 +56,10 @@ pub struct Config {
     pub janitor: janitor::Settings,
     /// Bearer tokens (one per line) every `/v1` request must present; `None`: open.
     pub auth_token_file: Option<PathBuf>,
+    /// TLS for the API; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Timeouts, rates and caps on clients.
+    pub bounds: Bounds,
 }
 
 impl Config {
@@ -68,6 +77,8 @@ impl Config {
             max_bundle_bytes: 1 << 40,
             janitor: janitor::Settings::default(),
             auth_token_file: None,
+            tls: None,
+            bounds: Bounds::default(),
         }
     }
 }
@@ -77,13 +88,26 @@ pub struct Ingest {
     config: Config,
     store: Arc<Store>,
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 impl Ingest {
     pub async fn start(config: Config) -> Result<Self> {
         let bus = Bus::connect(&config.nats_url, "shipperd-ingest").await?;
         bus.ensure_topology().await?;
-        let store = Arc::new(Store::open(bus, &config.data_dir, config.max_bundle_bytes).await?);
+        // Bad TLS files stop the start-up, before anything listens.
+        let tls = config
+            .tls
+            .clone()
+            .map(tls::Tls::load)
+            .transpose()
+            .map_err(Error::Tls)?
+            .map(Arc::new);
+        let store = Arc::new(
+            Store::open(bus, &config.data_dir, config.max_bundle_bytes)
+                .await?
+                .with_bounds(config.bounds.clone()),
+        );
         if let Some(drop) = &config.drop_dir {
             tokio::fs::create_dir_all(drop)
                 .await
@@ -97,6 +121,7 @@ impl Ingest {
             config,
             store,
             listener,
+            tls,
         })
     }
 
@@ -108,7 +133,7 @@ impl Ingest {
     }
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
-        tracing::info!(addr = %self.local_addr(), "ingest listening");
+        tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "ingest listening");
         let janitor = tokio::spawn(
             Janitor::new(self.store.clone(), self.config.janitor.clone()).run(shutdown.clone()),
         );
@@ -128,11 +153,14 @@ impl Ingest {
             }
             None => tracing::warn!("no --auth-token-file: the API is open to whoever reaches it"),
         }
-        let stop = shutdown.clone();
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .map_err(Error::Serve)?;
+        serve::serve(
+            self.listener,
+            app,
+            self.tls,
+            &self.config.bounds,
+            shutdown.clone(),
+        )
+        .await?;
         if let Some(w) = watcher {
             let _ = w.await;
         }

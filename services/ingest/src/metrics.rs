@@ -22,12 +22,14 @@ pub struct Metrics {
     pub bundles_received: Counter,
     pub bytes_received: Counter,
     pub uploads_rejected: Counter,
+    pub connections_refused: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
     bundles_received: Counter::new(),
     bytes_received: Counter::new(),
     uploads_rejected: Counter::new(),
+    connections_refused: Counter::new(),
 };
 
 pub fn render() -> String {
@@ -46,6 +48,11 @@ pub fn render() -> String {
             "shipperd_ingest_uploads_rejected_total",
             "Uploads and drops refused or cut off.",
             &METRICS.uploads_rejected,
+        ),
+        (
+            "shipperd_ingest_connections_refused_total",
+            "Connections closed at once because the connection cap was reached.",
+            &METRICS.connections_refused,
         ),
     ];
     let mut out = String::new();

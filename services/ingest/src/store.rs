@@ -21,7 +21,7 @@ use shipperd_proto::v1;
 use shipperd_state::StateStore;
 use tokio::io::AsyncReadExt;
 
-use crate::{Error, Result, disk::DiskWriter, metrics::METRICS};
+use crate::{Error, Result, disk::DiskWriter, metrics::METRICS, serve::Bounds, space::Space};
 
 /// Result of taking a bundle in.
 #[derive(Debug, Clone)]
@@ -50,6 +50,8 @@ pub struct Store {
     /// This process's own temp directory, `<data>/tmp/<instance>`: other replicas (and
     /// the operator) have theirs, so a start-up cleans only what this one left.
     tmp: PathBuf,
+    bounds: Bounds,
+    space: Space,
 }
 
 /// This replica's name among those sharing the data directory (the pod's name): its
@@ -178,13 +180,32 @@ impl Store {
                 .await
                 .map_err(|e| Error::io(d, e))?;
         }
+        let bounds = Bounds::default();
         Ok(Store {
             state: StateStore::open(&bus).await?,
             bus,
             data: data.clone(),
             max_bytes,
+            space: Space::new(tmp.clone(), Self::counted(data), &bounds),
             tmp,
+            bounds,
         })
+    }
+
+    /// What counts as stored against `max_stored_bytes`.
+    fn counted(data: &DataDir) -> Vec<PathBuf> {
+        vec![data.bundles(), data.uploads(), data.tmp()]
+    }
+
+    /// The same store, with these bounds on its clients.
+    pub fn with_bounds(mut self, bounds: Bounds) -> Self {
+        self.space = Space::new(self.tmp.clone(), Self::counted(&self.data), &bounds);
+        self.bounds = bounds;
+        self
+    }
+
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
     }
 
     /// Puts the drop-directory files a crash left taken but not stored back into
@@ -255,21 +276,22 @@ impl Store {
         }
     }
 
-    /// Takes a bundle in from a stream of chunks.
-    pub async fn receive<S, E>(
+    /// Takes a bundle in from a stream of chunks (of `declared` bytes, if the client
+    /// said).
+    pub async fn receive<S>(
         &self,
         name: &str,
         body: S,
+        declared: Option<u64>,
         expected: Option<&BundleId>,
         target: Option<&TargetName>,
     ) -> Result<Accepted>
     where
-        S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        S: Stream<Item = Result<Bytes>> + Unpin,
     {
         validate_name(name)?;
         let tmp = self.temp_file(false);
-        let (hasher, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
+        let (hasher, size) = self.write_stream(&tmp.path, body, declared).await?;
         let id = hash_id(hasher);
         check_expected(expected.map(BundleId::as_str), id.as_str())?;
         METRICS.bytes_received.add(size);
@@ -277,32 +299,49 @@ impl Store {
     }
 
     /// Streams `body` into a new file at `path` (fsynced), hashing it; returns the hash
-    /// and the size. Refuses empty bodies and bodies over `limit`.
-    async fn write_stream<S, E>(
+    /// and the size. Refuses empty bodies, bodies over the size limit, more uploads at
+    /// once than the bounds allow, and bodies the data volume has no room for.
+    async fn write_stream<S>(
         &self,
         path: &Path,
         mut body: S,
-        limit: u64,
+        declared: Option<u64>,
     ) -> Result<(Sha256, u64)>
     where
-        S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        S: Stream<Item = Result<Bytes>> + Unpin,
     {
+        let limit = self.max_bytes;
+        if declared.is_some_and(|d| d > limit) {
+            return Err(Error::TooLarge { limit });
+        }
+        let mut claim = self.space.claim(declared).await?;
         // Hashed and written on threads of their own (see `disk`).
         let mut out = DiskWriter::create(path)
             .await
             .map_err(|e| Error::io(path, e))?;
         let mut size = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::Incomplete {
-                received: size,
-                reason: e.to_string(),
-            })?;
-            size += chunk.len() as u64;
-            if size > limit {
-                return Err(Error::TooLarge { limit });
+        let received = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| match e {
+                    Error::Stream(reason) => Error::Incomplete {
+                        received: size,
+                        reason,
+                    },
+                    e => e,
+                })?;
+                size += chunk.len() as u64;
+                if size > limit {
+                    return Err(Error::TooLarge { limit });
+                }
+                claim.wrote(size)?;
+                out.write(chunk).await.map_err(|e| Error::io(path, e))?;
             }
-            out.write(chunk).await.map_err(|e| Error::io(path, e))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = received {
+            out.abort().await;
+            return Err(e);
         }
         let hasher = out.finish().await.map_err(|e| Error::io(path, e))?;
         if size == 0 {
@@ -318,16 +357,16 @@ impl Store {
 
     /// Takes in part `n` (1-based) of the multi-part bundle `name`; a part sent again
     /// replaces the earlier one.
-    pub async fn receive_part<S, E>(
+    pub async fn receive_part<S>(
         &self,
         name: &str,
         n: u32,
         body: S,
+        declared: Option<u64>,
         expected: Option<&BundleId>,
     ) -> Result<Part>
     where
-        S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        S: Stream<Item = Result<Bytes>> + Unpin,
     {
         validate_name(name)?;
         if !(1..=MAX_PARTS).contains(&n) {
@@ -341,7 +380,7 @@ impl Store {
             .await
             .map_err(|e| Error::io(&sums, e))?;
         let tmp = self.temp_file(false);
-        let (hasher, size) = self.write_stream(&tmp.path, body, self.max_bytes).await?;
+        let (hasher, size) = self.write_stream(&tmp.path, body, declared).await?;
         let sha256 = hex::encode(hasher.finalize());
         check_expected(expected.map(BundleId::as_str), &sha256)?;
         let part = dir.join(format!("{n:06}"));

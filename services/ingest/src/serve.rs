@@ -1,0 +1,203 @@
+//! The API's connections: accepted up to a cap, TLS when configured, HTTP/1.1 with a
+//! header-read timeout (which hyper also applies to a kept-alive connection waiting for
+//! its next request), and request bodies that must keep a minimum rate ([`Paced`]).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::Router;
+use bytes::Bytes;
+use futures::Stream;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::Semaphore, time::Sleep};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, metrics::METRICS, tls::Tls};
+
+/// What one client may hold and how slow it may be.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    /// Time a client has to send a request's headers (and the TLS handshake); a
+    /// kept-alive connection idle this long is closed.
+    pub header_timeout: Duration,
+    /// A request body must bring at least `min_body_rate` bytes/s, averaged over each
+    /// `body_window` (and at least one byte in every window), or it is cut (408) and
+    /// nothing of it kept.
+    pub min_body_rate: u64,
+    pub body_window: Duration,
+    /// Connections open at once; more are closed as they come.
+    pub max_connections: usize,
+    /// Uploads (bundles and parts) received at once; more are answered 503.
+    pub max_uploads: usize,
+    /// Free bytes the data volume keeps: an upload that would leave less is refused
+    /// (507), before it starts when its length is declared and while it is written.
+    pub min_free_bytes: u64,
+    /// Bytes the stored bundles, parts and uploads in progress may take together
+    /// (0: no limit beyond the free space).
+    pub max_stored_bytes: u64,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            header_timeout: Duration::from_secs(30),
+            min_body_rate: 16 << 10,
+            body_window: Duration::from_secs(60),
+            max_connections: 512,
+            max_uploads: 16,
+            min_free_bytes: 1 << 30,
+            max_stored_bytes: 0,
+        }
+    }
+}
+
+/// Time connections get to finish their requests after shutdown starts.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<Tls>>,
+    bounds: &Bounds,
+    shutdown: CancellationToken,
+) -> crate::Result<()> {
+    let open = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(bounds.header_timeout)
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    // Out of file descriptors, most likely: wait a little rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            METRICS.connections_refused.add(1);
+            tracing::warn!(%peer, limit = bounds.max_connections, "connection refused: too many open");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let handshake = bounds.header_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+                    let stream =
+                        match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open {}s after shutdown; closing them",
+            DRAIN.as_secs()
+        );
+    }
+    Ok(())
+}
+
+/// A request body that must keep a minimum rate (see [`Bounds::min_body_rate`]).
+pub(crate) struct Paced<S> {
+    inner: S,
+    /// Bytes each window must bring (at least 1).
+    needed: u64,
+    window: Duration,
+    got: u64,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<S> Paced<S> {
+    pub(crate) fn new(inner: S, bounds: &Bounds) -> Self {
+        let window = bounds.body_window.max(Duration::from_millis(100));
+        Paced {
+            inner,
+            needed: ((bounds.min_body_rate as f64 * window.as_secs_f64()) as u64).max(1),
+            window,
+            got: 0,
+            deadline: Box::pin(tokio::time::sleep(window)),
+        }
+    }
+}
+
+impl<S, E> Stream for Paced<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    type Item = crate::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while this.deadline.as_mut().poll(cx).is_ready() {
+            if this.got < this.needed {
+                return Poll::Ready(Some(Err(Error::TooSlow(format!(
+                    "the upload brought {} bytes in {}s, less than the {} required",
+                    this.got,
+                    this.window.as_secs_f64(),
+                    this.needed
+                )))));
+            }
+            this.got = 0;
+            let next = tokio::time::Instant::now() + this.window;
+            this.deadline.as_mut().reset(next);
+        }
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                this.got += b.len() as u64;
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Error::Stream(e.to_string())))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Room for uploads: how many are received at once, and whether the data volume (and
+//! the configured total) has room for one, checked before it starts (when its length is
+//! declared) and again as it is written. An upload that would fill the volume is cut
+//! with 507 and nothing of it kept, so the stored bundles and the other services' work
+//! files never meet a full disk because of an upload.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{Error, Result, serve::Bounds};
+
+/// Bytes written between two looks at the free space.
+const CHECK_EVERY: u64 = 8 << 20;
+/// Deepest directory counted towards the stored bytes (`bundles/<id>/parts/<n>`).
+const MAX_DEPTH: usize = 4;
+
+pub(crate) struct Space {
+    /// The directory uploads are written in (on the data volume).
+    tmp: PathBuf,
+    /// What counts towards `max_stored_bytes`: stored bundles, parts, temp files.
+    counted: Vec<PathBuf>,
+    min_free: u64,
+    max_stored: u64,
+    max_uploads: usize,
+    slots: Arc<Semaphore>,
+    /// Bytes of the uploads in progress in this process.
+    in_flight: Arc<AtomicU64>,
+}
+
+/// One upload's slot and the bytes it holds; released when dropped.
+pub(crate) struct Claim {
+    _slot: OwnedSemaphorePermit,
+    tmp: PathBuf,
+    min_free: u64,
+    max_stored: u64,
+    /// Stored bytes when the upload started (other uploads are in `in_flight`).
+    stored: u64,
+    declared: Option<u64>,
+    in_flight: Arc<AtomicU64>,
+    held: u64,
+    next_check: u64,
+}
+
+fn free_bytes(path: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(path).map_err(|e| Error::io(path, e.into()))?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Bytes of the files under `dir` (to `MAX_DEPTH`).
+fn du(dir: &Path, depth: usize) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() && depth < MAX_DEPTH => du(&e.path(), depth + 1),
+            Ok(m) if m.is_file() => m.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl Space {
+    pub(crate) fn new(tmp: PathBuf, counted: Vec<PathBuf>, bounds: &Bounds) -> Self {
+        Space {
+            tmp,
+            counted,
+            min_free: bounds.min_free_bytes,
+            max_stored: bounds.max_stored_bytes,
+            max_uploads: bounds.max_uploads.max(1),
+            slots: Arc::new(Semaphore::new(bounds.max_uploads.max(1))),
+            in_flight: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A slot for an upload of `declared` bytes (if its length is known), if there is
+    /// one free and room for it.
+    pub(crate) async fn claim(&self, declared: Option<u64>) -> Result<Claim> {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            Error::Busy(format!(
+                "{} uploads are in progress, the most this server takes at once; try again shortly",
+                self.max_uploads
+            ))
+        })?;
+        let stored = if self.max_stored > 0 {
+            let dirs = self.counted.clone();
+            tokio::task::spawn_blocking(move || dirs.iter().map(|d| du(d, 0)).sum())
+                .await
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let claim = Claim {
+            _slot: slot,
+            tmp: self.tmp.clone(),
+            min_free: self.min_free,
+            max_stored: self.max_stored,
+            stored,
+            declared,
+            in_flight: self.in_flight.clone(),
+            held: 0,
+            next_check: 0,
+        };
+        claim.check(0)?;
+        Ok(claim)
+    }
+}
+
+impl Claim {
+    /// The upload has written `written` bytes so far.
+    pub(crate) fn wrote(&mut self, written: u64) -> Result<()> {
+        self.in_flight
+            .fetch_add(written - self.held, Ordering::Relaxed);
+        self.held = written;
+        if written >= self.next_check {
+            self.check(written)?;
+            self.next_check = written + CHECK_EVERY;
+        }
+        Ok(())
+    }
+
+    fn check(&self, written: u64) -> Result<()> {
+        // Still to come, as far as the client said.
+        let coming = self.declared.map_or(0, |d| d.saturating_sub(written));
+        let free = free_bytes(&self.tmp)?;
+        if free < self.min_free.saturating_add(coming) {
+            return Err(Error::NoSpace(format!(
+                "not enough room on the data volume: {} free, {} kept in reserve{}",
+                human(free),
+                human(self.min_free),
+                if coming > 0 {
+                    format!(", {} still to come", human(coming))
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        if self.max_stored > 0 {
+            // Every upload in progress (this one included), and what this one will add.
+            let total = self.stored + self.in_flight.load(Ordering::Relaxed) + coming;
+            if total > self.max_stored {
+                return Err(Error::NoSpace(format!(
+                    "the store would hold {} with this upload, over its limit of {}",
+                    human(total),
+                    human(self.max_stored)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,469 @@
+//! The ingest endpoint exposed to clients it cannot trust: TLS (rotated while running,
+//! and mutual), slow and stalled clients cut off, connection and upload caps, a data
+//! volume that would fill answered 507 with nothing kept.
+//!
+//! These start nats-server and the ingest service alone: nothing here needs a registry.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use shipperd_ingest::{Bounds, Config, TlsFiles};
+use shipperd_tests::{
+    pki::{Leaf, TestCa},
+    servers::Nats,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    _nats: Nats,
+    addr: SocketAddr,
+    data: PathBuf,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<shipperd_ingest::Result<()>>,
+}
+
+impl Running {
+    async fn start(data: &Path, tune: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        shipperd_tests::init();
+        let nats = Nats::start().await?;
+        let mut config = Config::new(nats.url(), data, "127.0.0.1:0".parse()?);
+        tune(&mut config);
+        let ingest = shipperd_ingest::Ingest::start(config).await?;
+        let addr = ingest.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ingest.serve(shutdown.clone()));
+        Ok(Running {
+            _nats: nats,
+            addr,
+            data: data.to_path_buf(),
+            shutdown,
+            task,
+        })
+    }
+
+    fn url(&self, scheme: &str, path: &str) -> String {
+        format!("{scheme}://{}{path}", self.addr)
+    }
+
+    /// Files in every temp directory and stored bundles: what an upload left.
+    fn kept(&self) -> usize {
+        let count = |d: PathBuf| std::fs::read_dir(d).map(|d| d.count()).unwrap_or(0);
+        let temp: usize = std::fs::read_dir(self.data.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| count(d.path()))
+            .sum();
+        temp + count(self.data.join("bundles")) + count(self.data.join("uploads"))
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task).await???;
+        Ok(())
+    }
+}
+
+fn bounds() -> Bounds {
+    Bounds {
+        min_free_bytes: 0,
+        ..Bounds::default()
+    }
+}
+
+fn write_leaf(dir: &Path, leaf: &Leaf) -> anyhow::Result<()> {
+    // Key first, then the certificate: a reader between the two sees a pair that does
+    // not match, as with a real rotation.
+    std::fs::write(dir.join("tls.key"), &leaf.key_pem)?;
+    std::fs::write(dir.join("tls.crt"), &leaf.cert_pem)?;
+    Ok(())
+}
+
+fn client(ca: &TestCa, identity: Option<&Leaf>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca.pem.as_bytes())?)
+        .timeout(Duration::from_secs(10))
+        // Each request on a new connection, so each sees the certificate served now.
+        .pool_max_idle_per_host(0);
+    if let Some(id) = identity {
+        b = b.identity(reqwest::Identity::from_pem(id.identity_pem().as_bytes())?);
+    }
+    Ok(b.build()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_serves_the_certificate_of_the_moment() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let first = TestCa::new("first CA")?;
+    write_leaf(certs.path(), &first.server()?)?;
+    let app = Running::start(dir.path(), |c| {
+        c.tls = Some(TlsFiles {
+            cert: certs.path().join("tls.crt"),
+            key: certs.path().join("tls.key"),
+            client_ca: None,
+        });
+        c.bounds = bounds();
+    })
+    .await?;
+    let https = app.url("https", "/v1/bundles/tls.tar");
+    let resp = client(&first, None)?
+        .put(&https)
+        .body(b"a bundle over TLS".to_vec())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
+    // Plain HTTP to the TLS port gets no answer.
+    assert!(
+        reqwest::Client::new()
+            .get(app.url("http", "/healthz"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true)
+    );
+
+    // The certificate is rotated (a new CA, as after a re-issue): new connections get
+    // the new one, without a restart.
+    let second = TestCa::new("second CA")?;
+    write_leaf(certs.path(), &second.server()?)?;
+    let healthz = app.url("https", "/healthz");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client(&second, None)?.get(&healthz).send().await {
+            Ok(r) if r.status() == 200 => break,
+            other => {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the rotated certificate was not served: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let old = client(&first, None)?.get(&healthz).send().await;
+    assert!(old.is_err(), "the old CA no longer verifies: {old:?}");
+
+    // A broken rewrite (a key that is not the certificate's) keeps the current one.
+    std::fs::write(
+        certs.path().join("tls.key"),
+        second.server()?.key_pem.as_bytes(),
+    )?;
+    let r = client(&second, None)?.get(&healthz).send().await?;
+    assert_eq!(r.status(), 200);
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_tls_wants_a_client_certificate_from_the_client_ca() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let server_ca = TestCa::new("server CA")?;
+    let client_ca = TestCa::new("client CA")?;
+    let stranger_ca = TestCa::new("someone else's CA")?;
+    write_leaf(certs.path(), &server_ca.server()?)?;
+    std::fs::write(certs.path().join("clients.pem"), &client_ca.pem)?;
+    let app = Running::start(dir.path(), |c| {
+        c.tls = Some(TlsFiles {
+            cert: certs.path().join("tls.crt"),
+            key: certs.path().join("tls.key"),
+            client_ca: Some(certs.path().join("clients.pem")),
+        });
+        c.bounds = bounds();
+    })
+    .await?;
+    let url = app.url("https", "/v1/bundles/mtls.tar");
+    let body = b"a bundle over mutual TLS".to_vec();
+    for (who, id) in [
+        ("no certificate", None),
+        ("a stranger's", Some(stranger_ca.client("mallory")?)),
+    ] {
+        let r = client(&server_ca, id.as_ref())?
+            .put(&url)
+            .body(body.clone())
+            .send()
+            .await;
+        assert!(r.is_err(), "{who}: {r:?}");
+    }
+    assert_eq!(app.kept(), 0, "nothing of the refused uploads is kept");
+    let alice = client_ca.client("alice")?;
+    let r = client(&server_ca, Some(&alice))?
+        .put(&url)
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    app.stop().await
+}
+
+/// Reads until the peer closes the connection or `within` passes; returns what came and
+/// whether it closed.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    (got, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let app = Running::start(dir.path(), |c| {
+        c.bounds = Bounds {
+            header_timeout: Duration::from_secs(2),
+            min_body_rate: 64 << 10,
+            body_window: Duration::from_secs(1),
+            ..bounds()
+        };
+    })
+    .await?;
+
+    // Headers one byte a second: the connection is closed once the header time is up,
+    // long before the headers are done.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(app.addr).await?;
+    let request = b"PUT /v1/bundles/slow.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+    let mut closed = false;
+    for b in request {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let (_, c) = read_until_closed(&mut s, Duration::from_secs(1)).await;
+        if c {
+            closed = true;
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(15), "never cut off");
+    }
+    assert!(closed, "a one-byte-a-second client was not cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+
+    // A kept-alive connection that stays idle is closed too.
+    let mut s = TcpStream::connect(app.addr).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(6)).await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    assert!(closed, "an idle kept-alive connection stayed open");
+
+    // An upload that stalls mid-body is cut (408) and nothing of it is kept.
+    let mut s = TcpStream::connect(app.addr).await?;
+    s.write_all(
+        b"PUT /v1/bundles/stalled.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n\r\n",
+    )
+    .await?;
+    s.write_all(&vec![7u8; 1 << 20]).await?;
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("too slow"), "{answer}");
+    assert!(closed);
+    assert_eq!(app.kept(), 0, "the stalled upload left files");
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_and_uploads_are_capped() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let app = Running::start(dir.path(), |c| {
+        c.bounds = Bounds {
+            max_connections: 3,
+            max_uploads: 1,
+            ..bounds()
+        };
+    })
+    .await?;
+    // One upload in progress (its body half sent) holds the one upload slot.
+    let mut uploading = TcpStream::connect(app.addr).await?;
+    uploading
+        .write_all(
+            b"PUT /v1/bundles/first.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n",
+        )
+        .await?;
+    uploading.write_all(&[1u8; 100_000]).await?;
+    shipperd_tests::eventually(
+        "the first upload holds its slot",
+        Duration::from_secs(10),
+        || async { (app.kept() == 1).then_some(()) },
+    )
+    .await?;
+    // A second upload is answered 503; its connection stays open (kept alive).
+    let mut second = TcpStream::connect(app.addr).await?;
+    second
+        .write_all(
+            b"PUT /v1/bundles/second.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecond",
+        )
+        .await?;
+    let (answer, closed) = read_until_closed(&mut second, Duration::from_secs(1)).await;
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 5"), "{answer}");
+    assert!(!closed);
+    // A third connection, answered and kept alive, fills the cap of three.
+    let mut third = TcpStream::connect(app.addr).await?;
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    let (answer, closed) = read_until_closed(&mut third, Duration::from_secs(1)).await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200") && !closed);
+    // The next is closed at once, unanswered.
+    let mut extra = TcpStream::connect(app.addr).await?;
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let (answer, closed) = read_until_closed(&mut extra, Duration::from_secs(3)).await;
+    assert!(answer.is_empty() && closed, "over the cap: {answer:?}");
+
+    // The first upload ends; its slot is free again.
+    uploading.write_all(&[1u8; 100_000]).await?;
+    let (answer, _) = read_until_closed(&mut uploading, Duration::from_secs(3)).await;
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 202"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    app.stop().await
+}
+
+/// A small tmpfs for the data directory when this machine lets us mount one.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, bytes: u64) -> Option<Self> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_that_would_fill_answers_507_and_keeps_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A 24 MiB tmpfs where the machine allows one; else the reserve is set so that the
+    // real volume has only a few MiB to give.
+    let tmpfs = Tmpfs::mount(dir.path(), 24 << 20);
+    let reserve = match &tmpfs {
+        Some(_) => 4 << 20,
+        None => {
+            let free = fs_free(dir.path())?;
+            free.saturating_sub(20 << 20)
+        }
+    };
+    eprintln!("tmpfs: {}", tmpfs.is_some());
+    let app = Running::start(dir.path(), |c| {
+        c.bounds = Bounds {
+            min_free_bytes: reserve,
+            ..Bounds::default()
+        };
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let big = vec![3u8; 40 << 20];
+    // Declared length: refused before a byte is written.
+    let r = http
+        .put(app.url("http", "/v1/bundles/declared.tar"))
+        .body(big.clone())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 507);
+    let error = r.text().await?;
+    assert!(error.contains("not enough room"), "{error}");
+    assert_eq!(app.kept(), 0);
+    // No length (chunked): cut while it is written.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(1 << 20).map(|c| Ok(c.to_vec())).collect();
+    let r = http
+        .put(app.url("http", "/v1/bundles/chunked.tar"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), 507, "{:?}", r.text().await),
+        // The server may close before the client is done sending: fine, if nothing stays.
+        Err(e) => eprintln!("chunked upload ended with {e}"),
+    }
+    shipperd_tests::eventually(
+        "nothing of the cut upload stays",
+        Duration::from_secs(10),
+        || async { (app.kept() == 0).then_some(()) },
+    )
+    .await?;
+    // A bundle that fits is still taken.
+    let r = http
+        .put(app.url("http", "/v1/bundles/small.tar"))
+        .body(vec![5u8; 1 << 20])
+        .send()
+        .await?;
+    assert_eq!(r.status(), 202);
+    app.stop().await?;
+    drop(tmpfs);
+    Ok(())
+}
+
+fn fs_free(path: &Path) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("df: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_keeps_to_its_total_limit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let app = Running::start(dir.path(), |c| {
+        c.bounds = Bounds {
+            max_stored_bytes: 3 << 20,
+            ..bounds()
+        };
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let put = |name: &str, fill: u8| {
+        http.put(app.url("http", &format!("/v1/bundles/{name}")))
+            .body(vec![fill; 2 << 20])
+            .send()
+    };
+    assert_eq!(put("one.tar", 1).await?.status(), 202);
+    let r = put("two.tar", 2).await?;
+    assert_eq!(r.status(), 507);
+    let error = r.text().await?;
+    assert!(error.contains("over its limit"), "{error}");
+    // Only the first is kept: its directory, nothing in the temp directory.
+    assert_eq!(app.kept(), 1);
+    app.stop().await
+}
