@@ -230,12 +230,23 @@ impl TestApp {
     /// A multi-part upload: each part `PUT`, then `POST .../complete?parts=N`.
     pub async fn put_parts(&self, name: &str, parts: Vec<Vec<u8>>) -> anyhow::Result<(u16, Value)> {
         let n = parts.len();
+        // The first part starts the upload and names it; the others give that id.
+        let mut id: Option<String> = None;
         for (i, body) in parts.into_iter().enumerate() {
-            let url = format!("{}/v1/uploads/{name}/parts/{}", self.base, i + 1);
+            let mut url = format!("{}/v1/uploads/{name}/parts/{}", self.base, i + 1);
+            if let Some(id) = &id {
+                url.push_str(&format!("?upload_id={id}"));
+            }
             let resp = self.http.put(url).body(body).send().await?;
             anyhow::ensure!(resp.status() == 201, "part {}: {}", i + 1, resp.status());
+            let part: Value = resp.json().await?;
+            id = part["upload_id"].as_str().map(str::to_string);
         }
-        let url = format!("{}/v1/uploads/{name}/complete?parts={n}", self.base);
+        let id = id.unwrap_or_default();
+        let url = format!(
+            "{}/v1/uploads/{name}/complete?parts={n}&upload_id={id}",
+            self.base
+        );
         let resp = self.http.post(url).send().await?;
         let status = resp.status().as_u16();
         Ok((status, resp.json().await.unwrap_or(Value::Null)))

@@ -467,3 +467,78 @@ async fn the_store_keeps_to_its_total_limit() -> anyhow::Result<()> {
     assert_eq!(app.kept(), 1);
     app.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_multi_part_upload_belongs_to_the_client_that_started_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let app = Running::start(dir.path(), |c| c.bounds = bounds()).await?;
+    let http = reqwest::Client::new();
+    let part = |n: u32, id: Option<&str>, body: &'static [u8]| {
+        let mut url = app.url("http", &format!("/v1/uploads/shared/parts/{n}"));
+        if let Some(id) = id {
+            url.push_str(&format!("?upload_id={id}"));
+        }
+        http.put(url).body(body).send()
+    };
+    // Alice starts the upload and gets its id.
+    let first = part(1, None, b"alice's first part").await?;
+    assert_eq!(first.status(), 201);
+    let alice: serde_json::Value = first.json().await?;
+    let id = alice["upload_id"].as_str().unwrap().to_string();
+    assert!(id.len() >= 32, "{alice}");
+
+    // Mallory cannot add to it, replace its parts or complete it.
+    let r = part(1, None, b"mallory's part").await?;
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await?.contains("in progress"));
+    let r = part(
+        1,
+        Some("0123456789abcdef0123456789abcdef"),
+        b"mallory's part",
+    )
+    .await?;
+    assert_eq!(r.status(), 409);
+    let r = part(2, Some("guess"), b"mallory's part").await?;
+    assert_eq!(r.status(), 409);
+    let complete = |id: &str| {
+        http.post(app.url(
+            "http",
+            &format!("/v1/uploads/shared/complete?parts=2&upload_id={id}"),
+        ))
+        .send()
+    };
+    assert_eq!(complete("guess").await?.status(), 409);
+
+    // Alice's second part and completion: the bundle is her two parts.
+    let r = part(2, Some(&id), b"alice's second part").await?;
+    assert_eq!(r.status(), 201);
+    let r = complete(&id).await?;
+    assert_eq!(r.status(), 202);
+    let done: serde_json::Value = r.json().await?;
+    let stored = app
+        .data
+        .join("bundles")
+        .join(done["id"].as_str().unwrap())
+        .join("parts");
+    assert_eq!(
+        std::fs::read(stored.join("000001"))?,
+        b"alice's first part".to_vec()
+    );
+    assert_eq!(
+        std::fs::read(stored.join("000002"))?,
+        b"alice's second part".to_vec()
+    );
+
+    // A first part that fails (a wrong checksum) leaves the name free.
+    let r = http
+        .put(app.url(
+            "http",
+            &format!("/v1/uploads/other/parts/1?sha256={}", "0".repeat(64)),
+        ))
+        .body(b"x".to_vec())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+    assert!(!app.data.join("uploads/other").exists());
+    app.stop().await
+}

@@ -21,7 +21,7 @@ use crate::{
     metrics::{self, METRICS},
     ops,
     serve::Paced,
-    store::{Store, parse_checksum},
+    store::{Store, UploadId, parse_checksum},
     views,
 };
 
@@ -148,10 +148,15 @@ async fn upload_part(
     body: Body,
 ) -> Result<Response> {
     let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
+    let id = match q.get("upload_id") {
+        Some(id) => UploadId::Given(id),
+        None => UploadId::Start,
+    };
     let part = store
         .receive_part(
             &name,
             n,
+            id,
             Paced::new(body.into_data_stream(), store.bounds()),
             content_length(&headers),
             expected.as_ref(),
@@ -173,8 +178,13 @@ async fn complete(
         .get("parts")
         .and_then(|p| p.parse::<u32>().ok())
         .ok_or_else(|| crate::Error::BadPart("give the number of parts: ?parts=N".into()))?;
+    let upload_id = q.get("upload_id").ok_or_else(|| {
+        crate::Error::BadPart(
+            "give the upload's id: ?upload_id=ID (returned with its first part)".into(),
+        )
+    })?;
     let a = store
-        .complete(&name, parts, target_param(&q)?.as_ref())
+        .complete(&name, upload_id, parts, target_param(&q)?.as_ref())
         .await?;
     Ok(accepted(
         if a.created {

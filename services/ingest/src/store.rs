@@ -96,10 +96,23 @@ impl Drop for TempFile {
 pub const MAX_PARTS: u32 = 9999;
 /// Checksums of the parts received so far, beside them until completion.
 const SUMS_DIR: &str = ".sums";
+/// The SHA-256 of the upload id of a multi-part upload, beside its parts: only the
+/// client that started it (and got the id) may add parts or complete it.
+const OWNER: &str = ".owner";
+
+/// How a request names the multi-part upload it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub enum UploadId<'a> {
+    /// None given: a first part, which starts the upload.
+    Start,
+    Given(&'a str),
+}
 
 /// A part of a multi-part upload, taken in.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Part {
+    /// The upload's id: every later part and the completion must give it.
+    pub upload_id: String,
     pub n: u32,
     pub sha256: String,
     pub size: u64,
@@ -361,6 +374,7 @@ impl Store {
         &self,
         name: &str,
         n: u32,
+        id: UploadId<'_>,
         body: S,
         declared: Option<u64>,
         expected: Option<&BundleId>,
@@ -376,22 +390,96 @@ impl Store {
         }
         let dir = self.upload_dir(name);
         let sums = dir.join(SUMS_DIR);
-        tokio::fs::create_dir_all(&sums)
-            .await
-            .map_err(|e| Error::io(&sums, e))?;
-        let tmp = self.temp_file(false);
-        let (hasher, size) = self.write_stream(&tmp.path, body, declared).await?;
-        let sha256 = hex::encode(hasher.finalize());
-        check_expected(expected.map(BundleId::as_str), &sha256)?;
-        let part = dir.join(format!("{n:06}"));
-        tokio::fs::write(sums.join(format!("{n:06}")), format!("{sha256} {size}\n"))
-            .await
-            .map_err(|e| Error::io(&sums, e))?;
-        tokio::fs::rename(&tmp.path, &part)
-            .await
-            .map_err(|e| Error::io(&part, e))?;
+        let starts = matches!(id, UploadId::Start);
+        if starts {
+            tokio::fs::create_dir_all(&sums)
+                .await
+                .map_err(|e| Error::io(&sums, e))?;
+        }
+        let upload_id = self.own(name, &dir, id).await?;
+        let stored = async {
+            let tmp = self.temp_file(false);
+            let (hasher, size) = self.write_stream(&tmp.path, body, declared).await?;
+            let sha256 = hex::encode(hasher.finalize());
+            check_expected(expected.map(BundleId::as_str), &sha256)?;
+            let part = dir.join(format!("{n:06}"));
+            tokio::fs::write(sums.join(format!("{n:06}")), format!("{sha256} {size}\n"))
+                .await
+                .map_err(|e| Error::io(&sums, e))?;
+            tokio::fs::rename(&tmp.path, &part)
+                .await
+                .map_err(|e| Error::io(&part, e))?;
+            Ok((sha256, size))
+        }
+        .await;
+        let (sha256, size) = match stored {
+            Ok(s) => s,
+            Err(e) => {
+                // The client never learnt the id of an upload its first part started:
+                // the name is freed again.
+                if starts {
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                }
+                return Err(e);
+            }
+        };
         METRICS.bytes_received.add(size);
-        Ok(Part { n, sha256, size })
+        Ok(Part {
+            upload_id,
+            n,
+            sha256,
+            size,
+        })
+    }
+
+    /// Checks that `id` owns the multi-part upload `name` (in `dir`), or, for a first
+    /// part, makes a new id its owner; returns the id.
+    async fn own(&self, name: &str, dir: &Path, id: UploadId<'_>) -> Result<String> {
+        let owner = dir.join(OWNER);
+        let digest = |id: &str| hex::encode(Sha256::digest(id.as_bytes()));
+        match id {
+            UploadId::Start => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                let created = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&owner)
+                    .await;
+                match created {
+                    Ok(mut f) => {
+                        use tokio::io::AsyncWriteExt as _;
+                        f.write_all(digest(&id).as_bytes())
+                            .await
+                            .map_err(|e| Error::io(&owner, e))?;
+                        Ok(id)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Err(Error::Conflict(format!(
+                            "a multi-part upload named {name} is in progress: give its upload_id (returned with its first part) to add to it, or use another name"
+                        )))
+                    }
+                    Err(e) => Err(Error::io(&owner, e)),
+                }
+            }
+            UploadId::Given(id) => {
+                let known = tokio::fs::read_to_string(&owner).await.unwrap_or_default();
+                let given = digest(id);
+                // Compared in constant time, as digests.
+                let same = known.len() == given.len()
+                    && known
+                        .bytes()
+                        .zip(given.bytes())
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        == 0;
+                if same {
+                    Ok(id.to_string())
+                } else {
+                    Err(Error::Conflict(format!(
+                        "upload_id does not match the multi-part upload {name} (it belongs to another client, or it expired): nothing was kept"
+                    )))
+                }
+            }
+        }
     }
 
     /// Completes the multi-part upload `name` of `parts` parts: they become one bundle,
@@ -400,11 +488,13 @@ impl Store {
     pub async fn complete(
         &self,
         name: &str,
+        upload_id: &str,
         parts: u32,
         target: Option<&TargetName>,
     ) -> Result<Accepted> {
         validate_name(name)?;
         let dir = self.upload_dir(name);
+        self.own(name, &dir, UploadId::Given(upload_id)).await?;
         if !(1..=MAX_PARTS).contains(&parts) {
             return Err(Error::BadPart(format!(
                 "parts={parts} is outside 1..={MAX_PARTS}"
@@ -443,6 +533,7 @@ impl Store {
         if !tokio::fs::try_exists(&dest).await.unwrap_or(false) {
             self.write_meta(&id, &meta).await?;
             let _ = tokio::fs::remove_dir_all(dir.join(SUMS_DIR)).await;
+            let _ = tokio::fs::remove_file(dir.join(OWNER)).await;
             tokio::fs::rename(&dir, &dest)
                 .await
                 .map_err(|e| Error::io(&dest, e))?;
