@@ -293,6 +293,10 @@ pub struct LimitArgs {
     /// Images one bundle may hold.
     #[arg(long, env = "SHIPPERD_MAX_IMAGES", default_value_t = Limits::default().max_images)]
     pub max_images: usize,
+    /// Bytes of tar headers before one member, GNU long names and PAX records included
+    /// (they are read into memory).
+    #[arg(long, env = "SHIPPERD_MAX_HEADER_BYTES", default_value_t = Limits::default().max_header_bytes)]
+    pub max_header_bytes: u64,
 }
 
 impl LimitArgs {
@@ -303,6 +307,7 @@ impl LimitArgs {
             expansion_floor: self.expansion_floor,
             max_manifest_bytes: self.max_manifest_bytes,
             max_images: self.max_images,
+            max_header_bytes: self.max_header_bytes,
             ..Limits::default()
         }
     }

@@ -8,8 +8,10 @@
 //! and a truncated or corrupt archive is an error that names the member it broke in.
 
 use std::{
+    cell::Cell,
     collections::HashMap,
-    io::{self, Read},
+    io::{self, Read, Seek},
+    rc::Rc,
     sync::Arc,
 };
 
@@ -164,13 +166,15 @@ impl ArchiveFs {
         };
         let mut end = 0u64;
         {
-            let mut ar = tar::Archive::new(source.cursor());
+            let (reader, budget) = HeaderBudget::new(source.cursor(), limits.max_header_bytes);
+            let mut ar = tar::Archive::new(reader);
             ar.set_ignore_zeros(true);
-            let entries = ar
+            let mut entries = ar
                 .entries_with_seek()
                 .map_err(|e| corrupt("the tar archive", "", e))?;
-            for entry in entries {
-                let e = entry.map_err(|e| corrupt("the tar archive", &b.last, e))?;
+            // Data is skipped by seeking: what is read between two members is headers.
+            while let Some(entry) = budget.next(&mut entries) {
+                let e = entry.map_err(|e| budget.error(e, "the tar archive", &b.last))?;
                 let (offset, size) = (e.raw_file_position(), e.size());
                 let data_end = offset.saturating_add(size);
                 let path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
@@ -248,11 +252,12 @@ impl ArchiveFs {
         };
         let mut claim = cas.claim(bundle_id)?;
         let mut small_total = 0u64;
-        let mut ar = tar::Archive::new(counted);
+        let (reader, budget) = HeaderBudget::new(counted, limits.max_header_bytes);
+        let mut ar = tar::Archive::new(reader);
         ar.set_ignore_zeros(true);
-        let entries = ar.entries().map_err(|e| corrupt(&what, "", e))?;
-        for entry in entries {
-            let mut e = entry.map_err(|e| corrupt(&what, &b.last, e))?;
+        let mut entries = ar.entries().map_err(|e| corrupt(&what, "", e))?;
+        while let Some(entry) = budget.next(&mut entries) {
+            let mut e = entry.map_err(|e| budget.error(e, &what, &b.last))?;
             let size = e.size();
             let header = e.header().clone();
             let raw = e.path_bytes().into_owned();
@@ -282,6 +287,9 @@ impl ArchiveFs {
                 }
                 Ok(At::Inline(buf.into()))
             })?;
+            // What this member has left is read here, not by the next header's read:
+            // only headers count against the budget.
+            io::copy(&mut e, &mut io::sink()).map_err(|err| corrupt(&what, &b.last, err))?;
         }
         claim.commit()?;
         Ok(ArchiveFs {
@@ -310,6 +318,85 @@ impl ArchiveFs {
         Err(Error::Hostile(format!(
             "{path:?} goes through more than {MAX_HOPS} symbolic links"
         )))
+    }
+}
+
+/// A tar stream's headers held to a budget: [`Budget::next`] gives the tar reader
+/// `max` bytes to read the next member's header with its extensions (a GNU long name or
+/// a PAX record of any declared size is read whole into memory by it); more is refused,
+/// so memory stays bounded whatever the archive declares.
+struct HeaderBudget<R> {
+    inner: R,
+    state: Rc<BudgetState>,
+}
+
+struct BudgetState {
+    left: Cell<u64>,
+    /// The budget ran out (the tar crate keeps only the text of a reader's error).
+    spent: Cell<bool>,
+}
+
+/// The budget's handle, kept by the loop over members.
+struct Budget {
+    state: Rc<BudgetState>,
+    max: u64,
+}
+
+impl<R> HeaderBudget<R> {
+    fn new(inner: R, max: u64) -> (Self, Budget) {
+        let state = Rc::new(BudgetState {
+            left: Cell::new(max),
+            spent: Cell::new(false),
+        });
+        (
+            HeaderBudget {
+                inner,
+                state: state.clone(),
+            },
+            Budget { state, max },
+        )
+    }
+}
+
+impl Budget {
+    /// The next member, read within the budget.
+    fn next<I: Iterator>(&self, entries: &mut I) -> Option<I::Item> {
+        self.state.left.set(self.max);
+        let next = entries.next();
+        // The member's own data (read by the caller) is not headers.
+        self.state.left.set(u64::MAX);
+        next
+    }
+
+    /// `e` as a bundle error: hostile when the budget ran out, else corrupt.
+    fn error(&self, e: io::Error, what: &str, after: &str) -> Error {
+        if self.state.spent.get() {
+            return Error::Hostile(format!(
+                "{what}, after member {after:?}: a member's tar headers (with GNU long-name or PAX extension records) take more than {} bytes (limit maxHeaderBytes)",
+                self.max
+            ));
+        }
+        corrupt(what, after, e)
+    }
+}
+
+impl<R: Read> Read for HeaderBudget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.state.left.get();
+        if left == 0 {
+            self.state.spent.set(true);
+            return Err(io::Error::other("tar headers over budget (maxHeaderBytes)"));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.state.left.set(left - n as u64);
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for HeaderBudget<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
     }
 }
 

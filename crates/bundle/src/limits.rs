@@ -25,6 +25,9 @@ pub struct Limits {
     pub max_small_total_bytes: u64,
     /// Images one bundle may name.
     pub max_images: usize,
+    /// Bytes of tar headers read before one member: its header and its GNU long-name,
+    /// long-link and PAX extension records (read into memory, so bounded).
+    pub max_header_bytes: u64,
 }
 
 impl Default for Limits {
@@ -39,6 +42,7 @@ impl Default for Limits {
             max_small_file_bytes: 16 << 20,
             max_small_total_bytes: 256 << 20,
             max_images: 20_000,
+            max_header_bytes: 1 << 20,
         }
     }
 }
