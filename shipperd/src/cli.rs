@@ -184,6 +184,10 @@ pub struct IngestArgs {
     /// Directory watched for bundles copied in (oc rsync, kubectl cp).
     #[arg(long, env = "SHIPPERD_DROP_DIR")]
     pub drop_dir: Option<PathBuf>,
+    /// A dropped file that was not renamed in and has no matching `<name>.sha256` is
+    /// taken once it has been unchanged, and open for writing by no process, this long.
+    #[arg(long, env = "SHIPPERD_DROP_QUIET", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drop_quiet: Duration,
     /// Largest bundle accepted, in bytes.
     #[arg(long, env = "SHIPPERD_MAX_BUNDLE_BYTES", default_value_t = 1 << 40)]
     pub max_bundle_bytes: u64,
@@ -344,6 +348,7 @@ impl IngestArgs {
         });
         let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, listen);
         cfg.drop_dir = self.drop_dir.clone();
+        cfg.drop_quiet = self.drop_quiet;
         cfg.max_bundle_bytes = self.max_bundle_bytes;
         cfg.auth_token_file = self.auth_token_file.clone();
         cfg.tls = match (&self.tls_cert_file, &self.tls_key_file) {

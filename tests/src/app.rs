@@ -21,6 +21,8 @@ pub struct Options {
     pub secret: Option<String>,
     pub prefix: String,
     pub drop_dir: bool,
+    /// The drop directory's quiet time (default 1 s here).
+    pub drop_quiet: Option<Duration>,
     /// First retry delay of a failed image push (default 200 ms).
     pub publish_retry: Option<Duration>,
     /// Bundle limits for unpack (default: the service's defaults).
@@ -125,6 +127,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         ingest.auth_token_file = Some(f);
     }
     ingest.drop_poll = Duration::from_millis(200);
+    ingest.drop_quiet = opts.drop_quiet.unwrap_or(Duration::from_secs(1));
     ingest.janitor = opts
         .janitor
         .clone()

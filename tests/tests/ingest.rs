@@ -122,3 +122,103 @@ async fn a_bundle_copied_into_the_drop_directory_is_taken_once_complete() -> any
     assert_eq!(app.stored_bundles(), 1);
     app.stop().await
 }
+
+/// Nothing of a dropped file has been taken: it is still where the user put it, and no
+/// bundle is known or stored.
+async fn untouched(
+    app: &shipperd_tests::app::TestApp,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        file.exists(),
+        "{} was taken while being written",
+        file.display()
+    );
+    anyhow::ensure!(app.bundles().await?.is_empty(), "a bundle was recorded");
+    anyhow::ensure!(app.stored_bundles() == 0, "a bundle was stored");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slowly_written_dropped_file_is_taken_only_when_complete() -> anyhow::Result<()> {
+    use std::io::Write;
+    let quiet = Duration::from_secs(2);
+    let app = spawn_app(Options {
+        drop_dir: true,
+        drop_quiet: Some(quiet),
+        ..Default::default()
+    })
+    .await?;
+    let dir = app.drop_dir.clone().unwrap();
+    eventually("drop dir to exist", DONE, || async {
+        dir.exists().then_some(())
+    })
+    .await?;
+
+    // Written in place by a writer that keeps the file open and pauses longer than
+    // the quiet time between pieces: not taken until it closes it.
+    let bytes = bundle("held-open")?;
+    let path = dir.join("held-open.squashfs");
+    let mut f = std::fs::File::create(&path)?;
+    for piece in bytes.chunks(bytes.len().div_ceil(3)) {
+        f.write_all(piece)?;
+        f.flush()?;
+        tokio::time::sleep(quiet + Duration::from_millis(1500)).await;
+        untouched(&app, &path).await?;
+    }
+    drop(f);
+    let id = sha256(&bytes)[7..].to_string();
+    let rec = app.wait_done(&id, DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    assert_eq!(rec["size"], bytes.len() as u64);
+    app.stop().await?;
+
+    // Written by pieces, closed in between (as a resumed copy), pausing longer than a
+    // poll but less than the quiet time: taken only once complete and quiet.
+    let app = spawn_app(Options {
+        drop_dir: true,
+        drop_quiet: Some(quiet),
+        ..Default::default()
+    })
+    .await?;
+    let dir = app.drop_dir.clone().unwrap();
+    eventually("drop dir to exist", DONE, || async {
+        dir.exists().then_some(())
+    })
+    .await?;
+    let bytes = bundle("by-pieces")?;
+    let path = dir.join("by-pieces.squashfs");
+    for piece in bytes.chunks(bytes.len().div_ceil(4)) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?
+            .write_all(piece)?;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        untouched(&app, &path).await?;
+    }
+    let id = sha256(&bytes)[7..].to_string();
+    assert_eq!(app.wait_done(&id, DONE).await?["phase"], "Published");
+
+    // With a .sha256 beside it, a file that does not match yet is waited on, not
+    // failed, and is taken as soon as it matches.
+    let bytes = bundle("with-sum")?;
+    let path = dir.join("with-sum.squashfs");
+    std::fs::write(
+        dir.join("with-sum.squashfs.sha256"),
+        format!("{}  with-sum.squashfs\n", &sha256(&bytes)[7..]),
+    )?;
+    let (first, rest) = bytes.split_at(bytes.len() / 2);
+    std::fs::write(&path, first)?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(path.exists(), "taken half written");
+    assert!(!dir.join("with-sum.squashfs.failed").exists());
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)?
+        .write_all(rest)?;
+    let id = sha256(&bytes)[7..].to_string();
+    assert_eq!(app.wait_done(&id, DONE).await?["phase"], "Published");
+    assert_eq!(app.bundles().await?.len(), 2, "only the two whole bundles");
+    app.stop().await
+}

@@ -1,22 +1,50 @@
 //! The drop directory: bundles copied in with `oc rsync` or `kubectl cp`.
 //!
-//! A file is taken only once it is complete: hidden files (rsync writes `.name.XXXXXX`
-//! and renames at the end) and `*.part`/`*.tmp` names are skipped, and a file must keep
-//! the same size and modification time across one poll interval. A taken file is moved
-//! into the store; one that cannot be taken is renamed `<name>.failed` with the reason
-//! beside it in `<name>.failed.txt`, so it is neither lost nor retried forever.
+//! A file is the user's only copy, so it is taken only once its writer is done:
 //!
-//! A sibling `<name>.sha256` (sha256sum format, as Koffer writes it) is the checksum the
-//! bundle must have: a bundle that does not match is refused like a corrupt upload.
+//! - hidden files (rsync writes `.name.XXXXXX` and renames at the end) and
+//!   `*.part`/`*.tmp`/`*.partial` names are never taken;
+//! - a file some process on this machine has open for writing is not taken (checked in
+//!   `/proc`; writers elsewhere, over NFS say, are covered by the quiet time);
+//! - a file is taken once it has stayed unchanged (size, modification time) over one
+//!   poll and either was renamed in (its inode changed after its last write: a rename,
+//!   or `rsync -t`/`cp -p` setting an older time) or its sibling `<name>.sha256`
+//!   (sha256sum format, as Koffer writes it) matches it; otherwise only once it has
+//!   stayed unchanged for the whole quiet time (`--drop-quiet`, 30 s).
+//!
+//! A bundle whose `.sha256` does not match is refused like a corrupt upload, but only
+//! once it has been quiet for the quiet time (before that it may still be growing). A
+//! taken file is moved into the store; one that cannot be taken is renamed
+//! `<name>.failed` with the reason beside it in `<name>.failed.txt`, so it is neither lost
+//! nor retried forever.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration, time::SystemTime};
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    Error,
     metrics::METRICS,
     store::{Store, parse_checksum},
 };
+
+/// How a drop-directory file looked at a poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Look {
+    size: u64,
+    modified: SystemTime,
+}
+
+/// A file being watched: how it looked last, and since when it has looked so.
+struct Watched {
+    look: Look,
+    since: Instant,
+}
 
 fn skipped(name: &str) -> bool {
     name.starts_with('.')
@@ -33,15 +61,22 @@ fn skipped(name: &str) -> bool {
         .any(|s| name.ends_with(s))
 }
 
-pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: CancellationToken) {
+pub async fn watch(
+    dir: PathBuf,
+    every: Duration,
+    quiet: Duration,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) {
     if let Err(error) = tokio::fs::create_dir_all(&dir).await {
         tracing::error!(%error, dir = %dir.display(), "cannot create the drop directory; not watching it");
         return;
     }
-    tracing::info!(dir = %dir.display(), "watching drop directory");
-    let mut last: HashMap<String, (u64, SystemTime)> = HashMap::new();
+    tracing::info!(dir = %dir.display(), quiet = ?quiet, "watching drop directory");
+    let mut watched: HashMap<String, Watched> = HashMap::new();
     loop {
-        let mut now = HashMap::new();
+        let mut seen = HashMap::new();
+        let mut ready = Vec::new();
         match tokio::fs::read_dir(&dir).await {
             Ok(mut entries) => {
                 while let Ok(Some(e)) = entries.next_entry().await {
@@ -52,25 +87,56 @@ pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: C
                     let Ok(meta) = e.metadata().await else {
                         continue;
                     };
-                    if !meta.is_file() {
+                    if !meta.is_file() || meta.len() == 0 {
                         continue;
                     }
-                    let stamp = (
-                        meta.len(),
-                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    );
-                    if last.get(&name) == Some(&stamp) && stamp.0 > 0 {
-                        take(&store, &dir, &name).await;
-                    } else {
-                        now.insert(name, stamp);
-                    }
+                    let look = Look {
+                        size: meta.len(),
+                        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    };
+                    let w = match watched.remove(&name) {
+                        Some(w) if w.look == look => w,
+                        // New, or changed since the last poll: watched from now.
+                        _ => {
+                            seen.insert(
+                                name,
+                                Watched {
+                                    look,
+                                    since: Instant::now(),
+                                },
+                            );
+                            continue;
+                        }
+                    };
+                    ready.push((name.clone(), renamed_in(&meta), w.since.elapsed() >= quiet));
+                    seen.insert(name, w);
                 }
             }
             Err(error) => {
                 tracing::warn!(%error, dir = %dir.display(), "cannot list the drop directory")
             }
         }
-        last = now;
+        if !ready.is_empty() {
+            let open = open_for_writing(&dir).await;
+            for (name, renamed, quiet_enough) in ready {
+                if open.contains(&name) {
+                    tracing::debug!(
+                        name,
+                        "a process has the file open for writing; not taking it yet"
+                    );
+                    continue;
+                }
+                let sidecar = dir.join(format!("{name}.sha256"));
+                let has_sum = tokio::fs::try_exists(&sidecar).await.unwrap_or(false);
+                if !(renamed || quiet_enough || has_sum) {
+                    continue;
+                }
+                if take(&store, &dir, &name, quiet_enough).await {
+                    seen.remove(&name);
+                }
+            }
+        }
+        watched = seen;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
@@ -78,7 +144,65 @@ pub async fn watch(dir: PathBuf, every: Duration, store: Arc<Store>, shutdown: C
     }
 }
 
-async fn take(store: &Store, dir: &std::path::Path, name: &str) {
+/// Was the file renamed (or its times set) after its last write? Its inode changed
+/// later than its contents.
+fn renamed_in(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    (meta.ctime(), meta.ctime_nsec()) > (meta.mtime(), meta.mtime_nsec())
+}
+
+/// Names of the files in `dir` that a process of this machine has open for writing
+/// (those whose `/proc` this process may read).
+async fn open_for_writing(dir: &Path) -> HashSet<String> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let mut open = HashSet::new();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return open;
+        };
+        for p in procs.flatten() {
+            let pid = p.path();
+            if !p
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(pid.join("fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                if target.parent() != Some(dir.as_path()) {
+                    continue;
+                }
+                // `flags:` in fdinfo is octal; O_WRONLY is 1, O_RDWR 2.
+                let writing = std::fs::read_to_string(pid.join("fdinfo").join(fd.file_name()))
+                    .ok()
+                    .and_then(|info| {
+                        info.lines()
+                            .find_map(|l| l.strip_prefix("flags:"))
+                            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                    })
+                    .is_some_and(|flags| flags & 0o3 != 0);
+                if writing && let Some(name) = target.file_name() {
+                    open.insert(name.to_string_lossy().to_string());
+                }
+            }
+        }
+        open
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Takes `name` into the store; `true` when it is gone from the drop directory (stored,
+/// or failed aside). A checksum that does not match yet is waited on until `final_`.
+async fn take(store: &Store, dir: &Path, name: &str, final_: bool) -> bool {
     let path = dir.join(name);
     let sidecar = dir.join(format!("{name}.sha256"));
     let expected = match tokio::fs::read_to_string(&sidecar).await {
@@ -96,10 +220,19 @@ async fn take(store: &Store, dir: &std::path::Path, name: &str) {
             if expected.is_some() {
                 let _ = tokio::fs::remove_file(&sidecar).await;
             }
-            tracing::info!(bundle_id = %a.summary.id, name, created = a.created, "took bundle from the drop directory")
+            tracing::info!(bundle_id = %a.summary.id, name, created = a.created, "took bundle from the drop directory");
+            true
+        }
+        Err(Error::ChecksumMismatch { .. }) if !final_ => {
+            tracing::debug!(
+                name,
+                "does not match its .sha256 yet; waiting for the writer"
+            );
+            false
         }
         Err(error) if error.is_transient() => {
             tracing::warn!(%error, name, "cannot take bundle from the drop directory now; will try again");
+            false
         }
         Err(error) => {
             METRICS.uploads_rejected.add(1);
@@ -108,6 +241,7 @@ async fn take(store: &Store, dir: &std::path::Path, name: &str) {
             let _ = tokio::fs::rename(&path, &failed).await;
             let _ = tokio::fs::write(dir.join(format!("{name}.failed.txt")), format!("{error}\n"))
                 .await;
+            true
         }
     }
 }

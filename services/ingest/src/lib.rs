@@ -47,9 +47,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory watched for bundles copied in; `None` to watch nothing.
     pub drop_dir: Option<PathBuf>,
-    /// How often the drop directory is scanned. A file is taken once its size and
-    /// modification time are unchanged over one interval.
+    /// How often the drop directory is scanned.
     pub drop_poll: Duration,
+    /// A drop-directory file neither renamed in nor matching its `.sha256` is taken
+    /// once unchanged (and not open for writing) for this long.
+    pub drop_quiet: Duration,
     /// Largest bundle accepted, in bytes.
     pub max_bundle_bytes: u64,
     /// What the janitor does, and how often.
@@ -74,6 +76,7 @@ impl Config {
             listen,
             drop_dir: None,
             drop_poll: Duration::from_secs(2),
+            drop_quiet: Duration::from_secs(30),
             max_bundle_bytes: 1 << 40,
             janitor: janitor::Settings::default(),
             auth_token_file: None,
@@ -141,6 +144,7 @@ impl Ingest {
             tokio::spawn(drop_dir::watch(
                 dir,
                 self.config.drop_poll,
+                self.config.drop_quiet,
                 self.store.clone(),
                 shutdown.clone(),
             ))
