@@ -26,6 +26,12 @@ pub struct AuthSpec {
     pub service_account_token: Option<PathBuf>,
     /// A file holding a bearer token sent as is.
     pub bearer_token_file: Option<PathBuf>,
+    /// Hosts other than the registry's own whose token service may be sent the basic
+    /// credentials (e.g. `auth.docker.io`). A registry whose challenge names a token
+    /// service elsewhere is refused the login otherwise, so a compromised or spoofed
+    /// registry cannot send the credentials to a host of its choosing.
+    #[serde(default)]
+    pub token_hosts: Vec<String>,
     #[serde(skip)]
     pub password: Option<Secret>,
 }

@@ -123,7 +123,7 @@ pub fn read_webhooks(path: &std::path::Path) -> Result<Vec<Webhook>, String> {
         .into_iter()
         .map(|w| {
             if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                return Err(Error::BadUrl(w.url.clone()).to_string());
+                return Err(Error::BadUrl(redact(&w.url)).to_string());
             }
             let key = match &w.secret_file {
                 Some(f) => {
@@ -150,7 +150,7 @@ impl Notify {
     pub async fn start(config: Config) -> Result<Self> {
         for url in &config.webhooks {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(Error::BadUrl(url.clone()));
+                return Err(Error::BadUrl(redact(url)));
             }
         }
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -158,6 +158,8 @@ impl Notify {
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .user_agent(concat!("shipperd/", env!("CARGO_PKG_VERSION")))
+            // A redirect would send the signed event (and the URL's token) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Client(e.to_string()))?;
         if config.secret.is_none() && !config.webhooks.is_empty() {
@@ -359,8 +361,13 @@ async fn post(target: &Target, event: &IncomingEvent, attempt: i64) -> Outcome {
             tracing::debug!(status = %resp.status(), "delivered");
             return Outcome::Ack;
         }
+        Ok(resp) if resp.status().is_redirection() => format!(
+            "answered {} (redirects are not followed: configure the webhook's final URL)",
+            resp.status()
+        ),
         Ok(resp) => format!("answered {}", resp.status()),
-        Err(e) => format!("{e}"),
+        // Without the URL: its query string often carries a token.
+        Err(e) => format!("{}", e.without_url()),
     };
     let max = target.config.max_deliver;
     if max > 0 && attempt >= max {

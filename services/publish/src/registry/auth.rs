@@ -148,6 +148,14 @@ impl Auth {
             return Ok(None);
         };
         let mut url = reqwest::Url::parse(&realm).map_err(|e| unavailable(&e))?;
+        if matches!(creds, Credentials::Basic { .. }) {
+            self.may_send_credentials(&url)
+                .map_err(|message| RegistryError::AuthDenied {
+                    host: host.clone(),
+                    status: None,
+                    message: format!("{what}: {message}"),
+                })?;
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = &service {
@@ -188,6 +196,47 @@ impl Auth {
     }
 }
 
+impl Auth {
+    /// May the basic credentials go to the token service at `realm`? Only on the
+    /// registry's own host (any port), or a host the target lists in `token_hosts`; and
+    /// not in clear text when the registry itself is reached over TLS.
+    fn may_send_credentials(&self, realm: &reqwest::Url) -> Result<(), String> {
+        let registry = &self.target.url;
+        let own = registry
+            .host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(registry.host.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let realm_host = realm
+            .host_str()
+            .unwrap_or_default()
+            .trim_matches(['[', ']']);
+        let with_port = match realm.port() {
+            Some(p) => format!("{realm_host}:{p}"),
+            None => realm_host.to_string(),
+        };
+        let listed = self
+            .target
+            .auth
+            .token_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(realm_host) || h.eq_ignore_ascii_case(&with_port));
+        if !realm_host.eq_ignore_ascii_case(own) && !listed {
+            return Err(format!(
+                "the registry sends logins to a token service on {with_port}, not on {own}: the credentials go there only if target {} lists it in auth.token_hosts",
+                self.target.name
+            ));
+        }
+        if registry.https && realm.scheme() != "https" {
+            return Err(format!(
+                "the registry is reached over TLS but names a token service over plain HTTP ({with_port}): the credentials are not sent in clear text"
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn key(repo: &str, from: Option<&str>) -> String {
     match from {
         Some(from) => format!("{repo} {from}"),
@@ -225,5 +274,46 @@ mod tests {
         );
         assert_eq!(super::bearer_challenge(r#"Basic realm="registry""#), None);
         assert_eq!(super::bearer_challenge("Bearer service=\"x\""), None);
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_registry_host_or_a_listed_one() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let auth = |registry: &str, listed: &[&str]| {
+            let mut t = shipperd_registry_targets::Targets::single(registry, "", None, None, false)
+                .unwrap()
+                .default_target()
+                .clone();
+            t.auth.token_hosts = listed.iter().map(|s| s.to_string()).collect();
+            super::Auth::new(&t, reqwest::Client::new(), registry.into()).unwrap()
+        };
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let quay = auth("https://quay.example:8443", &[]);
+        assert!(
+            quay.may_send_credentials(&url("https://quay.example/v2/auth"))
+                .is_ok()
+        );
+        let e = quay
+            .may_send_credentials(&url("https://evil.example/token"))
+            .unwrap_err();
+        assert!(
+            e.contains("evil.example") && e.contains("token_hosts"),
+            "{e}"
+        );
+        let e = quay
+            .may_send_credentials(&url("http://quay.example/v2/auth"))
+            .unwrap_err();
+        assert!(e.contains("clear text"), "{e}");
+        let hub = auth("https://registry-1.docker.io", &["auth.docker.io"]);
+        assert!(
+            hub.may_send_credentials(&url("https://auth.docker.io/token"))
+                .is_ok()
+        );
+        let local = auth("http://127.0.0.1:5000", &[]);
+        assert!(
+            local
+                .may_send_credentials(&url("http://127.0.0.1:5001/token"))
+                .is_ok()
+        );
     }
 }

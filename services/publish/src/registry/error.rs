@@ -196,6 +196,9 @@ impl RegistryError {
                 })
             })
             .unwrap_or_else(|| "the registry".into());
+        // The URL can carry an upload session's state (`?_state=...`, signed by the
+        // registry): the host says where, and the status and events never show it.
+        let e = e.without_url();
         let mut detail = e.to_string();
         let mut cause = detail.clone();
         let mut src: Option<&(dyn std::error::Error + 'static)> = e.source();

@@ -207,7 +207,7 @@ impl Registry {
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_retryable() && attempt + 1 < self.target.transfer.retries => {
                     let delay = self.backoff(attempt, e.retry_after());
-                    tracing::debug!(error = %e, ?delay, url = %call.url, "registry request failed; retrying");
+                    tracing::debug!(error = %e, ?delay, url = %shipperd_model::redact_url(&call.url), "registry request failed; retrying");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
