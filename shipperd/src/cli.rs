@@ -175,6 +175,15 @@ pub struct Common {
     pub data_dir: PathBuf,
 }
 
+/// How API requests are authenticated beyond the token file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Only the token file (or nothing: an open API).
+    None,
+    /// Kubernetes TokenReview and SubjectAccessReview.
+    Kubernetes,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct IngestArgs {
     /// Address of the ingest HTTP API. Default: `0.0.0.0:8080` in a Kubernetes pod
@@ -195,6 +204,16 @@ pub struct IngestArgs {
     /// when the file changes). Without it the API is open.
     #[arg(long, env = "SHIPPERD_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// `kubernetes`: a bearer token not in --auth-token-file is checked with a
+    /// TokenReview, and its user must be allowed (SubjectAccessReview) to create bundles
+    /// (get them to read, delete them to delete) in --auth-namespace; so
+    /// `curl -H "Authorization: Bearer $(oc whoami -t)"` works.
+    #[arg(long, env = "SHIPPERD_AUTH", value_enum, default_value_t = AuthMode::None)]
+    pub auth: AuthMode,
+    /// The namespace whose `bundles` rights --auth kubernetes checks. Default: the
+    /// pod's own (POD_NAMESPACE, or the service account's namespace).
+    #[arg(long, env = "SHIPPERD_AUTH_NAMESPACE")]
+    pub auth_namespace: Option<String>,
     /// Serve the API over TLS with this certificate chain (PEM); it and the key are read
     /// again when they change (cert-manager, OpenShift service CA).
     #[arg(long, env = "SHIPPERD_TLS_CERT_FILE", requires = "tls_key_file")]
@@ -335,7 +354,33 @@ pub struct NotifyArgs {
     pub webhooks_file: Option<PathBuf>,
 }
 
+/// The service account's namespace file, in a pod.
+const SA_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
 impl IngestArgs {
+    /// The Kubernetes client and namespace of `--auth kubernetes` (`None` otherwise).
+    pub async fn kube_auth(&self) -> anyhow::Result<Option<shipperd_ingest::KubeAuth>> {
+        if self.auth != AuthMode::Kubernetes {
+            return Ok(None);
+        }
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!("--auth kubernetes: cannot reach the Kubernetes API: {e}")
+        })?;
+        let namespace = self
+            .auth_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .or_else(|| {
+                std::fs::read_to_string(SA_NAMESPACE)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        tracing::info!(namespace, "API tokens are reviewed by the Kubernetes API");
+        Ok(Some(shipperd_ingest::KubeAuth { client, namespace }))
+    }
+
     pub fn config(&self, c: &Common) -> shipperd_ingest::Config {
         let listen = self.listen.unwrap_or_else(|| {
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();

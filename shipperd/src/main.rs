@@ -47,15 +47,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Crd => unreachable!("printed above"),
     };
     let _telemetry = shipperd_telemetry::init(service)?;
+    let kube_auth = match &cli.command {
+        Command::Ingest { ingest, .. } | Command::All { ingest, .. } => ingest.kube_auth().await?,
+        _ => None,
+    };
     let shutdown = shutdown_on_signal();
     match cli.command {
         Command::Ingest { common, ingest } => {
-            shipperd_ingest::run(ingest.config(&common), shutdown).await?
+            let mut config = ingest.config(&common);
+            config.kube_auth = kube_auth;
+            shipperd_ingest::run(config, shutdown).await?
         }
         Command::Unpack { .. } | Command::Publish { .. } | Command::All { .. } => match config {
             Some(Config::Unpack(c)) => shipperd_unpack::run(c, shutdown).await?,
             Some(Config::Publish(c)) => shipperd_publish::run(c, shutdown).await?,
-            Some(Config::All(c)) => App::start(*c).await?.serve(shutdown).await?,
+            Some(Config::All(mut c)) => {
+                c.ingest.kube_auth = kube_auth;
+                App::start(*c).await?.serve(shutdown).await?
+            }
             None => unreachable!("parsed above"),
         },
         Command::Notify { common, notify } => {

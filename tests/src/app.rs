@@ -37,6 +37,8 @@ pub struct Options {
     pub follow_webhooks: bool,
     /// Bearer tokens (the lines of `<data>/tokens`) the API requires.
     pub auth_tokens: Option<String>,
+    /// `--auth kubernetes` against this API server URL, for rights in this namespace.
+    pub kube_auth: Option<(String, String)>,
     /// Files written into the data dir before the targets file is read.
     pub files: Vec<(String, Vec<u8>)>,
     /// Transfer settings of the default loopback target.
@@ -125,6 +127,13 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         let f = data.path().join("tokens");
         std::fs::write(&f, t)?;
         ingest.auth_token_file = Some(f);
+    }
+    if let Some((api, namespace)) = &opts.kube_auth {
+        let client = kube::Client::try_from(kube::Config::new(api.parse()?))?;
+        ingest.kube_auth = Some(shipperd_ingest::KubeAuth {
+            client,
+            namespace: namespace.clone(),
+        });
     }
     ingest.drop_poll = Duration::from_millis(200);
     ingest.drop_quiet = opts.drop_quiet.unwrap_or(Duration::from_secs(1));

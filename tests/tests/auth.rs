@@ -111,3 +111,190 @@ async fn a_start_up_cleans_only_its_own_leftovers_and_loses_no_dropped_file() ->
     app.assert_published(&layout, "").await?;
     app.stop().await
 }
+
+/// A fake Kubernetes API (the real one cannot be had here): it knows two tokens, alice's
+/// and bob's, and lets alice create and get bundles in namespace `mirror`.
+mod fake_api {
+    use std::sync::{Arc, Mutex};
+
+    use axum::{Json, Router, extract::State, routing::post};
+    use serde_json::{Value, json};
+
+    #[derive(Default)]
+    pub struct Seen {
+        pub token_reviews: usize,
+        pub access_reviews: Vec<Value>,
+    }
+
+    pub async fn start() -> anyhow::Result<(String, Arc<Mutex<Seen>>)> {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let app = Router::new()
+            .route(
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                post(
+                    |State(s): State<Arc<Mutex<Seen>>>, Json(review): Json<Value>| async move {
+                        s.lock().unwrap().token_reviews += 1;
+                        let user = match review["spec"]["token"].as_str() {
+                            Some("alice-token") => Some("alice"),
+                            Some("bob-token") => Some("bob"),
+                            _ => None,
+                        };
+                        let status = match user {
+                            Some(u) => json!({
+                                "authenticated": true,
+                                "user": {"username": u, "uid": format!("uid-{u}"), "groups": ["system:authenticated"]}
+                            }),
+                            None => json!({"authenticated": false}),
+                        };
+                        Json(json!({
+                            "apiVersion": "authentication.k8s.io/v1",
+                            "kind": "TokenReview",
+                            "metadata": {},
+                            "spec": review["spec"],
+                            "status": status,
+                        }))
+                    },
+                ),
+            )
+            .route(
+                "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+                post(
+                    |State(s): State<Arc<Mutex<Seen>>>, Json(review): Json<Value>| async move {
+                        let spec = review["spec"].clone();
+                        s.lock().unwrap().access_reviews.push(spec.clone());
+                        let r = &spec["resourceAttributes"];
+                        let allowed = spec["user"] == "alice"
+                            && r["namespace"] == "mirror"
+                            && r["group"] == "shipperd.io"
+                            && r["resource"] == "bundles"
+                            && (r["verb"] == "create" || r["verb"] == "get");
+                        Json(json!({
+                            "apiVersion": "authorization.k8s.io/v1",
+                            "kind": "SubjectAccessReview",
+                            "metadata": {},
+                            "spec": spec,
+                            "status": {"allowed": allowed},
+                        }))
+                    },
+                ),
+            )
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok((url, seen))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_users_need_the_right_to_create_bundles() -> anyhow::Result<()> {
+    let (api, seen) = fake_api::start().await?;
+    let app = spawn_app(Options {
+        kube_auth: Some((api, "mirror".into())),
+        ..Default::default()
+    })
+    .await?;
+    let body = tar_bytes(&sample("kube-auth", "kube-auth", 0).oci_files(""))?;
+    let url = format!("{}/v1/bundles/kube.tar", app.base);
+    let http = reqwest::Client::new();
+    let put = |token: Option<&'static str>| {
+        let mut req = http.put(&url).body(body.clone());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+
+    for token in [None, Some("stolen-token")] {
+        let r = put(token).await?;
+        assert_eq!(r.status(), 401, "{token:?}");
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            r#"Bearer realm="shipperd""#
+        );
+    }
+    // Bob is known but may not create bundles: 403, naming him and the namespace.
+    let r = put(Some("bob-token")).await?;
+    assert_eq!(r.status(), 403);
+    let error = r.text().await?;
+    assert!(
+        error.contains("bob") && error.contains("create") && error.contains("mirror"),
+        "{error}"
+    );
+    assert_eq!(app.temp_files(), 0);
+    assert_eq!(app.stored_bundles(), 0);
+
+    // Alice may: her upload is taken, and she can read it back.
+    let r = put(Some("alice-token")).await?;
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    let list = http
+        .get(format!("{}/v1/bundles", app.base))
+        .bearer_auth("alice-token")
+        .send()
+        .await?;
+    assert_eq!(list.status(), 200);
+    // She may not delete (no such right here).
+    let id = list.json::<serde_json::Value>().await?["bundles"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let del = http
+        .delete(format!("{}/v1/bundles/{id}", app.base))
+        .bearer_auth("alice-token")
+        .send()
+        .await?;
+    assert_eq!(del.status(), 403);
+
+    {
+        let seen = seen.lock().unwrap();
+        let create = seen
+            .access_reviews
+            .iter()
+            .find(|s| s["user"] == "alice" && s["resourceAttributes"]["verb"] == "create")
+            .expect("alice's create was reviewed");
+        assert_eq!(create["uid"], "uid-alice");
+        assert_eq!(create["groups"][0], "system:authenticated");
+        assert_eq!(create["resourceAttributes"]["namespace"], "mirror");
+        assert_eq!(create["resourceAttributes"]["group"], "shipperd.io");
+        assert_eq!(create["resourceAttributes"]["resource"], "bundles");
+    }
+    // Answers are cached for a while: the same request again asks nothing new.
+    let before = seen.lock().unwrap().token_reviews;
+    let again = http
+        .get(format!("{}/v1/bundles", app.base))
+        .bearer_auth("alice-token")
+        .send()
+        .await?;
+    assert_eq!(again.status(), 200);
+    assert_eq!(seen.lock().unwrap().token_reviews, before);
+    // Health stays open.
+    assert_eq!(
+        http.get(format!("{}/healthz", app.base))
+            .send()
+            .await?
+            .status(),
+        200
+    );
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_kubernetes_api_nobody_gets_in() -> anyhow::Result<()> {
+    // An API server address where nothing listens.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let app = spawn_app(Options {
+        kube_auth: Some((format!("http://{dead}"), "mirror".into())),
+        ..Default::default()
+    })
+    .await?;
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/bundles/x.tar", app.base))
+        .bearer_auth("alice-token")
+        .body(b"bytes".to_vec())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await?.contains("Kubernetes API"));
+    assert_eq!(app.stored_bundles(), 0);
+    app.stop().await
+}

@@ -1,8 +1,10 @@
 //! Bearer tokens on every `/v1` route (health, readiness and metrics stay open): the
 //! tokens are the lines of `--auth-token-file`, read again when the file changes;
 //! compared in constant time (as SHA-256 digests, so their lengths leak nothing either);
-//! never logged. A request without a known token is answered 401 with
-//! `WWW-Authenticate` before its body is read, so nothing of it is stored.
+//! never logged. With `--auth kubernetes` a token not in the file is reviewed by the
+//! Kubernetes API instead (see `review`). A request without a valid token is answered
+//! 401 with `WWW-Authenticate`, one whose user lacks the right 403, both before its body
+//! is read, so nothing of it is stored.
 
 use std::{
     path::PathBuf,
@@ -12,11 +14,13 @@ use std::{
 
 use axum::{
     extract::{Request, State},
-    http::{StatusCode, header},
+    http::{Method, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
 use sha2::{Digest as _, Sha256};
+
+use crate::review::{self, Review, Verdict};
 
 /// A file's modification time and length: changes when it is rewritten.
 pub(crate) type Stamp = Option<(SystemTime, u64)>;
@@ -66,9 +70,8 @@ impl Tokens {
         cached.1.clone()
     }
 
-    /// Is `presented` one of the tokens?
-    pub fn admits(&self, presented: &str) -> bool {
-        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    /// Is the token whose digest is `d` one of the tokens?
+    pub fn admits(&self, d: &[u8; 32]) -> bool {
         // Every token compared, each in constant time.
         self.current().iter().fold(false, |found, t| {
             let diff = t
@@ -80,8 +83,28 @@ impl Tokens {
     }
 }
 
-/// Refuses a `/v1` request without a known bearer token.
-pub async fn require(State(tokens): State<Arc<Tokens>>, req: Request, next: Next) -> Response {
+/// Who may use the API: the token file's tokens, and with `--auth kubernetes` whoever
+/// the Kubernetes API says may.
+pub struct Gate {
+    pub tokens: Option<Tokens>,
+    pub review: Option<Review>,
+}
+
+fn refuse(status: StatusCode, error: String) -> Response {
+    let body = axum::Json(serde_json::json!({ "error": error }));
+    if status == StatusCode::UNAUTHORIZED {
+        return (
+            status,
+            [(header::WWW_AUTHENTICATE, r#"Bearer realm="shipperd""#)],
+            body,
+        )
+            .into_response();
+    }
+    (status, body).into_response()
+}
+
+/// Refuses a `/v1` request without a valid bearer token, or whose user may not do it.
+pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     if !req.uri().path().starts_with("/v1/") && req.uri().path() != "/v1" {
         return next.run(req).await;
     }
@@ -90,16 +113,44 @@ pub async fn require(State(tokens): State<Arc<Tokens>>, req: Request, next: Next
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(t) if tokens.admits(t) => next.run(req).await,
-        _ => (
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(token) = presented else {
+        return refuse(
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, r#"Bearer realm="shipperd""#)],
-            axum::Json(serde_json::json!({
-                "error": "a bearer token is required (Authorization: Bearer <token>)"
-            })),
-        )
-            .into_response(),
+            "a bearer token is required (Authorization: Bearer <token>)".into(),
+        );
+    };
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    if gate.tokens.as_ref().is_some_and(|t| t.admits(&digest)) {
+        return next.run(req).await;
+    }
+    let Some(review) = &gate.review else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is not valid".into(),
+        );
+    };
+    let verb = match *req.method() {
+        Method::GET | Method::HEAD => "get",
+        Method::DELETE => "delete",
+        _ => "create",
+    };
+    match review.check(token, digest, verb).await {
+        Verdict::Allowed => next.run(req).await,
+        Verdict::Unauthenticated => refuse(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is not valid (the Kubernetes API does not know it)".into(),
+        ),
+        Verdict::Forbidden { user } => refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "user {user:?} may not {verb} {}.{} in namespace {:?}",
+                review::RESOURCE,
+                review::GROUP,
+                review.namespace()
+            ),
+        ),
+        Verdict::Unavailable(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }

@@ -18,6 +18,7 @@ mod http;
 mod janitor;
 mod metrics;
 mod ops;
+pub mod review;
 mod serve;
 mod space;
 mod store;
@@ -36,6 +37,22 @@ use shipperd_model::DataDir;
 pub use store::{Accepted, Store, instance};
 pub use tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
+
+/// Tokens checked with the Kubernetes API (TokenReview, SubjectAccessReview).
+#[derive(Clone)]
+pub struct KubeAuth {
+    pub client: kube::Client,
+    /// Where a user must be allowed to create (get, delete) bundles.
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for KubeAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeAuth")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Settings of the ingest service.
 #[derive(Debug, Clone)]
@@ -58,6 +75,9 @@ pub struct Config {
     pub janitor: janitor::Settings,
     /// Bearer tokens (one per line) every `/v1` request must present; `None`: open.
     pub auth_token_file: Option<PathBuf>,
+    /// `--auth kubernetes`: tokens not in the token file are reviewed by this cluster,
+    /// for rights on bundles in this namespace.
+    pub kube_auth: Option<KubeAuth>,
     /// TLS for the API; `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
     /// Timeouts, rates and caps on clients.
@@ -80,6 +100,7 @@ impl Config {
             max_bundle_bytes: 1 << 40,
             janitor: janitor::Settings::default(),
             auth_token_file: None,
+            kube_auth: None,
             tls: None,
             bounds: Bounds::default(),
         }
@@ -150,13 +171,25 @@ impl Ingest {
             ))
         });
         let mut app = http::router(self.store.clone());
-        match &self.config.auth_token_file {
-            Some(f) => {
-                let tokens = Arc::new(auth::Tokens::new(f.clone()));
-                app = app.layer(axum::middleware::from_fn_with_state(tokens, auth::require));
-            }
-            None => tracing::warn!("no --auth-token-file: the API is open to whoever reaches it"),
+        let gate = auth::Gate {
+            tokens: self.config.auth_token_file.clone().map(auth::Tokens::new),
+            review: self
+                .config
+                .kube_auth
+                .clone()
+                .map(|k| review::Review::new(k.client, k.namespace)),
+        };
+        if gate.tokens.is_none() && gate.review.is_none() {
+            tracing::warn!(
+                "no --auth-token-file and no --auth kubernetes: the API is open to whoever reaches it"
+            );
+        } else {
+            app = app.layer(axum::middleware::from_fn_with_state(
+                Arc::new(gate),
+                auth::require,
+            ));
         }
+        let app = app.layer(axum::middleware::from_fn(serve::close_after_refused_body));
         serve::serve(
             self.listener,
             app,

@@ -145,6 +145,30 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// Closes the connection after an error answer to a request that came with a body: the
+/// body may not have been read (a refused upload is answered before it is), so the
+/// connection cannot carry another request, and `Connection: close` tells the client so
+/// instead of letting it send its next request into a closing connection.
+pub(crate) async fn close_after_refused_body(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::header;
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut resp = next.run(req).await;
+    if has_body && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
 /// A request body that must keep a minimum rate (see [`Bounds::min_body_rate`]).
 pub(crate) struct Paced<S> {
     inner: S,

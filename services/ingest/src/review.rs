@@ -1,0 +1,149 @@
+//! `--auth kubernetes`: a bearer token is checked with a TokenReview, and its user must be
+//! allowed (SubjectAccessReview) to act on `bundles.shipperd.io` in the namespace: `get`
+//! to read, `delete` to delete, `create` for everything else. So
+//! `curl -H "Authorization: Bearer $(oc whoami -t)"` works for a user with that right.
+//!
+//! Answers are cached for a short time per token digest (30 s for an allowed user, 5 s
+//! for a refused one) so a busy client does not send two reviews per request; the cache is
+//! bounded. When the API server cannot be asked, the request is refused (503), never let
+//! through.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec},
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+};
+use kube::api::{Api, PostParams};
+
+/// The group and resource a user must have rights on.
+pub const GROUP: &str = "shipperd.io";
+pub const RESOURCE: &str = "bundles";
+
+const ALLOWED_FOR: Duration = Duration::from_secs(30);
+const REFUSED_FOR: Duration = Duration::from_secs(5);
+const MAX_CACHED: usize = 4096;
+
+/// What the API server said of a token, for one verb.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// Not a valid token.
+    Unauthenticated,
+    /// A known user without the right.
+    Forbidden {
+        user: String,
+    },
+    /// The API server could not be asked.
+    Unavailable(String),
+}
+
+/// A token's digest and the verb asked for.
+type Key = ([u8; 32], &'static str);
+
+pub struct Review {
+    client: kube::Client,
+    namespace: String,
+    /// Verdicts, with when they were given.
+    cache: Mutex<HashMap<Key, (Instant, Verdict)>>,
+}
+
+impl Review {
+    pub fn new(client: kube::Client, namespace: String) -> Self {
+        Review {
+            client,
+            namespace,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// May the holder of `token` (its SHA-256 `digest`) do `verb` on bundles?
+    pub async fn check(&self, token: &str, digest: [u8; 32], verb: &'static str) -> Verdict {
+        let key = (digest, verb);
+        if let Some((at, v)) = self.cache.lock().expect("not poisoned").get(&key)
+            && at.elapsed() < ttl(v)
+        {
+            return v.clone();
+        }
+        let v = self.ask(token, verb).await;
+        if !matches!(v, Verdict::Unavailable(_)) {
+            let mut cache = self.cache.lock().expect("not poisoned");
+            if cache.len() >= MAX_CACHED {
+                cache.retain(|_, (at, v)| at.elapsed() < ttl(v));
+                if cache.len() >= MAX_CACHED {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (Instant::now(), v.clone()));
+        }
+        v
+    }
+
+    async fn ask(&self, token: &str, verb: &'static str) -> Verdict {
+        let unavailable = |e: kube::Error| {
+            tracing::warn!(error = %e, "cannot review a token with the Kubernetes API; refusing the request");
+            Verdict::Unavailable(format!(
+                "cannot check the token with the Kubernetes API: {e}"
+            ))
+        };
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let reviewed = match Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return unavailable(e),
+        };
+        let status = reviewed.status.unwrap_or_default();
+        let Some(user) = status.user.filter(|_| status.authenticated == Some(true)) else {
+            return Verdict::Unauthenticated;
+        };
+        let name = user.username.clone().unwrap_or_default();
+        let access = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: user.username,
+                uid: user.uid,
+                groups: user.groups,
+                extra: user.extra,
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(self.namespace.clone()),
+                    verb: Some(verb.to_string()),
+                    group: Some(GROUP.to_string()),
+                    resource: Some(RESOURCE.to_string()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &access)
+            .await
+        {
+            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => Verdict::Allowed,
+            Ok(_) => Verdict::Forbidden { user: name },
+            Err(e) => unavailable(e),
+        }
+    }
+}
+
+fn ttl(v: &Verdict) -> Duration {
+    match v {
+        Verdict::Allowed => ALLOWED_FOR,
+        _ => REFUSED_FOR,
+    }
+}
