@@ -13,6 +13,7 @@ use shipperd_model::{BundleId, TargetName, redact_url as redact};
 use crate::{
     Error, Result,
     disk::DiskWriter,
+    space::Claim,
     store::{Accepted, Store, hash_id},
 };
 
@@ -77,6 +78,8 @@ impl Store {
             });
         }
         let client = client(source)?;
+        // Room on the data volume, as for an upload (the length is learnt on the way).
+        let mut claim = self.space.claim(None).await?;
         let mut tmp = self.temp_file(false);
         let mut out = DiskWriter::create(&tmp.path)
             .await
@@ -91,7 +94,14 @@ impl Store {
                 tokio::time::sleep(delay).await;
             }
             match self
-                .fetch_once(&client, source, settings, &mut out, &mut written)
+                .fetch_once(
+                    &client,
+                    source,
+                    settings,
+                    &mut out,
+                    &mut written,
+                    &mut claim,
+                )
                 .await
             {
                 Ok(()) => {
@@ -116,6 +126,7 @@ impl Store {
                         .await
                         .map_err(|e| Error::io(&tmp.path, e))?;
                     written = 0;
+                    claim.wrote(0)?;
                     last = "the server does not resume (no range support)".into();
                 }
                 Err(Broken::Resume(why)) => last = why,
@@ -139,6 +150,7 @@ impl Store {
         settings: &FetchSettings,
         out: &mut DiskWriter,
         written: &mut u64,
+        claim: &mut Claim,
     ) -> Result<(), Broken> {
         let mut req = client.get(&source.url);
         if *written > 0 {
@@ -189,6 +201,7 @@ impl Store {
                     limit: self.max_bytes(),
                 }));
             }
+            claim.wrote(*written).map_err(Broken::Fail)?;
             out.write(chunk).await.map_err(|e| {
                 Broken::Fail(Error::Incomplete {
                     received: *written,

@@ -132,8 +132,15 @@ impl Space {
 impl Claim {
     /// The upload has written `written` bytes so far.
     pub(crate) fn wrote(&mut self, written: u64) -> Result<()> {
-        self.in_flight
-            .fetch_add(written - self.held, Ordering::Relaxed);
+        // (Less than before when a fetch starts over.)
+        if written >= self.held {
+            self.in_flight
+                .fetch_add(written - self.held, Ordering::Relaxed);
+        } else {
+            self.in_flight
+                .fetch_sub(self.held - written, Ordering::Relaxed);
+            self.next_check = written;
+        }
         self.held = written;
         if written >= self.next_check {
             self.check(written)?;

@@ -51,7 +51,7 @@ pub struct Store {
     /// the operator) have theirs, so a start-up cleans only what this one left.
     tmp: PathBuf,
     bounds: Bounds,
-    space: Space,
+    pub(crate) space: Space,
 }
 
 /// This replica's name among those sharing the data directory (the pod's name): its
