@@ -189,7 +189,7 @@ impl Ingest {
                 auth::require,
             ));
         }
-        let app = app.layer(axum::middleware::from_fn(serve::close_after_refused_body));
+        let app = app.layer(axum::middleware::from_fn(serve::close_if_body_unread));
         serve::serve(
             self.listener,
             app,

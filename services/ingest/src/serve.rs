@@ -145,28 +145,63 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Closes the connection after an error answer to a request that came with a body: the
-/// body may not have been read (a refused upload is answered before it is), so the
-/// connection cannot carry another request, and `Connection: close` tells the client so
-/// instead of letting it send its next request into a closing connection.
-pub(crate) async fn close_after_refused_body(
+/// Closes the connection after an answer given before the request's body was read to
+/// its end (a refused upload is answered before it is read, a known one by its checksum
+/// alone): the unread rest makes the connection unfit for another request, and
+/// `Connection: close` tells the client so, instead of letting it send its next request
+/// into a closing connection.
+pub(crate) async fn close_if_body_unread(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::http::header;
-    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0");
-    let mut resp = next.run(req).await;
-    if has_body && (resp.status().is_client_error() || resp.status().is_server_error()) {
+    use http_body::Body as _;
+    let (parts, body) = req.into_parts();
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(body.is_end_stream()));
+    let body = axum::body::Body::new(Tracked {
+        inner: body,
+        read: read.clone(),
+    });
+    let mut resp = next
+        .run(axum::extract::Request::from_parts(parts, body))
+        .await;
+    if !read.load(std::sync::atomic::Ordering::Relaxed) {
         resp.headers_mut().insert(
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
         );
     }
     resp
+}
+
+/// A request body that notes when it has been read to its end.
+struct Tracked {
+    inner: axum::body::Body,
+    read: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.read.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body that must keep a minimum rate (see [`Bounds::min_body_rate`]).
