@@ -227,22 +227,15 @@ async fn kubernetes_users_need_the_right_to_create_bundles() -> anyhow::Result<(
     // Alice may: her upload is taken, and she can read it back.
     let r = put(Some("alice-token")).await?;
     assert_eq!(r.status(), 202, "{:?}", r.text().await);
-    let list = http
-        .get(format!("{}/v1/bundles", app.base))
-        .bearer_auth("alice-token")
-        .send()
-        .await?;
+    let as_alice = |req: reqwest::RequestBuilder| req.bearer_auth("alice-token").send();
+    let list = as_alice(http.get(format!("{}/v1/bundles", app.base))).await?;
     assert_eq!(list.status(), 200);
     // She may not delete (no such right here).
     let id = list.json::<serde_json::Value>().await?["bundles"][0]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let del = http
-        .delete(format!("{}/v1/bundles/{id}", app.base))
-        .bearer_auth("alice-token")
-        .send()
-        .await?;
+    let del = as_alice(http.delete(format!("{}/v1/bundles/{id}", app.base))).await?;
     assert_eq!(del.status(), 403);
 
     {
@@ -260,11 +253,7 @@ async fn kubernetes_users_need_the_right_to_create_bundles() -> anyhow::Result<(
     }
     // Answers are cached for a while: the same request again asks nothing new.
     let before = seen.lock().unwrap().token_reviews;
-    let again = http
-        .get(format!("{}/v1/bundles", app.base))
-        .bearer_auth("alice-token")
-        .send()
-        .await?;
+    let again = as_alice(http.get(format!("{}/v1/bundles", app.base))).await?;
     assert_eq!(again.status(), 200);
     assert_eq!(seen.lock().unwrap().token_reviews, before);
     // Health stays open.
