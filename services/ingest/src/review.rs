@@ -27,6 +27,10 @@ pub const RESOURCE: &str = "bundles";
 const ALLOWED_FOR: Duration = Duration::from_secs(30);
 const REFUSED_FOR: Duration = Duration::from_secs(5);
 const MAX_CACHED: usize = 4096;
+/// Reviews under way at once (a flood of made-up tokens reaches the API server at this
+/// pace), and the time one may take.
+const MAX_ASKING: usize = 8;
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the API server said of a token, for one verb.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +54,7 @@ pub struct Review {
     namespace: String,
     /// Verdicts, with when they were given.
     cache: Mutex<HashMap<Key, (Instant, Verdict)>>,
+    asking: tokio::sync::Semaphore,
 }
 
 impl Review {
@@ -58,6 +63,7 @@ impl Review {
             client,
             namespace,
             cache: Mutex::new(HashMap::new()),
+            asking: tokio::sync::Semaphore::new(MAX_ASKING),
         }
     }
 
@@ -73,7 +79,18 @@ impl Review {
         {
             return v.clone();
         }
-        let v = self.ask(token, verb).await;
+        let v = match tokio::time::timeout(ASK_TIMEOUT, async {
+            let _turn = self.asking.acquire().await;
+            self.ask(token, verb).await
+        })
+        .await
+        {
+            Ok(v) => v,
+            Err(_) => Verdict::Unavailable(format!(
+                "the Kubernetes API did not review the token within {}s",
+                ASK_TIMEOUT.as_secs()
+            )),
+        };
         if !matches!(v, Verdict::Unavailable(_)) {
             let mut cache = self.cache.lock().expect("not poisoned");
             if cache.len() >= MAX_CACHED {

@@ -76,6 +76,8 @@ pub(crate) async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(bounds.header_timeout)
         .keep_alive(true);
+    // A flood of refused connections logs once in a while, not once each.
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -91,7 +93,10 @@ pub(crate) async fn serve(
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
             METRICS.connections_refused.add(1);
-            tracing::warn!(%peer, limit = bounds.max_connections, "connection refused: too many open");
+            if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                warned = Some(tokio::time::Instant::now());
+                tracing::warn!(%peer, limit = bounds.max_connections, "connection refused: too many open (shipperd_ingest_connections_refused_total counts them)");
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -138,7 +143,7 @@ pub(crate) async fn serve(
         .is_err()
     {
         tracing::warn!(
-            "connections still open {}s after shutdown; closing them",
+            "connections still open {}s after shutdown; no longer waiting for them",
             DRAIN.as_secs()
         );
     }
