@@ -31,6 +31,20 @@ fn proxied(proxy: &Proxy) -> String {
     )
 }
 
+/// The app publishing through `proxy`, an image failing after two attempts.
+async fn spawn_failing(proxy: &Proxy, registry: Registry) -> anyhow::Result<TestApp> {
+    spawn_app_with(
+        Options {
+            targets_toml: Some(proxied(proxy)),
+            max_attempts: Some(2),
+            publish_retry: Some(Duration::from_millis(50)),
+            ..Default::default()
+        },
+        registry,
+    )
+    .await
+}
+
 async fn put(app: &TestApp, name: &str, body: Vec<u8>) -> anyhow::Result<String> {
     let (st, r) = app.put(name, body, None).await?;
     anyhow::ensure!(st == 202, "{st}: {r}");
@@ -63,16 +77,7 @@ async fn a_registry_failing_every_request_fails_the_bundle_with_a_reason() -> an
     let registry = Registry::start().await?;
     let proxy = Proxy::start(&registry.url()).await?;
     proxy.rule(|_, _| Fault::Status(500, None));
-    let app = spawn_app_with(
-        Options {
-            targets_toml: Some(proxied(&proxy)),
-            max_attempts: Some(2),
-            publish_retry: Some(Duration::from_millis(50)),
-            ..Default::default()
-        },
-        registry,
-    )
-    .await?;
+    let app = spawn_failing(&proxy, registry).await?;
     let b = sample("every", "every", 0);
     let id = put(&app, "every.tar", tar_bytes(&b.oci_files(""))?).await?;
     let rec = app.wait_done(&id, DONE).await?;
@@ -133,16 +138,7 @@ async fn a_refused_commit_fails_the_bundle_and_retry_sets_the_tags() -> anyhow::
             Fault::Pass
         }
     });
-    let app = spawn_app_with(
-        Options {
-            targets_toml: Some(proxied(&proxy)),
-            max_attempts: Some(2),
-            publish_retry: Some(Duration::from_millis(50)),
-            ..Default::default()
-        },
-        registry,
-    )
-    .await?;
+    let app = spawn_failing(&proxy, registry).await?;
     let b = sample("commit", "commit", 0);
     let id = put(&app, "commit.tar", tar_bytes(&b.oci_files(""))?).await?;
     let rec = app.wait_done(&id, DONE).await?;

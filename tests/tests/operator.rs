@@ -261,12 +261,7 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
     assert_eq!(st["imagesSummary"], format!("{n}/{n}"));
     assert_eq!(st["progress"], "100%");
     assert_eq!(st["clusterResources"], "b1-cluster-resources");
-    let ready = st["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .unwrap();
+    let ready = condition(st, "Ready");
     assert_eq!(
         (&ready["status"], &ready["reason"]),
         (&json!("True"), &json!("Published"))
@@ -361,12 +356,7 @@ async fn a_url_that_cannot_be_fetched_fails_the_bundle_with_a_reason() -> anyhow
     let ctx = context(&app, client).await?;
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
     let st = &done["status"];
-    let failed = st["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Failed")
-        .unwrap();
+    let failed = condition(st, "Failed");
     assert_eq!(
         (&failed["status"], &failed["reason"]),
         (&json!("True"), &json!("FetchFailed"))
@@ -510,6 +500,14 @@ fn fake_targets_api(state: Arc<Mutex<FakeTargets>>) -> kube::Client {
         }
     });
     kube::Client::new(service, "ns")
+}
+
+/// The condition of type `ty` in a status.
+fn condition<'a>(status: &'a Value, ty: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == ty))
+        .unwrap_or_else(|| panic!("no {ty} condition in {status:#}"))
 }
 
 fn registry_target(name: &str, spec: Value) -> Value {

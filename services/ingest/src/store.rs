@@ -464,14 +464,7 @@ impl Store {
             UploadId::Given(id) => {
                 let known = tokio::fs::read_to_string(&owner).await.unwrap_or_default();
                 let given = digest(id);
-                // Compared in constant time, as digests.
-                let same = known.len() == given.len()
-                    && known
-                        .bytes()
-                        .zip(given.bytes())
-                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                        == 0;
-                if same {
+                if crate::auth::same_secret(known.as_bytes(), given.as_bytes()) {
                     Ok(id.to_string())
                 } else {
                     Err(Error::Conflict(format!(

@@ -15,20 +15,25 @@ pub const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json, \
     application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// A `method` on `repo`'s manifest `reference` that takes 404 as an answer (no such
+/// manifest).
+fn lookup<'a>(method: Method, repo: &'a str, reference: &str) -> Call<'a> {
+    Call {
+        method,
+        url: format!("/v2/{repo}/manifests/{reference}"),
+        repo,
+        from: None,
+        build: &accept_manifests,
+        ok: &[200, 404],
+        once: false,
+    }
+}
+
 impl Registry {
     /// The digest `repo:tag` points at now, or `None` when there is no such tag. One
     /// request (a `HEAD`), unless the registry leaves out `Docker-Content-Digest`.
     pub async fn tag_digest(&self, repo: &str, tag: &str) -> Result<Option<Digest>, RegistryError> {
-        let url = format!("/v2/{repo}/manifests/{tag}");
-        let head = Call {
-            method: Method::HEAD,
-            url: url.clone(),
-            repo,
-            from: None,
-            build: &accept_manifests,
-            ok: &[200, 404],
-            once: false,
-        };
+        let head = lookup(Method::HEAD, repo, tag);
         let resp = self.send(&head).await?;
         if resp.status() == 404 {
             return Ok(None);
@@ -62,16 +67,9 @@ impl Registry {
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<(Bytes, String)>, RegistryError> {
-        let call = Call {
-            method: Method::GET,
-            url: format!("/v2/{repo}/manifests/{digest}"),
-            repo,
-            from: None,
-            build: &accept_manifests,
-            ok: &[200, 404],
-            once: false,
-        };
-        let resp = self.send(&call).await?;
+        let resp = self
+            .send(&lookup(Method::GET, repo, digest.as_str()))
+            .await?;
         if resp.status() == 404 {
             return Ok(None);
         }
@@ -97,16 +95,8 @@ impl Registry {
         repo: &str,
         digest: &Digest,
     ) -> Result<bool, RegistryError> {
-        let call = Call {
-            method: Method::HEAD,
-            url: format!("/v2/{repo}/manifests/{digest}"),
-            repo,
-            from: None,
-            build: &accept_manifests,
-            ok: &[200, 404],
-            once: false,
-        };
-        Ok(self.send(&call).await?.status() == 200)
+        let head = lookup(Method::HEAD, repo, digest.as_str());
+        Ok(self.send(&head).await?.status() == 200)
     }
 
     /// Puts a manifest under `reference` (a digest or a tag), bytes unchanged.
