@@ -190,6 +190,11 @@ pub struct IngestArgs {
     /// (`KUBERNETES_SERVICE_HOST` set), else loopback `127.0.0.1:8080`.
     #[arg(long, env = "SHIPPERD_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// A second address that answers only /healthz, /readyz and /metrics (plain HTTP,
+    /// no token), so probes are answered whatever the API's clients hold; point the
+    /// kubelet's probes at it.
+    #[arg(long, env = "SHIPPERD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Directory watched for bundles copied in (oc rsync, kubectl cp).
     #[arg(long, env = "SHIPPERD_DROP_DIR")]
     pub drop_dir: Option<PathBuf>,
@@ -238,6 +243,10 @@ pub struct IngestArgs {
     /// Connections open at once; more are closed as they arrive.
     #[arg(long, env = "SHIPPERD_MAX_CONNECTIONS", default_value_t = Bounds::default().max_connections)]
     pub max_connections: usize,
+    /// Connections open at once from one client address; more from it are closed as
+    /// they arrive.
+    #[arg(long, env = "SHIPPERD_MAX_CONNECTIONS_PER_CLIENT", default_value_t = Bounds::default().max_connections_per_client)]
+    pub max_connections_per_client: usize,
     /// Uploads (bundles and parts) received at once; more are answered 503 with Retry-After.
     #[arg(long, env = "SHIPPERD_MAX_UPLOADS", default_value_t = Bounds::default().max_uploads)]
     pub max_uploads: usize,
@@ -263,6 +272,9 @@ pub struct IngestArgs {
     /// Time between two sweeps of the janitor (expiry, re-driving, recovery).
     #[arg(long, env = "SHIPPERD_SWEEP_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
     pub sweep_every: Duration,
+    /// Times a stalled bundle is re-driven before it fails, saying so.
+    #[arg(long, env = "SHIPPERD_MAX_REDRIVES", default_value_t = 5)]
+    pub max_redrives: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -290,10 +302,18 @@ pub struct RegistryArgs {
     /// Images pushed at once by this process.
     #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 16)]
     pub publish_concurrency: usize,
-    /// Attempts at one image (or bundle, for unpack) before an error that may heal
-    /// (429, 5xx, a broken connection) fails it.
-    #[arg(long, env = "SHIPPERD_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=100))]
-    pub max_attempts: i64,
+    /// Attempts at one image (or bundle, for unpack; or commit) before it fails: each
+    /// attempt that ended with an error that may heal (429, 5xx, a broken connection)
+    /// counts, and so does each whose worker stopped (killed, out of memory).
+    #[arg(long, env = "SHIPPERD_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// How long a job's message may go without a sign of life before JetStream hands
+    /// it to another worker (a worker in progress says so every quarter of it).
+    #[arg(long, env = "SHIPPERD_ACK_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ack_wait: Duration,
+    /// Tags a bundle's commit sets at once.
+    #[arg(long, env = "SHIPPERD_TAG_CONCURRENCY", default_value_t = 16)]
+    pub tag_concurrency: usize,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -392,6 +412,7 @@ impl IngestArgs {
             SocketAddr::from((ip, 8080))
         });
         let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, listen);
+        cfg.health_listen = self.health_listen;
         cfg.drop_dir = self.drop_dir.clone();
         cfg.drop_quiet = self.drop_quiet;
         cfg.max_bundle_bytes = self.max_bundle_bytes;
@@ -409,6 +430,7 @@ impl IngestArgs {
             min_body_rate: self.min_body_rate,
             body_window: self.body_window,
             max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
             max_uploads: self.max_uploads,
             min_free_bytes: self.min_free_bytes,
             max_stored_bytes: self.max_stored_bytes,
@@ -417,6 +439,7 @@ impl IngestArgs {
         cfg.janitor.keep_uploads = self.keep_uploads;
         cfg.janitor.stale_after = self.stale_after;
         cfg.janitor.every = self.sweep_every;
+        cfg.janitor.max_redrives = self.max_redrives;
         cfg
     }
 }
@@ -441,15 +464,18 @@ impl RegistryArgs {
         let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
         cfg.targets_file = self.targets.clone();
         cfg.limits = self.limits.limits();
-        cfg.max_deliver = self.max_attempts;
+        cfg.stage.max_attempts = self.max_attempts;
+        cfg.stage.ack_wait = self.ack_wait;
         Ok(cfg)
     }
 
     pub fn publish(&self, c: &Common) -> anyhow::Result<shipperd_publish::Config> {
         let mut cfg = shipperd_publish::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
         cfg.targets_file = self.targets.clone();
-        cfg.concurrency = self.publish_concurrency;
-        cfg.max_deliver = self.max_attempts;
+        cfg.stage.concurrency = self.publish_concurrency;
+        cfg.stage.max_attempts = self.max_attempts;
+        cfg.stage.ack_wait = self.ack_wait;
+        cfg.tag_concurrency = self.tag_concurrency;
         Ok(cfg)
     }
 }
@@ -476,8 +502,11 @@ pub fn all_config(
     r: &RegistryArgs,
     n: &NotifyArgs,
 ) -> anyhow::Result<AllConfig> {
+    let mut ingest = i.config(c);
+    // Work is alive while its heartbeat (every quarter of the ack wait) is fresh.
+    ingest.janitor.alive_window = r.ack_wait / 2;
     Ok(AllConfig {
-        ingest: i.config(c),
+        ingest,
         unpack: r.unpack(c)?,
         publish: r.publish(c)?,
         notify: n.config(c),

@@ -2,6 +2,9 @@
 //! running every service in one process (`shipperd all`, the local and edge default).
 
 pub mod cli;
+mod run;
+
+pub use run::run;
 
 use std::net::SocketAddr;
 

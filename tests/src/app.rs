@@ -50,7 +50,9 @@ pub struct Options {
     /// Publish services beside the one in `shipperd all` (replicas of it).
     pub extra_publishers: usize,
     /// Attempts at one image (and bundle) before an error that may heal fails it.
-    pub max_attempts: Option<i64>,
+    pub max_attempts: Option<u32>,
+    /// The stages' ack wait (default: the services').
+    pub ack_wait: Option<Duration>,
     /// The janitor's settings (default: sweeps every 200 ms, otherwise the service's).
     pub janitor: Option<shipperd_ingest::JanitorSettings>,
 }
@@ -152,20 +154,28 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     if let Some(l) = &opts.limits {
         unpack.limits = l.clone();
     }
+    let retry = opts.publish_retry.unwrap_or(Duration::from_millis(200));
+    unpack.stage.backoff.base = retry;
     if let Some(n) = opts.max_attempts {
-        unpack.max_deliver = n;
+        unpack.stage.max_attempts = n;
+    }
+    if let Some(w) = opts.ack_wait {
+        unpack.stage.ack_wait = w;
     }
     let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), targets);
     publish.targets_file = targets_file;
-    publish.retry_base = opts.publish_retry.unwrap_or(Duration::from_millis(200));
+    publish.stage.backoff.base = retry;
+    if let Some(w) = opts.ack_wait {
+        publish.stage.ack_wait = w;
+    }
     if let Some(p) = opts.progress_interval {
         publish.progress_interval = p;
     }
     if let Some(c) = opts.publish_concurrency {
-        publish.concurrency = c;
+        publish.stage.concurrency = c;
     }
     if let Some(n) = opts.max_attempts {
-        publish.max_deliver = n;
+        publish.stage.max_attempts = n;
     }
     let shutdown = CancellationToken::new();
     let mut replicas = Vec::new();
@@ -244,22 +254,36 @@ impl TestApp {
 
     /// A multi-part upload: each part `PUT`, then `POST .../complete?parts=N`.
     pub async fn put_parts(&self, name: &str, parts: Vec<Vec<u8>>) -> anyhow::Result<(u16, Value)> {
-        let n = parts.len();
-        // The first part starts the upload and names it; the others give that id.
+        let n = parts.len() as u32;
+        let numbered = parts.into_iter().zip(1..).map(|(b, i)| (i, b)).collect();
+        let id = self.upload_parts(name, numbered).await?;
+        self.complete(name, &id, n).await
+    }
+
+    /// `PUT`s parts by number (the first starts the upload); returns the upload id.
+    pub async fn upload_parts(
+        &self,
+        name: &str,
+        parts: Vec<(u32, Vec<u8>)>,
+    ) -> anyhow::Result<String> {
         let mut id: Option<String> = None;
-        for (i, body) in parts.into_iter().enumerate() {
-            let mut url = format!("{}/v1/uploads/{name}/parts/{}", self.base, i + 1);
+        for (n, body) in parts {
+            let mut url = format!("{}/v1/uploads/{name}/parts/{n}", self.base);
             if let Some(id) = &id {
                 url.push_str(&format!("?upload_id={id}"));
             }
             let resp = self.http.put(url).body(body).send().await?;
-            anyhow::ensure!(resp.status() == 201, "part {}: {}", i + 1, resp.status());
+            anyhow::ensure!(resp.status() == 201, "part {n}: {}", resp.status());
             let part: Value = resp.json().await?;
             id = part["upload_id"].as_str().map(str::to_string);
         }
-        let id = id.unwrap_or_default();
+        Ok(id.unwrap_or_default())
+    }
+
+    /// `POST .../complete?parts=N`.
+    pub async fn complete(&self, name: &str, id: &str, parts: u32) -> anyhow::Result<(u16, Value)> {
         let url = format!(
-            "{}/v1/uploads/{name}/complete?parts={n}&upload_id={id}",
+            "{}/v1/uploads/{name}/complete?parts={parts}&upload_id={id}",
             self.base
         );
         let resp = self.http.post(url).send().await?;

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod fixtures;
 pub mod pki;
+pub mod process;
 pub mod proxy;
 pub mod rawpush;
 pub mod servers;

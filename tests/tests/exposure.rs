@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 struct Running {
     _nats: Nats,
     addr: SocketAddr,
+    health: Option<SocketAddr>,
     data: PathBuf,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<shipperd_ingest::Result<()>>,
@@ -37,11 +38,13 @@ impl Running {
         tune(&mut config);
         let ingest = shipperd_ingest::Ingest::start(config).await?;
         let addr = ingest.local_addr();
+        let health = ingest.health_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ingest.serve(shutdown.clone()));
         Ok(Running {
             _nats: nats,
             addr,
+            health,
             data: data.to_path_buf(),
             shutdown,
             task,
@@ -552,5 +555,95 @@ async fn a_multi_part_upload_belongs_to_the_client_that_started_it() -> anyhow::
         .await?;
     assert_eq!(r.status(), 400);
     assert!(!app.data.join("uploads/other").exists());
+    app.stop().await
+}
+
+/// One address cannot take every connection: its connections are capped on their own
+/// (and the probes have a listener of their own, answered whatever the API's clients
+/// hold); a lower-case `bearer` scheme is a bearer token; an address that keeps
+/// presenting bad tokens is told to wait (429) before its tokens are looked at, while a
+/// good token from it still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("tokens"), "good-token\n")?;
+    let tokens = dir.path().join("tokens");
+    let app = Running::start(dir.path(), |c| {
+        c.bounds = Bounds {
+            max_connections: 10,
+            max_connections_per_client: 3,
+            ..bounds()
+        };
+        c.auth_token_file = Some(tokens);
+        c.health_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await?;
+    let health = app.health.expect("a probes listener");
+    // Three idle connections from this address fill its share; the fourth is closed
+    // unanswered, though the total cap (10) is far.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(app.addr).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await?;
+        let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(1)).await;
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200") && !closed);
+        idle.push(s);
+    }
+    let mut fourth = TcpStream::connect(app.addr).await?;
+    let _ = fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let (answer, closed) = read_until_closed(&mut fourth, Duration::from_secs(3)).await;
+    assert!(
+        answer.is_empty() && closed,
+        "over the per-client cap: {answer:?}"
+    );
+    // The probes answer on their own port meanwhile.
+    let probe = reqwest::Client::new();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = probe.get(format!("http://{health}{path}")).send().await?;
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = probe
+        .get(format!("http://{health}/v1/bundles"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404, "the probes' port serves no API");
+    // One connection closed: room for one more.
+    idle.pop();
+    let api = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let list = format!("http://{}/v1/bundles", app.addr);
+    let ok = shipperd_tests::eventually("a free connection", Duration::from_secs(5), || async {
+        let r = api
+            .get(&list)
+            .header("authorization", "bearer good-token")
+            .send()
+            .await
+            .ok()?;
+        Some(r.status())
+    })
+    .await?;
+    assert_eq!(ok, 200, "a lower-case scheme is a bearer token");
+    // One kept-alive connection from here on (the per-client cap is nearly full).
+    let api = reqwest::Client::new();
+
+    for i in 0..shipperd_ingest::MAX_AUTH_FAILURES {
+        let r = api
+            .get(&list)
+            .bearer_auth(format!("guess-{i}"))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 401);
+    }
+    let r = api.get(&list).bearer_auth("guess-more").send().await?;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"].to_str()?.parse()?;
+    assert!((1..=60).contains(&wait), "{wait}");
+    let r = api.get(&list).bearer_auth("good-token").send().await?;
+    assert_eq!(r.status(), 200, "a good token is still let in");
+    drop(idle);
     app.stop().await
 }

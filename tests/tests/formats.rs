@@ -69,6 +69,34 @@ async fn every_format_is_published_byte_for_byte() -> anyhow::Result<()> {
         "tar",
     ));
 
+    // A part beyond `parts=N` is never read as part of the bundle: parts 1 and 2 of a
+    // tar, and a part 4 holding only an index.json naming another image. Completing
+    // with parts=2 is refused naming part 4; nothing became a bundle.
+    let honest = sample("ocm-extra", "ocmextra", 0);
+    let mut two = tar_parts(&honest.tree_files(""), 2)?;
+    let evil = tar_bytes(&[(
+        "index.json".to_string(),
+        br#"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2,"annotations":{"org.opencontainers.image.ref.name":"evil/pwned:1"}}]}"#.to_vec(),
+    )])?;
+    let parts = vec![(1, two[0].clone()), (2, two[1].clone()), (4, evil)];
+    let upload = app.upload_parts("extra", parts).await?;
+    let (st, b) = app.complete("extra", &upload, 2).await?;
+    assert_eq!(st, 409, "{b}");
+    let why = b["error"].as_str().unwrap_or_default();
+    assert!(why.contains("has part 4 beyond parts=2"), "{why}");
+    assert!(app.bundles().await?.iter().all(|b| b["name"] != "extra"));
+    // The same two parts, honestly uploaded, are a bundle of their own images.
+    let (st, b) = app
+        .put_parts("extra-honest", std::mem::take(&mut two))
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    done.push((
+        "oc-mirror, 2 of 3 parts",
+        b["id"].as_str().unwrap().to_string(),
+        honest,
+        "tar",
+    ));
+
     // One tar of an OCI layout split at arbitrary bytes (`split -n 3`).
     let split = sample("split", "split", 0);
     let whole = tar_bytes(&split.oci_files(""))?;

@@ -1,4 +1,4 @@
-//! Secrets stay secret: webhook URLs with credentials and tokens, a registry's upload
+//! Secrets stay secret: webhook URLs with credentials, tokens and secret paths, a registry's upload
 //! session state (`?_state=`), the API's bearer tokens (right and wrong) appear nowhere
 //! in the logs (at debug level), the bundle's status or the events; webhook redirects
 //! are not followed.
@@ -29,6 +29,8 @@ const UPLOAD_STATE: &str = "SECRET-UPLOAD-STATE-7f3a";
 const HOOK_PASS: &str = "SECRET-HOOK-PASS-91c2";
 const HOOK_TOKEN: &str = "SECRET-HOOK-TOKEN-55de";
 const SINK_TOKEN: &str = "SECRET-SINK-TOKEN-0b81";
+/// A webhook whose path is its secret, as Slack's, Teams' and Discord's are.
+const HOOK_PATH: &str = "SECRET-HOOK-PATH-2a6f";
 const API_TOKEN: &str = "SECRET-API-TOKEN-c4e0";
 const WRONG_TOKEN: &str = "SECRET-WRONG-TOKEN-e9d7";
 
@@ -132,6 +134,7 @@ async fn secrets_stay_out_of_logs_status_and_events() -> anyhow::Result<()> {
         webhooks: vec![
             format!("http://{}/hook?token={SINK_TOKEN}", sink.addr),
             format!("http://hook:{HOOK_PASS}@{redirect}/hook?token={HOOK_TOKEN}"),
+            format!("http://{}/services/T0/{HOOK_PATH}", redirect),
         ],
         auth_tokens: Some(format!("{API_TOKEN}\n")),
         ..Default::default()
@@ -194,8 +197,13 @@ async fn secrets_stay_out_of_logs_status_and_events() -> anyhow::Result<()> {
     assert!(status.contains("connection to"), "{status}");
     assert!(logged.contains("redirects are not followed"), "{logged}");
     assert!(elsewhere.deliveries().is_empty(), "a redirect was followed");
+    assert!(
+        logged.contains(&format!("http://{redirect}")),
+        "webhooks are logged by scheme and host: {logged}"
+    );
     for secret in [
         UPLOAD_STATE,
+        HOOK_PATH,
         HOOK_PASS,
         HOOK_TOKEN,
         SINK_TOKEN,

@@ -29,12 +29,15 @@ async fn bundle(store: &StateStore, salt: &str, n: u32) -> anyhow::Result<Bundle
     let id = BundleId::parse(Digest::of(salt.as_bytes()).hex())?;
     let mut s = BundleSummary::new(id.clone(), salt.into(), 1, "p".into(), None);
     assert!(s.start_unpacking(1));
-    assert!(s.unpacked(&Unpacked {
-        format: "tar".into(),
-        images: n,
-        bytes_total: 10 * u64::from(n),
-        ..Unpacked::default()
-    }));
+    assert!(
+        s.unpacked(&Unpacked {
+            format: "tar".into(),
+            images: n,
+            bytes_total: 10 * u64::from(n),
+            ..Unpacked::default()
+        })
+        .is_some()
+    );
     assert!(store.create(&s).await?);
     let images: Vec<ImageState> = (0..n)
         .map(|index| ImageState {
@@ -83,7 +86,7 @@ async fn outcomes_delivered_at_once_are_counted_once_and_end_the_bundle_once() -
             let (store, id, ended, counted) =
                 (store.clone(), id.clone(), ended.clone(), counted.clone());
             tasks.spawn(async move {
-                let f = finish::finish_image(&store, &id, i, &outcome(i))
+                let f = finish::finish_image(&store, &id, i, 0, &outcome(i))
                     .await?
                     .expect("recorded");
                 assert!(f.image.is_counted(f.summary.generation));
@@ -145,7 +148,7 @@ async fn a_claim_left_by_a_crash_is_finished_by_whoever_comes_next() -> anyhow::
 
     // A redelivery with another outcome: the claimed one stands, and is not counted
     // again.
-    let f = finish::finish_image(&store, &id, 0, &Outcome::failed("x".into(), "x".into()))
+    let f = finish::finish_image(&store, &id, 0, 0, &Outcome::failed("x".into(), "x".into()))
         .await?
         .unwrap();
     assert!(!f.counted);
@@ -191,7 +194,7 @@ async fn summary_changes_are_watched() -> anyhow::Result<()> {
         .expect("a change");
     assert_eq!(seen, id);
     store
-        .update(&id, |s| s.fail("x".into()).then_some(()))
+        .update(&id, |s| s.fail("x".into()).map(|_| ()))
         .await?
         .expect("updated");
     let again = tokio::time::timeout(std::time::Duration::from_secs(10), changes.next())

@@ -123,8 +123,10 @@ impl Seek for RangeReader<'_> {
     }
 }
 
-/// The parts of a stored bundle: the file itself, or the files of a parts directory in
-/// name order.
+/// The files of the bundle stored at `path`: the file itself, or the parts of a
+/// multi-part bundle, which are exactly `000001`, `000002`, ... with no gap. Anything
+/// else in the directory fails the bundle: a parts directory is made by ingest from the
+/// parts a completion named, and a stray file must never be read as part of it.
 pub fn part_paths(path: &Path) -> Result<Vec<PathBuf>> {
     let io = |source| Error::Io {
         path: path.display().to_string(),
@@ -133,17 +135,42 @@ pub fn part_paths(path: &Path) -> Result<Vec<PathBuf>> {
     if !std::fs::metadata(path).map_err(io)?.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut parts: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(io)?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.path())
-        .collect();
-    parts.sort();
-    if parts.is_empty() {
+    let mut numbered = Vec::new();
+    for e in std::fs::read_dir(path).map_err(io)? {
+        let e = e.map_err(io)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let n = part_number(&name)
+            .filter(|_| e.file_type().is_ok_and(|t| t.is_file()))
+            .ok_or_else(|| {
+                Error::Layout(format!(
+                    "{} holds {name:?}, which is not a part (000001, 000002, ...)",
+                    path.display()
+                ))
+            })?;
+        numbered.push((n, e.path()));
+    }
+    numbered.sort();
+    if numbered.is_empty() {
         return Err(Error::Layout(format!("{} holds no parts", path.display())));
     }
-    Ok(parts)
+    for (i, (n, _)) in numbered.iter().enumerate() {
+        if *n as usize != i + 1 {
+            return Err(Error::Layout(format!(
+                "{} lacks part {}",
+                path.display(),
+                i + 1
+            )));
+        }
+    }
+    Ok(numbered.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The number of a part file's name (`000042` is 42).
+pub fn part_number(name: &str) -> Option<u32> {
+    (name.len() == 6 && name.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| name.parse().ok())
+        .flatten()
+        .filter(|n| *n > 0)
 }
 
 #[cfg(test)]
@@ -155,7 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut paths = vec![];
         for (i, s) in ["abc", "", "defg", "h"].iter().enumerate() {
-            let p = dir.path().join(format!("{i}"));
+            let p = dir.path().join(format!("{:06}", i + 1));
             std::fs::write(&p, s).unwrap();
             paths.push(p);
         }
@@ -170,5 +197,22 @@ mod tests {
         let mut short = mf.range(6, 5);
         let mut v = vec![];
         assert!(short.read_to_end(&mut v).is_err());
+        assert_eq!(part_paths(dir.path()).unwrap(), paths);
+    }
+
+    #[test]
+    fn a_parts_directory_is_exactly_its_numbered_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("000001"), "a").unwrap();
+        std::fs::write(dir.path().join("000003"), "c").unwrap();
+        let e = part_paths(dir.path()).unwrap_err().to_string();
+        assert!(e.ends_with("lacks part 2"), "{e}");
+        std::fs::write(dir.path().join("000002"), "b").unwrap();
+        assert_eq!(part_paths(dir.path()).unwrap().len(), 3);
+        std::fs::write(dir.path().join("index.json"), "{}").unwrap();
+        let e = part_paths(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("\"index.json\", which is not a part"), "{e}");
+        assert_eq!(part_number("000000"), None);
+        assert_eq!(part_number("00001"), None);
     }
 }

@@ -1,4 +1,13 @@
 //! The bus error type. Callers branch on [`Error::kind`] (retry or give up), never on text.
+//!
+//! A failed NATS request keeps the client's error as its source, and its kind is read
+//! from that chain by type: a refusal JetStream will repeat (a message over the server's
+//! payload limit, an invalid key or subject, a 4xx API answer) is `Permanent`; a timeout,
+//! a broken connection or a server that is not ready is `Transient`.
+
+use std::error::Error as StdError;
+
+use async_nats::jetstream;
 
 /// What a caller should do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,31 +22,146 @@ pub enum ErrorKind {
     NotFound,
 }
 
+/// A boxed cause, as the NATS client gives them.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("NATS: {0}")]
-    Nats(String),
-    #[error("cannot decode {what}: {reason}")]
-    Decode { what: &'static str, reason: String },
+    /// A NATS or JetStream request failed; `what` says which.
+    #[error("NATS: {what}: {source}")]
+    Nats {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot decode {what}: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
     #[error("{0} is not known")]
     NotFound(String),
-    #[error("bundle {0} was changed concurrently too many times; giving up this update")]
+    #[error("{0} was changed concurrently too many times; giving up this update")]
     Conflict(String),
 }
 
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Nats(_) => ErrorKind::Transient,
+            Error::Nats { source, .. } => classify(source.as_ref()),
             Error::Decode { .. } => ErrorKind::Permanent,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Conflict(_) => ErrorKind::Conflict,
         }
     }
 
-    pub fn nats(e: impl std::fmt::Display) -> Self {
-        Error::Nats(e.to_string())
+    /// Wraps a NATS client error, saying what was being done.
+    pub fn nats<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> Self {
+        let what = what.into();
+        move |e| Error::Nats {
+            what,
+            source: e.into(),
+        }
+    }
+
+    /// A record that does not decode.
+    pub fn decode<E: Into<BoxError>>(what: &'static str) -> impl FnOnce(E) -> Self {
+        move |e| Error::Decode {
+            what,
+            source: e.into(),
+        }
     }
 }
 
+/// The kind of a NATS client error, read from its chain of sources by type: the first
+/// link that says decides; one that says nothing is transient (a lost connection).
+pub fn classify(e: &(dyn StdError + 'static)) -> ErrorKind {
+    let mut link: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(e) = link {
+        if let Some(kind) = kind_of(e) {
+            return kind;
+        }
+        link = e.source();
+    }
+    ErrorKind::Transient
+}
+
+fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
+    use ErrorKind::{Permanent, Transient};
+    if let Some(api) = e.downcast_ref::<jetstream::Error>() {
+        // The API's own status: 4xx is a refusal of this request, 5xx (e.g. 503
+        // "JetStream system temporarily unavailable") may pass.
+        return Some(if (400..500).contains(&api.code()) {
+            Permanent
+        } else {
+            Transient
+        });
+    }
+    if let Some(p) = e.downcast_ref::<jetstream::context::PublishError>() {
+        use jetstream::context::PublishErrorKind as K;
+        return match p.kind() {
+            K::MaxPayloadExceeded | K::StreamNotFound => Some(Permanent),
+            K::WrongLastMessageId | K::WrongLastSequence => Some(Permanent),
+            K::TimedOut | K::BrokenPipe | K::MaxAckPending => Some(Transient),
+            K::Other => None,
+        };
+    }
+    if let Some(p) = e.downcast_ref::<async_nats::PublishError>() {
+        use async_nats::PublishErrorKind as K;
+        return match p.kind() {
+            K::MaxPayloadExceeded | K::InvalidSubject => Some(Permanent),
+            K::Send => Some(Transient),
+        };
+    }
+    if let Some(r) = e.downcast_ref::<jetstream::context::RequestError>() {
+        use jetstream::context::RequestErrorKind as K;
+        return match r.kind() {
+            K::InvalidSubject => Some(Permanent),
+            K::NoResponders | K::TimedOut => Some(Transient),
+            K::Other => None,
+        };
+    }
+    use jetstream::kv;
+    let invalid_key = e
+        .downcast_ref::<kv::PutError>()
+        .is_some_and(|x| x.kind() == kv::PutErrorKind::InvalidKey)
+        || e.downcast_ref::<kv::EntryError>()
+            .is_some_and(|x| x.kind() == kv::EntryErrorKind::InvalidKey)
+        || e.downcast_ref::<kv::UpdateError>()
+            .is_some_and(|x| x.kind() == kv::UpdateErrorKind::InvalidKey)
+        || e.downcast_ref::<kv::CreateError>()
+            .is_some_and(|x| x.kind() == kv::CreateErrorKind::InvalidKey);
+    invalid_key.then_some(Permanent)
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_come_from_the_cause_by_type() {
+        use jetstream::context::{PublishError, PublishErrorKind};
+        let too_big = Error::nats("storing an image state")(PublishError::new(
+            PublishErrorKind::MaxPayloadExceeded,
+        ));
+        assert_eq!(too_big.kind(), ErrorKind::Permanent);
+        let timed_out =
+            Error::nats("storing an event")(PublishError::new(PublishErrorKind::TimedOut));
+        assert_eq!(timed_out.kind(), ErrorKind::Transient);
+        // Wrapped once more, as KV puts wrap the publish: the kind still shows.
+        let put = jetstream::kv::PutError::with_source(
+            jetstream::kv::PutErrorKind::Publish,
+            PublishError::new(PublishErrorKind::MaxPayloadExceeded),
+        );
+        assert_eq!(Error::nats("kv put")(put).kind(), ErrorKind::Permanent);
+        let lost = Error::nats("x")(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert_eq!(lost.kind(), ErrorKind::Transient);
+        assert!(
+            std::error::Error::source(&lost).is_some(),
+            "the cause is kept"
+        );
+    }
+}

@@ -5,10 +5,10 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde_json::Value;
-use shipperd_model::{BundleId, now_rfc3339};
+use shipperd_model::now_rfc3339;
 use shipperd_proto::v1;
 
-use crate::{Error, Result, subjects::EVENT_SOURCE};
+use crate::{Error, MessageId, Result, subjects::EVENT_SOURCE};
 
 /// CloudEvents spec version we speak.
 pub const SPEC_VERSION: &str = "1.0";
@@ -51,10 +51,14 @@ impl EventKind {
         }
     }
 
+    /// The type without its `io.shipperd.` prefix, e.g. `bundle.received`.
+    pub fn short_name(self) -> &'static str {
+        self.type_name().trim_start_matches("io.shipperd.")
+    }
+
     /// The NATS subject, e.g. `shipperd.events.bundle.received`.
     pub fn subject(self) -> String {
-        let short = self.type_name().trim_start_matches("io.shipperd.");
-        format!("shipperd.events.{short}")
+        format!("shipperd.events.{}", self.short_name())
     }
 
     pub fn from_type_name(name: &str) -> Option<Self> {
@@ -64,14 +68,8 @@ impl EventKind {
     /// Decodes a protobuf body of this kind into JSON (the webhook `data`).
     pub fn body_to_json(self, body: &[u8]) -> Result<Value> {
         fn conv<M: prost::Message + Default + serde::Serialize>(b: &[u8]) -> Result<Value> {
-            let m = M::decode(b).map_err(|e| Error::Decode {
-                what: "event body",
-                reason: e.to_string(),
-            })?;
-            serde_json::to_value(m).map_err(|e| Error::Decode {
-                what: "event body",
-                reason: e.to_string(),
-            })
+            let m = M::decode(b).map_err(Error::decode("event body"))?;
+            serde_json::to_value(m).map_err(Error::decode("event body"))
         }
         match self {
             EventKind::BundleReceived => conv::<v1::BundleReceived>(body),
@@ -85,28 +83,20 @@ impl EventKind {
     }
 }
 
-/// The CloudEvents id of an event about `bundle_id` (and one image of it, when given).
-/// Deterministic, so a retried publish of the same logical event is dropped by JetStream's
-/// duplicate window and a webhook sees one `webhook-id` for it.
-pub fn event_id(kind: EventKind, bundle_id: &BundleId, image: Option<u32>) -> String {
-    let short = kind.type_name().trim_start_matches("io.shipperd.");
-    match image {
-        Some(i) => format!("{bundle_id}.{short}.{i}"),
-        None => format!("{bundle_id}.{short}"),
-    }
-}
-
 /// Builds the NATS headers of an outgoing event (trace context included).
-pub fn event_headers(kind: EventKind, id: &str, subject: &str) -> HeaderMap {
+/// The CloudEvents id is the message id, so a webhook sees one `webhook-id` for a
+/// logical event however often it was published.
+pub fn event_headers(kind: EventKind, msg_id: &MessageId) -> HeaderMap {
+    let id = msg_id.to_string();
     let mut h = HeaderMap::new();
     h.insert("ce-specversion", SPEC_VERSION);
-    h.insert("ce-id", id);
+    h.insert("ce-id", id.as_str());
     h.insert("ce-source", EVENT_SOURCE);
     h.insert("ce-type", kind.type_name());
-    h.insert("ce-subject", subject);
+    h.insert("ce-subject", msg_id.bundle().as_str());
     h.insert("ce-time", now_rfc3339().as_str());
     h.insert("content-type", PROTOBUF_CONTENT_TYPE);
-    h.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    h.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
     crate::trace::inject(&mut h);
     h
 }
@@ -124,10 +114,7 @@ pub struct IncomingEvent {
 impl IncomingEvent {
     /// Reads the CloudEvents attributes from the headers of a NATS message.
     pub fn parse(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Self> {
-        let bad = |reason: &str| Error::Decode {
-            what: "event headers",
-            reason: reason.to_string(),
-        };
+        let bad = |reason: &str| Error::decode("event headers")(reason.to_string());
         let h = headers.ok_or_else(|| bad("no headers"))?;
         let get = |name: &str| h.get(name).map(|v| v.as_str().to_string());
         let ty = get("ce-type").ok_or_else(|| bad("no ce-type"))?;
@@ -143,10 +130,7 @@ impl IncomingEvent {
     }
 
     pub fn decode<M: prost::Message + Default>(&self) -> Result<M> {
-        M::decode(self.data.as_ref()).map_err(|e| Error::Decode {
-            what: "event body",
-            reason: e.to_string(),
-        })
+        M::decode(self.data.as_ref()).map_err(Error::decode("event body"))
     }
 
     /// The event as a CloudEvents JSON document (structured mode).

@@ -6,16 +6,20 @@
 //! - [`Bus`]: a connection plus the JetStream context, and the stream/consumer/KV set-up
 //!   every service runs at start (idempotent: any replica may run it);
 //! - [`event`]: publishing and reading events (CloudEvents attributes and `traceparent`
-//!   in NATS headers, protobuf body, `Nats-Msg-Id` for de-duplication);
-//! - [`worker`]: the pull loop every stage uses (bounded concurrency, in-progress acks).
+//!   in NATS headers, protobuf body);
+//! - [`MessageId`]: every `Nats-Msg-Id`, the de-duplication exactly-once rests on;
+//! - [`Error`]: failures with their cause kept, classified by type.
+//!
+//! The pull loop and the stage runtime are in `shipperd-pipeline`.
 
 mod error;
 pub mod event;
+mod msgid;
 pub mod setup;
 pub mod subjects;
 pub mod trace;
-pub mod worker;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{BoxError, Error, ErrorKind, Result, classify};
 pub use event::{EventKind, IncomingEvent};
+pub use msgid::{MessageId, Topic};
 pub use setup::{Bus, ConsumerSpec, Job};

@@ -13,10 +13,8 @@ use async_nats::jetstream::{
 };
 use bytes::Bytes;
 
-use shipperd_model::BundleId;
-
 use crate::{
-    Error, Result,
+    Error, MessageId, Result,
     event::{EventKind, event_headers},
     subjects::*,
 };
@@ -32,7 +30,7 @@ pub struct Bus {
 #[derive(Debug, Clone)]
 pub struct Job {
     pub subject: &'static str,
-    pub msg_id: String,
+    pub msg_id: MessageId,
     pub body: Bytes,
 }
 
@@ -62,7 +60,7 @@ impl Bus {
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
-            .map_err(|e| Error::Nats(format!("cannot connect to {url}: {e}")))?;
+            .map_err(Error::nats(format!("cannot connect to {url}")))?;
         let js = jetstream::new(client.clone());
         Ok(Bus { client, js })
     }
@@ -86,7 +84,7 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::Nats(format!("declaring stream {EVENTS_STREAM}: {e}")))?;
+            .map_err(Error::nats(format!("declaring stream {EVENTS_STREAM}")))?;
         self.js
             .get_or_create_stream(stream::Config {
                 name: JOBS_STREAM.into(),
@@ -98,9 +96,9 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Error::Nats(format!("declaring stream {JOBS_STREAM}: {e}")))?;
-        for (bucket, history, direct) in BUCKETS {
-            self.kv(bucket, history, direct).await?;
+            .map_err(Error::nats(format!("declaring stream {JOBS_STREAM}")))?;
+        for b in BUCKETS {
+            self.kv(&b).await?;
         }
         Ok(())
     }
@@ -114,20 +112,21 @@ impl Bus {
     /// nats-server 2.9 lacks fields the client requires (`reserved_memory`), so it fails
     /// there. We declare the bucket's backing stream ourselves, shaped as the KV
     /// protocol wants it, then bind to it.
-    pub async fn kv(&self, bucket: &str, history: i64, direct: bool) -> Result<kv::Store> {
+    pub async fn kv(&self, b: &Bucket) -> Result<kv::Store> {
+        let bucket = b.name;
         if let Ok(store) = self.js.get_key_value(bucket).await {
             return Ok(store);
         }
-        let err =
-            |e: &dyn std::fmt::Display| Error::Nats(format!("declaring KV bucket {bucket}: {e}"));
+        let what = format!("declaring KV bucket {bucket}");
         self.js
             .get_or_create_stream(stream::Config {
                 name: format!("KV_{bucket}"),
                 subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: history,
+                max_messages_per_subject: b.history,
+                max_age: b.max_age,
                 discard: stream::DiscardPolicy::New,
                 storage: StorageType::File,
-                allow_direct: direct,
+                allow_direct: b.direct,
                 allow_rollup: true,
                 deny_delete: true,
                 duplicate_window: Duration::from_secs(120),
@@ -135,13 +134,20 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(|e| err(&e))?;
-        self.js.get_key_value(bucket).await.map_err(|e| err(&e))
+            .map_err(Error::nats(what.clone()))?;
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(Error::nats(what))
     }
 
     /// Gets (or creates) a durable pull consumer.
     pub async fn consumer(&self, spec: &ConsumerSpec) -> Result<PullConsumer> {
-        let stream = self.js.get_stream(spec.stream).await.map_err(Error::nats)?;
+        let stream = self
+            .js
+            .get_stream(spec.stream)
+            .await
+            .map_err(Error::nats(format!("reading stream {}", spec.stream)))?;
         stream
             .get_or_create_consumer(
                 &spec.durable,
@@ -157,88 +163,126 @@ impl Bus {
                 },
             )
             .await
-            .map_err(|e| Error::Nats(format!("declaring consumer {}: {e}", spec.durable)))
+            .map_err(Error::nats(format!("declaring consumer {}", spec.durable)))
     }
 
     /// Publishes an event and waits for JetStream to store it (a duplicate within the
     /// window counts as stored). Returns its stream sequence.
-    pub async fn publish_event(
-        &self,
-        kind: EventKind,
-        id: &str,
-        bundle_id: &BundleId,
-        body: Bytes,
-    ) -> Result<u64> {
-        let headers = event_headers(kind, id, bundle_id.as_str());
+    pub async fn publish_event(&self, kind: EventKind, id: &MessageId, body: Bytes) -> Result<u64> {
+        let headers = event_headers(kind, id);
+        let what = || format!("storing event {id}");
         let ack = self
             .js
             .publish_with_headers(kind.subject(), headers, body)
             .await
-            .map_err(Error::nats)?
+            .map_err(Error::nats(what()))?
             .await
-            .map_err(Error::nats)?;
+            .map_err(Error::nats(what()))?;
         Ok(ack.sequence)
     }
 
     /// Publishes jobs, each with its de-duplication id, and waits until JetStream has
     /// stored every one. Up to [`PUBLISH_WINDOW`] are in flight at once, so thousands go
     /// out in one round of acknowledgements rather than one round trip each.
-    pub async fn publish_jobs(&self, jobs: Vec<Job>) -> Result<u64> {
+    pub async fn publish_jobs(&self, jobs: impl IntoIterator<Item = Job>) -> Result<u64> {
         let mut pending = std::collections::VecDeque::new();
         let mut sent = 0u64;
+        let what = |id: &MessageId| format!("storing job {id}");
         for job in jobs {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, job.msg_id.as_str());
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                job.msg_id.to_string().as_str(),
+            );
             crate::trace::inject(&mut headers);
             let ack = self
                 .js
                 .publish_with_headers(job.subject, headers, job.body)
                 .await
-                .map_err(Error::nats)?;
-            pending.push_back(ack);
+                .map_err(Error::nats(what(&job.msg_id)))?;
+            pending.push_back((job.msg_id, ack));
             if pending.len() >= PUBLISH_WINDOW
-                && let Some(first) = pending.pop_front()
+                && let Some((id, first)) = pending.pop_front()
             {
-                first.await.map_err(Error::nats)?;
+                first.await.map_err(Error::nats(what(&id)))?;
             }
             sent += 1;
         }
-        for ack in pending {
-            ack.await.map_err(Error::nats)?;
+        for (id, ack) in pending {
+            ack.await.map_err(Error::nats(what(&id)))?;
         }
         Ok(sent)
     }
 
     /// One of ShipperD's KV buckets ([`BUNDLES_BUCKET`], [`IMAGES_BUCKET`],
     /// [`BLOBS_BUCKET`]), declared as [`Bus::ensure_topology`] does.
-    pub async fn bucket(&self, name: &str) -> Result<kv::Store> {
-        let (_, history, direct) = BUCKETS
-            .iter()
-            .find(|(b, ..)| *b == name)
-            .copied()
-            .unwrap_or((name, 1, true));
-        self.kv(name, history, direct).await
+    pub async fn bucket(&self, name: &'static str) -> Result<kv::Store> {
+        let b = BUCKETS
+            .into_iter()
+            .find(|b| b.name == name)
+            .unwrap_or(Bucket {
+                name,
+                history: 1,
+                direct: true,
+                max_age: Duration::ZERO,
+            });
+        self.kv(&b).await
     }
 
     /// Messages of a durable consumer not yet delivered or not yet acknowledged: is
     /// there work queued or in hand?
     pub async fn consumer_backlog(&self, stream: &str, durable: &str) -> Result<u64> {
+        let what = || format!("reading consumer {durable}");
         let mut consumer: PullConsumer = self
             .js
             .get_stream(stream)
             .await
-            .map_err(Error::nats)?
+            .map_err(Error::nats(what()))?
             .get_consumer(durable)
             .await
-            .map_err(Error::nats)?;
-        let info = consumer.info().await.map_err(Error::nats)?;
+            .map_err(Error::nats(what()))?;
+        let info = consumer.info().await.map_err(Error::nats(what()))?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
 }
 
-/// The KV buckets: name, values kept per key, reads from any replica.
-const BUCKETS: [(&str, i64, bool); 3] = [
-    (BUNDLES_BUCKET, 5, false),
-    (IMAGES_BUCKET, 1, false),
-    (BLOBS_BUCKET, 1, true),
+/// How a KV bucket is declared.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    pub name: &'static str,
+    /// Values kept per key.
+    pub history: i64,
+    /// Reads may be served by any replica.
+    pub direct: bool,
+    /// Values older than this go (zero: kept).
+    pub max_age: Duration,
+}
+
+/// The KV buckets.
+const BUCKETS: [Bucket; 4] = [
+    Bucket {
+        name: BUNDLES_BUCKET,
+        history: 5,
+        direct: false,
+        max_age: Duration::ZERO,
+    },
+    Bucket {
+        name: IMAGES_BUCKET,
+        history: 1,
+        direct: false,
+        max_age: Duration::ZERO,
+    },
+    Bucket {
+        name: BLOBS_BUCKET,
+        history: 1,
+        direct: true,
+        max_age: Duration::ZERO,
+    },
+    // A job's attempts matter while it is retried: a week covers any retry schedule.
+    Bucket {
+        name: ATTEMPTS_BUCKET,
+        history: 1,
+        direct: false,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+    },
 ];

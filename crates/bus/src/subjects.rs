@@ -13,6 +13,9 @@ pub const JOBS_STREAM: &str = "SHIPPERD_JOBS";
 pub const JOBS_SUBJECTS: &str = "shipperd.jobs.>";
 /// One message per image to publish.
 pub const PUBLISH_JOB_SUBJECT: &str = "shipperd.jobs.publish";
+/// One message per bundle (and generation) whose images are all in the registry: set
+/// its tags.
+pub const COMMIT_JOB_SUBJECT: &str = "shipperd.jobs.commit";
 
 /// KV bucket with one small summary per bundle, keyed by bundle id.
 pub const BUNDLES_BUCKET: &str = "shipperd-bundles";
@@ -23,10 +26,16 @@ pub const IMAGES_BUCKET: &str = "shipperd-images";
 /// chunked upload sessions, upload leases across replicas, and who set each tag last.
 pub const BLOBS_BUCKET: &str = "shipperd-blobs";
 
+/// KV bucket of the stage runtime: the attempts made at each piece of work, counted
+/// before the work starts, keyed by the work's message id (without re-drive).
+pub const ATTEMPTS_BUCKET: &str = "shipperd-attempts";
+
 /// Durable consumer of the unpack service (bundle.received).
 pub const UNPACK_CONSUMER: &str = "unpack";
 /// Durable consumer of the publish service (publish jobs).
 pub const PUBLISH_CONSUMER: &str = "publish";
+/// Durable consumer of the publish service's commit stage (commit jobs).
+pub const COMMIT_CONSUMER: &str = "commit";
 /// Prefix of the notify service's durable consumers, one per webhook target.
 pub const NOTIFY_CONSUMER_PREFIX: &str = "notify-";
 

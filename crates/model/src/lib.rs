@@ -4,21 +4,26 @@
 //! travel typed: [`BundleId`], [`Digest`], [`TargetName`], [`Reference`]. [`DataDir`] is
 //! the one place that knows the layout of `--data-dir`. [`state`] holds the bundle and
 //! image records and the rules that move them (the terminal-phase rule, the exactly-once
-//! count of image outcomes). [`Secret`] keeps credentials out of logs.
+//! count of image outcomes) and the [`Effects`] each transition asks for. [`Secret`]
+//! keeps credentials out of logs; [`Backoff`] is the one retry delay.
 
+mod backoff;
 mod data_dir;
 mod digest;
+pub mod effects;
 mod error;
 mod id;
 pub mod reference;
 mod secret;
 pub mod state;
 
+pub use backoff::Backoff;
 pub use data_dir::DataDir;
 pub use digest::Digest;
+pub use effects::{Effect, Effects};
 pub use error::ParseError;
 pub use id::{BundleId, TargetName};
-pub use reference::{Reference, RegistryUrl, redact_url};
+pub use reference::{Reference, RegistryUrl, redact_url, url_origin};
 pub use secret::Secret;
 pub use state::{
     BlobCounts, BundleSummary, Counts, ImagePhase, ImageState, Outcome, Phase, PlanRef,

@@ -311,6 +311,20 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Only `scheme://host[:port]` of `url`: for URLs whose path may be their secret
+/// (Slack, Teams and Discord webhooks put the token there), in logs, spans, status and
+/// events.
+pub fn url_origin(url: &str) -> String {
+    let redacted = redact_url(url);
+    let (scheme, rest) = redacted.split_once("://").unwrap_or(("", &redacted));
+    let host = rest.split('/').next().unwrap_or_default();
+    if scheme.is_empty() {
+        host.to_string()
+    } else {
+        format!("{scheme}://{host}")
+    }
+}
+
 #[cfg(test)]
 mod redact_tests {
     #[test]
@@ -320,5 +334,10 @@ mod redact_tests {
             "https://hooks.example:8443/a/b"
         );
         assert_eq!(super::redact_url("http://h/x"), "http://h/x");
+        assert_eq!(
+            super::url_origin("https://u:p@hooks.slack.com:443/services/T0/B0/secret?x=1"),
+            "https://hooks.slack.com:443"
+        );
+        assert_eq!(super::url_origin("http://h"), "http://h");
     }
 }

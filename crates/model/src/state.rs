@@ -29,7 +29,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BundleId, Digest, Reference, TargetName, now_rfc3339};
+use crate::{
+    BundleId, Digest, Reference, TargetName,
+    effects::{Effect, Effects},
+    now_rfc3339,
+};
 
 /// Where a bundle is in the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -47,6 +51,18 @@ impl Phase {
     /// `Published` and `Failed` are where every bundle ends.
     pub fn is_terminal(self) -> bool {
         matches!(self, Phase::Published | Phase::Failed)
+    }
+
+    /// What a bundle in this phase is doing, for messages ("stalled while unpacking").
+    pub fn doing(self) -> &'static str {
+        match self {
+            Phase::Received => "waiting to be unpacked",
+            Phase::Unpacking => "unpacking",
+            Phase::Publishing => "publishing",
+            Phase::Tagging => "setting its tags",
+            Phase::Published => "published",
+            Phase::Failed => "failed",
+        }
     }
 }
 
@@ -307,17 +323,6 @@ pub enum Claimed {
     NotPublishing,
 }
 
-/// What a retry re-drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// The bundle failed before its images were listed: unpack it again.
-    Unpack,
-    /// Publish the images that are not published, in the new generation.
-    Publish,
-    /// Every image is in the registry; set the tags again.
-    Tag,
-}
-
 /// A bundle: small and of fixed size whatever its image count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleSummary {
@@ -442,11 +447,11 @@ impl BundleSummary {
         true
     }
 
-    /// Unpacking → Publishing, with what unpack found. A bundle without images is
-    /// published at once.
-    pub fn unpacked(&mut self, u: &Unpacked) -> bool {
+    /// Unpacking → Publishing, with what unpack found: its images' jobs go out, then
+    /// `bundle.unpacked`. A bundle without images is published at once.
+    pub fn unpacked(&mut self, u: &Unpacked) -> Option<Effects> {
         if self.phase != Phase::Unpacking || self.deleting {
-            return false;
+            return None;
         }
         self.phase = Phase::Publishing;
         self.unpacked_at = Some(now_rfc3339());
@@ -463,20 +468,83 @@ impl BundleSummary {
         if u.target.is_some() {
             self.target = u.target.clone();
         }
-        self.check_done();
-        true
+        let effects = Effects::of([Effect::Dispatch, Effect::Unpacked]);
+        Some(if self.check_done() {
+            effects.then(self.follow_up())
+        } else {
+            effects
+        })
     }
 
-    /// Fails a bundle that has not ended (a broken bundle, found before anything was
-    /// published).
-    pub fn fail(&mut self, error: String) -> bool {
+    /// Fails a bundle that has not ended (a broken bundle, a stage that gave up, a
+    /// stalled one): its end is announced.
+    pub fn fail(&mut self, error: String) -> Option<Effects> {
         if self.phase.is_terminal() {
-            return false;
+            return None;
         }
         self.phase = Phase::Failed;
         self.error = Some(error);
         self.finished_at = Some(now_rfc3339());
-        true
+        Some(self.follow_up())
+    }
+
+    /// What moves the bundle on from its phase; each effect is idempotent, so sending
+    /// them again (a redelivery, a sweep) is harmless. The one place that decides what
+    /// follows a phase:
+    ///
+    /// | phase | effects |
+    /// |---|---|
+    /// | `Received`, `Unpacking` | announce it (unpack) |
+    /// | `Publishing` | the jobs of its images not yet counted |
+    /// | `Tagging` | the commit job |
+    /// | `Published` | announce its end; let go of its expanded blobs |
+    /// | `Failed` | announce its end (and let go of the blobs when it failed before its images were listed: a retry unpacks it again) |
+    pub fn follow_up(&self) -> Effects {
+        match self.phase {
+            Phase::Received | Phase::Unpacking => Effects::of([Effect::Announce]),
+            Phase::Publishing => Effects::of([Effect::Dispatch]),
+            Phase::Tagging => Effects::of([Effect::Commit]),
+            Phase::Published => Effects::of([Effect::Ended, Effect::ReleaseBlobs]),
+            Phase::Failed if self.unpacked_at.is_none() => {
+                Effects::of([Effect::Ended, Effect::ReleaseBlobs])
+            }
+            Phase::Failed => Effects::of([Effect::Ended]),
+        }
+    }
+
+    /// What follows an image's recorded outcome: its event, when it is sent now (a
+    /// failure; an image skipped because its tag was there; a pushed image's goes
+    /// out when the commit sets its tag), then what the bundle's phase needs once
+    /// publishing is over.
+    pub fn after_image(&self, img: &ImageState) -> Effects {
+        let mut effects = Effects::none();
+        if img.phase == ImagePhase::Failed || (img.phase == ImagePhase::Published && img.skipped) {
+            effects.push(Effect::ImageEnded(Box::new(img.clone())));
+        }
+        if self.phase == Phase::Publishing {
+            effects
+        } else {
+            effects.then(self.follow_up())
+        }
+    }
+
+    /// A sweep found the bundle stalled: send what moves it on again, counted; after
+    /// `max` re-drives it fails instead, saying so.
+    pub fn redrive(&mut self, max: u32) -> Option<Effects> {
+        if self.phase.is_terminal() || self.deleting {
+            return None;
+        }
+        if self.redrives >= max {
+            let error = format!(
+                "stalled while {}: sent on again {} times without finishing; retry it once \
+                 the cause is fixed",
+                self.phase.doing(),
+                self.redrives
+            );
+            return self.fail(error);
+        }
+        self.redrives += 1;
+        Some(self.follow_up())
     }
 
     /// Counts the outcome of image `index`, unless a claim for it is held already. The
@@ -576,14 +644,14 @@ impl BundleSummary {
     }
 
     /// Every tag is set: `Tagging` → `Published`.
-    pub fn tagged(&mut self, generation: u32) -> bool {
+    pub fn tagged(&mut self, generation: u32) -> Option<Effects> {
         if self.phase != Phase::Tagging || self.generation != generation || self.deleting {
-            return false;
+            return None;
         }
         self.phase = Phase::Published;
         self.tag_cursor = self.counts.total;
         self.finished_at = Some(now_rfc3339());
-        true
+        Some(self.follow_up())
     }
 
     /// "4 of 4 images failed: connection refused by 127.0.0.1:5000 (4 images)".
@@ -607,30 +675,30 @@ impl BundleSummary {
         }
     }
 
-    /// Starts a new generation of a `Failed` bundle: its failed images are pending
-    /// again (published ones stay published). `None` when the bundle is not `Failed`.
-    pub fn retry(&mut self) -> Option<Retry> {
+    /// Starts a new generation of a `Failed` bundle: unpacked again when it failed
+    /// before its images were listed; its tags set again when every image is in the
+    /// registry (setting them failed); else its failed images are pending again
+    /// (published ones stay published). `None` when the bundle is not `Failed`.
+    pub fn retry(&mut self) -> Option<Effects> {
         if self.phase != Phase::Failed || self.deleting || !self.claims.is_empty() {
             return None;
         }
         self.generation += 1;
+        self.redrives = 0;
         self.error = None;
         self.finished_at = None;
         self.announced = false;
         self.causes.clear();
         if self.unpacked_at.is_none() {
             self.phase = Phase::Received;
-            return Some(Retry::Unpack);
-        }
-        if self.counts.failed == 0 && self.counts.pending() == 0 {
-            // Every image is in the registry; setting the tags failed.
+        } else if self.counts.failed == 0 && self.counts.pending() == 0 {
             self.phase = Phase::Tagging;
             self.tag_cursor = 0;
-            return Some(Retry::Tag);
+        } else {
+            self.phase = Phase::Publishing;
+            self.counts.failed = 0;
         }
-        self.phase = Phase::Publishing;
-        self.counts.failed = 0;
-        Some(Retry::Publish)
+        Some(self.follow_up())
     }
 
     /// Where `img` is as this bundle sees it: its phase in the current generation, or
@@ -653,29 +721,6 @@ impl BundleSummary {
         }
         img
     }
-
-    /// The suffix that keeps ids of events of a later generation distinct from the
-    /// first one's (which JetStream may still hold for de-duplication).
-    pub fn generation_suffix(&self) -> String {
-        generation_suffix(self.generation)
-    }
-
-    /// The suffix of a message sent again: its generation's, and the re-drive's when a
-    /// sweep sends it again within the same generation.
-    pub fn resend_suffix(&self) -> String {
-        match self.redrives {
-            0 => self.generation_suffix(),
-            r => format!("{}.r{r}", self.generation_suffix()),
-        }
-    }
-}
-
-/// `""` for generation 0, `".g<n>"` after: appended to ids of events and messages.
-pub fn generation_suffix(generation: u32) -> String {
-    match generation {
-        0 => String::new(),
-        g => format!(".g{g}"),
-    }
 }
 
 #[cfg(test)]
@@ -686,12 +731,15 @@ mod tests {
         let id = BundleId::parse(&"c".repeat(64)).unwrap();
         let mut s = BundleSummary::new(id, "b".into(), 1, "p".into(), None);
         assert!(s.start_unpacking(7));
-        assert!(s.unpacked(&Unpacked {
-            format: "tar".into(),
-            images: n,
-            bytes_total: 10 * u64::from(n),
-            ..Unpacked::default()
-        }));
+        assert!(
+            s.unpacked(&Unpacked {
+                format: "tar".into(),
+                images: n,
+                bytes_total: 10 * u64::from(n),
+                ..Unpacked::default()
+            })
+            .is_some()
+        );
         s
     }
 
@@ -704,8 +752,8 @@ mod tests {
         assert_eq!(s.phase, Phase::Tagging);
         assert!(s.tagged_through(1, s.generation));
         assert!(!s.tagged_through(1, s.generation));
-        assert!(s.tagged(s.generation));
-        assert!(!s.tagged(s.generation));
+        assert!(s.tagged(s.generation).is_some());
+        assert!(s.tagged(s.generation).is_none());
     }
 
     fn refused() -> Outcome {
@@ -754,16 +802,19 @@ mod tests {
         assert_eq!(s.phase, Phase::Failed, "one failure: no tagging");
         assert_eq!(s.blob_sources, sent);
         s.claims.clear();
-        assert_eq!(s.retry(), Some(Retry::Publish));
+        assert_eq!(s.retry(), Some(Effects::of([Effect::Dispatch])));
         s.claim(1, &ok());
         assert_eq!(s.phase, Phase::Tagging);
         // Setting the tags failed: a retry sets them again, pushing nothing.
         s.claims.clear();
         assert!(s.tagged_through(1, s.generation));
-        assert!(s.fail("tagging failed".into()));
-        assert_eq!(s.retry(), Some(Retry::Tag));
+        assert!(s.fail("tagging failed".into()).is_some());
+        assert_eq!(s.retry(), Some(Effects::of([Effect::Commit])));
         assert_eq!((s.phase, s.tag_cursor), (Phase::Tagging, 0));
-        assert!(!s.tagged(s.generation - 1), "a stale generation's commit");
+        assert!(
+            s.tagged(s.generation - 1).is_none(),
+            "a stale generation's commit"
+        );
         commit(&mut s);
     }
 
@@ -816,10 +867,9 @@ mod tests {
         assert_eq!(s.retry(), None, "claims are still held");
         s.release(0);
         s.release(1);
-        assert_eq!(s.retry(), Some(Retry::Publish));
+        assert_eq!(s.retry(), Some(Effects::of([Effect::Dispatch])));
         assert_eq!(s.phase, Phase::Publishing);
         assert_eq!((s.counts.published, s.counts.failed), (1, 0));
-        assert_eq!(s.generation_suffix(), ".g1");
         let mut failed = ImageState {
             index: 1,
             source: Reference::parse("a:1").unwrap(),
@@ -850,11 +900,103 @@ mod tests {
     fn a_bundle_that_failed_unpacking_is_unpacked_again() {
         let id = BundleId::parse(&"d".repeat(64)).unwrap();
         let mut s = BundleSummary::new(id, "b".into(), 1, "p".into(), None);
-        assert!(s.fail("corrupt".into()));
-        assert!(!s.fail("again".into()));
-        assert_eq!(s.retry(), Some(Retry::Unpack));
+        assert_eq!(
+            s.fail("corrupt".into()),
+            Some(Effects::of([Effect::Ended, Effect::ReleaseBlobs])),
+            "nothing was listed: its blobs go, a retry unpacks it again"
+        );
+        assert!(s.fail("again".into()).is_none());
+        assert_eq!(s.retry(), Some(Effects::of([Effect::Announce])));
         assert_eq!(s.phase, Phase::Received);
         assert!(s.start_unpacking(9));
         assert_eq!(s.order, Some(9));
+    }
+
+    #[test]
+    fn what_follows_each_phase() {
+        use Effect::*;
+        let mut s = publishing(1);
+        let img = |phase, skipped| ImageState {
+            phase,
+            skipped,
+            ..image(0)
+        };
+        // An image pushed while others are pending: nothing yet (its event goes out
+        // with its tag).
+        s.counts.total = 2;
+        assert_eq!(
+            s.after_image(&img(ImagePhase::Published, false)),
+            Effects::none()
+        );
+        let failed = img(ImagePhase::Failed, false);
+        assert_eq!(
+            s.after_image(&failed),
+            Effects::of([ImageEnded(Box::new(failed.clone()))])
+        );
+        let rows: [(Phase, Option<&str>, Effects); 6] = [
+            (Phase::Received, None, Effects::of([Announce])),
+            (Phase::Unpacking, None, Effects::of([Announce])),
+            (Phase::Publishing, Some("t"), Effects::of([Dispatch])),
+            (Phase::Tagging, Some("t"), Effects::of([Commit])),
+            (
+                Phase::Published,
+                Some("t"),
+                Effects::of([Ended, ReleaseBlobs]),
+            ),
+            (Phase::Failed, Some("t"), Effects::of([Ended])),
+        ];
+        for (phase, unpacked, want) in rows {
+            s.phase = phase;
+            s.unpacked_at = unpacked.map(str::to_string);
+            assert_eq!(s.follow_up(), want, "{phase:?}");
+        }
+        s.phase = Phase::Tagging;
+        let skipped = img(ImagePhase::Published, true);
+        assert_eq!(
+            s.after_image(&skipped),
+            Effects::of([ImageEnded(Box::new(skipped.clone())), Commit])
+        );
+    }
+
+    #[test]
+    fn redrives_are_counted_and_bounded() {
+        let mut s = publishing(3);
+        for n in 1..=2 {
+            assert_eq!(s.redrive(2), Some(Effects::of([Effect::Dispatch])));
+            assert_eq!(s.redrives, n);
+        }
+        assert_eq!(s.redrive(2), Some(Effects::of([Effect::Ended])));
+        assert_eq!(s.phase, Phase::Failed);
+        assert_eq!(
+            s.error.as_deref(),
+            Some(
+                "stalled while publishing: sent on again 2 times without finishing; retry \
+                 it once the cause is fixed"
+            )
+        );
+        assert_eq!(s.redrive(2), None, "an ended bundle is not sent on");
+        assert!(s.retry().is_some());
+        assert_eq!(s.redrives, 0, "a retry starts counting again");
+    }
+
+    fn image(index: u32) -> ImageState {
+        ImageState {
+            index,
+            source: Reference::parse("a:1").unwrap(),
+            target: Reference::parse("r.io/a:1").unwrap(),
+            digest: Digest::of(b"x"),
+            media_type: String::new(),
+            size: 1,
+            phase: ImagePhase::Pending,
+            error: None,
+            bytes_total: 10,
+            bytes_done: 0,
+            skipped: false,
+            attempts: 0,
+            generation: 0,
+            plan: PlanRef::default(),
+            blobs: BlobCounts::default(),
+            catalog: false,
+        }
     }
 }

@@ -56,8 +56,8 @@ pub struct Transfer {
     pub stall_timeout: Duration,
     /// Attempts of one request on 429, 5xx or a broken connection.
     pub retries: u32,
-    /// First retry delay (doubled each time, with full jitter, capped at `retry_max`),
-    /// unless the registry says `Retry-After`.
+    /// First retry delay (doubled each time up to `retry_max`, plus up to as much
+    /// again at random), unless the registry says `Retry-After`.
     #[serde(with = "secs")]
     pub retry_base: Duration,
     #[serde(with = "secs")]

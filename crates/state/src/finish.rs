@@ -28,15 +28,18 @@ pub struct Finished {
     pub ended: bool,
 }
 
-/// Records `outcome` for image `index` of bundle `id`. `None` when there is nothing to
-/// record it in (the bundle or image is gone, or the bundle is not publishing).
+/// Records `outcome` for image `index` of bundle `id`, reached by a job of bundle
+/// generation `generation`. `None` when there is nothing to record it in (the bundle or
+/// image is gone, the bundle is not publishing, or a retry started a later generation:
+/// a job of an earlier one counts in none).
 pub async fn finish_image(
     store: &StateStore,
     id: &BundleId,
     index: u32,
+    generation: u32,
     outcome: &Outcome,
 ) -> Result<Option<Finished>> {
-    record(store, id, index, Some(outcome)).await
+    record(store, id, index, Some((generation, outcome))).await
 }
 
 /// Completes what an earlier delivery began for image `index`: a claim it left is
@@ -50,7 +53,7 @@ async fn record(
     store: &StateStore,
     id: &BundleId,
     index: u32,
-    outcome: Option<&Outcome>,
+    outcome: Option<(u32, &Outcome)>,
 ) -> Result<Option<Finished>> {
     for round in 0..crate::store::MAX_CAS_ATTEMPTS {
         let Some((mut s, rev)) = store.get(id).await? else {
@@ -75,7 +78,8 @@ async fn record(
         let (decided, counted, ended) = match (s.claims.get(&index), outcome) {
             (Some(held), _) => (held.clone(), false, false),
             (None, None) => return Ok(None),
-            (None, Some(outcome)) => match s.claim(index, outcome) {
+            (None, Some((generation, _))) if generation != s.generation => return Ok(None),
+            (None, Some((_, outcome))) => match s.claim(index, outcome) {
                 Claimed::Counted { finished } => {
                     if !store.write(&mut s, rev).await? {
                         crate::store::backoff(round).await;

@@ -3,12 +3,12 @@
 //!
 //! - [`StateStore`]: the summaries and image states, compare-and-set updates, paging;
 //! - [`finish`]: recording an image's outcome exactly once;
-//! - [`lifecycle`]: announcing a bundle's end once, failing a broken bundle;
-//! - [`dispatch`]: publish jobs for a bundle's images.
+//! - [`effects`]: the one executor of the effects state transitions return (jobs,
+//!   events, the end of a bundle, its blobs let go).
 
-pub mod dispatch;
+pub mod effects;
 pub mod finish;
-pub mod lifecycle;
 mod store;
 
+pub use effects::{Executor, Report};
 pub use store::{Page, StateStore, image_key};

@@ -37,10 +37,7 @@ pub struct Page {
 }
 
 fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Decode {
-        what,
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(Error::decode(what))
 }
 
 fn encode(v: &impl Serialize) -> bytes::Bytes {
@@ -64,7 +61,12 @@ impl StateStore {
 
     /// The summary and its revision, if the bundle is known.
     pub async fn get(&self, id: &BundleId) -> Result<Option<(BundleSummary, u64)>> {
-        match self.bundles.entry(id.as_str()).await.map_err(Error::nats)? {
+        match self
+            .bundles
+            .entry(id.as_str())
+            .await
+            .map_err(Error::nats("reading a bundle summary"))?
+        {
             Some(e) if e.operation == Operation::Put => {
                 Ok(Some((decode("bundle summary", &e.value)?, e.revision)))
             }
@@ -81,7 +83,7 @@ impl StateStore {
         match self.bundles.create(s.id.as_str(), encode(s)).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(Error::nats(e)),
+            Err(e) => Err(Error::nats("creating a bundle summary")(e)),
         }
     }
 
@@ -109,6 +111,19 @@ impl StateStore {
         Err(Error::Conflict(id.to_string()))
     }
 
+    /// [`StateStore::update`] of a bundle that may be gone (deleted meanwhile): `None`
+    /// then, as when `change` declines.
+    pub async fn update_if_known<T>(
+        &self,
+        id: &BundleId,
+        change: impl FnMut(&mut BundleSummary) -> Option<T>,
+    ) -> Result<Option<(T, BundleSummary)>> {
+        match self.update(id, change).await {
+            Err(Error::NotFound(_)) => Ok(None),
+            other => other,
+        }
+    }
+
     /// Writes `s` if the stored summary is still at `revision`; `false` if it is not.
     pub async fn write(&self, s: &mut BundleSummary, revision: u64) -> Result<bool> {
         s.updated_at = now_rfc3339();
@@ -119,7 +134,7 @@ impl StateStore {
         {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
-            Err(e) => Err(Error::nats(e)),
+            Err(e) => Err(Error::nats("writing a bundle summary")(e)),
         }
     }
 
@@ -129,10 +144,10 @@ impl StateStore {
             .bundles
             .keys()
             .await
-            .map_err(Error::nats)?
+            .map_err(Error::nats("listing bundles"))?
             .try_collect()
             .await
-            .map_err(Error::nats)?;
+            .map_err(Error::nats("listing bundles"))?;
         Ok(keys
             .iter()
             .filter_map(|k| BundleId::parse(k).ok())
@@ -142,7 +157,11 @@ impl StateStore {
     /// The ids of bundles whose summary changes from now on (a stream that ends when
     /// the watch does).
     pub async fn changes(&self) -> Result<impl futures::Stream<Item = BundleId> + use<>> {
-        let watch = self.bundles.watch_all().await.map_err(Error::nats)?;
+        let watch = self
+            .bundles
+            .watch_all()
+            .await
+            .map_err(Error::nats("watching bundles"))?;
         Ok(watch.filter_map(|e| async move { e.ok().and_then(|e| BundleId::parse(&e.key).ok()) }))
     }
 
@@ -167,7 +186,7 @@ impl StateStore {
             .images
             .entry(image_key(id, index))
             .await
-            .map_err(Error::nats)?
+            .map_err(Error::nats("reading an image state"))?
         {
             Some(e) if e.operation == Operation::Put => {
                 Ok(Some((decode("image state", &e.value)?, e.revision)))
@@ -180,7 +199,7 @@ impl StateStore {
         self.images
             .put(image_key(id, img.index), encode(img))
             .await
-            .map_err(Error::nats)?;
+            .map_err(Error::nats("writing an image state"))?;
         Ok(())
     }
 
@@ -199,7 +218,7 @@ impl StateStore {
         {
             Ok(rev) => Ok(Some(rev)),
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-            Err(e) => Err(Error::nats(e)),
+            Err(e) => Err(Error::nats("writing an image state")(e)),
         }
     }
 
@@ -221,7 +240,7 @@ impl StateStore {
             match self.images.create(&key, encode(img)).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::nats(e)),
+                Err(e) => return Err(Error::nats("writing an image state")(e)),
             }
             let Some((old, revision)) = self.image(id, img.index).await? else {
                 continue;
@@ -312,8 +331,11 @@ impl StateStore {
             .purge()
             .filter(filter)
             .await
-            .map_err(Error::nats)?;
-        self.bundles.purge(id.as_str()).await.map_err(Error::nats)?;
+            .map_err(Error::nats("removing image states"))?;
+        self.bundles
+            .purge(id.as_str())
+            .await
+            .map_err(Error::nats("removing a bundle summary"))?;
         Ok(())
     }
 }

@@ -7,9 +7,10 @@
 //! is read, so nothing of it is stored.
 
 use std::{
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use axum::{
@@ -86,10 +87,52 @@ pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Who may use the API: the token file's tokens, and with `--auth kubernetes` whoever
-/// the Kubernetes API says may.
+/// the Kubernetes API says may. A client address that keeps presenting bad tokens is
+/// refused for a while before its tokens are looked at (no review reaches the API
+/// server for it).
 pub struct Gate {
     pub tokens: Option<Tokens>,
     pub review: Option<Review>,
+    pub failures: Failures,
+}
+
+/// Failed authentications per client address: at most [`MAX_FAILURES`] in a
+/// [`FAILURE_WINDOW`]; then `429` until the window ends. Bounded: the least recently
+/// failing addresses are forgotten first.
+pub struct Failures(Mutex<lru::LruCache<IpAddr, (Instant, u32)>>);
+
+/// Bad tokens one address may present per window.
+pub const MAX_FAILURES: u32 = 20;
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses remembered.
+const FAILING_ADDRESSES: usize = 4096;
+
+impl Default for Failures {
+    fn default() -> Self {
+        Failures(Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(FAILING_ADDRESSES).expect("not zero"),
+        )))
+    }
+}
+
+impl Failures {
+    /// How long `ip` must wait, if it failed too often.
+    fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, n) = *seen.peek(&ip)?;
+        let left = FAILURE_WINDOW.checked_sub(since.elapsed())?;
+        (n >= MAX_FAILURES).then_some(left)
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get_mut(&ip) {
+            Some((since, n)) if since.elapsed() < FAILURE_WINDOW => *n += 1,
+            _ => {
+                seen.put(ip, (Instant::now(), 1));
+            }
+        }
+    }
 }
 
 fn refuse(status: StatusCode, error: String) -> Response {
@@ -105,33 +148,54 @@ fn refuse(status: StatusCode, error: String) -> Response {
     (status, body).into_response()
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case, as
+/// RFC 7235 allows).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Refuses a `/v1` request without a valid bearer token, or whose user may not do it.
 pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     if !req.uri().path().starts_with("/v1/") && req.uri().path() != "/v1" {
         return next.run(req).await;
     }
+    let client = req
+        .extensions()
+        .get::<crate::serve::Client>()
+        .map(|c| c.0)
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let unauthorized = |why: &str| {
+        gate.failures.failed(client);
+        refuse(StatusCode::UNAUTHORIZED, why.to_string())
+    };
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    let Some(token) = presented else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "a bearer token is required (Authorization: Bearer <token>)".into(),
-        );
-    };
-    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    if gate.tokens.as_ref().is_some_and(|t| t.admits(&digest)) {
+        .and_then(bearer);
+    let digest: Option<[u8; 32]> = presented.map(|t| Sha256::digest(t.as_bytes()).into());
+    if let Some(d) = &digest
+        && gate.tokens.as_ref().is_some_and(|t| t.admits(d))
+    {
         return next.run(req).await;
     }
-    let Some(review) = &gate.review else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "the bearer token is not valid".into(),
+    // Past the token file: an address that failed too often is not looked at further.
+    if let Some(wait) = gate.failures.blocked(client) {
+        let secs = wait.as_secs().max(1);
+        let mut resp = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many requests with bad tokens from this address; try again in {secs}s"),
         );
+        resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        return resp;
+    }
+    let (Some(token), Some(digest)) = (presented, digest) else {
+        return unauthorized("a bearer token is required (Authorization: Bearer <token>)");
+    };
+    let Some(review) = &gate.review else {
+        return unauthorized("the bearer token is not valid");
     };
     let verb = match *req.method() {
         Method::GET | Method::HEAD => "get",
@@ -140,10 +204,9 @@ pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) ->
     };
     match review.check(token, digest, verb).await {
         Verdict::Allowed => next.run(req).await,
-        Verdict::Unauthenticated => refuse(
-            StatusCode::UNAUTHORIZED,
-            "the bearer token is not valid (the Kubernetes API does not know it)".into(),
-        ),
+        Verdict::Unauthenticated => {
+            unauthorized("the bearer token is not valid (the Kubernetes API does not know it)")
+        }
         Verdict::Forbidden { user } => refuse(
             StatusCode::FORBIDDEN,
             format!(
@@ -154,5 +217,37 @@ pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) ->
             ),
         ),
         Verdict::Unavailable(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for (header, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER   abc ", Some("abc")),
+            ("Bearer", None),
+            ("Bearer  ", None),
+            ("Basic abc", None),
+            ("Bearerabc", None),
+        ] {
+            assert_eq!(bearer(header), want, "{header:?}");
+        }
+    }
+
+    #[test]
+    fn an_address_failing_too_often_waits() {
+        let f = Failures::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..MAX_FAILURES {
+            assert!(f.blocked(a).is_none());
+            f.failed(a);
+        }
+        assert!(f.blocked(a).is_some_and(|w| w <= FAILURE_WINDOW));
+        assert!(f.blocked(b).is_none(), "others are not held up");
     }
 }

@@ -38,12 +38,24 @@ pub fn router(store: Arc<Store>) -> Router {
         .route("/v1/bundles/{id}/retry", post(retry))
         .route("/v1/uploads/{name}/parts/{n}", put(upload_part))
         .route("/v1/uploads/{name}/complete", post(complete))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(|| async { metrics::render() }))
         // Bundles are streamed to disk, so no body limit applies here; the store enforces
         // its own (configurable) maximum size.
         .layer(DefaultBodyLimit::disable())
+        .with_state(store.clone())
+        .merge(probes(store))
+}
+
+/// Liveness, readiness and metrics: open (no token), on the API's port and, with
+/// `--health-listen`, on a port of their own, so probes are answered whatever the
+/// API's clients do.
+pub fn probes(store: Arc<Store>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route(
+            "/metrics",
+            get(|| async { metrics::render() + &shipperd_pipeline::metrics::render() }),
+        )
         .with_state(store)
 }
 

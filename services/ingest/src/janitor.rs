@@ -4,10 +4,15 @@
 //! - a bundle stored but never recorded (a crash between the two) is recorded from its
 //!   `meta.json` and announced; a bundle directory with neither record nor metadata is
 //!   removed after a grace period;
-//! - a bundle stuck in `Received` or `Unpacking` is announced again, one stuck in
-//!   `Publishing` gets the jobs of its unfinished images again, once the stage's
+//! - a bundle stuck in `Received`, `Unpacking`, `Publishing` or `Tagging` is sent on
+//!   again (announced, its unfinished images' jobs, its commit: what its phase needs,
+//!   through the same transition and executor as everything else), once the stage's
 //!   consumer has nothing queued or in hand (or the bundle has been stuck four times as
-//!   long); claims a crash left are finished; an ended bundle not yet announced is;
+//!   long), and never while its work is alive (the attempts ledger's heartbeat says
+//!   so). Re-drives are counted; after `max_redrives` the bundle fails, saying so. A
+//!   re-driven job shares its attempts with the job it repeats, so a bundle that kills
+//!   its worker ends `Failed` however it is sent on. Claims a crash left are finished;
+//!   an ended bundle not yet announced is;
 //! - a bundle whose `DELETE` was cut short is deleted;
 //! - finished bundles' stored files expire after `keep_finished`, unfinished multi-part
 //!   uploads after `keep_uploads`.
@@ -18,9 +23,13 @@ use std::{sync::Arc, time::Duration};
 /// before a sweep records it (at most `stale_after`).
 const RECORD_GRACE: Duration = Duration::from_secs(60);
 
-use shipperd_bus::subjects::{EVENTS_STREAM, JOBS_STREAM, PUBLISH_CONSUMER, UNPACK_CONSUMER};
+use shipperd_bus::{
+    EventKind, MessageId, Topic,
+    subjects::{EVENTS_STREAM, JOBS_STREAM, PUBLISH_CONSUMER, UNPACK_CONSUMER},
+};
 use shipperd_model::{BundleId, BundleSummary, Phase, age};
-use shipperd_state::{dispatch, finish, lifecycle};
+use shipperd_pipeline::Ledger;
+use shipperd_state::finish;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Result, ops, store::Store};
@@ -40,6 +49,11 @@ pub struct Settings {
     pub keep_uploads: Duration,
     /// A bundle directory without a record or metadata is removed after this long.
     pub orphan_grace: Duration,
+    /// Times a stalled bundle is sent on again before it fails.
+    pub max_redrives: u32,
+    /// A heartbeat younger than this says a stage is working on a bundle (half the
+    /// stages' ack wait).
+    pub alive_window: Duration,
 }
 
 impl Default for Settings {
@@ -50,6 +64,8 @@ impl Default for Settings {
             keep_finished: Duration::from_secs(24 * 3600),
             keep_uploads: Duration::from_secs(24 * 3600),
             orphan_grace: Duration::from_secs(3600),
+            max_redrives: 5,
+            alive_window: Duration::from_secs(30),
         }
     }
 }
@@ -57,6 +73,7 @@ impl Default for Settings {
 pub struct Janitor {
     store: Arc<Store>,
     settings: Settings,
+    ledger: Ledger,
 }
 
 /// How old a file or directory is (by its modification time).
@@ -70,8 +87,12 @@ async fn mtime_age(path: &std::path::Path) -> Option<Duration> {
 }
 
 impl Janitor {
-    pub fn new(store: Arc<Store>, settings: Settings) -> Self {
-        Janitor { store, settings }
+    pub async fn new(store: Arc<Store>, settings: Settings) -> Result<Self> {
+        Ok(Janitor {
+            ledger: Ledger::open(store.bus()).await?,
+            store,
+            settings,
+        })
     }
 
     /// Sweeps at start (a restart picks up what a crash left) and then every
@@ -105,7 +126,6 @@ impl Janitor {
 
     async fn tend(&self, s: &BundleSummary, backlog: &mut Backlog) -> Result<()> {
         let state = self.store.state();
-        let bus = self.store.bus();
         if s.deleting {
             return ops::delete(&self.store, &s.id, true).await;
         }
@@ -117,7 +137,7 @@ impl Janitor {
         match s.phase {
             Phase::Published | Phase::Failed => {
                 if !s.announced {
-                    lifecycle::announce_if_done(bus, state, s).await?;
+                    self.store.executor().ended(s).await?;
                 }
                 let expired = s
                     .finished_at
@@ -129,14 +149,15 @@ impl Janitor {
             }
             Phase::Received | Phase::Unpacking if stuck => {
                 let busy = backlog.unpack(&self.store).await? > 0;
-                if !busy || long_stuck {
-                    self.redrive_unpack(&s.id).await?;
+                if (!busy || long_stuck) && !self.working(s).await? {
+                    self.redrive(&s.id).await?;
                 }
             }
             Phase::Publishing | Phase::Tagging if stuck => {
                 let busy = backlog.publish(&self.store).await? > 0;
-                if !busy || long_stuck {
-                    self.redrive_publish(&s.id).await?;
+                if (!busy || long_stuck) && !self.working(s).await? {
+                    finish::settle_claims(state, &s.id).await?;
+                    self.redrive(&s.id).await?;
                 }
             }
             _ => {}
@@ -144,40 +165,41 @@ impl Janitor {
         Ok(())
     }
 
-    /// Announces a bundle stuck before publishing again.
-    async fn redrive_unpack(&self, id: &BundleId) -> Result<()> {
-        let updated = self
-            .store
-            .state()
-            .update(id, |r| (!r.phase.is_terminal()).then(|| r.redrives += 1))
-            .await?;
-        if let Some(((), s)) = updated {
-            tracing::warn!(bundle_id = %s.id, phase = ?s.phase, "bundle stalled; announcing it again");
-            self.store.announce(&s).await?;
-        }
-        Ok(())
+    /// Is a stage working on `s` right now (its attempt's heartbeat is fresh)? The
+    /// work of a `Received`/`Unpacking` bundle is its unpack, a `Tagging` one's its
+    /// commit; a `Publishing` bundle's are its images', which the runtime keeps from
+    /// running twice itself (a re-driven job finds its first copy alive and waits).
+    async fn working(&self, s: &BundleSummary) -> Result<bool> {
+        let work = match s.phase {
+            Phase::Received | Phase::Unpacking => {
+                MessageId::event(EventKind::BundleReceived, &s.id, s.generation)
+            }
+            Phase::Tagging => MessageId::new(&s.id, Topic::Commit, s.generation),
+            _ => return Ok(false),
+        };
+        Ok(self
+            .ledger
+            .get(&work.work())
+            .await?
+            .is_some_and(|(r, _)| r.alive(self.settings.alive_window)))
     }
 
-    /// Sends the jobs of a stuck publishing bundle's unfinished images again, or the
-    /// commit job of a stuck one setting its tags.
-    async fn redrive_publish(&self, id: &BundleId) -> Result<()> {
-        let state = self.store.state();
-        finish::settle_claims(state, id).await?;
-        let updated = state
-            .update(id, |r| {
-                matches!(r.phase, Phase::Publishing | Phase::Tagging).then(|| r.redrives += 1)
-            })
-            .await?;
-        match updated {
-            Some(((), s)) if s.phase == Phase::Tagging => {
-                dispatch::commit(self.store.bus(), &s).await?;
-                tracing::warn!(bundle_id = %s.id, "bundle stalled setting its tags; committing again");
-            }
-            Some(((), s)) => {
-                let sent = dispatch::dispatch_uncounted(self.store.bus(), state, &s).await?;
-                tracing::warn!(bundle_id = %s.id, images = sent, "bundle stalled; its unfinished images go to publish again");
-            }
-            None => {}
+    /// Sends a stalled bundle on again (counted; failed after `max_redrives`).
+    async fn redrive(&self, id: &BundleId) -> Result<()> {
+        let max = self.settings.max_redrives;
+        if let Some((s, report)) = self
+            .store
+            .executor()
+            .transition(id, |s| s.redrive(max))
+            .await?
+        {
+            tracing::warn!(
+                bundle_id = %s.id,
+                phase = ?s.phase,
+                redrives = s.redrives,
+                images = report.dispatched,
+                "bundle stalled; sent on again"
+            );
         }
         Ok(())
     }

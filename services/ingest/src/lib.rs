@@ -27,6 +27,7 @@ mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+pub use auth::MAX_FAILURES as MAX_AUTH_FAILURES;
 pub use error::{Error, Result};
 pub use fetch::{FetchSettings, FetchSource};
 pub use janitor::{Janitor, Settings as JanitorSettings};
@@ -62,6 +63,10 @@ pub struct Config {
     pub data_dir: DataDir,
     /// Address of the HTTP API.
     pub listen: SocketAddr,
+    /// A second address answering only `/healthz`, `/readyz` and `/metrics` (plain
+    /// HTTP, no token), so probes are answered even when the API's connections are all
+    /// taken.
+    pub health_listen: Option<SocketAddr>,
     /// Directory watched for bundles copied in; `None` to watch nothing.
     pub drop_dir: Option<PathBuf>,
     /// How often the drop directory is scanned.
@@ -94,6 +99,7 @@ impl Config {
             nats_url: nats_url.into(),
             data_dir: DataDir::new(data_dir.into()),
             listen,
+            health_listen: None,
             drop_dir: None,
             drop_poll: Duration::from_secs(2),
             drop_quiet: Duration::from_secs(30),
@@ -112,6 +118,7 @@ pub struct Ingest {
     config: Config,
     store: Arc<Store>,
     listener: tokio::net::TcpListener,
+    health: Option<tokio::net::TcpListener>,
     tls: Option<Arc<tls::Tls>>,
 }
 
@@ -141,10 +148,19 @@ impl Ingest {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Bind(config.listen, e))?;
+        let health = match config.health_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::Bind(addr, e))?,
+            ),
+            None => None,
+        };
         Ok(Ingest {
             config,
             store,
             listener,
+            health,
             tls,
         })
     }
@@ -156,10 +172,30 @@ impl Ingest {
             .expect("a bound listener has an address")
     }
 
+    /// The address the probes' own listener is bound to, if any.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
         tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "ingest listening");
+        if let Some(listener) = self.health {
+            tracing::info!(addr = ?listener.local_addr().ok(), "probes listening");
+            let probes = http::probes(self.store.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, probes)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "the probes' listener failed");
+                }
+            });
+        }
         let janitor = tokio::spawn(
-            Janitor::new(self.store.clone(), self.config.janitor.clone()).run(shutdown.clone()),
+            Janitor::new(self.store.clone(), self.config.janitor.clone())
+                .await?
+                .run(shutdown.clone()),
         );
         let watcher = self.config.drop_dir.clone().map(|dir| {
             tokio::spawn(drop_dir::watch(
@@ -178,6 +214,7 @@ impl Ingest {
                 .kube_auth
                 .clone()
                 .map(|k| review::Review::new(k.client, k.namespace)),
+            failures: auth::Failures::default(),
         };
         if gate.tokens.is_none() && gate.review.is_none() {
             tracing::warn!(

@@ -2,9 +2,8 @@
 //! files expire. Each is safe to repeat and to run on several replicas at once; the
 //! janitor finishes what a crash cut short (a summary marked `deleting`, a claim left).
 
-use shipperd_bundle::cas::Cas;
-use shipperd_model::{BundleId, BundleSummary, Phase, now_rfc3339, state::Retry};
-use shipperd_state::{dispatch, finish};
+use shipperd_model::{BundleId, BundleSummary, Phase, now_rfc3339};
+use shipperd_state::finish;
 
 use crate::{Error, Result, store::Store};
 
@@ -36,22 +35,12 @@ pub async fn retry(store: &Store, id: &BundleId) -> Result<Retried> {
         )));
     }
     finish::settle_claims(store.state(), id).await?;
-    let Some((how, s)) = store.state().update(id, |s| s.retry()).await? else {
+    let Some((s, report)) = store.executor().transition(id, |s| s.retry()).await? else {
         return Err(Error::Conflict(format!(
             "{id} changed meanwhile; try again"
         )));
     };
-    let images = match how {
-        Retry::Unpack => {
-            store.announce(&s).await?;
-            0
-        }
-        Retry::Publish => dispatch::dispatch_uncounted(store.bus(), store.state(), &s).await?,
-        Retry::Tag => {
-            dispatch::commit(store.bus(), &s).await?;
-            0
-        }
-    };
+    let images = report.dispatched;
     tracing::info!(bundle_id = %id, generation = s.generation, images, "bundle retried");
     Ok(Retried { summary: s, images })
 }
@@ -66,28 +55,40 @@ async fn stored(store: &Store, s: &BundleSummary) -> bool {
 
 /// Deletes a bundle: its stored files, its claim on the blob store, its state. Images
 /// in the registry stay. A bundle being unpacked or published is refused unless
-/// `force`.
+/// `force`; the phase is checked in the same compare-and-set that marks it `deleting`,
+/// so a bundle cannot start unpacking between the two. Its workers see the mark at
+/// their next check and stop, letting go of what they wrote.
 pub async fn delete(store: &Store, id: &BundleId, force: bool) -> Result<()> {
-    let s = store
-        .known(id)
-        .await?
-        .ok_or_else(|| Error::NotFound(id.to_string()))?;
-    if !force
-        && matches!(
-            s.phase,
-            Phase::Unpacking | Phase::Publishing | Phase::Tagging
-        )
-        && !s.deleting
-    {
+    let mut busy = None;
+    let marked = store
+        .state()
+        .update_if_known(id, |s| {
+            busy = None;
+            if s.deleting {
+                // Marked already: finish the delete.
+                return Some(());
+            }
+            if !force
+                && matches!(
+                    s.phase,
+                    Phase::Unpacking | Phase::Publishing | Phase::Tagging
+                )
+            {
+                busy = Some(s.phase);
+                return None;
+            }
+            s.deleting = true;
+            Some(())
+        })
+        .await?;
+    if let Some(phase) = busy {
         return Err(Error::Conflict(format!(
-            "{id} is {:?}; wait for it to end, or delete with ?force=true",
-            s.phase
+            "{id} is {phase:?}; wait for it to end, or delete with ?force=true"
         )));
     }
-    store
-        .state()
-        .update(id, |s| (!s.deleting).then(|| s.deleting = true))
-        .await?;
+    if marked.is_none() {
+        return Err(Error::NotFound(id.to_string()));
+    }
     remove_files(store, id).await?;
     store.state().remove(id).await?;
     tracing::info!(bundle_id = %id, "bundle deleted");
@@ -101,9 +102,7 @@ pub async fn remove_files(store: &Store, id: &BundleId) -> Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&dir, e)),
         _ => {}
     }
-    let cas = Cas::new(store.data());
-    let key = id.to_string();
-    let _ = tokio::task::spawn_blocking(move || cas.finish(&key)).await;
+    shipperd_state::effects::release_blobs(store.data(), id).await;
     Ok(())
 }
 

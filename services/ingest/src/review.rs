@@ -4,15 +4,20 @@
 //! `curl -H "Authorization: Bearer $(oc whoami -t)"` works for a user with that right.
 //!
 //! Answers are cached for a short time per token digest (30 s for an allowed user, 5 s
-//! for a refused one) so a busy client does not send two reviews per request; the cache is
-//! bounded. When the API server cannot be asked, the request is refused (503), never let
-//! through.
+//! for a refused one) so a busy client does not send two reviews per request. The caches
+//! are bounded and forget the least recently used first; approvals and refusals are kept
+//! apart, so a flood of made-up tokens (each a refusal) never pushes out the approvals of
+//! real users (and the gate limits failed authentications per client address before a
+//! review is asked for). When the API server cannot be asked, the request is refused
+//! (503), never let through.
 
 use std::{
-    collections::HashMap,
+    num::NonZeroUsize,
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+use lru::LruCache;
 
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
@@ -52,8 +57,9 @@ type Key = ([u8; 32], &'static str);
 pub struct Review {
     client: kube::Client,
     namespace: String,
-    /// Verdicts, with when they were given.
-    cache: Mutex<HashMap<Key, (Instant, Verdict)>>,
+    /// Verdicts, with when they were given: approvals, and apart from them refusals.
+    allowed: Mutex<LruCache<Key, Instant>>,
+    refused: Mutex<LruCache<Key, (Instant, Verdict)>>,
     asking: tokio::sync::Semaphore,
 }
 
@@ -62,7 +68,8 @@ impl Review {
         Review {
             client,
             namespace,
-            cache: Mutex::new(HashMap::new()),
+            allowed: Mutex::new(LruCache::new(cached())),
+            refused: Mutex::new(LruCache::new(cached())),
             asking: tokio::sync::Semaphore::new(MAX_ASKING),
         }
     }
@@ -74,8 +81,13 @@ impl Review {
     /// May the holder of `token` (its SHA-256 `digest`) do `verb` on bundles?
     pub async fn check(&self, token: &str, digest: [u8; 32], verb: &'static str) -> Verdict {
         let key = (digest, verb);
-        if let Some((at, v)) = self.cache.lock().expect("not poisoned").get(&key)
-            && at.elapsed() < ttl(v)
+        if let Some(at) = self.allowed.lock().expect("not poisoned").get(&key)
+            && at.elapsed() < ALLOWED_FOR
+        {
+            return Verdict::Allowed;
+        }
+        if let Some((at, v)) = self.refused.lock().expect("not poisoned").get(&key)
+            && at.elapsed() < REFUSED_FOR
         {
             return v.clone();
         }
@@ -91,15 +103,20 @@ impl Review {
                 ASK_TIMEOUT.as_secs()
             )),
         };
-        if !matches!(v, Verdict::Unavailable(_)) {
-            let mut cache = self.cache.lock().expect("not poisoned");
-            if cache.len() >= MAX_CACHED {
-                cache.retain(|_, (at, v)| at.elapsed() < ttl(v));
-                if cache.len() >= MAX_CACHED {
-                    cache.clear();
-                }
+        match &v {
+            Verdict::Allowed => {
+                self.allowed
+                    .lock()
+                    .expect("not poisoned")
+                    .put(key, Instant::now());
             }
-            cache.insert(key, (Instant::now(), v.clone()));
+            Verdict::Unauthenticated | Verdict::Forbidden { .. } => {
+                self.refused
+                    .lock()
+                    .expect("not poisoned")
+                    .put(key, (Instant::now(), v.clone()));
+            }
+            Verdict::Unavailable(_) => {}
         }
         v
     }
@@ -158,9 +175,6 @@ impl Review {
     }
 }
 
-fn ttl(v: &Verdict) -> Duration {
-    match v {
-        Verdict::Allowed => ALLOWED_FOR,
-        _ => REFUSED_FOR,
-    }
+fn cached() -> NonZeroUsize {
+    NonZeroUsize::new(MAX_CACHED).expect("not zero")
 }

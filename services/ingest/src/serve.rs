@@ -3,8 +3,10 @@
 //! its next request), and request bodies that must keep a minimum rate ([`Paced`]).
 
 use std::{
+    collections::HashMap,
+    net::IpAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -35,6 +37,10 @@ pub struct Bounds {
     pub body_window: Duration,
     /// Connections open at once; more are closed as they come.
     pub max_connections: usize,
+    /// Connections open at once from one client address: one client cannot take all
+    /// of `max_connections` (nor starve the probes, which may have a listener of their
+    /// own: `--health-listen`).
+    pub max_connections_per_client: usize,
     /// Uploads (bundles and parts) received at once; more are answered 503.
     pub max_uploads: usize,
     /// Free bytes the data volume keeps: an upload that would leave less is refused
@@ -52,6 +58,7 @@ impl Default for Bounds {
             min_body_rate: 16 << 10,
             body_window: Duration::from_secs(60),
             max_connections: 512,
+            max_connections_per_client: 64,
             max_uploads: 16,
             min_free_bytes: 1 << 30,
             max_stored_bytes: 0,
@@ -71,6 +78,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
     let open = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
+    let per_client = Arc::new(PerClient::new(bounds.max_connections_per_client.max(1)));
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -91,22 +99,26 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
+        let admitted = per_client
+            .admit(peer.ip())
+            .map(|mine| (mine, open.clone().try_acquire_owned()));
+        let Some((mine, Ok(permit))) = admitted else {
             METRICS.connections_refused.add(1);
             if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
                 warned = Some(tokio::time::Instant::now());
-                tracing::warn!(%peer, limit = bounds.max_connections, "connection refused: too many open (shipperd_ingest_connections_refused_total counts them)");
+                tracing::warn!(%peer, limit = bounds.max_connections, per_client = bounds.max_connections_per_client, "connection refused: too many open, in all or from this address (shipperd_ingest_connections_refused_total counts them)");
             }
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service =
+            TowerToHyperService::new(app.clone().layer(axum::Extension(Client(peer.ip()))));
         let http = http.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let handshake = bounds.header_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, mine);
             let result = match tls {
                 None => {
                     watcher
@@ -148,6 +160,58 @@ pub(crate) async fn serve(
         );
     }
     Ok(())
+}
+
+/// The address a request came from (an extension of every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Client(pub(crate) IpAddr);
+
+/// Connections open per client address, each at most `max`.
+struct PerClient {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection of a client, counted until dropped.
+struct Counted {
+    of: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl PerClient {
+    fn new(max: usize) -> Self {
+        PerClient {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a connection from `ip`, unless it has `max` open already. (The map holds
+    /// only addresses with connections open, so it is bounded by the total cap.)
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Counted> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            of: self.clone(),
+            ip,
+        })
+    }
 }
 
 /// Closes the connection after an answer given before the request's body was read to

@@ -12,13 +12,9 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use shipperd_bus::{
-    Bus, EventKind,
-    event::{encode, event_id},
-};
-use shipperd_model::{BundleId, BundleSummary, DataDir, Phase, TargetName};
-use shipperd_proto::v1;
-use shipperd_state::StateStore;
+use shipperd_bus::Bus;
+use shipperd_model::{BundleId, BundleSummary, DataDir, Effect, Effects, Phase, TargetName};
+use shipperd_state::{Executor, StateStore};
 use tokio::io::AsyncReadExt;
 
 use crate::{Error, Result, disk::DiskWriter, metrics::METRICS, serve::Bounds, space::Space};
@@ -45,6 +41,7 @@ pub struct Meta {
 pub struct Store {
     bus: Bus,
     state: StateStore,
+    executor: Executor,
     data: DataDir,
     max_bytes: u64,
     /// This process's own temp directory, `<data>/tmp/<instance>`: other replicas (and
@@ -194,8 +191,10 @@ impl Store {
                 .map_err(|e| Error::io(d, e))?;
         }
         let bounds = Bounds::default();
+        let state = StateStore::open(&bus).await?;
         Ok(Store {
-            state: StateStore::open(&bus).await?,
+            executor: Executor::new(bus.clone(), state.clone(), data.clone()),
+            state,
             bus,
             data: data.clone(),
             max_bytes,
@@ -507,11 +506,27 @@ impl Store {
             size += bytes;
             list.push_str(&sum);
         }
-        let extra = dir.join(format!("{:06}", parts + 1));
-        if tokio::fs::try_exists(&extra).await.unwrap_or(false) {
-            return Err(Error::BadPart(format!(
-                "{name} has a part {} but parts={parts} was given",
-                parts + 1
+        // Exactly parts 1..N become the bundle: a part beyond them is refused by name
+        // (it would otherwise be read as part of the bundle; nothing is lost).
+        let mut extra = Vec::new();
+        let mut entries = tokio::fs::read_dir(&dir)
+            .await
+            .map_err(|e| Error::io(&dir, e))?;
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = shipperd_bundle::parts::part_number(&name)
+                && n > parts
+            {
+                extra.push(n);
+            }
+        }
+        if !extra.is_empty() {
+            extra.sort();
+            let list: Vec<String> = extra.iter().map(u32::to_string).collect();
+            return Err(Error::Conflict(format!(
+                "{name} has part {} beyond parts={parts}: complete it with the right number of \
+                 parts, or start a new upload (nothing was kept as a bundle)",
+                list.join(", ")
             )));
         }
         let id = BundleId::from_sha256(&Sha256::digest(list.as_bytes()).into());
@@ -727,23 +742,16 @@ impl Store {
         })
     }
 
-    /// Sends `bundle.received` for `s` (its generation's; a retry that unpacks again
-    /// sends another).
+    /// Sends `bundle.received` for `s` (its generation's and re-drive's).
     pub(crate) async fn announce(&self, s: &BundleSummary) -> Result<()> {
-        let body = v1::BundleReceived {
-            bundle_id: s.id.to_string(),
-            name: s.name.clone(),
-            size: s.size,
-            path: s.path.clone(),
-        };
-        let id = format!(
-            "{}{}",
-            event_id(EventKind::BundleReceived, &s.id, None),
-            s.resend_suffix()
-        );
-        self.bus
-            .publish_event(EventKind::BundleReceived, &id, &s.id, encode(&body))
+        self.executor
+            .perform(s, &Effects::of([Effect::Announce]))
             .await?;
         Ok(())
+    }
+
+    /// The executor of state transitions' effects.
+    pub fn executor(&self) -> &Executor {
+        &self.executor
     }
 }

@@ -21,9 +21,9 @@ use sha2::{Digest, Sha256};
 use shipperd_bus::{
     Bus, ConsumerSpec, IncomingEvent,
     subjects::{EVENTS_STREAM, EVENTS_SUBJECTS, NOTIFY_CONSUMER_PREFIX},
-    worker::{self, Outcome},
 };
-use shipperd_model::{Secret, redact_url as redact};
+use shipperd_model::{Secret, url_origin as redact};
+use shipperd_pipeline::pull::{self, Outcome};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -294,13 +294,13 @@ async fn serve_target(
     stop: CancellationToken,
 ) {
     let concurrency = target.config.concurrency;
-    worker::run(
+    pull::run(
         "notify",
         consumer,
         concurrency,
         Duration::from_secs(15),
         stop,
-        move |msg| {
+        move |msg, _| {
             let target = target.clone();
             async move { deliver(&target, msg).await }
         },
@@ -318,18 +318,18 @@ async fn deliver(target: &Target, msg: Message) {
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, subject = %msg.subject, "not a ShipperD event; skipping");
-            return worker::settle(&msg, Outcome::Term).await;
+            return pull::settle(&msg, Outcome::Term).await;
         }
     };
     if !target.types.is_empty() && !target.types.iter().any(|t| t == event.kind.type_name()) {
-        return worker::settle(&msg, Outcome::Ack).await;
+        return pull::settle(&msg, Outcome::Ack).await;
     }
     let span = tracing::info_span!("notify", event = %event.id, target = %redact(&target.url));
     shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
-    let outcome = post(target, &event, worker::delivered(&msg))
+    let outcome = post(target, &event, pull::delivered(&msg))
         .instrument(span)
         .await;
-    worker::settle(&msg, outcome).await;
+    pull::settle(&msg, outcome).await;
 }
 
 async fn post(target: &Target, event: &IncomingEvent, attempt: i64) -> Outcome {
@@ -374,12 +374,8 @@ async fn post(target: &Target, event: &IncomingEvent, attempt: i64) -> Outcome {
         tracing::error!(attempt, failure, "giving up on this event for this webhook");
         return Outcome::Term;
     }
-    let exp = (attempt.clamp(1, 30) - 1) as u32;
-    let delay = target
-        .config
-        .retry_initial
-        .saturating_mul(2u32.saturating_pow(exp))
-        .min(target.config.retry_max);
+    let delay = shipperd_model::Backoff::new(target.config.retry_initial, target.config.retry_max)
+        .delay(attempt.clamp(1, 64) as u32);
     tracing::warn!(
         attempt,
         failure,

@@ -80,7 +80,7 @@ pub async fn reconcile(wt: Arc<WebhookTarget>, ctx: Arc<WebhooksContext>) -> Res
         mine.map(|()| {
             format!(
                 "{} gets events; written to {}",
-                shipperd_model::redact_url(&wt.spec.url),
+                shipperd_model::url_origin(&wt.spec.url),
                 ctx.file.display()
             )
         }),

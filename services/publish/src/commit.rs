@@ -12,76 +12,102 @@
 //! tag set twice is harmless: same bytes, same digest). `image.published` goes out as
 //! each image's tag is set; then the bundle is `Published` and announced.
 //!
-//! A commit the registry keeps refusing (after `max_deliver` attempts, or at once for
-//! an answer retrying cannot fix) fails the bundle; some tags may be set then. Its
+//! The commit is a stage of its own on the runtime (consumer `commit`). A commit the
+//! registry keeps refusing (after the stage's attempts, or at once for an answer
+//! retrying cannot fix) fails the bundle; some tags may be set then. Its
 //! images are all in the registry, so a retry runs the commit again, pushing nothing.
 
-use std::time::Duration;
-
 use async_nats::jetstream::Message;
-use futures::{FutureExt as _, TryStreamExt as _};
-use shipperd_bus::worker::{self, Outcome};
+use futures::TryStreamExt as _;
+use shipperd_bus::{MessageId, Topic};
 use shipperd_model::{BundleId, BundleSummary, ImagePhase, ImageState, Phase};
-use shipperd_state::lifecycle;
+use shipperd_pipeline::{Attempt, Done, GiveUp, Stage};
+use shipperd_proto::v1;
+use std::sync::Arc;
 
-use crate::{Ctx, Error, Registry, RegistryError, Result, announce_image, referrers_tags};
+use crate::{Ctx, Error, Registry, RegistryError, Result, referrers_tags};
 
 /// Images read, tagged and noted in the summary at a time.
 const COMMIT_BATCH: u32 = 256;
 
-/// Handles a commit job; how to settle it.
-pub(crate) async fn commit(ctx: &Ctx, msg: &Message, id: &BundleId) -> Outcome {
-    let work = std::panic::AssertUnwindSafe(try_commit(ctx, id)).catch_unwind();
-    let result = match worker::with_progress(msg, Duration::from_secs(15), work).await {
-        Ok(r) => r,
-        Err(panic) => Err(Error::Internal(worker::panic_message(&*panic))),
-    };
-    let attempt = worker::delivered(msg);
-    match result {
-        Ok(()) => Outcome::Ack,
-        Err(e) if e.is_transient() && attempt < ctx.config.max_deliver => {
-            let n = attempt.clamp(1, 6) as u32;
-            let delay = (ctx.config.retry_base * 2u32.pow(n - 1)).min(Duration::from_secs(60));
-            tracing::warn!(error = %e, ?delay, attempt, "setting the tags failed; will retry");
-            Outcome::Retry(delay)
-        }
-        Err(e) => {
-            let error = format!(
-                "setting the tags failed (every image is in the registry; a retry sets \
-                 them again): {e}"
-            );
-            tracing::warn!(%error, "commit failed");
-            match lifecycle::fail_bundle(&ctx.bus, &ctx.state, id, error).await {
-                Ok(_) => Outcome::Term,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot record the failed commit; will retry");
-                    Outcome::Retry(ctx.config.retry_base)
-                }
-            }
-        }
+/// A commit job: set the tags of one bundle's generation.
+pub(crate) struct Job {
+    id: BundleId,
+    generation: u32,
+}
+
+/// The stage that sets a bundle's tags.
+pub(crate) struct CommitStage(pub(crate) Arc<Ctx>);
+
+impl Stage for CommitStage {
+    type Job = Job;
+    type Error = Error;
+    const NAME: &'static str = "commit";
+
+    fn decode(&self, msg: &Message) -> Option<Job> {
+        let job: v1::PublishJob = prost::Message::decode(msg.payload.as_ref()).ok()?;
+        Some(Job {
+            id: BundleId::parse(&job.bundle_id).ok()?,
+            generation: job.generation,
+        })
+    }
+
+    fn work(&self, job: &Job) -> MessageId {
+        MessageId::new(&job.id, Topic::Commit, job.generation)
+    }
+
+    fn span(&self, job: &Job) -> tracing::Span {
+        tracing::info_span!("commit", bundle_id = %job.id)
+    }
+
+    async fn handle(&self, job: &Job, _: Attempt) -> Result<Done> {
+        commit(&self.0, job).await
+    }
+
+    async fn give_up(&self, job: &Job, why: GiveUp<Error>) -> Result<Done> {
+        let error = format!(
+            "setting the tags failed (every image is in the registry; a retry sets them \
+             again): {}",
+            why.reason()
+        );
+        let failed = self
+            .0
+            .state
+            .update_if_known(&job.id, |s| {
+                (s.generation == job.generation && s.phase == Phase::Tagging)
+                    .then(|| s.fail(error.clone()))
+                    .flatten()
+            })
+            .await?;
+        Ok(match failed {
+            Some((effects, s)) => Done::then(s, effects),
+            None => Done::nothing(),
+        })
     }
 }
 
-async fn try_commit(ctx: &Ctx, id: &BundleId) -> Result<()> {
+async fn commit(ctx: &Ctx, job: &Job) -> Result<Done> {
+    let id = &job.id;
     let Some(s) = ctx.state.summary(id).await? else {
-        return Ok(());
+        return Ok(Done::nothing());
     };
-    if s.deleting {
-        return Ok(());
+    if s.deleting || s.generation != job.generation {
+        // Deleted, or a commit of an earlier round (the bundle was retried since).
+        return Ok(Done::nothing());
     }
     match s.phase {
         Phase::Tagging => {}
         p if p.is_terminal() => {
-            return Ok(lifecycle::announce_if_done(&ctx.bus, &ctx.state, &s).await?);
+            let effects = s.follow_up();
+            return Ok(Done::then(s, effects));
         }
-        // A commit of an earlier round (the bundle was retried and is publishing again).
-        _ => return Ok(()),
+        _ => return Ok(Done::nothing()),
     }
     let reg = &ctx.registry(s.target.as_ref())?;
     // Every image's content is in the registry: the commit reads only plans, so the
     // bundle's expanded blobs can go now (a retried commit needs none either).
     ctx.bundles.forget(id);
-    crate::release_blobs(&ctx.config.data_dir, id).await;
+    shipperd_state::effects::release_blobs(&ctx.config.data_dir, id).await;
     let generation = s.generation;
     let mut at = s.tag_cursor;
     let started = std::time::Instant::now();
@@ -90,32 +116,31 @@ async fn try_commit(ctx: &Ctx, id: &BundleId) -> Result<()> {
         ctx.state
             .images(id, at, end)
             .map_err(Error::from)
-            .try_for_each_concurrent(ctx.config.concurrency, |img| tag(ctx, &s, reg, img))
+            .try_for_each_concurrent(ctx.config.tag_concurrency, |img| tag(ctx, &s, reg, img))
             .await?;
         let noted = ctx
             .state
-            .update(id, |r| r.tagged_through(end, generation).then_some(()))
+            .update_if_known(id, |r| r.tagged_through(end, generation).then_some(()))
             .await?;
         if noted.is_none() {
             // Retried, failed or deleted meanwhile: this commit is over.
-            return Ok(());
+            return Ok(Done::nothing());
         }
         at = end;
     }
-    let Some(((), s)) = ctx
+    let Some((effects, s)) = ctx
         .state
-        .update(id, |r| r.tagged(generation).then_some(()))
+        .update_if_known(id, |r| r.tagged(generation))
         .await?
     else {
-        return Ok(());
+        return Ok(Done::nothing());
     };
     tracing::info!(
         images = s.counts.total,
         secs = started.elapsed().as_secs_f64(),
         "tags set"
     );
-    lifecycle::announce_if_done(&ctx.bus, &ctx.state, &s).await?;
-    Ok(())
+    Ok(Done::then(s, effects))
 }
 
 /// Sets one image's tag (and its referrers' fallback tag), then sends `image.published`.
@@ -173,5 +198,5 @@ async fn tag(ctx: &Ctx, s: &BundleSummary, reg: &Registry, img: ImageState) -> R
         }
     }
     referrers_tags(reg, repo, &plan).await?;
-    announce_image(ctx, s, &img).await
+    Ok(ctx.executor.image_ended(s, &img).await?)
 }

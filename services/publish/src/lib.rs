@@ -28,24 +28,25 @@ mod tags;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{Message, consumer::DeliverPolicy};
-use futures::{FutureExt as _, StreamExt as _};
-use shipperd_bundle::{Location, PlanBlobs, StoredPlan, cas::Cas};
+use async_nats::jetstream::Message;
+use futures::StreamExt as _;
+use shipperd_bundle::{Location, PlanBlobs, StoredPlan};
 use shipperd_bus::{
-    Bus, ConsumerSpec, EventKind,
-    event::{encode, event_id},
-    subjects::{BLOBS_BUCKET, JOBS_STREAM, PUBLISH_CONSUMER, PUBLISH_JOB_SUBJECT},
-    worker::{self, Outcome},
+    Bus, MessageId, Topic,
+    subjects::{
+        BLOBS_BUCKET, COMMIT_CONSUMER, COMMIT_JOB_SUBJECT, JOBS_STREAM, PUBLISH_CONSUMER,
+        PUBLISH_JOB_SUBJECT,
+    },
 };
 use shipperd_model::{
-    BlobCounts, BundleId, BundleSummary, DataDir, ImagePhase, ImageState, Outcome as ImageOutcome,
-    Phase, PlanRef, TargetName,
+    Backoff, BlobCounts, BundleId, BundleSummary, DataDir, ImageState, Outcome as ImageOutcome,
+    Phase, PlanRef, Reference, TargetName,
 };
+use shipperd_pipeline::{Attempt, Class, Classify, Done, GiveUp, Runtime, Settings, Stage};
 use shipperd_proto::v1;
 use shipperd_registry_targets::{LiveTargets, Targets};
-use shipperd_state::{StateStore, dispatch::image_ref, finish, lifecycle};
+use shipperd_state::{Executor, StateStore, finish};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use progress::Progress;
 pub use registry::{BlobOutcome, Registry, RegistryError, lease_key};
@@ -64,7 +65,7 @@ pub enum Error {
         #[source]
         source: RegistryError,
     },
-    /// A bug: something panicked.
+    /// A bug: something that cannot happen did.
     #[error("internal error (a bug; please report it): {0}")]
     Internal(String),
 }
@@ -75,20 +76,9 @@ impl Error {
         move |source| Error::Registry { what, source }
     }
 
-    /// Could trying again later succeed? (The registry or NATS may recover; a broken
-    /// bundle, an unknown target or a refusal will not.)
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Error::Bus(e) => e.kind() != shipperd_bus::ErrorKind::Permanent,
-            Error::Bundle(e) => e.kind() == shipperd_bundle::ErrorKind::Io,
-            Error::Target(_) | Error::Internal(_) => false,
-            Error::Registry { source, .. } => source.is_transient(),
-        }
-    }
-
     /// The failure without what is particular to one image, for grouping; a defect of
     /// the bundle (a corrupt or missing blob) names the image, for a person to act on.
-    pub fn cause(&self, image: &shipperd_model::Reference) -> String {
+    pub fn cause(&self, image: &Reference) -> String {
         match self {
             Error::Registry {
                 source: source @ (RegistryError::Changed(_) | RegistryError::Missing(_)),
@@ -98,6 +88,24 @@ impl Error {
             Error::Bundle(_) => "cannot read the stored bundle".into(),
             Error::Bus(_) => "NATS failed".into(),
             other => other.to_string(),
+        }
+    }
+}
+
+/// Could trying again later succeed? The registry or NATS may recover; a broken bundle,
+/// an unknown target or a refusal will not.
+impl Classify for Error {
+    fn class(&self) -> Class {
+        let transient = match self {
+            Error::Bus(e) => return e.class(),
+            Error::Bundle(e) => e.kind() == shipperd_bundle::ErrorKind::Io,
+            Error::Target(_) | Error::Internal(_) => false,
+            Error::Registry { source, .. } => source.is_transient(),
+        };
+        if transient {
+            Class::Transient
+        } else {
+            Class::Permanent
         }
     }
 }
@@ -114,12 +122,13 @@ pub struct Config {
     /// The file `targets` came from: read again when it changes (the next image uses
     /// what it says; images under way finish with what they began with).
     pub targets_file: Option<std::path::PathBuf>,
-    /// Images pushed at once by this replica.
-    pub concurrency: usize,
-    /// Attempts at one image before a registry error that may heal fails it.
-    pub max_deliver: i64,
-    /// First retry delay of a job; doubles per delivery, up to a minute.
-    pub retry_base: Duration,
+    /// How the image stage runs: images pushed at once by this replica, attempts at
+    /// one image before a registry error that may heal fails it (a worker that died
+    /// counts), retry delays, the ack wait. The commit stage runs with the same
+    /// attempts and delays, one bundle at a time.
+    pub stage: Settings,
+    /// Tags set at once by a commit.
+    pub tag_concurrency: usize,
     /// Least time between two progress reports of one image.
     pub progress_interval: Duration,
 }
@@ -135,22 +144,30 @@ impl Config {
             data_dir: DataDir::new(data_dir.into()),
             targets,
             targets_file: None,
-            concurrency: 16,
-            max_deliver: 5,
-            retry_base: Duration::from_secs(2),
+            stage: Settings {
+                concurrency: 16,
+                backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(60)),
+                ..Settings::default()
+            },
+            tag_concurrency: 16,
             progress_interval: Duration::from_secs(2),
+        }
+    }
+
+    /// How the commit stage runs.
+    fn commit_stage(&self) -> Settings {
+        Settings {
+            concurrency: 2,
+            ..self.stage.clone()
         }
     }
 }
 
-/// Deliveries the server makes beyond `max_deliver`: room to record a failure after the
-/// last attempt (the janitor re-drives an image the server gave up on).
-const RECORD_SLACK: i64 = 10;
-
 struct Ctx {
     bus: Bus,
     state: StateStore,
-    /// One client per target, by name.
+    /// For events sent while a job runs (a commit's `image.published`, tag by tag).
+    executor: Executor,
     /// The targets now, and a client per target built for them (dropped when they
     /// change).
     targets: LiveTargets,
@@ -193,10 +210,12 @@ struct Stats {
     bytes_total: u64,
 }
 
-/// A started publish service.
+/// A started publish service: the image stage and the commit stage.
 pub struct Publish {
     ctx: Arc<Ctx>,
-    consumer: async_nats::jetstream::consumer::PullConsumer,
+    runtime: Runtime,
+    images: async_nats::jetstream::consumer::PullConsumer,
+    commits: async_nats::jetstream::consumer::PullConsumer,
 }
 
 impl Publish {
@@ -205,16 +224,19 @@ impl Publish {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let bus = Bus::connect(&config.nats_url, "shipperd-publish").await?;
         bus.ensure_topology().await?;
-        let consumer = bus
-            .consumer(&ConsumerSpec {
-                stream: JOBS_STREAM,
-                durable: PUBLISH_CONSUMER.into(),
-                filter: PUBLISH_JOB_SUBJECT.into(),
-                ack_wait: Duration::from_secs(60),
-                max_deliver: config.max_deliver + RECORD_SLACK,
-                max_ack_pending: 4096,
-                deliver_policy: DeliverPolicy::All,
-            })
+        let images = bus
+            .consumer(&config.stage.consumer(
+                JOBS_STREAM,
+                PUBLISH_CONSUMER,
+                PUBLISH_JOB_SUBJECT.into(),
+            ))
+            .await?;
+        let commits = bus
+            .consumer(&config.commit_stage().consumer(
+                JOBS_STREAM,
+                COMMIT_CONSUMER,
+                COMMIT_JOB_SUBJECT.into(),
+            ))
             .await?;
         let blobs = bus.bucket(BLOBS_BUCKET).await?;
         let mut registries = HashMap::new();
@@ -224,10 +246,13 @@ impl Publish {
             registries.insert(t.name.clone(), Arc::new(r));
         }
         let state = StateStore::open(&bus).await?;
+        let executor = Executor::new(bus.clone(), state.clone(), config.data_dir.clone());
         Ok(Publish {
+            runtime: Runtime::new(&bus, executor.clone()).await?,
             ctx: Arc::new(Ctx {
                 bus,
                 state,
+                executor,
                 targets: LiveTargets::new(config.targets.clone(), config.targets_file.clone()),
                 registries: std::sync::Mutex::new((0, registries)),
                 blobs: blobs.clone(),
@@ -235,29 +260,31 @@ impl Publish {
                 tags: tags::Tags::new(blobs),
                 config,
             }),
-            consumer,
+            images,
+            commits,
         })
     }
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
-        let ctx = self.ctx.clone();
+        let ctx = self.ctx;
         tokio::spawn(
             ctx.targets
                 .clone()
                 .follow(Duration::from_secs(2), shutdown.clone().cancelled_owned()),
         );
-        worker::run(
-            "publish",
-            self.consumer,
-            ctx.config.concurrency,
-            Duration::from_secs(30),
+        let images = self.runtime.run(
+            Arc::new(ImageStage(ctx.clone())),
+            self.images,
+            ctx.config.stage.clone(),
+            shutdown.clone(),
+        );
+        let commits = self.runtime.run(
+            Arc::new(commit::CommitStage(ctx.clone())),
+            self.commits,
+            ctx.config.commit_stage(),
             shutdown,
-            move |msg| {
-                let ctx = ctx.clone();
-                async move { handle(&ctx, msg).await }
-            },
-        )
-        .await;
+        );
+        tokio::join!(images, commits);
         Ok(())
     }
 }
@@ -267,112 +294,101 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     Publish::start(config).await?.serve(shutdown).await
 }
 
-/// A job we can act on.
-struct Job {
+/// A publish job: one image of one bundle, of one generation.
+pub struct Job {
     id: BundleId,
     index: u32,
+    generation: u32,
     plan: PlanRef,
+    source: Reference,
     target: String,
 }
 
-enum Work {
-    /// Push one image's content.
-    Image(Job),
-    /// Set the tags of a bundle whose images are all in the registry.
-    Commit(BundleId),
-}
+/// The stage that pushes one image's content.
+struct ImageStage(Arc<Ctx>);
 
-fn decode_job(b: &[u8]) -> Option<Work> {
-    let job: v1::PublishJob = prost::Message::decode(b).ok()?;
-    let id = BundleId::parse(&job.bundle_id).ok()?;
-    if job.commit {
-        return Some(Work::Commit(id));
+impl Stage for ImageStage {
+    type Job = Job;
+    type Error = Error;
+    const NAME: &'static str = "publish";
+
+    fn decode(&self, msg: &Message) -> Option<Job> {
+        let job: v1::PublishJob = prost::Message::decode(msg.payload.as_ref()).ok()?;
+        let image = job.image?;
+        Some(Job {
+            id: BundleId::parse(&job.bundle_id).ok()?,
+            index: image.index,
+            generation: job.generation,
+            plan: PlanRef {
+                offset: job.plan_offset,
+                len: job.plan_length,
+            },
+            source: Reference::parse(&image.source).ok()?,
+            target: image.target,
+        })
     }
-    Some(Work::Image(Job {
-        id,
-        index: job.image.as_ref()?.index,
-        plan: PlanRef {
-            offset: job.plan_offset,
-            len: job.plan_length,
-        },
-        target: job.image?.target,
-    }))
-}
 
-async fn handle(ctx: &Ctx, msg: Message) {
-    let job = match decode_job(&msg.payload) {
-        Some(Work::Image(job)) => job,
-        Some(Work::Commit(id)) => {
-            let span = tracing::info_span!("commit", bundle_id = %id);
-            shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
-            let outcome = commit::commit(ctx, &msg, &id).instrument(span).await;
-            return worker::settle(&msg, outcome).await;
-        }
-        None => {
-            tracing::error!("undecodable publish job; dropping it");
-            return worker::settle(&msg, Outcome::Term).await;
-        }
-    };
-    let span = tracing::info_span!("publish", bundle_id = %job.id, image = %job.target);
-    shipperd_bus::trace::set_parent(&span, msg.headers.as_ref());
-    let outcome = async {
-        let work = std::panic::AssertUnwindSafe(process(ctx, &msg, &job)).catch_unwind();
-        let result = match work.await {
-            Ok(r) => r,
-            Err(panic) => {
-                let e = Error::Internal(worker::panic_message(&*panic));
-                tracing::error!(error = %e, "publishing an image panicked");
-                let cause = e.to_string();
-                record(ctx, &job, ImageOutcome::failed(e.to_string(), cause)).await
+    fn work(&self, job: &Job) -> MessageId {
+        MessageId::new(&job.id, Topic::Publish(job.index), job.generation)
+    }
+
+    fn span(&self, job: &Job) -> tracing::Span {
+        tracing::info_span!("publish", bundle_id = %job.id, image = %job.target)
+    }
+
+    async fn handle(&self, job: &Job, attempt: Attempt) -> Result<Done> {
+        process(&self.0, job, attempt).await
+    }
+
+    async fn give_up(&self, job: &Job, why: GiveUp<Error>) -> Result<Done> {
+        let outcome = match &why {
+            GiveUp::Error {
+                error, attempts, ..
+            } => {
+                let mut o = ImageOutcome::failed(error.to_string(), error.cause(&job.source));
+                o.attempts = *attempts;
+                o
             }
+            GiveUp::Spent(spent) => {
+                let mut o = ImageOutcome::failed(spent.to_string(), spent.cause());
+                o.attempts = spent.record.started;
+                o
+            }
+            GiveUp::Panic(_) => ImageOutcome::failed(why.reason(), why.reason()),
         };
-        match result {
-            Ok(o) => o,
-            Err(error) => {
-                tracing::warn!(%error, "cannot record the image's outcome; will retry");
-                Outcome::Retry(ctx.config.retry_base)
-            }
-        }
+        record(&self.0, job, outcome).await
     }
-    .instrument(span)
-    .await;
-    worker::settle(&msg, outcome).await;
 }
 
-async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
+async fn process(ctx: &Ctx, job: &Job, attempt: Attempt) -> Result<Done> {
     let Some(s) = ctx.state.summary(&job.id).await? else {
         tracing::error!("job for an unknown bundle; dropping it");
-        return Ok(Outcome::Term);
+        return Ok(Done::nothing());
     };
     let Some((img, revision)) = ctx.state.image(&job.id, job.index).await? else {
         tracing::error!(
             index = job.index,
             "job for an image the bundle does not have"
         );
-        return Ok(Outcome::Term);
+        return Ok(Done::nothing());
     };
-    if s.deleting {
-        return Ok(Outcome::Term);
+    if s.deleting || job.generation != s.generation {
+        // Deleted, or a job of another generation (a retry started a new one, whose
+        // own jobs went out): nothing to do.
+        return Ok(Done::nothing());
     }
     if img.is_counted(s.generation) || s.claims.contains_key(&job.index) {
-        // Done (or decided) by an earlier delivery: finish what it began, make sure its
-        // events went out (de-duplicated).
-        if let Some(f) = finish::resume(&ctx.state, &job.id, job.index).await? {
-            announce(ctx, &f.summary, &f.image).await?;
-        }
-        return Ok(Outcome::Ack);
+        // Done (or decided) by an earlier delivery: finish what it began, make sure
+        // what follows went out (de-duplicated).
+        return Ok(
+            match finish::resume(&ctx.state, &job.id, job.index).await? {
+                Some(f) => done(ctx, f),
+                None => Done::nothing(),
+            },
+        );
     }
     if s.phase != Phase::Publishing {
-        // A job of an earlier round (the bundle is being unpacked again).
-        return Ok(Outcome::Ack);
-    }
-    let attempt = worker::delivered(msg);
-    if attempt > ctx.config.max_deliver {
-        // The last attempt could not record its outcome: record it now.
-        let last = img.error.clone().unwrap_or_else(|| "unknown error".into());
-        let cause = format!("gave up after {} attempts", ctx.config.max_deliver);
-        let error = format!("{cause}: {last}");
-        return record(ctx, job, ImageOutcome::failed(error, cause)).await;
+        return Ok(Done::nothing());
     }
     let progress = Progress::default();
     let reporter = progress::Reporter::start(
@@ -384,126 +400,50 @@ async fn process(ctx: &Ctx, msg: &Message, job: &Job) -> Result<Outcome> {
         progress.clone(),
         ctx.config.progress_interval,
     );
-    let pushed = worker::with_progress(
-        msg,
-        Duration::from_secs(15),
-        push(ctx, &s, &img, job.plan, &progress),
-    )
-    .await;
+    let pushed = push(ctx, &s, &img, job.plan, &progress).await;
     let revision = reporter.stop().await;
-    let tried = |mut o: ImageOutcome| {
-        o.attempts = attempt as u32;
-        o
-    };
     match pushed {
         Ok(stats) => {
-            let outcome =
+            let mut outcome =
                 ImageOutcome::published(stats.bytes_total, stats.image_skipped, stats.blobs);
-            record(ctx, job, tried(outcome)).await
+            outcome.attempts = attempt.number;
+            record(ctx, job, outcome).await
         }
-        Err(e) if e.is_transient() && attempt < ctx.config.max_deliver => {
-            let n = attempt.clamp(1, 6) as u32;
-            let delay = (ctx.config.retry_base * 2u32.pow(n - 1)).min(Duration::from_secs(60));
-            tracing::warn!(error = %e, ?delay, attempt, "image push failed; will retry");
+        Err(e) => {
+            // What this attempt got to, for the status; over what this job last wrote
+            // only: a concurrent delivery's outcome stands.
             let mut img = img;
             img.error = Some(e.to_string());
-            img.attempts = attempt as u32;
+            img.attempts = attempt.number;
             img.bytes_done = progress.get().0;
-            // Only over what this job last wrote: a concurrent delivery's outcome stands.
             if let Some(rev) = revision
                 && let Err(error) = ctx.state.update_image(&job.id, &img, rev).await
             {
                 tracing::debug!(%error, "cannot note the failed attempt");
             }
-            Ok(Outcome::Retry(delay))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, attempt, "image failed");
-            let outcome = ImageOutcome::failed(e.to_string(), e.cause(&img.source));
-            record(ctx, job, tried(outcome)).await
+            Err(e)
         }
     }
 }
 
-/// Counts the image's outcome (once), announces it, and the bundle if this ended it.
-async fn record(ctx: &Ctx, job: &Job, outcome: ImageOutcome) -> Result<Outcome> {
-    let Some(f) = finish::finish_image(&ctx.state, &job.id, job.index, &outcome).await? else {
-        return Ok(Outcome::Ack);
-    };
-    announce(ctx, &f.summary, &f.image).await?;
-    Ok(Outcome::Ack)
+/// Counts the image's outcome (once, in the job's generation); what follows it.
+async fn record(ctx: &Ctx, job: &Job, outcome: ImageOutcome) -> Result<Done> {
+    let finished =
+        finish::finish_image(&ctx.state, &job.id, job.index, job.generation, &outcome).await?;
+    Ok(match finished {
+        Some(f) => done(ctx, f),
+        None => Done::nothing(),
+    })
 }
 
-/// Sends the image's event (a failure now; a pushed image's once its tag is set, by the
-/// commit, unless its tag was there already), then: the commit job when every image of
-/// the bundle is in the registry, or the bundle's event when it has ended (a published
-/// bundle's blobs in the shared store are let go).
-async fn announce(ctx: &Ctx, s: &BundleSummary, img: &ImageState) -> Result<()> {
-    if img.phase == ImagePhase::Failed || img.skipped {
-        announce_image(ctx, s, img).await?;
+/// What follows an image's recorded outcome (its event, the commit, the bundle's end);
+/// an ended bundle's opened files are let go.
+fn done(ctx: &Ctx, f: finish::Finished) -> Done {
+    if f.summary.phase.is_terminal() {
+        ctx.bundles.forget(&f.summary.id);
     }
-    if s.phase == Phase::Tagging {
-        shipperd_state::dispatch::commit(&ctx.bus, s).await?;
-    }
-    if s.phase.is_terminal() {
-        lifecycle::announce_if_done(&ctx.bus, &ctx.state, s).await?;
-        ctx.bundles.forget(&s.id);
-        if s.phase == Phase::Published {
-            release_blobs(&ctx.config.data_dir, &s.id).await;
-        }
-    }
-    Ok(())
-}
-
-/// Lets go of the blobs a published bundle claimed in the content-addressed store, and
-/// deletes those no other bundle needs. (A failed bundle keeps them for a retry, until
-/// its files expire or it is deleted.)
-async fn release_blobs(data: &DataDir, id: &BundleId) {
-    let cas = Cas::new(data);
-    let id = id.to_string();
-    let _ = tokio::task::spawn_blocking(move || cas.finish(&id)).await;
-}
-
-/// `image.published` or `image.failed` for `img`.
-async fn announce_image(ctx: &Ctx, s: &BundleSummary, img: &ImageState) -> Result<()> {
-    let image = Some(image_ref(img));
-    let (kind, body) = match img.phase {
-        ImagePhase::Pending => return Ok(()),
-        ImagePhase::Published => {
-            let b = &img.blobs;
-            let body = v1::ImagePublished {
-                bundle_id: s.id.to_string(),
-                image,
-                blobs_pushed: b.uploaded as u32,
-                blobs_mounted: b.mounted as u32,
-                blobs_skipped: b.present as u32,
-                bytes_pushed: b.uploaded_bytes,
-                skipped: img.skipped,
-                target_name: ctx
-                    .targets
-                    .get()
-                    .get(s.target.as_ref())
-                    .map(|t| t.name.to_string())
-                    .unwrap_or_default(),
-            };
-            (EventKind::ImagePublished, encode(&body))
-        }
-        ImagePhase::Failed => {
-            let body = v1::ImageFailed {
-                bundle_id: s.id.to_string(),
-                image,
-                error: img.error.clone().unwrap_or_default(),
-            };
-            (EventKind::ImageFailed, encode(&body))
-        }
-    };
-    let id = format!(
-        "{}{}",
-        event_id(kind, &s.id, Some(img.index)),
-        shipperd_model::state::generation_suffix(img.generation)
-    );
-    ctx.bus.publish_event(kind, &id, &s.id, body).await?;
-    Ok(())
+    let effects = f.summary.after_image(&f.image);
+    Done::then(f.summary, effects)
 }
 
 /// Reads the image's plan and pushes it.

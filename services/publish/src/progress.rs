@@ -11,13 +11,10 @@ use std::sync::{
 };
 use std::time::Duration;
 
-use shipperd_bus::{
-    Bus, EventKind,
-    event::{encode, event_id},
-};
+use shipperd_bus::{Bus, EventKind, MessageId, Topic, event::encode};
 use shipperd_model::{BundleSummary, ImageState};
 use shipperd_proto::v1;
-use shipperd_state::{StateStore, dispatch::image_ref};
+use shipperd_state::{StateStore, effects::image_ref};
 
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -143,12 +140,15 @@ async fn report(
         images_done: s.counts.done(),
         images_total: s.counts.total,
     };
-    let id = format!(
-        "{}.{}",
-        event_id(EventKind::ImageProgress, &s.id, Some(image.index)),
-        image.bytes_done
+    let id = MessageId::new(
+        &s.id,
+        Topic::Progress {
+            index: image.index,
+            bytes: image.bytes_done,
+        },
+        s.generation,
     );
-    bus.publish_event(EventKind::ImageProgress, &id, &s.id, encode(&body))
+    bus.publish_event(EventKind::ImageProgress, &id, encode(&body))
         .await
         .map(|_| ())
 }

@@ -700,7 +700,7 @@ fn reader_loop(
             .unwrap_or_else(|p| {
                 Err(BodyError::Panicked(format!(
                     "the blob reader panicked: {}",
-                    shipperd_bus::worker::panic_message(&*p)
+                    shipperd_pipeline::panic_message(&*p)
                 )))
             });
         if let Err(e) = result {

@@ -18,7 +18,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_nats::jetstream::kv;
 use reqwest::{Method, RequestBuilder, Response, header::HeaderValue};
 use sha2::{Digest as _, Sha256};
-use shipperd_model::Digest;
+use shipperd_model::{Backoff, Digest};
 use shipperd_registry_targets::{Target, Transfer};
 
 pub use blob::BlobOutcome;
@@ -198,35 +198,30 @@ impl Registry {
     }
 
     /// [`Registry::send_once`] with retries on 429, 5xx and broken or stalled
-    /// connections: `Retry-After` when the registry gives one, else exponential backoff
-    /// with full jitter, `retries` attempts in all.
+    /// connections: after `Retry-After` when the registry gives one, else after the
+    /// target's backoff, `retries` attempts in all.
     pub(crate) async fn send(&self, call: &Call<'_>) -> Result<Response, RegistryError> {
-        let mut attempt = 0;
-        loop {
-            match self.send_once(call, &Moved::default()).await {
-                Ok(r) => return Ok(r),
-                Err(e) if e.is_retryable() && attempt + 1 < self.target.transfer.retries => {
-                    let delay = self.backoff(attempt, e.retry_after());
-                    tracing::debug!(error = %e, ?delay, url = %shipperd_model::redact_url(&call.url), "registry request failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        use backon::Retryable as _;
+        let t = &self.target.transfer;
+        (|| async { self.send_once(call, &Moved::default()).await })
+            .retry(self.retry_delays().builder(t.retries as usize))
+            .when(RegistryError::is_retryable)
+            .adjust(|e, d| e.retry_after().or(d))
+            .notify(|error, delay| {
+                tracing::debug!(%error, ?delay, url = %shipperd_model::redact_url(&call.url), "registry request failed; retrying");
+            })
+            .await
     }
 
-    /// How long to wait before attempt `attempt + 1`.
-    pub(crate) fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    fn retry_delays(&self) -> Backoff {
         let t = &self.target.transfer;
-        if let Some(d) = retry_after {
-            return d;
-        }
-        let cap = t
-            .retry_base
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(t.retry_max);
-        cap.mul_f64(rand::random::<f64>())
+        Backoff::new(t.retry_base, t.retry_max)
+    }
+
+    /// How long to wait after failed attempt `attempt + 1`: what the registry asked
+    /// for, else the target's backoff.
+    pub(crate) fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        retry_after.unwrap_or_else(|| self.retry_delays().delay(attempt + 1))
     }
 
     fn blob_key(&self, digest: &Digest) -> String {

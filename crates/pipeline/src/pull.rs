@@ -1,10 +1,10 @@
-//! The pull loop every stage runs on its durable consumer.
+//! The pull loop under every consumer: bounded concurrency, settling, a bounded drain.
 //!
 //! Replicas bind the same durable consumer and share its messages. Each replica pulls one
 //! message at a time and only when it has a free slot, so no message waits (and ages
 //! toward its ack deadline) in a local buffer. On shutdown it stops pulling and lets the
-//! jobs in hand finish, up to a deadline; a job cut off then is redelivered after its ack
-//! wait, never lost.
+//! jobs in hand finish, up to a deadline; then it tells the jobs still running to let go
+//! (`abandon`), and a job cut off is redelivered, never lost.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -18,7 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub enum Outcome {
     /// Done (successfully or with a recorded failure): remove it.
     Ack,
-    /// Try again after this delay.
+    /// Deliver it again after this delay.
     Retry(Duration),
     /// It can never succeed and its failure is recorded: stop delivering it.
     Term,
@@ -37,41 +37,17 @@ pub async fn settle(msg: &Message, outcome: Outcome) {
     }
 }
 
-/// The text a panic carried (its `&str` or `String` payload), for recording the failure
-/// of the work it cut short.
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
 /// How many times this message has been delivered (1 on the first delivery).
 pub fn delivered(msg: &Message) -> i64 {
     msg.info().map(|i| i.delivered).unwrap_or(1)
 }
 
-/// Runs `fut` while telling the server every `every` that the message is still being
-/// worked on, so a long job keeps its message past the consumer's ack wait.
-pub async fn with_progress<T>(msg: &Message, every: Duration, fut: impl Future<Output = T>) -> T {
-    tokio::pin!(fut);
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            out = &mut fut => return out,
-            _ = tick.tick() => {
-                if let Err(error) = msg.ack_with(AckKind::Progress).await {
-                    tracing::debug!(%error, "progress ack failed");
-                }
-            }
-        }
-    }
-}
+/// How long after the drain deadline jobs that were told to let go have to do so.
+const ABANDON_GRACE: Duration = Duration::from_secs(3);
 
-/// Pulls messages from `consumer` and hands each to `handle`, at most `concurrency` at a
-/// time, until `shutdown`; then waits up to `drain` for the jobs in hand.
+/// Pulls messages from `consumer` and hands each to `handle` (with a token that fires
+/// when the drain deadline passed and the job should let go), at most `concurrency` at
+/// a time, until `shutdown`; then waits up to `drain` for the jobs in hand.
 pub async fn run<F, Fut>(
     name: &str,
     consumer: PullConsumer,
@@ -80,11 +56,12 @@ pub async fn run<F, Fut>(
     shutdown: CancellationToken,
     handle: F,
 ) where
-    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    F: Fn(Message, CancellationToken) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let tracker = TaskTracker::new();
+    let abandon = CancellationToken::new();
     let handle = Arc::new(handle);
     loop {
         let permit = tokio::select! {
@@ -115,9 +92,9 @@ pub async fn run<F, Fut>(
                 tracing::debug!(%error, worker = name, "pull ended without a message");
             }
             Some(Ok(msg)) => {
-                let handle = handle.clone();
+                let (handle, abandon) = (handle.clone(), abandon.clone());
                 tracker.spawn(async move {
-                    handle(msg).await;
+                    handle(msg, abandon).await;
                     drop(permit);
                 });
             }
@@ -127,7 +104,9 @@ pub async fn run<F, Fut>(
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::warn!(
             worker = name,
-            "jobs still running at the drain deadline; they will be redelivered"
+            "jobs still running at the drain deadline; letting go of them (they will be redelivered)"
         );
+        abandon.cancel();
+        let _ = tokio::time::timeout(ABANDON_GRACE, tracker.wait()).await;
     }
 }

@@ -1,0 +1,78 @@
+//! What `shipperd` does with its parsed command line: every setting read and checked,
+//! then telemetry, then the chosen service(s) until a signal.
+
+use crate::{
+    App,
+    cli::{Cli, Command, all_config},
+    shutdown_on_signal,
+};
+
+enum Config {
+    Unpack(shipperd_unpack::Config),
+    Publish(shipperd_publish::Config),
+    All(Box<crate::AllConfig>),
+}
+
+/// Runs what `cli` asks for until it ends or a signal stops it.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Crd = cli.command {
+        print!("{}", shipperd_operator::crds_yaml());
+        return Ok(());
+    }
+    // Every setting is read and checked before anything starts.
+    let config = match &cli.command {
+        Command::Unpack { common, registry } => Some(Config::Unpack(registry.unpack(common)?)),
+        Command::Publish { common, registry } => Some(Config::Publish(registry.publish(common)?)),
+        Command::All {
+            common,
+            ingest,
+            registry,
+            notify,
+        } => Some(Config::All(Box::new(all_config(
+            common, ingest, registry, notify,
+        )?))),
+        _ => None,
+    };
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a TLS crypto provider was installed already"))?;
+    let service = match &cli.command {
+        Command::Ingest { .. } => "shipperd-ingest",
+        Command::Unpack { .. } => "shipperd-unpack",
+        Command::Publish { .. } => "shipperd-publish",
+        Command::Notify { .. } => "shipperd-notify",
+        Command::All { .. } => "shipperd",
+        Command::Operator { .. } => "shipperd-operator",
+        Command::Crd => unreachable!("printed above"),
+    };
+    let _telemetry = shipperd_telemetry::init(service)?;
+    let kube_auth = match &cli.command {
+        Command::Ingest { ingest, .. } | Command::All { ingest, .. } => ingest.kube_auth().await?,
+        _ => None,
+    };
+    let shutdown = shutdown_on_signal();
+    match cli.command {
+        Command::Ingest { common, ingest } => {
+            let mut config = ingest.config(&common);
+            config.kube_auth = kube_auth;
+            shipperd_ingest::run(config, shutdown).await?
+        }
+        Command::Unpack { .. } | Command::Publish { .. } | Command::All { .. } => match config {
+            Some(Config::Unpack(c)) => shipperd_unpack::run(c, shutdown).await?,
+            Some(Config::Publish(c)) => shipperd_publish::run(c, shutdown).await?,
+            Some(Config::All(mut c)) => {
+                c.ingest.kube_auth = kube_auth;
+                App::start(*c).await?.serve(shutdown).await?
+            }
+            None => unreachable!("parsed above"),
+        },
+        Command::Notify { common, notify } => {
+            shipperd_notify::run(notify.config(&common), shutdown).await?
+        }
+        Command::Operator { common, operator } => {
+            shipperd_operator::controller::run(operator.config(&common), shutdown).await?
+        }
+        Command::Crd => unreachable!("printed above"),
+    }
+    Ok(())
+}

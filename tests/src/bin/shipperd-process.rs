@@ -1,0 +1,9 @@
+//! The `shipperd` binary, built with the test crate so that tests can run it as a child
+//! process, and kill it (`CARGO_BIN_EXE_shipperd-process`).
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    shipperd::run(shipperd::cli::Cli::parse()).await
+}
