@@ -173,6 +173,11 @@ pub struct Common {
     /// The bundle store, shared by every service.
     #[arg(long, env = "SHIPPERD_DATA_DIR", default_value = "/var/lib/shipperd")]
     pub data_dir: PathBuf,
+    /// Free bytes kept on the data volume: an upload that would leave less is refused
+    /// with 507 (before it starts when it declares its length, else when it gets there),
+    /// and expanding a compressed bundle that would leave less fails that bundle.
+    #[arg(long, env = "SHIPPERD_MIN_FREE_BYTES", default_value_t = Bounds::default().min_free_bytes)]
+    pub min_free_bytes: u64,
 }
 
 /// How API requests are authenticated beyond the token file.
@@ -250,10 +255,6 @@ pub struct IngestArgs {
     /// Uploads (bundles and parts) received at once; more are answered 503 with Retry-After.
     #[arg(long, env = "SHIPPERD_MAX_UPLOADS", default_value_t = Bounds::default().max_uploads)]
     pub max_uploads: usize,
-    /// Free bytes kept on the data volume: an upload that would leave less is refused
-    /// with 507 (before it starts when it declares its length, else when it gets there).
-    #[arg(long, env = "SHIPPERD_MIN_FREE_BYTES", default_value_t = Bounds::default().min_free_bytes)]
-    pub min_free_bytes: u64,
     /// Bytes stored bundles, parts and uploads in progress may take together (0: no
     /// limit beyond --min-free-bytes).
     #[arg(long, env = "SHIPPERD_MAX_STORED_BYTES", default_value_t = 0)]
@@ -262,6 +263,10 @@ pub struct IngestArgs {
     /// ended (its status stays; a failed bundle can be retried until then).
     #[arg(long, env = "SHIPPERD_KEEP_FINISHED", default_value = "24h", value_parser = humantime::parse_duration)]
     pub keep_finished: Duration,
+    /// The status of a Published or Failed bundle (summary and image states) is removed
+    /// this long after it ended, so sweeps and listings stay bounded.
+    #[arg(long, env = "SHIPPERD_KEEP_STATUS", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub keep_status: Duration,
     /// A multi-part upload not completed is removed this long after its last part.
     #[arg(long, env = "SHIPPERD_KEEP_UPLOADS", default_value = "24h", value_parser = humantime::parse_duration)]
     pub keep_uploads: Duration,
@@ -324,9 +329,11 @@ pub struct LimitArgs {
     /// Entries (files, directories, links) in one bundle.
     #[arg(long, env = "SHIPPERD_MAX_ENTRIES", default_value_t = Limits::default().max_entries)]
     pub max_entries: u64,
-    /// A compressed bundle may expand to this many times its size (or the floor).
-    #[arg(long, env = "SHIPPERD_MAX_EXPANSION_RATIO", default_value_t = Limits::default().max_expansion_ratio)]
-    pub max_expansion_ratio: u64,
+    /// A bundle may expand to this many times its stored bytes (or the floor): the
+    /// blobs its manifests declare (a squashfs' sparse or highly compressed files count
+    /// at their full size) and what a compressed tar expands to.
+    #[arg(long, alias = "max-expansion-ratio", env = "SHIPPERD_MAX_EXPANSION", default_value_t = Limits::default().max_expansion_ratio)]
+    pub max_expansion: u64,
     /// Bytes any compressed bundle may expand to, whatever the ratio.
     #[arg(long, env = "SHIPPERD_EXPANSION_FLOOR", default_value_t = Limits::default().expansion_floor)]
     pub expansion_floor: u64,
@@ -346,7 +353,7 @@ impl LimitArgs {
     pub fn limits(&self) -> Limits {
         Limits {
             max_entries: self.max_entries,
-            max_expansion_ratio: self.max_expansion_ratio,
+            max_expansion_ratio: self.max_expansion,
             expansion_floor: self.expansion_floor,
             max_manifest_bytes: self.max_manifest_bytes,
             max_images: self.max_images,
@@ -432,11 +439,12 @@ impl IngestArgs {
             max_connections: self.max_connections,
             max_connections_per_client: self.max_connections_per_client,
             max_uploads: self.max_uploads,
-            min_free_bytes: self.min_free_bytes,
+            min_free_bytes: c.min_free_bytes,
             max_stored_bytes: self.max_stored_bytes,
         };
         cfg.janitor.keep_finished = self.keep_finished;
         cfg.janitor.keep_uploads = self.keep_uploads;
+        cfg.janitor.keep_status = self.keep_status;
         cfg.janitor.stale_after = self.stale_after;
         cfg.janitor.every = self.sweep_every;
         cfg.janitor.max_redrives = self.max_redrives;
@@ -464,6 +472,7 @@ impl RegistryArgs {
         let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
         cfg.targets_file = self.targets.clone();
         cfg.limits = self.limits.limits();
+        cfg.limits.min_free_bytes = c.min_free_bytes;
         cfg.stage.max_attempts = self.max_attempts;
         cfg.stage.ack_wait = self.ack_wait;
         Ok(cfg)

@@ -423,21 +423,25 @@ pub fn mksquashfs_files(
     out: &Path,
     flags: &[&str],
 ) -> anyhow::Result<()> {
-    {
-        let dir = tempfile::tempdir()?;
-        write_files(files, dir.path())?;
-        let status = Command::new("mksquashfs")
-            .arg(dir.path())
-            .arg(out)
-            .args(["-noappend", "-quiet", "-no-progress"])
-            .args(flags)
-            .status()
-            .context("running mksquashfs (scripts/install-deps.sh installs squashfs-tools)")?;
-        if !status.success() {
-            bail!("mksquashfs failed: {status}");
-        }
-        Ok(())
+    let dir = tempfile::tempdir()?;
+    write_files(files, dir.path())?;
+    mksquashfs_dir(dir.path(), out, flags)
+}
+
+/// Squashes directory `dir` with Debian's `mksquashfs` and extra flags (sparse files
+/// stay sparse: their holes are stored as nothing).
+pub fn mksquashfs_dir(dir: &Path, out: &Path, flags: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("mksquashfs")
+        .arg(dir)
+        .arg(out)
+        .args(["-noappend", "-quiet", "-no-progress"])
+        .args(flags)
+        .status()
+        .context("running mksquashfs (scripts/install-deps.sh installs squashfs-tools)")?;
+    if !status.success() {
+        bail!("mksquashfs failed: {status}");
     }
+    Ok(())
 }
 
 /// How an archive bundle is compressed.

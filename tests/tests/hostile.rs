@@ -8,7 +8,9 @@ use serde_json::json;
 use shipperd_bundle::Limits;
 use shipperd_tests::{
     app::{Options, spawn_app},
-    fixtures::{LayoutBuilder, TarCompression, compress, sha256, tar_bytes},
+    fixtures::{
+        LayoutBuilder, TarCompression, compress, mksquashfs_dir, sha256, tar_bytes, write_files,
+    },
 };
 
 const DONE: Duration = Duration::from_secs(60);
@@ -44,6 +46,36 @@ fn layout_with(desc: serde_json::Value, blobs: &[Vec<u8>]) -> Vec<(String, Vec<u
         files.push((format!("blobs/sha256/{}", &sha256(b)[7..]), b.clone()));
     }
     files
+}
+
+/// A squashfs of one image whose layer is a sparse file of `size` bytes (its digest
+/// made up: unpack looks blobs up by name and size, publish hashes them).
+fn sparse_squashfs(size: u64) -> anyhow::Result<Vec<u8>> {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer = "ab".repeat(32);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": sha256(config), "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                     "digest": format!("sha256:{layer}"), "size": size }],
+    }))?;
+    let d = json!({ "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": sha256(&manifest), "size": manifest.len() });
+    let dir = tempfile::tempdir()?;
+    write_files(&layout_with(d, &[manifest, config.to_vec()]), dir.path())?;
+    std::fs::File::create(dir.path().join(format!("blobs/sha256/{layer}")))?.set_len(size)?;
+    let out = tempfile::NamedTempFile::new()?;
+    mksquashfs_dir(dir.path(), out.path(), &[])?;
+    let bytes = std::fs::read(out.path())?;
+    assert!(
+        bytes.len() < 64 << 10,
+        "the hole is stored as nothing: {}",
+        bytes.len()
+    );
+    Ok(bytes)
 }
 
 /// A tar with one raw member whose name (and link target) bypass the tar crate's checks.
@@ -108,6 +140,14 @@ async fn hostile_bundles_fail_with_a_reason_and_publish_nothing() -> anyhow::Res
         *b ^= 0x5a;
     }
     cases.push(("corrupt gzip", gz, "corrupt"));
+
+    // A small squashfs whose layer is a sparse file: stored as nothing, read back as
+    // 64 MiB of zeros, far over what its few KiB may expand to.
+    cases.push((
+        "sparse squashfs",
+        sparse_squashfs(64 << 20)?,
+        "(--max-expansion 20)",
+    ));
 
     let (mut b, _) = image("wrongdigest");
     let layer = b.images[0].blobs[1].clone();

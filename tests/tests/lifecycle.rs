@@ -434,12 +434,13 @@ async fn the_janitor_finishes_what_a_crash_left() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn finished_bundles_and_abandoned_uploads_expire() -> anyhow::Result<()> {
+async fn finished_bundles_their_status_and_abandoned_uploads_expire() -> anyhow::Result<()> {
     let app = spawn_app(Options {
         janitor: Some(shipperd_ingest::JanitorSettings {
             every: Duration::from_millis(200),
             keep_finished: Duration::from_secs(1),
             keep_uploads: Duration::from_secs(1),
+            keep_status: Duration::from_secs(6),
             ..Default::default()
         }),
         ..Default::default()
@@ -478,5 +479,30 @@ async fn finished_bundles_and_abandoned_uploads_expire() -> anyhow::Result<()> {
         .await?;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["status"], "Published");
+    // Later its status goes too (summary and image states), so sweeps and listings
+    // stay bounded by what is recent; its files with it.
+    eventually("the status to go", DONE, || async {
+        app.bundle(&id).await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    let images = app
+        .http
+        .get(format!("{}/v1/bundles/{id}/images", app.base))
+        .send()
+        .await?;
+    assert_eq!(images.status(), 404);
+    assert!(app.bundles().await?.iter().all(|b| b["id"] != id.as_str()));
+    assert!(!data.bundle_dir(&bid).exists());
+    let js = async_nats::jetstream::new(async_nats::connect(app.nats.url()).await?);
+    let kv = js
+        .get_key_value(shipperd_bus::subjects::IMAGES_BUCKET)
+        .await?;
+    let mut keys = kv.keys().await?;
+    while let Some(k) = futures::StreamExt::next(&mut keys).await {
+        assert!(
+            !k?.starts_with(&id),
+            "an image key of the forgotten bundle stays"
+        );
+    }
     app.stop().await
 }

@@ -180,6 +180,32 @@ async fn a_claim_left_by_a_crash_is_finished_by_whoever_comes_next() -> anyhow::
     Ok(())
 }
 
+/// A job of an earlier generation (still running when the bundle was retried) counts
+/// in none: the retry's own job for that image decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcome_of_an_earlier_generation_is_not_counted() -> anyhow::Result<()> {
+    let (_nats, store) = store().await?;
+    let id = bundle(&store, "generations", 2).await?;
+    let refused = Outcome::failed("x".into(), "x".into());
+    for i in 0..2 {
+        finish::finish_image(&store, &id, i, 0, &refused)
+            .await?
+            .expect("counted");
+    }
+    let (_, s) = store.update(&id, |s| s.retry()).await?.expect("retried");
+    assert_eq!((s.generation, s.phase), (1, Phase::Publishing));
+    // The first generation's job for image 0 finishes late: nothing is counted.
+    let ok = Outcome::published(10, false, Default::default());
+    assert!(finish::finish_image(&store, &id, 0, 0, &ok).await?.is_none());
+    let s = store.summary(&id).await?.unwrap();
+    assert_eq!((s.counts.published, s.counts.failed), (0, 0));
+    // The retry's job counts.
+    let f = finish::finish_image(&store, &id, 0, 1, &ok).await?.unwrap();
+    assert!(f.counted);
+    assert_eq!(f.summary.counts.published, 1);
+    Ok(())
+}
+
 /// The operator reconciles a `Bundle` when its summary changes: the watch names each
 /// changed bundle (on nats-server 2.9 too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,7 +16,8 @@ use std::{
 };
 
 use crate::{
-    BundleFs, Error, Format, Limits, Result, cas::Cas, catalog::Location, parts::MultiFile, paths,
+    BundleFs, Error, Format, Guard, Limits, Result, cas::Cas, catalog::Location, parts::MultiFile,
+    paths,
 };
 
 #[derive(Debug, Clone)]
@@ -216,13 +217,16 @@ impl ArchiveFs {
     }
 
     /// Expands a compressed tar once: blob files go into `cas` (claimed for
-    /// `bundle_id`), other small files stay in memory.
+    /// `bundle_id`), other small files stay in memory. The data volume keeps
+    /// `limits.min_free_bytes` free (checked as blobs are written), and `guard` may call
+    /// the expansion off.
     pub fn expand(
         source: &MultiFile,
         format: Format,
         cas: &Cas,
         bundle_id: &str,
         limits: &Limits,
+        guard: &Guard,
     ) -> Result<Self> {
         let compressed = io::BufReader::with_capacity(1 << 20, source.cursor());
         let decoder: Box<dyn Read + '_> = match format {
@@ -234,10 +238,9 @@ impl ArchiveFs {
             Format::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(compressed)),
             other => return Err(Error::Unsupported(other)),
         };
-        let limit = limits
-            .max_expansion_ratio
-            .saturating_mul(source.len())
-            .max(limits.expansion_floor);
+        let limit = limits.expansion_budget(source.len());
+        let cas_dir = cas.dir();
+        let room = || guard.room(&cas_dir, limits.min_free_bytes);
         let counted = Counted {
             inner: decoder,
             read: 0,
@@ -257,6 +260,7 @@ impl ArchiveFs {
         ar.set_ignore_zeros(true);
         let mut entries = ar.entries().map_err(|e| corrupt(&what, "", e))?;
         while let Some(entry) = budget.next(&mut entries) {
+            guard.check()?;
             let mut e = entry.map_err(|e| budget.error(e, &what, &b.last))?;
             let size = e.size();
             let header = e.header().clone();
@@ -264,7 +268,7 @@ impl ArchiveFs {
             let link = e.link_name_bytes().map(|l| l.into_owned());
             b.add(&header, &raw, link.as_deref(), size, |path| {
                 if let Some(hex) = blob_hex(path) {
-                    cas.put(&mut claim, hex, size, &mut e, path)
+                    cas.put(&mut claim, hex, size, &mut e, path, &room)
                         .map_err(|err| match err {
                             Error::Read { reason, .. } => corrupt(&what, path, reason),
                             other => other,

@@ -18,6 +18,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{DataDir, Error, Result};
 
+/// Bytes written between two checks of the room left.
+pub const ROOM_EVERY: u64 = 64 << 20;
+
 #[derive(Debug, Clone)]
 pub struct Cas {
     data: DataDir,
@@ -61,6 +64,11 @@ impl Cas {
         Cas { data: data.clone() }
     }
 
+    /// The directory blobs are written to (on the data volume).
+    pub fn dir(&self) -> PathBuf {
+        self.data.cas_tmp()
+    }
+
     pub fn blob_path(&self, hex: &str) -> PathBuf {
         self.data.cas_blob(hex)
     }
@@ -96,7 +104,9 @@ impl Cas {
 
     /// Stores `size` bytes from `reader` as blob `hex`, checking the digest; the blob is
     /// claimed for the bundle. Reading continues through a blob already stored (the
-    /// stream must be consumed anyway) and checks it the same way.
+    /// stream must be consumed anyway) and checks it the same way. `room` is asked
+    /// before writing and every [`ROOM_EVERY`] bytes (is there room left, is the work
+    /// still wanted?); its error ends the put, nothing of the blob kept.
     pub fn put(
         &self,
         claim: &mut Claim,
@@ -104,6 +114,7 @@ impl Cas {
         size: u64,
         reader: &mut dyn Read,
         member: &str,
+        room: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
         let dest = self.blob_path(hex);
         let have = dest.exists();
@@ -124,10 +135,14 @@ impl Cas {
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             let mut total = 0u64;
+            room()?;
             loop {
                 let n = reader.read(&mut buf).map_err(|e| Error::read(member, e))?;
                 if n == 0 {
                     break;
+                }
+                if (total % ROOM_EVERY) + n as u64 >= ROOM_EVERY {
+                    room()?;
                 }
                 total += n as u64;
                 hasher.update(&buf[..n]);
@@ -246,15 +261,27 @@ mod tests {
         let data = b"hello blob";
         let hex = hex::encode(Sha256::digest(data));
         let mut a = cas.claim("a").unwrap();
-        cas.put(&mut a, &hex, 10, &mut &data[..], "x").unwrap();
+        cas.put(&mut a, &hex, 10, &mut &data[..], "x", &|| Ok(()))
+            .unwrap();
         let bad = hex::encode(Sha256::digest(b"other"));
-        let e = cas.put(&mut a, &bad, 10, &mut &data[..], "blobs/sha256/bad");
+        let e = cas.put(
+            &mut a,
+            &bad,
+            10,
+            &mut &data[..],
+            "blobs/sha256/bad",
+            &|| Ok(()),
+        );
         assert!(e.unwrap_err().to_string().contains("hashes to"));
         assert!(!cas.blob_path(&bad).exists());
-        assert!(cas.put(&mut a, &hex, 11, &mut &data[..], "x").is_err());
+        assert!(
+            cas.put(&mut a, &hex, 11, &mut &data[..], "x", &|| Ok(()))
+                .is_err()
+        );
         a.commit().unwrap();
         let mut b = cas.claim("b").unwrap();
-        cas.put(&mut b, &hex, 10, &mut &data[..], "x").unwrap();
+        cas.put(&mut b, &hex, 10, &mut &data[..], "x", &|| Ok(()))
+            .unwrap();
         // b holds the lock: no collection now.
         assert_eq!(cas.collect().unwrap(), None);
         b.commit().unwrap();

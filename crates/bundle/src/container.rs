@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::{
-    BundleFs, Error, Format, Limits, Result, SquashfsBundle,
+    BundleFs, Error, Format, Guard, Limits, Result, SquashfsBundle,
     archive::ArchiveFs,
     cas::Cas,
     catalog::Container,
@@ -19,8 +19,16 @@ pub struct Opened {
 }
 
 /// Opens the bundle stored at `path` (a file, or a directory of parts read in name
-/// order as one archive). Compressed tars are expanded into `cas` for `bundle_id`.
-pub fn open(path: &Path, cas: &Cas, bundle_id: &str, limits: &Limits) -> Result<Opened> {
+/// order as one archive). Compressed tars are expanded into `cas` for `bundle_id`,
+/// as long as `guard` lets them.
+pub fn open(
+    path: &Path,
+    cas: &Cas,
+    bundle_id: &str,
+    limits: &Limits,
+    guard: &Guard,
+) -> Result<Opened> {
+    guard.check()?;
     let parts = part_paths(path)?;
     let source = MultiFile::open(&parts)?;
     let mut head = [0u8; 512];
@@ -45,7 +53,9 @@ pub fn open(path: &Path, cas: &Cas, bundle_id: &str, limits: &Limits) -> Result<
         }
         Format::Tar => (Box::new(ArchiveFs::index(source, limits)?), Container::Tar),
         Format::Gzip | Format::Zstd | Format::Xz => (
-            Box::new(ArchiveFs::expand(&source, format, cas, bundle_id, limits)?),
+            Box::new(ArchiveFs::expand(
+                &source, format, cas, bundle_id, limits, guard,
+            )?),
             Container::Expanded,
         ),
         Format::Unknown => return Err(Error::Unsupported(format)),

@@ -8,6 +8,8 @@ pub enum ErrorKind {
     Invalid,
     /// The bundle file could not be read from the store (I/O): retrying may help.
     Io,
+    /// The work was called off (the bundle was deleted meanwhile).
+    Cancelled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +52,20 @@ pub enum Error {
     Layout(String),
     #[error(transparent)]
     Parse(#[from] shipperd_model::ParseError),
+    #[error("reading the bundle was called off (it was deleted)")]
+    Cancelled,
+    #[error(
+        "no room to expand the bundle: the data volume has {free} bytes free and keeps {reserve} \
+         free (--min-free-bytes); free some space, then retry the bundle"
+    )]
+    NoRoom { free: u64, reserve: u64 },
 }
 
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Io,
+            Error::Cancelled => ErrorKind::Cancelled,
             _ => ErrorKind::Invalid,
         }
     }

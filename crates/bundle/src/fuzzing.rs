@@ -15,6 +15,7 @@ fn limits() -> Limits {
         max_entries: 2_000,
         expansion_floor: 16 << 20,
         max_small_total_bytes: 16 << 20,
+        min_free_bytes: 0,
         ..Limits::default()
     }
 }
@@ -66,7 +67,9 @@ pub fn tar(data: &[u8]) {
         match format::detect_bytes(data) {
             f @ (format::Format::Gzip | format::Format::Zstd | format::Format::Xz) => {
                 let cas = Cas::new(&crate::DataDir::new(p.parent().expect("a parent")));
-                if let Ok(fs) = ArchiveFs::expand(&mf, f, &cas, "fuzz", &limits()) {
+                if let Ok(fs) =
+                    ArchiveFs::expand(&mf, f, &cas, "fuzz", &limits(), &crate::Guard::default())
+                {
                     exercise(&fs);
                 }
             }

@@ -30,7 +30,7 @@ pub use discover::{Discovered, LayoutImage, discover};
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
 pub use layout::{Descriptor, ImagePlan, ManifestDoc, Walker};
-pub use limits::Limits;
+pub use limits::{Guard, Limits};
 pub use plan::{PlanBlobs, PlanWriter, StoredPlan, read_plan};
 pub use shipperd_model::{BundleId, DataDir, Digest, Reference, RegistryUrl, reference};
 pub use squashfs::SquashfsBundle;

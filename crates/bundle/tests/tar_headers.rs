@@ -77,6 +77,7 @@ fn assert_refused(result: shipperd_bundle::Result<ArchiveFs>, peak: usize, what:
 fn limits() -> Limits {
     Limits {
         expansion_floor: 1 << 30,
+        min_free_bytes: 0,
         ..Limits::default()
     }
 }
@@ -103,8 +104,16 @@ fn huge_extension_headers_are_refused_in_bounded_memory() {
         assert!(std::fs::metadata(&gz).unwrap().len() < 1 << 20);
         let source = MultiFile::open(&[gz]).unwrap();
         let cas = Cas::new(&DataDir::new(dir.path().join("data")));
-        let (result, peak) =
-            peak_of(|| ArchiveFs::expand(&source, Format::Gzip, &cas, "b1", &limits()));
+        let (result, peak) = peak_of(|| {
+            ArchiveFs::expand(
+                &source,
+                Format::Gzip,
+                &cas,
+                "b1",
+                &limits(),
+                &Default::default(),
+            )
+        });
         assert_refused(result, peak, &format!("{name}, gzip"));
     }
 }

@@ -14,8 +14,8 @@
 //!   its worker ends `Failed` however it is sent on. Claims a crash left are finished;
 //!   an ended bundle not yet announced is;
 //! - a bundle whose `DELETE` was cut short is deleted;
-//! - finished bundles' stored files expire after `keep_finished`, unfinished multi-part
-//!   uploads after `keep_uploads`.
+//! - finished bundles' stored files expire after `keep_finished`, their status after
+//!   `keep_status`, unfinished multi-part uploads after `keep_uploads`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -47,6 +47,10 @@ pub struct Settings {
     pub keep_finished: Duration,
     /// A multi-part upload not completed is removed this long after its last part.
     pub keep_uploads: Duration,
+    /// The status of a `Published` or `Failed` bundle (its summary and image states) is
+    /// removed this long after it ended, so sweeps and listings stay bounded by what is
+    /// recent.
+    pub keep_status: Duration,
     /// A bundle directory without a record or metadata is removed after this long.
     pub orphan_grace: Duration,
     /// Times a stalled bundle is sent on again before it fails.
@@ -63,6 +67,7 @@ impl Default for Settings {
             stale_after: Duration::from_secs(600),
             keep_finished: Duration::from_secs(24 * 3600),
             keep_uploads: Duration::from_secs(24 * 3600),
+            keep_status: Duration::from_secs(30 * 24 * 3600),
             orphan_grace: Duration::from_secs(3600),
             max_redrives: 5,
             alive_window: Duration::from_secs(30),
@@ -139,11 +144,11 @@ impl Janitor {
                 if !s.announced {
                     self.store.executor().ended(s).await?;
                 }
-                let expired = s
-                    .finished_at
-                    .as_deref()
-                    .is_some_and(|f| stale(f, self.settings.keep_finished));
-                if expired && s.expired_at.is_none() {
+                let ended_before =
+                    |d: Duration| s.finished_at.as_deref().is_some_and(|f| stale(f, d));
+                if s.announced && ended_before(self.settings.keep_status) {
+                    ops::forget(&self.store, &s.id).await?;
+                } else if ended_before(self.settings.keep_finished) && s.expired_at.is_none() {
                     ops::expire(&self.store, &s.id).await?;
                 }
             }

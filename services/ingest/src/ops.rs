@@ -106,6 +106,15 @@ pub async fn remove_files(store: &Store, id: &BundleId) -> Result<()> {
     Ok(())
 }
 
+/// Removes a finished bundle's stored files and its status (`--keep-status` after it
+/// ended): it is as if it had never been received.
+pub async fn forget(store: &Store, id: &BundleId) -> Result<()> {
+    remove_files(store, id).await?;
+    store.state().remove(id).await?;
+    tracing::info!(bundle_id = %id, "finished bundle's status removed");
+    Ok(())
+}
+
 /// Removes a finished bundle's stored files, keeping its status.
 pub async fn expire(store: &Store, id: &BundleId) -> Result<()> {
     remove_files(store, id).await?;

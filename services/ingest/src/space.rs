@@ -1,6 +1,8 @@
 //! Room for uploads: how many are received at once, and whether the data volume (and
 //! the configured total) has room for one, checked before it starts (when its length is
-//! declared) and again as it is written. An upload that would fill the volume is cut
+//! declared) and again as it is written. A declared length is reserved: what uploads
+//! in progress said is still to come counts as taken, so two uploads that each fit
+//! cannot together fill the volume. An upload that would fill the volume is cut
 //! with 507 and nothing of it kept, so the stored bundles and the other services' work
 //! files never meet a full disk because of an upload.
 
@@ -32,6 +34,8 @@ pub(crate) struct Space {
     slots: Arc<Semaphore>,
     /// Bytes of the uploads in progress in this process.
     in_flight: Arc<AtomicU64>,
+    /// Bytes the uploads in progress declared and have not written yet.
+    promised: Arc<AtomicU64>,
 }
 
 /// One upload's slot and the bytes it holds; released when dropped.
@@ -45,6 +49,9 @@ pub(crate) struct Claim {
     declared: Option<u64>,
     in_flight: Arc<AtomicU64>,
     held: u64,
+    promised: Arc<AtomicU64>,
+    /// This upload's part of `promised`.
+    promise: u64,
     next_check: u64,
 }
 
@@ -93,6 +100,7 @@ impl Space {
             max_uploads: bounds.max_uploads.max(1),
             slots: Arc::new(Semaphore::new(bounds.max_uploads.max(1))),
             in_flight: Arc::new(AtomicU64::new(0)),
+            promised: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -113,7 +121,7 @@ impl Space {
         } else {
             0
         };
-        let claim = Claim {
+        let mut claim = Claim {
             _slot: slot,
             tmp: self.tmp.clone(),
             min_free: self.min_free,
@@ -122,6 +130,8 @@ impl Space {
             declared,
             in_flight: self.in_flight.clone(),
             held: 0,
+            promised: self.promised.clone(),
+            promise: 0,
             next_check: 0,
         };
         claim.check(0)?;
@@ -149,17 +159,35 @@ impl Claim {
         Ok(())
     }
 
-    fn check(&self, written: u64) -> Result<()> {
-        // Still to come, as far as the client said.
+    fn check(&mut self, written: u64) -> Result<()> {
+        // Still to come, as far as the client said: reserved (taken from what every
+        // upload sees as room) before the room is looked at, so racing uploads see
+        // each other's.
         let coming = self.declared.map_or(0, |d| d.saturating_sub(written));
+        if coming >= self.promise {
+            self.promised
+                .fetch_add(coming - self.promise, Ordering::Relaxed);
+        } else {
+            self.promised
+                .fetch_sub(self.promise - coming, Ordering::Relaxed);
+        }
+        self.promise = coming;
+        // What every upload in progress still said it would write, this one's included.
+        let promised = self.promised.load(Ordering::Relaxed);
+        let others = promised - coming;
         let free = free_bytes(&self.tmp)?;
-        if free < self.min_free.saturating_add(coming) {
+        if free < self.min_free.saturating_add(promised) {
             return Err(Error::NoSpace(format!(
-                "not enough room on the data volume: {} free, {} kept in reserve{}",
+                "not enough room on the data volume: {} free, {} kept in reserve{}{}",
                 human(free),
                 human(self.min_free),
                 if coming > 0 {
                     format!(", {} still to come", human(coming))
+                } else {
+                    String::new()
+                },
+                if others > 0 {
+                    format!(", {} promised to other uploads in progress", human(others))
                 } else {
                     String::new()
                 }
@@ -167,7 +195,7 @@ impl Claim {
         }
         if self.max_stored > 0 {
             // Every upload in progress (this one included), and what this one will add.
-            let total = self.stored + self.in_flight.load(Ordering::Relaxed) + coming;
+            let total = self.stored + self.in_flight.load(Ordering::Relaxed) + promised;
             if total > self.max_stored {
                 return Err(Error::NoSpace(format!(
                     "the store would hold {} with this upload, over its limit of {}",
@@ -183,5 +211,35 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(self.held, Ordering::Relaxed);
+        self.promised.fetch_sub(self.promise, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn declared_lengths_are_reserved_against_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let bounds = Bounds {
+            min_free_bytes: 0,
+            ..Bounds::default()
+        };
+        let space = Space::new(dir.path().to_path_buf(), Vec::new(), &bounds);
+        let free = free_bytes(dir.path()).unwrap();
+        let most = free / 10 * 6;
+        let first = space.claim(Some(most)).await.expect("the first fits");
+        let second = space.claim(Some(most)).await;
+        assert!(
+            matches!(second, Err(Error::NoSpace(ref m)) if m.contains("promised to other uploads")),
+            "two uploads of 60% each cannot both start: {:?}",
+            second.err()
+        );
+        drop(first);
+        space
+            .claim(Some(most))
+            .await
+            .expect("once the first ends, there is room again");
     }
 }

@@ -506,8 +506,15 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         None => None,
     };
     let src = &b.spec.source;
+    // A bundle that ended in this generation and whose status ShipperD no longer keeps
+    // (`--keep-status`): its last status stands; nothing is fetched again.
+    let ended = b.status.as_ref().filter(|st| {
+        st.observed_generation == generation
+            && matches!(st.phase.as_deref(), Some("Published" | "Failed"))
+    });
     let status = match &summary {
         Some(s) => bundle_status(s, generation, &previous, now),
+        None if ended.is_some() => ended.cloned().unwrap_or_default(),
         None if src.url.is_some() || src.path.is_some() => match ctx.fetch_state(&uid) {
             Some(Fetch::Failed(why)) => {
                 pending_status("Failed", Some(&why), generation, &previous, now)

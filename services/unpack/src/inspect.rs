@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shipperd_bundle::{
-    BundleFs, Catalog, Descriptor, Digest, Error, Format, FsBlobs, Limits, Location, ManifestDoc,
-    PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
+    BundleFs, Catalog, Descriptor, Digest, Error, Format, FsBlobs, Guard, Limits, Location,
+    ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
 };
 use shipperd_model::{BundleId, DataDir, PlanRef};
 
@@ -58,12 +58,18 @@ pub fn inspect(
     rel_path: &str,
     bundle_name: &str,
     limits: &Limits,
+    guard: &Guard,
 ) -> Result<Inventory> {
     let path = data
         .resolve(id, rel_path)
         .ok_or_else(|| Error::Layout(format!("{rel_path} is not where bundle {id} is kept")))?;
     let cas = Cas::new(data);
-    let opened = container::open(&path, &cas, id.as_str(), limits)?;
+    let parts = shipperd_bundle::parts::part_paths(&path)?;
+    let stored: u64 = parts
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let opened = container::open(&path, &cas, id.as_str(), limits, guard)?;
     let fs = opened.fs.as_ref();
     let found = discover(fs, bundle_name, limits)?;
     tracing::debug!(roots = ?found.roots, images = found.images.len(), "layouts found");
@@ -122,9 +128,14 @@ pub fn inspect(
         absent: HashSet::new(),
         reached: HashSet::new(),
         referrers: 0,
+        declared: 0,
+        stored,
+        budget: limits.expansion_budget(stored),
+        ratio: limits.max_expansion_ratio,
     };
     let mut images = Vec::new();
     for img in &found.images {
+        guard.check()?;
         images.push(check.image(img.source.clone(), &img.descriptor, &lookup, &mut plans)?);
     }
     // A manifest of a registry tree that no tag reaches is published by digest.
@@ -145,10 +156,7 @@ pub fn inspect(
     plans.finish()?;
     let catalog = Catalog {
         container: opened.container,
-        parts: shipperd_bundle::parts::part_paths(&path)?
-            .iter()
-            .map(|p| data.relative(p))
-            .collect(),
+        parts: parts.iter().map(|p| data.relative(p)).collect(),
         limits: limits.clone(),
     };
     catalog.save(data, id)?;
@@ -174,6 +182,12 @@ struct Checker<'a> {
     /// Manifests some image reaches.
     reached: HashSet<Digest>,
     referrers: u64,
+    /// Bytes the blobs the bundle carries declare, and what it may declare: the
+    /// stored bytes times the expansion limit (`--max-expansion`).
+    declared: u64,
+    stored: u64,
+    budget: u64,
+    ratio: u64,
 }
 
 impl Checker<'_> {
@@ -188,7 +202,9 @@ impl Checker<'_> {
         let plan = self.walker.plan(&name, top, lookup)?;
         for blob in &plan.blobs {
             if !self.needed.contains_key(&blob.digest) {
-                if !self.walker.blob_present(&name, blob)? {
+                if self.walker.blob_present(&name, blob)? {
+                    self.declare(&name, blob)?;
+                } else {
                     self.absent.insert(blob.digest.clone());
                 }
                 self.needed.insert(blob.digest.clone(), blob.size);
@@ -245,6 +261,22 @@ impl Checker<'_> {
         serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .is_some_and(|v| v["config"]["Labels"].get(CATALOG_LABEL).is_some())
+    }
+
+    /// Counts a blob the bundle carries against the expansion budget: a bundle cannot
+    /// hold more than its stored bytes allow (a squashfs' sparse or highly compressed
+    /// files come back at their full size, and publish would send all of it).
+    fn declare(&mut self, image: &str, blob: &Descriptor) -> Result<()> {
+        self.declared = self.declared.saturating_add(blob.size);
+        if self.declared > self.budget {
+            return Err(Error::Hostile(format!(
+                "blob {} of image {image} declares {} bytes, taking the bundle's blobs to {} \
+                 bytes: more than the {} bytes a bundle of {} bytes may expand to \
+                 (--max-expansion {})",
+                blob.digest, blob.size, self.declared, self.budget, self.stored, self.ratio
+            )));
+        }
+        Ok(())
     }
 
     fn locate(&self, digest: &Digest) -> Result<Location> {

@@ -17,7 +17,7 @@ mod inspect;
 use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::Message;
-use shipperd_bundle::Limits;
+use shipperd_bundle::{Guard, Limits};
 use shipperd_bus::{
     Bus, EventKind, IncomingEvent, MessageId,
     subjects::{EVENTS_STREAM, UNPACK_CONSUMER},
@@ -262,16 +262,27 @@ impl Unpacker {
             self.config.limits.clone(),
             id.clone(),
         );
-        let inventory =
-            tokio::task::spawn_blocking(move || inspect(&data, &bundle, &rel, &name, &limits))
-                .await
-                .map_err(|join| {
-                    Error::Internal(
-                        join.try_into_panic()
-                            .map(|p| shipperd_pipeline::panic_message(&*p))
-                            .unwrap_or_else(|_| "the reader was cancelled".into()),
-                    )
-                })??;
+        // A DELETE meanwhile calls the reading off at its next check.
+        let guard = Guard::default();
+        let watching = tokio::spawn(watch_deleted(self.state.clone(), id.clone(), guard.clone()));
+        let reader = guard.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            inspect(&data, &bundle, &rel, &name, &limits, &reader)
+        })
+        .await;
+        watching.abort();
+        if guard.stopped() || !self.wanted(id).await? {
+            // Deleted while it was read: let go of what the reading wrote.
+            self.discard(id).await;
+            return Ok(Done::nothing());
+        }
+        let inventory = read.map_err(|join| {
+            Error::Internal(
+                join.try_into_panic()
+                    .map(|p| shipperd_pipeline::panic_message(&*p))
+                    .unwrap_or_else(|_| "the reader was cancelled".into()),
+            )
+        })??;
         let (target, images) = target_images(&self.targets.get(), &s, &inventory)?;
         tracing::info!(
             images = images.len(),
@@ -297,8 +308,49 @@ impl Unpacker {
             .await?
         {
             Some((effects, s)) => Ok(Done::then(s, effects).with_pending(images)),
-            // Deleted (or sent on by another unpack) meanwhile.
-            None => Ok(Done::nothing()),
+            None => {
+                if !self.wanted(id).await? {
+                    self.discard(id).await;
+                }
+                // Deleted, or sent on by another unpack, meanwhile.
+                Ok(Done::nothing())
+            }
+        }
+    }
+
+    /// Is the bundle still there, and not being deleted?
+    async fn wanted(&self, id: &BundleId) -> Result<bool> {
+        Ok(self.state.summary(id).await?.is_some_and(|s| !s.deleting))
+    }
+
+    /// Lets go of what reading a deleted bundle wrote: its claim on the blob store (and
+    /// the blobs no other bundle needs), its plans and catalog.
+    async fn discard(&self, id: &BundleId) {
+        tracing::info!(
+            "the bundle was deleted while it was read; letting go of what the reading wrote"
+        );
+        shipperd_state::effects::release_blobs(&self.config.data_dir, id).await;
+        let dir = self.config.data_dir.bundle_dir(id);
+        if let Err(error) = tokio::fs::remove_dir_all(&dir).await
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(%error, dir = %dir.display(), "cannot remove a deleted bundle's directory");
+        }
+    }
+}
+
+/// How often a bundle being read is looked at, in case it was deleted.
+const DELETED_POLL: Duration = Duration::from_secs(1);
+
+/// Stops `guard` once the bundle is deleted (or gone).
+async fn watch_deleted(state: StateStore, id: BundleId, guard: Guard) {
+    loop {
+        tokio::time::sleep(DELETED_POLL).await;
+        if let Ok(s) = state.summary(&id).await
+            && s.is_none_or(|s| s.deleting)
+        {
+            guard.stop();
+            return;
         }
     }
 }
