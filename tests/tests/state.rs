@@ -196,7 +196,11 @@ async fn an_outcome_of_an_earlier_generation_is_not_counted() -> anyhow::Result<
     assert_eq!((s.generation, s.phase), (1, Phase::Publishing));
     // The first generation's job for image 0 finishes late: nothing is counted.
     let ok = Outcome::published(10, false, Default::default());
-    assert!(finish::finish_image(&store, &id, 0, 0, &ok).await?.is_none());
+    assert!(
+        finish::finish_image(&store, &id, 0, 0, &ok)
+            .await?
+            .is_none()
+    );
     let s = store.summary(&id).await?.unwrap();
     assert_eq!((s.counts.published, s.counts.failed), (0, 0));
     // The retry's job counts.

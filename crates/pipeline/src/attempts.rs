@@ -142,6 +142,22 @@ impl Ledger {
     /// Counts a new attempt at `key` unless `max` are spent or one is alive (a heartbeat
     /// younger than `alive`). `token` names this attempt.
     pub async fn begin(&self, key: &str, max: u32, alive: Duration, token: &str) -> Result<Begin> {
+        // The usual case, a first attempt: one create, no read.
+        let now = now_rfc3339();
+        let first = Record {
+            started: 1,
+            holder: self.holder.clone(),
+            token: token.to_string(),
+            started_at: now.clone(),
+            alive_at: now,
+            ..Record::default()
+        };
+        if let Some(revision) = self.write(key, &first, None).await? {
+            return Ok(Begin::Run {
+                number: 1,
+                revision,
+            });
+        }
         for _ in 0..MAX_RACES {
             let found = self.get(key).await?;
             let mut r = match &found {

@@ -51,7 +51,7 @@ pub enum Error {
     #[error(transparent)]
     Ingest(#[from] shipperd_ingest::Error),
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     Invalid(String),
 }
@@ -448,7 +448,7 @@ pub async fn reconcile(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(e.to_string()))
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 /// What to do after an error: look again later.

@@ -4,12 +4,13 @@
 //! what it leaves behind is untagged content, for the registry's garbage collection.
 //!
 //! One commit job per bundle (and generation, and re-drive), sent by the worker that
-//! counted the last image. It goes through the images in index order,
-//! [`COMMIT_BATCH`] at a time, setting up to `concurrency` tags at once; each tag is the
-//! top manifest `PUT` again under the tag (the distribution protocol has no other way),
-//! guarded so that a tag moves only forward (see [`crate::tags`]). After each batch the
-//! summary's `tag_cursor` moves on, so a commit cut short resumes where it stopped (a
-//! tag set twice is harmless: same bytes, same digest). `image.published` goes out as
+//! counted the last image. It streams the images in index order (their keys read
+//! ahead), setting up to `tag_concurrency` tags at once with no pause between batches;
+//! each tag is the top manifest `PUT` again under the tag (the distribution protocol has
+//! no other way), guarded so that a tag moves only forward (see [`crate::tags`]). Every
+//! [`COMMIT_BATCH`] images the summary's `tag_cursor` (every image below it tagged)
+//! moves on, so a commit cut short resumes where it stopped (a tag set twice is
+//! harmless: same bytes, same digest). `image.published` goes out as
 //! each image's tag is set; then the bundle is `Published` and announced.
 //!
 //! The commit is a stage of its own on the runtime (consumer `commit`). A commit the
@@ -18,7 +19,7 @@
 //! images are all in the registry, so a retry runs the commit again, pushing nothing.
 
 use async_nats::jetstream::Message;
-use futures::TryStreamExt as _;
+use futures::{TryFutureExt as _, TryStreamExt as _};
 use shipperd_bus::{MessageId, Topic};
 use shipperd_model::{BundleId, BundleSummary, ImagePhase, ImageState, Phase};
 use shipperd_pipeline::{Attempt, Done, GiveUp, Stage};
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 use crate::{Ctx, Error, Registry, RegistryError, Result, referrers_tags};
 
-/// Images read, tagged and noted in the summary at a time.
+/// Images tagged between two notes of the cursor in the summary.
 const COMMIT_BATCH: u32 = 256;
 
 /// A commit job: set the tags of one bundle's generation.
@@ -109,24 +110,39 @@ async fn commit(ctx: &Ctx, job: &Job) -> Result<Done> {
     ctx.bundles.forget(id);
     shipperd_state::effects::release_blobs(&ctx.config.data_dir, id).await;
     let generation = s.generation;
-    let mut at = s.tag_cursor;
     let started = std::time::Instant::now();
-    while at < s.counts.total {
-        let end = at.saturating_add(COMMIT_BATCH).min(s.counts.total);
-        ctx.state
-            .images(id, at, end)
-            .map_err(Error::from)
-            .try_for_each_concurrent(ctx.config.tag_concurrency, |img| tag(ctx, &s, reg, img))
-            .await?;
-        let noted = ctx
-            .state
-            .update_if_known(id, |r| r.tagged_through(end, generation).then_some(()))
-            .await?;
-        if noted.is_none() {
-            // Retried, failed or deleted meanwhile: this commit is over.
-            return Ok(Done::nothing());
+    // One stream of the images from the cursor on: keys read ahead, tags set
+    // `tag_concurrency` at a time with no pause between batches; the cursor (every image
+    // below it tagged) is noted as it passes each COMMIT_BATCH.
+    let mut cursor = s.tag_cursor;
+    let mut noted = cursor;
+    let mut done = std::collections::BTreeSet::new();
+    let tags = ctx
+        .state
+        .images(id, cursor, s.counts.total)
+        .map_err(Error::from)
+        .map_ok(|img| {
+            let index = img.index;
+            tag(ctx, &s, reg, img).map_ok(move |()| index)
+        })
+        .try_buffer_unordered(ctx.config.tag_concurrency.max(1));
+    futures::pin_mut!(tags);
+    while let Some(index) = tags.try_next().await? {
+        done.insert(index);
+        while done.remove(&cursor) {
+            cursor += 1;
         }
-        at = end;
+        if cursor >= noted.saturating_add(COMMIT_BATCH) {
+            noted = cursor;
+            let kept = ctx
+                .state
+                .update_if_known(id, |r| r.tagged_through(cursor, generation).then_some(()))
+                .await?;
+            if kept.is_none() {
+                // Retried, failed or deleted meanwhile: this commit is over.
+                return Ok(Done::nothing());
+            }
+        }
     }
     let Some((effects, s)) = ctx
         .state

@@ -206,9 +206,16 @@ impl Stage for Unpacker {
             other => other.reason(),
         };
         tracing::warn!(%error, "bundle rejected");
+        // Only a bundle not yet listed is unpack's to fail: past that, its images' jobs
+        // decide (a redelivery that could not send them again is the janitor's to
+        // repeat).
         let failed = self
             .state
-            .update_if_known(&job.id, |s| s.fail(error.clone()))
+            .update_if_known(&job.id, |s| {
+                matches!(s.phase, Phase::Received | Phase::Unpacking)
+                    .then(|| s.fail(error.clone()))
+                    .flatten()
+            })
             .await?;
         Ok(match failed {
             Some((effects, s)) => Done::then(s, effects),
