@@ -41,9 +41,70 @@ pub struct Discovered {
     /// (with the repository they were found in, for a registry tree).
     pub unnamed: Vec<(Option<String>, Descriptor)>,
     /// Every blob file: digest → path in the bundle.
-    pub blob_paths: HashMap<Digest, String>,
+    pub blob_paths: BlobPaths,
     /// Where the layouts were found, for logs (`oci:images/`, `registry:platform/mirror/`).
     pub roots: Vec<String>,
+}
+
+/// Where each blob file of a bundle is, kept compact (a catalog bundle has tens of
+/// thousands): by the bytes of its digest, the directory above it (an OCI layout's
+/// `<root>blobs/sha256/`, a registry tree's likewise) and its form (`<hex>`, or
+/// `<2 hex>/<hex>/data`); the path is built when asked for. The first file of a digest
+/// wins.
+#[derive(Debug, Default)]
+pub struct BlobPaths {
+    dirs: Vec<(String, bool)>,
+    dir_index: HashMap<(String, bool), u32>,
+    at: HashMap<[u8; 32], u32>,
+}
+
+impl BlobPaths {
+    /// Notes `path`, a blob file whose digest's hex is `hex` (see
+    /// [`blob_hex`](crate::archive::blob_hex)).
+    pub fn insert(&mut self, path: &str, hex: &str) {
+        let Ok(digest) = Digest::from_hex(hex) else {
+            return;
+        };
+        let key = digest.bytes();
+        if self.at.contains_key(&key) {
+            return;
+        }
+        let tree = path.ends_with("/data");
+        let tail = if tree { 2 + 1 + 64 + 5 } else { 64 };
+        let Some(dir) = path.get(..path.len().saturating_sub(tail)) else {
+            return;
+        };
+        let entry = (dir.to_string(), tree);
+        let n = match self.dir_index.get(&entry) {
+            Some(n) => *n,
+            None => {
+                let n = self.dirs.len() as u32;
+                self.dirs.push(entry.clone());
+                self.dir_index.insert(entry, n);
+                n
+            }
+        };
+        self.at.insert(key, n);
+    }
+
+    /// The path of blob `digest` in the bundle, if it has one.
+    pub fn get(&self, digest: &Digest) -> Option<String> {
+        let (dir, tree) = &self.dirs[*self.at.get(&digest.bytes())? as usize];
+        let hex = digest.hex();
+        Some(if *tree {
+            format!("{dir}{}/{hex}/data", &hex[..2])
+        } else {
+            format!("{dir}{hex}")
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
 }
 
 pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result<Discovered> {
@@ -53,11 +114,8 @@ pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result
     let mut files = fs.files();
     files.sort_unstable();
     for f in &files {
-        if let Some(digest) = blob_hex(f).and_then(|hex| Digest::from_hex(hex).ok()) {
-            found
-                .blob_paths
-                .entry(digest)
-                .or_insert_with(|| f.to_string());
+        if let Some(hex) = blob_hex(f) {
+            found.blob_paths.insert(f, hex);
         }
         if let Some(dir) = f.strip_suffix("index.json")
             && (dir.is_empty() || (dir.ends_with('/') && fs.exists(&format!("{dir}oci-layout"))))

@@ -26,7 +26,7 @@ pub mod plan;
 pub mod squashfs;
 
 pub use catalog::{BlobStore, Catalog, Location};
-pub use discover::{Discovered, LayoutImage, discover};
+pub use discover::{BlobPaths, Discovered, LayoutImage, discover};
 pub use error::{Error, ErrorKind, Result};
 pub use format::Format;
 pub use layout::{Descriptor, ImagePlan, ManifestDoc, Walker};
@@ -81,13 +81,13 @@ pub trait BlobSource: Send + Sync {
 /// The blobs of an opened bundle, by the paths [`discover`] found.
 pub struct FsBlobs<'a> {
     pub fs: &'a dyn BundleFs,
-    pub paths: &'a std::collections::HashMap<Digest, String>,
+    pub paths: &'a discover::BlobPaths,
 }
 
 impl BlobSource for FsBlobs<'_> {
     fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>> {
         match self.paths.get(digest) {
-            Some(p) => self.fs.open(p).map(Some),
+            Some(p) => self.fs.open(&p).map(Some),
             None => Ok(None),
         }
     }

@@ -45,6 +45,14 @@ impl Digest {
         &self.0[7..]
     }
 
+    /// The 32 bytes of the hash: a compact key where many digests are kept (a catalog
+    /// bundle's tens of thousands of blobs).
+    pub fn bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(self.hex(), &mut out).expect("a parsed digest is 64 hex digits");
+        out
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

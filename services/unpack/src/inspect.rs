@@ -11,8 +11,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shipperd_bundle::{
-    BundleFs, Catalog, Descriptor, Digest, Error, Format, FsBlobs, Guard, Limits, Location,
-    ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
+    BlobPaths, BundleFs, Catalog, Descriptor, Digest, Error, Format, FsBlobs, Guard, Limits,
+    Location, ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container,
+    discover,
 };
 use shipperd_model::{BundleId, DataDir, PlanRef};
 
@@ -140,7 +141,7 @@ pub fn inspect(
     }
     // A manifest of a registry tree that no tag reaches is published by digest.
     for (repo, desc) in by_digest {
-        if check.reached.contains(&desc.digest) {
+        if check.reached.contains(&desc.digest.bytes()) {
             continue;
         }
         let source = Reference::parse(&format!("{repo}@{}", desc.digest))?;
@@ -174,13 +175,13 @@ pub fn inspect(
 struct Checker<'a> {
     fs: &'a dyn BundleFs,
     walker: &'a Walker<'a>,
-    paths: &'a HashMap<Digest, String>,
-    /// Every distinct blob and manifest, with its size.
-    needed: HashMap<Digest, u64>,
+    paths: &'a BlobPaths,
+    /// Every distinct blob and manifest (by its hash's bytes), with its size.
+    needed: HashMap<[u8; 32], u64>,
     /// Those the bundle does not carry.
-    absent: HashSet<Digest>,
+    absent: HashSet<[u8; 32]>,
     /// Manifests some image reaches.
-    reached: HashSet<Digest>,
+    reached: HashSet<[u8; 32]>,
     referrers: u64,
     /// Bytes the blobs the bundle carries declare, and what it may declare: the
     /// stored bytes times the expansion limit (`--max-expansion`).
@@ -201,28 +202,30 @@ impl Checker<'_> {
         let name = source.to_string();
         let plan = self.walker.plan(&name, top, lookup)?;
         for blob in &plan.blobs {
-            if !self.needed.contains_key(&blob.digest) {
+            let key = blob.digest.bytes();
+            if !self.needed.contains_key(&key) {
                 if self.walker.blob_present(&name, blob)? {
                     self.declare(&name, blob)?;
                 } else {
-                    self.absent.insert(blob.digest.clone());
+                    self.absent.insert(key);
                 }
-                self.needed.insert(blob.digest.clone(), blob.size);
+                self.needed.insert(key, blob.size);
             }
         }
         for (m, bytes) in &plan.manifests {
-            self.reached.insert(m.digest.clone());
+            let key = m.digest.bytes();
+            self.reached.insert(key);
             match bytes {
-                Some(b) => self.needed.insert(m.digest.clone(), b.len() as u64),
+                Some(b) => self.needed.insert(key, b.len() as u64),
                 None => {
-                    self.absent.insert(m.digest.clone());
-                    self.needed.insert(m.digest.clone(), m.size)
+                    self.absent.insert(key);
+                    self.needed.insert(key, m.size)
                 }
             };
         }
         for (_, m, bytes) in &plan.referrers {
             self.referrers += 1;
-            self.needed.insert(m.digest.clone(), bytes.len() as u64);
+            self.needed.insert(m.digest.bytes(), bytes.len() as u64);
         }
         let catalog = self.is_catalog(&plan);
         let d = plan.manifests.last().map_or(top, |(d, _)| d);
@@ -255,7 +258,7 @@ impl Checker<'_> {
         let Some(path) = self.paths.get(&config.digest) else {
             return false;
         };
-        let Ok(bytes) = self.fs.read_small(path, MAX_CONFIG_BYTES) else {
+        let Ok(bytes) = self.fs.read_small(&path, MAX_CONFIG_BYTES) else {
             return false;
         };
         serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -281,7 +284,7 @@ impl Checker<'_> {
 
     fn locate(&self, digest: &Digest) -> Result<Location> {
         match self.paths.get(digest) {
-            Some(p) => Ok(self.fs.locate(p)?.0),
+            Some(p) => Ok(self.fs.locate(&p)?.0),
             None => Ok(Location::Absent),
         }
     }

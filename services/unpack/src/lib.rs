@@ -283,14 +283,15 @@ impl Unpacker {
             self.discard(id).await;
             return Ok(Done::nothing());
         }
-        let inventory = read.map_err(|join| {
+        let mut inventory = read.map_err(|join| {
             Error::Internal(
                 join.try_into_panic()
                     .map(|p| shipperd_pipeline::panic_message(&*p))
                     .unwrap_or_else(|_| "the reader was cancelled".into()),
             )
         })??;
-        let (target, images) = target_images(&self.targets.get(), &s, &inventory)?;
+        let found = std::mem::take(&mut inventory.images);
+        let (target, images) = target_images(&self.targets.get(), &s, found)?;
         tracing::info!(
             images = images.len(),
             blobs = inventory.blob_count,
@@ -368,37 +369,47 @@ async fn watch_deleted(state: StateStore, id: BundleId, guard: Guard) {
 fn target_images(
     targets: &Targets,
     s: &BundleSummary,
-    inventory: &Inventory,
+    found: Vec<inspect::InventoryImage>,
 ) -> Result<(shipperd_model::TargetName, Vec<ImageState>)> {
     let target = targets.get(s.target.as_ref()).map_err(|e| {
         let known: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         Error::Target(format!("{e} (targets: {})", known.join(", ")))
     })?;
-    let mut landed: std::collections::HashMap<Reference, (&Reference, &shipperd_model::Digest)> =
-        Default::default();
-    let mut images = Vec::with_capacity(inventory.images.len());
-    for (i, img) in inventory.images.iter().enumerate() {
+    // Where each image landed, by the hash of its target reference: a few bytes per
+    // image (a catalog holds tens of thousands), the images themselves compared on a
+    // hit.
+    let hash = |r: &Reference| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        r.hash(&mut h);
+        h.finish()
+    };
+    let mut landed: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+    let mut images: Vec<ImageState> = Vec::with_capacity(found.len());
+    for (i, img) in found.into_iter().enumerate() {
         let mapped = target
             .mapping
             .map(&img.source, &target.url.host)
             .map_err(|e| Error::Target(format!("target {}: {e}", target.name)))?;
-        let digest = &img.digest;
-        if let Some((other, d)) = landed.get(&mapped)
-            && *d != digest
+        let same_place = landed.entry(hash(&mapped)).or_default();
+        if let Some(other) = same_place
+            .iter()
+            .map(|j| &images[*j as usize])
+            .find(|o| o.target == mapped && o.digest != img.digest)
         {
             return Err(Error::Target(format!(
-                "{other} and {} would both land at {mapped} (target {}'s path mapping); \
+                "{} and {} would both land at {mapped} (target {}'s path mapping); \
                  change the mapping or the bundle",
-                img.source, target.name
+                other.source, img.source, target.name
             )));
         }
-        landed.insert(mapped.clone(), (&img.source, digest));
+        same_place.push(i as u32);
         images.push(ImageState {
             index: i as u32,
-            source: img.source.clone(),
+            source: img.source,
             target: mapped,
-            digest: digest.clone(),
-            media_type: img.media_type.clone(),
+            digest: img.digest,
+            media_type: img.media_type,
             size: img.size,
             phase: ImagePhase::Pending,
             error: None,
