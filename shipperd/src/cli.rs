@@ -305,7 +305,7 @@ pub struct RegistryArgs {
     #[arg(long, env = "SHIPPERD_REGISTRY_PASSWORD", hide_env_values = true)]
     pub registry_password: Option<Secret>,
     /// Images pushed at once by this process.
-    #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "SHIPPERD_PUBLISH_CONCURRENCY", default_value_t = 32)]
     pub publish_concurrency: usize,
     /// Attempts at one image (or bundle, for unpack; or commit) before it fails: each
     /// attempt that ended with an error that may heal (429, 5xx, a broken connection)
@@ -317,7 +317,7 @@ pub struct RegistryArgs {
     #[arg(long, env = "SHIPPERD_ACK_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub ack_wait: Duration,
     /// Tags a bundle's commit sets at once.
-    #[arg(long, env = "SHIPPERD_TAG_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "SHIPPERD_TAG_CONCURRENCY", default_value_t = 64)]
     pub tag_concurrency: usize,
     #[command(flatten)]
     pub limits: LimitArgs,

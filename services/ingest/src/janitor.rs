@@ -25,7 +25,7 @@ const RECORD_GRACE: Duration = Duration::from_secs(60);
 
 use shipperd_bus::{
     EventKind, MessageId, Topic,
-    subjects::{EVENTS_STREAM, JOBS_STREAM, PUBLISH_CONSUMER, UNPACK_CONSUMER},
+    subjects::{COMMIT_CONSUMER, EVENTS_STREAM, JOBS_STREAM, PUBLISH_CONSUMER, UNPACK_CONSUMER},
 };
 use shipperd_model::{BundleId, BundleSummary, Phase, age};
 use shipperd_pipeline::Ledger;
@@ -153,13 +153,13 @@ impl Janitor {
                 }
             }
             Phase::Received | Phase::Unpacking if stuck => {
-                let busy = backlog.unpack(&self.store).await? > 0;
+                let busy = backlog.of(&self.store, s.phase).await > 0;
                 if (!busy || long_stuck) && !self.working(s).await? {
                     self.redrive(&s.id).await?;
                 }
             }
             Phase::Publishing | Phase::Tagging if stuck => {
-                let busy = backlog.publish(&self.store).await? > 0;
+                let busy = backlog.of(&self.store, s.phase).await > 0;
                 if (!busy || long_stuck) && !self.working(s).await? {
                     finish::settle_claims(state, &s.id).await?;
                     self.redrive(&s.id).await?;
@@ -297,33 +297,27 @@ fn stale(rfc3339: &str, d: Duration) -> bool {
 /// The stages' consumers' backlogs, read at most once per sweep. A consumer that cannot
 /// be read (its service never started) counts as busy: announcing again would not help.
 #[derive(Default)]
-struct Backlog {
-    unpack: Option<u64>,
-    publish: Option<u64>,
-}
-
-async fn backlog(store: &Store, stream: &str, consumer: &str) -> u64 {
-    match store.bus().consumer_backlog(stream, consumer).await {
-        Ok(n) => n,
-        Err(error) => {
-            tracing::debug!(%error, consumer, "cannot read the consumer's backlog");
-            u64::MAX
-        }
-    }
-}
+struct Backlog(std::collections::HashMap<&'static str, u64>);
 
 impl Backlog {
-    async fn unpack(&mut self, store: &Store) -> Result<u64> {
-        if self.unpack.is_none() {
-            self.unpack = Some(backlog(store, EVENTS_STREAM, UNPACK_CONSUMER).await);
+    /// Messages queued or in hand for the stage a bundle in `phase` waits on.
+    async fn of(&mut self, store: &Store, phase: Phase) -> u64 {
+        let (stream, consumer) = match phase {
+            Phase::Received | Phase::Unpacking => (EVENTS_STREAM, UNPACK_CONSUMER),
+            Phase::Tagging => (JOBS_STREAM, COMMIT_CONSUMER),
+            _ => (JOBS_STREAM, PUBLISH_CONSUMER),
+        };
+        if let Some(n) = self.0.get(consumer) {
+            return *n;
         }
-        Ok(self.unpack.unwrap_or_default())
-    }
-
-    async fn publish(&mut self, store: &Store) -> Result<u64> {
-        if self.publish.is_none() {
-            self.publish = Some(backlog(store, JOBS_STREAM, PUBLISH_CONSUMER).await);
-        }
-        Ok(self.publish.unwrap_or_default())
+        let n = match store.bus().consumer_backlog(stream, consumer).await {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::debug!(%error, consumer, "cannot read the consumer's backlog");
+                u64::MAX
+            }
+        };
+        self.0.insert(consumer, n);
+        n
     }
 }

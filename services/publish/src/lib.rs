@@ -145,11 +145,11 @@ impl Config {
             targets,
             targets_file: None,
             stage: Settings {
-                concurrency: 16,
+                concurrency: 32,
                 backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(60)),
                 ..Settings::default()
             },
-            tag_concurrency: 16,
+            tag_concurrency: 64,
             progress_interval: Duration::from_secs(2),
         }
     }
