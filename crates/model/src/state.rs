@@ -871,22 +871,10 @@ mod tests {
         assert_eq!(s.phase, Phase::Publishing);
         assert_eq!((s.counts.published, s.counts.failed), (1, 0));
         let mut failed = ImageState {
-            index: 1,
-            source: Reference::parse("a:1").unwrap(),
-            target: Reference::parse("r.io/a:1").unwrap(),
-            digest: Digest::of(b"x"),
-            media_type: String::new(),
-            size: 1,
             phase: ImagePhase::Failed,
             error: Some("x".into()),
-            bytes_total: 10,
-            bytes_done: 0,
-            skipped: false,
             attempts: 5,
-            generation: 0,
-            plan: PlanRef::default(),
-            blobs: BlobCounts::default(),
-            catalog: false,
+            ..image(1)
         };
         assert!(!failed.is_counted(s.generation));
         assert_eq!(failed.phase_in(s.generation), ImagePhase::Pending);

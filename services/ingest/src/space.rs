@@ -139,18 +139,23 @@ impl Space {
     }
 }
 
+/// Moves this claim's part of a shared total from `from` to `to`.
+fn move_by(total: &AtomicU64, from: u64, to: u64) {
+    if to >= from {
+        total.fetch_add(to - from, Ordering::Relaxed);
+    } else {
+        total.fetch_sub(from - to, Ordering::Relaxed);
+    }
+}
+
 impl Claim {
     /// The upload has written `written` bytes so far.
     pub(crate) fn wrote(&mut self, written: u64) -> Result<()> {
         // (Less than before when a fetch starts over.)
-        if written >= self.held {
-            self.in_flight
-                .fetch_add(written - self.held, Ordering::Relaxed);
-        } else {
-            self.in_flight
-                .fetch_sub(self.held - written, Ordering::Relaxed);
+        if written < self.held {
             self.next_check = written;
         }
+        move_by(&self.in_flight, self.held, written);
         self.held = written;
         if written >= self.next_check {
             self.check(written)?;
@@ -164,13 +169,7 @@ impl Claim {
         // upload sees as room) before the room is looked at, so racing uploads see
         // each other's.
         let coming = self.declared.map_or(0, |d| d.saturating_sub(written));
-        if coming >= self.promise {
-            self.promised
-                .fetch_add(coming - self.promise, Ordering::Relaxed);
-        } else {
-            self.promised
-                .fetch_sub(self.promise - coming, Ordering::Relaxed);
-        }
+        move_by(&self.promised, self.promise, coming);
         self.promise = coming;
         // What every upload in progress still said it would write, this one's included.
         let promised = self.promised.load(Ordering::Relaxed);
