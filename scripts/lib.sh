@@ -28,10 +28,10 @@ start_stack() {
   nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
 
   echo "== starting nats-server (127.0.0.1:$NATS_PORT), docker-registry (127.0.0.1:$REG_PORT), webhook receiver (127.0.0.1:$HOOK_PORT)"
-  "$nats_bin" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$DEMO/nats" >"$DEMO/nats.log" 2>&1 & PIDS+=($!)
+  "$nats_bin" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$DEMO/nats" >"$DEMO/nats.log" 2>&1 & NATS_PID=$!; PIDS+=($NATS_PID)
   $BIN/shipperd-dev registry-config --port "$REG_PORT" --root "$PWD/$DEMO/registry" >"$DEMO/registry.yml"
   docker-registry serve "$DEMO/registry.yml" >"$DEMO/registry.log" 2>&1 & PIDS+=($!)
-  $BIN/shipperd-dev webhook-sink --port "$HOOK_PORT" --secret "$SECRET" --seconds 1800 >"$DEMO/events.log" 2>&1 & PIDS+=($!)
+  $BIN/shipperd-dev webhook-sink --port "$HOOK_PORT" --secret "$SECRET" --seconds 1800 >"$DEMO/events.log" 2>&1 & HOOK_PID=$!; PIDS+=($HOOK_PID)
   wait_port "$NATS_PORT" nats-server; wait_port "$REG_PORT" docker-registry; wait_port "$HOOK_PORT" webhook-sink
 
   echo "== starting shipperd all (ingest API on 127.0.0.1:$API_PORT)"

@@ -98,6 +98,10 @@ enum Cmd {
         registry: String,
         #[arg(long, default_value_t = 16)]
         connections: usize,
+        /// Then PUT every manifest again under a second tag, this many at a time (the
+        /// registry's cost of tagging last), and print that too.
+        #[arg(long)]
+        retag: Option<usize>,
     },
     /// Receive webhooks on 127.0.0.1:PORT; print one line per event (signature checked).
     WebhookSink {
@@ -190,7 +194,8 @@ async fn main() -> anyhow::Result<()> {
             layout,
             registry,
             connections,
-        } => shipperd_tests::rawpush::run(&layout, &registry, connections).await?,
+            retag,
+        } => shipperd_tests::rawpush::run(&layout, &registry, connections, retag).await?,
         Cmd::WebhookSink {
             port,
             secret,
