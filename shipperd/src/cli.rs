@@ -113,6 +113,18 @@ pub struct OperatorArgs {
     /// (needs the right to create ProjectRequests); else a Warning Event names them.
     #[arg(long, env = "SHIPPERD_CREATE_PROJECTS")]
     pub create_projects: bool,
+    /// Where `Bundle`s with a `path` source take files from; nothing outside it (no
+    /// `..`, no symbolic link) is read. Default: `<data-dir>/import`.
+    #[arg(long, env = "SHIPPERD_IMPORT_DIR")]
+    pub import_dir: Option<PathBuf>,
+    /// A registry host (`host[:port]`) besides OpenShift's internal registry that
+    /// targets may send ShipperD's service-account token to (repeat for several).
+    #[arg(
+        long = "service-account-token-host",
+        env = "SHIPPERD_SERVICE_ACCOUNT_TOKEN_HOSTS",
+        value_delimiter = ','
+    )]
+    pub service_account_token_hosts: Vec<String>,
 }
 
 impl OperatorArgs {
@@ -146,6 +158,13 @@ impl OperatorArgs {
                 o
             },
             create_projects: self.create_projects,
+            import_dir: self.import_dir.clone(),
+            own_namespace: self
+                .lease_namespace
+                .clone()
+                .or_else(|| self.namespace.clone())
+                .unwrap_or_else(|| "default".into()),
+            service_account_token_hosts: self.service_account_token_hosts.clone(),
             webhooks_output: self
                 .webhooks_output
                 .clone()

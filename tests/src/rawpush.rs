@@ -134,7 +134,11 @@ impl Pusher {
                     .body(bytes),
             )
             .await?;
-        anyhow::ensure!(resp.status() == 201, "PUT manifest {name}{suffix}: {}", resp.status());
+        anyhow::ensure!(
+            resp.status() == 201,
+            "PUT manifest {name}{suffix}: {}",
+            resp.status()
+        );
         Ok(())
     }
 

@@ -122,6 +122,7 @@ async fn a_fetch_cut_mid_way_resumes_and_publishes() -> anyhow::Result<()> {
         url: url.clone(),
         sha256: id.clone(),
         ca_pem: None,
+        owner: None,
     };
     let accepted = store.fetch("fetch.tar", &source, None, &quick()).await?;
     assert!(accepted.created);
@@ -159,6 +160,7 @@ async fn a_server_without_ranges_is_fetched_again_and_a_wrong_sha256_keeps_nothi
         url: url.clone(),
         sha256: BundleId::parse(&"e".repeat(64))?,
         ca_pem: None,
+        owner: None,
     };
     let err = store
         .fetch("wrong.tar", &wrong, None, &quick())
@@ -174,6 +176,7 @@ async fn a_server_without_ranges_is_fetched_again_and_a_wrong_sha256_keeps_nothi
         url,
         sha256: id.clone(),
         ca_pem: None,
+        owner: None,
     };
     let accepted = store.fetch("norange.tar", &source, None, &quick()).await?;
     assert!(accepted.created);
@@ -191,6 +194,7 @@ async fn a_server_without_ranges_is_fetched_again_and_a_wrong_sha256_keeps_nothi
         url: "http://127.0.0.1:9/bundle.tar?token=hunter2".into(),
         sha256: BundleId::parse(&"f".repeat(64))?,
         ca_pem: None,
+        owner: None,
     };
     let err = store
         .fetch(

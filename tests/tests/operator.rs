@@ -33,6 +33,8 @@ struct Fake {
     applied: Vec<(String, Value)>,
     /// Answer applies with 403 (an operator without the right to).
     refuse_apply: bool,
+    /// ClusterRegistryTargets.
+    cluster_targets: Vec<Value>,
 }
 
 /// A fake API server for one `Bundle`: finalizer patches, status patches, Events.
@@ -89,6 +91,26 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                     (201, body)
                 }
                 ("PATCH", p) if p.contains("/events/") => (200, body),
+                ("GET", p) if p.ends_with("/clusterregistrytargets") => (
+                    200,
+                    json!({"apiVersion": "shipperd.io/v1alpha1", "kind": "ClusterRegistryTargetList",
+                           "metadata": {}, "items": fk.cluster_targets}),
+                ),
+                ("GET", p) if p.contains("/clusterregistrytargets/") => {
+                    let name = p.rsplit('/').next().unwrap_or("");
+                    match fk
+                        .cluster_targets
+                        .iter()
+                        .find(|t| t["metadata"]["name"] == name)
+                    {
+                        Some(t) => (200, t.clone()),
+                        None => (
+                            404,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "NotFound", "code": 404, "message": "not found"}),
+                        ),
+                    }
+                }
                 ("GET", p) if p.ends_with("/registrytargets/internal") => (
                     200,
                     json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "RegistryTarget",
@@ -140,7 +162,7 @@ async fn context(app: &TestApp, client: kube::Client) -> anyhow::Result<Arc<Cont
     let bus = shipperd_bus::Bus::connect(&app.nats.url(), "test-operator").await?;
     let store = Store::open(bus.clone(), &DataDir::new(app.data.path()), 1 << 40).await?;
     let state = shipperd_state::StateStore::open(&bus).await?;
-    Ok(Arc::new(Context::new(
+    let mut ctx = Context::new(
         client,
         Arc::new(store),
         state,
@@ -149,7 +171,19 @@ async fn context(app: &TestApp, client: kube::Client) -> anyhow::Result<Arc<Cont
             stall_timeout: Duration::from_secs(5),
             retry_base: Duration::from_millis(50),
         },
-    )))
+    );
+    // Uploads act in namespace `ns`; Bundles of other namespaces follow only what
+    // they fetched.
+    ctx.upload_namespace = Some("ns".into());
+    Ok(Arc::new(ctx))
+}
+
+/// A ClusterRegistryTarget as the admin writes it.
+fn cluster_target(name: &str, spec: Value) -> Value {
+    json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "ClusterRegistryTarget",
+            "metadata": { "name": name, "uid": format!("uid-c-{name}"),
+                          "generation": 1, "resourceVersion": "1" },
+            "spec": spec })
 }
 
 /// Reconciles the fake's `Bundle` until `done` holds (a minute at most).
@@ -245,6 +279,13 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
         "spec": { "source": { "url": { "url": url, "sha256": id } },
                   "applyClusterResources": true },
     }));
+    // The admin's default target (the services know it as `default`) lets its bundles
+    // apply cluster resources.
+    fake.lock().unwrap().cluster_targets = vec![cluster_target(
+        "default",
+        json!({ "url": app.registry.url(), "default": true,
+                "clusterResources": { "apply": true } }),
+    )];
     let ctx = context(&app, client).await?;
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
 
@@ -434,11 +475,14 @@ async fn an_uploaded_bundle_gets_a_bundle_object_that_follows_it() -> anyhow::Re
     Ok(())
 }
 
-/// A fake API server holding RegistryTargets and Secrets of namespace `ns`.
+/// A fake API server holding RegistryTargets, ClusterRegistryTargets, WebhookTargets
+/// and Secrets of any namespace.
 #[derive(Default)]
 struct FakeTargets {
     targets: Vec<Value>,
+    cluster_targets: Vec<Value>,
     secrets: Vec<Value>,
+    configmaps: Vec<Value>,
     webhooks: Vec<Value>,
 }
 
@@ -452,34 +496,63 @@ fn fake_targets_api(state: Arc<Mutex<FakeTargets>>) -> kube::Client {
             let mut st = state.lock().unwrap();
             let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                    "reason": "NotFound", "code": 404, "message": "not found"});
-            let named = |list: &[Value], name: &str| {
-                list.iter().find(|o| o["metadata"]["name"] == name).cloned()
+            // `/.../namespaces/NS/...`: that namespace only.
+            let ns: Option<String> = path
+                .split("/namespaces/")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .map(str::to_string);
+            let in_ns = |o: &Value| {
+                ns.as_deref()
+                    .is_none_or(|n| o["metadata"]["namespace"] == n)
+            };
+            let list = |kind: &str, items: &[Value]| {
+                let items: Vec<&Value> = items.iter().filter(|o| in_ns(o)).collect();
+                (
+                    200,
+                    json!({"apiVersion": "shipperd.io/v1alpha1", "kind": kind,
+                             "metadata": {}, "items": items}),
+                )
             };
             let last = path.rsplit('/').next().unwrap_or("").to_string();
             let (status, answer) = match method.as_str() {
-                "GET" if path.ends_with("/registrytargets") => (
-                    200,
-                    json!({"apiVersion": "shipperd.io/v1alpha1", "kind": "RegistryTargetList",
-                           "metadata": {}, "items": st.targets}),
-                ),
-                "GET" if path.ends_with("/webhooktargets") => (
-                    200,
-                    json!({"apiVersion": "shipperd.io/v1alpha1", "kind": "WebhookTargetList",
-                           "metadata": {}, "items": st.webhooks}),
-                ),
-                "GET" if path.contains("/secrets/") => match named(&st.secrets, &last) {
-                    Some(s) => (200, s),
-                    None => (404, not_found),
-                },
+                "GET" if path.ends_with("/clusterregistrytargets") => {
+                    list("ClusterRegistryTargetList", &st.cluster_targets)
+                }
+                "GET" if path.ends_with("/registrytargets") => {
+                    list("RegistryTargetList", &st.targets)
+                }
+                "GET" if path.ends_with("/webhooktargets") => {
+                    list("WebhookTargetList", &st.webhooks)
+                }
+                "GET" if path.contains("/secrets/") || path.contains("/configmaps/") => {
+                    let objects = if path.contains("/secrets/") {
+                        &st.secrets
+                    } else {
+                        &st.configmaps
+                    };
+                    match objects
+                        .iter()
+                        .find(|o| in_ns(o) && o["metadata"]["name"] == last)
+                    {
+                        Some(s) => (200, s.clone()),
+                        None => (404, not_found),
+                    }
+                }
                 "GET" => (404, not_found),
                 "PATCH" if path.ends_with("/status") => {
                     let name = path.rsplit('/').nth(1).unwrap_or("").to_string();
                     let list = if path.contains("/webhooktargets/") {
                         &mut st.webhooks
+                    } else if path.contains("/clusterregistrytargets/") {
+                        &mut st.cluster_targets
                     } else {
                         &mut st.targets
                     };
-                    match list.iter_mut().find(|t| t["metadata"]["name"] == name) {
+                    match list
+                        .iter_mut()
+                        .find(|t| in_ns(t) && t["metadata"]["name"] == name)
+                    {
                         Some(t) => {
                             t["status"] = body["status"].clone();
                             (200, t.clone())
@@ -511,26 +584,44 @@ fn condition<'a>(status: &'a Value, ty: &str) -> &'a Value {
 }
 
 fn registry_target(name: &str, spec: Value) -> Value {
+    registry_target_in("ns", name, spec)
+}
+
+fn registry_target_in(ns: &str, name: &str, spec: Value) -> Value {
     json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "RegistryTarget",
-            "metadata": { "name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+            "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"),
                           "generation": 1, "resourceVersion": "1" },
             "spec": spec })
 }
 
 fn basic_auth(name: &str, user: &str, password: &str) -> Value {
+    basic_auth_in("ns", name, user, password)
+}
+
+/// A basic-auth Secret labelled for ShipperD.
+fn basic_auth_in(ns: &str, name: &str, user: &str, password: &str) -> Value {
     use base64::Engine as _;
     let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     json!({ "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
-            "metadata": { "name": name, "namespace": "ns" },
+            "metadata": { "name": name, "namespace": ns,
+                          "labels": { "shipperd.io/credentials": "true" } },
             "data": { "username": b(user), "password": b(password) } })
 }
 
 fn ready_of(st: &Arc<Mutex<FakeTargets>>, name: &str) -> (String, String) {
+    ready_in(st, "ns", name)
+}
+
+fn ready_in(st: &Arc<Mutex<FakeTargets>>, ns: &str, name: &str) -> (String, String) {
     let s = st.lock().unwrap();
     let t = s
         .targets
         .iter()
-        .find(|t| t["metadata"]["name"] == name)
+        .chain(s.cluster_targets.iter())
+        .find(|t| {
+            t["metadata"]["name"] == name
+                && (t["metadata"]["namespace"] == ns || t["metadata"]["namespace"].is_null())
+        })
         .unwrap();
     let c = &t["status"]["conditions"][0];
     (
@@ -586,13 +677,14 @@ async fn registry_targets_are_applied_and_a_rotated_secret_reaches_publish() -> 
         secrets: vec![basic_auth("push", "mirror", "an old password")],
         ..FakeTargets::default()
     }));
-    let ctx = Arc::new(TargetsContext {
-        client: fake_targets_api(state.clone()),
-        output: Output {
+    let ctx = Arc::new(TargetsContext::new(
+        fake_targets_api(state.clone()),
+        Output {
             file: app.data.path().join("targets.toml"),
             secrets: app.data.path().join("config/secrets"),
         },
-    });
+        "shipperd",
+    ));
     let get = |name: &str| -> anyhow::Result<Arc<shipperd_operator::RegistryTarget>> {
         let t = state
             .lock()
@@ -616,8 +708,12 @@ async fn registry_targets_are_applied_and_a_rotated_secret_reaches_publish() -> 
     assert_eq!(ready_of(&state, "badurl").1, "InvalidTarget");
     let file = std::fs::read_to_string(app.data.path().join("targets.toml"))?;
     assert!(
-        file.contains("name = \"good\"") && !file.contains("nosecret"),
+        file.contains("name = \"ns/good\"") && !file.contains("nosecret"),
         "{file}"
+    );
+    assert!(
+        file.contains("default = \"\""),
+        "a namespaced target is never the default: {file}"
     );
     assert!(
         !file.contains("an old password"),
@@ -631,7 +727,11 @@ async fn registry_targets_are_applied_and_a_rotated_secret_reaches_publish() -> 
         async move {
             let b = sample(salt, salt, 0);
             let (st, r) = app
-                .put(&format!("{salt}.tar"), tar_bytes(&b.oci_files(""))?, None)
+                .put_with(
+                    &format!("{salt}.tar"),
+                    tar_bytes(&b.oci_files(""))?,
+                    "target=ns/good",
+                )
                 .await?;
             anyhow::ensure!(st == 202, "{r}");
             app.wait_done(r["id"].as_str().unwrap(), Duration::from_secs(60))
@@ -696,7 +796,8 @@ async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> 
         ],
         secrets: vec![
             json!({ "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                              "metadata": { "name": "hook", "namespace": "ns" },
+                              "metadata": { "name": "hook", "namespace": "ns",
+                                            "labels": { "shipperd.io/credentials": "true" } },
                               "data": { "secret": secret } }),
         ],
         ..FakeTargets::default()
@@ -705,6 +806,7 @@ async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> 
         client: fake_targets_api(state.clone()),
         file: app.data.path().join("webhooks.toml"),
         secrets: app.data.path().join("config/webhooks"),
+        watch_namespace: None,
     });
     for name in ["chat", "ftp", "nosecret"] {
         let w = state
@@ -780,7 +882,7 @@ async fn a_bundle_from_a_path_on_the_volume_is_taken_and_published() -> anyhow::
     let layout = sample("pathsrc", "p1", 0);
     let bytes = tar_bytes(&layout.oci_files(""))?;
     let id = sha256(&bytes)[7..].to_string();
-    let file = app.data.path().join("incoming/p1.tar");
+    let file = app.data.path().join("import/incoming/p1.tar");
     std::fs::create_dir_all(file.parent().unwrap())?;
     std::fs::write(&file, &bytes)?;
     let (client, fake) = fake_api(json!({
@@ -807,6 +909,42 @@ async fn a_bundle_from_a_path_on_the_volume_is_taken_and_published() -> anyhow::
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
     let why = done["status"]["error"].as_str().unwrap();
     assert!(why.contains("without `..`"), "{why}");
+
+    // Nothing outside the import directory is reached through a link, at the end of the
+    // path or on the way; a wrong sha256 does not tell the file's real one.
+    let import = app.data.path().join("import");
+    let outside = app.data.path().join("config/other.tar");
+    std::fs::create_dir_all(outside.parent().unwrap())?;
+    std::fs::write(&outside, &bytes)?;
+    std::os::unix::fs::symlink(&outside, import.join("link.tar"))?;
+    std::os::unix::fs::symlink(app.data.path().join("config"), import.join("dirlink"))?;
+    std::fs::write(import.join("mine.tar"), &bytes)?;
+    for (name, path, sha, expect) in [
+        ("p4", "link.tar", None, "symbolic link"),
+        ("p5", "dirlink/other.tar", None, "symbolic link"),
+        ("p6", "mine.tar", Some("f".repeat(64)), "not the one given"),
+    ] {
+        let mut source = json!({ "path": path });
+        if let Some(sha) = &sha {
+            source["sha256"] = json!(sha);
+        }
+        let (client, fake) = fake_api(json!({
+            "apiVersion": "shipperd.io/v1alpha1",
+            "kind": "Bundle",
+            "metadata": { "name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                          "generation": 1, "resourceVersion": "1", "finalizers": [FINALIZER] },
+            "spec": { "source": { "path": source } },
+        }));
+        let ctx = context(&app, client).await?;
+        let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
+        let why = done["status"]["error"].as_str().unwrap();
+        assert!(why.contains(expect), "{path}: {why}");
+        assert!(!why.contains(&id), "{path}: the real sha256 is told: {why}");
+    }
+    assert!(
+        outside.exists() && import.join("mine.tar").exists(),
+        "nothing was taken"
+    );
     Ok(())
 }
 
@@ -821,7 +959,7 @@ async fn missing_openshift_projects_are_named_or_created() -> anyhow::Result<()>
     .await?;
     let layout = sample("projects", "p3", 0);
     let bytes = tar_bytes(&layout.oci_files(""))?;
-    let file = app.data.path().join("incoming/p3.tar");
+    let file = app.data.path().join("import/incoming/p3.tar");
     std::fs::create_dir_all(file.parent().unwrap())?;
     std::fs::write(&file, &bytes)?;
     let (client, fake) = fake_api(json!({
@@ -829,8 +967,13 @@ async fn missing_openshift_projects_are_named_or_created() -> anyhow::Result<()>
         "kind": "Bundle",
         "metadata": { "name": "p3", "namespace": "ns", "uid": "uid-p3", "generation": 1,
                       "resourceVersion": "1", "finalizers": [FINALIZER] },
-        "spec": { "source": { "path": { "path": "incoming/p3.tar" } }, "target": "internal" },
+        "spec": { "source": { "path": { "path": "incoming/p3.tar" } },
+                  "clusterTarget": "internal" },
     }));
+    fake.lock().unwrap().cluster_targets = vec![cluster_target(
+        "internal",
+        json!({ "openshiftInternal": true }),
+    )];
     let ctx = context(&app, client.clone()).await?;
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
     let id = BundleId::parse(done["status"]["bundleId"].as_str().unwrap())?;
@@ -863,5 +1006,359 @@ async fn missing_openshift_projects_are_named_or_created() -> anyhow::Result<()>
         .filter_map(|(_, v)| v["metadata"]["name"].as_str())
         .collect();
     assert_eq!(requested, ["demo", "p3"]);
+    Ok(())
+}
+
+/// Two tenants: team-b's Bundles cannot follow (read), nor delete, the bundle team-a
+/// brought in, nor one that came through the ingest endpoint (the upload namespace's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bundle_cannot_follow_or_delete_another_namespaces_bundle() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("tenancy", "ta", 0);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    let id = sha256(&bytes)[7..].to_string();
+    std::fs::create_dir_all(app.data.path().join("import"))?;
+    std::fs::write(app.data.path().join("import/ta.tar"), &bytes)?;
+    let bundle = |ns: &str, name: &str, source: Value| {
+        json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+                "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"),
+                              "generation": 1, "resourceVersion": "1" },
+                "spec": { "source": source } })
+    };
+    let (client, fake) = fake_api(bundle(
+        "team-a",
+        "a",
+        json!({ "path": { "path": "ta.tar" } }),
+    ));
+    let ctx = context(&app, client).await?;
+    let mine = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+    assert_eq!(mine["status"]["bundleId"], id);
+    assert_eq!(
+        ctx.state
+            .summary(&BundleId::parse(&id)?)
+            .await?
+            .unwrap()
+            .owner
+            .as_deref(),
+        Some("team-a")
+    );
+
+    let (st, r) = app
+        .put(
+            "uploaded.tar",
+            tar_bytes(&sample("tenancy2", "tu", 0).oci_files(""))?,
+            None,
+        )
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let uploaded = r["id"].as_str().unwrap().to_string();
+    app.wait_done(&uploaded, Duration::from_secs(60)).await?;
+
+    for (name, source, of) in [
+        (
+            "b1",
+            json!({ "upload": { "name": "x.tar", "bundleId": id } }),
+            &id,
+        ),
+        (
+            "b2",
+            json!({ "url": { "url": "http://127.0.0.1:9/x.tar", "sha256": id } }),
+            &id,
+        ),
+        (
+            "b3",
+            json!({ "upload": { "name": "u.tar", "bundleId": uploaded } }),
+            &uploaded,
+        ),
+    ] {
+        let (client, fake) = fake_api(bundle("team-b", name, source));
+        let ctx = context(&app, client).await?;
+        let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
+        let st = &done["status"];
+        assert_eq!(
+            condition(st, "Failed")["reason"],
+            "NotOwned",
+            "{name}: {st:#}"
+        );
+        assert!(
+            st["images"].is_null() && st["bundleId"].is_null() && st["bytesTotal"] == 0,
+            "{name}: nothing of the other bundle is shown: {st:#}"
+        );
+        assert!(
+            fake.lock()
+                .unwrap()
+                .events
+                .iter()
+                .any(|e| e["reason"] == "NotOwned"),
+            "{name}: a Warning Event"
+        );
+        // Deleting team-b's Bundle leaves the other bundle alone.
+        fake.lock().unwrap().bundle["metadata"]["deletionTimestamp"] =
+            json!("2026-12-04T00:00:00Z");
+        reconcile_until(&ctx, &fake, |b| {
+            b["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| f.is_empty())
+        })
+        .await?;
+        assert!(
+            app.bundle(of).await?.is_some(),
+            "{name}: the bundle was deleted"
+        );
+    }
+    // The upload namespace's own Bundle does follow the upload.
+    let (client, fake) = fake_api(bundle(
+        "ns",
+        "u",
+        json!({ "upload": { "name": "u.tar", "bundleId": uploaded } }),
+    ));
+    let ctx = context(&app, client).await?;
+    reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+    app.stop().await
+}
+
+/// Cluster configuration only through the admin's ClusterRegistryTarget that allows
+/// it: a namespace's Bundle through its own target applies nothing cluster-wide, and a
+/// cluster target that allows mirror sets but not ImageTagMirrorSets applies no ITMS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_namespaced_bundle_never_changes_cluster_configuration() -> anyhow::Result<()> {
+    let app = spawn_app(Options {
+        targets_toml: Some(
+            "[[target]]\nname = \"team-b/mirror\"\nurl = \"{registry}\"\n\n\
+             [[target]]\nname = \"open\"\nurl = \"{registry}\"\n"
+                .into(),
+        ),
+        ..Default::default()
+    })
+    .await?;
+    std::fs::create_dir_all(app.data.path().join("import"))?;
+    for (name, spec) in [
+        ("own", json!({ "target": "mirror" })),
+        ("viacluster", json!({ "clusterTarget": "open" })),
+    ] {
+        let layout = sample(name, name, 0);
+        std::fs::write(
+            app.data.path().join(format!("import/{name}.tar")),
+            tar_bytes(&layout.oci_files(""))?,
+        )?;
+        let mut spec = spec;
+        spec["source"] = json!({ "path": { "path": format!("{name}.tar") } });
+        spec["applyClusterResources"] = json!(true);
+        spec["tagMirrorSet"] = json!(true);
+        let (client, fake) = fake_api(json!({
+            "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+            "metadata": { "name": name, "namespace": "team-b", "uid": format!("uid-{name}"),
+                          "generation": 1, "resourceVersion": "1" },
+            "spec": spec,
+        }));
+        fake.lock().unwrap().cluster_targets = vec![cluster_target(
+            "open",
+            json!({ "url": app.registry.url(), "clusterResources": { "apply": true } }),
+        )];
+        let ctx = context(&app, client).await?;
+        let done = reconcile_until(&ctx, &fake, |b| {
+            b["status"]["phase"] == "Published" && b["status"]["clusterResources"].is_string()
+        })
+        .await?;
+        let fk = fake.lock().unwrap();
+        let applied = |kind: &str| fk.applied.iter().filter(|(p, _)| p.contains(kind)).count();
+        let (_, cm) = fk
+            .applied
+            .iter()
+            .find(|(p, _)| {
+                p.ends_with(&format!(
+                    "/namespaces/team-b/configmaps/{name}-cluster-resources"
+                ))
+            })
+            .expect("the ConfigMap beside the Bundle");
+        let yaml = cm["data"]["cluster-resources.yaml"].as_str().unwrap();
+        assert!(
+            yaml.contains("kind: ImageTagMirrorSet"),
+            "asked for: {yaml}"
+        );
+        assert_eq!(
+            applied("/imagetagmirrorsets/"),
+            0,
+            "{name}: {:?}",
+            fk.applied
+        );
+        let refused = fk
+            .events
+            .iter()
+            .find(|e| e["reason"] == "ClusterResourcesNotAllowed")
+            .unwrap_or_else(|| panic!("{name}: no Warning Event: {:#?}", fk.events));
+        assert_eq!(refused["type"], "Warning");
+        if name == "own" {
+            assert_eq!(applied("/imagedigestmirrorsets/"), 0, "{:?}", fk.applied);
+            assert_eq!(applied("/catalogsources/"), 0);
+            assert!(
+                refused["note"]
+                    .as_str()
+                    .unwrap()
+                    .contains("ClusterRegistryTarget")
+            );
+        } else {
+            assert_eq!(applied("/imagedigestmirrorsets/"), 1, "{:?}", fk.applied);
+            assert!(refused["note"].as_str().unwrap().contains("tagMirrorSets"));
+        }
+        assert_eq!(done["status"]["phase"], "Published");
+    }
+    app.stop().await
+}
+
+/// One writer renders every namespace's targets: two namespaces' `mirror` both stay
+/// (as `team-a/mirror` and `team-b/mirror`); a deleted one leaves the file with its
+/// credentials; ShipperD's service-account token goes to no other host, and a
+/// namespace's target that uses it lands only in its own project; an unlabelled Secret
+/// is not read; only a cluster target is the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn targets_of_every_namespace_render_into_one_file_and_stay_apart() -> anyhow::Result<()> {
+    use shipperd_operator::targets::{Output, TargetsContext, render};
+    let data = tempfile::tempdir()?;
+    let url = "http://127.0.0.1:5000";
+    let mut unlabelled = basic_auth_in("team-b", "plain", "u", "p");
+    unlabelled["metadata"]["labels"] = json!({});
+    let state = Arc::new(Mutex::new(FakeTargets {
+        targets: vec![
+            registry_target_in(
+                "team-a",
+                "mirror",
+                json!({ "url": url, "default": true,
+                "credentials": { "secretName": "push" } }),
+            ),
+            registry_target_in(
+                "team-b",
+                "mirror",
+                json!({ "url": url,
+                "credentials": { "secretName": "push" } }),
+            ),
+            registry_target_in(
+                "team-b",
+                "steal",
+                json!({ "url": "https://evil.example",
+                "credentials": { "serviceAccountToken": true } }),
+            ),
+            registry_target_in("team-b", "internal", json!({ "openshiftInternal": true })),
+            registry_target_in(
+                "team-b",
+                "elsewhere",
+                json!({ "openshiftInternal": true,
+                "mapping": { "prefix": "team-a" } }),
+            ),
+            registry_target_in(
+                "team-b",
+                "plain",
+                json!({ "url": url,
+                "credentials": { "secretName": "plain" } }),
+            ),
+        ],
+        cluster_targets: vec![cluster_target(
+            "shared",
+            json!({ "url": url, "default": true }),
+        )],
+        secrets: vec![
+            basic_auth_in("team-a", "push", "a", "a-password"),
+            basic_auth_in("team-b", "push", "b", "b-password"),
+            unlabelled,
+        ],
+        // OpenShift injects the service CA into every namespace.
+        configmaps: vec![json!({ "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": "openshift-service-ca.crt", "namespace": "team-b" },
+            "data": { "service-ca.crt": shipperd_tests::pki::loopback_server_cert()?.ca_pem } })],
+        ..FakeTargets::default()
+    }));
+    let mut ctx = TargetsContext::new(
+        fake_targets_api(state.clone()),
+        Output::under(data.path()),
+        "shipperd",
+    );
+    ctx.service_account_token = data.path().join("sa-token");
+    std::fs::write(&ctx.service_account_token, "a-token")?;
+    let rendered = render(&ctx).await?;
+    let file = std::fs::read_to_string(&ctx.output.file)?;
+    let verdict = |ns: Option<&str>, name: &str| {
+        rendered
+            .verdicts
+            .iter()
+            .find(|(w, _)| w.namespace.as_deref() == ns && w.name == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    for t in [
+        "team-a/mirror",
+        "team-b/mirror",
+        "team-b/internal",
+        "shared",
+    ] {
+        assert!(
+            file.contains(&format!("name = \"{t}\"")),
+            "{t}: {file}\n{:#?}",
+            rendered.verdicts
+        );
+    }
+    assert!(file.contains("default = \"shared\""), "{file}");
+    let secrets = data.path().join("config/secrets");
+    assert_eq!(
+        std::fs::read(secrets.join("team-a/mirror/password"))?,
+        b"a-password"
+    );
+    assert_eq!(
+        std::fs::read(secrets.join("team-b/mirror/password"))?,
+        b"b-password"
+    );
+    assert_eq!(
+        verdict(Some("team-b"), "steal").unwrap_err().reason,
+        "ServiceAccountTokenRefused"
+    );
+    assert!(!file.contains("evil.example"), "{file}");
+    assert_eq!(
+        verdict(Some("team-b"), "elsewhere").unwrap_err().reason,
+        "ProjectNotOwn"
+    );
+    assert_eq!(
+        verdict(Some("team-b"), "plain").unwrap_err().reason,
+        "SecretNotLabelled"
+    );
+    assert!(
+        verdict(Some("team-a"), "mirror")
+            .unwrap()
+            .contains("default is ignored")
+    );
+    // team-b's internal target lands only in team-b's project.
+    let internal = file
+        .split("[[target]]")
+        .find(|s| s.contains("name = \"team-b/internal\""))
+        .unwrap();
+    assert!(internal.contains("prefix = \"team-b\""), "{internal}");
+
+    // team-b deletes its mirror: gone from the file, with its password.
+    state
+        .lock()
+        .unwrap()
+        .targets
+        .retain(|t| !(t["metadata"]["namespace"] == "team-b" && t["metadata"]["name"] == "mirror"));
+    render(&ctx).await?;
+    let file = std::fs::read_to_string(&ctx.output.file)?;
+    assert!(
+        !file.contains("team-b/mirror") && file.contains("team-a/mirror"),
+        "{file}"
+    );
+    assert!(
+        !secrets.join("team-b/mirror").exists(),
+        "the password stayed"
+    );
+    assert!(secrets.join("team-a/mirror/password").exists());
+
+    // Every target gone: the file says so, and the services know no target.
+    {
+        let mut st = state.lock().unwrap();
+        st.targets.clear();
+        st.cluster_targets.clear();
+    }
+    render(&ctx).await?;
+    let t = shipperd_registry_targets::Targets::load(&ctx.output.file)?;
+    assert_eq!(t.iter().count(), 0);
+    assert!(t.get(None).is_err());
+    assert!(!secrets.join("team-a").exists());
     Ok(())
 }

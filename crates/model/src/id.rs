@@ -49,21 +49,45 @@ impl std::str::FromStr for BundleId {
     }
 }
 
-/// The name of a registry target (`default`, `quay`, ...): 1-63 letters, digits and
+/// The name of a registry target: `NAME` (`default`, `quay`, a `ClusterRegistryTarget`,
+/// a target of a targets file), or `NAMESPACE/NAME` for a namespaced `RegistryTarget`,
+/// which only its own namespace's bundles may use. Each part: 1-63 letters, digits and
 /// `- _ .`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetName(String);
 
 impl TargetName {
     pub fn parse(s: &str) -> Result<Self, ParseError> {
-        let ok = (1..=63).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let part = |p: &str| {
+            (1..=63).contains(&p.len())
+                && p.as_bytes()[0].is_ascii_alphanumeric()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        let ok = match s.split_once('/') {
+            Some((ns, name)) => part(ns) && part(name),
+            None => part(s),
+        };
         if ok {
             Ok(TargetName(s.to_string()))
         } else {
             Err(ParseError::TargetName(s.to_string()))
         }
+    }
+
+    /// `NAMESPACE/NAME` of a namespaced target.
+    pub fn namespaced(namespace: &str, name: &str) -> Result<Self, ParseError> {
+        Self::parse(&format!("{namespace}/{name}"))
+    }
+
+    /// The namespace of a namespaced target (`None`: a cluster-wide one).
+    pub fn namespace(&self) -> Option<&str> {
+        self.0.split_once('/').map(|(ns, _)| ns)
+    }
+
+    /// The name without its namespace.
+    pub fn name(&self) -> &str {
+        self.0.split_once('/').map_or(&self.0, |(_, n)| n)
     }
 
     /// The target the `--registry` flags describe.
@@ -115,6 +139,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn target_names() {
+        let t = TargetName::parse("team-a/mirror").unwrap();
+        assert_eq!((t.namespace(), t.name()), (Some("team-a"), "mirror"));
+        let t = TargetName::parse("quay").unwrap();
+        assert_eq!((t.namespace(), t.name()), (None, "quay"));
+        assert!(TargetName::parse("quay-1.prod_x").is_ok());
+        for bad in ["", "a/b/c", "/x", "x/", "a b", "../x", &"x".repeat(64)] {
+            assert!(TargetName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bundle_ids() {
         let hex = "ab".repeat(32);
         assert_eq!(BundleId::parse(&hex).unwrap().as_str(), hex);
@@ -122,13 +158,5 @@ mod tests {
         assert!(BundleId::parse("../etc").is_err());
         let lenient = BundleId::from_checksum(&format!(" SHA256:{} ", hex.to_uppercase()));
         assert_eq!(lenient.unwrap().as_str(), hex);
-    }
-
-    #[test]
-    fn target_names() {
-        assert!(TargetName::parse("quay-1.prod_x").is_ok());
-        for bad in ["", "a/b", "a b", &"x".repeat(64)] {
-            assert!(TargetName::parse(bad).is_err(), "{bad:?}");
-        }
     }
 }

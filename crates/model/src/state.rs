@@ -340,6 +340,12 @@ pub struct BundleSummary {
     /// The registry target it goes to (`None`: the default target).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetName>,
+    /// The Kubernetes namespace that brought it in: a `Bundle`'s, for a bundle the
+    /// operator fetched or took from a path. `None`: the ingest endpoint or the drop
+    /// directory (the operator's upload namespace). Only `Bundle`s of this namespace
+    /// may follow, apply or delete it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     #[serde(default)]
     pub counts: Counts,
     /// Distinct blobs (manifests included) its images need, and their bytes.
@@ -414,6 +420,7 @@ impl BundleSummary {
             error: None,
             format: None,
             target,
+            owner: None,
             counts: Counts::default(),
             blobs: 0,
             blob_bytes: 0,

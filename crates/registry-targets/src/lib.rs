@@ -31,6 +31,11 @@ pub enum Error {
     Mapping(String),
     #[error("no target named {0:?}")]
     Unknown(String),
+    #[error(
+        "the bundle names no target and none is the default (mark a ClusterRegistryTarget \
+         `default: true`, or name a target)"
+    )]
+    NoDefault,
     #[error(transparent)]
     Name(#[from] shipperd_model::ParseError),
 }
@@ -203,7 +208,8 @@ impl Target {
 #[derive(Debug, Clone)]
 pub struct Targets {
     targets: Vec<Target>,
-    default: usize,
+    /// `None`: bundles must name their target (a file with `default = ""`, or none).
+    default: Option<usize>,
 }
 
 impl Targets {
@@ -235,12 +241,14 @@ impl Targets {
         )?;
         Ok(Targets {
             targets: vec![t],
-            default: 0,
+            default: Some(0),
         })
     }
 
+    /// `targets`, with `default` the default one: absent, the first; `""`, none (a
+    /// file the operator renders may hold no target at all, and no default).
     pub fn from_list(targets: Vec<Target>, default: Option<&str>) -> Result<Self> {
-        if targets.is_empty() {
+        if targets.is_empty() && default != Some("") {
             return Err(Error::Unknown("(no targets configured)".into()));
         }
         for (i, t) in targets.iter().enumerate() {
@@ -252,11 +260,14 @@ impl Targets {
             }
         }
         let default = match default {
-            Some(d) => targets
-                .iter()
-                .position(|t| t.name.as_str() == d)
-                .ok_or_else(|| Error::Unknown(d.to_string()))?,
-            None => 0,
+            Some("") => None,
+            Some(d) => Some(
+                targets
+                    .iter()
+                    .position(|t| t.name.as_str() == d)
+                    .ok_or_else(|| Error::Unknown(d.to_string()))?,
+            ),
+            None => Some(0),
         };
         Ok(Targets { targets, default })
     }
@@ -305,7 +316,10 @@ impl Targets {
     /// The target called `name`, or the default one for `None`.
     pub fn get(&self, name: Option<&TargetName>) -> Result<&Target> {
         match name {
-            None => Ok(&self.targets[self.default]),
+            None => self
+                .default
+                .map(|d| &self.targets[d])
+                .ok_or(Error::NoDefault),
             Some(n) => self
                 .targets
                 .iter()
@@ -314,8 +328,9 @@ impl Targets {
         }
     }
 
-    pub fn default_target(&self) -> &Target {
-        &self.targets[self.default]
+    /// The default target, if there is one.
+    pub fn default_target(&self) -> Option<&Target> {
+        self.default.map(|d| &self.targets[d])
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Target> {

@@ -215,7 +215,10 @@ async fn take(store: &Store, dir: &Path, name: &str, final_: bool) -> bool {
         },
         Err(_) => None,
     };
-    match store.receive_file(name, &path, expected.as_ref()).await {
+    match store
+        .receive_file(name, &path, expected.as_ref(), &Default::default())
+        .await
+    {
         Ok(a) => {
             if expected.is_some() {
                 let _ = tokio::fs::remove_file(&sidecar).await;

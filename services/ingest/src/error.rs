@@ -38,6 +38,8 @@ pub enum Error {
     BadPart(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("no bundle with id {0}")]
     NotFound(String),
     #[error("{0}")]
@@ -86,6 +88,7 @@ impl Error {
             Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Io { source, .. } if is_enospc(source) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Gone(_) => StatusCode::GONE,

@@ -14,7 +14,7 @@ use crate::{
     Error, Result,
     disk::DiskWriter,
     space::Claim,
-    store::{Accepted, Store, hash_id},
+    store::{Accepted, Origin, Store, hash_id},
 };
 
 /// Where a bundle is fetched from.
@@ -26,6 +26,8 @@ pub struct FetchSource {
     pub sha256: BundleId,
     /// PEM certificates to trust beside the system's, for https.
     pub ca_pem: Option<Vec<u8>>,
+    /// The namespace of the `Bundle` fetching it (see `BundleSummary::owner`).
+    pub owner: Option<String>,
 }
 
 /// How hard to try.
@@ -116,7 +118,11 @@ impl Store {
                     if written == 0 {
                         return Err(Error::Empty);
                     }
-                    return self.commit(name, tmp, id, written, target).await;
+                    let origin = Origin {
+                        target: target.cloned(),
+                        owner: source.owner.clone(),
+                    };
+                    return self.commit(name, tmp, id, written, &origin).await;
                 }
                 Err(Broken::Fail(e)) => return Err(e),
                 Err(Broken::Resume(why)) if why == RESTART => {

@@ -30,7 +30,15 @@ const PAGE: u32 = 100;
 /// Most images or bundles one page may ask for.
 const MAX_PAGE: u32 = 1000;
 
-pub fn router(store: Arc<Store>) -> Router {
+/// Which namespace uploads through this API act in: with `--auth kubernetes`, the one
+/// whose rights on bundles are checked; only that namespace's `RegistryTarget`s
+/// (`<namespace>/<name>`) may be named by `?target=` (cluster targets always may).
+#[derive(Debug, Clone, Default)]
+pub struct Uploads {
+    pub namespace: Option<String>,
+}
+
+pub fn router(store: Arc<Store>, uploads: Uploads) -> Router {
     Router::new()
         .route("/v1/bundles", get(list))
         .route("/v1/bundles/{key}", put(upload).get(show).delete(delete))
@@ -41,6 +49,7 @@ pub fn router(store: Arc<Store>) -> Router {
         // Bundles are streamed to disk, so no body limit applies here; the store enforces
         // its own (configurable) maximum size.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::Extension(Arc::new(uploads)))
         .with_state(store.clone())
         .merge(probes(store))
 }
@@ -73,13 +82,21 @@ fn accepted(status: StatusCode, s: &BundleSummary) -> Response {
 }
 
 /// `?target=NAME`: the registry target the bundle goes to (default: the default one).
-fn target_param(q: &HashMap<String, String>) -> Result<Option<TargetName>> {
-    match q.get("target").map(String::as_str) {
-        None | Some("") => Ok(None),
-        Some(t) => TargetName::parse(t)
-            .map(Some)
-            .map_err(|e| Error::BadRequest(e.to_string())),
+/// A namespaced target (`<namespace>/<name>`) only when uploads act in that namespace.
+fn target_param(q: &HashMap<String, String>, uploads: &Uploads) -> Result<Option<TargetName>> {
+    let target = match q.get("target").map(String::as_str) {
+        None | Some("") => return Ok(None),
+        Some(t) => TargetName::parse(t).map_err(|e| Error::BadRequest(e.to_string()))?,
+    };
+    if let (Some(ns), Some(own)) = (target.namespace(), &uploads.namespace)
+        && ns != own
+    {
+        return Err(Error::Forbidden(format!(
+            "target {target} belongs to namespace {ns}; uploads here act in namespace {own}: \
+             name one of its targets or a cluster target"
+        )));
     }
+    Ok(Some(target))
 }
 
 /// A bundle id in a path; anything else names no bundle.
@@ -117,13 +134,14 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 async fn upload(
     State(store): State<Arc<Store>>,
+    axum::Extension(uploads): axum::Extension<Arc<Uploads>>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
     let expected = q.get("sha256").map(|s| parse_checksum(s)).transpose()?;
-    let target = target_param(&q)?;
+    let target = target_param(&q, &uploads)?;
     if let Some(id) = &expected
         && let Some(s) = store.known(id).await?
         && s.expired_at.is_none()
@@ -183,6 +201,7 @@ async fn upload_part(
 
 async fn complete(
     State(store): State<Arc<Store>>,
+    axum::Extension(uploads): axum::Extension<Arc<Uploads>>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response> {
@@ -196,7 +215,12 @@ async fn complete(
         )
     })?;
     let a = store
-        .complete(&name, upload_id, parts, target_param(&q)?.as_ref())
+        .complete(
+            &name,
+            upload_id,
+            parts,
+            target_param(&q, &uploads)?.as_ref(),
+        )
         .await?;
     Ok(accepted(
         if a.created {
@@ -321,5 +345,34 @@ async fn ready(State(store): State<Arc<Store>>) -> Response {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS").into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_name_only_their_own_namespaces_targets() {
+        let q = |t: &str| HashMap::from([("target".to_string(), t.to_string())]);
+        let here = Uploads {
+            namespace: Some("shipperd".into()),
+        };
+        let refused = target_param(&q("team-a/mirror"), &here).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert!(
+            refused.to_string().contains("namespace team-a"),
+            "{refused}"
+        );
+        let own = target_param(&q("shipperd/mirror"), &here).unwrap().unwrap();
+        assert_eq!(own.namespace(), Some("shipperd"));
+        assert!(target_param(&q("quay"), &here).unwrap().is_some());
+        assert!(target_param(&HashMap::new(), &here).unwrap().is_none());
+        // Without Kubernetes authentication (a token file: the admin's), any target.
+        assert!(target_param(&q("team-a/mirror"), &Uploads::default()).is_ok());
+        assert_eq!(
+            target_param(&q("a/b/c"), &here).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
     }
 }

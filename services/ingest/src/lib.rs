@@ -35,7 +35,7 @@ pub use ops::delete as delete_bundle;
 pub use serve::Bounds;
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
-pub use store::{Accepted, Store, instance};
+pub use store::{Accepted, Origin, Store, instance};
 pub use tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 
@@ -206,7 +206,10 @@ impl Ingest {
                 shutdown.clone(),
             ))
         });
-        let mut app = http::router(self.store.clone());
+        let uploads = http::Uploads {
+            namespace: self.config.kube_auth.as_ref().map(|k| k.namespace.clone()),
+        };
+        let mut app = http::router(self.store.clone(), uploads);
         let gate = auth::Gate {
             tokens: self.config.auth_token_file.clone().map(auth::Tokens::new),
             review: self

@@ -36,6 +36,28 @@ pub struct Meta {
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetName>,
+    /// The namespace that brought it in (see `BundleSummary::owner`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// Where a bundle goes and who brought it in: its registry target (`None`: the
+/// default) and the Kubernetes namespace of the `Bundle` that fetched it (`None`: the
+/// ingest endpoint or the drop directory).
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub target: Option<TargetName>,
+    pub owner: Option<String>,
+}
+
+impl Origin {
+    /// An upload through the API or the drop directory, to `target`.
+    pub fn upload(target: Option<&TargetName>) -> Self {
+        Origin {
+            target: target.cloned(),
+            owner: None,
+        }
+    }
 }
 
 pub struct Store {
@@ -307,7 +329,8 @@ impl Store {
         let id = hash_id(hasher);
         check_expected(expected.map(BundleId::as_str), id.as_str())?;
         METRICS.bytes_received.add(size);
-        self.commit(name, tmp, id, size, target).await
+        self.commit(name, tmp, id, size, &Origin::upload(target))
+            .await
     }
 
     /// Streams `body` into a new file at `path` (fsynced), hashing it; returns the hash
@@ -537,6 +560,7 @@ impl Store {
             size,
             path: rel.clone(),
             target: target.cloned(),
+            owner: None,
         };
         if !tokio::fs::try_exists(&dest).await.unwrap_or(false) {
             self.write_meta(&id, &meta).await?;
@@ -581,6 +605,7 @@ impl Store {
         name: &str,
         path: &Path,
         expected: Option<&BundleId>,
+        origin: &Origin,
     ) -> Result<Accepted> {
         validate_name(name)?;
         let mut file = tokio::fs::File::open(path)
@@ -628,7 +653,8 @@ impl Store {
             name: name.to_string(),
             size,
             path: DataDir::bundle_file_rel(&id),
-            target: None,
+            target: origin.target.clone(),
+            owner: origin.owner.clone(),
         };
         let dest = match self.place(&mut tmp, &id, &meta).await {
             Ok(dest) => dest,
@@ -664,13 +690,14 @@ impl Store {
         mut tmp: TempFile,
         id: BundleId,
         size: u64,
-        target: Option<&TargetName>,
+        origin: &Origin,
     ) -> Result<Accepted> {
         let meta = Meta {
             name: name.to_string(),
             size,
             path: DataDir::bundle_file_rel(&id),
-            target: target.cloned(),
+            target: origin.target.clone(),
+            owner: origin.owner.clone(),
         };
         self.place(&mut tmp, &id, &meta).await?;
         self.record(&id, &meta).await
@@ -699,13 +726,14 @@ impl Store {
 
     /// Creates the bundle's summary and announces it (or finds the existing one).
     pub(crate) async fn record(&self, id: &BundleId, meta: &Meta) -> Result<Accepted> {
-        let summary = BundleSummary::new(
+        let mut summary = BundleSummary::new(
             id.clone(),
             meta.name.clone(),
             meta.size,
             meta.path.clone(),
             meta.target.clone(),
         );
+        summary.owner = meta.owner.clone();
         let name = meta.name.as_str();
         if self.state.create(&summary).await? {
             tracing::info!(bundle_id = %id, name, size = meta.size, "bundle received");

@@ -15,7 +15,7 @@ use shipperd_model::{BundleSummary, ImageState};
 use shipperd_state::StateStore;
 
 use crate::{
-    crd::Bundle,
+    crd::{Bundle, ClusterRegistryTarget},
     mirrors::{ClusterResources, Landed, cluster_resources},
 };
 
@@ -46,12 +46,78 @@ pub fn configmap_name(b: &Bundle) -> String {
     format!("{}-cluster-resources", b.name_any())
 }
 
-/// Writes `res` to `b`'s ConfigMap (owned by `b`), and applies them when `b` asks.
+/// What a bundle's target lets it apply to the cluster.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    /// The `ClusterRegistryTarget` it went through (`None`: a namespaced target, or
+    /// no cluster target is the default).
+    pub cluster_target: Option<String>,
+    /// ImageDigestMirrorSets and CatalogSources.
+    pub apply: bool,
+    /// ImageTagMirrorSets too.
+    pub tag_mirror_sets: bool,
+}
+
+impl Policy {
+    /// Why a bundle asking to apply was refused, in words.
+    pub fn why_not(&self) -> String {
+        match &self.cluster_target {
+            None => "only a bundle published through a ClusterRegistryTarget that allows it \
+                     applies cluster resources"
+                .into(),
+            Some(t) if !self.apply => {
+                format!("ClusterRegistryTarget {t} does not allow it (clusterResources.apply)")
+            }
+            Some(t) => format!(
+                "ClusterRegistryTarget {t} does not allow ImageTagMirrorSets \
+                 (clusterResources.tagMirrorSets)"
+            ),
+        }
+    }
+}
+
+/// The policy of the target a bundle was published through: a namespaced target
+/// (`<namespace>/<name>`) allows nothing; a `ClusterRegistryTarget` (named, or the
+/// default one for `None`) what its `clusterResources` says.
+pub async fn policy(
+    client: &kube::Client,
+    target: Option<&shipperd_model::TargetName>,
+) -> Result<Policy, kube::Error> {
+    if target.is_some_and(|t| t.namespace().is_some()) {
+        return Ok(Policy::default());
+    }
+    let api: Api<ClusterRegistryTarget> = Api::all(client.clone());
+    let t = match target {
+        Some(t) => api.get_opt(t.as_str()).await?,
+        None => {
+            // The default, as the renderer picks it: the first by name marked default.
+            let mut all = api.list(&Default::default()).await?.items;
+            all.sort_by_key(|t| t.name_any());
+            all.into_iter().find(|t| t.spec.target.default)
+        }
+    };
+    Ok(match t {
+        None => Policy::default(),
+        Some(t) => {
+            let p = t.spec.cluster_resources.clone().unwrap_or_default();
+            Policy {
+                cluster_target: Some(t.name_any()),
+                apply: p.apply,
+                tag_mirror_sets: p.apply && p.tag_mirror_sets,
+            }
+        }
+    })
+}
+
+/// Writes `res` to `b`'s ConfigMap (owned by `b`), and applies them when `apply` (the
+/// bundle asks, and its target allows it), the ImageTagMirrorSet only with `itms`.
 /// Returns the ConfigMap's name.
 pub async fn publish(
     client: &kube::Client,
     b: &Bundle,
     res: &ClusterResources,
+    apply: bool,
+    itms: bool,
 ) -> Result<String, kube::Error> {
     let ns = b.namespace().unwrap_or_default();
     let name = configmap_name(b);
@@ -73,15 +139,19 @@ pub async fn publish(
         &Patch::Apply(&v),
     )
     .await?;
-    if b.spec.apply_cluster_resources {
-        apply(client, res).await?;
+    if apply {
+        let mut res = res.clone();
+        if !itms {
+            res.tag_mirror_set = None;
+        }
+        apply_all(client, &res).await?;
     }
     Ok(name)
 }
 
 /// Applies every resource (server-side apply). Mirror sets are new objects per bundle:
 /// none is edited in place.
-async fn apply(client: &kube::Client, res: &ClusterResources) -> Result<(), kube::Error> {
+async fn apply_all(client: &kube::Client, res: &ClusterResources) -> Result<(), kube::Error> {
     let gvk = |g: &str, v: &str, k: &str| ApiResource::from_gvk(&GroupVersionKind::gvk(g, v, k));
     let pp = PatchParams::apply(MANAGER).force();
     for set in [&res.digest_mirror_set, &res.tag_mirror_set]
@@ -104,17 +174,18 @@ async fn apply(client: &kube::Client, res: &ClusterResources) -> Result<(), kube
     Ok(())
 }
 
-/// `b`'s cluster resources, worked out now.
+/// The cluster resources of bundle `s`, worked out now (with an ImageTagMirrorSet
+/// when `tag_mirror_set`).
 pub async fn resources(
     state: &StateStore,
-    b: &Bundle,
     s: &BundleSummary,
+    tag_mirror_set: bool,
 ) -> Result<ClusterResources, shipperd_bus::Error> {
     let images = landed(state, s).await?;
     Ok(cluster_resources(
         &s.name,
         s.id.as_str(),
         &images,
-        b.spec.tag_mirror_set,
+        tag_mirror_set,
     ))
 }

@@ -26,6 +26,7 @@ use kube::{
         controller::Action,
         events::{Event as KubeEvent, EventType, Recorder},
         finalizer::{Event, finalizer},
+        reflector::ObjectRef,
     },
 };
 use shipperd_ingest::{FetchSettings, FetchSource, Store};
@@ -78,6 +79,16 @@ pub struct Context {
     pub create_projects: bool,
     /// Bundles whose projects were checked, by uid and bundle generation.
     projects_checked: Mutex<std::collections::HashSet<(String, u32)>>,
+    /// The namespace whose Bundles follow bundles that came in through the ingest
+    /// endpoint or the drop directory (they belong to no other namespace).
+    pub upload_namespace: Option<String>,
+    /// Where `path` sources are taken from (none may reach outside it).
+    pub import_dir: PathBuf,
+    /// Reconciles asked for when a fetch ends (no polling).
+    wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<Bundle>>,
+    woken: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Bundle>>>>,
+    /// Failed reconciles in a row, by object: the next try waits longer.
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -88,6 +99,8 @@ impl Context {
         fetch: FetchSettings,
     ) -> Self {
         let recorder = Recorder::new(client.clone(), "shipperd-operator".into());
+        let import_dir = store.data().root().join("import");
+        let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
         Context {
             client,
             store,
@@ -97,6 +110,21 @@ impl Context {
             fetches: Arc::default(),
             create_projects: false,
             projects_checked: Mutex::default(),
+            upload_namespace: None,
+            import_dir,
+            wake,
+            woken: Mutex::new(Some(woken)),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Whether Bundles of namespace `ns` may follow, apply and delete bundle `s`: the
+    /// namespace that brought it in, or, for a bundle that came through the ingest
+    /// endpoint or the drop directory, the upload namespace.
+    pub fn may_follow(&self, ns: &str, s: &BundleSummary) -> bool {
+        match &s.owner {
+            Some(owner) => owner == ns,
+            None => self.upload_namespace.as_deref() == Some(ns),
         }
     }
 
@@ -134,6 +162,13 @@ pub struct Config {
     pub webhooks_output: PathBuf,
     /// Create missing OpenShift projects for the internal registry.
     pub create_projects: bool,
+    /// Where `path` sources are taken from.
+    pub import_dir: Option<PathBuf>,
+    /// The operator's namespace (a cluster target's Secrets and ConfigMaps are there).
+    pub own_namespace: String,
+    /// Hosts besides OpenShift's internal registry that may get ShipperD's
+    /// service-account token.
+    pub service_account_token_hosts: Vec<String>,
 }
 
 /// Runs the `Bundle` controller until `shutdown`: while this replica holds the leader
@@ -151,15 +186,24 @@ pub async fn run(
     let state = StateStore::open(&bus).await?;
     let mut ctx = Context::new(client.clone(), Arc::new(store), state, config.fetch.clone());
     ctx.create_projects = config.create_projects;
+    ctx.upload_namespace = config.upload_namespace.clone();
+    if let Some(dir) = &config.import_dir {
+        ctx.import_dir = dir.clone();
+    }
     let ctx = Arc::new(ctx);
-    let targets = Arc::new(crate::targets::TargetsContext {
-        client: client.clone(),
-        output: config.targets_output.clone(),
-    });
+    let mut targets = crate::targets::TargetsContext::new(
+        client.clone(),
+        config.targets_output.clone(),
+        config.own_namespace.clone(),
+    );
+    targets.watch_namespace = config.namespace.clone();
+    targets.service_account_token_hosts = config.service_account_token_hosts.clone();
+    let targets = Arc::new(targets);
     let webhooks = Arc::new(crate::webhooks::WebhooksContext {
         client: client.clone(),
         file: config.webhooks_output.clone(),
         secrets: config.data_dir.root().join("config/webhooks"),
+        watch_namespace: config.namespace.clone(),
     });
     match &config.leader {
         Some((namespace, settings)) => {
@@ -193,68 +237,145 @@ pub async fn run(
     }
 }
 
-/// The `RegistryTarget` controller, until `stop`: reconciled when a target changes, and
-/// when a Secret or ConfigMap of its namespace does (credentials rotated, a CA renewed).
+/// The `RegistryTarget` and `ClusterRegistryTarget` controllers, until `stop`: each
+/// reconcile renders the whole targets file (one writer: this, the leader). Reconciled
+/// when a target changes, when a labelled Secret it names changes (credentials
+/// rotated), every [`crate::targets::RESYNC`] (a renewed CA), and the file is rendered
+/// again when a target is deleted.
 async fn control_targets(
     ctx: Arc<crate::targets::TargetsContext>,
     namespace: Option<String>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     use futures::StreamExt as _;
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::runtime::{Controller, watcher};
 
-    use crate::crd::RegistryTarget;
+    use crate::crd::{ClusterRegistryTarget, RegistryTarget};
 
-    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
     let client = ctx.client.clone();
-    let controller = Controller::new(
-        api::<RegistryTarget>(&client, &namespace),
-        watcher::Config::default(),
-    );
-    let cache = controller.store();
-    let in_ns = move |ns: Option<String>| -> Vec<ObjectRef<RegistryTarget>> {
-        // Any one target of the namespace: a reconcile writes them all.
-        cache
-            .state()
-            .into_iter()
-            .filter(|t| t.namespace() == ns)
-            .take(1)
-            .map(|t| ObjectRef::from_obj(&*t))
-            .collect()
+    let labelled = || {
+        watcher::Config::default().labels(&format!("{}=true", crate::targets::CREDENTIALS_LABEL))
     };
-    let for_cm = in_ns.clone();
-    controller
-        .watches(
-            api::<Secret>(&client, &namespace),
-            watcher::Config::default(),
-            move |s: Secret| in_ns(s.namespace()),
-        )
-        .watches(
-            api::<ConfigMap>(&client, &namespace),
-            watcher::Config::default(),
-            move |c: ConfigMap| for_cm(c.namespace()),
-        )
-        .graceful_shutdown_on(stop.cancelled_owned())
+    let (targets, secrets): (Api<RegistryTarget>, Api<Secret>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let own_secrets: Api<Secret> = Api::namespaced(client.clone(), &ctx.own_namespace);
+    let cluster: Api<ClusterRegistryTarget> = Api::all(client.clone());
+
+    let namespaced = Controller::new(targets.clone(), watcher::Config::default());
+    let targets_deleted = targets;
+    let cache = namespaced.store();
+    let namespaced = namespaced
+        .watches(secrets, labelled(), move |s: Secret| {
+            // The targets of the Secret's namespace that name it.
+            let name = s.name_any();
+            cache
+                .state()
+                .into_iter()
+                .filter(|t| t.namespace() == s.namespace() && names_secret(&t.spec, &name))
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
             crate::targets::reconcile,
             |_t, error, _ctx| {
                 tracing::warn!(%error, "reconciling a RegistryTarget failed");
                 Action::requeue(REQUEUE)
             },
-            ctx,
+            ctx.clone(),
         )
-        .for_each(|_| async {})
-        .await;
+        .for_each(|_| async {});
+
+    let clustered = Controller::new(cluster.clone(), watcher::Config::default());
+    let cache = clustered.store();
+    let clustered = clustered
+        .watches(own_secrets, labelled(), move |s: Secret| {
+            let name = s.name_any();
+            cache
+                .state()
+                .into_iter()
+                .filter(|t| names_secret(&t.spec.target, &name))
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(
+            crate::targets::reconcile_cluster,
+            |_t, error, _ctx| {
+                tracing::warn!(%error, "reconciling a ClusterRegistryTarget failed");
+                Action::requeue(REQUEUE)
+            },
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+
+    // A deleted target reconciles nothing: render the file again without it.
+    let ctx2 = ctx.clone();
+    let deleted = on_deletions(
+        futures::stream::select(deletions(targets_deleted), deletions(cluster)),
+        stop,
+        move || {
+            let ctx = ctx2.clone();
+            async move { crate::targets::render(&ctx).await.map(drop) }
+        },
+    );
+    tokio::join!(namespaced, clustered, deleted);
+}
+
+/// A tick each time an object `api` lists is deleted.
+fn deletions<K>(api: Api<K>) -> futures::stream::BoxStream<'static, ()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    use futures::StreamExt as _;
+    use kube::runtime::watcher;
+    watcher(api, watcher::Config::default())
+        .filter_map(|e| async move { matches!(e, Ok(watcher::Event::Delete(_))).then_some(()) })
+        .boxed()
+}
+
+/// Renders a file again (`render`) after each deletion, until `stop`.
+async fn on_deletions<F, Fut>(
+    mut events: impl futures::Stream<Item = ()> + Unpin,
+    stop: tokio_util::sync::CancellationToken,
+    render: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::targets::Error>>,
+{
+    use futures::StreamExt as _;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            e = events.next() => {
+                if e.is_none() {
+                    break;
+                }
+                if let Err(error) = render().await {
+                    tracing::warn!(%error, "rendering a file again after a deletion failed");
+                }
+            }
+        }
+    }
+}
+
+/// Whether a target names Secret `name` (credentials, or its CA).
+fn names_secret(spec: &crate::crd::RegistryTargetSpec, name: &str) -> bool {
+    spec.credentials
+        .as_ref()
+        .and_then(|c| c.secret_name.as_deref())
+        == Some(name)
+        || spec
+            .ca
+            .as_ref()
+            .and_then(|c| c.secret_key_ref.as_ref())
+            .is_some_and(|r| r.name == name)
 }
 
 /// The `WebhookTarget` controller, until `stop` (and when a Secret of its namespace
@@ -266,7 +387,7 @@ async fn control_webhooks(
 ) {
     use futures::StreamExt as _;
     use k8s_openapi::api::core::v1::Secret;
-    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
+    use kube::runtime::{Controller, watcher};
 
     use crate::crd::WebhookTarget;
 
@@ -278,30 +399,37 @@ async fn control_webhooks(
         ),
         None => (Api::all(client.clone()), Api::all(client)),
     };
-    let controller = Controller::new(hooks, watcher::Config::default());
+    let controller = Controller::new(hooks.clone(), watcher::Config::default());
     let cache = controller.store();
-    controller
-        .watches(secrets, watcher::Config::default(), move |s: Secret| {
-            // Any one webhook of the namespace: a reconcile writes them all.
+    let labelled =
+        watcher::Config::default().labels(&format!("{}=true", crate::targets::CREDENTIALS_LABEL));
+    let controlled = controller
+        .watches(secrets, labelled, move |s: Secret| {
+            // The webhooks of the Secret's namespace signing with it.
+            let name = s.name_any();
             cache
                 .state()
                 .into_iter()
-                .filter(|w| w.namespace() == s.namespace())
-                .take(1)
+                .filter(|w| w.namespace() == s.namespace() && w.spec.signing_secret.name == name)
                 .map(|w| ObjectRef::from_obj(&*w))
                 .collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(stop.cancelled_owned())
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
             crate::webhooks::reconcile,
             |_w, error, _ctx| {
                 tracing::warn!(%error, "reconciling a WebhookTarget failed");
                 Action::requeue(REQUEUE)
             },
-            ctx,
+            ctx.clone(),
         )
-        .for_each(|_| async {})
-        .await;
+        .for_each(|_| async {});
+    // A deleted webhook reconciles nothing: render the file again without it.
+    let deleted = on_deletions(deletions(hooks), stop, move || {
+        let ctx = ctx.clone();
+        async move { crate::webhooks::render(&ctx).await.map(drop) }
+    });
+    tokio::join!(controlled, deleted);
 }
 
 /// The controller, until `stop`.
@@ -313,7 +441,7 @@ async fn control(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
     use futures::StreamExt as _;
-    use kube::runtime::{Controller, reflector::ObjectRef, watcher};
+    use kube::runtime::{Controller, watcher};
 
     let bundles: Api<Bundle> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -340,6 +468,13 @@ async fn control(
     let controller = Controller::new(bundles, watcher::Config::default());
     let cache = controller.store();
     let state = ctx.state.clone();
+    // Fetches that ended ask for their Bundle's reconcile.
+    let woken = ctx.woken.lock().expect("not poisoned").take();
+    let woken = futures::stream::unfold(woken, |rx| async move {
+        let mut rx = rx?;
+        let r = rx.recv().await?;
+        Some((r, Some(rx)))
+    });
     let changed = ctx
         .state
         .changes()
@@ -366,7 +501,7 @@ async fn control(
         .flatten();
     tracing::info!(?namespace, "reconciling Bundles");
     controller
-        .reconcile_on(changed)
+        .reconcile_on(futures::stream::select(changed.boxed(), woken.boxed()))
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -399,9 +534,15 @@ pub fn upload_object_name(s: &BundleSummary) -> String {
 /// Creates the `Bundle` of a bundle that arrived through ingest (an `upload` source),
 /// unless it is there already. Whether it created one.
 pub async fn adopt(api: &Api<Bundle>, s: &BundleSummary) -> Result<bool, Error> {
-    if s.deleting {
+    if s.deleting || s.owner.is_some() {
+        // Being deleted, or brought in by a namespace's Bundle, which stands for it.
         return Ok(false);
     }
+    let (target, cluster_target) = match &s.target {
+        Some(t) if t.namespace().is_some() => (Some(t.name().to_string()), None),
+        Some(t) => (None, Some(t.to_string())),
+        None => (None, None),
+    };
     let mut b = Bundle::new(
         &upload_object_name(s),
         crate::crd::BundleSpec {
@@ -413,7 +554,8 @@ pub async fn adopt(api: &Api<Bundle>, s: &BundleSummary) -> Result<bool, Error> 
                 url: None,
                 path: None,
             },
-            target: s.target.as_ref().map(|t| t.to_string()),
+            target,
+            cluster_target,
             apply_cluster_resources: false,
             tag_mirror_set: false,
         },
@@ -441,20 +583,41 @@ pub async fn reconcile(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Erro
         .namespace()
         .ok_or_else(|| Error::Invalid("a Bundle is namespaced".into()))?;
     let api: Api<Bundle> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, b, |event| async {
+    let b_uid = b.uid().unwrap_or_default();
+    let r = finalizer(&api, FINALIZER, b, |event| async {
         match event {
             Event::Apply(b) => apply(&b, &api, &ctx).await,
             Event::Cleanup(b) => cleanup(&b, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if r.is_ok() {
+        ctx.failures.lock().expect("not poisoned").remove(&b_uid);
+    }
+    r
 }
 
-/// What to do after an error: look again later.
-pub fn error_policy(_b: Arc<Bundle>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(%error, "reconciling a Bundle failed");
-    Action::requeue(REQUEUE)
+/// What to do after an error: look again later, a little later each time the same
+/// object fails (5 s doubling to 5 min, with jitter); a success resets it.
+pub fn error_policy(b: Arc<Bundle>, error: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut f = ctx.failures.lock().expect("not poisoned");
+        let n = f.entry(b.uid().unwrap_or_default()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let wait = retry_after(n);
+    tracing::warn!(%error, failures = n, retry_in = ?wait, "reconciling a Bundle failed");
+    Action::requeue(wait)
+}
+
+/// The wait after the `n`th failure in a row: 5 s doubling up to 5 min, ±20 %.
+pub fn retry_after(n: u32) -> Duration {
+    let base = REQUEUE.as_secs_f64() * 2f64.powi(n.saturating_sub(1).min(16) as i32);
+    let capped = base.min(300.0);
+    let jitter = 0.8 + 0.4 * rand::random::<f64>();
+    Duration::from_secs_f64(capped * jitter)
 }
 
 fn parse_id(s: &str) -> Result<BundleId, Error> {
@@ -505,6 +668,25 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         Some(id) => ctx.state.summary(id).await?,
         None => None,
     };
+    let ns = b.namespace().unwrap_or_default();
+    // A Bundle follows only a bundle its own namespace brought in: it cannot read,
+    // apply or delete another namespace's.
+    if let Some(s) = &summary
+        && !ctx.may_follow(&ns, s)
+    {
+        let message = format!(
+            "bundle {} was brought in by another namespace; a Bundle follows only a bundle \
+             its own namespace uploaded or fetched (fetch or upload it here)",
+            s.id
+        );
+        return refuse(b, api, ctx, "NotOwned", &message, &previous, now).await;
+    }
+    let target = match target_of(b) {
+        Ok(t) => t,
+        Err(message) => {
+            return refuse(b, api, ctx, "InvalidSpec", &message, &previous, now).await;
+        }
+    };
     let src = &b.spec.source;
     // A bundle that ended in this generation and whose status ShipperD no longer keeps
     // (`--keep-status`): its last status stands; nothing is fetched again.
@@ -524,8 +706,8 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
             }
             None => {
                 match (&src.url, &src.path) {
-                    (Some(url), _) => start_fetch(b, url, &uid, ctx).await?,
-                    (None, Some(path)) => start_take(b, path, &uid, ctx)?,
+                    (Some(url), _) => start_fetch(b, url, target.as_ref(), &uid, ctx).await?,
+                    (None, Some(path)) => start_take(b, path, target.as_ref(), &uid, ctx)?,
                     (None, None) => {}
                 }
                 pending_status("Fetching", None, generation, &previous, now)
@@ -543,24 +725,52 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         && s.phase == shipperd_model::Phase::Published
         && status.cluster_resources.is_none()
     {
-        let written = match crate::cluster::resources(&ctx.state, b, s).await {
-            Ok(res) => crate::cluster::publish(&ctx.client, b, &res)
-                .await
-                .map_err(|e| e.to_string()),
+        // Cluster resources are applied only for a bundle published through a
+        // ClusterRegistryTarget that allows it: a namespace never changes nodes.
+        let written = match crate::cluster::policy(&ctx.client, s.target.as_ref()).await {
+            Ok(policy) => {
+                match crate::cluster::resources(&ctx.state, s, b.spec.tag_mirror_set).await {
+                    Ok(res) => {
+                        let apply = b.spec.apply_cluster_resources && policy.apply;
+                        crate::cluster::publish(&ctx.client, b, &res, apply, policy.tag_mirror_sets)
+                            .await
+                            .map(|name| (name, policy))
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
             Err(e) => Err(e.to_string()),
         };
         let ev = match &written {
-            Ok(name) => {
+            Ok((name, policy)) => {
                 status.cluster_resources = Some(name.clone());
-                b.spec.apply_cluster_resources.then(|| KubeEvent {
-                    type_: EventType::Normal,
-                    reason: "ClusterResourcesApplied".into(),
-                    note: Some(format!(
-                        "mirror sets and catalog sources from ConfigMap {name}"
-                    )),
-                    action: "Apply".into(),
-                    secondary: None,
-                })
+                let refused = (b.spec.apply_cluster_resources && !policy.apply)
+                    || (b.spec.apply_cluster_resources
+                        && b.spec.tag_mirror_set
+                        && !policy.tag_mirror_sets);
+                if refused {
+                    Some(KubeEvent {
+                        type_: EventType::Warning,
+                        reason: "ClusterResourcesNotAllowed".into(),
+                        note: Some(format!(
+                            "not applied: {}; they are in ConfigMap {name} for an admin to apply",
+                            policy.why_not()
+                        )),
+                        action: "Apply".into(),
+                        secondary: None,
+                    })
+                } else {
+                    b.spec.apply_cluster_resources.then(|| KubeEvent {
+                        type_: EventType::Normal,
+                        reason: "ClusterResourcesApplied".into(),
+                        note: Some(format!(
+                            "mirror sets and catalog sources from ConfigMap {name}"
+                        )),
+                        action: "Apply".into(),
+                        secondary: None,
+                    })
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot write the bundle's cluster resources; will retry");
@@ -598,16 +808,72 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         )
         .await?;
     }
-    Ok(match status.phase.as_deref() {
-        Some("Published") | Some("Failed") if !again => Action::await_change(),
-        _ => Action::requeue(REQUEUE),
+    // Watch-driven: ShipperD's state changes and ended fetches reconcile again; only
+    // cluster resources that could not be written are tried again on a timer.
+    Ok(if again {
+        Action::requeue(retry_after(2))
+    } else {
+        Action::await_change()
     })
+}
+
+/// The registry target `b` names: its namespace's `RegistryTarget`
+/// (`<namespace>/<name>`), a `ClusterRegistryTarget` (`<name>`), or the default.
+fn target_of(b: &Bundle) -> Result<Option<TargetName>, String> {
+    let ns = b.namespace().unwrap_or_default();
+    match (&b.spec.target, &b.spec.cluster_target) {
+        (Some(_), Some(_)) => Err("set at most one of target and clusterTarget".into()),
+        (Some(t), None) => TargetName::namespaced(&ns, t)
+            .map(Some)
+            .map_err(|e| format!("spec.target: {e}")),
+        (None, Some(t)) => TargetName::parse(t)
+            .map(Some)
+            .map_err(|e| format!("spec.clusterTarget: {e}")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Writes a refusal to `b`'s status (and an Event when it is new); nothing else is done
+/// for `b`.
+async fn refuse(
+    b: &Bundle,
+    api: &Api<Bundle>,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let status =
+        crate::status::refused_status(reason, message, b.metadata.generation, previous, now);
+    if b.status.as_ref().and_then(|s| s.error.as_deref()) != Some(message) {
+        let ev = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
+            tracing::warn!(%error, "cannot record an Event");
+        }
+    }
+    if b.status.as_ref() != Some(&status) {
+        api.patch_status(
+            &b.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await?;
+    }
+    Ok(Action::await_change())
 }
 
 /// Starts fetching a `url` source in a task of its own.
 async fn start_fetch(
     b: &Bundle,
     url: &crate::crd::UrlSource,
+    target: Option<&TargetName>,
     uid: &str,
     ctx: &Context,
 ) -> Result<(), Error> {
@@ -632,18 +898,14 @@ async fn start_fetch(
         url: url.url.clone(),
         sha256: parse_id(&url.sha256)?,
         ca_pem,
+        owner: b.namespace(),
     };
-    let target = b
-        .spec
-        .target
-        .as_deref()
-        .map(TargetName::parse)
-        .transpose()
-        .map_err(|e| Error::Invalid(format!("spec.target: {e}")))?;
+    let target = target.cloned();
     let name = b.name_any();
     ctx.set_fetch(uid, Fetch::Running);
     let (store, settings, uid) = (ctx.store.clone(), ctx.fetch.clone(), uid.to_string());
     let done = ctx.fetches.clone();
+    let (wake, me) = (ctx.wake.clone(), ObjectRef::from_obj(b));
     tokio::spawn(async move {
         let outcome = store
             .fetch(&name, &source, target.as_ref(), &settings)
@@ -656,50 +918,105 @@ async fn start_fetch(
             }
         };
         done.lock().expect("not poisoned").insert(uid, state);
+        let _ = wake.send(me);
     });
     Ok(())
 }
 
-/// Takes a `path` source (a file on the shared volume, relative to the data directory)
-/// into the store, in a task of its own: hashed in place, then moved in (as the drop
-/// directory does).
+/// Takes a `path` source (a file in the import directory) into the store, in a task of
+/// its own: hashed in place, then moved in (as the drop directory does). The path is
+/// relative to the import directory; `..`, absolute paths and symbolic links anywhere
+/// on the way are refused (the file is opened beneath the directory with no link
+/// followed), and a wrong `sha256` does not tell the file's real one.
 fn start_take(
     b: &Bundle,
     src: &crate::crd::PathSource,
+    target: Option<&TargetName>,
     uid: &str,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let rel = std::path::Path::new(&src.path);
-    let confined = !rel.is_absolute()
-        && rel
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-    if !confined {
-        ctx.set_fetch(
-            uid,
-            Fetch::Failed(format!(
-                "path {:?} must be relative to the data directory, without `..`",
-                src.path
-            )),
-        );
-        return Ok(());
-    }
-    let file = ctx.store.data().root().join(rel);
+    let file = match confined(&ctx.import_dir, &src.path) {
+        Ok(file) => file,
+        Err(why) => {
+            ctx.set_fetch(uid, Fetch::Failed(why));
+            return Ok(());
+        }
+    };
     let expected = src.sha256.as_deref().map(parse_id).transpose()?;
     let name = b.name_any();
+    let origin = shipperd_ingest::Origin {
+        target: target.cloned(),
+        owner: b.namespace(),
+    };
     ctx.set_fetch(uid, Fetch::Running);
     let (store, uid, done) = (ctx.store.clone(), uid.to_string(), ctx.fetches.clone());
+    let (wake, me) = (ctx.wake.clone(), ObjectRef::from_obj(b));
     tokio::spawn(async move {
-        let state = match store.receive_file(&name, &file, expected.as_ref()).await {
+        let state = match store
+            .receive_file(&name, &file, expected.as_ref(), &origin)
+            .await
+        {
             Ok(a) => Fetch::Done(a.summary.id),
+            Err(shipperd_ingest::Error::ChecksumMismatch { .. }) => {
+                Fetch::Failed("the file's sha256 is not the one given; it was not taken".into())
+            }
             Err(e) => {
                 tracing::warn!(bundle = %name, error = %e, "taking the bundle's file failed");
                 Fetch::Failed(e.to_string())
             }
         };
         done.lock().expect("not poisoned").insert(uid, state);
+        let _ = wake.send(me);
     });
     Ok(())
+}
+
+/// `rel` under `dir`, when it stays there: relative, no `..`, and no symbolic link on
+/// the way (checked by opening it beneath `dir` with `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)`), a regular file. Else why not, in words for the status.
+pub fn confined(dir: &std::path::Path, rel: &str) -> Result<PathBuf, String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let p = std::path::Path::new(rel);
+    let plain = !rel.is_empty()
+        && !p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(format!(
+            "path {rel:?} must be relative to the import directory, without `..`"
+        ));
+    }
+    let base = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        format!(
+            "the import directory {} cannot be opened: {e}",
+            dir.display()
+        )
+    })?;
+    let f = rustix::fs::openat2(
+        &base,
+        p,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => format!(
+            "path {rel:?} goes through a symbolic link; links are not followed in the import \
+             directory"
+        ),
+        rustix::io::Errno::NOENT => format!("path {rel:?} is not in the import directory"),
+        e => format!("path {rel:?} cannot be opened: {e}"),
+    })?;
+    let st = rustix::fs::fstat(&f).map_err(|e| format!("path {rel:?}: {e}"))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(format!("path {rel:?} is not a regular file"));
+    }
+    Ok(dir.join(p))
 }
 
 /// Checks once per bundle generation that the OpenShift projects its images land in
@@ -814,8 +1131,11 @@ async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
         .lock()
         .expect("not poisoned")
         .retain(|k, _| !k.starts_with(&uid));
+    let ns = b.namespace().unwrap_or_default();
     if let Some(id) = bundle_id(b)?
-        && ctx.state.summary(&id).await?.is_some()
+        && let Some(s) = ctx.state.summary(&id).await?
+        // Never another namespace's bundle.
+        && ctx.may_follow(&ns, &s)
     {
         match shipperd_ingest::delete_bundle(&ctx.store, &id, true).await {
             Ok(()) | Err(shipperd_ingest::Error::NotFound(_)) => {}
@@ -823,4 +1143,45 @@ async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
         }
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_reconciles_wait_longer_each_time_up_to_five_minutes() {
+        let secs = |n| retry_after(n).as_secs_f64();
+        assert!((4.0..=6.0).contains(&secs(1)), "{}", secs(1));
+        assert!((8.0..=12.0).contains(&secs(2)));
+        assert!((240.0..=360.0).contains(&secs(20)));
+        assert!(secs(u32::MAX) <= 360.0);
+    }
+
+    #[test]
+    fn path_sources_stay_in_the_import_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let import = root.path().join("import");
+        std::fs::create_dir_all(import.join("sub")).unwrap();
+        std::fs::write(import.join("sub/b.tar"), b"x").unwrap();
+        std::fs::write(root.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret"), import.join("link")).unwrap();
+        std::os::unix::fs::symlink(root.path(), import.join("up")).unwrap();
+        assert_eq!(
+            confined(&import, "sub/b.tar").unwrap(),
+            import.join("sub/b.tar")
+        );
+        for (bad, why) in [
+            ("../secret", "without `..`"),
+            ("/etc/passwd", "without `..`"),
+            ("", "without `..`"),
+            ("link", "symbolic link"),
+            ("up/secret", "symbolic link"),
+            ("sub", "not a regular file"),
+            ("missing.tar", "not in the import directory"),
+        ] {
+            let e = confined(&import, bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 }

@@ -15,7 +15,7 @@ pub const GROUP: &str = "shipperd.io";
 /// Their version.
 pub const VERSION: &str = "v1alpha1";
 
-#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, KubeSchema)]
 #[kube(
     group = "shipperd.io",
     version = "v1alpha1",
@@ -36,20 +36,41 @@ pub const VERSION: &str = "v1alpha1";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("!(has(self.target) && has(self.clusterTarget))")
+        .message("set at most one of target and clusterTarget"),
+    validation = kube::core::Rule::new(
+        "self.source == oldSelf.source && has(self.target) == has(oldSelf.target) && (!has(self.target) || self.target == oldSelf.target) && has(self.clusterTarget) == has(oldSelf.clusterTarget) && (!has(self.clusterTarget) || self.clusterTarget == oldSelf.clusterTarget)"
+    )
+    .message("source, target and clusterTarget cannot change: create another Bundle")
+)]
 /// What bundle this is and where its images go.
 pub struct BundleSpec {
     /// Where the bundle's bytes come from: exactly one of `upload`, `url` and `path`.
     pub source: BundleSource,
-    /// The `RegistryTarget` (in this namespace) the images go to; empty: ShipperD's
-    /// default target.
+    /// The `RegistryTarget` of this namespace the images go to. Neither this nor
+    /// `clusterTarget`: the cluster's default target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    )]
     pub target: Option<String>,
+    /// The `ClusterRegistryTarget` (set up by the cluster's admin) the images go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+    )]
+    pub cluster_target: Option<String>,
     /// Apply the generated ImageDigestMirrorSet (and, when asked for, ImageTagMirrorSet)
-    /// and CatalogSources once the bundle is published. Off: they are only written to
-    /// the status.
+    /// and CatalogSources once the bundle is published. Only for a bundle published
+    /// through a `ClusterRegistryTarget` whose `clusterResources.apply` allows it;
+    /// otherwise (and when off) they are only written to a ConfigMap beside the Bundle.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub apply_cluster_resources: bool,
-    /// Also generate an ImageTagMirrorSet (applying one drains and reboots nodes).
+    /// Also generate an ImageTagMirrorSet (applying one drains and reboots nodes; the
+    /// `ClusterRegistryTarget` must allow `clusterResources.tagMirrorSets`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tag_mirror_set: bool,
 }
@@ -101,14 +122,17 @@ pub struct UrlSource {
     pub ca: Option<CaSource>,
 }
 
-/// A file on ShipperD's shared volume.
+/// A file on ShipperD's shared volume, in its import directory.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PathSource {
-    /// Relative to ShipperD's data directory (no `..`).
+    /// Relative to the operator's import directory (`--import-dir`, by default
+    /// `<data>/import`): no `..`, no absolute path, no symbolic link on the way.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/]"))]
     pub path: String,
-    /// The sha256 the file must have, when known.
+    /// The sha256 the file must have, when known (64 hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,
 }
 
@@ -220,14 +244,17 @@ pub struct RegistryTargetSpec {
     /// `openshiftInternal`: that one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// OpenShift's internal registry: its service URL, the pod's service-account token,
-    /// the service CA, and `<project>/<name>` paths unless `mapping` says otherwise.
+    /// OpenShift's internal registry: its service URL, ShipperD's service-account
+    /// token, the service CA, and `<project>/<name>` paths unless `mapping` says
+    /// otherwise (on a namespaced `RegistryTarget`, the project is its namespace).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub openshift_internal: bool,
     /// Plain http, or https without verifying the certificate (for tests only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
-    /// Bundles that name no target go here (else to the first target by name).
+    /// Bundles that name no target go here. Only a `ClusterRegistryTarget` can be the
+    /// default (the first by name, when several say so); a `RegistryTarget`'s is
+    /// ignored. No default: bundles that name no target fail, saying so.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub default: bool,
     /// How an image's name becomes its name in this registry.
@@ -242,6 +269,53 @@ pub struct RegistryTargetSpec {
     /// Transfer settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<TransferSpec>,
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "shipperd.io",
+    version = "v1alpha1",
+    kind = "ClusterRegistryTarget",
+    status = "TargetStatus",
+    shortname = "crt",
+    category = "shipperd",
+    doc = "A registry ShipperD publishes images to, set up by the cluster's admin for Bundles of every namespace; the only kind of target whose bundles may change cluster configuration (mirror sets, CatalogSources).",
+    printcolumn(name = "URL", type_ = "string", json_path = ".spec.url"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+/// A registry for Bundles of every namespace (`spec.clusterTarget`): the fields of a
+/// `RegistryTarget` (Secrets and ConfigMaps it names are read from the operator's own
+/// namespace), and what its bundles may do to the cluster.
+pub struct ClusterRegistryTargetSpec {
+    #[serde(flatten)]
+    pub target: RegistryTargetSpec,
+    /// What bundles published through this target may apply cluster-wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_resources: Option<ClusterResourcesPolicy>,
+}
+
+/// Which cluster resources a `ClusterRegistryTarget`'s bundles may apply.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterResourcesPolicy {
+    /// Bundles that ask (`applyClusterResources`) get their ImageDigestMirrorSet and
+    /// CatalogSources applied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub apply: bool,
+    /// Also ImageTagMirrorSets, for bundles that ask (`tagMirrorSet`): applying one
+    /// drains and reboots every node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tag_mirror_sets: bool,
 }
 
 /// How an image `[host/]repo:tag` lands: `<registry>/<prefix>/[host/]repo:tag`.
@@ -279,13 +353,16 @@ pub struct RenameSpec {
         .message("set exactly one of secretName and serviceAccountToken")
 )]
 pub struct CredentialsSpec {
-    /// A Secret in this namespace: `kubernetes.io/dockerconfigjson` (the entry for
-    /// this registry's host), `kubernetes.io/basic-auth`, or a bearer token under the
-    /// key `token`.
+    /// A Secret in this namespace (the operator's, for a `ClusterRegistryTarget`)
+    /// labelled `shipperd.io/credentials: "true"` (so that no other Secret can be sent
+    /// to a registry): `kubernetes.io/dockerconfigjson` (the entry for this registry's
+    /// host), `kubernetes.io/basic-auth`, or a bearer token under the key `token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
-    /// Log in with the pod's own service-account token (OpenShift's internal
-    /// registry).
+    /// Log in with ShipperD's own service-account token: only to OpenShift's internal
+    /// registry (or a host the operator's `--service-account-token-host` lists). On a
+    /// namespaced `RegistryTarget` the images then land only in its own project: the
+    /// mapping's prefix is the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_token: Option<bool>,
 }

@@ -6,8 +6,10 @@
 //!
 //! - [`Bundle`] (namespaced): one bundle of images, from an upload, a URL or a path on
 //!   the shared volume, going to a [`RegistryTarget`]; its status mirrors ShipperD's.
-//! - [`RegistryTarget`]: where images go, how their names map, with which credentials
-//!   and trust.
+//! - [`RegistryTarget`] (namespaced): where images of its namespace's Bundles go, how
+//!   their names map, with which credentials and trust.
+//! - [`ClusterRegistryTarget`]: the same for every namespace, set up by the admin; the
+//!   only target whose bundles may apply cluster resources.
 //! - [`WebhookTarget`]: where events go, which ones, signed with which secret.
 
 pub mod cluster;
@@ -21,8 +23,8 @@ pub mod targets;
 pub mod webhooks;
 
 pub use crd::{
-    Bundle, BundleSpec, BundleStatus, RegistryTarget, RegistryTargetSpec, WebhookTarget,
-    WebhookTargetSpec,
+    Bundle, BundleSpec, BundleStatus, ClusterRegistryTarget, ClusterRegistryTargetSpec,
+    RegistryTarget, RegistryTargetSpec, WebhookTarget, WebhookTargetSpec,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -30,7 +32,12 @@ use kube::CustomResourceExt as _;
 
 /// The CRDs of every ShipperD resource.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Bundle::crd(), RegistryTarget::crd(), WebhookTarget::crd()]
+    vec![
+        Bundle::crd(),
+        RegistryTarget::crd(),
+        ClusterRegistryTarget::crd(),
+        WebhookTarget::crd(),
+    ]
 }
 
 /// The CRDs as one YAML stream (what `shipperd crd` prints and `deploy/crds/` holds).

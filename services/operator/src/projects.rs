@@ -15,7 +15,7 @@ use kube::{
 use shipperd_model::BundleSummary;
 use shipperd_state::StateStore;
 
-use crate::crd::{Bundle, RegistryTarget};
+use crate::crd::{Bundle, ClusterRegistryTarget, RegistryTarget};
 
 /// What checking found.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -35,15 +35,27 @@ pub async fn check(
     s: &BundleSummary,
     create: bool,
 ) -> Result<Option<Checked>, crate::controller::Error> {
-    let Some(target) = b.spec.target.as_deref() else {
-        return Ok(None);
-    };
     let ns = b.namespace().unwrap_or_default();
-    let targets: Api<RegistryTarget> = Api::namespaced(client.clone(), &ns);
-    match targets.get_opt(target).await? {
-        Some(t) if t.spec.openshift_internal => {}
-        _ => return Ok(None),
+    let internal = match (&b.spec.target, &b.spec.cluster_target) {
+        (Some(t), _) => {
+            let targets: Api<RegistryTarget> = Api::namespaced(client.clone(), &ns);
+            targets.get_opt(t).await?.map(|t| t.spec.openshift_internal)
+        }
+        (None, Some(t)) => {
+            let targets: Api<ClusterRegistryTarget> = Api::all(client.clone());
+            targets
+                .get_opt(t)
+                .await?
+                .map(|t| t.spec.target.openshift_internal)
+        }
+        (None, None) => None,
+    };
+    if internal != Some(true) {
+        return Ok(None);
     }
+    // A namespace's own target lands only in its own project; creating projects is for
+    // the admin's cluster targets.
+    let create = create && b.spec.cluster_target.is_some();
     let projects: BTreeSet<String> = state
         .images(&s.id, 0, s.counts.total)
         .map_ok(|img| {

@@ -107,6 +107,40 @@ pub fn pending_status(
     }
 }
 
+/// The status of a `Bundle` the operator refuses to act on (it names another
+/// namespace's bundle, a target it may not use, a path outside the import directory):
+/// `Failed`, with `reason` on both conditions and `message` as the error.
+pub fn refused_status(
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: Timestamp,
+) -> BundleStatus {
+    BundleStatus {
+        phase: Some("Failed".into()),
+        error: Some(message.to_string()),
+        conditions: vec![
+            condition(
+                READY,
+                (false, reason, message.to_string()),
+                generation,
+                previous,
+                now,
+            ),
+            condition(
+                FAILED,
+                (true, reason, message.to_string()),
+                generation,
+                previous,
+                now,
+            ),
+        ],
+        observed_generation: generation,
+        ..BundleStatus::default()
+    }
+}
+
 fn phase_reason(p: Phase) -> &'static str {
     match p {
         Phase::Received => "Received",

@@ -1,13 +1,24 @@
-//! `RegistryTarget` resources become the targets file the services follow
-//! (`shipperd_registry_targets::LiveTargets`): each reconcile reads every
-//! `RegistryTarget` of the namespace with the Secrets and ConfigMaps they name, writes
-//! their credentials and CAs as files under `<data>/config/secrets/<namespace>/<name>/`
-//! (mode 0600), checks each target as the services will (`Targets::parse`), and writes
-//! the valid ones to the targets file (atomically, only when it changed). A target that
-//! cannot be used gets `Ready=False` with the reason and stays out of the file; the
-//! others are not held back by it. A Secret that changes is written again, and the
-//! services read credentials at each login: a rotated password reaches publish without
-//! a restart.
+//! `RegistryTarget` and `ClusterRegistryTarget` resources become the targets file the
+//! services follow (`shipperd_registry_targets::LiveTargets`). One writer (the leader)
+//! renders the whole file from every target of every watched namespace and every
+//! cluster target at once ([`render`]): a namespaced target is known as
+//! `<namespace>/<name>` (only its own namespace's Bundles use it), a cluster target as
+//! `<name>`; only a cluster target can be the default. Credentials and CAs are written
+//! as files under `<data>/config/secrets/<namespace>/<name>/` (`_cluster/<name>` for a
+//! cluster target; mode 0600); a deleted target's entry and files go with the next
+//! render (deletions trigger one). Each target is checked as the services will
+//! (`Targets::parse`); one that cannot be used gets `Ready=False` with the reason and
+//! stays out; the others are not held back by it. The file may end with no target.
+//!
+//! What a tenant may send where: a Secret is read only from the target's own namespace
+//! (the operator's, for a cluster target) and only when labelled
+//! `shipperd.io/credentials: "true"`, so a target cannot send any other Secret of the
+//! namespace to a host of its choosing; ShipperD's service-account token goes only to
+//! OpenShift's internal registry (or a host `--service-account-token-host` lists), and
+//! a namespaced target that uses it publishes only into its own project.
+//!
+//! A Secret that changes is written again, and the services read credentials at each
+//! login: a rotated password reaches publish without a restart.
 
 use std::{
     collections::BTreeMap,
@@ -22,11 +33,17 @@ use kube::{
     runtime::controller::Action,
 };
 
-use crate::crd::{CaSource, RegistryTarget};
+use crate::crd::{CaSource, ClusterRegistryTarget, RegistryTarget, RegistryTargetSpec};
 
 /// OpenShift's internal registry, its service CA (injected into every namespace) and
 /// the pod's service-account token.
 const OPENSHIFT_REGISTRY: &str = "https://image-registry.openshift-image-registry.svc:5000";
+const OPENSHIFT_REGISTRY_HOST: &str = "image-registry.openshift-image-registry.svc:5000";
+/// The label a Secret needs before ShipperD reads it.
+pub const CREDENTIALS_LABEL: &str = "shipperd.io/credentials";
+/// The directory of cluster targets' files under the secrets directory (no namespace
+/// can be called this).
+const CLUSTER_DIR: &str = "_cluster";
 const SERVICE_CA_CONFIGMAP: &str = "openshift-service-ca.crt";
 const SERVICE_CA_KEY: &str = "service-ca.crt";
 const SA_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -54,6 +71,33 @@ impl Output {
 pub struct TargetsContext {
     pub client: kube::Client,
     pub output: Output,
+    /// The operator's namespace: where a cluster target's Secrets and ConfigMaps are.
+    pub own_namespace: String,
+    /// Only this namespace's `RegistryTarget`s (`None`: every namespace's).
+    pub watch_namespace: Option<String>,
+    /// Hosts (`host[:port]`) besides OpenShift's internal registry that may receive
+    /// ShipperD's service-account token.
+    pub service_account_token_hosts: Vec<String>,
+    /// The service-account token the services read (the pod's).
+    pub service_account_token: PathBuf,
+}
+
+impl TargetsContext {
+    pub fn new(client: kube::Client, output: Output, own_namespace: impl Into<String>) -> Self {
+        TargetsContext {
+            client,
+            output,
+            own_namespace: own_namespace.into(),
+            watch_namespace: None,
+            service_account_token_hosts: Vec::new(),
+            service_account_token: PathBuf::from(SA_TOKEN),
+        }
+    }
+}
+
+/// Whether a Secret may be read for credentials or signing.
+pub fn labelled(s: &Secret) -> bool {
+    s.labels().get(CREDENTIALS_LABEL).map(String::as_str) == Some("true")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +203,7 @@ pub(crate) async fn key_of(
                 "SecretNotFound",
                 format!("Secret {} not found", r.name),
             )),
+            Some(s) if !labelled(&s) => Err(unlabelled(&r.name)),
             Some(s) => s
                 .data
                 .and_then(|d| d.get(&r.key).cloned())
@@ -177,15 +222,59 @@ pub(crate) async fn key_of(
     )))
 }
 
-/// Resolves one `RegistryTarget` (reading the Secrets and ConfigMaps it names).
+pub(crate) fn unlabelled(name: &str) -> Problem {
+    problem(
+        "SecretNotLabelled",
+        format!(
+            "Secret {name} is not labelled {CREDENTIALS_LABEL}: \"true\"; label it to let \
+             ShipperD use it"
+        ),
+    )
+}
+
+/// Which target: a namespaced one (`Some(namespace)`) or a cluster one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Which {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl Which {
+    /// Its name in the targets file.
+    pub fn target_name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    fn dir(&self, secrets: &Path) -> PathBuf {
+        secrets
+            .join(self.namespace.as_deref().unwrap_or(CLUSTER_DIR))
+            .join(&self.name)
+    }
+}
+
+/// The host (`host[:port]`) of a URL.
+fn host_of(url: &str) -> Option<String> {
+    shipperd_model::RegistryUrl::parse(url)
+        .ok()
+        .map(|u| u.host.to_ascii_lowercase())
+}
+
+/// Resolves one target (reading the Secrets and ConfigMaps it names from `ns`, its own
+/// namespace or, for a cluster target, the operator's).
 async fn resolve(
     ctx: &TargetsContext,
-    rt: &RegistryTarget,
+    which: &Which,
+    spec: &RegistryTargetSpec,
 ) -> Result<Result<Resolved, Problem>, Error> {
-    let ns = rt.namespace().unwrap_or_default();
-    let name = rt.name_any();
-    let spec = &rt.spec;
-    let dir = ctx.output.secrets.join(&ns).join(&name);
+    let ns = which
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ctx.own_namespace.clone());
+    let name = which.target_name();
+    let dir = which.dir(&ctx.output.secrets);
     let mut files = Vec::new();
     let mut lines = vec!["[[target]]".to_string(), format!("name = {}", lit(&name))];
     let url = match (&spec.url, spec.openshift_internal) {
@@ -221,8 +310,46 @@ async fn resolve(
     let creds = spec.credentials.clone();
     let sa_token = creds.as_ref().and_then(|c| c.service_account_token) == Some(true)
         || (spec.openshift_internal && creds.is_none());
+    let mut mapping = spec.mapping.clone().unwrap_or_default();
     if sa_token {
-        lines.push(format!("auth.service_account_token = {}", lit(SA_TOKEN)));
+        // ShipperD's own token goes only where the admin said it may.
+        let host = host_of(&url).unwrap_or_default();
+        let allowed = host == OPENSHIFT_REGISTRY_HOST
+            || ctx
+                .service_account_token_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&host));
+        if !allowed {
+            return Ok(Err(problem(
+                "ServiceAccountTokenRefused",
+                format!(
+                    "ShipperD's service-account token goes only to OpenShift's internal \
+                     registry ({OPENSHIFT_REGISTRY_HOST}) or a host the operator's \
+                     --service-account-token-host lists, not to {host}"
+                ),
+            )));
+        }
+        // With ShipperD's rights, a namespace's target publishes only into its own
+        // project.
+        if let Some(own) = &which.namespace {
+            match &mapping.prefix {
+                Some(p) if p != own => {
+                    return Ok(Err(problem(
+                        "ProjectNotOwn",
+                        format!(
+                            "a RegistryTarget using ShipperD's service-account token publishes \
+                             only into its own project: mapping.prefix must be {own:?} (or \
+                             left out), not {p:?}"
+                        ),
+                    )));
+                }
+                _ => mapping.prefix = Some(own.clone()),
+            }
+        }
+        lines.push(format!(
+            "auth.service_account_token = {}",
+            lit(&ctx.service_account_token.display().to_string())
+        ));
     } else if let Some(secret) = creds.as_ref().and_then(|c| c.secret_name.clone()) {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let Some(s) = api.get_opt(&secret).await? else {
@@ -231,6 +358,9 @@ async fn resolve(
                 format!("Secret {secret} not found"),
             )));
         };
+        if !labelled(&s) {
+            return Ok(Err(unlabelled(&secret)));
+        }
         let data: BTreeMap<String, Vec<u8>> = s
             .data
             .unwrap_or_default()
@@ -281,7 +411,6 @@ async fn resolve(
             }
         }
     }
-    let mapping = spec.mapping.clone().unwrap_or_default();
     let max_depth = mapping.max_depth.or(spec.openshift_internal.then_some(2));
     let mut m = Vec::new();
     if let Some(p) = &mapping.prefix {
@@ -321,23 +450,60 @@ async fn resolve(
     }
     Ok(Ok(Resolved {
         name,
-        default: spec.default,
+        default: spec.default && which.namespace.is_none(),
         section: lines.join("\n"),
         files,
     }))
 }
 
-/// Reconciles the `RegistryTarget`s of `rt`'s namespace into the targets file, and
-/// `rt`'s status.
-pub async fn reconcile(rt: Arc<RegistryTarget>, ctx: Arc<TargetsContext>) -> Result<Action, Error> {
-    let ns = rt.namespace().unwrap_or_default();
-    let api: Api<RegistryTarget> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = api.list(&ListParams::default()).await?.items;
+/// The outcome of one render: each target's verdict (a message when it is in the
+/// file, else why not).
+#[derive(Debug, Default)]
+pub struct Rendered {
+    pub verdicts: BTreeMap<Which, Result<String, Problem>>,
+}
+
+/// Renders every target into the targets file, writes the files they need, and removes
+/// those of targets that are gone. The one writer of the file.
+pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
+    let namespaced: Api<RegistryTarget> = match &ctx.watch_namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let cluster: Api<ClusterRegistryTarget> = Api::all(ctx.client.clone());
+    let mut all: Vec<(Which, RegistryTargetSpec)> = namespaced
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|t| {
+            let which = Which {
+                namespace: Some(t.namespace().unwrap_or_default()),
+                name: t.name_any(),
+            };
+            (which, t.spec)
+        })
+        .collect();
+    all.extend(
+        cluster
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|t| {
+                let which = Which {
+                    namespace: None,
+                    name: t.name_any(),
+                };
+                (which, t.spec.target)
+            }),
+    );
+    all.sort_by(|a, b| a.0.cmp(&b.0));
     let mut sections = Vec::new();
     let mut default = None;
-    let mut verdicts: BTreeMap<String, Result<(), Problem>> = BTreeMap::new();
-    for t in &all {
-        let verdict = match resolve(&ctx, t).await? {
+    let mut rendered = Rendered::default();
+    for (which, spec) in &all {
+        let verdict = match resolve(ctx, which, spec).await? {
             Err(p) => Err(p),
             Ok(r) => {
                 for (p, bytes) in &r.files {
@@ -351,49 +517,133 @@ pub async fn reconcile(rt: Arc<RegistryTarget>, ctx: Arc<TargetsContext>) -> Res
                             default = Some(r.name.clone());
                         }
                         sections.push(r.section);
-                        Ok(())
+                        let mut msg = format!(
+                            "written to {} as {}; the services apply it within seconds",
+                            ctx.output.file.display(),
+                            r.name
+                        );
+                        if spec.default && which.namespace.is_some() {
+                            msg.push_str(
+                                " (default is ignored: only a ClusterRegistryTarget can be the \
+                                 default)",
+                            );
+                        }
+                        Ok(msg)
                     }
                     Err(e) => Err(problem("InvalidTarget", e.to_string())),
                 }
             }
         };
-        verdicts.insert(t.name_any(), verdict);
+        rendered.verdicts.insert(which.clone(), verdict);
     }
-    if !sections.is_empty() {
-        let mut text = String::from(
-            "# Written by shipperd operator from RegistryTarget resources; edits are replaced.\n",
-        );
-        if let Some(d) = &default {
-            text.push_str(&format!("default = {}\n", lit(d)));
-        }
-        for s in &sections {
-            text.push('\n');
-            text.push_str(s);
-            text.push('\n');
-        }
-        write_file(&ctx.output.file, text.as_bytes())?;
-    }
-    let mine = verdicts
-        .remove(&rt.name_any())
-        .unwrap_or_else(|| Err(problem("NotListed", "not found among the RegistryTargets")));
-    let st = crate::status::ready_status(
-        mine.map(|()| {
-            format!(
-                "written to {}; the services apply it within seconds",
-                ctx.output.file.display()
-            )
-        })
-        .map_err(|p| (p.reason, p.message)),
-        rt.metadata.generation,
-        rt.status.as_ref(),
+    let mut text = String::from(
+        "# Written by shipperd operator from RegistryTarget and ClusterRegistryTarget \
+         resources; edits are replaced.\n",
     );
-    if rt.status.as_ref() != Some(&st) {
+    match &default {
+        Some(d) => text.push_str(&format!("default = {}\n", lit(d))),
+        None => text.push_str(
+            "# No ClusterRegistryTarget is the default: bundles that name no target fail.\n\
+             default = \"\"\n",
+        ),
+    }
+    for s in &sections {
+        text.push('\n');
+        text.push_str(s);
+        text.push('\n');
+    }
+    write_file(&ctx.output.file, text.as_bytes())?;
+    prune(&ctx.output.secrets, &all);
+    Ok(rendered)
+}
+
+/// Removes the credential files of targets that no longer exist.
+fn prune(secrets: &Path, all: &[(Which, RegistryTargetSpec)]) {
+    let keep: std::collections::BTreeSet<PathBuf> =
+        all.iter().map(|(w, _)| w.dir(secrets)).collect();
+    let Ok(namespaces) = std::fs::read_dir(secrets) else {
+        return;
+    };
+    for ns in namespaces.flatten() {
+        let Ok(names) = std::fs::read_dir(ns.path()) else {
+            continue;
+        };
+        for t in names.flatten() {
+            let path = t.path();
+            if !keep.contains(&path) {
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => {
+                        tracing::info!(dir = %path.display(), "removed the files of a deleted target")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, dir = %path.display(), "cannot remove a deleted target's files")
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(ns.path());
+    }
+}
+
+fn verdict_of(rendered: &mut Rendered, which: &Which) -> Result<String, (&'static str, String)> {
+    rendered
+        .verdicts
+        .remove(which)
+        .unwrap_or_else(|| Err(problem("NotListed", "not found among the targets")))
+        .map_err(|p| (p.reason, p.message))
+}
+
+/// Renders the targets file, and `rt`'s status.
+pub async fn reconcile(rt: Arc<RegistryTarget>, ctx: Arc<TargetsContext>) -> Result<Action, Error> {
+    let ns = rt.namespace().unwrap_or_default();
+    let which = Which {
+        namespace: Some(ns.clone()),
+        name: rt.name_any(),
+    };
+    let api: Api<RegistryTarget> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = rt.status.as_ref();
+    settle(&ctx, &api, &which, rt.metadata.generation, status).await
+}
+
+/// Renders the targets file, and `t`'s status.
+pub async fn reconcile_cluster(
+    t: Arc<ClusterRegistryTarget>,
+    ctx: Arc<TargetsContext>,
+) -> Result<Action, Error> {
+    let which = Which {
+        namespace: None,
+        name: t.name_any(),
+    };
+    let api: Api<ClusterRegistryTarget> = Api::all(ctx.client.clone());
+    let status = t.status.as_ref();
+    settle(&ctx, &api, &which, t.metadata.generation, status).await
+}
+
+/// Renders the targets file and writes the verdict on `which` to its status (through
+/// `api`), when it changed.
+async fn settle<K>(
+    ctx: &TargetsContext,
+    api: &Api<K>,
+    which: &Which,
+    generation: Option<i64>,
+    before: Option<&crate::crd::TargetStatus>,
+) -> Result<Action, Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut rendered = render(ctx).await?;
+    let st = crate::status::ready_status(verdict_of(&mut rendered, which), generation, before);
+    if before != Some(&st) {
         api.patch_status(
-            &rt.name_any(),
+            &which.name,
             &PatchParams::default(),
             &Patch::Merge(&serde_json::json!({ "status": st })),
         )
         .await?;
     }
-    Ok(Action::await_change())
+    Ok(Action::requeue(RESYNC))
 }
+
+/// Targets are rendered again this often, to pick up a renewed CA from a ConfigMap
+/// (ConfigMaps are not watched: that would mean every ConfigMap of the cluster).
+pub const RESYNC: std::time::Duration = std::time::Duration::from_secs(15 * 60);

@@ -7,7 +7,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps,
 };
 use serde::Deserialize as _;
-use shipperd_operator::{Bundle, RegistryTarget, WebhookTarget, crds, crds_yaml};
+use shipperd_operator::{
+    Bundle, ClusterRegistryTarget, RegistryTarget, WebhookTarget, crds, crds_yaml,
+};
 
 fn deploy() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds")
@@ -69,12 +71,18 @@ fn the_crds_are_structural_with_status_and_columns() {
         [
             "bundles.shipperd.io",
             "registrytargets.shipperd.io",
+            "clusterregistrytargets.shipperd.io",
             "webhooktargets.shipperd.io"
         ]
     );
     for crd in &docs {
         assert_eq!(crd.spec.group, "shipperd.io");
-        assert_eq!(crd.spec.scope, "Namespaced");
+        let scope = if crd.spec.names.kind == "ClusterRegistryTarget" {
+            "Cluster"
+        } else {
+            "Namespaced"
+        };
+        assert_eq!(crd.spec.scope, scope, "{}", crd.spec.names.kind);
         let [v] = crd.spec.versions.as_slice() else {
             panic!("one version")
         };
@@ -106,9 +114,51 @@ fn the_crds_are_structural_with_status_and_columns() {
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(columns, ["Phase", "Images", "Progress", "Target", "Age"]);
-    // The one-of rule of a bundle's source is enforced by the API server (CEL).
+    // The API server enforces (CEL, patterns): one source; at most one target; source
+    // and target immutable; names and checksums well formed.
     let yaml = serde_yaml::to_string(&docs[0]).unwrap();
-    assert!(yaml.contains("set exactly one of upload, url and path"));
+    for rule in [
+        "set exactly one of upload, url and path",
+        "set at most one of target and clusterTarget",
+        "self.source == oldSelf.source",
+        "source, target and clusterTarget cannot change",
+    ] {
+        assert!(yaml.contains(rule), "{rule}");
+    }
+    let spec = &docs[0].spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap()
+        .properties
+        .as_ref()
+        .unwrap()["spec"];
+    let prop = |path: &[&str]| {
+        let mut s = spec;
+        for p in path {
+            s = &s.properties.as_ref().unwrap()[*p];
+        }
+        s.clone()
+    };
+    for path in [&["target"][..], &["clusterTarget"]] {
+        let p = prop(path);
+        assert!(
+            p.pattern.is_some() && p.max_length == Some(63),
+            "{path:?}: {p:?}"
+        );
+    }
+    assert_eq!(
+        prop(&["source", "path", "sha256"]).pattern.as_deref(),
+        Some("^[0-9a-f]{64}$")
+    );
+    // A cluster target carries the target's fields and its cluster-resources policy.
+    let ct = serde_yaml::to_string(&docs[2]).unwrap();
+    assert!(
+        ct.contains("openshiftInternal") && ct.contains("tagMirrorSets"),
+        "{ct}"
+    );
 }
 
 #[test]
@@ -123,6 +173,9 @@ fn the_examples_are_valid_resources() {
             let ok = match kind.as_str() {
                 "Bundle" => serde_json::from_value::<Bundle>(v.clone()).map(|_| ()),
                 "RegistryTarget" => serde_json::from_value::<RegistryTarget>(v.clone()).map(|_| ()),
+                "ClusterRegistryTarget" => {
+                    serde_json::from_value::<ClusterRegistryTarget>(v.clone()).map(|_| ())
+                }
                 "WebhookTarget" => serde_json::from_value::<WebhookTarget>(v.clone()).map(|_| ()),
                 other => panic!("{}: unknown kind {other}", path.display()),
             };
@@ -133,5 +186,26 @@ fn the_examples_are_valid_resources() {
     }
     seen.sort();
     seen.dedup();
-    assert_eq!(seen, ["Bundle", "RegistryTarget", "WebhookTarget"]);
+    assert_eq!(
+        seen,
+        [
+            "Bundle",
+            "ClusterRegistryTarget",
+            "RegistryTarget",
+            "WebhookTarget"
+        ]
+    );
+}
+
+#[test]
+fn a_cluster_target_reads_its_target_fields_and_policy() {
+    let t: ClusterRegistryTarget = serde_json::from_value(serde_json::json!({
+        "apiVersion": "shipperd.io/v1alpha1", "kind": "ClusterRegistryTarget",
+        "metadata": { "name": "mirror" },
+        "spec": { "url": "http://127.0.0.1:5000", "default": true,
+                  "clusterResources": { "apply": true } } }))
+    .unwrap();
+    assert!(t.spec.target.default);
+    assert_eq!(t.spec.target.url.as_deref(), Some("http://127.0.0.1:5000"));
+    assert!(t.spec.cluster_resources.unwrap().apply);
 }

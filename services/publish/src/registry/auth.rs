@@ -283,6 +283,7 @@ mod tests {
             let mut t = shipperd_registry_targets::Targets::single(registry, "", None, None, false)
                 .unwrap()
                 .default_target()
+                .unwrap()
                 .clone();
             t.auth.token_hosts = listed.iter().map(|s| s.to_string()).collect();
             super::Auth::new(&t, reqwest::Client::new(), registry.into()).unwrap()
