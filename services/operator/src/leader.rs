@@ -7,6 +7,13 @@
 //! that fails to renew stops acting before its lease can have expired for the others
 //! (it gives up after `renew_deadline`, shorter than the lease), and one that stops
 //! gracefully hands the lease back at once.
+//!
+//! Whether a lease expired is judged on this replica's own monotonic clock, never by
+//! comparing the lease's `renewTime` with the local time (as client-go does): a lease
+//! is expired when its record (`resourceVersion`) has not changed for its
+//! `leaseDurationSeconds` since this replica first saw it so. A holder whose clock is
+//! hours off keeps its lease as long as it renews; a lease seen for the first time is
+//! waited on for one duration before it is taken.
 
 use std::{future::Future, time::Duration};
 
@@ -52,11 +59,29 @@ impl Settings {
 pub struct Elector {
     api: Api<Lease>,
     settings: Settings,
+    /// The lease record last seen (its `resourceVersion`) and when, on this clock.
+    observed: std::sync::Mutex<Option<(String, tokio::time::Instant)>>,
 }
 
 impl Elector {
     pub fn new(api: Api<Lease>, settings: Settings) -> Self {
-        Elector { api, settings }
+        Elector {
+            api,
+            settings,
+            observed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// How long the lease's record has stood unchanged, as this replica saw it.
+    fn unchanged_for(&self, version: &str) -> Duration {
+        let mut seen = self.observed.lock().expect("not poisoned");
+        match seen.as_ref() {
+            Some((v, at)) if v == version => at.elapsed(),
+            _ => {
+                *seen = Some((version.to_string(), tokio::time::Instant::now()));
+                Duration::ZERO
+            }
+        }
     }
 
     /// Takes the lease when it is free, expired or ours, and renews it; whether this
@@ -89,11 +114,11 @@ impl Elector {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
         let mine = holder == Some(me.as_str());
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            let held =
-                Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration).max(0) as u64);
-            t.0 + held < now
-        });
+        let held =
+            Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration).max(0) as u64);
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        // Never "now - renewTime": the holder's clock is not ours.
+        let expired = spec.renew_time.is_none() || self.unchanged_for(&version) > held;
         if !(mine || holder.is_none() || expired) {
             return Ok(false);
         }

@@ -155,3 +155,32 @@ async fn only_the_leader_acts_and_a_graceful_stop_hands_over_at_once() {
         t.await.unwrap();
     }
 }
+
+/// A holder whose clock is an hour behind (its `renewTime` looks long expired) keeps
+/// its lease while it renews: expiry is judged on the watcher's own clock, from when
+/// the lease last changed. Once it stops renewing, the lease is taken after one
+/// duration.
+#[tokio::test]
+async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
+    let lease = Shared::default();
+    let b = elector(&lease, "b");
+    let skewed = |rv: u64| {
+        let an_hour_ago = k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(3600);
+        json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": "shipperd-operator", "namespace": "ns",
+                              "resourceVersion": rv.to_string() },
+                "spec": { "holderIdentity": "a", "leaseDurationSeconds": 1,
+                          "renewTime": an_hour_ago.to_string() } })
+    };
+    // `a` renews every 300 ms for 2.5 s, its clock an hour behind.
+    for rv in 1..=8 {
+        *lease.lock().unwrap() = Some(skewed(rv));
+        assert!(!b.try_acquire_or_renew().await.unwrap(), "taken from a live holder at {rv}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(holder(&lease).as_deref(), Some("a"));
+    // `a` stops: after one lease duration without a change, `b` takes it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(b.try_acquire_or_renew().await.unwrap());
+    assert_eq!(holder(&lease).as_deref(), Some("b"));
+}
