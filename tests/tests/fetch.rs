@@ -145,6 +145,75 @@ async fn a_fetch_cut_mid_way_resumes_and_publishes() -> anyhow::Result<()> {
     app.stop().await
 }
 
+/// A fetch that gives up (its replica lost the lead, or stopped) leaves what arrived on
+/// the shared volume; the next fetch of the bundle, by another replica, resumes it with
+/// `Range` from there. Deleting the Bundle mid-way removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_left_unfinished_is_resumed_by_another_replica() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("fetch-resume", "resume", 2);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    let id = BundleId::parse(&sha256(&bytes)[7..])?;
+    let (url, server) = start(bytes.clone(), true).await?;
+    let source = FetchSource {
+        url,
+        sha256: id.clone(),
+        ca_pem: None,
+        owner: Some("team-a".into()),
+    };
+    let first = store(&app).await?;
+    let once = FetchSettings {
+        attempts: 1,
+        ..quick()
+    };
+    let err = first
+        .fetch("resume.tar", &source, None, &once)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("failed 1 times"), "{err}");
+    let part = app.data.path().join(format!("fetch/{id}.part"));
+    assert_eq!(
+        std::fs::metadata(&part)?.len(),
+        server.cut as u64,
+        "what arrived is kept"
+    );
+    drop(first);
+
+    let second = store(&app).await?;
+    let accepted = second.fetch("resume.tar", &source, None, &quick()).await?;
+    assert!(accepted.created);
+    assert_eq!(accepted.summary.owner.as_deref(), Some("team-a"));
+    assert_eq!(
+        *server.seen_ranges.lock().unwrap(),
+        [format!("bytes={}-", server.cut)],
+        "resumed from where the first replica stopped"
+    );
+    assert!(!part.exists());
+    let rec = app.wait_done(id.as_str(), DONE).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+
+    // Given up again, then its Bundle deleted: nothing of it stays.
+    let other = sample("fetch-forget", "forget", 1);
+    let bytes = tar_bytes(&other.oci_files(""))?;
+    let id = BundleId::parse(&sha256(&bytes)[7..])?;
+    let (url, _server) = start(bytes, true).await?;
+    let source = FetchSource {
+        url,
+        sha256: id.clone(),
+        ca_pem: None,
+        owner: None,
+    };
+    second
+        .fetch("forget.tar", &source, None, &once)
+        .await
+        .unwrap_err();
+    let part = app.data.path().join(format!("fetch/{id}.part"));
+    assert!(part.exists());
+    second.forget_fetch(&id).await;
+    assert!(!part.exists());
+    app.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_without_ranges_is_fetched_again_and_a_wrong_sha256_keeps_nothing()
 -> anyhow::Result<()> {
@@ -168,6 +237,13 @@ async fn a_server_without_ranges_is_fetched_again_and_a_wrong_sha256_keeps_nothi
         .unwrap_err();
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
     assert_eq!(app.temp_files(), 0);
+    assert!(
+        !app.data
+            .path()
+            .join(format!("fetch/{}.part", "e".repeat(64)))
+            .exists(),
+        "a whole, wrong file is not kept to resume"
+    );
     assert!(app.bundle(&"e".repeat(64)).await?.is_none());
 
     // The cut transfer cannot be resumed (the server ignores Range): fetched again whole.

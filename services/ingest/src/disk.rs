@@ -43,11 +43,31 @@ impl DiskWriter {
     /// Creates `path` and starts its writer and hasher.
     pub(crate) async fn create(path: &Path) -> io::Result<Self> {
         let file = tokio::fs::File::create(path).await?.into_std().await;
+        Ok(Self::start(file, Sha256::new()))
+    }
+
+    /// Opens `path` to append to what it holds (read once, to hash it); the writer and
+    /// the bytes already there.
+    pub(crate) async fn append(path: &Path) -> io::Result<(Self, u64)> {
+        let path = path.to_path_buf();
+        let (file, h, len) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let mut h = Sha256::new();
+            let mut f = File::open(&path)?;
+            let len = io::copy(&mut f, &mut h)?;
+            let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+            Ok((file, h, len))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok((Self::start(file, h), len))
+    }
+
+    fn start(file: File, h: Sha256) -> Self {
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || write_all(file, rx));
         let (hash_tx, mut hash_rx) = mpsc::channel::<Batch>(IN_FLIGHT);
         let hasher = tokio::task::spawn_blocking(move || {
-            let mut h = Sha256::new();
+            let mut h = h;
             while let Some(batch) = hash_rx.blocking_recv() {
                 for b in batch.iter() {
                     h.update(b);
@@ -55,14 +75,14 @@ impl DiskWriter {
             }
             h
         });
-        Ok(DiskWriter {
+        DiskWriter {
             tx: Some(tx),
             hash_tx: Some(hash_tx),
             batch: Vec::new(),
             batched: 0,
             writer,
             hasher,
-        })
+        }
     }
 
     /// Appends `chunk`.

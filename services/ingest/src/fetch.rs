@@ -14,8 +14,30 @@ use crate::{
     Error, Result,
     disk::DiskWriter,
     space::Claim,
-    store::{Accepted, Origin, Store, hash_id},
+    store::{Accepted, Origin, Store, TempFile, hash_id},
 };
+
+/// Where fetches keep what they have so far (`<sha256>.part`, on the shared volume, so
+/// that another replica resumes it) and their locks (`<sha256>.lock`).
+const FETCH_DIR: &str = "fetch";
+
+/// Waits for the exclusive lock on `path` (created if need be); held while the file
+/// lives.
+async fn lock_exclusive(path: &std::path::Path) -> Result<std::fs::File> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
+        Ok(f)
+    })
+    .await
+    .map_err(|e| Error::io(path, std::io::Error::other(e)))?
+    .map_err(|e| Error::io(path, e))
+}
 
 /// Where a bundle is fetched from.
 #[derive(Debug, Clone)]
@@ -70,23 +92,95 @@ impl Store {
         settings: &FetchSettings,
     ) -> Result<Accepted> {
         crate::store::validate_name(name)?;
-        if let Some(s) = self.known(&source.sha256).await?
-            && s.expired_at.is_none()
-            && !s.deleting
-        {
-            return Ok(Accepted {
-                summary: s,
-                created: false,
-            });
+        if let Some(a) = self.fetched(&source.sha256).await? {
+            return Ok(a);
         }
         let client = client(source)?;
+        // One replica at a time fetches a bundle: the others wait here, then find it
+        // stored (or resume what was left).
+        let dir = self.data().root().join(FETCH_DIR);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::io(&dir, e))?;
+        let lock_path = dir.join(format!("{}.lock", source.sha256));
+        let lock = lock_exclusive(&lock_path).await?;
+        if let Some(a) = self.fetched(&source.sha256).await? {
+            return Ok(a);
+        }
+        // What an earlier fetch (of this process, or of a replica that stopped: a
+        // leader change) left is kept on the shared volume and resumed from its end.
+        let part = dir.join(format!("{}.part", source.sha256));
+        let tmp = TempFile::kept(part.clone());
+        let (out, written) = if tokio::fs::try_exists(&part).await.unwrap_or(false) {
+            DiskWriter::append(&part)
+                .await
+                .map_err(|e| Error::io(&part, e))?
+        } else {
+            let out = DiskWriter::create(&part)
+                .await
+                .map_err(|e| Error::io(&part, e))?;
+            (out, 0)
+        };
+        if written > 0 {
+            tracing::info!(url = %redact(&source.url), written, "resuming a fetch left unfinished");
+        }
         // Room on the data volume, as for an upload (the length is learnt on the way).
         let mut claim = self.space.claim(None).await?;
-        let mut tmp = self.temp_file(false);
-        let mut out = DiskWriter::create(&tmp.path)
-            .await
-            .map_err(|e| Error::io(&tmp.path, e))?;
-        let mut written = 0u64;
+        claim.wrote(written)?;
+        let done = self
+            .fetch_into(
+                name,
+                source,
+                target,
+                settings,
+                &client,
+                (tmp, out, written, claim),
+            )
+            .await;
+        if done.is_ok() {
+            // Stored: nobody waits for this lock but to find the bundle known.
+            let _ = tokio::fs::remove_file(&lock_path).await;
+        }
+        drop(lock);
+        done
+    }
+
+    /// The bundle, when it is stored already (and usable).
+    async fn fetched(&self, id: &BundleId) -> Result<Option<Accepted>> {
+        Ok(self
+            .known(id)
+            .await?
+            .filter(|s| s.expired_at.is_none() && !s.deleting)
+            .map(|summary| Accepted {
+                summary,
+                created: false,
+            }))
+    }
+
+    /// Removes what an unfinished fetch of `id` left (its `Bundle` was deleted), unless
+    /// a fetch of it is running.
+    pub async fn forget_fetch(&self, id: &BundleId) {
+        let dir = self.data().root().join(FETCH_DIR);
+        let lock_path = dir.join(format!("{id}.lock"));
+        let Ok(file) = std::fs::OpenOptions::new().read(true).open(&lock_path) else {
+            return;
+        };
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
+            let _ = tokio::fs::remove_file(dir.join(format!("{id}.part"))).await;
+            let _ = tokio::fs::remove_file(&lock_path).await;
+        }
+    }
+
+    /// The attempts of one fetch, appending to `out`.
+    async fn fetch_into(
+        &self,
+        name: &str,
+        source: &FetchSource,
+        target: Option<&TargetName>,
+        settings: &FetchSettings,
+        client: &reqwest::Client,
+        (mut tmp, mut out, mut written, mut claim): (TempFile, DiskWriter, u64, Claim),
+    ) -> Result<Accepted> {
         let mut last = String::new();
         for attempt in 0..settings.attempts.max(1) {
             if attempt > 0 {
@@ -96,20 +190,15 @@ impl Store {
                 tokio::time::sleep(delay).await;
             }
             match self
-                .fetch_once(
-                    &client,
-                    source,
-                    settings,
-                    &mut out,
-                    &mut written,
-                    &mut claim,
-                )
+                .fetch_once(client, source, settings, &mut out, &mut written, &mut claim)
                 .await
             {
                 Ok(()) => {
                     let hasher = out.finish().await.map_err(|e| Error::io(&tmp.path, e))?;
                     let id = hash_id(hasher);
                     if id != source.sha256 {
+                        // Whole, and wrong: nothing of it is worth resuming.
+                        tmp.discard();
                         return Err(Error::ChecksumMismatch {
                             expected: source.sha256.to_string(),
                             actual: id.to_string(),
@@ -122,12 +211,17 @@ impl Store {
                         target: target.cloned(),
                         owner: source.owner.clone(),
                     };
+                    // Moved into place now (or, were the bundle stored meanwhile, gone).
+                    tmp.discard();
                     return self.commit(name, tmp, id, written, &origin).await;
                 }
-                Err(Broken::Fail(e)) => return Err(e),
+                Err(Broken::Fail(e)) => {
+                    // What arrived stays on the volume, to be resumed.
+                    let _ = out.finish().await;
+                    return Err(e);
+                }
                 Err(Broken::Resume(why)) if why == RESTART => {
-                    // The server sent the whole file again: start over, in a new file.
-                    tmp = self.temp_file(false);
+                    // The server sent the whole file again: start over.
                     out = DiskWriter::create(&tmp.path)
                         .await
                         .map_err(|e| Error::io(&tmp.path, e))?;
@@ -138,6 +232,9 @@ impl Store {
                 Err(Broken::Resume(why)) => last = why,
             }
         }
+        // What arrived stays on the volume: the next fetch of it (here, or by another
+        // replica) resumes from its end.
+        let _ = out.finish().await;
         Err(Error::Incomplete {
             received: written,
             reason: format!(

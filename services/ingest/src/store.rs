@@ -103,6 +103,18 @@ pub(crate) struct TempFile {
     keep: bool,
 }
 
+impl TempFile {
+    /// A file kept when dropped (a partial fetch, resumed later).
+    pub(crate) fn kept(path: PathBuf) -> Self {
+        TempFile { path, keep: true }
+    }
+
+    /// Removed when dropped after all.
+    pub(crate) fn discard(&mut self) {
+        self.keep = false;
+    }
+}
+
 impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.keep {

@@ -1132,6 +1132,12 @@ async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
         .expect("not poisoned")
         .retain(|k, _| !k.starts_with(&uid));
     let ns = b.namespace().unwrap_or_default();
+    if let Some(url) = &b.spec.source.url
+        && let Ok(id) = parse_id(&url.sha256)
+    {
+        // What an unfinished fetch of it left on the volume.
+        ctx.store.forget_fetch(&id).await;
+    }
     if let Some(id) = bundle_id(b)?
         && let Some(s) = ctx.state.summary(&id).await?
         // Never another namespace's bundle.

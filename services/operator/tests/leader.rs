@@ -165,7 +165,8 @@ async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
     let lease = Shared::default();
     let b = elector(&lease, "b");
     let skewed = |rv: u64| {
-        let an_hour_ago = k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(3600);
+        let an_hour_ago =
+            k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(3600);
         json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": { "name": "shipperd-operator", "namespace": "ns",
                               "resourceVersion": rv.to_string() },
@@ -175,7 +176,10 @@ async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
     // `a` renews every 300 ms for 2.5 s, its clock an hour behind.
     for rv in 1..=8 {
         *lease.lock().unwrap() = Some(skewed(rv));
-        assert!(!b.try_acquire_or_renew().await.unwrap(), "taken from a live holder at {rv}");
+        assert!(
+            !b.try_acquire_or_renew().await.unwrap(),
+            "taken from a live holder at {rv}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(holder(&lease).as_deref(), Some("a"));
