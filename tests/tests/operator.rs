@@ -35,6 +35,8 @@ struct Fake {
     refuse_apply: bool,
     /// ClusterRegistryTargets.
     cluster_targets: Vec<Value>,
+    /// Answer the Bundle's own PATCH (the finalizer) with 500.
+    fail_patch: bool,
 }
 
 /// A fake API server for one `Bundle`: finalizer patches, status patches, Events.
@@ -69,6 +71,12 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                     fk.bundle = b.clone();
                     (201, b)
                 }
+                ("PATCH", p) if p.ends_with(&this) && fk.fail_patch => (
+                    500,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "InternalError", "code": 500,
+                           "message": "etcdserver: request timed out"}),
+                ),
                 ("PATCH", p) if p.ends_with(&this) => {
                     // The finalizer helper's JSON patch: test, then add (or remove).
                     for op in body.as_array().into_iter().flatten() {
@@ -1361,4 +1369,64 @@ async fn targets_of_every_namespace_render_into_one_file_and_stay_apart() -> any
     assert!(t.get(None).is_err());
     assert!(!secrets.join("team-a").exists());
     Ok(())
+}
+
+/// An error that reaches the reconciler is shown as a `Reconciled=False` condition and a
+/// Warning Event, gone once a reconcile succeeds; a spec the schema would refuse (an
+/// object older than it) is `Failed` with reason `InvalidSpec`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_errors_and_bad_specs_show_in_the_status() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let layout = sample("errors", "e1", 0);
+    std::fs::create_dir_all(app.data.path().join("import"))?;
+    std::fs::write(
+        app.data.path().join("import/e1.tar"),
+        tar_bytes(&layout.oci_files(""))?,
+    )?;
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+        "metadata": { "name": "e1", "namespace": "ns", "uid": "uid-e1", "generation": 1,
+                      "resourceVersion": "1" },
+        "spec": { "source": { "path": { "path": "e1.tar" } } },
+    }));
+    fake.lock().unwrap().fail_patch = true;
+    let ctx = context(&app, client).await?;
+    let b: Bundle = serde_json::from_value(fake.lock().unwrap().bundle.clone())?;
+    assert!(reconcile(Arc::new(b), ctx.clone()).await.is_err());
+    {
+        let fk = fake.lock().unwrap();
+        let c = condition(&fk.bundle["status"], "Reconciled");
+        assert_eq!(
+            (&c["status"], &c["reason"]),
+            (&json!("False"), &json!("ReconcileError"))
+        );
+        assert!(c["message"].as_str().unwrap().contains("etcdserver"), "{c}");
+        assert!(
+            fk.events
+                .iter()
+                .any(|e| e["reason"] == "ReconcileError" && e["type"] == "Warning")
+        );
+    }
+    fake.lock().unwrap().fail_patch = false;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+    let kinds: Vec<&str> = done["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    assert_eq!(kinds, ["Ready", "Failed"], "the error is gone");
+
+    let (client, fake) = fake_api(json!({
+        "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+        "metadata": { "name": "e2", "namespace": "ns", "uid": "uid-e2", "generation": 1,
+                      "resourceVersion": "1" },
+        "spec": { "source": { "url": { "url": "http://127.0.0.1:9/x.tar", "sha256": "not-hex" } } },
+    }));
+    let ctx = context(&app, client).await?;
+    let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
+    let failed = condition(&done["status"], "Failed");
+    assert_eq!(failed["reason"], "InvalidSpec", "{failed}");
+    assert!(failed["message"].as_str().unwrap().contains("not-hex"));
+    app.stop().await
 }

@@ -34,7 +34,7 @@ use shipperd_model::{BundleId, BundleSummary, TargetName};
 use shipperd_state::StateStore;
 
 use crate::{
-    crd::{Bundle, BundleStatus},
+    crd::{Bundle, BundlePhase, BundleStatus},
     status::{bundle_status, pending_status},
 };
 
@@ -584,6 +584,7 @@ pub async fn reconcile(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Erro
         .ok_or_else(|| Error::Invalid("a Bundle is namespaced".into()))?;
     let api: Api<Bundle> = Api::namespaced(ctx.client.clone(), &ns);
     let b_uid = b.uid().unwrap_or_default();
+    let seen = b.clone();
     let r = finalizer(&api, FINALIZER, b, |event| async {
         match event {
             Event::Apply(b) => apply(&b, &api, &ctx).await,
@@ -592,11 +593,59 @@ pub async fn reconcile(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Erro
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    if r.is_ok() {
-        ctx.failures.lock().expect("not poisoned").remove(&b_uid);
+    match &r {
+        Ok(_) => {
+            ctx.failures.lock().expect("not poisoned").remove(&b_uid);
+        }
+        Err(error) => report(&seen, &api, &ctx, error).await,
     }
     r
 }
+
+/// An error that reached the reconciler, shown where the user looks: a `Reconciled`
+/// condition (`False`, reason `ReconcileError`, until a reconcile succeeds and writes
+/// the status again without it) and a Warning Event. Best effort: the API may be what
+/// fails.
+async fn report(b: &Bundle, api: &Api<Bundle>, ctx: &Context, error: &Error) {
+    let message: String = error.to_string().chars().take(1000).collect();
+    let mut status = b.status.clone().unwrap_or_default();
+    status.conditions.retain(|c| c.type_ != RECONCILED);
+    status
+        .conditions
+        .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: RECONCILED.into(),
+            status: "False".into(),
+            reason: "ReconcileError".into(),
+            message: message.clone(),
+            observed_generation: b.metadata.generation,
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            ),
+        });
+    if let Err(e) = api
+        .patch_status(
+            &b.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({ "status": status })),
+        )
+        .await
+    {
+        tracing::debug!(error = %e, "cannot show the reconcile error in the status");
+    }
+    let ev = KubeEvent {
+        type_: EventType::Warning,
+        reason: "ReconcileError".into(),
+        note: Some(message),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &b.object_ref(&())).await {
+        tracing::debug!(error = %e, "cannot record an Event");
+    }
+}
+
+/// The condition an error of the reconciler is shown in.
+pub const RECONCILED: &str = "Reconciled";
 
 /// What to do after an error: look again later, a little later each time the same
 /// object fails (5 s doubling to 5 min, with jitter); a success resets it.
@@ -656,10 +705,15 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         b.uid().unwrap_or_default(),
         generation.unwrap_or(0)
     );
-    let id = match bundle_id(b)? {
-        Some(id) => Some(id),
+    let id = match bundle_id(b) {
+        Err(Error::Invalid(message)) => {
+            // A spec the schema would have refused (an object older than it).
+            return refuse(b, api, ctx, "InvalidSpec", &message, &previous, now).await;
+        }
+        Err(e) => return Err(e),
+        Ok(Some(id)) => Some(id),
         // A path source without a sha256: known once it is stored.
-        None => match ctx.fetch_state(&uid) {
+        Ok(None) => match ctx.fetch_state(&uid) {
             Some(Fetch::Done(id)) => Some(id),
             _ => None,
         },
@@ -691,18 +745,17 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
     // A bundle that ended in this generation and whose status ShipperD no longer keeps
     // (`--keep-status`): its last status stands; nothing is fetched again.
     let ended = b.status.as_ref().filter(|st| {
-        st.observed_generation == generation
-            && matches!(st.phase.as_deref(), Some("Published" | "Failed"))
+        st.observed_generation == generation && st.phase.is_some_and(BundlePhase::is_terminal)
     });
     let status = match &summary {
         Some(s) => bundle_status(s, generation, &previous, now),
         None if ended.is_some() => ended.cloned().unwrap_or_default(),
         None if src.url.is_some() || src.path.is_some() => match ctx.fetch_state(&uid) {
             Some(Fetch::Failed(why)) => {
-                pending_status("Failed", Some(&why), generation, &previous, now)
+                pending_status(BundlePhase::Failed, Some(&why), generation, &previous, now)
             }
             Some(Fetch::Running) | Some(Fetch::Done(_)) => {
-                pending_status("Fetching", None, generation, &previous, now)
+                pending_status(BundlePhase::Fetching, None, generation, &previous, now)
             }
             None => {
                 match (&src.url, &src.path) {
@@ -710,10 +763,10 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
                     (None, Some(path)) => start_take(b, path, target.as_ref(), &uid, ctx)?,
                     (None, None) => {}
                 }
-                pending_status("Fetching", None, generation, &previous, now)
+                pending_status(BundlePhase::Fetching, None, generation, &previous, now)
             }
         },
-        None => pending_status("Pending", None, generation, &previous, now),
+        None => pending_status(BundlePhase::Pending, None, generation, &previous, now),
     };
     let mut status = status;
     status.cluster_resources = b.status.as_ref().and_then(|s| s.cluster_resources.clone());
@@ -795,7 +848,7 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
     {
         check_projects(b, s, ctx).await;
     }
-    let old_phase = b.status.as_ref().and_then(|s| s.phase.clone());
+    let old_phase = b.status.as_ref().and_then(|s| s.phase);
     if old_phase != status.phase {
         record_phase(b, &status, ctx).await;
     }
@@ -1082,14 +1135,16 @@ async fn check_projects(b: &Bundle, s: &BundleSummary, ctx: &Context) {
 
 /// Records a Kubernetes Event for the phase `status` reached.
 async fn record_phase(b: &Bundle, status: &BundleStatus, ctx: &Context) {
-    let phase = status.phase.as_deref().unwrap_or_default();
+    let Some(phase) = status.phase else {
+        return;
+    };
     let (type_, reason, note) = match phase {
-        "Received" => (
+        BundlePhase::Received => (
             EventType::Normal,
             "Received",
             "ShipperD stored the bundle".to_string(),
         ),
-        "Publishing" => (
+        BundlePhase::Publishing => (
             EventType::Normal,
             "Unpacked",
             format!(
@@ -1097,7 +1152,7 @@ async fn record_phase(b: &Bundle, status: &BundleStatus, ctx: &Context) {
                 status.images.as_ref().map_or(0, |i| i.total)
             ),
         ),
-        "Published" => (
+        BundlePhase::Published => (
             EventType::Normal,
             "Published",
             format!(
@@ -1105,7 +1160,7 @@ async fn record_phase(b: &Bundle, status: &BundleStatus, ctx: &Context) {
                 status.images.as_ref().map_or(0, |i| i.published)
             ),
         ),
-        "Failed" => (
+        BundlePhase::Failed => (
             EventType::Warning,
             "Failed",
             status.error.clone().unwrap_or_default(),

@@ -161,14 +161,50 @@ pub struct CaSource {
     pub secret_key_ref: Option<KeyRef>,
 }
 
+/// Where a bundle is in ShipperD's pipeline.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum BundlePhase {
+    /// Not in ShipperD's store yet (an upload source ShipperD does not know).
+    Pending,
+    /// Its URL is being fetched, or its path taken.
+    Fetching,
+    Received,
+    Unpacking,
+    Publishing,
+    Tagging,
+    Published,
+    Failed,
+}
+
+impl BundlePhase {
+    /// Published or Failed.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, BundlePhase::Published | BundlePhase::Failed)
+    }
+}
+
+impl From<shipperd_model::Phase> for BundlePhase {
+    fn from(p: shipperd_model::Phase) -> Self {
+        use shipperd_model::Phase as P;
+        match p {
+            P::Received => BundlePhase::Received,
+            P::Unpacking => BundlePhase::Unpacking,
+            P::Publishing => BundlePhase::Publishing,
+            P::Tagging => BundlePhase::Tagging,
+            P::Published => BundlePhase::Published,
+            P::Failed => BundlePhase::Failed,
+        }
+    }
+}
+
 /// Where a bundle is, as ShipperD's state says.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BundleStatus {
-    /// `Pending` (not yet in ShipperD's store), `Received`, `Unpacking`, `Publishing`,
-    /// `Tagging`, `Published` or `Failed`.
+    /// `Pending` (not yet in ShipperD's store), `Fetching`, `Received`, `Unpacking`,
+    /// `Publishing`, `Tagging`, `Published` or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<BundlePhase>,
     /// The bundle id (the sha256 of its bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_id: Option<String>,

@@ -8,7 +8,7 @@ use k8s_openapi::{
 };
 use shipperd_model::{BundleSummary, Phase};
 
-use crate::crd::{BundleStatus, ImageCounts};
+use crate::crd::{BundlePhase, BundleStatus, ImageCounts};
 
 pub const READY: &str = "Ready";
 pub const FAILED: &str = "Failed";
@@ -22,7 +22,7 @@ pub fn bundle_status(
     now: Timestamp,
 ) -> BundleStatus {
     let c = &s.counts;
-    let phase = format!("{:?}", s.phase);
+    let phase = BundlePhase::from(s.phase);
     let ready = match s.phase {
         Phase::Published => (
             true,
@@ -80,7 +80,7 @@ pub fn bundle_status(
 /// The status of a `Bundle` ShipperD does not hold yet (its URL is being fetched, or
 /// fetching it failed).
 pub fn pending_status(
-    phase: &str,
+    phase: BundlePhase,
     failure: Option<&str>,
     generation: Option<i64>,
     previous: &[Condition],
@@ -96,7 +96,7 @@ pub fn pending_status(
         None => (false, "NotFailed", String::new()),
     };
     BundleStatus {
-        phase: Some(phase.to_string()),
+        phase: Some(phase),
         error: failure.map(str::to_string),
         conditions: vec![
             condition(READY, ready, generation, previous, now),
@@ -118,7 +118,7 @@ pub fn refused_status(
     now: Timestamp,
 ) -> BundleStatus {
     BundleStatus {
-        phase: Some("Failed".into()),
+        phase: Some(BundlePhase::Failed),
         error: Some(message.to_string()),
         conditions: vec![
             condition(
@@ -152,10 +152,10 @@ fn phase_reason(p: Phase) -> &'static str {
     }
 }
 
-fn phase_reason_str(p: &str) -> &'static str {
+fn phase_reason_str(p: BundlePhase) -> &'static str {
     match p {
-        "Fetching" => "Fetching",
-        "Failed" => "Failed",
+        BundlePhase::Fetching => "Fetching",
+        BundlePhase::Failed => "Failed",
         _ => "Pending",
     }
 }
@@ -238,7 +238,7 @@ mod tests {
         let mut s = publishing(4);
         s.claim(0, &Outcome::published(10, false, Default::default()));
         let st = bundle_status(&s, Some(3), &[], Timestamp::UNIX_EPOCH);
-        assert_eq!(st.phase.as_deref(), Some("Publishing"));
+        assert_eq!(st.phase, Some(BundlePhase::Publishing));
         assert_eq!(st.images_summary.as_deref(), Some("1/4"));
         assert_eq!(st.progress.as_deref(), Some("25%"));
         assert_eq!(get(&st, READY).status, "False");
@@ -254,7 +254,7 @@ mod tests {
         s.claim(0, &failed);
         s.claim(1, &failed);
         let st = bundle_status(&s, Some(1), &[], Timestamp::UNIX_EPOCH);
-        assert_eq!(st.phase.as_deref(), Some("Failed"));
+        assert_eq!(st.phase, Some(BundlePhase::Failed));
         assert_eq!(st.images_summary.as_deref(), Some("0/2 (2 failed)"));
         let f = get(&st, FAILED);
         assert_eq!(
@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn a_fetch_that_failed_is_failed() {
         let st = pending_status(
-            "Failed",
+            BundlePhase::Failed,
             Some("fetching http://x/b.tar failed 8 times"),
             Some(2),
             &[],
