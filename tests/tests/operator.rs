@@ -37,7 +37,20 @@ struct Fake {
     cluster_targets: Vec<Value>,
     /// Answer the Bundle's own PATCH (the finalizer) with 500.
     fail_patch: bool,
+    /// Objects applied and not deleted, by path.
+    objects: std::collections::BTreeMap<String, Value>,
+    /// Paths deleted.
+    deleted: Vec<String>,
 }
+
+/// The kinds the operator applies and lists, by their plural.
+const LISTED: [&str; 5] = [
+    "configmaps",
+    "imagedigestmirrorsets",
+    "imagetagmirrorsets",
+    "catalogsources",
+    "updateservices",
+];
 
 /// A fake API server for one `Bundle`: finalizer patches, status patches, Events.
 fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
@@ -129,12 +142,42 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                     fk.applied.push((p.to_string(), body.clone()));
                     (201, body)
                 }
-                ("PATCH", p)
-                    if p.contains("/configmaps/")
-                        || p.contains("/imagedigestmirrorsets/")
-                        || p.contains("/imagetagmirrorsets/")
-                        || p.contains("/catalogsources/") =>
-                {
+                ("GET", p) if LISTED.iter().any(|k| p.ends_with(&format!("/{k}"))) => {
+                    // A list: what is kept under it (every namespace's, for a cluster-wide
+                    // list of a namespaced kind).
+                    let plural = p.rsplit('/').next().unwrap_or_default().to_string();
+                    let items: Vec<Value> = fk
+                        .objects
+                        .iter()
+                        .filter(|(k, _)| {
+                            k.starts_with(&format!("{p}/"))
+                                || (!p.contains("/namespaces/")
+                                    && k.contains(&format!("/{plural}/"))
+                                    && k.starts_with(
+                                        p.split(&format!("/{plural}")).next().unwrap_or_default(),
+                                    ))
+                        })
+                        .map(|(_, v)| v.clone())
+                        .collect();
+                    (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items}),
+                    )
+                }
+                ("DELETE", p) if LISTED.iter().any(|k| p.contains(&format!("/{k}/"))) => {
+                    match fk.objects.remove(p) {
+                        Some(v) => {
+                            fk.deleted.push(p.to_string());
+                            (200, v)
+                        }
+                        None => (
+                            404,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "NotFound", "code": 404, "message": "not found"}),
+                        ),
+                    }
+                }
+                ("PATCH", p) if LISTED.iter().any(|k| p.contains(&format!("/{k}/"))) => {
                     if fk.refuse_apply {
                         (
                             403,
@@ -144,6 +187,7 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                         )
                     } else {
                         fk.applied.push((p.to_string(), body.clone()));
+                        fk.objects.insert(p.to_string(), body.clone());
                         (200, body)
                     }
                 }
@@ -181,8 +225,9 @@ async fn context(app: &TestApp, client: kube::Client) -> anyhow::Result<Arc<Cont
         },
     );
     // Uploads act in namespace `ns`; Bundles of other namespaces follow only what
-    // they fetched.
+    // they fetched. The operator runs in `shipperd`.
     ctx.upload_namespace = Some("ns".into());
+    ctx.own_namespace = "shipperd".into();
     Ok(Arc::new(ctx))
 }
 
@@ -285,14 +330,14 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
         "metadata": { "name": "b1", "namespace": "ns", "uid": "uid-1", "generation": 1,
                       "resourceVersion": "1" },
         "spec": { "source": { "url": { "url": url, "sha256": id } },
-                  "applyClusterResources": true },
+                  "applyClusterResources": true, "tagMirrorSet": true },
     }));
     // The admin's default target (the services know it as `default`) lets its bundles
     // apply cluster resources.
     fake.lock().unwrap().cluster_targets = vec![cluster_target(
         "default",
         json!({ "url": app.registry.url(), "default": true,
-                "clusterResources": { "apply": true } }),
+                "clusterResources": { "apply": true, "tagMirrorSets": true } }),
     )];
     let ctx = context(&app, client).await?;
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
@@ -333,34 +378,34 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
             .expect("the ConfigMap");
         assert_eq!(cm["metadata"]["ownerReferences"][0]["name"], "b1");
         let yaml = cm["data"]["cluster-resources.yaml"].as_str().unwrap();
-        assert!(yaml.contains("kind: ImageDigestMirrorSet"), "{yaml}");
-        // demo/app, demo/tool and demo/multi landed side by side: one namespace entry.
+        // Named by tag, with a catalog: oc-mirror's operator ITMS, no IDMS.
+        assert!(yaml.contains("name: itms-operator-0"), "{yaml}");
+        assert!(!yaml.contains("ImageDigestMirrorSet"), "{yaml}");
+        // demo/app, demo/tool and demo/multi landed under the same path: one namespace entry.
         assert!(yaml.contains("- source: example.com/demo\n"), "{yaml}");
+        // Cluster-wide: the bundle's contribution, kept where no tenant writes, then the
+        // objects oc-mirror would name.
         assert!(
-            !yaml.contains("ImageTagMirrorSet"),
-            "only when asked: {yaml}"
+            fk.objects
+                .contains_key("/api/v1/namespaces/shipperd/configmaps/shipperd-cluster-uid-1"),
+            "{:?}",
+            fk.objects.keys()
         );
-        let idms: Vec<&(String, Value)> = fk
-            .applied
-            .iter()
-            .filter(|(p, _)| p.contains("/apis/config.openshift.io/v1/imagedigestmirrorsets/"))
-            .collect();
-        assert_eq!(idms.len(), 1, "{:?}", fk.applied);
-        assert_eq!(idms[0].1["kind"], "ImageDigestMirrorSet");
-        let cs: Vec<&(String, Value)> = fk
-            .applied
-            .iter()
-            .filter(|(p, _)| p.contains("/namespaces/openshift-marketplace/catalogsources/"))
-            .collect();
-        assert_eq!(cs.len(), 1, "one catalog: {:?}", fk.applied);
-        let catalog = layout.images.last().unwrap();
+        let itms = fk
+            .objects
+            .get("/apis/config.openshift.io/v1/imagetagmirrorsets/itms-operator-0")
+            .expect("the ITMS");
         assert_eq!(
-            cs[0].1["spec"]["image"],
-            format!(
-                "{}/redhat/redhat-operator-index@{}",
-                app.registry.host(),
-                catalog.digest
-            )
+            itms["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "shipperd"
+        );
+        let cs = fk
+            .objects
+            .get("/apis/operators.coreos.com/v1alpha1/namespaces/openshift-marketplace/catalogsources/cs-redhat-operator-index-v4-18")
+            .expect("one catalog");
+        assert_eq!(
+            cs["spec"]["image"],
+            format!("{}/redhat/redhat-operator-index:v4.18", app.registry.host())
         );
         assert!(
             fk.events
@@ -381,6 +426,28 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
     .await?;
     assert!(gone["metadata"]["deletionTimestamp"].is_string());
     assert!(app.bundle(&id).await?.is_none(), "ShipperD still has it");
+    {
+        // No published bundle needs them now: its contribution and the objects go.
+        let fk = fake.lock().unwrap();
+        for kind in [
+            "configmaps/shipperd-cluster-uid-1",
+            "imagetagmirrorsets/itms-operator-0",
+            "catalogsources/cs-redhat-operator-index-v4-18",
+        ] {
+            assert!(
+                fk.deleted.iter().any(|p| p.ends_with(kind)),
+                "{kind}: {:?}",
+                fk.deleted
+            );
+        }
+        assert!(
+            !fk.objects
+                .keys()
+                .any(|k| k.contains("mirrorsets") || k.contains("catalogsources")),
+            "{:?}",
+            fk.objects.keys()
+        );
+    }
     assert!(
         !DataDir::new(app.data.path())
             .bundle_dir(&BundleId::parse(&id)?)
@@ -1196,18 +1263,16 @@ async fn a_namespaced_bundle_never_changes_cluster_configuration() -> anyhow::Re
             .find(|e| e["reason"] == "ClusterResourcesNotAllowed")
             .unwrap_or_else(|| panic!("{name}: no Warning Event: {:#?}", fk.events));
         assert_eq!(refused["type"], "Warning");
+        assert_eq!(applied("/imagedigestmirrorsets/"), 0, "{:?}", fk.applied);
+        assert_eq!(applied("/catalogsources/"), 0);
+        let contributed = applied("/namespaces/shipperd/configmaps/shipperd-cluster-");
+        let note = refused["note"].as_str().unwrap();
         if name == "own" {
-            assert_eq!(applied("/imagedigestmirrorsets/"), 0, "{:?}", fk.applied);
-            assert_eq!(applied("/catalogsources/"), 0);
-            assert!(
-                refused["note"]
-                    .as_str()
-                    .unwrap()
-                    .contains("ClusterRegistryTarget")
-            );
+            assert_eq!(contributed, 0, "a namespace's target has no say");
+            assert!(note.contains("ClusterRegistryTarget"), "{note}");
         } else {
-            assert_eq!(applied("/imagedigestmirrorsets/"), 1, "{:?}", fk.applied);
-            assert!(refused["note"].as_str().unwrap().contains("tagMirrorSets"));
+            assert_eq!(contributed, 1, "{:?}", fk.applied);
+            assert!(note.contains("tagMirrorSets"), "{note}");
         }
         assert_eq!(done["status"]["phase"], "Published");
     }

@@ -1,7 +1,15 @@
-//! A published bundle's cluster resources (see [`crate::mirrors`]): worked out from its
-//! images (where each came from and landed; whether it is an operator catalog, which
-//! unpack noted from its config's labels), written to a ConfigMap the `Bundle` owns and
-//! names in its status, and applied (server-side apply) when the `Bundle` asks.
+//! A published bundle's cluster resources (see [`crate::mirrors`]), in two places:
+//!
+//! - beside the `Bundle`: a ConfigMap it owns (`<bundle>-cluster-resources`) shows what
+//!   the bundle alone would need, for the namespace's users and an admin to read;
+//! - cluster-wide, only for a bundle published through a `ClusterRegistryTarget` that
+//!   allows it ([`policy`]): its contribution (what it needs, as JSON) is kept in a
+//!   ConfigMap of the operator's own namespace (`shipperd-cluster-<uid>`, which no
+//!   tenant can edit), and [`converge`] merges every contribution (in the order the
+//!   bundles were received) into the one set of objects, named as oc-mirror v2 names
+//!   them, applies it (server-side apply) and deletes the objects of ours that no
+//!   contribution needs any more. A deleted `Bundle` takes its contribution with it;
+//!   a mirror another published bundle still needs stays.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +24,7 @@ use shipperd_state::StateStore;
 
 use crate::{
     crd::{Bundle, ClusterRegistryTarget},
-    mirrors::{ClusterResources, Landed, cluster_resources},
+    mirrors::{ClusterResources, Gathered, Landed, Meta, cluster_resources},
 };
 
 /// The field manager of everything the operator applies.
@@ -109,15 +117,11 @@ pub async fn policy(
     })
 }
 
-/// Writes `res` to `b`'s ConfigMap (owned by `b`), and applies them when `apply` (the
-/// bundle asks, and its target allows it), the ImageTagMirrorSet only with `itms`.
-/// Returns the ConfigMap's name.
+/// Writes `res` to `b`'s ConfigMap (owned by `b`). Returns the ConfigMap's name.
 pub async fn publish(
     client: &kube::Client,
     b: &Bundle,
     res: &ClusterResources,
-    apply: bool,
-    itms: bool,
 ) -> Result<String, kube::Error> {
     let ns = b.namespace().unwrap_or_default();
     let name = configmap_name(b);
@@ -139,53 +143,193 @@ pub async fn publish(
         &Patch::Apply(&v),
     )
     .await?;
-    if apply {
-        let mut res = res.clone();
-        if !itms {
-            res.tag_mirror_set = None;
-        }
-        apply_all(client, &res).await?;
-    }
     Ok(name)
 }
 
-/// Applies every resource (server-side apply). Mirror sets are new objects per bundle:
-/// none is edited in place.
-async fn apply_all(client: &kube::Client, res: &ClusterResources) -> Result<(), kube::Error> {
-    let gvk = |g: &str, v: &str, k: &str| ApiResource::from_gvk(&GroupVersionKind::gvk(g, v, k));
-    let pp = PatchParams::apply(MANAGER).force();
-    for set in [&res.digest_mirror_set, &res.tag_mirror_set]
-        .into_iter()
-        .flatten()
-    {
-        let ar = gvk("config.openshift.io", "v1", set.kind);
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-        let v = serde_json::to_value(set).expect("a mirror set serialises");
-        api.patch(&set.metadata.name, &pp, &Patch::Apply(&v))
-            .await?;
+/// The label of contributions.
+const CONTRIBUTION: &str = "shipperd.io/cluster-resources";
+/// The label of every cluster object the operator applies.
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by=shipperd";
+/// The key of a contribution's JSON.
+const GATHERED: &str = "gathered.json";
+
+fn contribution_name(b: &Bundle) -> String {
+    format!("shipperd-cluster-{}", b.uid().unwrap_or_default())
+}
+
+/// Keeps what bundle `b` (received `order`-th) needs cluster-wide, in the operator's
+/// namespace `own`.
+pub async fn contribute(
+    client: &kube::Client,
+    own: &str,
+    b: &Bundle,
+    order: u64,
+    gathered: &Gathered,
+) -> Result<(), kube::Error> {
+    let name = contribution_name(b);
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": own,
+            "labels": { CONTRIBUTION: "contribution", "app.kubernetes.io/managed-by": "shipperd" },
+            "annotations": {
+                "shipperd.io/bundle": format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
+                "shipperd.io/order": format!("{order:020}"),
+            },
+        },
+        "data": { GATHERED: serde_json::to_string(gathered).expect("gathered serialises") },
+    });
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), own);
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Forgets what bundle `b` needed cluster-wide (it is deleted); whether it had a say.
+pub async fn withdraw(client: &kube::Client, own: &str, b: &Bundle) -> Result<bool, kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), own);
+    match api.delete(&contribution_name(b), &Default::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
     }
-    for cs in &res.catalog_sources {
-        let ar = gvk("operators.coreos.com", "v1alpha1", "CatalogSource");
-        let ns = cs.metadata.namespace.clone().unwrap_or_default();
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
-        let v = serde_json::to_value(cs).expect("a CatalogSource serialises");
-        api.patch(&cs.metadata.name, &pp, &Patch::Apply(&v)).await?;
+}
+
+/// Applies what every contribution needs, merged in the order their bundles were
+/// received, and deletes our objects that none needs any more.
+pub async fn converge(client: &kube::Client, own: &str) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), own);
+    let lp = kube::api::ListParams::default().labels(&format!("{CONTRIBUTION}=contribution"));
+    let mut cms = api.list(&lp).await?.items;
+    cms.sort_by_key(|c| {
+        c.annotations()
+            .get("shipperd.io/order")
+            .cloned()
+            .unwrap_or_default()
+    });
+    let mut all = Gathered::default();
+    for cm in &cms {
+        match cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(GATHERED))
+            .map(|j| serde_json::from_str::<Gathered>(j))
+        {
+            Some(Ok(g)) => all.merge(g),
+            _ => tracing::warn!(configmap = %cm.name_any(), "an unreadable contribution; left out"),
+        }
+    }
+    let wanted = apply_all(client, &all.resources()).await?;
+    prune(client, &wanted).await
+}
+
+/// The kinds the operator applies: (group, version, kind).
+const KINDS: [(&str, &str, &str); 4] = [
+    ("config.openshift.io", "v1", "ImageDigestMirrorSet"),
+    ("config.openshift.io", "v1", "ImageTagMirrorSet"),
+    ("operators.coreos.com", "v1alpha1", "CatalogSource"),
+    ("updateservice.operator.openshift.io", "v1", "UpdateService"),
+];
+
+/// (kind, namespace, name) of an object.
+type ObjectKey = (String, String, String);
+
+fn dynamic(client: &kube::Client, ar: &ApiResource, ns: &str) -> Api<DynamicObject> {
+    if ns.is_empty() {
+        Api::all_with(client.clone(), ar)
+    } else {
+        Api::namespaced_with(client.clone(), ns, ar)
+    }
+}
+
+/// Deletes the objects of ours (labelled) that are not in `wanted`. A kind the cluster
+/// does not have is skipped.
+async fn prune(
+    client: &kube::Client,
+    wanted: &std::collections::BTreeSet<ObjectKey>,
+) -> Result<(), kube::Error> {
+    for (g, v, k) in KINDS {
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(g, v, k));
+        let lp = kube::api::ListParams::default().labels(MANAGED_BY);
+        let items = match Api::<DynamicObject>::all_with(client.clone(), &ar)
+            .list(&lp)
+            .await
+        {
+            Ok(l) => l.items,
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(e) => return Err(e),
+        };
+        for o in items {
+            let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            if wanted.contains(&(k.to_string(), ns.clone(), name.clone())) {
+                continue;
+            }
+            match dynamic(client, &ar, &ns)
+                .delete(&name, &Default::default())
+                .await
+            {
+                Ok(_) => tracing::info!(kind = k, %name, "removed: no published bundle needs it"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(())
 }
 
-/// The cluster resources of bundle `s`, worked out now (with an ImageTagMirrorSet
-/// when `tag_mirror_set`).
+/// Applies every resource (server-side apply); what it applied.
+async fn apply_all(
+    client: &kube::Client,
+    res: &ClusterResources,
+) -> Result<std::collections::BTreeSet<ObjectKey>, kube::Error> {
+    let pp = PatchParams::apply(MANAGER).force();
+    let mut objects: Vec<(serde_json::Value, &Meta)> = Vec::new();
+    for set in res.digest_mirror_sets.iter().chain(&res.tag_mirror_sets) {
+        objects.push((
+            serde_json::to_value(set).expect("serialises"),
+            &set.metadata,
+        ));
+    }
+    for cs in &res.catalog_sources {
+        objects.push((serde_json::to_value(cs).expect("serialises"), &cs.metadata));
+    }
+    if let Some(u) = &res.update_service {
+        objects.push((serde_json::to_value(u).expect("serialises"), &u.metadata));
+    }
+    let mut applied = std::collections::BTreeSet::new();
+    for (v, meta) in objects {
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let Some((g, ver, _)) = KINDS.iter().find(|(_, _, k)| *k == kind).copied() else {
+            continue;
+        };
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(g, ver, &kind));
+        let ns = meta.namespace.clone().unwrap_or_default();
+        dynamic(client, &ar, &ns)
+            .patch(&meta.name, &pp, &Patch::Apply(&v))
+            .await?;
+        applied.insert((kind, ns, meta.name.clone()));
+    }
+    Ok(applied)
+}
+
+/// What bundle `s` needs: its own resources (with ImageTagMirrorSets when `shown_tags`,
+/// for its ConfigMap), and its contribution to the cluster's (with them only when
+/// `applied_tags`).
 pub async fn resources(
     state: &StateStore,
     s: &BundleSummary,
-    tag_mirror_set: bool,
-) -> Result<ClusterResources, shipperd_bus::Error> {
+    shown_tags: bool,
+    applied_tags: bool,
+) -> Result<(ClusterResources, Gathered), shipperd_bus::Error> {
     let images = landed(state, s).await?;
-    Ok(cluster_resources(
-        &s.name,
-        s.id.as_str(),
-        &images,
-        tag_mirror_set,
-    ))
+    let has_catalog = images.iter().any(|i| i.catalog);
+    let mut contribution = Gathered::default();
+    contribution.add_bundle(images.iter().cloned(), has_catalog, applied_tags);
+    Ok((cluster_resources(&images, shown_tags), contribution))
 }

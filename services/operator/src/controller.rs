@@ -89,6 +89,12 @@ pub struct Context {
     woken: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Bundle>>>>,
     /// Failed reconciles in a row, by object: the next try waits longer.
     failures: Mutex<HashMap<String, u32>>,
+    /// The operator's namespace: where bundles' contributions to the cluster's
+    /// resources are kept (see [`crate::cluster`]).
+    pub own_namespace: String,
+    /// One change to the cluster's resources at a time (a converge reads every
+    /// contribution, then applies and prunes: two at once could prune each other's).
+    converging: tokio::sync::Mutex<()>,
 }
 
 impl Context {
@@ -115,6 +121,8 @@ impl Context {
             wake,
             woken: Mutex::new(Some(woken)),
             failures: Mutex::default(),
+            own_namespace: "default".into(),
+            converging: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -187,6 +195,7 @@ pub async fn run(
     let mut ctx = Context::new(client.clone(), Arc::new(store), state, config.fetch.clone());
     ctx.create_projects = config.create_projects;
     ctx.upload_namespace = config.upload_namespace.clone();
+    ctx.own_namespace = config.own_namespace.clone();
     if let Some(dir) = &config.import_dir {
         ctx.import_dir = dir.clone();
     }
@@ -782,13 +791,28 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
         // ClusterRegistryTarget that allows it: a namespace never changes nodes.
         let written = match crate::cluster::policy(&ctx.client, s.target.as_ref()).await {
             Ok(policy) => {
-                match crate::cluster::resources(&ctx.state, s, b.spec.tag_mirror_set).await {
-                    Ok(res) => {
-                        let apply = b.spec.apply_cluster_resources && policy.apply;
-                        crate::cluster::publish(&ctx.client, b, &res, apply, policy.tag_mirror_sets)
-                            .await
-                            .map(|name| (name, policy))
-                            .map_err(|e| e.to_string())
+                let apply = b.spec.apply_cluster_resources && policy.apply;
+                let tags = b.spec.tag_mirror_set;
+                match crate::cluster::resources(&ctx.state, s, tags, tags && policy.tag_mirror_sets)
+                    .await
+                {
+                    Ok((res, contribution)) => {
+                        let client = &ctx.client;
+                        let own = &ctx.own_namespace;
+                        let order = s.order.unwrap_or_default();
+                        async {
+                            let name = crate::cluster::publish(client, b, &res).await?;
+                            if apply {
+                                let _one = ctx.converging.lock().await;
+                                crate::cluster::contribute(client, own, b, order, &contribution)
+                                    .await?;
+                                crate::cluster::converge(client, own).await?;
+                            }
+                            Ok::<_, kube::Error>(name)
+                        }
+                        .await
+                        .map(|name| (name, policy))
+                        .map_err(|e| e.to_string())
                     }
                     Err(e) => Err(e.to_string()),
                 }
@@ -1179,8 +1203,15 @@ async fn record_phase(b: &Bundle, status: &BundleStatus, ctx: &Context) {
     }
 }
 
-/// A deleted `Bundle`: its stored file and state go (its images stay in the registry).
+/// A deleted `Bundle`: its stored file and state go (its images stay in the registry),
+/// and what it needed of the cluster, unless another published bundle needs it too.
 async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
+    {
+        let _one = ctx.converging.lock().await;
+        if crate::cluster::withdraw(&ctx.client, &ctx.own_namespace, b).await? {
+            crate::cluster::converge(&ctx.client, &ctx.own_namespace).await?;
+        }
+    }
     let uid = format!("{}/", b.uid().unwrap_or_default());
     ctx.fetches
         .lock()

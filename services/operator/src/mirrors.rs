@@ -1,20 +1,32 @@
-//! After a bundle's images land, the cluster resources that make the cluster use them:
-//! an `ImageDigestMirrorSet` (config.openshift.io/v1) mapping each source repository,
-//! or a whole namespace when every repository of it landed side by side, to where it
-//! landed; an `ImageTagMirrorSet` only when asked (applying one drains and reboots
-//! nodes); a `CatalogSource` for each operator catalog image.
+//! After bundles' images land, the cluster resources that make the cluster use them,
+//! as oc-mirror v2 writes them (`internal/pkg/clusterresources/`), so that a site moving
+//! between the two tools gets the same objects, not duplicates:
 //!
-//! Mirror sets are named after the bundle (its name and id), so each bundle gets new
-//! ones: an existing mirror set is never edited in place (editing one reboots nodes).
-//! A CatalogSource is named after the catalog and its tag, so a newer bundle of the
-//! same catalog moves it to the new digest. Everything is labelled
-//! `app.kubernetes.io/managed-by: shipperd` and `shipperd.io/bundle: <short id>`.
-//! Images named without a registry host (registry storage trees keep none; a bundle's
-//! tag-only names) have no source to mirror: they are left out, and said so.
+//! - `ImageDigestMirrorSet`s `idms-<category>-0` and `ImageTagMirrorSet`s
+//!   `itms-<category>-0`, one per category (`release`: OpenShift release payloads and
+//!   their components; `operator`: the images of a bundle that carries an operator
+//!   catalog; `generic`: the rest). An image named by digest (alone or with a tag), and
+//!   any release image, goes to the IDMS; an image named by tag goes to the ITMS. A
+//!   mirror is scoped to the source's namespace when the image landed under the same
+//!   path (`quay.io/a/b/c` at `reg/x/a/b/c`: `quay.io/a/b` → `reg/x/a/b`), else to its
+//!   repository. Catalog and graph images are in no mirror set.
+//! - A `CatalogSource` `cs-<repository>-<tag, or 12 hex digits of the digest>` in
+//!   `openshift-marketplace` for each operator catalog image (`sourceType: grpc`, the
+//!   image as it landed).
+//! - An `UpdateService` `update-service-oc-mirror` in `openshift-update-service` when a
+//!   bundle carries the graph data image (`openshift/graph-image`) and a release.
+//!
+//! [`Gathered`] takes the images of every published bundle (oldest first: a later
+//! bundle's catalog of the same name wins) and gives the one set of objects they need;
+//! the operator applies it and removes what no published bundle needs any more
+//! ([`crate::cluster`]). Everything is labelled `app.kubernetes.io/managed-by:
+//! shipperd`. Images named without a registry host (registry storage trees keep none; a
+//! bundle's tag-only names) have no source to mirror: they are left out, and said so.
+//! Release signatures are not carried into a ConfigMap yet.
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shipperd_model::{Digest, Reference};
 
 /// The label an operator catalog (file-based catalog) image carries in its config.
@@ -32,14 +44,33 @@ pub struct Landed {
     pub catalog: bool,
 }
 
-/// The generated resources of one bundle.
+/// Generated resources.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterResources {
-    pub digest_mirror_set: Option<MirrorSet>,
-    pub tag_mirror_set: Option<MirrorSet>,
+    pub digest_mirror_sets: Vec<MirrorSet>,
+    pub tag_mirror_sets: Vec<MirrorSet>,
     pub catalog_sources: Vec<CatalogSource>,
+    pub update_service: Option<UpdateService>,
     /// Images left out, and why.
     pub left_out: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateService {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub metadata: Meta,
+    pub spec: UpdateServiceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateServiceSpec {
+    pub replicas: u32,
+    /// The release repository (no tag).
+    pub releases: String,
+    pub graph_data_image: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -81,10 +112,8 @@ pub struct CatalogSource {
 #[serde(rename_all = "camelCase")]
 pub struct CatalogSourceSpec {
     pub source_type: &'static str,
-    /// By digest: what was published, whatever the tag does later.
+    /// As it landed: by tag when it was named by tag (as oc-mirror), else by digest.
     pub image: String,
-    pub display_name: String,
-    pub publisher: &'static str,
 }
 
 impl ClusterResources {
@@ -95,14 +124,14 @@ impl ClusterResources {
             out.push_str("---\n");
             out.push_str(&v.yaml());
         };
-        if let Some(m) = &self.digest_mirror_set {
-            doc(m);
-        }
-        if let Some(m) = &self.tag_mirror_set {
+        for m in self.digest_mirror_sets.iter().chain(&self.tag_mirror_sets) {
             doc(m);
         }
         for c in &self.catalog_sources {
             doc(c);
+        }
+        if let Some(u) = &self.update_service {
+            doc(u);
         }
         out
     }
@@ -138,128 +167,253 @@ fn slug(s: &str, max: usize) -> String {
     out
 }
 
-fn repo_of(r: &Reference) -> Option<String> {
-    r.host.as_ref().map(|h| format!("{h}/{}", r.repository))
+/// oc-mirror's mirror categories, each its own IDMS and ITMS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Category {
+    Release,
+    Operator,
+    Generic,
 }
 
-/// Splits `a/b/c` into (`a/b`, `c`).
-fn parent(repo: &str) -> Option<(&str, &str)> {
-    repo.rsplit_once('/')
+impl Category {
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Release => "release",
+            Category::Operator => "operator",
+            Category::Generic => "generic",
+        }
+    }
 }
 
-/// The resources for bundle `name` (id `id`) whose images landed as `images`; an
-/// `ImageTagMirrorSet` too when `with_tags`.
-pub fn cluster_resources(
-    name: &str,
-    id: &str,
-    images: &[Landed],
-    with_tags: bool,
-) -> ClusterResources {
-    let short = &id[..id.len().min(12)];
-    let base = format!("shipperd-{}-{short}", slug(name, 40));
-    let labels = BTreeMap::from([
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "shipperd".to_string(),
-        ),
-        ("shipperd.io/bundle".to_string(), short.to_string()),
-    ]);
-    let annotations = BTreeMap::from([
-        ("shipperd.io/bundle-id".to_string(), id.to_string()),
-        ("shipperd.io/bundle-name".to_string(), name.to_string()),
-    ]);
-    let mut out = ClusterResources::default();
+/// The repository of OpenShift's update graph data image, as oc-mirror builds it.
+const GRAPH_IMAGE: &str = "openshift/graph-image";
+/// Where OpenShift release payloads and their components come from.
+const RELEASE_NAMESPACE: &str = "openshift-release-dev/";
+const RELEASE_REPOSITORY: &str = "openshift-release-dev/ocp-release";
 
-    // Source repository → where it landed (one each: the mapping is a function).
-    let mut repos: BTreeMap<String, String> = BTreeMap::new();
-    for img in images {
-        match (repo_of(&img.source), repo_of(&img.target)) {
-            (Some(src), Some(dst)) => {
-                repos.insert(src, dst);
-            }
-            _ => out.left_out.push(format!(
+/// `source → mirrors` of one mirror set.
+type MirrorMap = BTreeMap<String, Vec<String>>;
+
+/// What published bundles need of the cluster, gathered bundle by bundle (and kept, per
+/// bundle, as JSON: see [`crate::cluster`]).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gathered {
+    digest: BTreeMap<Category, MirrorMap>,
+    tag: BTreeMap<Category, MirrorMap>,
+    /// CatalogSource name → the catalog image as it landed.
+    catalogs: BTreeMap<String, String>,
+    /// The release repository as it landed, and the graph image.
+    release: Option<String>,
+    graph: Option<String>,
+    /// Images left out, and why.
+    #[serde(skip)]
+    pub left_out: Vec<String>,
+}
+
+fn add_mirror(map: &mut MirrorMap, source: String, mirror: String) {
+    let mirrors = map.entry(source).or_default();
+    if !mirrors.contains(&mirror) {
+        mirrors.push(mirror);
+    }
+}
+
+/// oc-mirror's scope: the source's namespace when the image landed under the same path,
+/// else its repository; (source, mirror).
+fn scope(src_host: &str, src: &str, dst_host: &str, dst: &str) -> (String, String) {
+    let same_path = dst == src || dst.ends_with(&format!("/{src}"));
+    let ns = |host: &str, repo: &str| match repo.rsplit_once('/') {
+        Some((ns, _)) => format!("{host}/{ns}"),
+        None => host.to_string(),
+    };
+    if same_path {
+        (ns(src_host, src), ns(dst_host, dst))
+    } else {
+        (format!("{src_host}/{src}"), format!("{dst_host}/{dst}"))
+    }
+}
+
+impl Gathered {
+    /// Adds the images of one bundle (`has_catalog`: it carries an operator catalog, so
+    /// its other images, releases aside, are operators'; `with_tags`: its images named by
+    /// tag go to ImageTagMirrorSets).
+    pub fn add_bundle(
+        &mut self,
+        images: impl IntoIterator<Item = Landed>,
+        has_catalog: bool,
+        with_tags: bool,
+    ) {
+        for img in images {
+            self.add(img, has_catalog, with_tags);
+        }
+    }
+
+    fn add(&mut self, img: Landed, has_catalog: bool, with_tags: bool) {
+        let (Some(src_host), Some(dst_host)) = (&img.source.host, &img.target.host) else {
+            self.left_out.push(format!(
                 "{}: named without a registry host, so there is no source to mirror",
                 img.source
-            )),
-        }
-    }
-    // A namespace whose repositories (two or more) all landed side by side under one
-    // namespace is mirrored as a whole.
-    let mut by_parent: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
-    for (src, dst) in &repos {
-        if let Some((ns, leaf)) = parent(src) {
-            by_parent.entry(ns).or_default().push((leaf, dst));
-        }
-    }
-    let mut mirrors: BTreeMap<String, String> = BTreeMap::new();
-    let mut collapsed: Vec<&str> = Vec::new();
-    for (ns, members) in &by_parent {
-        let targets: Vec<Option<&str>> = members
-            .iter()
-            .map(|(leaf, dst)| parent(dst).and_then(|(dns, dleaf)| (dleaf == *leaf).then_some(dns)))
-            .collect();
-        let same = targets[0].is_some() && targets.iter().all(|t| *t == targets[0]);
-        // A namespace that is only a host (`quay.io`) is never mirrored whole.
-        if members.len() >= 2 && same && ns.contains('/') {
-            mirrors.insert(ns.to_string(), targets[0].unwrap_or_default().to_string());
-            collapsed.push(ns);
-        }
-    }
-    for (src, dst) in &repos {
-        let whole = parent(src).is_some_and(|(ns, _)| collapsed.contains(&ns));
-        if !whole {
-            mirrors.insert(src.clone(), dst.clone());
-        }
-    }
-    let list: Vec<Mirror> = mirrors
-        .into_iter()
-        .map(|(source, to)| Mirror {
-            source,
-            mirrors: vec![to],
-        })
-        .collect();
-    if !list.is_empty() {
-        let set = |kind: &'static str, key: &'static str| MirrorSet {
-            api_version: "config.openshift.io/v1",
-            kind,
-            metadata: Meta {
-                name: base.clone(),
-                namespace: None,
-                labels: labels.clone(),
-                annotations: annotations.clone(),
-            },
-            spec: BTreeMap::from([(key, list.clone())]),
+            ));
+            return;
         };
-        out.digest_mirror_set = Some(set("ImageDigestMirrorSet", "imageDigestMirrors"));
-        if with_tags {
-            out.tag_mirror_set = Some(set("ImageTagMirrorSet", "imageTagMirrors"));
+        let (src, dst) = (&img.source.repository, &img.target.repository);
+        let landed = match &img.source.tag {
+            Some(t) => format!("{dst_host}/{dst}:{t}"),
+            None => format!("{dst_host}/{dst}@{}", img.digest),
+        };
+        if img.catalog {
+            let leaf = dst.rsplit('/').next().unwrap_or(dst);
+            let suffix = match (&img.source.tag, &img.source.digest) {
+                (Some(t), _) => slug(&t.chars().take(12).collect::<String>(), 12),
+                (None, Some(d)) => d.hex().chars().take(12).collect(),
+                (None, None) => String::new(),
+            };
+            let suffix = if suffix.is_empty() {
+                "0".into()
+            } else {
+                suffix
+            };
+            let name = slug(&format!("cs-{leaf}-{suffix}"), 63);
+            self.catalogs.insert(name, landed);
+            return;
+        }
+        if src == GRAPH_IMAGE || src.ends_with(&format!("/{GRAPH_IMAGE}")) {
+            self.graph = Some(landed);
+            return;
+        }
+        let category = if src.starts_with(RELEASE_NAMESPACE) {
+            Category::Release
+        } else if has_catalog {
+            Category::Operator
+        } else {
+            Category::Generic
+        };
+        if src == RELEASE_REPOSITORY {
+            self.release = Some(format!("{dst_host}/{dst}"));
+        }
+        let (source, mirror) = scope(src_host, src, dst_host, dst);
+        if img.source.digest.is_some() || category == Category::Release {
+            add_mirror(
+                self.digest.entry(category).or_default(),
+                source.clone(),
+                mirror.clone(),
+            );
+        }
+        if with_tags && img.source.tag.is_some() {
+            add_mirror(self.tag.entry(category).or_default(), source, mirror);
         }
     }
 
-    for img in images.iter().filter(|i| i.catalog) {
-        let Some(dst) = repo_of(&img.target) else {
-            continue;
-        };
-        let leaf = img.source.repository.rsplit('/').next().unwrap_or_default();
-        let tag = img.source.tag.as_deref().unwrap_or("");
-        out.catalog_sources.push(CatalogSource {
-            api_version: "operators.coreos.com/v1alpha1",
-            kind: "CatalogSource",
-            metadata: Meta {
-                name: format!("shipperd-{}", slug(&format!("{leaf}-{tag}"), 53)),
-                namespace: Some(MARKETPLACE.into()),
-                labels: labels.clone(),
-                annotations: annotations.clone(),
-            },
-            spec: CatalogSourceSpec {
-                source_type: "grpc",
-                image: format!("{dst}@{}", img.digest),
-                display_name: img.source.to_string(),
-                publisher: "ShipperD",
-            },
-        });
+    /// Adds what another bundle, received later, needs: mirrors are united, a catalog
+    /// or release of the same name is the later one's.
+    pub fn merge(&mut self, later: Gathered) {
+        for (mine, theirs) in [(&mut self.digest, later.digest), (&mut self.tag, later.tag)] {
+            for (c, map) in theirs {
+                let to = mine.entry(c).or_default();
+                for (source, mirrors) in map {
+                    for m in mirrors {
+                        add_mirror(to, source.clone(), m);
+                    }
+                }
+            }
+        }
+        self.catalogs.extend(later.catalogs);
+        if later.release.is_some() {
+            self.release = later.release;
+        }
+        if later.graph.is_some() {
+            self.graph = later.graph;
+        }
     }
-    out
+
+    /// Whether nothing is needed.
+    pub fn is_empty(&self) -> bool {
+        self.digest.values().all(BTreeMap::is_empty)
+            && self.tag.values().all(BTreeMap::is_empty)
+            && self.catalogs.is_empty()
+            && self.graph.is_none()
+    }
+
+    /// The objects, labelled.
+    pub fn resources(&self) -> ClusterResources {
+        let meta = |name: String, namespace: Option<&str>| Meta {
+            name,
+            namespace: namespace.map(str::to_string),
+            labels: BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                "shipperd".to_string(),
+            )]),
+            annotations: BTreeMap::from([("createdBy".to_string(), "shipperd".to_string())]),
+        };
+        let sets = |maps: &BTreeMap<Category, MirrorMap>, kind: &'static str, prefix: &str, key| {
+            maps.iter()
+                .filter(|(_, m)| !m.is_empty())
+                .map(|(c, m)| MirrorSet {
+                    api_version: "config.openshift.io/v1",
+                    kind,
+                    metadata: meta(format!("{prefix}-{}-0", c.name()), None),
+                    spec: BTreeMap::from([(
+                        key,
+                        m.iter()
+                            .map(|(source, mirrors)| Mirror {
+                                source: source.clone(),
+                                mirrors: mirrors.clone(),
+                            })
+                            .collect(),
+                    )]),
+                })
+                .collect::<Vec<_>>()
+        };
+        ClusterResources {
+            digest_mirror_sets: sets(
+                &self.digest,
+                "ImageDigestMirrorSet",
+                "idms",
+                "imageDigestMirrors",
+            ),
+            tag_mirror_sets: sets(&self.tag, "ImageTagMirrorSet", "itms", "imageTagMirrors"),
+            catalog_sources: self
+                .catalogs
+                .iter()
+                .map(|(name, image)| CatalogSource {
+                    api_version: "operators.coreos.com/v1alpha1",
+                    kind: "CatalogSource",
+                    metadata: meta(name.clone(), Some(MARKETPLACE)),
+                    spec: CatalogSourceSpec {
+                        source_type: "grpc",
+                        image: image.clone(),
+                    },
+                })
+                .collect(),
+            update_service: match (&self.graph, &self.release) {
+                (Some(graph), Some(release)) => Some(UpdateService {
+                    api_version: "updateservice.operator.openshift.io/v1",
+                    kind: "UpdateService",
+                    metadata: meta(UPDATE_SERVICE.into(), Some(UPDATE_SERVICE_NAMESPACE)),
+                    spec: UpdateServiceSpec {
+                        replicas: 2,
+                        releases: release.clone(),
+                        graph_data_image: graph.clone(),
+                    },
+                }),
+                _ => None,
+            },
+            left_out: self.left_out.clone(),
+        }
+    }
+}
+
+/// The UpdateService's name and namespace, as oc-mirror's.
+pub const UPDATE_SERVICE: &str = "update-service-oc-mirror";
+pub const UPDATE_SERVICE_NAMESPACE: &str = "openshift-update-service";
+
+/// The resources of one bundle alone (what its ConfigMap shows); ImageTagMirrorSets only
+/// `with_tags`.
+pub fn cluster_resources(images: &[Landed], with_tags: bool) -> ClusterResources {
+    let mut g = Gathered::default();
+    let has_catalog = images.iter().any(|i| i.catalog);
+    g.add_bundle(images.iter().cloned(), has_catalog, with_tags);
+    g.resources()
 }
 
 #[cfg(test)]
