@@ -627,10 +627,17 @@ async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::
     })
     .await?;
     assert_eq!(ok, 200, "a lower-case scheme is a bearer token");
-    // One kept-alive connection from here on (the per-client cap is nearly full).
+    // One kept-alive connection from here on (the per-client cap is nearly full): its
+    // first request waits for the server to let go of the one just closed.
     let api = reqwest::Client::new();
+    let first = shipperd_tests::eventually("the slot let go", Duration::from_secs(5), || async {
+        let r = api.get(&list).bearer_auth("guess-0").send().await.ok()?;
+        Some(r.status())
+    })
+    .await?;
+    assert_eq!(first, 401);
 
-    for i in 0..shipperd_ingest::MAX_AUTH_FAILURES {
+    for i in 1..shipperd_ingest::MAX_AUTH_FAILURES {
         let r = api
             .get(&list)
             .bearer_auth(format!("guess-{i}"))

@@ -843,12 +843,15 @@ async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> 
     })
     .await?;
     let sink = WebhookSink::start().await?;
-    let hook = |name: &str, spec: Value| {
+    // Another namespace's webhook: it hears nothing of the upload namespace's bundles.
+    let other = WebhookSink::start().await?;
+    let hook_in = |ns: &str, name: &str, spec: Value| {
         json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "WebhookTarget",
-                "metadata": { "name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"),
                               "generation": 1, "resourceVersion": "1" },
                 "spec": spec })
     };
+    let hook = |name: &str, spec: Value| hook_in("ns", name, spec);
     let secret = base64::engine::general_purpose::STANDARD.encode("whsec_c2VjcmV0LWJ5dGVz");
     let state = Arc::new(Mutex::new(FakeTargets {
         webhooks: vec![
@@ -868,10 +871,19 @@ async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> 
                 json!({ "url": sink.url(),
                                      "signingSecret": { "name": "missing", "key": "secret" } }),
             ),
+            hook_in(
+                "team-b",
+                "theirs",
+                json!({ "url": other.url(), "signingSecret": { "name": "hook", "key": "secret" } }),
+            ),
         ],
         secrets: vec![
             json!({ "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                               "metadata": { "name": "hook", "namespace": "ns",
+                                            "labels": { "shipperd.io/credentials": "true" } },
+                              "data": { "secret": secret } }),
+            json!({ "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                              "metadata": { "name": "hook", "namespace": "team-b",
                                             "labels": { "shipperd.io/credentials": "true" } },
                               "data": { "secret": secret } }),
         ],
@@ -882,6 +894,7 @@ async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> 
         file: app.data.path().join("webhooks.toml"),
         secrets: app.data.path().join("config/webhooks"),
         watch_namespace: None,
+        upload_namespace: Some("ns".into()),
     });
     for name in ["chat", "ftp", "nosecret"] {
         let w = state
@@ -945,6 +958,17 @@ async fn webhook_targets_reach_notify_without_a_restart() -> anyhow::Result<()> 
     assert!(
         types.iter().all(|t| t == "io.shipperd.bundle.published"),
         "only the types asked for: {types:?}"
+    );
+    let file = std::fs::read_to_string(app.data.path().join("webhooks.toml"))?;
+    assert!(file.contains("namespace = \"team-b\""), "{file}");
+    assert!(
+        other.deliveries().is_empty(),
+        "team-b heard of another namespace's bundle: {:?}",
+        other
+            .deliveries()
+            .iter()
+            .map(|d| d.event_type().to_string())
+            .collect::<Vec<_>>()
     );
     Ok(())
 }

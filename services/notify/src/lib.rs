@@ -88,7 +88,54 @@ struct Target {
     key: Option<Vec<u8>>,
     /// Event types sent (empty: all).
     types: Vec<String>,
+    /// Only events of bundles this namespace brought in (see [`Owners`]).
+    scope: Option<Scope>,
     config: Config,
+}
+
+/// A namespace's webhook: the namespace, and how to learn whose a bundle is.
+struct Scope {
+    namespace: String,
+    owners: Arc<Owners>,
+}
+
+/// Whose each bundle is (`BundleSummary::owner`, or the upload namespace), read from
+/// the state once per bundle and kept (a bounded cache).
+pub struct Owners {
+    state: shipperd_state::StateStore,
+    upload_namespace: Option<String>,
+    known: std::sync::Mutex<lru::LruCache<String, Option<String>>>,
+}
+
+impl Owners {
+    fn new(state: shipperd_state::StateStore, upload_namespace: Option<String>) -> Self {
+        Owners {
+            state,
+            upload_namespace,
+            known: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).expect("not zero"),
+            )),
+        }
+    }
+
+    /// The namespace bundle `id` belongs to (`None`: none known; such events go to no
+    /// namespace's webhook).
+    async fn of(&self, id: &str) -> Option<String> {
+        if let Some(o) = self.known.lock().expect("not poisoned").get(id) {
+            return o.clone();
+        }
+        let bundle = shipperd_model::BundleId::parse(id).ok()?;
+        let owner = match self.state.summary(&bundle).await {
+            Ok(Some(s)) => s.owner.or_else(|| self.upload_namespace.clone()),
+            // Gone, or unreadable now: not cached, and not sent.
+            _ => return None,
+        };
+        self.known
+            .lock()
+            .expect("not poisoned")
+            .put(id.to_string(), owner.clone());
+        owner
+    }
 }
 
 /// One webhook of a webhooks file.
@@ -102,23 +149,41 @@ pub struct WebhookSpec {
     /// Event types to send (e.g. `io.shipperd.bundle.published`); empty: all.
     #[serde(default)]
     pub types: Vec<String>,
+    /// A namespace's webhook (a `WebhookTarget`): only events of bundles that namespace
+    /// brought in. None: every event (the admin's).
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WebhooksFile {
+    /// The namespace bundles of the ingest endpoint and drop directory belong to.
+    #[serde(default)]
+    upload_namespace: Option<String>,
     #[serde(default)]
     webhook: Vec<WebhookSpec>,
+}
+
+/// A running webhook's key: a namespace's and the admin's webhook to the same URL are
+/// two.
+fn key_of(spec: &WebhookSpec) -> String {
+    match &spec.namespace {
+        Some(ns) => format!("{ns}/{}", spec.url),
+        None => spec.url.clone(),
+    }
 }
 
 /// A webhook of the file, with its signing key (read from its `secret_file`).
 pub type Webhook = (WebhookSpec, Option<Vec<u8>>);
 
-/// Reads a webhooks file: each webhook with its secret (read now) and types.
-pub fn read_webhooks(path: &std::path::Path) -> Result<Vec<Webhook>, String> {
+/// Reads a webhooks file: each webhook with its secret (read now) and types, and the
+/// upload namespace.
+pub fn read_webhooks(path: &std::path::Path) -> Result<(Vec<Webhook>, Option<String>), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let file: WebhooksFile =
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let uploads = file.upload_namespace;
     file.webhook
         .into_iter()
         .map(|w| {
@@ -135,13 +200,15 @@ pub fn read_webhooks(path: &std::path::Path) -> Result<Vec<Webhook>, String> {
             };
             Ok((w, key))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .map(|w| (w, uploads))
 }
 
 /// A started notify service.
 pub struct Notify {
     targets: Vec<(Arc<Target>, async_nats::jetstream::consumer::PullConsumer)>,
     bus: Bus,
+    state: shipperd_state::StateStore,
     http: reqwest::Client,
     config: Config,
 }
@@ -186,24 +253,27 @@ impl Notify {
                 http: http.clone(),
                 key: config.secret.as_ref().map(|s| sign::key(s.expose())),
                 types: Vec::new(),
+                scope: None,
                 config: config.clone(),
             };
             targets.push((Arc::new(target), consumer));
         }
+        let state = shipperd_state::StateStore::open(&bus).await?;
         Ok(Notify {
             targets,
+            state,
             bus,
             http,
             config,
         })
     }
 
-    async fn consumer(&self, url: &str) -> Result<async_nats::jetstream::consumer::PullConsumer> {
+    async fn consumer(&self, key: &str) -> Result<async_nats::jetstream::consumer::PullConsumer> {
         Ok(self
             .bus
             .consumer(&ConsumerSpec {
                 stream: EVENTS_STREAM,
-                durable: consumer_name(url),
+                durable: consumer_name(key),
                 filter: EVENTS_SUBJECTS.into(),
                 ack_wait: self.config.timeout + Duration::from_secs(30),
                 max_deliver: self.config.max_deliver,
@@ -219,6 +289,7 @@ impl Notify {
         type Running = (WebhookSpec, Option<Vec<u8>>, CancellationToken);
         let mut running: std::collections::HashMap<String, Running> = Default::default();
         let mut last: Option<Vec<u8>> = None;
+        let mut owners: Option<Arc<Owners>> = None;
         while !shutdown.is_cancelled() {
             let raw = std::fs::read(&path).ok();
             if raw != last {
@@ -227,8 +298,20 @@ impl Notify {
                     Err(error) => {
                         tracing::warn!(%error, "the webhooks file does not parse; keeping the webhooks read before")
                     }
-                    Ok(wanted) => {
-                        let urls: Vec<String> = wanted.iter().map(|(w, _)| w.url.clone()).collect();
+                    Ok((wanted, uploads)) => {
+                        if owners
+                            .as_ref()
+                            .is_none_or(|o: &Arc<Owners>| o.upload_namespace != uploads)
+                        {
+                            // Another upload namespace: every webhook starts again with it.
+                            running.retain(|_, (_, _, stop)| {
+                                stop.cancel();
+                                false
+                            });
+                            owners = Some(Arc::new(Owners::new(self.state.clone(), uploads)));
+                        }
+                        let owners = owners.clone().expect("set above");
+                        let urls: Vec<String> = wanted.iter().map(|(w, _)| key_of(w)).collect();
                         running.retain(|url, (_, _, stop)| {
                             let keep = urls.contains(url);
                             if !keep {
@@ -237,13 +320,14 @@ impl Notify {
                             keep
                         });
                         for (spec, key) in wanted {
-                            if let Some((w, k, stop)) = running.get(&spec.url) {
+                            let id = key_of(&spec);
+                            if let Some((w, k, stop)) = running.get(&id) {
                                 if *w == spec && *k == key {
                                     continue;
                                 }
                                 stop.cancel();
                             }
-                            match self.consumer(&spec.url).await {
+                            match self.consumer(&id).await {
                                 Ok(consumer) => {
                                     let stop = shutdown.child_token();
                                     let target = Arc::new(Target {
@@ -251,11 +335,15 @@ impl Notify {
                                         http: self.http.clone(),
                                         key: key.clone(),
                                         types: spec.types.clone(),
+                                        scope: spec.namespace.clone().map(|namespace| Scope {
+                                            namespace,
+                                            owners: owners.clone(),
+                                        }),
                                         config: self.config.clone(),
                                     });
-                                    tracing::info!(url = %redact(&spec.url), types = ?spec.types, "webhook started");
+                                    tracing::info!(url = %redact(&spec.url), namespace = ?spec.namespace, types = ?spec.types, "webhook started");
                                     tokio::spawn(serve_target(target, consumer, stop.clone()));
-                                    running.insert(spec.url.clone(), (spec, key, stop));
+                                    running.insert(id, (spec, key, stop));
                                 }
                                 Err(error) => {
                                     tracing::warn!(%error, "cannot start a webhook; will try again");
@@ -322,6 +410,12 @@ async fn deliver(target: &Target, msg: Message) {
         }
     };
     if !target.types.is_empty() && !target.types.iter().any(|t| t == event.kind.type_name()) {
+        return pull::settle(&msg, Outcome::Ack).await;
+    }
+    // A namespace's webhook hears only of its own bundles.
+    if let Some(scope) = &target.scope
+        && scope.owners.of(&event.subject).await.as_deref() != Some(scope.namespace.as_str())
+    {
         return pull::settle(&msg, Outcome::Ack).await;
     }
     let span = tracing::info_span!("notify", event = %event.id, target = %redact(&target.url));

@@ -213,6 +213,7 @@ pub async fn run(
         file: config.webhooks_output.clone(),
         secrets: config.data_dir.root().join("config/webhooks"),
         watch_namespace: config.namespace.clone(),
+        upload_namespace: config.upload_namespace.clone(),
     });
     match &config.leader {
         Some((namespace, settings)) => {

@@ -5,7 +5,8 @@
 //! entry and file go with the next render (deletions trigger one). One that cannot be
 //! used (a URL that is not http(s), a missing or unlabelled Secret, a missing key) gets
 //! `Ready=False` with the reason and stays out. URLs are shown as `scheme://host` in
-//! status and logs (a URL's path may be its secret).
+//! status and logs (a URL's path may be its secret). Each webhook is written with its
+//! namespace: notify sends it only events of bundles that namespace brought in.
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
@@ -30,6 +31,8 @@ pub struct WebhooksContext {
     pub secrets: PathBuf,
     /// Only this namespace's targets (`None`: every namespace's).
     pub watch_namespace: Option<String>,
+    /// The namespace bundles of the ingest endpoint and drop directory belong to.
+    pub upload_namespace: Option<String>,
 }
 
 type Verdict = Result<(), (&'static str, String)>;
@@ -44,8 +47,12 @@ pub async fn render(ctx: &WebhooksContext) -> Result<BTreeMap<(String, String), 
     let mut all = api.list(&ListParams::default()).await?.items;
     all.sort_by_key(|t| (t.namespace(), t.name_any()));
     let mut text = String::from(
-        "# Written by shipperd operator from WebhookTarget resources; edits are replaced.\n",
+        "# Written by shipperd operator from WebhookTarget resources; edits are replaced.\n\
+         # Each webhook hears only of the bundles its namespace brought in.\n",
     );
+    if let Some(u) = &ctx.upload_namespace {
+        text.push_str(&format!("upload_namespace = {}\n", lit(u)));
+    }
     let mut verdicts = BTreeMap::new();
     let mut keep = std::collections::BTreeSet::new();
     for t in &all {
@@ -73,7 +80,8 @@ pub async fn render(ctx: &WebhooksContext) -> Result<BTreeMap<(String, String), 
                         let path = dir.join("secret");
                         write_file(&path, &secret.0)?;
                         text.push_str(&format!(
-                            "\n[[webhook]]\nurl = {}\nsecret_file = {}\ntypes = [{}]\n",
+                            "\n[[webhook]]\nnamespace = {}\nurl = {}\nsecret_file = {}\ntypes = [{}]\n",
+                            lit(&ns),
                             lit(&spec.url),
                             lit(&path.display().to_string()),
                             spec.types
