@@ -275,7 +275,19 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
         "v4.18",
         json!({ "operators.operatorframework.io.index.configs.v1": "/configs" }),
     );
-    let bytes = tar_bytes(&layout.oci_files(""))?;
+    // It carries a release signature where oc-mirror keeps them, and a file that is not
+    // one beside it.
+    let sig_hex = "ab".repeat(32);
+    let mut files = layout.oci_files("");
+    files.push((
+        format!("working-dir/signatures/4.18.1-x86_64-sha256-{sig_hex}"),
+        b"a signature".to_vec(),
+    ));
+    files.push((
+        "working-dir/signatures/README".into(),
+        b"not a signature".to_vec(),
+    ));
+    let bytes = tar_bytes(&files)?;
     let id = sha256(&bytes)[7..].to_string();
     // The file server cuts its first answer half-way; the fetch resumes with Range.
     let served = Arc::new(bytes.clone());
@@ -407,6 +419,25 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
             cs["spec"]["image"],
             format!("{}/redhat/redhat-operator-index:v4.18", app.registry.host())
         );
+        // The release signature, where OpenShift looks for it (as oc-mirror writes it).
+        let sigs = fk
+            .objects
+            .get("/api/v1/namespaces/openshift-config-managed/configmaps/mirrored-release-signatures")
+            .expect("the signatures' ConfigMap");
+        assert_eq!(
+            sigs["metadata"]["labels"]["release.openshift.io/verification-signatures"],
+            ""
+        );
+        {
+            use base64::Engine as _;
+            let data = sigs["binaryData"].as_object().unwrap();
+            assert_eq!(data.len(), 1, "{data:?}");
+            let sig = data[&format!("sha256-{sig_hex}-1")].as_str().unwrap();
+            assert_eq!(
+                base64::engine::general_purpose::STANDARD.decode(sig)?,
+                b"a signature"
+            );
+        }
         assert!(
             fk.events
                 .iter()
@@ -433,6 +464,7 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
             "configmaps/shipperd-cluster-uid-1",
             "imagetagmirrorsets/itms-operator-0",
             "catalogsources/cs-redhat-operator-index-v4-18",
+            "openshift-config-managed/configmaps/mirrored-release-signatures",
         ] {
             assert!(
                 fk.deleted.iter().any(|p| p.ends_with(kind)),

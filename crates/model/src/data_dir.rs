@@ -91,6 +91,12 @@ impl DataDir {
         self.bundle_dir(id).join("catalog.json")
     }
 
+    /// The release signatures a bundle carries (oc-mirror's `working-dir/signatures/`),
+    /// taken out by unpack: `<tag>-sha256-<hex>` files.
+    pub fn signatures(&self, id: &BundleId) -> PathBuf {
+        self.bundle_dir(id).join("signatures")
+    }
+
     pub fn plans(&self, id: &BundleId) -> PathBuf {
         self.bundle_dir(id).join("plans")
     }

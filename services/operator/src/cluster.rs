@@ -24,7 +24,7 @@ use shipperd_state::StateStore;
 
 use crate::{
     crd::{Bundle, ClusterRegistryTarget},
-    mirrors::{ClusterResources, Gathered, Landed, Meta, cluster_resources},
+    mirrors::{ClusterResources, Gathered, Landed, Meta},
 };
 
 /// The field manager of everything the operator applies.
@@ -229,12 +229,25 @@ pub async fn converge(client: &kube::Client, own: &str) -> Result<(), kube::Erro
     prune(client, &wanted).await
 }
 
-/// The kinds the operator applies: (group, version, kind).
-const KINDS: [(&str, &str, &str); 4] = [
-    ("config.openshift.io", "v1", "ImageDigestMirrorSet"),
-    ("config.openshift.io", "v1", "ImageTagMirrorSet"),
-    ("operators.coreos.com", "v1alpha1", "CatalogSource"),
-    ("updateservice.operator.openshift.io", "v1", "UpdateService"),
+/// The kinds the operator applies: (group, version, kind, the only namespace it uses
+/// them in, if one).
+const KINDS: [(&str, &str, &str, Option<&str>); 5] = [
+    ("config.openshift.io", "v1", "ImageDigestMirrorSet", None),
+    ("config.openshift.io", "v1", "ImageTagMirrorSet", None),
+    ("operators.coreos.com", "v1alpha1", "CatalogSource", None),
+    (
+        "updateservice.operator.openshift.io",
+        "v1",
+        "UpdateService",
+        None,
+    ),
+    // Only the signatures' ConfigMap: contributions are ConfigMaps too, elsewhere.
+    (
+        "",
+        "v1",
+        "ConfigMap",
+        Some(crate::mirrors::SIGNATURES_NAMESPACE),
+    ),
 ];
 
 /// (kind, namespace, name) of an object.
@@ -254,10 +267,10 @@ async fn prune(
     client: &kube::Client,
     wanted: &std::collections::BTreeSet<ObjectKey>,
 ) -> Result<(), kube::Error> {
-    for (g, v, k) in KINDS {
+    for (g, v, k, only) in KINDS {
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(g, v, k));
         let lp = kube::api::ListParams::default().labels(MANAGED_BY);
-        let items = match Api::<DynamicObject>::all_with(client.clone(), &ar)
+        let items = match dynamic(client, &ar, only.unwrap_or_default())
             .list(&lp)
             .await
         {
@@ -302,10 +315,13 @@ async fn apply_all(
     if let Some(u) = &res.update_service {
         objects.push((serde_json::to_value(u).expect("serialises"), &u.metadata));
     }
+    if let Some(c) = &res.signatures {
+        objects.push((serde_json::to_value(c).expect("serialises"), &c.metadata));
+    }
     let mut applied = std::collections::BTreeSet::new();
     for (v, meta) in objects {
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
-        let Some((g, ver, _)) = KINDS.iter().find(|(_, _, k)| *k == kind).copied() else {
+        let Some((g, ver, _, _)) = KINDS.iter().find(|(_, _, k, _)| *k == kind).copied() else {
             continue;
         };
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(g, ver, &kind));
@@ -323,13 +339,39 @@ async fn apply_all(
 /// `applied_tags`).
 pub async fn resources(
     state: &StateStore,
+    data: &shipperd_model::DataDir,
     s: &BundleSummary,
     shown_tags: bool,
     applied_tags: bool,
 ) -> Result<(ClusterResources, Gathered), shipperd_bus::Error> {
     let images = landed(state, s).await?;
     let has_catalog = images.iter().any(|i| i.catalog);
+    let signatures = signatures(data, &s.id);
+    let files = signatures.iter().map(|(n, b)| (n.as_str(), b.as_slice()));
     let mut contribution = Gathered::default();
     contribution.add_bundle(images.iter().cloned(), has_catalog, applied_tags);
-    Ok((cluster_resources(&images, shown_tags), contribution))
+    contribution.add_signatures(files.clone());
+    let mut alone = Gathered::default();
+    alone.add_bundle(images.iter().cloned(), has_catalog, shown_tags);
+    alone.add_signatures(files);
+    Ok((alone.resources(), contribution))
+}
+
+/// The release signatures unpack took out of bundle `id` (file name, bytes).
+fn signatures(
+    data: &shipperd_model::DataDir,
+    id: &shipperd_model::BundleId,
+) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(data.signatures(id))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let bytes = std::fs::read(e.path()).ok()?;
+            Some((name, bytes))
+        })
+        .collect();
+    out.sort();
+    out
 }

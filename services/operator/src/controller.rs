@@ -794,8 +794,15 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
             Ok(policy) => {
                 let apply = b.spec.apply_cluster_resources && policy.apply;
                 let tags = b.spec.tag_mirror_set;
-                match crate::cluster::resources(&ctx.state, s, tags, tags && policy.tag_mirror_sets)
-                    .await
+                let data = ctx.store.data();
+                match crate::cluster::resources(
+                    &ctx.state,
+                    data,
+                    s,
+                    tags,
+                    tags && policy.tag_mirror_sets,
+                )
+                .await
                 {
                     Ok((res, contribution)) => {
                         let client = &ctx.client;

@@ -22,7 +22,9 @@
 //! ([`crate::cluster`]). Everything is labelled `app.kubernetes.io/managed-by:
 //! shipperd`. Images named without a registry host (registry storage trees keep none; a
 //! bundle's tag-only names) have no source to mirror: they are left out, and said so.
-//! Release signatures are not carried into a ConfigMap yet.
+//! - The ConfigMap `mirrored-release-signatures` in `openshift-config-managed` (label
+//!   `release.openshift.io/verification-signatures`) with the release signatures the
+//!   bundles carry (oc-mirror's `working-dir/signatures/`, which unpack keeps).
 
 use std::collections::BTreeMap;
 
@@ -51,8 +53,19 @@ pub struct ClusterResources {
     pub tag_mirror_sets: Vec<MirrorSet>,
     pub catalog_sources: Vec<CatalogSource>,
     pub update_service: Option<UpdateService>,
+    pub signatures: Option<SignatureConfigMap>,
     /// Images left out, and why.
     pub left_out: Vec<String>,
+}
+
+/// The ConfigMap of release signatures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignatureConfigMap {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub metadata: Meta,
+    pub binary_data: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -133,6 +146,9 @@ impl ClusterResources {
         if let Some(u) = &self.update_service {
             doc(u);
         }
+        if let Some(c) = &self.signatures {
+            doc(c);
+        }
         out
     }
 }
@@ -206,6 +222,10 @@ pub struct Gathered {
     /// The release repository as it landed, and the graph image.
     release: Option<String>,
     graph: Option<String>,
+    /// Release signatures the bundles carry: the signed digest's hex → the signature
+    /// (base64).
+    #[serde(default)]
+    signatures: BTreeMap<String, String>,
     /// Images left out, and why.
     #[serde(skip)]
     pub left_out: Vec<String>,
@@ -318,6 +338,7 @@ impl Gathered {
             }
         }
         self.catalogs.extend(later.catalogs);
+        self.signatures.extend(later.signatures);
         if later.release.is_some() {
             self.release = later.release;
         }
@@ -332,6 +353,21 @@ impl Gathered {
             && self.tag.values().all(BTreeMap::is_empty)
             && self.catalogs.is_empty()
             && self.graph.is_none()
+            && self.signatures.is_empty()
+    }
+
+    /// Adds release signatures: files `<tag>-sha256-<hex>` (as oc-mirror's
+    /// `working-dir/signatures/`).
+    pub fn add_signatures<'a>(&mut self, files: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
+        use base64::Engine as _;
+        for (name, bytes) in files {
+            if let Some((_, hex)) = name.rsplit_once("-sha256-") {
+                self.signatures.insert(
+                    hex.to_string(),
+                    base64::engine::general_purpose::STANDARD.encode(bytes),
+                );
+            }
+        }
     }
 
     /// The objects, labelled.
@@ -398,10 +434,36 @@ impl Gathered {
                 }),
                 _ => None,
             },
+            signatures: (!self.signatures.is_empty()).then(|| SignatureConfigMap {
+                api_version: "v1",
+                kind: "ConfigMap",
+                metadata: Meta {
+                    labels: BTreeMap::from([
+                        (SIGNATURES_LABEL.to_string(), String::new()),
+                        (
+                            "app.kubernetes.io/managed-by".to_string(),
+                            "shipperd".to_string(),
+                        ),
+                    ]),
+                    ..meta(SIGNATURES_CONFIGMAP.into(), Some(SIGNATURES_NAMESPACE))
+                },
+                // oc-mirror's keys: `sha256-<hex>-<n>`, n from 1.
+                binary_data: self
+                    .signatures
+                    .iter()
+                    .zip(1..)
+                    .map(|((hex, sig), n)| (format!("sha256-{hex}-{n}"), sig.clone()))
+                    .collect(),
+            }),
             left_out: self.left_out.clone(),
         }
     }
 }
+
+/// Where OpenShift reads mirrored release signatures, as oc-mirror writes them.
+pub const SIGNATURES_CONFIGMAP: &str = "mirrored-release-signatures";
+pub const SIGNATURES_NAMESPACE: &str = "openshift-config-managed";
+pub const SIGNATURES_LABEL: &str = "release.openshift.io/verification-signatures";
 
 /// The UpdateService's name and namespace, as oc-mirror's.
 pub const UPDATE_SERVICE: &str = "update-service-oc-mirror";

@@ -85,6 +85,8 @@ const EXPECTED: &str = include_str!("mirrors.expected.yaml");
 fn gathered(with_tags: bool) -> Gathered {
     let mut g = Gathered::default();
     g.add_bundle(release(), false, with_tags);
+    let sig = format!("4.18.1-x86_64-sha256-{}", "cd".repeat(32));
+    g.add_signatures([(sig.as_str(), b"a signature".as_slice())]);
     g.add_bundle(operators("v4.18"), true, with_tags);
     g.add_bundle(generic(), false, with_tags);
     g

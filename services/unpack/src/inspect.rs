@@ -161,6 +161,7 @@ pub fn inspect(
         limits: limits.clone(),
     };
     catalog.save(data, id)?;
+    save_signatures(fs, data, id)?;
     Ok(Inventory {
         format: opened.format,
         blob_count: check.needed.len() as u64,
@@ -169,6 +170,80 @@ pub fn inspect(
         referrers: check.referrers,
         images,
     })
+}
+
+/// Where oc-mirror keeps release signatures in its archives (`working-dir/` at the root,
+/// or below a prefix).
+const SIGNATURES_DIR: &str = "working-dir/signatures/";
+/// At most this many signature files are taken from a bundle, each at most this long:
+/// a release's signature is a few KiB.
+const MAX_SIGNATURES: usize = 256;
+const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
+
+/// Whether `name` is a signature file's name: `<tag>-sha256-<64 hex>`, of plain
+/// characters (it becomes a file name, then a ConfigMap key).
+pub fn signature_name(name: &str) -> bool {
+    let Some((tag, hex)) = name.rsplit_once("-sha256-") else {
+        return false;
+    };
+    (1..=128).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Copies the release signatures the bundle carries (oc-mirror's
+/// `working-dir/signatures/<tag>-sha256-<hex>`) beside it, for the operator's
+/// `mirrored-release-signatures` ConfigMap. Bounded in number and size; anything else
+/// under that directory is ignored.
+fn save_signatures(fs: &dyn BundleFs, data: &DataDir, id: &BundleId) -> Result<()> {
+    let mut names: Vec<(&str, &str)> = fs
+        .files()
+        .into_iter()
+        .filter_map(|path| {
+            let at = path.find(SIGNATURES_DIR)?;
+            if at > 0 && !path[..at].ends_with('/') {
+                return None;
+            }
+            let name = &path[at + SIGNATURES_DIR.len()..];
+            signature_name(name).then_some((path, name))
+        })
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    names.dedup_by(|a, b| a.1 == b.1);
+    if names.len() > MAX_SIGNATURES {
+        tracing::warn!(
+            found = names.len(),
+            kept = MAX_SIGNATURES,
+            "more release signatures than expected; keeping the first"
+        );
+        names.truncate(MAX_SIGNATURES);
+    }
+    let dir = data.signatures(id);
+    let io = |p: &std::path::Path| {
+        let path = p.display().to_string();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    for (path, name) in names {
+        match fs.read_small(path, MAX_SIGNATURE_BYTES) {
+            Ok(bytes) => {
+                let to = dir.join(name);
+                std::fs::write(&to, bytes).map_err(io(&to))?;
+            }
+            Err(error) => {
+                tracing::warn!(%error, path, "a release signature is not readable; left out")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Walks images one by one, looking each distinct blob up once.
@@ -286,6 +361,27 @@ impl Checker<'_> {
         match self.paths.get(digest) {
             Some(p) => Ok(self.fs.locate(&p)?.0),
             None => Ok(Location::Absent),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signature_files_are_named_as_oc_mirror_names_them() {
+        let hex = "ab".repeat(32);
+        assert!(super::signature_name(&format!(
+            "4.18.1-x86_64-sha256-{hex}"
+        )));
+        for bad in [
+            format!("../x-sha256-{hex}"),
+            format!("a/b-sha256-{hex}"),
+            format!("-sha256-{hex}"),
+            format!("4.18-sha256-{}", "AB".repeat(32)),
+            "4.18-sha256-abc".to_string(),
+            "notes".to_string(),
+        ] {
+            assert!(!super::signature_name(&bad), "{bad}");
         }
     }
 }
