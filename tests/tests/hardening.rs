@@ -109,8 +109,16 @@ async fn a_bundle_deleted_while_it_is_unpacked_leaves_nothing() -> anyhow::Resul
         bytes_under(&data.join("bundles")) + bytes_under(&data.join("cas"))
     );
     assert!(refs.is_empty(), "{refs:?}");
-    // And stays so: no late write of the unpack brings anything back.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(bytes_under(&data.join("bundles")) + bytes_under(&data.join("cas")) <= before);
+    // And stays so: what the unpack still wrote before it saw the deletion (it looks
+    // every second, between reads) goes too, and nothing comes back after.
+    let size = || bytes_under(&data.join("bundles")) + bytes_under(&data.join("cas"));
+    let settled =
+        shipperd_tests::eventually("nothing coming back", Duration::from_secs(30), || async {
+            let first = size();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            (first <= before && size() <= before).then_some(())
+        })
+        .await;
+    assert!(settled.is_ok(), "{} bytes came back", size());
     app.stop().await
 }
