@@ -375,3 +375,32 @@ fn signatures(
     out.sort();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Policy;
+
+    #[test]
+    fn a_refusal_says_what_would_allow_it() {
+        let none = Policy::default();
+        assert!(
+            none.why_not()
+                .contains("ClusterRegistryTarget that allows it")
+        );
+        let closed = Policy {
+            cluster_target: Some("shared".into()),
+            ..Policy::default()
+        };
+        assert!(
+            closed
+                .why_not()
+                .contains("shared does not allow it (clusterResources.apply)")
+        );
+        let no_itms = Policy {
+            cluster_target: Some("shared".into()),
+            apply: true,
+            tag_mirror_sets: false,
+        };
+        assert!(no_itms.why_not().contains("tagMirrorSets"));
+    }
+}

@@ -130,10 +130,7 @@ impl Context {
     /// namespace that brought it in, or, for a bundle that came through the ingest
     /// endpoint or the drop directory, the upload namespace.
     pub fn may_follow(&self, ns: &str, s: &BundleSummary) -> bool {
-        match &s.owner {
-            Some(owner) => owner == ns,
-            None => self.upload_namespace.as_deref() == Some(ns),
-        }
+        follows(ns, s.owner.as_deref(), self.upload_namespace.as_deref())
     }
 
     fn fetch_state(&self, uid: &str) -> Option<Fetch> {
@@ -145,6 +142,15 @@ impl Context {
             .lock()
             .expect("not poisoned")
             .insert(uid.to_string(), f);
+    }
+}
+
+/// Whether a `Bundle` of namespace `ns` may follow a bundle `owner` brought in (`None`:
+/// the ingest endpoint or drop directory, which act for `uploads`).
+fn follows(ns: &str, owner: Option<&str>, uploads: Option<&str>) -> bool {
+    match owner {
+        Some(owner) => owner == ns,
+        None => uploads == Some(ns),
     }
 }
 
@@ -911,9 +917,15 @@ fn target_of(b: &Bundle) -> Result<Option<TargetName>, String> {
         (Some(t), None) => TargetName::namespaced(&ns, t)
             .map(Some)
             .map_err(|e| format!("spec.target: {e}")),
-        (None, Some(t)) => TargetName::parse(t)
-            .map(Some)
-            .map_err(|e| format!("spec.clusterTarget: {e}")),
+        (None, Some(t)) => match TargetName::parse(t) {
+            // `<namespace>/<name>` is a namespace's target: never through this field.
+            Ok(name) if name.namespace().is_some() => Err(format!(
+                "spec.clusterTarget: {t:?} names a namespace's target; a ClusterRegistryTarget \
+                 has a plain name"
+            )),
+            Ok(name) => Ok(Some(name)),
+            Err(e) => Err(format!("spec.clusterTarget: {e}")),
+        },
         (None, None) => Ok(None),
     }
 }
@@ -1248,6 +1260,80 @@ async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Bundle` of namespace `ns` with `spec` (its source a URL unless given).
+    fn bundle(ns: &str, mut spec: serde_json::Value) -> Bundle {
+        if spec.get("source").is_none() {
+            spec["source"] = serde_json::json!({ "url": {
+                "url": "https://files.example/b.tar", "sha256": "a".repeat(64) } });
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+            "metadata": { "name": "b", "namespace": ns, "uid": "u", "generation": 1 },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bundle_names_its_namespaces_target_or_a_cluster_one() {
+        let t = |spec| target_of(&bundle("team-a", spec)).map(|t| t.map(|t| t.to_string()));
+        assert_eq!(
+            t(serde_json::json!({ "target": "mirror" })),
+            Ok(Some("team-a/mirror".into()))
+        );
+        assert_eq!(
+            t(serde_json::json!({ "clusterTarget": "shared" })),
+            Ok(Some("shared".into()))
+        );
+        assert_eq!(t(serde_json::json!({})), Ok(None));
+        // What the schema refuses, should an object get past it.
+        assert!(t(serde_json::json!({ "target": "a", "clusterTarget": "b" })).is_err());
+        assert!(
+            t(serde_json::json!({ "target": "../x" }))
+                .unwrap_err()
+                .contains("spec.target")
+        );
+        assert!(
+            t(serde_json::json!({ "clusterTarget": "a/b" })).is_err(),
+            "no namespace through a cluster target"
+        );
+    }
+
+    #[test]
+    fn a_bundle_follows_only_what_its_namespace_brought_in() {
+        assert!(follows("team-a", Some("team-a"), Some("shipperd")));
+        assert!(!follows("team-b", Some("team-a"), Some("shipperd")));
+        // An upload belongs to the upload namespace, and to no other.
+        assert!(follows("shipperd", None, Some("shipperd")));
+        assert!(!follows("team-a", None, Some("shipperd")));
+        assert!(!follows("team-a", None, None));
+    }
+
+    #[test]
+    fn bundle_ids_come_from_the_status_then_the_source() {
+        let b = bundle("ns", serde_json::json!({}));
+        assert_eq!(bundle_id(&b).unwrap().unwrap().as_str(), "a".repeat(64));
+        let mut known = b.clone();
+        known.status = Some(BundleStatus {
+            bundle_id: Some("b".repeat(64)),
+            ..BundleStatus::default()
+        });
+        assert_eq!(bundle_id(&known).unwrap().unwrap().as_str(), "b".repeat(64));
+        let path = bundle(
+            "ns",
+            serde_json::json!({ "source": { "path": { "path": "x.tar" } } }),
+        );
+        assert!(
+            bundle_id(&path).unwrap().is_none(),
+            "known once it is taken"
+        );
+        let bad = bundle(
+            "ns",
+            serde_json::json!({ "source": { "url": { "url": "https://x/b.tar", "sha256": "nope" } } }),
+        );
+        assert!(matches!(bundle_id(&bad), Err(Error::Invalid(_))));
+    }
 
     #[test]
     fn failed_reconciles_wait_longer_each_time_up_to_five_minutes() {
