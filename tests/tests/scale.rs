@@ -1,4 +1,4 @@
-//! A bundle of real size: 3,000 small images in nested repositories (an operator-catalog
+//! A bundle of real size: 2,000 small images in nested repositories (an operator-catalog
 //! mirror), through the whole pipeline against real nats-server and docker-registry.
 //! Every tag lands at its digest, the bundle is announced once, its images page through
 //! the API, and nothing stored or sent grows with the image count.
@@ -11,7 +11,7 @@ use shipperd_tests::{
     fixtures::{catalog, tar_bytes},
 };
 
-const IMAGES: usize = 3_000;
+const IMAGES: usize = 2_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousands_of_images_publish_page_and_announce_once() -> anyhow::Result<()> {
