@@ -80,6 +80,8 @@ pub struct TargetsContext {
     pub service_account_token_hosts: Vec<String>,
     /// The service-account token the services read (the pod's).
     pub service_account_token: PathBuf,
+    /// One render at a time: two would race on the file and prune each other's files.
+    rendering: tokio::sync::Mutex<()>,
 }
 
 impl TargetsContext {
@@ -91,6 +93,7 @@ impl TargetsContext {
             watch_namespace: None,
             service_account_token_hosts: Vec::new(),
             service_account_token: PathBuf::from(SA_TOKEN),
+            rendering: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -466,6 +469,7 @@ pub struct Rendered {
 /// Renders every target into the targets file, writes the files they need, and removes
 /// those of targets that are gone. The one writer of the file.
 pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
+    let _one = ctx.rendering.lock().await;
     let namespaced: Api<RegistryTarget> = match &ctx.watch_namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),

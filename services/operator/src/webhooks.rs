@@ -35,11 +35,16 @@ pub struct WebhooksContext {
     pub upload_namespace: Option<String>,
 }
 
+/// One render of the webhooks file at a time (reconciles run side by side; two renders
+/// would race on the file and prune each other's secrets).
+static RENDERING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 type Verdict = Result<(), (&'static str, String)>;
 
 /// Renders every `WebhookTarget` into the webhooks file; each one's verdict by
 /// (namespace, name).
 pub async fn render(ctx: &WebhooksContext) -> Result<BTreeMap<(String, String), Verdict>, Error> {
+    let _one = RENDERING.lock().await;
     let api: Api<WebhookTarget> = match &ctx.watch_namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
