@@ -112,46 +112,53 @@ impl Pusher {
         Ok(())
     }
 
-    /// PUTs the image's manifest again under its tag with `suffix` appended: the
-    /// request a tag-last commit adds per image (the registry has the manifest by then).
-    async fn retag(&self, desc: Value, suffix: &str) -> anyhow::Result<()> {
+    /// The image `desc` names: its repository, tag, media type and manifest bytes.
+    async fn manifest(&self, desc: &Value) -> anyhow::Result<Manifest> {
         let name = desc["annotations"]["org.opencontainers.image.ref.name"]
             .as_str()
             .context("an image without a ref.name")?;
         let r = shipperd_model::Reference::parse(name)?;
         let tag = r.tag.clone().context("an image without a tag")?;
         let digest = desc["digest"].as_str().context("no digest")?;
-        let media_type = desc["mediaType"].as_str().unwrap_or_default().to_string();
-        let bytes = tokio::fs::read(self.blob_path(digest)).await?;
+        Ok(Manifest {
+            repo: r.repository,
+            tag,
+            media_type: desc["mediaType"].as_str().unwrap_or_default().to_string(),
+            bytes: tokio::fs::read(self.blob_path(digest)).await?,
+        })
+    }
+
+    /// PUTs `m` under `tag`.
+    async fn put_manifest(&self, m: &Manifest, tag: &str) -> anyhow::Result<()> {
         let resp = self
             .send(
                 self.http
-                    .put(format!(
-                        "{}/v2/{}/manifests/{tag}{suffix}",
-                        self.base, r.repository
-                    ))
-                    .header("content-type", media_type)
-                    .body(bytes),
+                    .put(format!("{}/v2/{}/manifests/{tag}", self.base, m.repo))
+                    .header("content-type", m.media_type.clone())
+                    .body(m.bytes.clone()),
             )
             .await?;
-        anyhow::ensure!(
-            resp.status() == 201,
-            "PUT manifest {name}{suffix}: {}",
-            resp.status()
-        );
+        if resp.status() != 201 {
+            let status = resp.status();
+            anyhow::bail!(
+                "PUT manifest {}:{tag}: {status}: {}",
+                m.repo,
+                resp.text().await?
+            );
+        }
         Ok(())
     }
 
+    /// PUTs the image's manifest again under its tag with `suffix` appended: the
+    /// request a tag-last commit adds per image (the registry has the manifest by then).
+    async fn retag(&self, desc: Value, suffix: &str) -> anyhow::Result<()> {
+        let m = self.manifest(&desc).await?;
+        self.put_manifest(&m, &format!("{}{suffix}", m.tag)).await
+    }
+
     async fn image(&self, desc: Value) -> anyhow::Result<()> {
-        let name = desc["annotations"]["org.opencontainers.image.ref.name"]
-            .as_str()
-            .context("an image without a ref.name")?;
-        let r = shipperd_model::Reference::parse(name)?;
-        let tag = r.tag.clone().context("an image without a tag")?;
-        let digest = desc["digest"].as_str().context("no digest")?;
-        let media_type = desc["mediaType"].as_str().unwrap_or_default().to_string();
-        let bytes = tokio::fs::read(self.blob_path(digest)).await?;
-        let m: Value = serde_json::from_slice(&bytes)?;
+        let man = self.manifest(&desc).await?;
+        let m: Value = serde_json::from_slice(&man.bytes)?;
         let mut blobs = vec![
             m["config"]["digest"]
                 .as_str()
@@ -162,22 +169,18 @@ impl Pusher {
             blobs.push(l["digest"].as_str().unwrap_or_default().to_string());
         }
         for b in blobs {
-            self.blob(&r.repository, &b).await?;
+            self.blob(&man.repo, &b).await?;
         }
-        let resp = self
-            .send(
-                self.http
-                    .put(format!("{}/v2/{}/manifests/{tag}", self.base, r.repository))
-                    .header("content-type", media_type)
-                    .body(bytes),
-            )
-            .await?;
-        if resp.status() != 201 {
-            let status = resp.status();
-            anyhow::bail!("PUT manifest {name}: {status}: {}", resp.text().await?);
-        }
-        Ok(())
+        self.put_manifest(&man, &man.tag).await
     }
+}
+
+/// An image's top manifest, as the layout holds it.
+struct Manifest {
+    repo: String,
+    tag: String,
+    media_type: String,
+    bytes: Vec<u8>,
 }
 
 /// Pushes every image `layout/index.json` names, `connections` at a time; prints the

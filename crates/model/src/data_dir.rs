@@ -39,6 +39,12 @@ impl DataDir {
     }
 
     /// Unfinished multi-part uploads, one directory per name.
+    /// Fetches of `url` sources in progress: `<sha256>.part` (what arrived, on the
+    /// shared volume so another replica resumes it) and `<sha256>.lock`.
+    pub fn fetches(&self) -> PathBuf {
+        self.root.join("fetch")
+    }
+
     pub fn uploads(&self) -> PathBuf {
         self.root.join("uploads")
     }

@@ -17,10 +17,6 @@ use crate::{
     store::{Accepted, Origin, Store, TempFile, hash_id},
 };
 
-/// Where fetches keep what they have so far (`<sha256>.part`, on the shared volume, so
-/// that another replica resumes it) and their locks (`<sha256>.lock`).
-const FETCH_DIR: &str = "fetch";
-
 /// Waits for the exclusive lock on `path` (created if need be); held while the file
 /// lives.
 async fn lock_exclusive(path: &std::path::Path) -> Result<std::fs::File> {
@@ -98,7 +94,7 @@ impl Store {
         let client = client(source)?;
         // One replica at a time fetches a bundle: the others wait here, then find it
         // stored (or resume what was left).
-        let dir = self.data().root().join(FETCH_DIR);
+        let dir = self.data().fetches();
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::io(&dir, e))?;
@@ -160,7 +156,7 @@ impl Store {
     /// Removes what an unfinished fetch of `id` left (its `Bundle` was deleted), unless
     /// a fetch of it is running.
     pub async fn forget_fetch(&self, id: &BundleId) {
-        let dir = self.data().root().join(FETCH_DIR);
+        let dir = self.data().fetches();
         let lock_path = dir.join(format!("{id}.lock"));
         let Ok(file) = std::fs::OpenOptions::new().read(true).open(&lock_path) else {
             return;
