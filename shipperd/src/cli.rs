@@ -145,7 +145,7 @@ impl OperatorArgs {
             )
         });
         shipperd_operator::controller::Config {
-            nats_url: c.nats_url.clone(),
+            nats: c.nats(),
             data_dir: shipperd_model::DataDir::new(c.data_dir.clone()),
             namespace: self.namespace.clone(),
             max_bundle_bytes: self.max_bundle_bytes,
@@ -182,13 +182,42 @@ impl OperatorArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// NATS server with JetStream.
+    /// NATS server(s) with JetStream, comma-separated (`nats://` or `tls://`); the client
+    /// fails over between them. A password in a URL is masked wherever it is shown.
     #[arg(
-        long,
+        long = "nats-url",
         env = "SHIPPERD_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ',',
+        hide_env_values = true
     )]
-    pub nats_url: String,
+    pub nats_urls: Vec<String>,
+    /// A NATS credentials file (user JWT and seed, as `nsc` writes it).
+    #[arg(long, env = "SHIPPERD_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+    /// A file holding a NATS user NKey seed (`SU...`).
+    #[arg(long, env = "SHIPPERD_NATS_NKEY_FILE")]
+    pub nats_nkey_file: Option<PathBuf>,
+    /// A NATS user name; its password is read from --nats-password-file.
+    #[arg(long, env = "SHIPPERD_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "SHIPPERD_NATS_PASSWORD_FILE")]
+    pub nats_password_file: Option<PathBuf>,
+    /// A file holding a NATS authentication token.
+    #[arg(long, env = "SHIPPERD_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// CA certificates (PEM) NATS's certificate must chain to (implies TLS).
+    #[arg(long, env = "SHIPPERD_NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM) for a NATS that verifies clients.
+    #[arg(long, env = "SHIPPERD_NATS_TLS_CERT_FILE")]
+    pub nats_tls_cert_file: Option<PathBuf>,
+    #[arg(long, env = "SHIPPERD_NATS_TLS_KEY_FILE")]
+    pub nats_tls_key_file: Option<PathBuf>,
+    /// Replicas of ShipperD's streams and KV buckets: 1, or 3 on a NATS cluster of three
+    /// or more (an existing stream is moved to it where the server can).
+    #[arg(long, env = "SHIPPERD_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
     /// The bundle store, shared by every service.
     #[arg(long, env = "SHIPPERD_DATA_DIR", default_value = "/var/lib/shipperd")]
     pub data_dir: PathBuf,
@@ -197,6 +226,28 @@ pub struct Common {
     /// and expanding a compressed bundle that would leave less fails that bundle.
     #[arg(long, env = "SHIPPERD_MIN_FREE_BYTES", default_value_t = Bounds::default().min_free_bytes)]
     pub min_free_bytes: u64,
+}
+
+impl Common {
+    /// Where NATS is and how to log in, as the flags say.
+    pub fn nats(&self) -> shipperd_bus::NatsConfig {
+        shipperd_bus::NatsConfig {
+            servers: self
+                .nats_urls
+                .iter()
+                .map(|u| u.trim().to_string())
+                .collect(),
+            creds_file: self.nats_creds_file.clone(),
+            nkey_file: self.nats_nkey_file.clone(),
+            user: self.nats_user.clone().filter(|u| !u.is_empty()),
+            password_file: self.nats_password_file.clone(),
+            token_file: self.nats_token_file.clone(),
+            tls_ca_file: self.nats_tls_ca_file.clone(),
+            tls_cert_file: self.nats_tls_cert_file.clone(),
+            tls_key_file: self.nats_tls_key_file.clone(),
+            replicas: self.nats_replicas,
+        }
+    }
 }
 
 /// How API requests are authenticated beyond the token file.
@@ -437,7 +488,8 @@ impl IngestArgs {
             };
             SocketAddr::from((ip, 8080))
         });
-        let mut cfg = shipperd_ingest::Config::new(&c.nats_url, &c.data_dir, listen);
+        let mut cfg = shipperd_ingest::Config::new("", &c.data_dir, listen);
+        cfg.nats = c.nats();
         cfg.health_listen = self.health_listen;
         cfg.drop_dir = self.drop_dir.clone();
         cfg.drop_quiet = self.drop_quiet;
@@ -488,7 +540,8 @@ impl RegistryArgs {
     }
 
     pub fn unpack(&self, c: &Common) -> anyhow::Result<shipperd_unpack::Config> {
-        let mut cfg = shipperd_unpack::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
+        let mut cfg = shipperd_unpack::Config::new("", &c.data_dir, self.targets()?);
+        cfg.nats = c.nats();
         cfg.targets_file = self.targets.clone();
         cfg.limits = self.limits.limits();
         cfg.limits.min_free_bytes = c.min_free_bytes;
@@ -498,7 +551,8 @@ impl RegistryArgs {
     }
 
     pub fn publish(&self, c: &Common) -> anyhow::Result<shipperd_publish::Config> {
-        let mut cfg = shipperd_publish::Config::new(&c.nats_url, &c.data_dir, self.targets()?);
+        let mut cfg = shipperd_publish::Config::new("", &c.data_dir, self.targets()?);
+        cfg.nats = c.nats();
         cfg.targets_file = self.targets.clone();
         cfg.stage.concurrency = self.publish_concurrency;
         cfg.stage.max_attempts = self.max_attempts;
@@ -516,7 +570,8 @@ impl NotifyArgs {
             .map(|w| w.trim().to_string())
             .filter(|w| !w.is_empty())
             .collect();
-        let mut cfg = shipperd_notify::Config::new(&c.nats_url, webhooks);
+        let mut cfg = shipperd_notify::Config::new("", webhooks);
+        cfg.nats = c.nats();
         cfg.secret = self.webhook_secret.clone().filter(|s| !s.is_empty());
         cfg.timeout = Duration::from_secs(self.webhook_timeout_secs.max(1));
         cfg.webhooks_file = self.webhooks_file.clone();

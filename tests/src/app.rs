@@ -55,6 +55,9 @@ pub struct Options {
     pub ack_wait: Option<Duration>,
     /// The janitor's settings (default: sweeps every 200 ms, otherwise the service's).
     pub janitor: Option<shipperd_ingest::JanitorSettings>,
+    /// Connect every service to this NATS (a cluster, a locked-down server) instead of
+    /// the test's own plain one (`TestApp::nats`, then idle).
+    pub nats: Option<shipperd_bus::NatsConfig>,
 }
 
 pub struct TestApp {
@@ -177,6 +180,11 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     if let Some(n) = opts.max_attempts {
         publish.stage.max_attempts = n;
     }
+    if let Some(n) = &opts.nats {
+        ingest.nats = n.clone();
+        unpack.nats = n.clone();
+        publish.nats = n.clone();
+    }
     let shutdown = CancellationToken::new();
     let mut replicas = Vec::new();
     for _ in 0..opts.extra_publishers {
@@ -184,6 +192,9 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         replicas.push(tokio::spawn(p.serve(shutdown.clone())));
     }
     let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
+    if let Some(n) = &opts.nats {
+        notify.nats = n.clone();
+    }
     notify.secret = opts.secret.as_deref().map(shipperd_model::Secret::new);
     notify.timeout = Duration::from_secs(2);
     notify.retry_initial = Duration::from_millis(100);

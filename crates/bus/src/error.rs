@@ -44,6 +44,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0} was changed concurrently too many times; giving up this update")]
     Conflict(String),
+    /// Connection settings that cannot work (two ways to log in, a missing file).
+    #[error("{0}")]
+    Settings(String),
 }
 
 impl Error {
@@ -53,6 +56,7 @@ impl Error {
             Error::Decode { .. } => ErrorKind::Permanent,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Conflict(_) => ErrorKind::Conflict,
+            Error::Settings(_) => ErrorKind::Permanent,
         }
     }
 
@@ -87,9 +91,44 @@ pub fn classify(e: &(dyn StdError + 'static)) -> ErrorKind {
     ErrorKind::Transient
 }
 
+/// "Wrong last sequence": a compare-and-set lost to another writer. One server says
+/// 10071 (which async-nats reports as `WrongLastRevision` / `AlreadyExists`); a clustered
+/// stream says 10164 (`JSStreamWrongLastSequenceConstantErr`, nats-server 2.12+), which
+/// async-nats 0.51 and 0.52 report as `Other`.
+const WRONG_LAST_SEQUENCE: [u64; 2] = [10071, 10164];
+
+/// Did a compare-and-set (a KV `update` at a revision, or a `create`) lose because another
+/// writer came first? Read from the chain of sources by type, so it holds on a cluster
+/// too, where the client does not recognise the server's answer.
+pub fn lost_race(e: &(dyn StdError + 'static)) -> bool {
+    use jetstream::kv;
+    let mut link: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(e) = link {
+        let lost = e
+            .downcast_ref::<kv::UpdateError>()
+            .is_some_and(|x| x.kind() == kv::UpdateErrorKind::WrongLastRevision)
+            || e.downcast_ref::<kv::CreateError>()
+                .is_some_and(|x| x.kind() == kv::CreateErrorKind::AlreadyExists)
+            || e.downcast_ref::<jetstream::context::PublishError>()
+                .is_some_and(|x| {
+                    x.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+                })
+            || e.downcast_ref::<jetstream::Error>()
+                .is_some_and(|x| WRONG_LAST_SEQUENCE.contains(&(x.error_code().0)));
+        if lost {
+            return true;
+        }
+        link = e.source();
+    }
+    false
+}
+
 fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
-    use ErrorKind::{Permanent, Transient};
+    use ErrorKind::{Conflict, Permanent, Transient};
     if let Some(api) = e.downcast_ref::<jetstream::Error>() {
+        if WRONG_LAST_SEQUENCE.contains(&(api.error_code().0)) {
+            return Some(Conflict);
+        }
         // The API's own status: 4xx is a refusal of this request, 5xx (e.g. 503
         // "JetStream system temporarily unavailable") may pass.
         return Some(if (400..500).contains(&api.code()) {
@@ -101,8 +140,13 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
     if let Some(p) = e.downcast_ref::<jetstream::context::PublishError>() {
         use jetstream::context::PublishErrorKind as K;
         return match p.kind() {
-            K::MaxPayloadExceeded | K::StreamNotFound => Some(Permanent),
-            K::WrongLastMessageId | K::WrongLastSequence => Some(Permanent),
+            K::MaxPayloadExceeded => Some(Permanent),
+            K::WrongLastSequence => Some(Conflict),
+            K::WrongLastMessageId => Some(Permanent),
+            // No responders: on a cluster, a stream whose replicas are electing a leader
+            // (a node lost) answers nothing for a moment. The streams are declared at
+            // start, so this passes; attempts are bounded in any case.
+            K::StreamNotFound => Some(Transient),
             K::TimedOut | K::BrokenPipe | K::MaxAckPending => Some(Transient),
             K::Other => None,
         };
@@ -163,5 +207,41 @@ mod tests {
             std::error::Error::source(&lost).is_some(),
             "the cause is kept"
         );
+    }
+
+    #[test]
+    fn a_lost_compare_and_set_is_known_on_one_server_and_on_a_cluster() {
+        use jetstream::{
+            context::{PublishError, PublishErrorKind},
+            kv::{UpdateError, UpdateErrorKind},
+        };
+        let api = |code: u64| -> jetstream::Error {
+            serde_json::from_str(&format!(
+                r#"{{"code":400,"err_code":{code},"description":"wrong last sequence"}}"#
+            ))
+            .unwrap()
+        };
+        // As async-nats wraps a clustered stream's answer: Other, Other, 10164.
+        let clustered = UpdateError::with_source(
+            UpdateErrorKind::Other,
+            PublishError::with_source(PublishErrorKind::Other, api(10164)),
+        );
+        assert!(lost_race(&clustered));
+        assert_eq!(
+            Error::nats("writing a bundle summary")(clustered).kind(),
+            ErrorKind::Conflict
+        );
+        assert!(lost_race(&UpdateError::new(
+            UpdateErrorKind::WrongLastRevision
+        )));
+        let other = UpdateError::with_source(
+            UpdateErrorKind::Other,
+            PublishError::with_source(PublishErrorKind::Other, api(10058)),
+        );
+        assert!(!lost_race(&other));
+        // No responders (a stream electing a leader) may pass.
+        let leaderless =
+            Error::nats("storing an event")(PublishError::new(PublishErrorKind::StreamNotFound));
+        assert_eq!(leaderless.kind(), ErrorKind::Transient);
     }
 }

@@ -3,6 +3,7 @@
 //! `shipperd-state`).
 //!
 //! - [`subjects`]: subject names, event types, stream, consumer and bucket names;
+//! - [`NatsConfig`]: servers, credentials, TLS and replicas (secrets read from files);
 //! - [`Bus`]: a connection plus the JetStream context, and the stream/consumer/KV set-up
 //!   every service runs at start (idempotent: any replica may run it);
 //! - [`event`]: publishing and reading events (CloudEvents attributes and `traceparent`
@@ -12,6 +13,7 @@
 //!
 //! The pull loop and the stage runtime are in `shipperd-pipeline`.
 
+mod connect;
 mod error;
 pub mod event;
 mod msgid;
@@ -19,7 +21,8 @@ pub mod setup;
 pub mod subjects;
 pub mod trace;
 
-pub use error::{BoxError, Error, ErrorKind, Result, classify};
+pub use connect::{NatsConfig, redact_url};
+pub use error::{BoxError, Error, ErrorKind, Result, classify, lost_race};
 pub use event::{EventKind, IncomingEvent};
 pub use msgid::{MessageId, Topic};
 pub use setup::{Bus, ConsumerSpec, Job};

@@ -14,7 +14,7 @@ use async_nats::jetstream::{
 use bytes::Bytes;
 
 use crate::{
-    Error, MessageId, Result,
+    Error, MessageId, NatsConfig, Result,
     event::{EventKind, event_headers},
     subjects::*,
 };
@@ -24,6 +24,8 @@ use crate::{
 pub struct Bus {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// Replicas of the streams and buckets this connection declares.
+    replicas: usize,
 }
 
 /// A message for the jobs stream: its subject, de-duplication id and body.
@@ -53,16 +55,28 @@ pub struct ConsumerSpec {
 }
 
 impl Bus {
-    /// Connects to `url` (e.g. `nats://127.0.0.1:4222`) as `name`.
+    /// Connects to one plain server at `url` (e.g. `nats://127.0.0.1:4222`) as `name`.
     pub async fn connect(url: &str, name: &str) -> Result<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+        Self::connect_with(&NatsConfig::new(url), name).await
+    }
+
+    /// Connects as `config` says (servers, credentials, TLS, replicas) as `name`.
+    pub async fn connect_with(config: &NatsConfig, name: &str) -> Result<Self> {
+        let client = config
+            .options(name)
+            .await?
+            .connect(config.servers.as_slice())
             .await
-            .map_err(Error::nats(format!("cannot connect to {url}")))?;
+            .map_err(Error::nats(format!(
+                "cannot connect to {}",
+                config.servers_shown()
+            )))?;
         let js = jetstream::new(client.clone());
-        Ok(Bus { client, js })
+        Ok(Bus {
+            client,
+            js,
+            replicas: config.replicas,
+        })
     }
 
     /// Is the connection up right now?
@@ -70,37 +84,85 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Declares both streams and the KV buckets.
+    /// Declares both streams and the KV buckets, each with the configured replicas.
     pub async fn ensure_topology(&self) -> Result<()> {
         let week = Duration::from_secs(7 * 24 * 3600);
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: EVENTS_STREAM.into(),
-                subjects: vec![EVENTS_SUBJECTS.into()],
-                retention: RetentionPolicy::Limits,
-                storage: StorageType::File,
-                max_age: week,
-                duplicate_window: Duration::from_secs(600),
-                ..Default::default()
-            })
-            .await
-            .map_err(Error::nats(format!("declaring stream {EVENTS_STREAM}")))?;
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: JOBS_STREAM.into(),
-                subjects: vec![JOBS_SUBJECTS.into()],
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                max_age: week,
-                duplicate_window: Duration::from_secs(600),
-                ..Default::default()
-            })
-            .await
-            .map_err(Error::nats(format!("declaring stream {JOBS_STREAM}")))?;
+        self.stream(stream::Config {
+            name: EVENTS_STREAM.into(),
+            subjects: vec![EVENTS_SUBJECTS.into()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            max_age: week,
+            duplicate_window: Duration::from_secs(600),
+            num_replicas: self.replicas,
+            ..Default::default()
+        })
+        .await?;
+        self.stream(stream::Config {
+            name: JOBS_STREAM.into(),
+            subjects: vec![JOBS_SUBJECTS.into()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            max_age: week,
+            duplicate_window: Duration::from_secs(600),
+            num_replicas: self.replicas,
+            ..Default::default()
+        })
+        .await?;
         for b in BUCKETS {
+            self.stream(self.kv_stream(&b)).await?;
             self.kv(&b).await?;
         }
         Ok(())
+    }
+
+    /// Gets or creates a stream; one that exists with other replicas is moved to the
+    /// configured count (nats-server 2.10+ can; an older one keeps it, with a warning).
+    async fn stream(&self, config: stream::Config) -> Result<()> {
+        let name = config.name.clone();
+        let want = config.num_replicas;
+        let mut s = self
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map_err(Error::nats(format!("declaring stream {name}")))?;
+        let info = s
+            .info()
+            .await
+            .map_err(Error::nats(format!("reading stream {name}")))?;
+        let have = info.config.num_replicas;
+        if have != want {
+            let mut changed = info.config.clone();
+            changed.num_replicas = want;
+            match self.js.update_stream(changed).await {
+                Ok(_) => {
+                    tracing::info!(stream = %name, from = have, to = want, "stream replicas changed")
+                }
+                Err(e) => tracing::warn!(
+                    stream = %name, have, want, error = %e,
+                    "stream keeps its replicas (the server would not change them)"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// The backing stream of a KV bucket, shaped as the KV protocol wants it.
+    fn kv_stream(&self, b: &Bucket) -> stream::Config {
+        stream::Config {
+            name: format!("KV_{}", b.name),
+            subjects: vec![format!("$KV.{}.>", b.name)],
+            max_messages_per_subject: b.history,
+            max_age: b.max_age,
+            discard: stream::DiscardPolicy::New,
+            storage: StorageType::File,
+            allow_direct: b.direct,
+            allow_rollup: true,
+            deny_delete: true,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
     }
 
     /// Gets (or creates) a KV bucket keeping `history` values per key. With `direct`,
@@ -110,8 +172,8 @@ impl Bus {
     ///
     /// async-nats' `create_key_value` first reads the account info, whose reply from
     /// nats-server 2.9 lacks fields the client requires (`reserved_memory`), so it fails
-    /// there. We declare the bucket's backing stream ourselves, shaped as the KV
-    /// protocol wants it, then bind to it.
+    /// there. We declare the bucket's backing stream ourselves ([`Bus::kv_stream`]),
+    /// then bind to it.
     pub async fn kv(&self, b: &Bucket) -> Result<kv::Store> {
         let bucket = b.name;
         if let Ok(store) = self.js.get_key_value(bucket).await {
@@ -119,20 +181,7 @@ impl Bus {
         }
         let what = format!("declaring KV bucket {bucket}");
         self.js
-            .get_or_create_stream(stream::Config {
-                name: format!("KV_{bucket}"),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: b.history,
-                max_age: b.max_age,
-                discard: stream::DiscardPolicy::New,
-                storage: StorageType::File,
-                allow_direct: b.direct,
-                allow_rollup: true,
-                deny_delete: true,
-                duplicate_window: Duration::from_secs(120),
-                num_replicas: 1,
-                ..Default::default()
-            })
+            .get_or_create_stream(self.kv_stream(b))
             .await
             .map_err(Error::nats(what.clone()))?;
         self.js

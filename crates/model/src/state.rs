@@ -589,6 +589,41 @@ impl BundleSummary {
         }
     }
 
+    /// Sets the counts to `tally`, what the images' own states say (they are the
+    /// truth; the counts are kept beside them for speed), when they disagree and no
+    /// claim is in flight; then moves the bundle on if every image has ended. A sweep
+    /// does this for a stalled bundle: a NATS cluster that lost a summary write in a
+    /// failover (nats-server 2.9) would otherwise leave it waiting for images that
+    /// ended long ago.
+    pub fn recount(&mut self, tally: Counts) -> Option<Effects> {
+        if self.phase != Phase::Publishing || !self.claims.is_empty() {
+            return None;
+        }
+        let same = (tally.published, tally.skipped, tally.failed)
+            == (
+                self.counts.published,
+                self.counts.skipped,
+                self.counts.failed,
+            );
+        if same || tally.done() > self.counts.total {
+            return None;
+        }
+        if tally.failed > self.counts.failed {
+            let lost = tally.failed - self.counts.failed;
+            for _ in 0..lost {
+                self.add_cause("image failed (cause not recorded in the summary)".into());
+            }
+        }
+        self.counts.published = tally.published;
+        self.counts.skipped = tally.skipped;
+        self.counts.failed = tally.failed;
+        if self.check_done() {
+            Some(self.follow_up())
+        } else {
+            Some(Effects::none())
+        }
+    }
+
     /// The claim on image `index` was written to the image: let it go.
     pub fn release(&mut self, index: u32) -> bool {
         self.claims.remove(&index).is_some()
@@ -752,6 +787,41 @@ mod tests {
 
     fn ok() -> Outcome {
         Outcome::published(10, false, BlobCounts::default())
+    }
+
+    #[test]
+    fn a_recount_from_the_images_moves_a_bundle_whose_counts_lost_writes() {
+        let mut s = publishing(3);
+        assert!(matches!(s.claim(0, &ok()), Claimed::Counted { .. }));
+        s.release(0);
+        // The images say all three ended; the summary saw one.
+        let tally = Counts {
+            total: 3,
+            published: 3,
+            ..Counts::default()
+        };
+        let effects = s.recount(tally).expect("the counts change");
+        assert_eq!(s.counts.published, 3);
+        assert_eq!(s.phase, Phase::Tagging);
+        assert_eq!(effects, Effects::of([Effect::Commit]));
+        // Agreeing counts, or a claim in flight, change nothing.
+        assert!(s.recount(tally).is_none());
+        let mut held = publishing(2);
+        assert!(matches!(held.claim(0, &ok()), Claimed::Counted { .. }));
+        let two = Counts {
+            total: 2,
+            published: 2,
+            ..Counts::default()
+        };
+        assert!(held.recount(two).is_none());
+        // A tally beyond the bundle's images is not believed.
+        let mut s = publishing(1);
+        let too_many = Counts {
+            total: 1,
+            published: 2,
+            ..Counts::default()
+        };
+        assert!(s.recount(too_many).is_none());
     }
 
     /// Moves a bundle whose images are all in the registry through tagging.

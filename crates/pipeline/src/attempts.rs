@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation};
 use serde::{Deserialize, Serialize};
 use shipperd_bus::{Bus, Error, Result, subjects::ATTEMPTS_BUCKET};
 use shipperd_model::{age, now_rfc3339};
@@ -248,12 +248,12 @@ impl Ledger {
         match revision {
             None => match self.kv.create(key, body).await {
                 Ok(rev) => Ok(Some(rev)),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) if shipperd_bus::lost_race(&e) => Ok(None),
                 Err(e) => Err(Error::nats("writing an attempts record")(e)),
             },
             Some(rev) => match self.kv.update(key, body, rev).await {
                 Ok(rev) => Ok(Some(rev)),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+                Err(e) if shipperd_bus::lost_race(&e) => Ok(None),
                 Err(e) => Err(Error::nats("writing an attempts record")(e)),
             },
         }

@@ -156,6 +156,48 @@ impl Executor {
         Ok(sent)
     }
 
+    /// Counts the images of a publishing bundle from their own states and sets the
+    /// summary's counts to that when they differ ([`BundleSummary::recount`]), moving
+    /// it on if every image has ended. Reads every image: for a stalled bundle only.
+    /// Whether the summary changed.
+    pub async fn recount(&self, id: &BundleId) -> Result<bool> {
+        let Some(s) = self.store.summary(id).await? else {
+            return Ok(false);
+        };
+        let mut tally = Counts {
+            total: s.counts.total,
+            ..Default::default()
+        };
+        let mut images = self.store.images(&s.id, 0, s.counts.total);
+        while let Some(img) = images.try_next().await? {
+            if !img.is_counted(s.generation) {
+                continue;
+            }
+            match img.phase {
+                ImagePhase::Published => {
+                    tally.published += 1;
+                    tally.skipped += u32::from(img.skipped);
+                }
+                ImagePhase::Failed => tally.failed += 1,
+                ImagePhase::Pending => {}
+            }
+        }
+        let generation = s.generation;
+        let changed = self
+            .transition(id, |s| {
+                if s.generation != generation {
+                    return None;
+                }
+                s.recount(tally)
+            })
+            .await?;
+        if let Some((s, _)) = &changed {
+            tracing::warn!(bundle_id = %s.id, counts = ?s.counts, phase = ?s.phase,
+                "the bundle's counts disagreed with its images' states; recounted");
+        }
+        Ok(changed.is_some())
+    }
+
     /// The commit job of `s` (in `Tagging`): set every tag.
     async fn commit(&self, s: &BundleSummary) -> Result<()> {
         let body = v1::PublishJob {

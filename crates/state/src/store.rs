@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation};
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use serde::{Serialize, de::DeserializeOwned};
 use shipperd_bus::{
@@ -82,7 +82,7 @@ impl StateStore {
     pub async fn create(&self, s: &BundleSummary) -> Result<bool> {
         match self.bundles.create(s.id.as_str(), encode(s)).await {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) if shipperd_bus::lost_race(&e) => Ok(false),
             Err(e) => Err(Error::nats("creating a bundle summary")(e)),
         }
     }
@@ -133,7 +133,7 @@ impl StateStore {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) if shipperd_bus::lost_race(&e) => Ok(false),
             Err(e) => Err(Error::nats("writing a bundle summary")(e)),
         }
     }
@@ -217,7 +217,7 @@ impl StateStore {
             .await
         {
             Ok(rev) => Ok(Some(rev)),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) if shipperd_bus::lost_race(&e) => Ok(None),
             Err(e) => Err(Error::nats("writing an image state")(e)),
         }
     }
@@ -239,7 +239,7 @@ impl StateStore {
             // The usual case: a new key.
             match self.images.create(&key, encode(img)).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+                Err(e) if shipperd_bus::lost_race(&e) => {}
                 Err(e) => return Err(Error::nats("writing an image state")(e)),
             }
             let Some((old, revision)) = self.image(id, img.index).await? else {

@@ -162,7 +162,11 @@ impl Janitor {
                 let busy = backlog.of(&self.store, s.phase).await > 0;
                 if (!busy || long_stuck) && !self.working(s).await? {
                     finish::settle_claims(state, &s.id).await?;
-                    self.redrive(&s.id).await?;
+                    let recounted = s.phase == Phase::Publishing
+                        && self.store.executor().recount(&s.id).await?;
+                    if !recounted {
+                        self.redrive(&s.id).await?;
+                    }
                 }
             }
             _ => {}

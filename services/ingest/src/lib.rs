@@ -58,7 +58,8 @@ impl std::fmt::Debug for KubeAuth {
 /// Settings of the ingest service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
+    /// Where NATS is and how to log in (servers, credentials, TLS, replicas).
+    pub nats: shipperd_bus::NatsConfig,
     /// The bundle store, shared with the other services.
     pub data_dir: DataDir,
     /// Address of the HTTP API.
@@ -96,7 +97,7 @@ impl Config {
         listen: SocketAddr,
     ) -> Self {
         Config {
-            nats_url: nats_url.into(),
+            nats: shipperd_bus::NatsConfig::new(nats_url),
             data_dir: DataDir::new(data_dir.into()),
             listen,
             health_listen: None,
@@ -124,7 +125,7 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn start(config: Config) -> Result<Self> {
-        let bus = Bus::connect(&config.nats_url, "shipperd-ingest").await?;
+        let bus = Bus::connect_with(&config.nats, "shipperd-ingest").await?;
         bus.ensure_topology().await?;
         // Bad TLS files stop the start-up, before anything listens.
         let tls = config

@@ -42,7 +42,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Settings of the notify service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
+    /// Where NATS is and how to log in (servers, credentials, TLS, replicas).
+    pub nats: shipperd_bus::NatsConfig,
     /// Webhook URLs; each gets every event.
     pub webhooks: Vec<String>,
     /// Signing secret (`whsec_<base64>` or raw); without one, deliveries are unsigned.
@@ -63,7 +64,7 @@ pub struct Config {
 impl Config {
     pub fn new(nats_url: impl Into<String>, webhooks: Vec<String>) -> Self {
         Config {
-            nats_url: nats_url.into(),
+            nats: shipperd_bus::NatsConfig::new(nats_url),
             webhooks,
             secret: None,
             timeout: Duration::from_secs(10),
@@ -232,7 +233,7 @@ impl Notify {
         if config.secret.is_none() && !config.webhooks.is_empty() {
             tracing::warn!("no webhook secret set: deliveries are not signed");
         }
-        let bus = Bus::connect(&config.nats_url, "shipperd-notify").await?;
+        let bus = Bus::connect_with(&config.nats, "shipperd-notify").await?;
         bus.ensure_topology().await?;
         let mut targets = Vec::new();
         for url in &config.webhooks {

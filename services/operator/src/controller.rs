@@ -157,7 +157,8 @@ fn follows(ns: &str, owner: Option<&str>, uploads: Option<&str>) -> bool {
 /// Settings of the operator.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
+    /// Where NATS is and how to log in (servers, credentials, TLS, replicas).
+    pub nats: shipperd_bus::NatsConfig,
     pub data_dir: shipperd_model::DataDir,
     /// Watch `Bundle`s in this namespace only (default: every namespace).
     pub namespace: Option<String>,
@@ -194,7 +195,7 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
     let client = kube::Client::try_default().await?;
-    let bus = shipperd_bus::Bus::connect(&config.nats_url, "shipperd-operator").await?;
+    let bus = shipperd_bus::Bus::connect_with(&config.nats, "shipperd-operator").await?;
     bus.ensure_topology().await?;
     let store = Store::attach(bus.clone(), &config.data_dir, config.max_bundle_bytes).await?;
     let state = StateStore::open(&bus).await?;

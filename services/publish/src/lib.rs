@@ -115,7 +115,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Settings of the publish service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
+    /// Where NATS is and how to log in (servers, credentials, TLS, replicas).
+    pub nats: shipperd_bus::NatsConfig,
     pub data_dir: DataDir,
     /// Where images go: named registries, their credentials, trust and path mapping.
     pub targets: Targets,
@@ -140,7 +141,7 @@ impl Config {
         targets: Targets,
     ) -> Self {
         Config {
-            nats_url: nats_url.into(),
+            nats: shipperd_bus::NatsConfig::new(nats_url),
             data_dir: DataDir::new(data_dir.into()),
             targets,
             targets_file: None,
@@ -222,7 +223,7 @@ impl Publish {
     pub async fn start(config: Config) -> Result<Self> {
         // ring is our one TLS provider; a no-op when the binary installed it already.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let bus = Bus::connect(&config.nats_url, "shipperd-publish").await?;
+        let bus = Bus::connect_with(&config.nats, "shipperd-publish").await?;
         bus.ensure_topology().await?;
         let images = bus
             .consumer(&config.stage.consumer(

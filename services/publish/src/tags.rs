@@ -9,7 +9,7 @@
 //! Two bundles tagging the same tag at the very same moment may still race at the
 //! registry; the guard is for the late redelivery, which comes long after.
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use shipperd_model::{BundleId, BundleSummary, Digest};
@@ -98,7 +98,7 @@ impl Tags {
             let written = match entry {
                 None => match self.kv.create(&key, value.clone()).await {
                     Ok(_) => return true,
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                    Err(e) if shipperd_bus::lost_race(&e) => {
                         read = self.entry(&key).await;
                         continue;
                     }
@@ -121,7 +121,7 @@ impl Tags {
             };
             match written {
                 Ok(_) => return true,
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                Err(e) if shipperd_bus::lost_race(&e) => {
                     read = self.entry(&key).await;
                 }
                 Err(_) => return true,

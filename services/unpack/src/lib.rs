@@ -64,7 +64,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Settings of the unpack service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub nats_url: String,
+    /// Where NATS is and how to log in (servers, credentials, TLS, replicas).
+    pub nats: shipperd_bus::NatsConfig,
     pub data_dir: DataDir,
     /// Where images land: each bundle's target (or the default one) maps its images'
     /// names.
@@ -86,7 +87,7 @@ impl Config {
         targets: Targets,
     ) -> Self {
         Config {
-            nats_url: nats_url.into(),
+            nats: shipperd_bus::NatsConfig::new(nats_url),
             data_dir: DataDir::new(data_dir.into()),
             targets,
             targets_file: None,
@@ -119,7 +120,7 @@ pub struct Unpack {
 
 impl Unpack {
     pub async fn start(config: Config) -> Result<Self> {
-        let bus = Bus::connect(&config.nats_url, "shipperd-unpack").await?;
+        let bus = Bus::connect_with(&config.nats, "shipperd-unpack").await?;
         bus.ensure_topology().await?;
         let consumer = bus
             .consumer(&config.stage.consumer(

@@ -88,6 +88,9 @@ impl Registry {
                     }
                     // Another replica was quicker (then we wait on it), or the bucket
                     // refuses writes (then, after a few tries, we go without).
+                    Err(error) if shipperd_bus::lost_race(&error) => {
+                        tracing::debug!(key, "upload lease taken by another replica first");
+                    }
                     Err(error) => {
                         tracing::debug!(key, %error, "upload lease not created");
                         refused += 1;
