@@ -25,6 +25,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v bc >/dev/null 2>&1 || need+=(bc)
 
+# kubectl (with kustomize) renders the manifests in the tests; these machines have it.
+command -v kubectl >/dev/null 2>&1 || need+=(kubectl)
+
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -73,6 +73,26 @@ pub enum Command {
         #[command(flatten)]
         operator: OperatorArgs,
     },
+    /// Make the per-install NATS credentials once: a password for the `shipperd` user,
+    /// a CA and a server certificate for the NATS Service's names; as a Kubernetes
+    /// Secret (created only when absent) or as files. Prints nothing secret.
+    NatsCredentials {
+        /// Create this Secret (in --namespace) unless it exists.
+        #[arg(long, required_unless_present = "out_dir", conflicts_with = "out_dir")]
+        secret: Option<String>,
+        /// Write the files here instead (unless a password is there already).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// The namespace of the Secret and of the NATS Service.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "shipperd")]
+        namespace: String,
+        /// The NATS Service: its names (and its pods') go into the certificate.
+        #[arg(long, default_value = "nats")]
+        service: String,
+        /// More names for the certificate (repeat).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
     /// Print the CustomResourceDefinitions of ShipperD's resources (Bundle,
     /// RegistryTarget, WebhookTarget) as YAML, e.g. `shipperd crd | kubectl apply -f -`.
     Crd,
@@ -527,6 +547,12 @@ impl RegistryArgs {
     /// The targets: from the file, or the one the `--registry` flags describe.
     pub fn targets(&self) -> anyhow::Result<Targets> {
         Ok(match (&self.targets, &self.registry) {
+            // The operator writes the file; a pod that starts first waits for it
+            // (followed, applied when it appears) instead of failing.
+            (Some(file), _) if !file.exists() => {
+                tracing::warn!(file = %file.display(), "no targets file yet; no target until it is written");
+                Targets::from_list(Vec::new(), Some(""))?
+            }
             (Some(file), _) => Targets::load(file)?,
             (None, Some(url)) => Targets::single(
                 url,

@@ -19,6 +19,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", shipperd_operator::crds_yaml());
         return Ok(());
     }
+    if let Command::NatsCredentials {
+        secret,
+        out_dir,
+        namespace,
+        service,
+        hosts,
+    } = &cli.command
+    {
+        let mut names = crate::natscreds::hosts(service, namespace);
+        names.extend(hosts.iter().cloned());
+        let made = match (secret, out_dir) {
+            (_, Some(dir)) => crate::natscreds::write_files(dir, &names)?,
+            (Some(name), None) => {
+                rustls::crypto::ring::default_provider()
+                    .install_default()
+                    .map_err(|_| anyhow::anyhow!("a TLS crypto provider was installed already"))?;
+                let client = kube::Client::try_default().await?;
+                crate::natscreds::ensure_secret(client, namespace, name, &names).await?
+            }
+            (None, None) => anyhow::bail!("give --secret or --out-dir"),
+        };
+        let what = secret.clone().map_or_else(
+            || {
+                out_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
+            },
+            |s| format!("Secret {namespace}/{s}"),
+        );
+        println!(
+            "{what}: {}",
+            if made {
+                "created"
+            } else {
+                "exists already; left as it is"
+            }
+        );
+        return Ok(());
+    }
     // Every setting is read and checked before anything starts.
     let config = match &cli.command {
         Command::Unpack { common, registry } => Some(Config::Unpack(registry.unpack(common)?)),
@@ -43,7 +83,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Notify { .. } => "shipperd-notify",
         Command::All { .. } => "shipperd",
         Command::Operator { .. } => "shipperd-operator",
-        Command::Crd => unreachable!("printed above"),
+        Command::Crd | Command::NatsCredentials { .. } => unreachable!("done above"),
     };
     let _telemetry = shipperd_telemetry::init(service)?;
     let kube_auth = match &cli.command {
@@ -72,7 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator { common, operator } => {
             shipperd_operator::controller::run(operator.config(&common), shutdown).await?
         }
-        Command::Crd => unreachable!("printed above"),
+        Command::Crd | Command::NatsCredentials { .. } => unreachable!("done above"),
     }
     Ok(())
 }

@@ -268,6 +268,17 @@ impl Nats {
         config: &str,
         files: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_config_env(bin, config, files, &[]).await
+    }
+
+    /// [`Nats::start_config`] with environment variables (which a config's `$NAME`
+    /// reads).
+    pub async fn start_config_env(
+        bin: &Path,
+        config: &str,
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text)?;
@@ -279,7 +290,7 @@ impl Nats {
         let file = dir.path().join("nats.conf");
         std::fs::write(&file, text)?;
         let mut cmd = Command::new(bin);
-        cmd.arg("-c").arg(&file);
+        cmd.arg("-c").arg(&file).envs(env.iter().copied());
         let mut p = Proc::spawn(cmd, port, dir)?;
         wait_tcp(port, &mut p, "nats-server").await?;
         Ok(Nats(p))

@@ -1,0 +1,203 @@
+//! The install: every kustomization renders and validates offline
+//! (`scripts/check-manifests.py`), the rendered objects keep the rules an admin relies
+//! on (no cluster-wide Secret access, restricted security contexts, NATS behind a
+//! NetworkPolicy), and the NATS configuration the base ships works with credentials made
+//! by `shipperd nats-credentials`: TLS and a password, anonymous refused.
+
+use std::{path::Path, process::Command};
+
+use serde::Deserialize as _;
+use serde_yaml::Value;
+use shipperd_bus::{Bus, NatsConfig};
+use shipperd_tests::servers::{Nats, free_port, nats_server_builds};
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn render(dir: &str) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .args(["kustomize", &root().join(dir).display().to_string()])
+        .output()
+        .expect("kubectl runs (scripts/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "{dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+#[test]
+fn every_overlay_renders_and_validates_offline() {
+    let out = Command::new("python3")
+        .arg(root().join("scripts/check-manifests.py"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("0 failed"), "{text}");
+}
+
+fn kind(v: &Value) -> &str {
+    v["kind"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn rendered_objects_keep_the_rules() {
+    for dir in [
+        "deploy/kustomize/base",
+        "deploy/kustomize/overlays/openshift",
+        "deploy/kustomize/overlays/scale-out",
+    ] {
+        let docs = render(dir);
+        // No ClusterRole grants Secrets: those are read only in the namespace served.
+        for cr in docs.iter().filter(|d| kind(d) == "ClusterRole") {
+            for rule in cr["rules"].as_sequence().unwrap() {
+                let res = rule["resources"].as_sequence().unwrap();
+                assert!(
+                    !res.iter().any(|r| r == "secrets" || r == "*"),
+                    "{dir}: ClusterRole {:?} grants {res:?}",
+                    cr["metadata"]["name"]
+                );
+            }
+        }
+        // Every container: non-root pod, no escalation, no capabilities, read-only root.
+        let mut containers = 0;
+        for w in docs
+            .iter()
+            .filter(|d| matches!(kind(d), "Deployment" | "StatefulSet" | "Job"))
+        {
+            let pod = &w["spec"]["template"]["spec"];
+            let name = &w["metadata"]["name"];
+            assert_eq!(
+                pod["securityContext"]["runAsNonRoot"],
+                Value::Bool(true),
+                "{dir}: {name:?}"
+            );
+            assert_eq!(
+                pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+                "{dir}: {name:?}"
+            );
+            for c in pod["containers"].as_sequence().unwrap() {
+                let sc = &c["securityContext"];
+                assert_eq!(
+                    sc["allowPrivilegeEscalation"],
+                    Value::Bool(false),
+                    "{dir}: {name:?}"
+                );
+                assert_eq!(
+                    sc["readOnlyRootFilesystem"],
+                    Value::Bool(true),
+                    "{dir}: {name:?}"
+                );
+                assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{dir}: {name:?}");
+                assert!(
+                    !c["resources"]["requests"].is_null(),
+                    "{dir}: {name:?} has no requests"
+                );
+                containers += 1;
+            }
+            if dir.ends_with("openshift") {
+                // restricted-v2 assigns UIDs: none is fixed.
+                assert!(
+                    pod["securityContext"]["runAsUser"].is_null(),
+                    "{dir}: {name:?}"
+                );
+            }
+        }
+        assert!(containers >= 6, "{dir}: {containers} containers");
+        // NATS admits clients only from ShipperD's pods.
+        let np = docs
+            .iter()
+            .find(|d| kind(d) == "NetworkPolicy" && d["metadata"]["name"] == "nats")
+            .expect("a NetworkPolicy for NATS");
+        assert_eq!(
+            np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["shipperd.io/nats-client"],
+            "true"
+        );
+        // Every pod that talks to NATS carries the label the policy admits.
+        for w in docs.iter().filter(|d| kind(d) == "Deployment") {
+            assert_eq!(
+                w["spec"]["template"]["metadata"]["labels"]["shipperd.io/nats-client"], "true",
+                "{dir}: {:?}",
+                w["metadata"]["name"]
+            );
+        }
+    }
+    let scaled = render("deploy/kustomize/overlays/scale-out");
+    let nats = scaled.iter().find(|d| kind(d) == "StatefulSet").unwrap();
+    assert_eq!(nats["spec"]["replicas"], 3);
+    let config = scaled
+        .iter()
+        .find(|d| kind(d) == "ConfigMap" && d["data"]["SHIPPERD_NATS_REPLICAS"].is_string())
+        .unwrap();
+    assert_eq!(config["data"]["SHIPPERD_NATS_REPLICAS"], "3");
+}
+
+/// The base's nats.conf, with its paths moved into a temp dir, its ports made free.
+fn base_nats_conf(http: u16) -> String {
+    std::fs::read_to_string(root().join("deploy/kustomize/base/nats.conf"))
+        .unwrap()
+        .replace("/etc/nats/tls/", "{dir}/")
+        .replace("store_dir: /data", "store_dir: {dir}/js")
+        .replace("/var/run/nats/", "{dir}/")
+        .replace("port: 4222", "port: {port}")
+        .replace(
+            "http_port: 8222",
+            &format!("http_port: {http}\nhost: 127.0.0.1"),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nats_config_takes_generated_credentials() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let creds = tempfile::tempdir()?;
+    let dir = creds.path().join("nats");
+    assert!(shipperd::natscreds::write_files(
+        &dir,
+        &shipperd::natscreds::hosts("nats", "shipperd")
+    )?);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let password = read("password");
+    let nats = Nats::start_config_env(
+        &nats_server_builds()?[1],
+        &base_nats_conf(free_port()),
+        &[
+            ("tls.crt", &read("tls.crt")),
+            ("tls.key", &read("tls.key")),
+            ("ca.crt", &read("ca.crt")),
+        ],
+        &[
+            ("POD_NAME", "nats-0"),
+            ("SHIPPERD_NATS_PASSWORD", &password),
+        ],
+    )
+    .await?;
+    let port = nats.0.port;
+    // As the base's shipperd-config says: tls://nats, user shipperd, the password and CA
+    // files (here at localhost, a name the certificate holds).
+    let shipperd = NatsConfig {
+        user: Some("shipperd".into()),
+        password_file: Some(dir.join("password")),
+        tls_ca_file: Some(dir.join("ca.crt")),
+        ..NatsConfig::new(format!("tls://localhost:{port}"))
+    };
+    Bus::connect_with(&shipperd, "manifest-test")
+        .await?
+        .ensure_topology()
+        .await?;
+    let anonymous = NatsConfig {
+        tls_ca_file: Some(dir.join("ca.crt")),
+        ..NatsConfig::new(format!("tls://localhost:{port}"))
+    };
+    assert!(Bus::connect_with(&anonymous, "anonymous").await.is_err());
+    Ok(())
+}
