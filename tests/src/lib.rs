@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod fixtures;
+pub mod image;
 pub mod pki;
 pub mod process;
 pub mod proxy;

@@ -122,6 +122,19 @@ enum Cmd {
     },
     /// Print a free loopback TCP port.
     FreePort,
+    /// Build ShipperD's container image as an OCI image layout, without a container
+    /// engine, reproducibly (SOURCE_DATE_EPOCH, default 0, for every time).
+    BuildImage {
+        /// The shipperd binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// The OCI layout directory to write (emptied first).
+        #[arg(long)]
+        out: PathBuf,
+        /// name:tag recorded in the layout.
+        #[arg(long, default_value = concat!("shipperd:", env!("CARGO_PKG_VERSION")))]
+        reference: String,
+    },
 }
 
 #[tokio::main]
@@ -227,6 +240,17 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::RegistryConfig { port, root } => print!("{}", registry_config(&root, port)),
         Cmd::FreePort => println!("{}", free_port()),
+        Cmd::BuildImage {
+            binary,
+            out,
+            reference,
+        } => {
+            let built = shipperd_tests::image::build(
+                &shipperd_tests::image::ImageSpec::new(binary, &reference),
+                &out,
+            )?;
+            println!("{reference} {}", built.manifest);
+        }
     }
     Ok(())
 }
