@@ -151,6 +151,7 @@ mod tests {
         let h = hosts("nats", "shipperd");
         for want in [
             "nats",
+            "*.nats",
             "nats.shipperd.svc",
             "*.nats.shipperd.svc.cluster.local",
             "*.nats.shipperd",
