@@ -14,7 +14,7 @@ use shipperd_tests::{
     servers::{Nats, NatsCluster, nats_server_builds, nats_server_version},
 };
 
-const IMAGES: usize = 150;
+const IMAGES: usize = 100;
 
 /// Waits until the cluster has a JetStream leader and takes R3 streams: ShipperD's
 /// topology declares.
@@ -58,7 +58,7 @@ async fn node_lost_mid_bundle(bin: &Path, recount_allowed: bool) -> anyhow::Resu
         publish_retry: Some(Duration::from_millis(500)),
         janitor: Some(shipperd_ingest::JanitorSettings {
             every: Duration::from_millis(500),
-            stale_after: Duration::from_secs(6),
+            stale_after: Duration::from_secs(4),
             ..Default::default()
         }),
         ..Default::default()

@@ -201,3 +201,71 @@ async fn the_shipped_nats_config_takes_generated_credentials() -> anyhow::Result
     assert!(Bus::connect_with(&anonymous, "anonymous").await.is_err());
     Ok(())
 }
+
+/// `shipperd nats-credentials --secret`: against a fake API server, the Secret is created
+/// once with every key; a second run finds it and changes nothing (never rotating what
+/// running servers use).
+#[tokio::test]
+async fn the_credentials_secret_is_made_once() -> anyhow::Result<()> {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use std::sync::{Arc, Mutex};
+
+    let stored: Arc<Mutex<Option<Value>>> = Arc::default();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let held = stored.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            assert!(
+                path.starts_with("/api/v1/namespaces/shipperd/secrets"),
+                "{method} {path}"
+            );
+            let body = req.into_body().collect_bytes().await.unwrap_or_default();
+            let mut s = held.lock().unwrap();
+            let (status, answer) = match (method.as_str(), s.as_ref()) {
+                ("GET", Some(v)) => (200, v.clone()),
+                ("GET", None) => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+                ("POST", None) => {
+                    let v: Value = serde_json::from_slice(&body).unwrap();
+                    *s = Some(v.clone());
+                    (201, v)
+                }
+                _ => (405, json!({})),
+            };
+            drop(s);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let client = kube::Client::new(service, "shipperd");
+    let hosts = shipperd::natscreds::hosts("nats", "shipperd");
+    assert!(
+        shipperd::natscreds::ensure_secret(client.clone(), "shipperd", "shipperd-nats", &hosts)
+            .await?
+    );
+    let first = stored.lock().unwrap().clone().expect("created");
+    for key in ["password", "ca.crt", "tls.crt", "tls.key"] {
+        assert!(first["data"][key].is_string(), "{key} missing: {first}");
+    }
+    assert_eq!(first["metadata"]["name"], "shipperd-nats");
+    assert!(
+        !shipperd::natscreds::ensure_secret(client, "shipperd", "shipperd-nats", &hosts).await?
+    );
+    assert_eq!(
+        stored.lock().unwrap().clone().unwrap(),
+        first,
+        "left as it was"
+    );
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! Every end-to-end test in one binary: one link instead of one per file, and the
+//! tests of different files run side by side (`cargo test` runs binaries one after
+//! another). Each module is one area; its own doc says what it proves.
+
+mod auth;
+mod bundles;
+mod crash;
+mod cutoff;
+mod differential;
+mod exposure;
+mod fetch;
+mod formats;
+mod hardening;
+mod hostile;
+mod image;
+mod ingest;
+mod lifecycle;
+mod manifests;
+mod nats_cluster;
+mod operator;
+mod outage;
+mod pipeline;
+mod publish_faults;
+mod scale;
+mod secrets;
+mod state;
+mod targets;
+mod webhooks;
