@@ -30,8 +30,11 @@ pub struct Credentials(pub BTreeMap<&'static str, Vec<u8>>);
 /// The DNS names a NATS Service `service` in `namespace` answers to, for its server
 /// certificate (the StatefulSet's pods are `<pod>.<service>...`).
 pub fn hosts(service: &str, namespace: &str) -> Vec<String> {
-    // `<pod>.<service>` from inside the namespace: the cluster's routes dial those.
-    let mut h = vec![service.to_string(), format!("*.{service}")];
+    // `<pod>.<service>` from inside the namespace: clients and the cluster's routes dial
+    // those. Named one by one (a cluster has at most 5 nodes): a wildcard over a
+    // one-label name (`*.nats`) is refused by TLS clients, as `*.com` is.
+    let mut h = vec![service.to_string()];
+    h.extend((0..5).map(|i| format!("{service}-{i}.{service}")));
     for suffix in ["", ".svc", ".svc.cluster.local"] {
         h.push(format!("{service}.{namespace}{suffix}"));
         h.push(format!("*.{service}.{namespace}{suffix}"));
@@ -151,7 +154,8 @@ mod tests {
         let h = hosts("nats", "shipperd");
         for want in [
             "nats",
-            "*.nats",
+            "nats-0.nats",
+            "nats-2.nats",
             "nats.shipperd.svc",
             "*.nats.shipperd.svc.cluster.local",
             "*.nats.shipperd",
