@@ -18,8 +18,27 @@ use crate::AllConfig;
     about = "Carries bundles of container images into a disconnected registry"
 )]
 pub struct Cli {
+    /// Log lines as text, or one JSON object per line (for log collectors).
+    #[arg(long, env = "SHIPPERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl From<LogFormat> for shipperd_telemetry::LogFormat {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Text => shipperd_telemetry::LogFormat::Text,
+            LogFormat::Json => shipperd_telemetry::LogFormat::Json,
+        }
+    }
 }
 
 // Parsed once at start: the size of the largest variant does not matter.

@@ -85,7 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator { .. } => "shipperd-operator",
         Command::Crd | Command::NatsCredentials { .. } => unreachable!("done above"),
     };
-    let _telemetry = shipperd_telemetry::init(service)?;
+    let _telemetry = shipperd_telemetry::init_with(service, cli.log_format.into())?;
     let kube_auth = match &cli.command {
         Command::Ingest { ingest, .. } | Command::All { ingest, .. } => ingest.kube_auth().await?,
         _ => None,

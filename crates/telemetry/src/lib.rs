@@ -1,8 +1,10 @@
 //! Logging and tracing for every ShipperD service.
 //!
-//! - Logs: `tracing` to stderr, filtered by `RUST_LOG` (default `info`). The filter sits
-//!   on the log layer only: a global `warn` filter would disable spans, and then no
-//!   `traceparent` would be carried across services.
+//! - Logs: `tracing` to stderr, as text or one JSON object per line ([`LogFormat`]),
+//!   filtered by `RUST_LOG` (default [`DEFAULT_FILTER`]: ShipperD at `info`, its
+//!   dependencies at `warn`). The filter sits on the log layer only: a global `warn`
+//!   filter would disable spans, and then no `traceparent` would be carried across
+//!   services.
 //! - Traces: the W3C TraceContext propagator and an SDK tracer provider are always
 //!   installed (so trace context always flows through NATS headers); spans are exported
 //!   over OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
@@ -30,8 +32,28 @@ impl Drop for Guard {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (colours on a terminal only).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields.message`, the fields,
+    /// `target`, the current span and its parents), for log collectors.
+    Json,
+}
+
+/// ShipperD's own crates at `info`, every dependency (NATS and Kubernetes clients,
+/// hyper, rustls, the bundle readers) at `warn`. `RUST_LOG` replaces it.
+pub const DEFAULT_FILTER: &str = "warn,shipperd=info";
+
 /// Installs logging and tracing for `service` (e.g. `shipperd-ingest`).
 pub fn init(service: &'static str) -> Result<Guard, Error> {
+    init_with(service, LogFormat::Text)
+}
+
+/// [`init`] writing logs in `format`.
+pub fn init_with(service: &'static str, format: LogFormat) -> Result<Guard, Error> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let resource = Resource::builder().with_service_name(service).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
@@ -45,13 +67,24 @@ pub fn init(service: &'static str) -> Result<Guard, Error> {
     let provider = builder.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: log files and pipes get plain text.
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .with_filter(filter);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let fmt = match format {
+        // Colours only on a terminal: log files and pipes get plain text.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_filter(filter)
+            .boxed(),
+    };
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
     tracing_subscriber::registry()
         .with(otel)

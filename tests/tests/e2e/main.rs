@@ -15,6 +15,7 @@ mod hostile;
 mod image;
 mod ingest;
 mod lifecycle;
+mod logs;
 mod manifests;
 mod nats_cluster;
 mod operator;
