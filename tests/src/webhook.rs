@@ -21,6 +21,8 @@ pub struct Delivery {
     pub timestamp: String,
     pub signature: Option<String>,
     pub content_type: String,
+    /// The `traceparent` HTTP header.
+    pub traceparent: Option<String>,
     pub body: Vec<u8>,
     pub event: Value,
 }
@@ -80,6 +82,7 @@ async fn receive(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) 
         timestamp: h("webhook-timestamp").unwrap_or_default(),
         signature: h("webhook-signature"),
         content_type: h("content-type").unwrap_or_default(),
+        traceparent: h("traceparent"),
         body: body.to_vec(),
         event,
     });

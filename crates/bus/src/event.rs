@@ -109,6 +109,9 @@ pub struct IncomingEvent {
     pub time: String,
     pub subject: String,
     pub data: Bytes,
+    /// W3C trace context of the work that sent it (`traceparent`, `tracestate`).
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 impl IncomingEvent {
@@ -126,6 +129,8 @@ impl IncomingEvent {
             time: get("ce-time").unwrap_or_default(),
             subject: get("ce-subject").unwrap_or_default(),
             data: payload,
+            traceparent: get("traceparent"),
+            tracestate: get("tracestate").filter(|s| !s.is_empty()),
         })
     }
 
@@ -133,9 +138,11 @@ impl IncomingEvent {
         M::decode(self.data.as_ref()).map_err(Error::decode("event body"))
     }
 
-    /// The event as a CloudEvents JSON document (structured mode).
+    /// The event as a CloudEvents JSON document (structured mode), with the
+    /// distributed-tracing extension attributes (`traceparent`, `tracestate`) when the
+    /// event carries a trace context.
     pub fn to_cloudevent_json(&self) -> Result<Value> {
-        Ok(serde_json::json!({
+        let mut v = serde_json::json!({
             "specversion": SPEC_VERSION,
             "id": self.id,
             "source": EVENT_SOURCE,
@@ -144,7 +151,14 @@ impl IncomingEvent {
             "time": self.time,
             "datacontenttype": "application/json",
             "data": self.kind.body_to_json(&self.data)?,
-        }))
+        });
+        if let Some(t) = &self.traceparent {
+            v["traceparent"] = Value::String(t.clone());
+        }
+        if let Some(t) = &self.tracestate {
+            v["tracestate"] = Value::String(t.clone());
+        }
+        Ok(v)
     }
 }
 

@@ -39,3 +39,16 @@ pub fn set_parent(span: &tracing::Span, headers: Option<&HeaderMap>) {
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)));
     let _ = span.set_parent(cx);
 }
+
+/// Makes `span` a child of a W3C trace context received outside NATS (an HTTP
+/// request's `traceparent` and `tracestate` headers); an invalid one is ignored.
+pub fn set_parent_from(span: &tracing::Span, traceparent: Option<&str>, tracestate: Option<&str>) {
+    let Some(tp) = traceparent else { return };
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_string(), tp.to_string());
+    if let Some(ts) = tracestate {
+        carrier.insert("tracestate".to_string(), ts.to_string());
+    }
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let _ = span.set_parent(cx);
+}

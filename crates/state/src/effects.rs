@@ -13,6 +13,7 @@ use shipperd_model::{
     BundleId, BundleSummary, Counts, DataDir, Effect, Effects, ImagePhase, ImageState, Phase,
 };
 use shipperd_proto::v1;
+use tracing::Instrument as _;
 
 use crate::StateStore;
 
@@ -121,8 +122,12 @@ impl Executor {
         };
         let id =
             MessageId::event(EventKind::BundleReceived, &s.id, s.generation).redrive(s.redrives);
+        // The bundle's trace starts here (a child of the upload's request, when one
+        // sent a `traceparent`); every stage after it continues it from the headers.
+        let span = tracing::info_span!("bundle.received", bundle_id = %s.id);
         self.bus
             .publish_event(EventKind::BundleReceived, &id, encode(&body))
+            .instrument(span)
             .await?;
         Ok(())
     }

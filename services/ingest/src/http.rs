@@ -50,8 +50,21 @@ pub fn router(store: Arc<Store>, uploads: Uploads) -> Router {
         // its own (configurable) maximum size.
         .layer(DefaultBodyLimit::disable())
         .layer(axum::Extension(Arc::new(uploads)))
+        .layer(axum::middleware::from_fn(trace_request))
         .with_state(store.clone())
         .merge(probes(store))
+}
+
+/// Each API request in a span of its own, continuing the caller's trace when it sends a
+/// `traceparent`: a bundle uploaded by a traced client is one trace with its upload.
+async fn trace_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path());
+    {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        shipperd_bus::trace::set_parent_from(&span, header("traceparent"), header("tracestate"));
+    }
+    next.run(req).instrument(span).await
 }
 
 /// Liveness, readiness and metrics: open (no token), on the API's port and, with

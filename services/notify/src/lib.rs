@@ -445,6 +445,13 @@ async fn post(target: &Target, event: &IncomingEvent, attempt: i64) -> Outcome {
         .header("content-type", "application/cloudevents+json")
         .header("webhook-id", &event.id)
         .header("webhook-timestamp", ts.to_string());
+    // The trace the event belongs to, as an HTTP header too (W3C Trace Context).
+    if let Some(tp) = &event.traceparent {
+        req = req.header("traceparent", tp);
+        if let Some(ts) = &event.tracestate {
+            req = req.header("tracestate", ts);
+        }
+    }
     if let Some(key) = &target.key {
         req = req.header(
             "webhook-signature",

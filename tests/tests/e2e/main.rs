@@ -26,4 +26,5 @@ mod scale;
 mod secrets;
 mod state;
 mod targets;
+mod traces;
 mod webhooks;
