@@ -112,6 +112,28 @@ pub enum Command {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// Show bundles (a table), or one bundle: phase, image counts, error, failed images.
+    Status {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        /// A bundle id (its first characters are not enough: the full id).
+        id: Option<String>,
+    },
+    /// Publish again what failed in a Failed bundle.
+    Retry {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        id: String,
+    },
+    /// Delete a bundle's stored files and state (not the images in the registry).
+    Delete {
+        #[command(flatten)]
+        client: crate::client::ClientArgs,
+        id: String,
+        /// Also a bundle still being unpacked or published (it stops).
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the CustomResourceDefinitions of ShipperD's resources (Bundle,
     /// RegistryTarget, WebhookTarget) as YAML, e.g. `shipperd crd | kubectl apply -f -`.
     Crd,

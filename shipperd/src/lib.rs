@@ -2,6 +2,7 @@
 //! running every service in one process (`shipperd all`, the local and edge default).
 
 pub mod cli;
+pub mod client;
 pub mod natscreds;
 mod run;
 

@@ -59,6 +59,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    match &cli.command {
+        Command::Status { client, id } => {
+            return crate::client::status(client, id.as_deref()).await;
+        }
+        Command::Retry { client, id } => return crate::client::retry(client, id).await,
+        Command::Delete { client, id, force } => {
+            return crate::client::delete(client, id, *force).await;
+        }
+        _ => {}
+    }
     // Every setting is read and checked before anything starts.
     let config = match &cli.command {
         Command::Unpack { common, registry } => Some(Config::Unpack(registry.unpack(common)?)),
@@ -83,7 +93,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Notify { .. } => "shipperd-notify",
         Command::All { .. } => "shipperd",
         Command::Operator { .. } => "shipperd-operator",
-        Command::Crd | Command::NatsCredentials { .. } => unreachable!("done above"),
+        Command::Crd
+        | Command::NatsCredentials { .. }
+        | Command::Status { .. }
+        | Command::Retry { .. }
+        | Command::Delete { .. } => unreachable!("done above"),
     };
     let _telemetry = shipperd_telemetry::init_with(service, cli.log_format.into())?;
     let kube_auth = match &cli.command {
@@ -112,7 +126,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator { common, operator } => {
             shipperd_operator::controller::run(operator.config(&common), shutdown).await?
         }
-        Command::Crd | Command::NatsCredentials { .. } => unreachable!("done above"),
+        Command::Crd
+        | Command::NatsCredentials { .. }
+        | Command::Status { .. }
+        | Command::Retry { .. }
+        | Command::Delete { .. } => unreachable!("done above"),
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 mod auth;
 mod bundles;
+mod cli;
 mod crash;
 mod cutoff;
 mod differential;

@@ -1,0 +1,136 @@
+//! `shipperd status|retry|delete` against a running stack: a table of bundles, one
+//! bundle's phase, counts and error in text and `--json`, the token the API asks for,
+//! and errors a person can act on.
+
+use std::{process::Command, time::Duration};
+
+use shipperd_tests::{
+    app::{Options, spawn_app},
+    fixtures::{Compression, sample},
+};
+
+fn shipperd(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(args)
+        .env_remove("SHIPPERD_SERVER")
+        .env_remove("SHIPPERD_TOKEN_FILE")
+        .output()
+        .expect("shipperd runs");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_retry_and_delete_from_the_command_line() -> anyhow::Result<()> {
+    let app = spawn_app(Options {
+        auth_tokens: Some("s3cret-token\n".into()),
+        ..Default::default()
+    })
+    .await?;
+    let token = app.data.path().join("tokens");
+    let token = token.to_str().unwrap();
+    let server = app.base.as_str();
+
+    // A good bundle and a broken one, uploaded with the token.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("good.squashfs");
+    let layout = sample("cli", "cli", 0);
+    layout.write_squashfs(&path, Compression::Gzip)?;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (name, body) in [
+        ("good.squashfs", std::fs::read(&path)?),
+        ("broken.tar", b"this is not a bundle".repeat(100)),
+    ] {
+        let r: serde_json::Value = http
+            .put(format!("{server}/v1/bundles/{name}"))
+            .bearer_auth("s3cret-token")
+            .body(body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    let auth_http = {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("authorization", "Bearer s3cret-token".parse()?);
+        reqwest::Client::builder().default_headers(h).build()?
+    };
+    for id in &ids {
+        shipperd_tests::eventually("the bundle to end", Duration::from_secs(60), || async {
+            let v: serde_json::Value = auth_http
+                .get(format!("{server}/v1/bundles/{id}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            matches!(v["phase"].as_str(), Some("Published" | "Failed")).then_some(())
+        })
+        .await?;
+    }
+    let (good, broken) = (&ids[0], &ids[1]);
+
+    // Without the token: refused, saying what to give.
+    let (ok, _, err) = shipperd(&["status", "--server", server]);
+    assert!(!ok);
+    assert!(err.contains("--token-file"), "{err}");
+
+    // The table: a header and one line per bundle.
+    let (ok, out, err) = shipperd(&["status", "--server", server, "--token-file", token]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ID"), "{out}");
+    assert!(
+        out.contains(&good[..12]) && out.contains("Published"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&broken[..12]) && out.contains("Failed"),
+        "{out}"
+    );
+
+    // One bundle, as text and as the API's JSON.
+    let (ok, out, _) = shipperd(&["status", "--server", server, "--token-file", token, good]);
+    assert!(ok);
+    assert!(out.contains("phase    Published"), "{out}");
+    let n = layout.images.len();
+    assert!(
+        out.contains(&format!("images   {n} total, {n} published")),
+        "{out}"
+    );
+    let (ok, out, _) = shipperd(&[
+        "status",
+        "--json",
+        "--server",
+        server,
+        "--token-file",
+        token,
+        broken,
+    ]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["phase"], "Failed");
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+    let (_, out, _) = shipperd(&["status", "--server", server, "--token-file", token, broken]);
+    assert!(out.contains("error    "), "{out}");
+
+    // Retry of a published bundle is refused with the API's reason; delete works.
+    let (ok, _, err) = shipperd(&["retry", "--server", server, "--token-file", token, good]);
+    assert!(!ok);
+    assert!(
+        err.to_lowercase().contains("publish") || err.contains("409"),
+        "{err}"
+    );
+    let (ok, out, err) = shipperd(&["delete", "--server", server, "--token-file", token, broken]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deleted"), "{out}");
+    let (ok, _, err) = shipperd(&["status", "--server", server, "--token-file", token, broken]);
+    assert!(!ok);
+    assert!(err.contains("no bundle with id"), "{err}");
+    app.stop().await
+}
