@@ -112,6 +112,9 @@ pub enum Command {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// Upload a bundle in parts (a broken connection costs one part), with progress, and
+    /// follow it to its end: exits non-zero when it fails, with the reason.
+    Push(crate::client::PushArgs),
     /// Show bundles (a table), or one bundle: phase, image counts, error, failed images.
     Status {
         #[command(flatten)]

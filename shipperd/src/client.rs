@@ -226,3 +226,374 @@ pub async fn delete(args: &ClientArgs, id: &str, force: bool) -> anyhow::Result<
     }
     Ok(())
 }
+
+/// `shipperd push` settings.
+#[derive(Debug, Clone, Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The bundle: one file, or several read as one in the order given (oc-mirror's
+    /// `mirror_000001.tar mirror_000002.tar ...`, or `split` pieces).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The bundle's name (default: the first file's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Registry target (`<name>` of the cluster, or `<namespace>/<name>`).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Bytes per part: a broken connection costs at most one part, sent again.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub part_size: u64,
+    /// Tries of one part before giving up.
+    #[arg(long, default_value_t = 8)]
+    pub part_attempts: u32,
+    /// Return once uploaded, without following the bundle to its end.
+    #[arg(long)]
+    pub no_follow: bool,
+    /// Longest time to follow the bundle.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub follow_timeout: Duration,
+}
+
+/// The files as one byte stream: (path, length) in order.
+struct Concat {
+    files: Vec<(PathBuf, u64)>,
+    len: u64,
+}
+
+impl Concat {
+    fn open(paths: &[PathBuf]) -> anyhow::Result<Self> {
+        let mut files = Vec::new();
+        let mut len = 0;
+        for p in paths {
+            let m = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+            if !m.is_file() {
+                bail!("{} is not a file", p.display());
+            }
+            files.push((p.clone(), m.len()));
+            len += m.len();
+        }
+        Ok(Concat { files, len })
+    }
+
+    /// Bytes `[start, start + n)` of the whole.
+    fn read(&self, start: u64, n: u64) -> anyhow::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut out = Vec::with_capacity(n as usize);
+        let mut offset = 0;
+        for (path, len) in &self.files {
+            let (lo, hi) = (offset, offset + len);
+            offset = hi;
+            let from = start.max(lo);
+            let to = (start + n).min(hi);
+            if from >= to {
+                continue;
+            }
+            let f = std::fs::File::open(path)?;
+            let mut buf = vec![0u8; (to - from) as usize];
+            f.read_exact_at(&mut buf, from - lo)
+                .with_context(|| format!("reading {}", path.display()))?;
+            out.extend_from_slice(&buf);
+        }
+        Ok(out)
+    }
+}
+
+/// Progress as a bar on a terminal, plain lines otherwise.
+struct Progress {
+    tty: bool,
+    started: std::time::Instant,
+    total: u64,
+}
+
+impl Progress {
+    fn show(&self, done: u64, what: &str) {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let eta = if rate > 0.0 {
+            (self.total.saturating_sub(done) as f64 / rate) as u64
+        } else {
+            0
+        };
+        let pct = (done * 100).checked_div(self.total).unwrap_or(100);
+        let mib = |b: f64| b / (1 << 20) as f64;
+        if self.tty {
+            let width = 30;
+            let fill = (pct as usize * width / 100).min(width);
+            eprint!(
+                "\r[{}{}] {pct:>3}% {:.1}/{:.1} MiB {:.1} MiB/s ETA {eta}s {what:<20}",
+                "#".repeat(fill),
+                " ".repeat(width - fill),
+                mib(done as f64),
+                mib(self.total as f64),
+                mib(rate)
+            );
+        } else {
+            eprintln!(
+                "{what}: {done} of {} bytes ({pct}%), {:.1} MiB/s, ETA {eta}s",
+                self.total,
+                mib(rate)
+            );
+        }
+    }
+
+    fn end(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+impl Client {
+    /// `PUT /v1/uploads/{name}/parts/{n}`, tried again after a failure that may pass (a
+    /// broken connection, 5xx, 429); the upload id after the first part.
+    async fn put_part(
+        &self,
+        name: &str,
+        n: u32,
+        upload_id: Option<&str>,
+        body: Vec<u8>,
+        attempts: u32,
+    ) -> anyhow::Result<String> {
+        use sha2::Digest as _;
+        let sha = hex::encode(sha2::Sha256::digest(&body));
+        let body = bytes::Bytes::from(body);
+        let mut last = String::new();
+        for attempt in 1..=attempts.max(1) {
+            let mut url = format!("{}/v1/uploads/{name}/parts/{n}?sha256={sha}", self.base);
+            if let Some(id) = upload_id {
+                url.push_str(&format!("&upload_id={id}"));
+            }
+            let mut req = self.http.put(url).body(body.clone());
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    let v: Value = resp.json().await?;
+                    return Ok(v["upload_id"].as_str().unwrap_or_default().to_string());
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let v: Value = resp.json().await.unwrap_or(Value::Null);
+                    last = format!("{status}: {}", v["error"].as_str().unwrap_or_default());
+                    if !(status.is_server_error() || status.as_u16() == 429) {
+                        bail!("part {n} refused: {last}");
+                    }
+                }
+                Err(e) => last = format!("{}", e.without_url()),
+            }
+            if attempt < attempts {
+                eprintln!(
+                    "part {n}: {last}; sending it again (attempt {})",
+                    attempt + 1
+                );
+                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
+            }
+        }
+        bail!("part {n} not uploaded after {attempts} attempts: {last}")
+    }
+}
+
+/// A squashfs image (it cannot be stored in parts: it is read by offsets from its end).
+fn is_squashfs(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"hsqs"
+}
+
+impl Client {
+    /// One `PUT /v1/bundles/{name}?sha256=` streamed from `path`, sent again whole after
+    /// a failure that may pass.
+    async fn put_whole(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        progress: &Progress,
+        attempts: u32,
+        target: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        use futures::StreamExt as _;
+        use sha2::Digest as _;
+        let sha = {
+            let mut h = sha2::Sha256::new();
+            let mut f = std::fs::File::open(path)?;
+            std::io::copy(&mut f, &mut h)?;
+            hex::encode(h.finalize())
+        };
+        let mut url = format!("{}/v1/bundles/{name}?sha256={sha}", self.base);
+        if let Some(t) = target {
+            url.push_str(&format!("&target={t}"));
+        }
+        let mut last = String::new();
+        for attempt in 1..=attempts.max(1) {
+            let file = tokio::fs::File::open(path).await?;
+            let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counter = sent.clone();
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).inspect(move |chunk| {
+                    if let Ok(b) = chunk {
+                        counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            let mut req = self
+                .http
+                .put(&url)
+                .timeout(Duration::from_secs(24 * 3600))
+                .header("content-length", progress.total)
+                .body(reqwest::Body::wrap_stream(stream));
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            // A bar every second on a terminal; a line every 5 s otherwise.
+            let every = Duration::from_secs(if progress.tty { 1 } else { 5 });
+            let ticker = async {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let n = sent.load(std::sync::atomic::Ordering::Relaxed);
+                    progress.show(n, "uploading");
+                }
+            };
+            let answer = tokio::select! {
+                r = req.send() => r,
+                never = ticker => never,
+            };
+            match answer {
+                Ok(resp) if resp.status().is_success() => {
+                    progress.show(progress.total, "uploaded");
+                    return Ok(resp.json().await?);
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let v: Value = resp.json().await.unwrap_or(Value::Null);
+                    last = format!("{status}: {}", v["error"].as_str().unwrap_or_default());
+                    if !(status.is_server_error() || status.as_u16() == 429) {
+                        bail!("upload refused: {last}");
+                    }
+                }
+                Err(e) => last = format!("{}", e.without_url()),
+            }
+            if attempt < attempts {
+                eprintln!("upload: {last}; sending it again (attempt {})", attempt + 1);
+                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
+            }
+        }
+        bail!("not uploaded after {attempts} attempts: {last}")
+    }
+}
+
+/// `shipperd push FILE...`: uploads in parts (each sent again on a broken connection;
+/// a squashfs image, which cannot be split, in one request sent again whole), then
+/// follows the bundle to its end; an error when it ends `Failed`.
+pub async fn push(args: &PushArgs) -> anyhow::Result<()> {
+    let c = Client::new(&args.client)?;
+    let all = Concat::open(&args.files)?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => args.files[0]
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .context("the file has no name: give --name")?,
+    };
+    if args.files.iter().any(|f| is_squashfs(f)) {
+        if args.files.len() > 1 {
+            bail!("a squashfs image is one file: push it alone");
+        }
+        let progress = Progress {
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            started: std::time::Instant::now(),
+            total: all.len,
+        };
+        let done = c
+            .put_whole(
+                &name,
+                &args.files[0],
+                &progress,
+                args.part_attempts,
+                args.target.as_deref(),
+            )
+            .await?;
+        progress.end();
+        return received(&c, &name, done, args).await;
+    }
+    let size = args.part_size.max(1 << 20);
+    let parts = all.len.div_ceil(size).max(1);
+    if parts > 100_000 {
+        bail!("{parts} parts: give a larger --part-size");
+    }
+    let progress = Progress {
+        tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        started: std::time::Instant::now(),
+        total: all.len,
+    };
+    let mut upload_id: Option<String> = None;
+    for i in 0..parts {
+        let start = i * size;
+        let body = all.read(start, size.min(all.len - start))?;
+        let n = (i + 1) as u32;
+        let id = c
+            .put_part(&name, n, upload_id.as_deref(), body, args.part_attempts)
+            .await?;
+        upload_id.get_or_insert(id);
+        progress.show((start + size).min(all.len), &format!("part {n}/{parts}"));
+    }
+    progress.end();
+    let mut q = format!("parts={parts}&upload_id={}", upload_id.unwrap_or_default());
+    if let Some(t) = &args.target {
+        q.push_str(&format!("&target={t}"));
+    }
+    let done = c
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/uploads/{name}/complete?{q}"),
+        )
+        .await?;
+    received(&c, &name, done, args).await
+}
+
+async fn received(c: &Client, name: &str, done: Value, args: &PushArgs) -> anyhow::Result<()> {
+    let id = done["id"].as_str().unwrap_or_default().to_string();
+    if c.json {
+        println!("{done}");
+    } else {
+        println!("{name}: received as {id}");
+    }
+    if args.no_follow {
+        return Ok(());
+    }
+    follow(c, &id, args.follow_timeout).await
+}
+
+/// Prints the bundle's progress until it is `Published` (Ok) or `Failed` (an error).
+async fn follow(c: &Client, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let b = c.bundle(&format!("{id}?limit=0")).await?;
+        let now = line(&b);
+        if now != last {
+            if c.json {
+                println!("{b}");
+            } else {
+                println!("{now}");
+            }
+            last = now;
+        }
+        match b["phase"].as_str() {
+            Some("Published") => return Ok(()),
+            Some("Failed") => bail!(
+                "bundle {id} failed: {}",
+                b["error"].as_str().unwrap_or("no reason given")
+            ),
+            _ => {}
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("bundle {id} did not end within {timeout:?}; `shipperd status {id}` follows it");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

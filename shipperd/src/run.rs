@@ -60,6 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     match &cli.command {
+        Command::Push(args) => return crate::client::push(args).await,
         Command::Status { client, id } => {
             return crate::client::status(client, id.as_deref()).await;
         }
@@ -95,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator { .. } => "shipperd-operator",
         Command::Crd
         | Command::NatsCredentials { .. }
+        | Command::Push(_)
         | Command::Status { .. }
         | Command::Retry { .. }
         | Command::Delete { .. } => unreachable!("done above"),
@@ -128,6 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Crd
         | Command::NatsCredentials { .. }
+        | Command::Push(_)
         | Command::Status { .. }
         | Command::Retry { .. }
         | Command::Delete { .. } => unreachable!("done above"),

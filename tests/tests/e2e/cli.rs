@@ -134,3 +134,93 @@ async fn status_retry_and_delete_from_the_command_line() -> anyhow::Result<()> {
     assert!(err.contains("no bundle with id"), "{err}");
     app.stop().await
 }
+
+/// `shipperd push`: a tar bundle in parts through a proxy that breaks the first try of
+/// part 2 (503): that part is sent again and the bundle is published; the output on a
+/// non-terminal is plain lines; several files are one bundle; a squashfs image (which
+/// cannot be split) goes in one request, sent again whole when it breaks; a bundle that
+/// fails exits non-zero with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn push_uploads_in_parts_resumes_and_follows() -> anyhow::Result<()> {
+    use shipperd_tests::{
+        fixtures::tar_bytes,
+        proxy::{Fault, Proxy},
+    };
+    let app = spawn_app(Options::default()).await?;
+    let proxy = Proxy::start(&app.base).await?;
+    let (mut broke_part, mut broke_put) = (false, false);
+    proxy.rule(move |method, path| {
+        if method == "PUT" && path.contains("/parts/2?") && !broke_part {
+            broke_part = true;
+            return Fault::Status(503, None);
+        }
+        if method == "PUT" && path.starts_with("/v1/bundles/") && !broke_put {
+            broke_put = true;
+            return Fault::Status(503, None);
+        }
+        Fault::Pass
+    });
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("push.tar");
+    let whole = tar_bytes(&sample("push", "push", 3).oci_files(""))?;
+    std::fs::write(&path, &whole)?;
+    assert!(whole.len() > 2 << 20, "at least three parts of 1 MiB");
+
+    let server = proxy.url();
+    let (ok, out, err) = shipperd(&[
+        "push",
+        "--server",
+        &server,
+        "--part-size",
+        "1048576",
+        path.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("part 1/") && err.contains("bytes ("), "{err}");
+    assert!(err.contains("part 2: 503"), "{err}");
+    assert!(!err.contains('\r'), "no bar on a non-terminal: {err:?}");
+    assert!(out.contains("push.tar: received as "), "{out}");
+    assert!(
+        out.lines().last().unwrap_or_default().contains("Published"),
+        "{out}"
+    );
+
+    // The same bytes as two files: read as one bundle (here in one part of both).
+    let (a, b) = whole.split_at(whole.len() / 2);
+    let (pa, pb) = (dir.path().join("p1"), dir.path().join("p2"));
+    std::fs::write(&pa, a)?;
+    std::fs::write(&pb, b)?;
+    let (ok, out, err) = shipperd(&[
+        "push",
+        "--server",
+        &app.base,
+        "--name",
+        "push.tar",
+        pa.to_str().unwrap(),
+        pb.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().last().unwrap_or_default().contains("Published"),
+        "{out}"
+    );
+
+    // A squashfs image: one request, sent again whole after the 503.
+    let sq = dir.path().join("push.squashfs");
+    sample("push-sq", "pushsq", 1).write_squashfs(&sq, Compression::Gzip)?;
+    let (ok, out, err) = shipperd(&["push", "--server", &server, sq.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("upload: 503"), "{err}");
+    assert!(
+        out.lines().last().unwrap_or_default().contains("Published"),
+        "{out}"
+    );
+
+    // A broken bundle: non-zero, with the reason.
+    let bad = dir.path().join("bad.tar");
+    std::fs::write(&bad, b"not a bundle at all".repeat(64))?;
+    let (ok, _, err) = shipperd(&["push", "--server", &app.base, bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("failed:"), "{err}");
+    app.stop().await
+}
