@@ -627,8 +627,11 @@ async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::
     })
     .await?;
     assert_eq!(ok, 200, "a lower-case scheme is a bearer token");
-    // One kept-alive connection from here on (the per-client cap is nearly full): its
-    // first request waits for the server to let go of the one just closed.
+    // One kept-alive connection from here on: its first request waits for the server to
+    // let go of the one just closed. One more idle connection goes too: when the server
+    // closes a connection and the client opens the next at once, the old one may still
+    // count against the address for a moment (seen on a loaded machine).
+    idle.pop();
     let api = reqwest::Client::new();
     let first = shipperd_tests::eventually("the slot let go", Duration::from_secs(5), || async {
         let r = api.get(&list).bearer_auth("guess-0").send().await.ok()?;
