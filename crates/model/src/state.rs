@@ -599,24 +599,21 @@ impl BundleSummary {
         if self.phase != Phase::Publishing || !self.claims.is_empty() {
             return None;
         }
-        let same = (tally.published, tally.skipped, tally.failed)
-            == (
-                self.counts.published,
-                self.counts.skipped,
-                self.counts.failed,
-            );
-        if same || tally.done() > self.counts.total {
+        // Lost writes only ever lose increments; a tally read while an image finished
+        // may be behind the summary, and never lowers it.
+        let raised = Counts {
+            total: self.counts.total,
+            published: tally.published.max(self.counts.published),
+            skipped: tally.skipped.max(self.counts.skipped),
+            failed: tally.failed.max(self.counts.failed),
+        };
+        if raised == self.counts || raised.done() > self.counts.total {
             return None;
         }
-        if tally.failed > self.counts.failed {
-            let lost = tally.failed - self.counts.failed;
-            for _ in 0..lost {
-                self.add_cause("image failed (cause not recorded in the summary)".into());
-            }
+        for _ in self.counts.failed..raised.failed {
+            self.add_cause("image failed (cause not recorded in the summary)".into());
         }
-        self.counts.published = tally.published;
-        self.counts.skipped = tally.skipped;
-        self.counts.failed = tally.failed;
+        self.counts = raised;
         if self.check_done() {
             Some(self.follow_up())
         } else {
@@ -814,6 +811,16 @@ mod tests {
             ..Counts::default()
         };
         assert!(held.recount(two).is_none());
+        // A tally behind the summary (read while an image finished) lowers nothing.
+        let mut s = publishing(2);
+        assert!(matches!(s.claim(0, &ok()), Claimed::Counted { .. }));
+        s.release(0);
+        let behind = Counts {
+            total: 2,
+            ..Counts::default()
+        };
+        assert!(s.recount(behind).is_none());
+        assert_eq!(s.counts.published, 1);
         // A tally beyond the bundle's images is not believed.
         let mut s = publishing(1);
         let too_many = Counts {
