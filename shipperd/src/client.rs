@@ -102,6 +102,17 @@ impl Client {
     }
 }
 
+/// `s` as one URL path segment or query value (a bundle name with a space, `#` or
+/// `&` stays what it is).
+fn enc(s: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, KEEP).to_string()
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
@@ -361,9 +372,13 @@ impl Client {
         let body = bytes::Bytes::from(body);
         let mut last = String::new();
         for attempt in 1..=attempts.max(1) {
-            let mut url = format!("{}/v1/uploads/{name}/parts/{n}?sha256={sha}", self.base);
+            let mut url = format!(
+                "{}/v1/uploads/{}/parts/{n}?sha256={sha}",
+                self.base,
+                enc(name)
+            );
             if let Some(id) = upload_id {
-                url.push_str(&format!("&upload_id={id}"));
+                url.push_str(&format!("&upload_id={}", enc(id)));
             }
             let mut req = self.http.put(url).body(body.clone());
             if let Some(t) = &self.token {
@@ -425,9 +440,9 @@ impl Client {
             std::io::copy(&mut f, &mut h)?;
             hex::encode(h.finalize())
         };
-        let mut url = format!("{}/v1/bundles/{name}?sha256={sha}", self.base);
+        let mut url = format!("{}/v1/bundles/{}?sha256={sha}", self.base, enc(name));
         if let Some(t) = target {
-            url.push_str(&format!("&target={t}"));
+            url.push_str(&format!("&target={}", enc(t)));
         }
         let mut last = String::new();
         for attempt in 1..=attempts.max(1) {
@@ -542,14 +557,17 @@ pub async fn push(args: &PushArgs) -> anyhow::Result<()> {
         progress.show((start + size).min(all.len), &format!("part {n}/{parts}"));
     }
     progress.end();
-    let mut q = format!("parts={parts}&upload_id={}", upload_id.unwrap_or_default());
+    let mut q = format!(
+        "parts={parts}&upload_id={}",
+        enc(&upload_id.unwrap_or_default())
+    );
     if let Some(t) = &args.target {
-        q.push_str(&format!("&target={t}"));
+        q.push_str(&format!("&target={}", enc(t)));
     }
     let done = c
         .call(
             reqwest::Method::POST,
-            &format!("/v1/uploads/{name}/complete?{q}"),
+            &format!("/v1/uploads/{}/complete?{q}", enc(&name)),
         )
         .await?;
     received(&c, &name, done, args).await
@@ -595,5 +613,15 @@ async fn follow(c: &Client, id: &str, timeout: Duration) -> anyhow::Result<()> {
             bail!("bundle {id} did not end within {timeout:?}; `shipperd status {id}` follows it");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_and_targets_stay_one_segment_or_value() {
+        assert_eq!(super::enc("mirror_000001.tar"), "mirror_000001.tar");
+        assert_eq!(super::enc("my bundle#1.tar"), "my%20bundle%231.tar");
+        assert_eq!(super::enc("team-a/harbor&x=1"), "team-a%2Fharbor%26x%3D1");
     }
 }

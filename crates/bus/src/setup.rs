@@ -121,18 +121,15 @@ impl Bus {
     async fn stream(&self, config: stream::Config) -> Result<()> {
         let name = config.name.clone();
         let want = config.num_replicas;
-        let mut s = self
+        // The answer to the create (or the lookup) carries the stream's info already.
+        let s = self
             .js
             .get_or_create_stream(config)
             .await
             .map_err(Error::nats(format!("declaring stream {name}")))?;
-        let info = s
-            .info()
-            .await
-            .map_err(Error::nats(format!("reading stream {name}")))?;
-        let have = info.config.num_replicas;
+        let have = s.cached_info().config.num_replicas;
         if have != want {
-            let mut changed = info.config.clone();
+            let mut changed = s.cached_info().config.clone();
             changed.num_replicas = want;
             match self.js.update_stream(changed).await {
                 Ok(_) => {
