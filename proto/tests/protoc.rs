@@ -12,7 +12,7 @@ use std::{
 use prost::Message as _;
 use prost_types::{DescriptorProto, FileDescriptorProto};
 
-const FILES: [&str; 1] = ["shipperd/v1/events.proto"];
+const FILES: [&str; 2] = ["shipperd/v1/events.proto", "shipperd/v1/bundles.proto"];
 
 fn proto_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -173,6 +173,27 @@ fn lint_file(f: &FileDescriptorProto) -> Vec<String> {
     }
     for m in &f.message_type {
         lint_message(m, &mut problems);
+    }
+    // Services: PascalCase, and each method takes `<Method>Request` and returns
+    // `<Method>Response` of its own (so either can grow without touching another).
+    for s in &f.service {
+        if !is_pascal(s.name()) {
+            problems.push(format!("service {}: not PascalCase", s.name()));
+        }
+        for m in &s.method {
+            let (input, output) = (
+                m.input_type().rsplit('.').next().unwrap_or_default(),
+                m.output_type().rsplit('.').next().unwrap_or_default(),
+            );
+            if input != format!("{}Request", m.name()) || output != format!("{}Response", m.name())
+            {
+                problems.push(format!(
+                    "{}.{}: takes {input} and returns {output}, not {0}Request and {0}Response",
+                    s.name(),
+                    m.name()
+                ));
+            }
+        }
     }
     for e in &f.enum_type {
         let name = e.name();

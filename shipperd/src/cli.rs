@@ -122,6 +122,9 @@ pub enum Command {
         /// A bundle id (its first characters are not enough: the full id).
         id: Option<String>,
     },
+    /// The bundles' status (or one bundle's), from the gRPC Watch API; with `--follow`
+    /// every change as it happens.
+    Events(crate::watch::EventsArgs),
     /// Publish again what failed in a Failed bundle.
     Retry {
         #[command(flatten)]

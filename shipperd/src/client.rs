@@ -583,11 +583,20 @@ async fn received(c: &Client, name: &str, done: Value, args: &PushArgs) -> anyho
     if args.no_follow {
         return Ok(());
     }
-    follow(c, &id, args.follow_timeout).await
+    match crate::watch::follow(&args.client, &id, args.follow_timeout).await {
+        Err(crate::watch::Follow::Unreachable(why)) => {
+            eprintln!("following {id} by polling: the watch API cannot be reached ({why})");
+            poll_follow(c, &id, args.follow_timeout).await
+        }
+        Err(crate::watch::Follow::Ended(e)) => Err(e),
+        Ok(()) => Ok(()),
+    }
 }
 
-/// Prints the bundle's progress until it is `Published` (Ok) or `Failed` (an error).
-async fn follow(c: &Client, id: &str, timeout: Duration) -> anyhow::Result<()> {
+/// Prints the bundle's progress until it is `Published` (Ok) or `Failed` (an error),
+/// asking the JSON API every second: for a server whose gRPC API cannot be reached (a
+/// proxy or route that does not carry HTTP/2).
+pub(crate) async fn poll_follow(c: &Client, id: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {

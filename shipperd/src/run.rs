@@ -65,6 +65,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             return crate::client::status(client, id.as_deref()).await;
         }
         Command::Retry { client, id } => return crate::client::retry(client, id).await,
+        Command::Events(args) => return crate::watch::events(args).await,
         Command::Delete { client, id, force } => {
             return crate::client::delete(client, id, *force).await;
         }
@@ -98,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::NatsCredentials { .. }
         | Command::Push(_)
         | Command::Status { .. }
+        | Command::Events(_)
         | Command::Retry { .. }
         | Command::Delete { .. } => unreachable!("done above"),
     };
@@ -132,6 +134,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::NatsCredentials { .. }
         | Command::Push(_)
         | Command::Status { .. }
+        | Command::Events(_)
         | Command::Retry { .. }
         | Command::Delete { .. } => unreachable!("done above"),
     }

@@ -11,4 +11,4 @@ pub mod finish;
 mod store;
 
 pub use effects::{Executor, Report};
-pub use store::{Page, StateStore, image_key};
+pub use store::{Change, Page, StateStore, image_key};

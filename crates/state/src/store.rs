@@ -46,6 +46,16 @@ fn encode(v: &impl Serialize) -> bytes::Bytes {
         .into()
 }
 
+/// One bundle summary as [`StateStore::follow`] sees it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub id: BundleId,
+    /// `None`: the bundle was deleted.
+    pub summary: Option<BundleSummary>,
+    /// Values still to come of what existed when the watch began (0 from then on).
+    pub pending: u64,
+}
+
 /// The key of image `index` of bundle `id`.
 pub fn image_key(id: &BundleId, index: u32) -> String {
     format!("{id}.{index}")
@@ -163,6 +173,58 @@ impl StateStore {
             .await
             .map_err(Error::nats("watching bundles"))?;
         Ok(watch.filter_map(|e| async move { e.ok().and_then(|e| BundleId::parse(&e.key).ok()) }))
+    }
+
+    /// The summaries as they are (each bundle's latest; `pending` counts down to 0 on
+    /// the last of them), then every change as it happens: of bundle `id`, or of every
+    /// bundle. Also says whether there was nothing to send first (no bundle at all; for
+    /// one bundle, the caller reads it first).
+    pub async fn follow(
+        &self,
+        id: Option<&BundleId>,
+    ) -> Result<(bool, impl futures::Stream<Item = Result<Change>> + use<>)> {
+        let empty = match id {
+            Some(_) => false,
+            None => {
+                // Asked of the server (the store's own status is what it was at open).
+                let mut stream = self.bundles.stream.clone();
+                stream
+                    .info()
+                    .await
+                    .map_err(Error::nats("reading the bundles bucket's status"))?
+                    .state
+                    .messages
+                    == 0
+            }
+        };
+        let watch = self
+            .bundles
+            .watch_with_history(id.map_or(">", BundleId::as_str))
+            .await
+            .map_err(Error::nats("watching bundles"))?;
+        let changes = watch.filter_map(|e| async move {
+            let e = match e {
+                Ok(e) => e,
+                Err(e) => return Some(Err(Error::nats("watching bundles")(e))),
+            };
+            let id = BundleId::parse(&e.key).ok()?;
+            let summary = match e.operation {
+                Operation::Put => match decode::<BundleSummary>("bundle summary", &e.value) {
+                    Ok(s) => Some(s),
+                    Err(error) => {
+                        tracing::warn!(%error, bundle_id = %id, "a bundle summary that does not decode is left out");
+                        return None;
+                    }
+                },
+                Operation::Delete | Operation::Purge => None,
+            };
+            Some(Ok(Change {
+                id,
+                summary,
+                pending: e.delta,
+            }))
+        });
+        Ok((empty, changes))
     }
 
     /// Every summary, in no particular order.

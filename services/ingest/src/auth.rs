@@ -148,6 +148,14 @@ fn refuse(status: StatusCode, error: String) -> Response {
     (status, body).into_response()
 }
 
+/// The address a request came from.
+fn client_of(req: &Request) -> IpAddr {
+    req.extensions()
+        .get::<crate::serve::Client>()
+        .map(|c| c.0)
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case, as
 /// RFC 7235 allows).
 fn bearer(value: &str) -> Option<&str> {
@@ -156,16 +164,44 @@ fn bearer(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Refuses a `/v1` request without a valid bearer token, or whose user may not do it.
+/// The same refusal as a gRPC client reads it: HTTP 200 with `grpc-status` and
+/// `grpc-message` (UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE), and no body.
+fn refuse_grpc(status: StatusCode, error: &str, retry_after: Option<u64>) -> Response {
+    let code = match status {
+        StatusCode::UNAUTHORIZED => tonic::Code::Unauthenticated,
+        StatusCode::FORBIDDEN => tonic::Code::PermissionDenied,
+        StatusCode::TOO_MANY_REQUESTS => tonic::Code::ResourceExhausted,
+        _ => tonic::Code::Unavailable,
+    };
+    let mut s = tonic::Status::new(code, error);
+    if let Some(secs) = retry_after
+        && let Ok(v) = secs.to_string().parse()
+    {
+        s.metadata_mut().insert("retry-after", v);
+    }
+    s.into_http::<axum::body::Body>().into_response()
+}
+
+/// Refuses a `/v1` (or gRPC) request without a valid bearer token, or whose user may
+/// not do it.
 pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
-    if !req.uri().path().starts_with("/v1/") && req.uri().path() != "/v1" {
+    let path = req.uri().path();
+    let grpc = path.starts_with(crate::grpc::PATH);
+    if !grpc && !path.starts_with("/v1/") && path != "/v1" {
         return next.run(req).await;
     }
-    let client = req
-        .extensions()
-        .get::<crate::serve::Client>()
-        .map(|c| c.0)
-        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let client = client_of(&req);
+    let refuse = |status: StatusCode, error: String| {
+        if grpc {
+            let retry = (status == StatusCode::TOO_MANY_REQUESTS)
+                .then(|| gate.failures.blocked(client))
+                .flatten()
+                .map(|w| w.as_secs().max(1));
+            refuse_grpc(status, &error, retry)
+        } else {
+            refuse(status, error)
+        }
+    };
     let unauthorized = |why: &str| {
         gate.failures.failed(client);
         refuse(StatusCode::UNAUTHORIZED, why.to_string())
@@ -198,6 +234,8 @@ pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) ->
         return unauthorized("the bearer token is not valid");
     };
     let verb = match *req.method() {
+        // Every gRPC method reads.
+        _ if grpc => "get",
         Method::GET | Method::HEAD => "get",
         Method::DELETE => "delete",
         _ => "create",

@@ -15,6 +15,7 @@ use axum::{
 };
 use serde_json::json;
 use shipperd_model::{BundleId, BundleSummary, ImagePhase, TargetName};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Result,
@@ -25,10 +26,7 @@ use crate::{
     views,
 };
 
-/// Images in a bundle's status document, and in a page unless `limit` says otherwise.
-const PAGE: u32 = 100;
-/// Most images or bundles one page may ask for.
-const MAX_PAGE: u32 = 1000;
+use crate::ops::{MAX_PAGE, PAGE};
 
 /// Which namespace uploads through this API act in: with `--auth kubernetes`, the one
 /// whose rights on bundles are checked; only that namespace's `RegistryTarget`s
@@ -38,7 +36,8 @@ pub struct Uploads {
     pub namespace: Option<String>,
 }
 
-pub fn router(store: Arc<Store>, uploads: Uploads) -> Router {
+/// The API; `shutdown` also ends the gRPC watches (they would hold the drain open).
+pub fn router(store: Arc<Store>, uploads: Uploads, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/v1/bundles", get(list))
         .route("/v1/bundles/{key}", put(upload).get(show).delete(delete))
@@ -46,6 +45,11 @@ pub fn router(store: Arc<Store>, uploads: Uploads) -> Router {
         .route("/v1/bundles/{id}/retry", post(retry))
         .route("/v1/uploads/{name}/parts/{n}", put(upload_part))
         .route("/v1/uploads/{name}/complete", post(complete))
+        // The gRPC API (HTTP/2) beside the JSON one.
+        .route_service(
+            &format!("{}{{*method}}", crate::grpc::PATH),
+            crate::grpc::service(store.clone(), shutdown),
+        )
         // Bundles are streamed to disk, so no body limit applies here; the store enforces
         // its own (configurable) maximum size.
         .layer(DefaultBodyLimit::disable())
@@ -251,9 +255,7 @@ async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response> {
     let (offset, limit) = paging(&q)?;
-    let mut bundles = store.state().list().await?;
-    bundles.retain(|s| !s.deleting);
-    bundles.sort_by(|a, b| b.received_at.cmp(&a.received_at));
+    let bundles = ops::listed(&store).await?;
     let total = bundles.len();
     let page: Vec<_> = bundles
         .iter()

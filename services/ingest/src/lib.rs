@@ -14,6 +14,7 @@ mod disk;
 mod drop_dir;
 mod error;
 mod fetch;
+mod grpc;
 mod http;
 mod janitor;
 mod metrics;
@@ -210,7 +211,7 @@ impl Ingest {
         let uploads = http::Uploads {
             namespace: self.config.kube_auth.as_ref().map(|k| k.namespace.clone()),
         };
-        let mut app = http::router(self.store.clone(), uploads);
+        let mut app = http::router(self.store.clone(), uploads, shutdown.clone());
         let gate = auth::Gate {
             tokens: self.config.auth_token_file.clone().map(auth::Tokens::new),
             review: self

@@ -7,6 +7,19 @@ use shipperd_state::finish;
 
 use crate::{Error, Result, store::Store};
 
+/// Images in a bundle's status document, and in a page unless `limit` says otherwise.
+pub const PAGE: u32 = 100;
+/// Most images or bundles one page may ask for.
+pub const MAX_PAGE: u32 = 1000;
+
+/// Every bundle not being deleted, newest first.
+pub async fn listed(store: &Store) -> Result<Vec<BundleSummary>> {
+    let mut bundles = store.state().list().await?;
+    bundles.retain(|s| !s.deleting);
+    bundles.sort_by(|a, b| b.received_at.cmp(&a.received_at));
+    Ok(bundles)
+}
+
 /// What a retry set going.
 #[derive(Debug, Clone)]
 pub struct Retried {

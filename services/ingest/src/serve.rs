@@ -15,7 +15,7 @@ use axum::Router;
 use bytes::Bytes;
 use futures::Stream;
 use hyper_util::{
-    rt::{TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
@@ -66,6 +66,9 @@ impl Default for Bounds {
     }
 }
 
+/// Requests at once on one HTTP/2 connection (watches included).
+const MAX_STREAMS: u32 = 32;
+
 /// Time connections get to finish their requests after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -80,10 +83,21 @@ pub(crate) async fn serve(
     let open = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     let per_client = Arc::new(PerClient::new(bounds.max_connections_per_client.max(1)));
     let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    // HTTP/1.1 and HTTP/2 (gRPC) on one port: h2 by ALPN over TLS, by its preface
+    // (prior knowledge) without.
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(bounds.header_timeout)
         .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(64 << 10)
+        .max_pending_accept_reset_streams(Some(MAX_STREAMS as usize))
+        // A peer that stops answering pings is gone: its streams (a watch) end.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     // A flood of refused connections logs once in a while, not once each.
     let mut warned: Option<tokio::time::Instant> = None;
     loop {
@@ -225,6 +239,10 @@ pub(crate) async fn close_if_body_unread(
 ) -> axum::response::Response {
     use axum::http::header;
     use http_body::Body as _;
+    if req.version() >= axum::http::Version::HTTP_2 {
+        // One request of many on the connection; nothing to close.
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let read = Arc::new(std::sync::atomic::AtomicBool::new(body.is_end_stream()));
     let body = axum::body::Body::new(Tracked {

@@ -131,6 +131,6 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, String> {
                 files.key.display()
             )
         })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }

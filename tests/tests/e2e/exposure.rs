@@ -123,6 +123,21 @@ async fn tls_serves_the_certificate_of_the_moment() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
+    // The gRPC API on the same port, over TLS (h2 by ALPN): `shipperd events`.
+    std::fs::write(certs.path().join("ca.pem"), &first.pem)?;
+    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(["events", "--server", &app.url("https", "")])
+        .arg("--ca-file")
+        .arg(certs.path().join("ca.pem"))
+        .env_remove("SHIPPERD_SERVER")
+        .output()
+        .await?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("tls.tar") && out.contains("Received"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // Plain HTTP to the TLS port gets no answer.
     assert!(
         reqwest::Client::new()

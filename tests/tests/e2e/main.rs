@@ -11,6 +11,7 @@ mod differential;
 mod exposure;
 mod fetch;
 mod formats;
+mod grpc;
 mod hardening;
 mod hostile;
 mod image;
