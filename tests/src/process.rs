@@ -21,13 +21,25 @@ pub struct ShipperdProcess {
     pub log_dir: tempfile::TempDir,
     /// How many times it was started.
     pub starts: u32,
+    /// Environment variables it gets.
+    pub env: Vec<(String, String)>,
 }
 
 impl ShipperdProcess {
     /// Starts `binary all` with `args` (its `--listen` is added), and waits until the
     /// API listens.
     pub async fn start(binary: impl Into<PathBuf>, args: Vec<String>) -> anyhow::Result<Self> {
+        Self::start_env(binary, args, Vec::new()).await
+    }
+
+    /// [`ShipperdProcess::start`] with these environment variables.
+    pub async fn start_env(
+        binary: impl Into<PathBuf>,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let mut p = ShipperdProcess {
+            env,
             child: None,
             binary: binary.into(),
             args,
@@ -64,6 +76,7 @@ impl ShipperdProcess {
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .env("RUST_LOG", "info,backhand=warn")
             .env("SHIPPERD_INSTANCE", "child")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -290,6 +290,34 @@ impl Bus {
         let info = consumer.info().await.map_err(Error::nats(what()))?;
         Ok(info.num_pending + info.num_ack_pending as u64)
     }
+
+    /// Every durable consumer of ShipperD's streams: its name, messages not yet
+    /// delivered and messages delivered but not acknowledged.
+    pub async fn consumers(&self) -> Result<Vec<(String, u64, u64)>> {
+        use futures::TryStreamExt as _;
+        let mut all = Vec::new();
+        for name in [EVENTS_STREAM, JOBS_STREAM] {
+            let what = || format!("listing the consumers of {name}");
+            let stream = self
+                .js
+                .get_stream(name)
+                .await
+                .map_err(Error::nats(what()))?;
+            let infos: Vec<_> = stream
+                .consumers()
+                .try_collect()
+                .await
+                .map_err(Error::nats(what()))?;
+            all.extend(infos.into_iter().map(|i| {
+                (
+                    i.config.durable_name.unwrap_or(i.name),
+                    i.num_pending,
+                    i.num_ack_pending as u64,
+                )
+            }));
+        }
+        Ok(all)
+    }
 }
 
 /// How a KV bucket is declared.

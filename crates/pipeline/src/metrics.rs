@@ -1,7 +1,9 @@
-//! Per-stage counters the runtime keeps for every stage of this process: jobs started,
-//! succeeded, failed (given up and recorded), retried, and the time they took; rendered
-//! in Prometheus' text format by whichever service serves `/metrics`.
+//! Per-stage figures the runtime keeps for every stage of this process: attempts by how
+//! they ended (`shipperd_stage_jobs_total{stage, outcome}`) and how long each took
+//! (`shipperd_stage_attempt_duration_seconds{stage}`), in the process's registry
+//! (`shipperd_telemetry::metrics`); [`counts`] reads them back for tests.
 
+use shipperd_telemetry::metrics::{label, labels};
 use std::{
     collections::BTreeMap,
     sync::{Mutex, OnceLock},
@@ -39,8 +41,23 @@ pub(crate) enum Ended {
     Busy,
 }
 
+/// Shows `stage`'s series from the start, at zero (a rate needs a first sample).
+pub(crate) fn declare(stage: &'static str) {
+    let m = shipperd_telemetry::metrics::metrics();
+    for outcome in ["started", "succeeded", "failed", "retried", "busy"] {
+        let _ = m
+            .stage_jobs
+            .get_or_create(&labels(("stage", stage), ("outcome", outcome)));
+    }
+    let _ = m.stage_seconds.get_or_create(&label("stage", stage));
+}
+
 pub(crate) fn started(stage: &'static str) {
     with(stage, |c| c.started += 1);
+    shipperd_telemetry::metrics::metrics()
+        .stage_jobs
+        .get_or_create(&labels(("stage", stage), ("outcome", "started")))
+        .inc();
 }
 
 pub(crate) fn ended(stage: &'static str, how: Ended, took: Duration) {
@@ -53,49 +70,25 @@ pub(crate) fn ended(stage: &'static str, how: Ended, took: Duration) {
         }
         c.seconds += took.as_secs_f64();
     });
+    let outcome = match how {
+        Ended::Succeeded => "succeeded",
+        Ended::Failed => "failed",
+        Ended::Retried => "retried",
+        Ended::Busy => "busy",
+    };
+    let m = shipperd_telemetry::metrics::metrics();
+    m.stage_jobs
+        .get_or_create(&labels(("stage", stage), ("outcome", outcome)))
+        .inc();
+    if how != Ended::Busy {
+        m.stage_seconds
+            .get_or_create(&label("stage", stage))
+            .observe(took.as_secs_f64());
+    }
 }
 
 /// The figures of `stage` so far in this process.
 pub fn counts(stage: &str) -> StageCounts {
     let all = stages().lock().unwrap_or_else(|p| p.into_inner());
     all.get(stage).copied().unwrap_or_default()
-}
-
-/// Every stage's counters, in the Prometheus text format.
-pub fn render() -> String {
-    let all = stages().lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut out = String::new();
-    type Family = (&'static str, &'static str, fn(&StageCounts) -> String);
-    let families: [Family; 6] = [
-        ("started", "Attempts at jobs begun.", |c| {
-            c.started.to_string()
-        }),
-        ("succeeded", "Jobs done.", |c| c.succeeded.to_string()),
-        (
-            "failed",
-            "Jobs given up on (their failure recorded).",
-            |c| c.failed.to_string(),
-        ),
-        (
-            "retried",
-            "Attempts that failed and will be tried again.",
-            |c| c.retried.to_string(),
-        ),
-        (
-            "busy",
-            "Deliveries that found their work running elsewhere.",
-            |c| c.busy.to_string(),
-        ),
-        ("seconds", "Time spent in attempts.", |c| {
-            c.seconds.to_string()
-        }),
-    ];
-    for (what, help, value) in families {
-        let name = format!("shipperd_stage_jobs_{what}_total");
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
-        for (stage, c) in &all {
-            out.push_str(&format!("{name}{{stage=\"{stage}\"}} {}\n", value(c)));
-        }
-    }
-    out
 }

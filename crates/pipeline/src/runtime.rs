@@ -246,6 +246,7 @@ impl Runtime {
         settings: Settings,
         shutdown: CancellationToken,
     ) {
+        metrics::declare(S::NAME);
         let job = Arc::new((self.clone(), stage, settings.clone()));
         pull::run(
             S::NAME,

@@ -9,6 +9,8 @@
 //!   installed (so trace context always flows through NATS headers); spans are exported
 //!   over OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
+pub mod metrics;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
@@ -85,7 +87,11 @@ pub fn init_with(service: &'static str, format: LogFormat) -> Result<Guard, Erro
             .with_filter(filter)
             .boxed(),
     };
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+    // Spans exported are ShipperD's (a bundle's trace: request, stages, images, blobs,
+    // webhooks), not its dependencies', whatever RUST_LOG says about logs.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service))
+        .with_filter(EnvFilter::new(DEFAULT_FILTER));
     tracing_subscriber::registry()
         .with(otel)
         .with(fmt)

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error,
-    metrics::METRICS,
+    metrics::metrics,
     store::{Store, parse_checksum},
 };
 
@@ -238,7 +238,7 @@ async fn take(store: &Store, dir: &Path, name: &str, final_: bool) -> bool {
             false
         }
         Err(error) => {
-            METRICS.uploads_rejected.add(1);
+            metrics().uploads_rejected.inc();
             tracing::warn!(%error, name, "cannot take bundle from the drop directory");
             let failed = dir.join(format!("{name}.failed"));
             let _ = tokio::fs::rename(&path, &failed).await;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Result,
-    metrics::{self, METRICS},
+    metrics::{self, metrics},
     ops,
     serve::Paced,
     store::{Store, UploadId, parse_checksum},
@@ -78,10 +78,7 @@ pub fn probes(store: Arc<Store>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route(
-            "/metrics",
-            get(|| async { metrics::render() + &shipperd_pipeline::metrics::render() }),
-        )
+        .route("/metrics", get(metrics::serve))
         .with_state(store)
 }
 
@@ -180,7 +177,7 @@ async fn upload(
         Ok(a) if a.created => Ok(accepted(StatusCode::ACCEPTED, &a.summary)),
         Ok(a) => Ok(accepted(StatusCode::OK, &a.summary)),
         Err(e) => {
-            METRICS.uploads_rejected.add(1);
+            metrics().uploads_rejected.inc();
             tracing::warn!(error = %e, name, "upload refused");
             Err(e)
         }
@@ -210,7 +207,7 @@ async fn upload_part(
         )
         .await
         .inspect_err(|e| {
-            METRICS.uploads_rejected.add(1);
+            metrics().uploads_rejected.inc();
             tracing::warn!(error = %e, name, n, "part refused");
         })?;
     Ok((StatusCode::CREATED, Json(part)).into_response())

@@ -126,6 +126,7 @@ impl Janitor {
         }
         let known: std::collections::HashSet<&BundleId> = summaries.iter().map(|s| &s.id).collect();
         self.orphans(&known).await;
+        crate::metrics::refresh(&self.store, &summaries).await;
         Ok(())
     }
 

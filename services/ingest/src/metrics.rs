@@ -1,66 +1,74 @@
-//! Prometheus counters of the ingest service, rendered in the text exposition format.
+//! ingest's `/metrics`: every metric of this process (`shipperd_telemetry::metrics`),
+//! with the gauges that describe the whole installation, set at each janitor sweep:
+//! bundles by phase, the durable consumers' backlogs, the bundle store's disk.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    const fn new() -> Self {
-        Counter(AtomicU64::new(0))
-    }
-
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-pub struct Metrics {
-    pub bundles_received: Counter,
-    pub bytes_received: Counter,
-    pub uploads_rejected: Counter,
-    pub connections_refused: Counter,
-}
-
-pub static METRICS: Metrics = Metrics {
-    bundles_received: Counter::new(),
-    bytes_received: Counter::new(),
-    uploads_rejected: Counter::new(),
-    connections_refused: Counter::new(),
+use axum::{
+    http::header,
+    response::{IntoResponse, Response},
 };
+use shipperd_model::{BundleSummary, Phase};
+use shipperd_telemetry::metrics::label;
+pub use shipperd_telemetry::metrics::metrics;
 
-pub fn render() -> String {
-    let rows = [
-        (
-            "shipperd_ingest_bundles_received_total",
-            "New bundles stored.",
-            &METRICS.bundles_received,
-        ),
-        (
-            "shipperd_ingest_bytes_received_total",
-            "Bytes of complete uploads and drops.",
-            &METRICS.bytes_received,
-        ),
-        (
-            "shipperd_ingest_uploads_rejected_total",
-            "Uploads and drops refused or cut off.",
-            &METRICS.uploads_rejected,
-        ),
-        (
-            "shipperd_ingest_connections_refused_total",
-            "Connections closed at once because the connection cap was reached.",
-            &METRICS.connections_refused,
-        ),
-    ];
-    let mut out = String::new();
-    for (name, help, c) in rows {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-            c.get()
-        ));
+use crate::store::Store;
+
+/// `GET /metrics`.
+pub async fn serve() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            shipperd_telemetry::metrics::CONTENT_TYPE,
+        )],
+        shipperd_telemetry::metrics::render(),
+    )
+        .into_response()
+}
+
+const PHASES: [Phase; 6] = [
+    Phase::Received,
+    Phase::Unpacking,
+    Phase::Publishing,
+    Phase::Tagging,
+    Phase::Published,
+    Phase::Failed,
+];
+
+/// Sets the installation's gauges from a sweep's summaries.
+pub async fn refresh(store: &Store, summaries: &[BundleSummary]) {
+    let m = metrics();
+    for p in PHASES {
+        let n = summaries
+            .iter()
+            .filter(|s| s.phase == p && !s.deleting)
+            .count();
+        m.bundles
+            .get_or_create(&label("phase", format!("{p:?}")))
+            .set(n as i64);
     }
-    out
+    match store.bus().consumers().await {
+        Ok(consumers) => {
+            for (name, pending, ack_pending) in consumers {
+                m.consumer_pending
+                    .get_or_create(&label("consumer", name.clone()))
+                    .set(pending as i64);
+                m.consumer_ack_pending
+                    .get_or_create(&label("consumer", name))
+                    .set(ack_pending as i64);
+            }
+        }
+        Err(error) => tracing::debug!(%error, "cannot read the consumers' backlogs"),
+    }
+    let data = store.data().clone();
+    let usage = tokio::task::spawn_blocking(move || crate::space::usage(&data)).await;
+    if let Ok(u) = usage {
+        m.store_bytes
+            .get_or_create(&label("kind", "bundles"))
+            .set(u.bundles as i64);
+        m.store_bytes
+            .get_or_create(&label("kind", "uploads"))
+            .set(u.uploads as i64);
+        if let Some(free) = u.free {
+            m.store_free_bytes.set(free as i64);
+        }
+    }
 }

@@ -22,7 +22,7 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore, time::Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, metrics::METRICS, tls::Tls};
+use crate::{Error, metrics::metrics, tls::Tls};
 
 /// What one client may hold and how slow it may be.
 #[derive(Debug, Clone)]
@@ -117,7 +117,7 @@ pub(crate) async fn serve(
             .admit(peer.ip())
             .map(|mine| (mine, open.clone().try_acquire_owned()));
         let Some((mine, Ok(permit))) = admitted else {
-            METRICS.connections_refused.add(1);
+            metrics().connections_refused.inc();
             if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
                 warned = Some(tokio::time::Instant::now());
                 tracing::warn!(%peer, limit = bounds.max_connections, per_client = bounds.max_connections_per_client, "connection refused: too many open, in all or from this address (shipperd_ingest_connections_refused_total counts them)");

@@ -75,6 +75,24 @@ fn du(dir: &Path, depth: usize) -> u64 {
         .sum()
 }
 
+/// What the bundle store takes on its volume.
+pub(crate) struct Usage {
+    /// Stored bundles (and their parts).
+    pub bundles: u64,
+    /// Uploads in progress: parts of multi-part uploads, temp files.
+    pub uploads: u64,
+    /// Free on the volume, when it can be read.
+    pub free: Option<u64>,
+}
+
+pub(crate) fn usage(data: &shipperd_model::DataDir) -> Usage {
+    Usage {
+        bundles: du(&data.bundles(), 0),
+        uploads: du(&data.uploads(), 0) + du(&data.tmp(), 0),
+        free: free_bytes(data.root()).ok(),
+    }
+}
+
 fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

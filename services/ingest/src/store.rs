@@ -17,7 +17,7 @@ use shipperd_model::{BundleId, BundleSummary, DataDir, Effect, Effects, Phase, T
 use shipperd_state::{Executor, StateStore};
 use tokio::io::AsyncReadExt;
 
-use crate::{Error, Result, disk::DiskWriter, metrics::METRICS, serve::Bounds, space::Space};
+use crate::{Error, Result, disk::DiskWriter, metrics::metrics, serve::Bounds, space::Space};
 
 /// Result of taking a bundle in.
 #[derive(Debug, Clone)]
@@ -340,7 +340,7 @@ impl Store {
         let (hasher, size) = self.write_stream(&tmp.path, body, declared).await?;
         let id = hash_id(hasher);
         check_expected(expected.map(BundleId::as_str), id.as_str())?;
-        METRICS.bytes_received.add(size);
+        metrics().bytes_received.inc_by(size);
         self.commit(name, tmp, id, size, &Origin::upload(target))
             .await
     }
@@ -457,7 +457,7 @@ impl Store {
                 return Err(e);
             }
         };
-        METRICS.bytes_received.add(size);
+        metrics().bytes_received.inc_by(size);
         Ok(Part {
             upload_id,
             n,
@@ -679,7 +679,7 @@ impl Store {
             Ok(a) => {
                 // Known already: the stored copy stays, this one goes.
                 tmp.keep = dest.is_some();
-                METRICS.bytes_received.add(size);
+                metrics().bytes_received.inc_by(size);
                 Ok(a)
             }
             Err(e) => {
@@ -749,7 +749,7 @@ impl Store {
         let name = meta.name.as_str();
         if self.state.create(&summary).await? {
             tracing::info!(bundle_id = %id, name, size = meta.size, "bundle received");
-            METRICS.bundles_received.add(1);
+            metrics().bundles_received.inc();
             self.announce(&summary).await?;
             return Ok(Accepted {
                 summary,

@@ -77,6 +77,20 @@ impl Config {
     }
 }
 
+/// `host[:port]` of a URL (what metrics call a webhook).
+fn host_of(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| {
+            let host = u.host_str()?.to_string();
+            Some(match u.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host,
+            })
+        })
+        .unwrap_or_else(|| "invalid".into())
+}
+
 /// The durable consumer name of a webhook target.
 pub fn consumer_name(url: &str) -> String {
     let h = Sha256::digest(url.as_bytes());
@@ -85,6 +99,9 @@ pub fn consumer_name(url: &str) -> String {
 
 struct Target {
     url: String,
+    /// The URL's host and port: its label in metrics (the path and query may carry a
+    /// token; the host does not, and there are as few as there are webhooks).
+    host: String,
     http: reqwest::Client,
     key: Option<Vec<u8>>,
     /// Event types sent (empty: all).
@@ -250,6 +267,7 @@ impl Notify {
                 })
                 .await?;
             let target = Target {
+                host: host_of(url),
                 url: url.clone(),
                 http: http.clone(),
                 key: config.secret.as_ref().map(|s| sign::key(s.expose())),
@@ -332,6 +350,7 @@ impl Notify {
                                 Ok(consumer) => {
                                     let stop = shutdown.child_token();
                                     let target = Arc::new(Target {
+                                        host: host_of(&spec.url),
                                         url: spec.url.clone(),
                                         http: self.http.clone(),
                                         key: key.clone(),
@@ -458,9 +477,27 @@ async fn post(target: &Target, event: &IncomingEvent, attempt: i64) -> Outcome {
             sign::signature(key, &event.id, ts, &body),
         );
     }
-    let failure = match req.body(body).send().await {
+    let m = shipperd_telemetry::metrics::metrics();
+    let counted = |outcome: &str| {
+        m.webhook_deliveries
+            .get_or_create(&shipperd_telemetry::metrics::labels(
+                ("target", &target.host),
+                ("outcome", outcome),
+            ))
+            .inc();
+    };
+    let began = std::time::Instant::now();
+    let sent = req.body(body).send().await;
+    m.webhook_seconds
+        .get_or_create(&shipperd_telemetry::metrics::label(
+            "target",
+            target.host.clone(),
+        ))
+        .observe(began.elapsed().as_secs_f64());
+    let failure = match sent {
         Ok(resp) if resp.status().is_success() => {
             tracing::debug!(status = %resp.status(), "delivered");
+            counted("delivered");
             return Outcome::Ack;
         }
         Ok(resp) if resp.status().is_redirection() => format!(
@@ -474,8 +511,10 @@ async fn post(target: &Target, event: &IncomingEvent, attempt: i64) -> Outcome {
     let max = target.config.max_deliver;
     if max > 0 && attempt >= max {
         tracing::error!(attempt, failure, "giving up on this event for this webhook");
+        counted("failed");
         return Outcome::Term;
     }
+    counted("retried");
     let delay = shipperd_model::Backoff::new(target.config.retry_initial, target.config.retry_max)
         .delay(attempt.clamp(1, 64) as u32);
     tracing::warn!(

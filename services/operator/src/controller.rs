@@ -300,7 +300,7 @@ async fn control_targets(
         })
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
-            crate::targets::reconcile,
+            |o, c| counted("RegistryTarget", crate::targets::reconcile(o, c)),
             |_t, error, _ctx| {
                 tracing::warn!(%error, "reconciling a RegistryTarget failed");
                 Action::requeue(REQUEUE)
@@ -323,7 +323,12 @@ async fn control_targets(
         })
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
-            crate::targets::reconcile_cluster,
+            |o, c| {
+                counted(
+                    "ClusterRegistryTarget",
+                    crate::targets::reconcile_cluster(o, c),
+                )
+            },
             |_t, error, _ctx| {
                 tracing::warn!(%error, "reconciling a ClusterRegistryTarget failed");
                 Action::requeue(REQUEUE)
@@ -433,7 +438,7 @@ async fn control_webhooks(
         })
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(
-            crate::webhooks::reconcile,
+            |o, c| counted("WebhookTarget", crate::webhooks::reconcile(o, c)),
             |_w, error, _ctx| {
                 tracing::warn!(%error, "reconciling a WebhookTarget failed");
                 Action::requeue(REQUEUE)
@@ -530,6 +535,27 @@ async fn control(
     Ok(())
 }
 
+/// Counts a reconcile of `kind` (`shipperd_operator_reconciles_total{kind, result}`).
+fn count(kind: &'static str, ok: bool) {
+    shipperd_telemetry::metrics::metrics()
+        .reconciles
+        .get_or_create(&shipperd_telemetry::metrics::labels(
+            ("kind", kind),
+            ("result", if ok { "ok" } else { "error" }),
+        ))
+        .inc();
+}
+
+/// A reconcile of `kind`, counted when it ends.
+async fn counted<T, E>(
+    kind: &'static str,
+    reconcile: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let r = reconcile.await;
+    count(kind, r.is_ok());
+    r
+}
+
 /// The name of the `Bundle` made for an uploaded bundle: its file name and short id.
 pub fn upload_object_name(s: &BundleSummary) -> String {
     let mut name: String = s
@@ -596,6 +622,10 @@ pub async fn adopt(api: &Api<Bundle>, s: &BundleSummary) -> Result<bool, Error> 
 
 /// Reconciles one `Bundle`.
 pub async fn reconcile(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Error> {
+    counted("Bundle", reconcile_bundle(b, ctx)).await
+}
+
+async fn reconcile_bundle(b: Arc<Bundle>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = b
         .namespace()
         .ok_or_else(|| Error::Invalid("a Bundle is namespaced".into()))?;

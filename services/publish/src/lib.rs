@@ -432,7 +432,18 @@ async fn record(ctx: &Ctx, job: &Job, outcome: ImageOutcome) -> Result<Done> {
     let finished =
         finish::finish_image(&ctx.state, &job.id, job.index, job.generation, &outcome).await?;
     Ok(match finished {
-        Some(f) => done(ctx, f),
+        Some(f) => {
+            let how = match (outcome.phase, outcome.skipped) {
+                (shipperd_model::ImagePhase::Failed, _) => "failed",
+                (_, true) => "skipped",
+                _ => "published",
+            };
+            shipperd_telemetry::metrics::metrics()
+                .images
+                .get_or_create(&shipperd_telemetry::metrics::label("outcome", how))
+                .inc();
+            done(ctx, f)
+        }
         None => Done::nothing(),
     })
 }
@@ -516,23 +527,40 @@ async fn push_image(
         .map(|(blob, absent)| {
             let (bundle, repo, reg, progress) =
                 (bundle.clone(), repo.clone(), reg.clone(), progress.clone());
-            async move {
-                reg.push_blob(&repo, &blob, absent, bundle, &progress)
-                    .await
-                    .map_err(Error::registry(format!("blob {} to {repo}", blob.digest)))
-            }
+            // A span per blob, in the image's (and so the bundle's) trace.
+            let span = tracing::info_span!("blob", digest = %blob.digest, size = blob.size);
+            tracing::Instrument::instrument(
+                async move {
+                    reg.push_blob(&repo, &blob, absent, bundle, &progress)
+                        .await
+                        .map_err(Error::registry(format!("blob {} to {repo}", blob.digest)))
+                },
+                span,
+            )
         })
         .buffer_unordered(reg.target().transfer.concurrency);
     futures::pin_mut!(blobs);
     while let Some(outcome) = blobs.next().await {
-        match outcome? {
-            BlobOutcome::Skipped => stats.blobs.present += 1,
-            BlobOutcome::Mounted => stats.blobs.mounted += 1,
+        let m = shipperd_telemetry::metrics::metrics();
+        let how = match outcome? {
+            BlobOutcome::Skipped => {
+                stats.blobs.present += 1;
+                "present"
+            }
+            BlobOutcome::Mounted => {
+                stats.blobs.mounted += 1;
+                "mounted"
+            }
             BlobOutcome::Pushed(sent) => {
                 stats.blobs.uploaded += 1;
                 stats.blobs.uploaded_bytes += sent;
+                m.bytes_pushed.inc_by(sent);
+                "uploaded"
             }
-        }
+        };
+        m.blobs
+            .get_or_create(&shipperd_telemetry::metrics::label("how", how))
+            .inc();
     }
     // Manifests by digest, children before their index; nothing is tagged yet. One the
     // bundle leaves out must be in the repository already (and so, what it lists).

@@ -91,3 +91,55 @@ async fn json_logs_are_one_object_per_line() -> anyhow::Result<()> {
     assert!(text.last().unwrap().contains("INFO"));
     Ok(())
 }
+
+/// A service run on its own serves its metrics with `--metrics-listen`: unpack's stage
+/// appears there once it has run, in the OpenMetrics format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_on_its_own_serves_its_metrics() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let nats = Nats::start().await?;
+    let data = tempfile::tempdir()?;
+    let port = shipperd_tests::servers::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(["unpack", "--nats-url", &nats.url(), "--data-dir"])
+        .arg(data.path())
+        .args(["--registry", "http://127.0.0.1:9"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let got = shipperd_tests::eventually("unpack's /metrics", Duration::from_secs(20), || async {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .ok()?;
+        let ct = r.headers().get("content-type")?.to_str().ok()?.to_string();
+        let text = r.text().await.ok()?;
+        // Once the stage runs.
+        text.contains("stage=\"unpack\"").then_some((ct, text))
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (ct, text) = got?;
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    assert!(
+        text.contains("# TYPE shipperd_stage_jobs counter"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    // A bad address is refused at start, saying which flag.
+    let o = Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(["unpack", "--nats-url", &nats.url(), "--data-dir"])
+        .arg(data.path())
+        .args(["--registry", "http://127.0.0.1:9"])
+        // Not an address of this machine (TEST-NET-1).
+        .args(["--metrics-listen", "192.0.2.1:9"])
+        .output()?;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--metrics-listen"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}

@@ -353,6 +353,12 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
     )];
     let ctx = context(&app, client).await?;
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
+    // Each reconcile is counted (this process's metrics; other tests' add to them).
+    let metrics = shipperd_telemetry::metrics::render();
+    assert!(
+        metrics.contains(r#"shipperd_operator_reconciles_total{kind="Bundle",result="ok"} "#),
+        "{metrics}"
+    );
 
     assert_eq!(done["metadata"]["finalizers"], json!([FINALIZER]));
     assert_eq!(

@@ -160,8 +160,19 @@ impl Registry {
             if let Some(h) = self.auth.header(call.repo, call.from).await? {
                 req = req.header(reqwest::header::AUTHORIZATION, h);
             }
-            let resp = watch::watched(req.send(), moved, stall)
-                .await
+            let sent = watch::watched(req.send(), moved, stall).await;
+            let class = match &sent {
+                Ok(Ok(resp)) => shipperd_telemetry::metrics::status_class(resp.status().as_u16()),
+                _ => "error",
+            };
+            shipperd_telemetry::metrics::metrics()
+                .registry_requests
+                .get_or_create(&shipperd_telemetry::metrics::labels(
+                    ("method", call.method.as_str()),
+                    ("class", class),
+                ))
+                .inc();
+            let resp = sent
                 .map_err(RegistryError::Stalled)?
                 .map_err(RegistryError::transport)?;
             let status = resp.status().as_u16();
@@ -208,6 +219,7 @@ impl Registry {
             .when(RegistryError::is_retryable)
             .adjust(|e, d| e.retry_after().or(d))
             .notify(|error, delay| {
+                shipperd_telemetry::metrics::metrics().registry_retries.inc();
                 tracing::debug!(%error, ?delay, url = %shipperd_model::redact_url(&call.url), "registry request failed; retrying");
             })
             .await
