@@ -66,6 +66,9 @@ impl Default for Bounds {
     }
 }
 
+/// How long a connection may send nothing once it has begun.
+const IDLE: Duration = Duration::from_secs(90);
+
 /// Requests at once on one HTTP/2 connection (watches included).
 const MAX_STREAMS: u32 = 32;
 
@@ -125,6 +128,10 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Silent too long, the connection goes: nothing in its first `header_timeout`
+        // (before hyper knows its protocol, its own timeouts do not run), or nothing
+        // for IDLE later (an HTTP/2 peer acknowledges the server's pings every 30 s).
+        let stream = Quiet::new(stream, bounds.header_timeout, IDLE);
         let service =
             TowerToHyperService::new(app.clone().layer(axum::Extension(Client(peer.ip()))));
         let http = http.clone();
@@ -345,5 +352,79 @@ where
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// A connection that is cut (its reads fail) when the client sends nothing: for `first`
+/// from the start, then for `idle` at a time.
+pub(crate) struct Quiet<I> {
+    io: I,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<I> Quiet<I> {
+    pub(crate) fn new(io: I, first: Duration, idle: Duration) -> Self {
+        Quiet {
+            io,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(first)),
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Quiet<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + self.idle;
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client sent nothing for too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Quiet<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }

@@ -276,6 +276,11 @@ async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
         started.elapsed()
     );
 
+    // A connection that sends nothing at all (its protocol unknown yet) is closed.
+    let mut s = TcpStream::connect(app.addr).await?;
+    let (_, closed) = read_until_closed(&mut s, Duration::from_secs(6)).await;
+    assert!(closed, "a silent connection stayed open");
+
     // A kept-alive connection that stays idle is closed too.
     let mut s = TcpStream::connect(app.addr).await?;
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
