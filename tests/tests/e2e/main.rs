@@ -2,6 +2,8 @@
 //! tests of different files run side by side (`cargo test` runs binaries one after
 //! another). Each module is one area; its own doc says what it proves.
 
+// The longest test first: it starts at once, and the others share the other threads.
+mod at_scale;
 mod auth;
 mod bundles;
 mod cli;
@@ -24,7 +26,6 @@ mod operator;
 mod outage;
 mod pipeline;
 mod publish_faults;
-mod scale;
 mod secrets;
 mod state;
 mod targets;
