@@ -130,6 +130,9 @@ pub enum Command {
     /// The bundles' status (or one bundle's), from the gRPC Watch API; with `--follow`
     /// every change as it happens.
     Events(crate::watch::EventsArgs),
+    /// Serve bundles as a read-only registry, read where they lie (Day 0: before there is
+    /// a cluster to push into). `podman`, `skopeo` and an installer pull from it.
+    Serve(ServeArgs),
     /// Publish again what failed in a Failed bundle.
     Retry {
         #[command(flatten)]
@@ -672,4 +675,58 @@ pub fn all_config(
         publish: r.publish(c)?,
         notify: n.config(c),
     })
+}
+
+/// `shipperd serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The bundles (a file, or a directory of parts); a later one wins a tag two name.
+    #[arg(required = true)]
+    pub bundles: Vec<PathBuf>,
+    /// Address of the registry.
+    #[arg(long, env = "SHIPPERD_SERVE_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+    /// Put before every repository: `mirror` serves `quay.io/org/app` at `mirror/org/app`.
+    #[arg(long, env = "SHIPPERD_SERVE_PREFIX", default_value = "")]
+    pub prefix: String,
+    /// Where compressed bundles are expanded (default: a temporary directory, removed
+    /// at exit).
+    #[arg(long, env = "SHIPPERD_SERVE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Serve over TLS with this certificate chain (PEM).
+    #[arg(long, env = "SHIPPERD_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "SHIPPERD_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Tokens (one a line) a client must present, as the password of `podman login`
+    /// (any user name) or as a bearer token. Without it the registry is open.
+    #[arg(long, env = "SHIPPERD_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> shipperd_serve::Config {
+        shipperd_serve::Config {
+            bundles: self.bundles.clone(),
+            listen: self.listen,
+            prefix: self.prefix.clone(),
+            cache_dir: self.cache_dir.clone(),
+            tls: self
+                .tls_cert_file
+                .clone()
+                .zip(self.tls_key_file.clone())
+                .map(|(cert, key)| shipperd_serve::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: None,
+                }),
+            auth_token_file: self.auth_token_file.clone(),
+            limits: Limits::default(),
+            bounds: Bounds {
+                min_free_bytes: 0,
+                ..Bounds::default()
+            },
+        }
+    }
 }

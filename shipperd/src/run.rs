@@ -66,6 +66,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Retry { client, id } => return crate::client::retry(client, id).await,
         Command::Events(args) => return crate::watch::events(args).await,
+        Command::Serve(args) => {
+            let _telemetry =
+                shipperd_telemetry::init_with("shipperd-serve", cli.log_format.into())?;
+            let serve = shipperd_serve::Serve::start(args.config()).await?;
+            eprintln!(
+                "serving {} image tags on {}",
+                serve.refs().len(),
+                serve.local_addr()
+            );
+            return Ok(serve.serve(shutdown_on_signal()).await?);
+        }
         Command::Delete { client, id, force } => {
             return crate::client::delete(client, id, *force).await;
         }
@@ -100,6 +111,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Push(_)
         | Command::Status { .. }
         | Command::Events(_)
+        | Command::Serve(_)
         | Command::Retry { .. }
         | Command::Delete { .. } => unreachable!("done above"),
     };
@@ -138,6 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Push(_)
         | Command::Status { .. }
         | Command::Events(_)
+        | Command::Serve(_)
         | Command::Retry { .. }
         | Command::Delete { .. } => unreachable!("done above"),
     }

@@ -29,7 +29,7 @@ mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-pub use auth::MAX_FAILURES as MAX_AUTH_FAILURES;
+pub use auth::{MAX_FAILURES as MAX_AUTH_FAILURES, Tokens};
 pub use error::{Error, Result};
 pub use fetch::{FetchSettings, FetchSource};
 pub use janitor::{Janitor, Settings as JanitorSettings};
@@ -247,6 +247,24 @@ impl Ingest {
         let _ = janitor.await;
         Ok(())
     }
+}
+
+/// Serves `app` on `listener` as the ingest API is served: HTTP/1.1 and HTTP/2, TLS
+/// from `tls` (followed as the files change), the connection caps and client timeouts
+/// of `bounds`. For other servers of the same binary (`shipperd serve`).
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: Option<TlsFiles>,
+    bounds: &Bounds,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let tls = tls
+        .map(tls::Tls::load)
+        .transpose()
+        .map_err(Error::Tls)?
+        .map(Arc::new);
+    serve::serve(listener, app, tls, bounds, shutdown).await
 }
 
 /// Starts and runs the ingest service until `shutdown`.

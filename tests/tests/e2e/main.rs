@@ -27,6 +27,7 @@ mod outage;
 mod pipeline;
 mod publish_faults;
 mod secrets;
+mod serve;
 mod state;
 mod targets;
 mod traces;

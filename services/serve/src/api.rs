@@ -1,0 +1,498 @@
+//! The pull half of the OCI distribution API over the index. Paths are parsed by hand:
+//! a repository name has any number of `/`-separated components.
+
+use std::{io::Read, path::PathBuf, sync::Arc};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use shipperd_bundle::{Digest, ManifestDoc};
+use shipperd_ingest::Tokens;
+
+use crate::Index;
+
+#[derive(Clone)]
+struct Served {
+    index: Arc<Index>,
+    tokens: Option<Arc<Tokens>>,
+}
+
+pub(crate) fn router(index: Arc<Index>, token_file: Option<PathBuf>) -> Router {
+    Router::new().fallback(handle).with_state(Served {
+        index,
+        tokens: token_file.map(|f| Arc::new(Tokens::new(f))),
+    })
+}
+
+/// Tags or repositories in one page unless `n` says otherwise, and at most.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 10_000;
+/// Bytes read from a bundle at a time while a blob is sent.
+const CHUNK: usize = 256 << 10;
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({"errors": [{"code": code, "message": message.into()}]});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn with_api_version(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    r
+}
+
+/// The token a request presents: a bearer token, or the password of Basic.
+fn presented(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.trim().to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (_, password) = text.split_once(':')?;
+        return Some(password.to_string());
+    }
+    None
+}
+
+async fn handle(State(s): State<Served>, req: Request) -> Response {
+    with_api_version(route(&s, req).await)
+}
+
+async fn route(s: &Served, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    if path != "/v2" && !path.starts_with("/v2/") {
+        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
+    }
+    if let Some(tokens) = &s.tokens {
+        let ok = presented(req.headers())
+            .map(|t| tokens.admits(&Sha256::digest(t.as_bytes()).into()))
+            .unwrap_or(false);
+        if !ok {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "log in with a token of the server's token file (as the password)",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="shipperd""#),
+            );
+            return r;
+        }
+    }
+    let head = req.method() == Method::HEAD;
+    if req.method() != Method::GET && !head {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this registry serves bundles read-only: pushes and deletes are refused",
+        );
+    }
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let rest = path.trim_start_matches("/v2").trim_start_matches('/');
+    if rest.is_empty() {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{}",
+        )
+            .into_response();
+    }
+    if rest == "_catalog" {
+        let repos: Vec<&String> = s.index.repos.iter().collect();
+        return page("/v2/_catalog", "repositories", &repos, &query, None);
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        let Some(tags) = s.index.tags.get(name) else {
+            return name_unknown(name);
+        };
+        let tags: Vec<&String> = tags.keys().collect();
+        return page(
+            &format!("/v2/{name}/tags/list"),
+            "tags",
+            &tags,
+            &query,
+            Some(name),
+        );
+    }
+    for (sep, what) in [
+        ("/manifests/", What::Manifest),
+        ("/blobs/", What::Blob),
+        ("/referrers/", What::Referrers),
+    ] {
+        if let Some(at) = rest.rfind(sep) {
+            let (name, reference) = (&rest[..at], &rest[at + sep.len()..]);
+            if !s.index.repos.contains(name) {
+                return name_unknown(name);
+            }
+            return match what {
+                What::Manifest => manifest(&s.index, name, reference, head),
+                What::Blob => blob(s.index.clone(), reference, req.headers(), head).await,
+                What::Referrers => referrers(&s.index, reference),
+            };
+        }
+    }
+    error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path")
+}
+
+enum What {
+    Manifest,
+    Blob,
+    Referrers,
+}
+
+fn name_unknown(name: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "NAME_UNKNOWN",
+        format!("no repository {name:?} in the bundles served"),
+    )
+}
+
+/// A page of `items` after `?last=`, `?n=` of them, with a `Link` to the next.
+fn page(base: &str, key: &str, items: &[&String], query: &str, name: Option<&str>) -> Response {
+    let mut n = PAGE;
+    let mut last: Option<String> = None;
+    for (k, v) in form_urlencoded(query) {
+        match k.as_str() {
+            "n" => n = v.parse().unwrap_or(PAGE).clamp(1, MAX_PAGE),
+            "last" => last = Some(v),
+            _ => {}
+        }
+    }
+    let start = last
+        .as_ref()
+        .map_or(0, |l| items.partition_point(|i| i.as_str() <= l.as_str()));
+    let chosen: Vec<&String> = items.iter().skip(start).take(n).copied().collect();
+    let mut doc = json!({ key: chosen });
+    if let Some(name) = name {
+        doc["name"] = name.into();
+    }
+    let mut r = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.to_string(),
+    )
+        .into_response();
+    if start + chosen.len() < items.len()
+        && let Some(l) = chosen.last()
+        && let Ok(v) =
+            HeaderValue::from_str(&format!("<{base}?n={n}&last={}>; rel=\"next\"", percent(l)))
+    {
+        r.headers_mut().insert(header::LINK, v);
+    }
+    r
+}
+
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `a=b&c=d`, percent-decoded.
+fn form_urlencoded(q: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'%' if i + 2 < b.len() => {
+                    let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        Some(v) => {
+                            out.push(v);
+                            i += 3;
+                            continue;
+                        }
+                        None => out.push(b'%'),
+                    }
+                }
+                b'+' => out.push(b' '),
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn manifest(index: &Index, name: &str, reference: &str, head: bool) -> Response {
+    let (digest, declared) = match Digest::parse(reference) {
+        Ok(d) => (d, String::new()),
+        Err(_) => match index.tags.get(name).and_then(|t| t.get(reference)) {
+            Some(t) => (t.desc.digest.clone(), t.desc.media_type.clone()),
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    format!("no tag {reference:?} in {name}"),
+                );
+            }
+        },
+    };
+    let Some(bytes) = index.manifest(&digest) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!("no manifest {digest} in the bundles served"),
+        );
+    };
+    let media_type = ManifestDoc::parse("manifest", &bytes)
+        .map(|d| d.media_type(&declared))
+        .unwrap_or(declared);
+    let len = bytes.len();
+    let headers = [
+        (header::CONTENT_TYPE, media_type),
+        (header::CONTENT_LENGTH, len.to_string()),
+        (
+            header::HeaderName::from_static("docker-content-digest"),
+            digest.to_string(),
+        ),
+    ];
+    if head {
+        return (StatusCode::OK, headers).into_response();
+    }
+    (StatusCode::OK, headers, bytes).into_response()
+}
+
+fn referrers(index: &Index, reference: &str) -> Response {
+    let Ok(digest) = Digest::parse(reference) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("{reference:?} is not a digest"),
+        );
+    };
+    let list = index.referrers.get(&digest).cloned().unwrap_or_default();
+    let doc = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": list,
+    });
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/vnd.oci.image.index.v1+json",
+        )],
+        doc.to_string(),
+    )
+        .into_response()
+}
+
+/// `Range: bytes=a-b` (one range) over `len` bytes: the first byte and the count.
+fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let v = headers.get(header::RANGE)?.to_str().ok()?;
+    let spec = v.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return Some(Err(()));
+    }
+    let (a, b) = spec.split_once('-')?;
+    let parsed = match (a.trim(), b.trim()) {
+        ("", suffix) => suffix
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| (len.saturating_sub(n), n.min(len))),
+        (start, "") => start
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s < len)
+            .map(|s| (s, len - s)),
+        (start, end) => match (start.parse::<u64>(), end.parse::<u64>()) {
+            (Ok(s), Ok(e)) if s <= e && s < len => Some((s, e.min(len - 1) - s + 1)),
+            _ => None,
+        },
+    };
+    Some(parsed.ok_or(()))
+}
+
+async fn blob(index: Arc<Index>, reference: &str, headers: &HeaderMap, head: bool) -> Response {
+    let Ok(digest) = Digest::parse(reference) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("{reference:?} is not a digest"),
+        );
+    };
+    let Some((i, path)) = index.holder(&digest) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            format!("no blob {digest} in the bundles served"),
+        );
+    };
+    let len = {
+        let (index, path) = (index.clone(), path.clone());
+        match tokio::task::spawn_blocking(move || index.bundles[i].fs.locate(&path).map(|l| l.1))
+            .await
+        {
+            Ok(Ok(len)) => len,
+            _ => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    format!("blob {digest} cannot be read from its bundle"),
+                );
+            }
+        }
+    };
+    let (status, start, count) = match range(headers, len) {
+        None => (StatusCode::OK, 0, len),
+        Some(Ok((s, n))) => (StatusCode::PARTIAL_CONTENT, s, n),
+        Some(Err(())) => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "BLOB_UNKNOWN",
+                "one range within the blob, e.g. bytes=0-1023",
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
+    };
+    let mut r = if head {
+        StatusCode::OK.into_response()
+    } else {
+        Body::from_stream(read_blob(index, i, path, start, count)).into_response()
+    };
+    *r.status_mut() = if head { StatusCode::OK } else { status };
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, count.into());
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert("docker-content-digest", v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && !head
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+/// `count` bytes of a blob from `start`, read on a blocking thread a chunk at a time
+/// (at most a few chunks in memory per client).
+fn read_blob(
+    index: Arc<Index>,
+    bundle: usize,
+    path: String,
+    start: u64,
+    count: u64,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let fs = &index.bundles[bundle].fs;
+        let mut reader = match fs.open(&path) {
+            Ok((r, _)) => r,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+        };
+        if start > 0
+            && let Err(e) = std::io::copy(&mut (&mut reader).take(start), &mut std::io::sink())
+        {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        let mut left = count;
+        while left > 0 {
+            let mut buf = vec![0u8; CHUNK.min(left as usize)];
+            match reader.read(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the blob ended early",
+                    )));
+                    return;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        return; // the client went
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_within_the_blob_only() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::RANGE, v.parse().unwrap());
+            m
+        };
+        assert_eq!(range(&HeaderMap::new(), 10), None);
+        assert_eq!(range(&h("bytes=0-3"), 10), Some(Ok((0, 4))));
+        assert_eq!(range(&h("bytes=4-"), 10), Some(Ok((4, 6))));
+        assert_eq!(range(&h("bytes=-3"), 10), Some(Ok((7, 3))));
+        assert_eq!(range(&h("bytes=5-100"), 10), Some(Ok((5, 5))));
+        assert_eq!(range(&h("bytes=10-"), 10), Some(Err(())));
+        assert_eq!(range(&h("bytes=3-1"), 10), Some(Err(())));
+        assert_eq!(range(&h("bytes=0-1,4-5"), 10), Some(Err(())));
+    }
+
+    #[test]
+    fn queries_decode() {
+        assert_eq!(
+            form_urlencoded("n=2&last=a%2Fb"),
+            vec![("n".into(), "2".into()), ("last".into(), "a/b".into())]
+        );
+        // Not hex, or a character of several bytes after the %: kept as it is.
+        assert_eq!(form_urlencoded("last=%zz%é")[0].1, "%zz%é");
+    }
+}

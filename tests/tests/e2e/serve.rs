@@ -1,0 +1,205 @@
+//! `shipperd serve`: bundles served as a read-only registry where they lie. skopeo
+//! reads every image of a squashfs and a tar bundle at its digest (the later bundle
+//! winning a tag both name), copies one whole; `HEAD`, `Range`, `tags/list`,
+//! `_catalog` pages, a refused push, and logging in with a token.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use sha2::{Digest as _, Sha256};
+use shipperd_tests::{
+    app::skopeo_raw,
+    fixtures::{Compression, sample, tar_bytes},
+    servers::free_port,
+};
+
+struct Served {
+    _child: tokio::process::Child,
+    addr: String,
+}
+
+async fn serve(args: &[&str], bundles: &[&Path]) -> anyhow::Result<Served> {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .arg("serve")
+        .args(["--listen", &addr])
+        .args(args)
+        .args(bundles)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    shipperd_tests::eventually(
+        "shipperd serve to listen",
+        Duration::from_secs(30),
+        || async { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) },
+    )
+    .await?;
+    Ok(Served {
+        _child: child,
+        addr,
+    })
+}
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let dir = tempfile::tempdir()?;
+    let first = sample("serve-a", "a", 0);
+    let squash = dir.path().join("a.squashfs");
+    first.write_squashfs(&squash, Compression::Gzip)?;
+    let second = sample("serve-b", "b", 0);
+    let tar = dir.path().join("b.tar");
+    std::fs::write(&tar, tar_bytes(&second.oci_files(""))?)?;
+    let s = serve(&[], &[&squash, &tar]).await?;
+
+    // Every tag at its digest: the second bundle's where both name it.
+    for img in &second.images {
+        let raw = skopeo_raw(&format!("{}/{}:{}", s.addr, img.repo, img.tag))?;
+        assert_eq!(sha(&raw), img.digest, "{}:{}", img.repo, img.tag);
+    }
+    // The first bundle's images stay reachable by digest.
+    for img in &first.images {
+        let raw = skopeo_raw(&format!("{}/{}@{}", s.addr, img.repo, img.digest))?;
+        assert_eq!(sha(&raw), img.digest);
+    }
+    // A whole image (a multi-arch index, every platform), copied and checked by skopeo.
+    let multi = second
+        .images
+        .iter()
+        .find(|i| i.repo == "demo/multi")
+        .unwrap();
+    let out = dir.path().join("copy");
+    let o = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--preserve-digests",
+        ])
+        .arg(format!("docker://{}/demo/multi:latest", s.addr))
+        .arg(format!("oci:{}:m", out.display()))
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("index.json"))?)?;
+    assert_eq!(index["manifests"][0]["digest"], multi.digest.as_str());
+
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", s.addr);
+    // HEAD: digest, length and type, no body.
+    let app = second.images.iter().find(|i| i.repo == "demo/app").unwrap();
+    let r = http
+        .head(format!("{base}/v2/demo/app/manifests/1.0"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], app.digest.as_str());
+    assert_eq!(r.headers()["content-type"], app.media_type.as_str());
+    // A range of a blob.
+    let blob = &app.blobs[app.blobs.len() - 1];
+    let bytes = &second.blobs[blob];
+    let r = http
+        .get(format!("{base}/v2/demo/app/blobs/{blob}"))
+        .header("range", "bytes=1-4")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 1-4/{}", bytes.len()).as_str()
+    );
+    assert_eq!(r.bytes().await?.as_ref(), &bytes[1..5]);
+    let r = http
+        .get(format!("{base}/v2/demo/app/blobs/{blob}"))
+        .header("range", format!("bytes={}-", bytes.len()))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 416);
+    // Pages of the catalog.
+    let r = http.get(format!("{base}/v2/_catalog?n=1")).send().await?;
+    let link = r.headers()["link"].to_str()?.to_string();
+    let page: serde_json::Value = r.json().await?;
+    assert_eq!(page["repositories"].as_array().unwrap().len(), 1);
+    assert!(
+        link.contains("last=") && link.contains("rel=\"next\""),
+        "{link}"
+    );
+    let all: serde_json::Value = http
+        .get(format!("{base}/v2/_catalog"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    // Both bundles' repositories (each names one of its own after its file).
+    let repos: std::collections::BTreeSet<&str> = first
+        .images
+        .iter()
+        .chain(&second.images)
+        .map(|i| i.repo.as_str())
+        .collect();
+    let served: std::collections::BTreeSet<&str> = all["repositories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_str())
+        .collect();
+    assert_eq!(served, repos, "{all}");
+    let tags: serde_json::Value = http
+        .get(format!("{base}/v2/demo/app/tags/list"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(tags["tags"], serde_json::json!(["1.0"]));
+    // Unknown names, and pushes, answered as a registry answers them.
+    let r = http.get(format!("{base}/v2/nope/tags/list")).send().await?;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await?.contains("NAME_UNKNOWN"));
+    let r = http
+        .put(format!("{base}/v2/demo/app/manifests/evil"))
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(r.status(), 405);
+    assert!(r.text().await?.contains("UNSUPPORTED"));
+    let r = http
+        .post(format!("{base}/v2/demo/app/blobs/uploads/"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 405);
+
+    // With a token file: a login is asked for, and the token is the password.
+    std::fs::write(dir.path().join("tokens"), "serve-token\n")?;
+    let token_file = dir.path().join("tokens");
+    let locked = serve(
+        &["--auth-token-file", token_file.to_str().unwrap()],
+        &[&tar],
+    )
+    .await?;
+    let r = http
+        .get(format!("http://{}/v2/", locked.addr))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()?
+            .starts_with("Basic")
+    );
+    let inspect = |creds: &str| {
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", "--creds", creds])
+            .arg(format!("docker://{}/demo/app:1.0", locked.addr))
+            .output()
+    };
+    let o = inspect("anyone:serve-token")?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha(&o.stdout), app.digest);
+    assert!(!inspect("anyone:wrong")?.status.success());
+    Ok(())
+}
