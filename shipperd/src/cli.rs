@@ -681,7 +681,7 @@ pub fn all_config(
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// The bundles (a file, or a directory of parts); a later one wins a tag two name.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "watch_dir")]
     pub bundles: Vec<PathBuf>,
     /// Address of the registry.
     #[arg(long, env = "SHIPPERD_SERVE_LISTEN", default_value = "127.0.0.1:5000")]
@@ -703,24 +703,88 @@ pub struct ServeArgs {
     /// (any user name) or as a bearer token. Without it the registry is open.
     #[arg(long, env = "SHIPPERD_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// Serve the bundle files of this directory too (after the ones named, oldest
+    /// first), looking again every --watch-every: one copied in is served once complete.
+    #[arg(long, env = "SHIPPERD_SERVE_WATCH_DIR")]
+    pub watch_dir: Option<PathBuf>,
+    #[arg(long, env = "SHIPPERD_SERVE_WATCH_EVERY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub watch_every: Duration,
+    /// TLS with a CA of its own: made in this directory on first start (`ca.crt`,
+    /// `tls.crt`, `tls.key`) for the --tls-host names, kept on later ones. Give
+    /// `ca.crt` to clients (and to install-config's additionalTrustBundle).
+    #[arg(
+        long,
+        env = "SHIPPERD_SERVE_TLS_GENERATE",
+        conflicts_with = "tls_cert_file"
+    )]
+    pub tls_generate: Option<PathBuf>,
+    /// A name (or IP address) for the generated certificate (repeat). Default: this
+    /// host's name, localhost and 127.0.0.1.
+    #[arg(long = "tls-host", requires = "tls_generate")]
+    pub tls_hosts: Vec<String>,
+    /// Print the `imageDigestSources` (and, with TLS, the `additionalTrustBundle`) an
+    /// OpenShift install-config.yaml needs to install from what is served, and exit.
+    #[arg(long)]
+    pub print_install_config: bool,
+    /// The address clients reach the registry at (for --print-install-config).
+    /// Default: the first --tls-host, else --listen.
+    #[arg(long, env = "SHIPPERD_SERVE_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 impl ServeArgs {
+    /// The names of a generated certificate.
+    pub fn tls_hosts(&self) -> Vec<String> {
+        if !self.tls_hosts.is_empty() {
+            return self.tls_hosts.clone();
+        }
+        let mut h = Vec::new();
+        if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            let name = name.trim();
+            if !name.is_empty() {
+                h.push(name.to_string());
+            }
+        }
+        h.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+        h
+    }
+
+    /// Where clients reach the registry.
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| match &self.tls_generate {
+                Some(_) if !self.tls_hosts.is_empty() => {
+                    format!("{}:{}", self.tls_hosts[0], self.listen.port())
+                }
+                _ => self.listen.to_string(),
+            })
+    }
+
     pub fn config(&self) -> shipperd_serve::Config {
         shipperd_serve::Config {
             bundles: self.bundles.clone(),
             listen: self.listen,
             prefix: self.prefix.clone(),
             cache_dir: self.cache_dir.clone(),
-            tls: self
-                .tls_cert_file
-                .clone()
-                .zip(self.tls_key_file.clone())
-                .map(|(cert, key)| shipperd_serve::TlsFiles {
-                    cert,
-                    key,
+            watch_dir: self.watch_dir.clone(),
+            watch_every: self.watch_every,
+            tls: match &self.tls_generate {
+                Some(dir) => Some(shipperd_serve::TlsFiles {
+                    cert: dir.join(crate::natscreds::CERT),
+                    key: dir.join(crate::natscreds::KEY),
                     client_ca: None,
                 }),
+                None => self
+                    .tls_cert_file
+                    .clone()
+                    .zip(self.tls_key_file.clone())
+                    .map(|(cert, key)| shipperd_serve::TlsFiles {
+                        cert,
+                        key,
+                        client_ca: None,
+                    }),
+            },
             auth_token_file: self.auth_token_file.clone(),
             limits: Limits::default(),
             bounds: Bounds {

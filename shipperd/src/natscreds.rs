@@ -43,17 +43,13 @@ pub fn hosts(service: &str, namespace: &str) -> Vec<String> {
     h
 }
 
-/// A fresh password, CA and server certificate for `hosts`.
-pub fn generate(hosts: &[String]) -> anyhow::Result<Credentials> {
-    let mut raw = [0u8; 32];
-    rand::rng().fill_bytes(&mut raw);
-    let password = hex(&raw);
-
+/// A CA of its own named `ca_name`, and a certificate it signed for `hosts` (DNS names
+/// or IP addresses): the CA's PEM, the chain's (leaf then CA) and the leaf key's.
+pub fn ca_and_leaf(hosts: &[String], ca_name: &str) -> anyhow::Result<(String, String, String)> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name
-        .push(DnType::CommonName, "ShipperD NATS CA");
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
     ca.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
 
@@ -61,22 +57,50 @@ pub fn generate(hosts: &[String]) -> anyhow::Result<Credentials> {
     let mut leaf = CertificateParams::new(hosts.to_vec())?;
     leaf.distinguished_name.push(
         DnType::CommonName,
-        hosts.first().map_or("nats", |h| h.as_str()),
+        hosts.first().map_or("shipperd", |h| h.as_str()),
     );
     leaf.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
-        // The cluster's routes present the same certificate to each other.
+        // NATS cluster routes present the same certificate to each other.
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     leaf.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let cert = leaf.signed_by(&key, &ca)?;
+    Ok((
+        ca.pem(),
+        format!("{}{}", cert.pem(), ca.pem()),
+        key.serialize_pem(),
+    ))
+}
 
+/// A fresh password, CA and server certificate for `hosts`.
+pub fn generate(hosts: &[String]) -> anyhow::Result<Credentials> {
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let password = hex(&raw);
+    let (ca, chain, key) = ca_and_leaf(hosts, "ShipperD NATS CA")?;
     Ok(Credentials(BTreeMap::from([
         (PASSWORD, password.into_bytes()),
-        (CA, ca.pem().into_bytes()),
-        (CERT, format!("{}{}", cert.pem(), ca.pem()).into_bytes()),
-        (KEY, key.serialize_pem().into_bytes()),
+        (CA, ca.into_bytes()),
+        (CERT, chain.into_bytes()),
+        (KEY, key.into_bytes()),
     ])))
+}
+
+/// `ca.crt`, `tls.crt` and `tls.key` in `dir` for `hosts`, made unless `tls.crt` is
+/// there already (a restart keeps what clients trust). Whether it made them.
+pub fn ensure_tls(dir: &Path, hosts: &[String], ca_name: &str) -> anyhow::Result<bool> {
+    if dir.join(CERT).exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (ca, chain, key) = ca_and_leaf(hosts, ca_name)?;
+    for (name, bytes) in [(KEY, key), (CA, ca), (CERT, chain)] {
+        let path = dir.join(name);
+        write_private(&path, bytes.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(true)
 }
 
 fn hex(bytes: &[u8]) -> String {

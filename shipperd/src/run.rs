@@ -69,7 +69,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let _telemetry =
                 shipperd_telemetry::init_with("shipperd-serve", cli.log_format.into())?;
+            if let Some(dir) = &args.tls_generate
+                && crate::natscreds::ensure_tls(dir, &args.tls_hosts(), "ShipperD serve CA")?
+            {
+                eprintln!(
+                    "made a CA and a certificate for {} in {} (give clients {})",
+                    args.tls_hosts().join(", "),
+                    dir.display(),
+                    dir.join(crate::natscreds::CA).display()
+                );
+            }
             let serve = shipperd_serve::Serve::start(args.config()).await?;
+            if args.print_install_config {
+                let ca = match &args.tls_generate {
+                    Some(dir) => Some(std::fs::read_to_string(dir.join(crate::natscreds::CA))?),
+                    None => None,
+                };
+                print!(
+                    "{}",
+                    serve.install_config(&args.advertised(), ca.as_deref())
+                );
+                return Ok(());
+            }
             eprintln!(
                 "serving {} image tags on {}",
                 serve.refs().len(),

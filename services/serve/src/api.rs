@@ -16,15 +16,15 @@ use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{Digest, ManifestDoc};
 use shipperd_ingest::Tokens;
 
-use crate::Index;
+use crate::{Index, Shared, current};
 
 #[derive(Clone)]
 struct Served {
-    index: Arc<Index>,
+    index: Shared,
     tokens: Option<Arc<Tokens>>,
 }
 
-pub(crate) fn router(index: Arc<Index>, token_file: Option<PathBuf>) -> Router {
+pub(crate) fn router(index: Shared, token_file: Option<PathBuf>) -> Router {
     Router::new().fallback(handle).with_state(Served {
         index,
         tokens: token_file.map(|f| Arc::new(Tokens::new(f))),
@@ -109,6 +109,8 @@ async fn route(s: &Served, req: Request) -> Response {
         );
     }
     let query = req.uri().query().unwrap_or_default().to_string();
+    // One index for the whole request, whatever the watcher swaps meanwhile.
+    let index = current(&s.index);
     let rest = path.trim_start_matches("/v2").trim_start_matches('/');
     if rest.is_empty() {
         return (
@@ -119,11 +121,11 @@ async fn route(s: &Served, req: Request) -> Response {
             .into_response();
     }
     if rest == "_catalog" {
-        let repos: Vec<&String> = s.index.repos.iter().collect();
+        let repos: Vec<&String> = index.repos.iter().collect();
         return page("/v2/_catalog", "repositories", &repos, &query, None);
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
-        let Some(tags) = s.index.tags.get(name) else {
+        let Some(tags) = index.tags.get(name) else {
             return name_unknown(name);
         };
         let tags: Vec<&String> = tags.keys().collect();
@@ -142,13 +144,13 @@ async fn route(s: &Served, req: Request) -> Response {
     ] {
         if let Some(at) = rest.rfind(sep) {
             let (name, reference) = (&rest[..at], &rest[at + sep.len()..]);
-            if !s.index.repos.contains(name) {
+            if !index.repos.contains(name) {
                 return name_unknown(name);
             }
             return match what {
-                What::Manifest => manifest(&s.index, name, reference, head),
-                What::Blob => blob(s.index.clone(), reference, req.headers(), head).await,
-                What::Referrers => referrers(&s.index, reference),
+                What::Manifest => manifest(&index, name, reference, head),
+                What::Blob => blob(&index, reference, req.headers(), head).await,
+                What::Referrers => referrers(&index, reference),
             };
         }
     }
@@ -342,7 +344,7 @@ fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
     Some(parsed.ok_or(()))
 }
 
-async fn blob(index: Arc<Index>, reference: &str, headers: &HeaderMap, head: bool) -> Response {
+async fn blob(index: &Index, reference: &str, headers: &HeaderMap, head: bool) -> Response {
     let Ok(digest) = Digest::parse(reference) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -350,7 +352,7 @@ async fn blob(index: Arc<Index>, reference: &str, headers: &HeaderMap, head: boo
             format!("{reference:?} is not a digest"),
         );
     };
-    let Some((i, path)) = index.holder(&digest) else {
+    let Some((bundle, path)) = index.holder(&digest) else {
         return error(
             StatusCode::NOT_FOUND,
             "BLOB_UNKNOWN",
@@ -358,10 +360,8 @@ async fn blob(index: Arc<Index>, reference: &str, headers: &HeaderMap, head: boo
         );
     };
     let len = {
-        let (index, path) = (index.clone(), path.clone());
-        match tokio::task::spawn_blocking(move || index.bundles[i].fs.locate(&path).map(|l| l.1))
-            .await
-        {
+        let (bundle, path) = (bundle.clone(), path.clone());
+        match tokio::task::spawn_blocking(move || bundle.fs.locate(&path).map(|l| l.1)).await {
             Ok(Ok(len)) => len,
             _ => {
                 return error(
@@ -390,7 +390,7 @@ async fn blob(index: Arc<Index>, reference: &str, headers: &HeaderMap, head: boo
     let mut r = if head {
         StatusCode::OK.into_response()
     } else {
-        Body::from_stream(read_blob(index, i, path, start, count)).into_response()
+        Body::from_stream(read_blob(bundle, path, start, count)).into_response()
     };
     *r.status_mut() = if head { StatusCode::OK } else { status };
     let h = r.headers_mut();
@@ -415,15 +415,14 @@ async fn blob(index: Arc<Index>, reference: &str, headers: &HeaderMap, head: boo
 /// `count` bytes of a blob from `start`, read on a blocking thread a chunk at a time
 /// (at most a few chunks in memory per client).
 fn read_blob(
-    index: Arc<Index>,
-    bundle: usize,
+    bundle: Arc<crate::Loaded>,
     path: String,
     start: u64,
     count: u64,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
-        let fs = &index.bundles[bundle].fs;
+        let fs = &bundle.fs;
         let mut reader = match fs.open(&path) {
             Ok((r, _)) => r,
             Err(e) => {

@@ -13,8 +13,9 @@ mod api;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use sha2::{Digest as _, Sha256};
@@ -46,6 +47,10 @@ pub enum Error {
 pub struct Config {
     /// The bundles, in order: a later one wins a tag both name.
     pub bundles: Vec<PathBuf>,
+    /// A directory whose bundle files are served too (after `bundles`, oldest first),
+    /// looked at again every `watch_every`: a bundle copied in is served once complete.
+    pub watch_dir: Option<PathBuf>,
+    pub watch_every: Duration,
     pub listen: SocketAddr,
     /// Put before every repository (`mirror` serves `quay.io/org/app` as
     /// `mirror/org/app`).
@@ -61,10 +66,18 @@ pub struct Config {
     pub bounds: Bounds,
 }
 
-/// One opened bundle.
-pub(crate) struct Opened {
+/// One opened bundle and what it names.
+pub(crate) struct Loaded {
     pub fs: Box<dyn BundleFs>,
     pub paths: BlobPaths,
+    /// (repository, tag, manifest), as the bundle names them (no prefix yet).
+    pub tags: Vec<(String, String, Descriptor)>,
+    /// Repositories holding manifests by digest only.
+    pub repos: Vec<String>,
+    /// (subject, referrer).
+    pub referrers: Vec<(Digest, Descriptor)>,
+    /// Source registry host of each repository (for `--print-install-config`).
+    pub hosts: Vec<(String, String)>,
 }
 
 /// A tag's target: its manifest (read from the newest bundle holding it).
@@ -73,17 +86,17 @@ pub(crate) struct Tagged {
     pub desc: Descriptor,
 }
 
-/// Everything served, built once at start.
+/// Everything served at one moment; replaced whole when the watched directory changes.
 pub(crate) struct Index {
-    pub bundles: Vec<Opened>,
+    pub bundles: Vec<Arc<Loaded>>,
     /// repository → tag → manifest.
     pub tags: BTreeMap<String, BTreeMap<String, Tagged>>,
     /// Repositories (those with tags, and those holding manifests by digest only).
     pub repos: BTreeSet<String>,
     /// subject digest → the manifests that refer to it.
     pub referrers: HashMap<Digest, Vec<Descriptor>>,
-    /// Kept while served: where compressed bundles were expanded.
-    _cache: Option<tempfile::TempDir>,
+    /// served repository → the registry host and repository it came from.
+    pub sources: BTreeMap<String, (String, String)>,
 }
 
 /// Manifests larger than this are not served (nor read).
@@ -91,140 +104,291 @@ pub(crate) const MAX_MANIFEST: u64 = 4 << 20;
 
 impl Index {
     /// The bundle holding `digest`, the newest first.
-    pub(crate) fn holder(&self, digest: &Digest) -> Option<(usize, String)> {
+    pub(crate) fn holder(&self, digest: &Digest) -> Option<(Arc<Loaded>, String)> {
         self.bundles
             .iter()
-            .enumerate()
             .rev()
-            .find_map(|(i, b)| b.paths.get(digest).map(|p| (i, p)))
+            .find_map(|b| b.paths.get(digest).map(|p| (b.clone(), p)))
     }
 
     /// A manifest's bytes, checked against its digest.
     pub(crate) fn manifest(&self, digest: &Digest) -> Option<Vec<u8>> {
-        let (i, path) = self.holder(digest)?;
-        let bytes = self.bundles[i].fs.read_small(&path, MAX_MANIFEST).ok()?;
+        let (b, path) = self.holder(digest)?;
+        let bytes = b.fs.read_small(&path, MAX_MANIFEST).ok()?;
         let sum = hex::encode(Sha256::digest(&bytes));
         (sum == digest.hex()).then_some(bytes)
     }
+
+    /// The index of `bundles` (later ones win a tag), repositories under `prefix`.
+    pub(crate) fn of(bundles: Vec<Arc<Loaded>>, prefix: &str) -> Index {
+        let prefix = prefix.trim_matches('/');
+        let place = |repo: &str| {
+            if prefix.is_empty() {
+                repo.to_string()
+            } else {
+                format!("{prefix}/{repo}")
+            }
+        };
+        let mut tags: BTreeMap<String, BTreeMap<String, Tagged>> = BTreeMap::new();
+        let mut repos = BTreeSet::new();
+        let mut referrers: HashMap<Digest, Vec<Descriptor>> = HashMap::new();
+        let mut sources = BTreeMap::new();
+        for b in &bundles {
+            for (repo, tag, desc) in &b.tags {
+                let repo = place(repo);
+                repos.insert(repo.clone());
+                tags.entry(repo)
+                    .or_default()
+                    .insert(tag.clone(), Tagged { desc: desc.clone() });
+            }
+            repos.extend(b.repos.iter().map(|r| place(r)));
+            for (subject, r) in &b.referrers {
+                let list = referrers.entry(subject.clone()).or_default();
+                if !list.iter().any(|d| d.digest == r.digest) {
+                    list.push(r.clone());
+                }
+            }
+            for (repo, host) in &b.hosts {
+                sources.insert(place(repo), (host.clone(), repo.clone()));
+            }
+        }
+        Index {
+            bundles,
+            tags,
+            repos,
+            referrers,
+            sources,
+        }
+    }
 }
 
-fn open_all(config: &Config) -> Result<Index, Error> {
-    let (cache, data) = match &config.cache_dir {
-        Some(d) => (None, DataDir::new(d.clone())),
-        None => {
-            let t = tempfile::tempdir()?;
-            let d = DataDir::new(t.path().to_path_buf());
-            (Some(t), d)
-        }
+/// Opens the bundle at `path` (`key` names its expansion in `cas`) and reads what it
+/// names.
+pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result<Loaded, Error> {
+    let err = |source| Error::Bundle {
+        path: path.display().to_string(),
+        source,
     };
-    let cas = Cas::new(&data);
-    let guard = Guard::default();
-    let mut bundles = Vec::new();
-    let mut tags: BTreeMap<String, BTreeMap<String, Tagged>> = BTreeMap::new();
-    let mut repos = BTreeSet::new();
-    let mut referrers: HashMap<Digest, Vec<Descriptor>> = HashMap::new();
-    let prefix = config.prefix.trim_matches('/');
-    let place = |repo: &str| {
-        if prefix.is_empty() {
-            repo.to_string()
-        } else {
-            format!("{prefix}/{repo}")
-        }
-    };
-    for (i, path) in config.bundles.iter().enumerate() {
-        let err = |source| Error::Bundle {
-            path: path.display().to_string(),
-            source,
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let opened = container::open(path, cas, key, limits, &Guard::default()).map_err(err)?;
+    let found = shipperd_bundle::discover(opened.fs.as_ref(), &name, limits).map_err(err)?;
+    let mut tags = Vec::new();
+    let mut repos = Vec::new();
+    let mut referrers = Vec::new();
+    let mut hosts = Vec::new();
+    {
+        let blobs = FsBlobs {
+            fs: opened.fs.as_ref(),
+            paths: &found.blob_paths,
         };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // The cache key: which bundle, by its place in the list and its path.
-        let key = hex::encode(Sha256::digest(format!("{i}:{}", path.display())));
-        let opened = container::open(path, &cas, &key, &config.limits, &guard).map_err(err)?;
-        let found =
-            shipperd_bundle::discover(opened.fs.as_ref(), &name, &config.limits).map_err(err)?;
-        {
-            let blobs = FsBlobs {
-                fs: opened.fs.as_ref(),
-                paths: &found.blob_paths,
-            };
-            let walker = Walker::new(&blobs, &config.limits);
-            for img in &found.images {
-                let Some(tag) = img.source.tag.clone() else {
-                    continue;
-                };
-                let repo = place(&img.source.repository);
-                repos.insert(repo.clone());
-                tags.entry(repo).or_default().insert(
-                    tag,
-                    Tagged {
-                        desc: img.descriptor.clone(),
-                    },
-                );
+        let walker = Walker::new(&blobs, limits);
+        for img in &found.images {
+            if let Some(h) = &img.source.host {
+                hosts.push((img.source.repository.clone(), h.clone()));
             }
-            for (repo, desc) in &found.unnamed {
-                if let Some(r) = repo {
-                    repos.insert(place(r));
-                }
-                let what = format!("manifest {}", desc.digest);
-                let Ok(Some(bytes)) = walker.manifest_bytes(&what, desc) else {
-                    continue;
-                };
-                let Ok(doc) = ManifestDoc::parse(&what, &bytes) else {
-                    continue;
-                };
-                if let Some(subject) = &doc.subject {
-                    let mut r = Descriptor::new(
-                        doc.media_type(&desc.media_type),
-                        desc.digest.clone(),
-                        bytes.len() as u64,
-                    );
-                    r.annotations = doc.annotations.clone();
-                    r.artifact_type = doc
-                        .artifact_type
-                        .clone()
-                        .or_else(|| doc.config.as_ref().map(|c| c.media_type.clone()));
-                    let list = referrers.entry(subject.digest.clone()).or_default();
-                    if !list.iter().any(|d| d.digest == r.digest) {
-                        list.push(r);
-                    }
-                }
+            if let Some(tag) = &img.source.tag {
+                tags.push((
+                    img.source.repository.clone(),
+                    tag.clone(),
+                    img.descriptor.clone(),
+                ));
             }
         }
-        tracing::info!(bundle = %path.display(), format = ?opened.format, images = found.images.len(), "serving");
-        bundles.push(Opened {
-            fs: opened.fs,
-            paths: found.blob_paths,
-        });
+        for (repo, desc) in &found.unnamed {
+            if let Some(r) = repo {
+                repos.push(r.clone());
+            }
+            let what = format!("manifest {}", desc.digest);
+            let Ok(Some(bytes)) = walker.manifest_bytes(&what, desc) else {
+                continue;
+            };
+            let Ok(doc) = ManifestDoc::parse(&what, &bytes) else {
+                continue;
+            };
+            if let Some(subject) = &doc.subject {
+                let mut r = Descriptor::new(
+                    doc.media_type(&desc.media_type),
+                    desc.digest.clone(),
+                    bytes.len() as u64,
+                );
+                r.annotations = doc.annotations.clone();
+                r.artifact_type = doc
+                    .artifact_type
+                    .clone()
+                    .or_else(|| doc.config.as_ref().map(|c| c.media_type.clone()));
+                referrers.push((subject.digest.clone(), r));
+            }
+        }
     }
-    Ok(Index {
-        bundles,
+    tracing::info!(bundle = %path.display(), format = ?opened.format, images = found.images.len(), "serving");
+    Ok(Loaded {
+        fs: opened.fs,
+        paths: found.blob_paths,
         tags,
         repos,
         referrers,
-        _cache: cache,
+        hosts,
     })
+}
+
+/// The cache key of a bundle file: its path (a changed file is a new key).
+fn key_of(path: &Path, stamp: &Stamp) -> String {
+    hex::encode(Sha256::digest(format!("{}:{stamp:?}", path.display())))
+}
+
+/// A file's length and modification time: it changes when the file does.
+type Stamp = Option<(u64, std::time::SystemTime)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// The bundles of the watched directory: regular files not starting with `.`, oldest
+/// first (a newer bundle wins a tag), each with its stamp.
+fn listed(dir: &Path) -> Vec<(PathBuf, Stamp)> {
+    let mut files: Vec<(PathBuf, Stamp)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| (e.path(), stamp(&e.path())))
+        .collect();
+    files.sort_by(|a, b| {
+        let t = |s: &Stamp| s.map(|(_, t)| t);
+        t(&a.1).cmp(&t(&b.1)).then_with(|| a.0.cmp(&b.0))
+    });
+    files
+}
+
+/// What is loaded, and from where.
+struct Bundles {
+    cas: Cas,
+    _cache: Option<tempfile::TempDir>,
+    limits: Limits,
+    prefix: String,
+    /// The bundles named on the command line, in order.
+    fixed: Vec<Arc<Loaded>>,
+    /// The watched directory's, by path: the stamp they were loaded at (and `None` for
+    /// one that failed to load: tried again when it changes).
+    watched: BTreeMap<PathBuf, (Stamp, Option<Arc<Loaded>>)>,
+}
+
+impl Bundles {
+    fn new(config: &Config) -> Result<Self, Error> {
+        let (cache, data) = match &config.cache_dir {
+            Some(d) => (None, DataDir::new(d.clone())),
+            None => {
+                let t = tempfile::tempdir()?;
+                let d = DataDir::new(t.path().to_path_buf());
+                (Some(t), d)
+            }
+        };
+        let cas = Cas::new(&data);
+        let mut fixed = Vec::new();
+        for path in &config.bundles {
+            let key = key_of(path, &stamp(path));
+            fixed.push(Arc::new(load(path, &key, &cas, &config.limits)?));
+        }
+        Ok(Bundles {
+            cas,
+            _cache: cache,
+            limits: config.limits.clone(),
+            prefix: config.prefix.clone(),
+            fixed,
+            watched: BTreeMap::new(),
+        })
+    }
+
+    /// Looks at `dir` again: loads new and changed files once they stay the same
+    /// between two looks (a file still being copied in is not read), forgets removed
+    /// ones. Says whether anything served changed.
+    fn rescan(&mut self, dir: &Path, seen: &mut HashMap<PathBuf, Stamp>) -> bool {
+        let files = listed(dir);
+        let mut changed = false;
+        let present: BTreeSet<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+        let before = self.watched.len();
+        self.watched.retain(|p, _| present.contains(p));
+        changed |= self.watched.len() != before;
+        for (path, st) in &files {
+            if self.watched.get(path).is_some_and(|(s, _)| s == st) {
+                continue;
+            }
+            // Unchanged since the last look: complete.
+            let steady = seen.get(path) == Some(st);
+            seen.insert(path.clone(), *st);
+            if !steady {
+                continue;
+            }
+            let loaded = match load(path, &key_of(path, st), &self.cas, &self.limits) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(error) => {
+                    tracing::warn!(%error, "a bundle of the watched directory cannot be served");
+                    None
+                }
+            };
+            changed |= loaded.is_some() || self.watched.contains_key(path);
+            self.watched.insert(path.clone(), (*st, loaded));
+        }
+        seen.retain(|p, _| present.contains(p));
+        changed
+    }
+
+    fn index(&self, dir: Option<&Path>) -> Index {
+        let mut all = self.fixed.clone();
+        if dir.is_some() {
+            // Oldest first, as the directory lists them now.
+            let mut watched: Vec<(Stamp, &PathBuf, Arc<Loaded>)> = self
+                .watched
+                .iter()
+                .filter_map(|(p, (s, l))| l.clone().map(|l| (*s, p, l)))
+                .collect();
+            watched.sort_by(|a, b| a.0.map(|s| s.1).cmp(&b.0.map(|s| s.1)).then(a.1.cmp(b.1)));
+            all.extend(watched.into_iter().map(|(_, _, l)| l));
+        }
+        Index::of(all, &self.prefix)
+    }
+}
+
+/// What requests read: the index of the moment (swapped whole when bundles change).
+pub(crate) type Shared = Arc<RwLock<Arc<Index>>>;
+
+pub(crate) fn current(shared: &Shared) -> Arc<Index> {
+    shared.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// A started server: bundles opened, port bound.
 pub struct Serve {
     config: Config,
-    index: Arc<Index>,
+    bundles: Arc<Mutex<Bundles>>,
+    index: Shared,
     listener: tokio::net::TcpListener,
 }
 
 impl Serve {
     pub async fn start(config: Config) -> Result<Self, Error> {
         let c = config.clone();
-        let index = tokio::task::spawn_blocking(move || open_all(&c))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        let (bundles, index) = tokio::task::spawn_blocking(move || {
+            let mut b = Bundles::new(&c)?;
+            if let Some(dir) = &c.watch_dir {
+                // At start, what is there is taken as it is.
+                let mut seen: HashMap<PathBuf, Stamp> = listed(dir).into_iter().collect();
+                b.rescan(dir, &mut seen);
+            }
+            let index = b.index(c.watch_dir.as_deref());
+            Ok::<_, Error>((b, index))
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         Ok(Serve {
             config,
-            index: Arc::new(index),
+            bundles: Arc::new(Mutex::new(bundles)),
+            index: Arc::new(RwLock::new(Arc::new(index))),
             listener,
         })
     }
@@ -235,17 +399,70 @@ impl Serve {
             .expect("a bound listener has an address")
     }
 
-    /// Every `repository:tag` served.
+    /// Every `repository:tag` served now.
     pub fn refs(&self) -> Vec<String> {
-        self.index
+        current(&self.index)
             .tags
             .iter()
             .flat_map(|(r, t)| t.keys().map(move |t| format!("{r}:{t}")))
             .collect()
     }
 
+    /// The `imageDigestSources` of an OpenShift `install-config.yaml` for what is served
+    /// at `mirror` (`host:port`), and the CA for `additionalTrustBundle` when given.
+    pub fn install_config(&self, mirror: &str, ca_pem: Option<&str>) -> String {
+        let index = current(&self.index);
+        let mut out = String::from("imageDigestSources:\n");
+        for (repo, (host, source)) in &index.sources {
+            out.push_str(&format!(
+                "- mirrors:\n  - {mirror}/{repo}\n  source: {host}/{source}\n"
+            ));
+        }
+        if let Some(ca) = ca_pem {
+            out.push_str("additionalTrustBundle: |\n");
+            for line in ca.lines() {
+                out.push_str(&format!("  {line}\n"));
+            }
+        }
+        out
+    }
+
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        tracing::info!(addr = %self.local_addr(), bundles = self.index.bundles.len(), repositories = self.index.repos.len(), "serving bundles as a registry");
+        tracing::info!(addr = %self.local_addr(), bundles = current(&self.index).bundles.len(), "serving bundles as a registry");
+        if let Some(dir) = self.config.watch_dir.clone() {
+            let (bundles, index, every, stop) = (
+                self.bundles.clone(),
+                self.index.clone(),
+                self.config.watch_every,
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                let mut seen = HashMap::new();
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                    let (bundles, index, dir) = (bundles.clone(), index.clone(), dir.clone());
+                    let mut seen_now = std::mem::take(&mut seen);
+                    let done = tokio::task::spawn_blocking(move || {
+                        let mut b = bundles.lock().unwrap_or_else(|p| p.into_inner());
+                        if b.rescan(&dir, &mut seen_now) {
+                            let next = Arc::new(b.index(Some(&dir)));
+                            tracing::info!(
+                                bundles = next.bundles.len(),
+                                repositories = next.repos.len(),
+                                "the watched directory changed; serving it now"
+                            );
+                            *index.write().unwrap_or_else(|p| p.into_inner()) = next;
+                        }
+                        seen_now
+                    })
+                    .await;
+                    seen = done.unwrap_or_default();
+                }
+            });
+        }
         let app = api::router(self.index.clone(), self.config.auth_token_file.clone());
         shipperd_ingest::serve_router(
             self.listener,

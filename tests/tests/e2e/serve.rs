@@ -203,3 +203,81 @@ async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
     assert!(!inspect("anyone:wrong")?.status.success());
     Ok(())
 }
+
+/// Day 0 on a bastion: a directory watched for bundles, TLS with a CA made on first
+/// start, and the install-config an OpenShift installer needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_directory_over_tls_and_the_install_config() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let dir = tempfile::tempdir()?;
+    let drop = dir.path().join("bundles");
+    std::fs::create_dir(&drop)?;
+    let certs = dir.path().join("tls");
+    let s = serve(
+        &[
+            "--watch-dir",
+            drop.to_str().unwrap(),
+            "--watch-every",
+            "200ms",
+            "--tls-generate",
+            certs.to_str().unwrap(),
+            "--tls-host",
+            "127.0.0.1",
+        ],
+        &[],
+    )
+    .await?;
+    // Clients trust the CA it made (alone in a directory: skopeo reads *.crt as CAs).
+    let trust = dir.path().join("trust");
+    std::fs::create_dir(&trust)?;
+    std::fs::copy(certs.join("ca.crt"), trust.join("ca.crt"))?;
+    let inspect = |image: &str| {
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--cert-dir"])
+            .arg(&trust)
+            .arg(format!("docker://{}/{image}", s.addr))
+            .output()
+    };
+    let o = inspect("demo/app:1.0")?;
+    assert!(!o.status.success(), "nothing served yet");
+
+    // A bundle copied in (under a dot name, then renamed: as a copy tool does) appears.
+    let layout = sample("serve-w", "w", 0);
+    let bytes = tar_bytes(&layout.oci_files(""))?;
+    std::fs::write(drop.join(".w.tar.partial"), &bytes)?;
+    std::fs::rename(drop.join(".w.tar.partial"), drop.join("w.tar"))?;
+    let app = layout.images.iter().find(|i| i.repo == "demo/app").unwrap();
+    let raw =
+        shipperd_tests::eventually("the new bundle served", Duration::from_secs(30), || async {
+            let o = inspect("demo/app:1.0").ok()?;
+            o.status.success().then_some(o.stdout)
+        })
+        .await?;
+    assert_eq!(sha(&raw), app.digest, "over TLS, verified by the made CA");
+
+    // What the installer needs, for what is served.
+    let bundle = drop.join("w.tar");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args([
+            "serve",
+            "--print-install-config",
+            "--advertise",
+            "mirror.example:8443",
+        ])
+        .args(["--tls-generate", certs.to_str().unwrap()])
+        .arg(&bundle)
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let yaml = String::from_utf8(o.stdout)?;
+    assert!(
+        yaml.contains("- mirror.example:8443/demo/app\n  source: example.com/demo/app\n"),
+        "{yaml}"
+    );
+    let ca = std::fs::read_to_string(certs.join("ca.crt"))?;
+    assert!(
+        yaml.contains("additionalTrustBundle: |\n  -----BEGIN CERTIFICATE-----"),
+        "{yaml}"
+    );
+    assert!(yaml.contains(ca.lines().nth(1).unwrap()), "the CA it made");
+    Ok(())
+}
