@@ -680,7 +680,8 @@ pub fn all_config(
 /// `shipperd serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// The bundles (a file, or a directory of parts); a later one wins a tag two name.
+    /// The bundles: each a file, or a directory holding the parts of one bundle in name
+    /// order (oc-mirror's mirror_00000N.tar); a later one wins a tag two name.
     #[arg(required_unless_present = "watch_dir")]
     pub bundles: Vec<PathBuf>,
     /// Address of the registry.

@@ -28,9 +28,20 @@ pub fn open(
     limits: &Limits,
     guard: &Guard,
 ) -> Result<Opened> {
+    open_parts(&part_paths(path)?, cas, bundle_id, limits, guard)
+}
+
+/// [`open`] for a bundle whose parts are these files, read in this order as one
+/// archive (e.g. oc-mirror's `mirror_000001.tar`, `mirror_000002.tar`, ...).
+pub fn open_parts(
+    parts: &[std::path::PathBuf],
+    cas: &Cas,
+    bundle_id: &str,
+    limits: &Limits,
+    guard: &Guard,
+) -> Result<Opened> {
     guard.check()?;
-    let parts = part_paths(path)?;
-    let source = MultiFile::open(&parts)?;
+    let source = MultiFile::open(parts)?;
     let mut head = [0u8; 512];
     let mut got = 0;
     while got < head.len() {

@@ -173,7 +173,20 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let opened = container::open(path, cas, key, limits, &Guard::default()).map_err(err)?;
+    // A directory: the parts of one bundle, in name order.
+    let parts = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let opened = container::open_parts(&parts, cas, key, limits, &Guard::default()).map_err(err)?;
     let found = shipperd_bundle::discover(opened.fs.as_ref(), &name, limits).map_err(err)?;
     let mut tags = Vec::new();
     let mut repos = Vec::new();

@@ -15,31 +15,40 @@ use shipperd_tests::{
 struct Served {
     _child: tokio::process::Child,
     addr: String,
+    _log: tempfile::NamedTempFile,
 }
 
+/// Starts `shipperd serve` on a free port; its log says why when it does not listen.
 async fn serve(args: &[&str], bundles: &[&Path]) -> anyhow::Result<Served> {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = tempfile::NamedTempFile::new()?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
         .arg("serve")
         .args(["--listen", &addr])
         .args(args)
         .args(bundles)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen()?)
         .kill_on_drop(true)
         .spawn()?;
-    shipperd_tests::eventually(
-        "shipperd serve to listen",
-        Duration::from_secs(30),
-        || async { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) },
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            return Ok(Served {
+                _child: child,
+                addr,
+                _log: log,
+            });
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!(
+        "shipperd serve did not listen: {}",
+        std::fs::read_to_string(log.path())?
     )
-    .await?;
-    Ok(Served {
-        _child: child,
-        addr,
-    })
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -279,5 +288,52 @@ async fn a_watched_directory_over_tls_and_the_install_config() -> anyhow::Result
         "{yaml}"
     );
     assert!(yaml.contains(ca.lines().nth(1).unwrap()), "the CA it made");
+    Ok(())
+}
+
+/// The other bundle shapes, served as they are: a Koffer registry tree in a gzip tar
+/// (expanded once to the cache) and an oc-mirror archive of three parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_koffer_tree_and_a_multi_part_archive_are_served() -> anyhow::Result<()> {
+    use shipperd_tests::fixtures::{TarCompression, compress, tar_parts};
+    shipperd_tests::init();
+    let dir = tempfile::tempdir()?;
+    let koffer = sample("serve-k", "k", 0);
+    let tgz = dir.path().join("k.tar.gz");
+    std::fs::write(
+        &tgz,
+        compress(
+            tar_bytes(&koffer.tree_files("platform/mirror/"))?,
+            TarCompression::Gzip,
+        )?,
+    )?;
+    let mirror = sample("serve-m", "m", 0);
+    let parts = dir.path().join("m");
+    std::fs::create_dir(&parts)?;
+    for (i, p) in tar_parts(&mirror.oci_files(""), 3)?.into_iter().enumerate() {
+        std::fs::write(parts.join(format!("mirror_{:06}.tar", i + 1)), p)?;
+    }
+    let cache = dir.path().join("cache");
+    let s = serve(&["--cache-dir", cache.to_str().unwrap()], &[&tgz, &parts]).await?;
+    // The tree's tags, and the archive's (which wins the tags both name).
+    for img in &koffer.images {
+        let raw = skopeo_raw(&format!("{}/{}@{}", s.addr, img.repo, img.digest))?;
+        assert_eq!(sha(&raw), img.digest, "{}", img.repo);
+    }
+    for img in &mirror.images {
+        let raw = skopeo_raw(&format!("{}/{}:{}", s.addr, img.repo, img.tag))?;
+        assert_eq!(sha(&raw), img.digest, "{}:{}", img.repo, img.tag);
+    }
+    let o = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--preserve-digests",
+        ])
+        .arg(format!("docker://{}/demo/tool:2.1", s.addr))
+        .arg(format!("oci:{}:t", dir.path().join("copy").display()))
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     Ok(())
 }
