@@ -457,6 +457,40 @@ impl BundleFs for ArchiveFs {
         Ok((reader, size))
     }
 
+    fn open_from(&self, path: &str, start: u64) -> Result<(Box<dyn Read + '_>, u64)> {
+        let (p, size, at) = self.file(path)?;
+        let start = start.min(size);
+        let reader: Box<dyn Read + '_> = match at {
+            // In place: the rest of the member, straight from its offset.
+            At::Range(offset) => Box::new(
+                self.source
+                    .as_ref()
+                    .expect("indexed archives keep their source")
+                    .range(*offset + start, size - start),
+            ),
+            At::Cas(hex) => {
+                use std::io::Seek as _;
+                let cas = self.cas.as_ref().expect("expanded archives have a store");
+                let f = cas.blob_path(hex);
+                let io = |source| Error::Io {
+                    path: f.display().to_string(),
+                    source,
+                };
+                let mut file = std::fs::File::open(&f).map_err(io)?;
+                file.seek(io::SeekFrom::Start(start)).map_err(io)?;
+                Box::new(file)
+            }
+            At::Inline(bytes) => Box::new(io::Cursor::new(bytes[start as usize..].to_vec())),
+            At::Dropped => {
+                return Err(Error::read(
+                    &p,
+                    "it is too large to keep and is not a blob (limit maxSmallFileBytes)",
+                ));
+            }
+        };
+        Ok((reader, size))
+    }
+
     fn exists(&self, path: &str) -> bool {
         self.file(path).is_ok()
     }

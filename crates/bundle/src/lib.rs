@@ -44,6 +44,16 @@ pub trait BundleFs: Send + Sync {
     /// Opens one regular file for streaming; returns the reader and the file's length.
     fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64)>;
 
+    /// Opens one regular file from byte `start` on (a `Range` request); returns the
+    /// reader of the rest and the file's whole length. By default it reads past the
+    /// first `start` bytes; containers that can seek do.
+    fn open_from(&self, path: &str, start: u64) -> Result<(Box<dyn Read + '_>, u64)> {
+        let (mut reader, len) = self.open(path)?;
+        std::io::copy(&mut (&mut reader).take(start), &mut std::io::sink())
+            .map_err(|e| Error::read(path, e))?;
+        Ok((reader, len))
+    }
+
     /// Is there a regular file at `path`?
     fn exists(&self, path: &str) -> bool;
 

@@ -423,19 +423,15 @@ fn read_blob(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         let fs = &bundle.fs;
-        let mut reader = match fs.open(&path) {
+        // From `start`: straight there where the container can seek (a tar read in
+        // place, an expanded blob), else read past.
+        let mut reader = match fs.open_from(&path, start) {
             Ok((r, _)) => r,
             Err(e) => {
                 let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
                 return;
             }
         };
-        if start > 0
-            && let Err(e) = std::io::copy(&mut (&mut reader).take(start), &mut std::io::sink())
-        {
-            let _ = tx.blocking_send(Err(e));
-            return;
-        }
         let mut left = count;
         while left > 0 {
             let mut buf = vec![0u8; CHUNK.min(left as usize)];

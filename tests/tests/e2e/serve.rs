@@ -324,6 +324,22 @@ async fn a_koffer_tree_and_a_multi_part_archive_are_served() -> anyhow::Result<(
         let raw = skopeo_raw(&format!("{}/{}:{}", s.addr, img.repo, img.tag))?;
         assert_eq!(sha(&raw), img.digest, "{}:{}", img.repo, img.tag);
     }
+    // A range of each blob of the expanded (gzip) bundle, and of the parts.
+    let http = reqwest::Client::new();
+    for (layout, name) in [(&koffer, "koffer"), (&mirror, "parts")] {
+        let img = layout.images.iter().find(|i| i.repo == "demo/app").unwrap();
+        for blob in &img.blobs {
+            let bytes = &layout.blobs[blob];
+            let from = bytes.len() / 3;
+            let r = http
+                .get(format!("http://{}/v2/demo/app/blobs/{blob}", s.addr))
+                .header("range", format!("bytes={from}-"))
+                .send()
+                .await?;
+            assert_eq!(r.status(), 206, "{name}");
+            assert_eq!(r.bytes().await?.as_ref(), &bytes[from..], "{name} {blob}");
+        }
+    }
     let o = std::process::Command::new("skopeo")
         .args([
             "copy",
