@@ -355,12 +355,15 @@ where
     }
 }
 
-/// A connection that is cut (its reads fail) when the client sends nothing: for `first`
-/// from the start, then for `idle` at a time.
+/// A connection that is cut (its reads fail) when nothing passes: the client sends
+/// nothing for `first` from the start, then no byte goes either way for `idle` (a
+/// long download to an HTTP/1.1 client, which sends nothing meanwhile, is traffic).
 pub(crate) struct Quiet<I> {
     io: I,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// The client has sent its first byte.
+    started: bool,
 }
 
 impl<I> Quiet<I> {
@@ -369,6 +372,15 @@ impl<I> Quiet<I> {
             io,
             idle,
             deadline: Box::pin(tokio::time::sleep(first)),
+            started: false,
+        }
+    }
+
+    /// Bytes went out: the connection is not idle (once the client has begun).
+    fn sent(&mut self, written: &Poll<std::io::Result<usize>>) {
+        if self.started && matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            let next = tokio::time::Instant::now() + self.idle;
+            self.deadline.as_mut().reset(next);
         }
     }
 }
@@ -383,6 +395,7 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Quiet<I> {
         match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
+                    self.started = true;
                     let next = tokio::time::Instant::now() + self.idle;
                     self.deadline.as_mut().reset(next);
                 }
@@ -405,7 +418,9 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Quiet<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.sent(&written);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -421,10 +436,56 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Quiet<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.sent(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_when_nothing_passes_either_way() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        let ms = Duration::from_millis;
+        let (mut server_r, mut server_w) = tokio::io::split(Quiet::new(server, ms(300), ms(300)));
+        client_w.write_all(b"GET /big").await.unwrap();
+        let mut buf = [0u8; 8];
+        server_r.read_exact(&mut buf).await.unwrap();
+        // A download: the server writes for three idle periods, the client sends nothing;
+        // the server's pending read (hyper's close detection) does not fail meanwhile.
+        let reading = tokio::spawn(async move {
+            let mut one = [0u8; 1];
+            let r = server_r.read(&mut one).await;
+            (r, std::time::Instant::now())
+        });
+        let began = std::time::Instant::now();
+        for _ in 0..9 {
+            server_w.write_all(&[7u8; 1024]).await.unwrap();
+            let mut got = vec![0u8; 1024];
+            client_r.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(ms(100)).await;
+        }
+        // Then silence both ways: cut.
+        let (r, at) = reading.await.unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        assert!(at - began >= ms(900), "cut while bytes still went out");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_speaks_is_cut() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut q = Quiet::new(server, Duration::from_millis(100), Duration::from_secs(60));
+        let mut buf = [0u8; 1];
+        let err = q.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
     }
 }
