@@ -353,3 +353,58 @@ async fn a_koffer_tree_and_a_multi_part_archive_are_served() -> anyhow::Result<(
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     Ok(())
 }
+
+/// A `docker save` archive of the legacy layout (written by `skopeo copy ...
+/// docker-archive:`): served with a manifest made for it, the image's config unchanged
+/// (its image ID the same) and its layers as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_archive_is_served_with_its_image_id() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let dir = tempfile::tempdir()?;
+    let layout = sample("serve-d", "d", 0);
+    let oci = dir.path().join("oci");
+    layout.write_dir(&oci)?;
+    let archive = dir.path().join("saved.tar");
+    let o = std::process::Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("oci:{}:1.0", oci.display()))
+        .arg(format!(
+            "docker-archive:{}:example.com/demo/app:1.0",
+            archive.display()
+        ))
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let app = layout.images.iter().find(|i| i.repo == "demo/app").unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&layout.blobs[&app.digest])?;
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+
+    let s = serve(&[], &[&archive]).await?;
+    let o = std::process::Command::new("skopeo")
+        .args(["inspect", "--config", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/demo/app:1.0", s.addr))
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        sha(&o.stdout),
+        config,
+        "the image ID is the config's digest, unchanged"
+    );
+    let raw = skopeo_raw(&format!("{}/demo/app:1.0", s.addr))?;
+    let made: serde_json::Value = serde_json::from_slice(&raw)?;
+    assert_eq!(
+        made["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        made["layers"][0]["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar"
+    );
+    // Every layer is served at its digest (skopeo checks each as it copies).
+    let o = std::process::Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/demo/app:1.0", s.addr))
+        .arg(format!("oci:{}:x", dir.path().join("back").display()))
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Ok(())
+}
