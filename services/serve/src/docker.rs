@@ -50,14 +50,21 @@ pub(crate) fn read(fs: &dyn BundleFs) -> Result<Option<Legacy>, String> {
         ));
     }
     let mut out = Legacy::default();
+    // Each config file read once, however many entries name it.
+    let mut configs: HashMap<String, (Vec<u8>, String)> = HashMap::new();
     for (i, entry) in list.iter().enumerate() {
         let what = |s: &str| format!("manifest.json, image {i}: {s}");
         let config_path = entry["Config"].as_str().ok_or_else(|| what("no Config"))?;
-        let config = fs
-            .read_small(config_path, MAX_MANIFEST)
-            .map_err(|e| what(&e.to_string()))?;
-        let config_digest = sha(&config);
-        let doc: Value = serde_json::from_slice(&config)
+        if !configs.contains_key(config_path) {
+            let bytes = fs
+                .read_small(config_path, MAX_MANIFEST)
+                .map_err(|e| what(&e.to_string()))?;
+            let digest = sha(&bytes);
+            configs.insert(config_path.to_string(), (bytes, digest));
+        }
+        let (config, config_digest) = &configs[config_path];
+        let config_digest = config_digest.clone();
+        let doc: Value = serde_json::from_slice(config)
             .map_err(|e| what(&format!("its config does not parse: {e}")))?;
         let diff_ids: Vec<&str> = doc["rootfs"]["diff_ids"]
             .as_array()
