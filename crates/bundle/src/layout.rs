@@ -95,6 +95,18 @@ impl ManifestDoc {
         Ok(doc)
     }
 
+    /// This manifest (`desc`, `len` bytes) as the referrers API lists it under its
+    /// subject: its media type, annotations and artifact type (else its config's).
+    pub fn referrer(&self, desc: &Descriptor, len: u64) -> Descriptor {
+        let mut r = Descriptor::new(self.media_type(&desc.media_type), desc.digest.clone(), len);
+        r.annotations = self.annotations.clone();
+        r.artifact_type = self
+            .artifact_type
+            .clone()
+            .or_else(|| self.config.as_ref().map(|c| c.media_type.clone()));
+        r
+    }
+
     /// The media type: the descriptor's, else the document's, else inferred from shape.
     pub fn media_type(&self, from_descriptor: &str) -> String {
         [from_descriptor, self.media_type.as_deref().unwrap_or("")]

@@ -185,12 +185,7 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
         .unwrap_or_default();
     // A directory: the parts of one bundle, in name order.
     let parts = if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .map(|e| e.path())
-            .collect();
+        let mut files = files_in(path);
         files.sort();
         files
     } else {
@@ -237,17 +232,10 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
                 continue;
             };
             if let Some(subject) = &doc.subject {
-                let mut r = Descriptor::new(
-                    doc.media_type(&desc.media_type),
-                    desc.digest.clone(),
-                    bytes.len() as u64,
-                );
-                r.annotations = doc.annotations.clone();
-                r.artifact_type = doc
-                    .artifact_type
-                    .clone()
-                    .or_else(|| doc.config.as_ref().map(|c| c.media_type.clone()));
-                referrers.push((subject.digest.clone(), r));
+                referrers.push((
+                    subject.digest.clone(),
+                    doc.referrer(desc, bytes.len() as u64),
+                ));
             }
         }
     }
@@ -293,16 +281,28 @@ fn stamp(path: &Path) -> Stamp {
     Some((m.len(), m.modified().ok()?))
 }
 
-/// The bundles of the watched directory: regular files not starting with `.`, oldest
-/// first (a newer bundle wins a tag), each with its stamp.
-fn listed(dir: &Path) -> Vec<(PathBuf, Stamp)> {
-    let mut files: Vec<(PathBuf, Stamp)> = std::fs::read_dir(dir)
+/// The regular files of `dir` whose names do not start with `.` (symbolic links and
+/// files being copied in under a dot name are left alone).
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| (e.path(), stamp(&e.path())))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The bundles of the watched directory: regular files not starting with `.`, oldest
+/// first (a newer bundle wins a tag), each with its stamp.
+fn listed(dir: &Path) -> Vec<(PathBuf, Stamp)> {
+    let mut files: Vec<(PathBuf, Stamp)> = files_in(dir)
+        .into_iter()
+        .map(|p| {
+            let s = stamp(&p);
+            (p, s)
+        })
         .collect();
     files.sort_by(|a, b| {
         let t = |s: &Stamp| s.map(|(_, t)| t);

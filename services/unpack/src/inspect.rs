@@ -98,17 +98,7 @@ pub fn inspect(
             Some(subject) => {
                 let list = referrers.entry(subject.digest.clone()).or_default();
                 if !list.iter().any(|d| d.digest == desc.digest) {
-                    let mut r = Descriptor::new(
-                        doc.media_type(&desc.media_type),
-                        desc.digest.clone(),
-                        bytes.len() as u64,
-                    );
-                    r.annotations = doc.annotations.clone();
-                    r.artifact_type = doc
-                        .artifact_type
-                        .clone()
-                        .or_else(|| doc.config.as_ref().map(|c| c.media_type.clone()));
-                    list.push(r);
+                    list.push(doc.referrer(desc, bytes.len() as u64));
                 }
             }
             None => {
