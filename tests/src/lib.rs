@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod browser;
+pub mod docker_save;
 pub mod fixtures;
 pub mod image;
 pub mod otlp;

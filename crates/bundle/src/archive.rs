@@ -1,7 +1,8 @@
 //! Tar bundles: indexed in place when uncompressed (member name → byte offset, so any
 //! file is read at random without extracting), or expanded once into the [`Cas`] when
-//! gzip, zstd or xz compressed (blobs verified as they are written; other small files
-//! kept in memory). Several parts are read as one archive.
+//! gzip, zstd or xz compressed (blobs verified as they are written, a `docker save`
+//! archive's layers and configs stored by what they hash to; other small files kept in
+//! memory). Several parts are read as one archive.
 //!
 //! Every member path is confined to the bundle (no absolute paths, no `..`, no symbolic
 //! link pointing outside), the number of entries and the expansion ratio are bounded,
@@ -275,6 +276,15 @@ impl ArchiveFs {
                         })?;
                     return Ok(At::Cas(hex.to_string()));
                 }
+                if crate::docker::is_member_by_name(path) {
+                    let hex = cas
+                        .put_hashed(&mut claim, size, &mut e, path, &room)
+                        .map_err(|err| match err {
+                            Error::Read { reason, .. } => corrupt(&what, path, reason),
+                            other => other,
+                        })?;
+                    return Ok(At::Cas(hex));
+                }
                 if size > limits.max_small_file_bytes
                     || small_total + size > limits.max_small_total_bytes
                 {
@@ -505,7 +515,9 @@ impl BundleFs for ArchiveFs {
             At::Range(offset) => Ok((Location::Range { offset: *offset }, size)),
             At::Cas(hex) => Ok((Location::Cas { hex: hex.clone() }, size)),
             _ => Err(Error::Layout(format!(
-                "{p} is a blob but was not stored as one"
+                "{p} is a blob but was not stored as one when the compressed bundle was \
+                 expanded (blob files, and a docker archive's layer tars and configs at its \
+                 top, are)"
             ))),
         }
     }

@@ -116,12 +116,43 @@ impl Cas {
         member: &str,
         room: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
-        let dest = self.blob_path(hex);
-        let have = dest.exists();
+        self.store(claim, Some(hex), size, reader, member, room)
+            .map(drop)
+    }
+
+    /// Stores `size` bytes from `reader` under the digest they hash to, which is
+    /// returned (a file whose name does not say its digest: a `docker save` archive's
+    /// layer). Otherwise as [`Self::put`].
+    pub fn put_hashed(
+        &self,
+        claim: &mut Claim,
+        size: u64,
+        reader: &mut dyn Read,
+        member: &str,
+        room: &dyn Fn() -> Result<()>,
+    ) -> Result<String> {
+        self.store(claim, None, size, reader, member, room)
+    }
+
+    fn store(
+        &self,
+        claim: &mut Claim,
+        expect: Option<&str>,
+        size: u64,
+        reader: &mut dyn Read,
+        member: &str,
+        room: &dyn Fn() -> Result<()>,
+    ) -> Result<String> {
+        // Known digest: nothing is written when the store has it already.
+        let have = expect.is_some_and(|hex| self.blob_path(hex).exists());
         let tmp = self
             .data
             .cas_tmp()
-            .join(format!("{hex}.{}", std::process::id()))
+            .join(format!(
+                "{}.{}",
+                expect.unwrap_or("new"),
+                std::process::id()
+            ))
             .with_extension(format!("{:x}", rand_suffix()));
         let mut out: Box<dyn Write> = if have {
             Box::new(io::sink())
@@ -159,25 +190,32 @@ impl Cas {
                     ),
                 ));
             }
-            if actual != hex {
+            if let Some(hex) = expect
+                && actual != hex
+            {
                 return Err(Error::Hostile(format!(
                     "blob file {member} is named for sha256:{hex} but its content hashes to sha256:{actual}"
                 )));
             }
             if !have {
-                File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err(&tmp))?;
-                fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+                let dest = self.blob_path(&actual);
+                if dest.exists() {
+                    let _ = fs::remove_file(&tmp);
+                } else {
+                    File::open(&tmp)
+                        .and_then(|f| f.sync_all())
+                        .map_err(io_err(&tmp))?;
+                    fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+                }
             }
-            Ok(())
+            Ok(actual)
         })();
         if result.is_err() && !have {
             let _ = fs::remove_file(&tmp);
         }
-        result?;
-        claim.claimed.push(hex.to_string());
-        Ok(())
+        let hex = result?;
+        claim.claimed.push(hex.clone());
+        Ok(hex)
     }
 
     /// Forgets the blobs `bundle_id` claimed (it is finished).
@@ -274,6 +312,15 @@ mod tests {
         );
         assert!(e.unwrap_err().to_string().contains("hashes to"));
         assert!(!cas.blob_path(&bad).exists());
+        // By what it hashes to: the same blob, stored once.
+        let got = cas
+            .put_hashed(&mut a, 10, &mut &data[..], "x/layer.tar", &|| Ok(()))
+            .unwrap();
+        assert_eq!(got, hex);
+        assert!(
+            cas.put_hashed(&mut a, 9, &mut &data[..], "x", &|| Ok(()))
+                .is_err()
+        );
         assert!(
             cas.put(&mut a, &hex, 11, &mut &data[..], "x", &|| Ok(()))
                 .is_err()

@@ -8,14 +8,18 @@
 //!   names too) and tags from `<repo>/_manifests/tags/<tag>/current/link`; manifests kept
 //!   only by digest from `_manifests/revisions/sha256/<hex>/link`.
 //!
+//! - **Legacy `docker save` archives** (a `manifest.json`, no layout, no tree): see
+//!   [`crate::docker`].
+//!
 //! Blobs are found by their paths (`blobs/sha256/<hex>` or `blobs/sha256/<2>/<hex>/data`)
 //! in any of them: a digest is the same bytes wherever it lives.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
-    BundleFs, Descriptor, Digest, Error, Limits, Reference, Result,
+    BundleFs, Descriptor, Digest, Error, FsBlobs, Limits, Reference, Result,
     archive::blob_hex,
+    docker::{self, DockerArchive},
     layout::{ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME},
     reference::repository_from_bundle_name,
 };
@@ -44,6 +48,20 @@ pub struct Discovered {
     pub blob_paths: BlobPaths,
     /// Where the layouts were found, for logs (`oci:images/`, `registry:platform/mirror/`).
     pub roots: Vec<String>,
+    /// Manifests the bundle does not carry but ShipperD made (a legacy `docker save`
+    /// archive's, see [`crate::docker`]), by digest.
+    pub made: HashMap<Digest, Vec<u8>>,
+}
+
+impl Discovered {
+    /// The blobs of `fs` (its files and the made manifests), for a [`crate::Walker`].
+    pub fn blobs<'a>(&'a self, fs: &'a dyn BundleFs) -> FsBlobs<'a> {
+        FsBlobs {
+            fs,
+            paths: &self.blob_paths,
+            made: &self.made,
+        }
+    }
 }
 
 /// Where each blob file of a bundle is, kept compact (a catalog bundle has tens of
@@ -56,6 +74,9 @@ pub struct BlobPaths {
     dirs: Vec<(String, bool)>,
     dir_index: HashMap<(String, bool), u32>,
     at: HashMap<[u8; 32], u32>,
+    /// Blobs whose files are not named by their digest (a `docker save` archive's
+    /// layers and configs).
+    named: HashMap<[u8; 32], String>,
 }
 
 impl BlobPaths {
@@ -87,9 +108,21 @@ impl BlobPaths {
         self.at.insert(key, n);
     }
 
+    /// Notes `path`, a file whose digest is `digest` though its name does not say so.
+    pub fn insert_named(&mut self, digest: &Digest, path: &str) {
+        let key = digest.bytes();
+        if !self.at.contains_key(&key) {
+            self.named.entry(key).or_insert_with(|| path.to_string());
+        }
+    }
+
     /// The path of blob `digest` in the bundle, if it has one.
     pub fn get(&self, digest: &Digest) -> Option<String> {
-        let (dir, tree) = &self.dirs[*self.at.get(&digest.bytes())? as usize];
+        let key = digest.bytes();
+        let Some(n) = self.at.get(&key) else {
+            return self.named.get(&key).cloned();
+        };
+        let (dir, tree) = &self.dirs[*n as usize];
         let hex = digest.hex();
         Some(if *tree {
             format!("{dir}{}/{hex}/data", &hex[..2])
@@ -99,11 +132,11 @@ impl BlobPaths {
     }
 
     pub fn len(&self) -> usize {
-        self.at.len()
+        self.at.len() + self.named.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
+        self.len() == 0
     }
 }
 
@@ -130,12 +163,15 @@ pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result
             }
         }
     }
-    if oci_roots.is_empty() && tree_roots.is_empty() {
-        return Err(Error::Layout(
-            "found neither an OCI image layout (index.json) nor a registry storage tree (docker/registry/v2/) in the bundle".into(),
-        ));
-    }
     let fallback_repo = repository_from_bundle_name(bundle_name);
+    if oci_roots.is_empty() && tree_roots.is_empty() {
+        return match docker::read(fs, limits)? {
+            Some(archive) => Ok(docker_images(archive, found, &fallback_repo)),
+            None => Err(Error::Layout(
+                "found neither an OCI image layout (index.json), a registry storage tree (docker/registry/v2/) nor a docker archive's manifest.json in the bundle".into(),
+            )),
+        };
+    }
     let mut names = BTreeMap::new();
     for root in &oci_roots {
         found.roots.push(format!("oci:{root}"));
@@ -166,6 +202,23 @@ pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result
         )));
     }
     Ok(found)
+}
+
+/// The images of a legacy `docker save` archive; an image without a tag is kept by
+/// digest in the repository named after the bundle.
+fn docker_images(archive: DockerArchive, mut found: Discovered, fallback_repo: &str) -> Discovered {
+    found.roots.push("docker-archive:".into());
+    for (digest, path) in &archive.files {
+        found.blob_paths.insert_named(digest, path);
+    }
+    found.images = archive.images;
+    found.unnamed = archive
+        .untagged
+        .into_iter()
+        .map(|d| (Some(fallback_repo.to_string()), d))
+        .collect();
+    found.made = archive.made;
+    found
 }
 
 /// The images of the OCI layout at `root`.

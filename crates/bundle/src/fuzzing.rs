@@ -5,8 +5,8 @@
 use std::{collections::HashMap, io::Read, path::Path};
 
 use crate::{
-    BundleFs, Error, FsBlobs, Limits, Location, Result, Walker, archive::ArchiveFs, cas::Cas,
-    discover, format, parts::MultiFile,
+    BundleFs, Error, Limits, Location, Result, Walker, archive::ArchiveFs, cas::Cas, discover,
+    format, parts::MultiFile,
 };
 
 /// Small limits so a fuzzer explores shapes, not sizes.
@@ -31,10 +31,7 @@ fn exercise(fs: &dyn BundleFs) {
     let Ok(found) = discover(fs, "fuzz", &limits) else {
         return;
     };
-    let blobs = FsBlobs {
-        fs,
-        paths: &found.blob_paths,
-    };
+    let blobs = found.blobs(fs);
     let walker = Walker::new(&blobs, &limits);
     let none = |_: &crate::Digest| Vec::new();
     for img in found.images.iter().take(50) {

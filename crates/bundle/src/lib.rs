@@ -3,8 +3,8 @@
 //! - [`format`]: what container a bundle is, by magic bytes (never by name);
 //! - [`container`]: opening one: squashfs and uncompressed tar in place, compressed tar
 //!   expanded once into the content-addressed store ([`cas`]); one file or several parts;
-//! - [`discover`]: the OCI image layouts and registry storage trees inside, and the
-//!   images they name;
+//! - [`discover`]: the OCI image layouts, registry storage trees or `docker save`
+//!   archive inside ([`docker`]), and the images they name;
 //! - [`layout`]: digests, descriptors, and the walk from an image to everything it needs;
 //! - [`catalog`]: how to open a checked bundle again, and where a blob's bytes are;
 //! - [`plan`]: each image's publish plan, stored once by unpack;
@@ -15,6 +15,7 @@ pub mod cas;
 pub mod catalog;
 pub mod container;
 pub mod discover;
+pub mod docker;
 mod error;
 pub mod format;
 pub mod fuzzing;
@@ -88,14 +89,19 @@ pub trait BlobSource: Send + Sync {
     fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>>;
 }
 
-/// The blobs of an opened bundle, by the paths [`discover`] found.
+/// The blobs of an opened bundle, by the paths [`discover`] found, and the manifests
+/// it made ([`Discovered::blobs`]).
 pub struct FsBlobs<'a> {
     pub fs: &'a dyn BundleFs,
     pub paths: &'a discover::BlobPaths,
+    pub made: &'a std::collections::HashMap<Digest, Vec<u8>>,
 }
 
 impl BlobSource for FsBlobs<'_> {
     fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>> {
+        if let Some(bytes) = self.made.get(digest) {
+            return Ok(Some((Box::new(bytes.as_slice()), bytes.len() as u64)));
+        }
         match self.paths.get(digest) {
             Some(p) => self.fs.open(&p).map(Some),
             None => Ok(None),

@@ -9,7 +9,6 @@
 //! them.
 
 mod api;
-mod docker;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,7 +20,7 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{
-    BundleFs, Descriptor, Digest, FsBlobs, Guard, Limits, ManifestDoc, Walker, cas::Cas, container,
+    BundleFs, Descriptor, Digest, Guard, Limits, ManifestDoc, Walker, cas::Cas, container,
     discover::BlobPaths,
 };
 use shipperd_model::DataDir;
@@ -79,10 +78,8 @@ pub(crate) struct Loaded {
     pub referrers: Vec<(Digest, Descriptor)>,
     /// Source registry host of each repository (for `--print-install-config`).
     pub hosts: Vec<(String, String)>,
-    /// A legacy `docker save` archive's made manifests, and its config and layer files,
-    /// by digest.
+    /// A legacy `docker save` archive's made manifests, by digest.
     pub made: HashMap<Digest, Vec<u8>>,
-    pub files: HashMap<Digest, String>,
 }
 
 /// A tag's target: its manifest (read from the newest bundle holding it).
@@ -110,12 +107,10 @@ pub(crate) const MAX_MANIFEST: u64 = 4 << 20;
 impl Index {
     /// The bundle holding `digest`, the newest first.
     pub(crate) fn holder(&self, digest: &Digest) -> Option<(Arc<Loaded>, String)> {
-        self.bundles.iter().rev().find_map(|b| {
-            b.paths
-                .get(digest)
-                .or_else(|| b.files.get(digest).cloned())
-                .map(|p| (b.clone(), p))
-        })
+        self.bundles
+            .iter()
+            .rev()
+            .find_map(|b| b.paths.get(digest).map(|p| (b.clone(), p)))
     }
 
     /// A manifest's bytes, checked against its digest.
@@ -192,21 +187,13 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
         vec![path.to_path_buf()]
     };
     let opened = container::open_parts(&parts, cas, key, limits, &Guard::default()).map_err(err)?;
-    let found = match shipperd_bundle::discover(opened.fs.as_ref(), &name, limits) {
-        Ok(f) => f,
-        // No layout, no tree: a legacy `docker save` archive is read below.
-        Err(_) if opened.fs.exists("manifest.json") => shipperd_bundle::Discovered::default(),
-        Err(e) => return Err(err(e)),
-    };
+    let found = shipperd_bundle::discover(opened.fs.as_ref(), &name, limits).map_err(err)?;
     let mut tags = Vec::new();
     let mut repos = Vec::new();
     let mut referrers = Vec::new();
     let mut hosts = Vec::new();
     {
-        let blobs = FsBlobs {
-            fs: opened.fs.as_ref(),
-            paths: &found.blob_paths,
-        };
+        let blobs = found.blobs(opened.fs.as_ref());
         let walker = Walker::new(&blobs, limits);
         for img in &found.images {
             if let Some(h) = &img.source.host {
@@ -239,22 +226,6 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
             }
         }
     }
-    // No image layout: a legacy `docker save` archive?
-    let mut made = HashMap::new();
-    let mut files = HashMap::new();
-    if found.images.is_empty()
-        && let Some(legacy) =
-            docker::read(opened.fs.as_ref()).map_err(|e| err(shipperd_bundle::Error::Layout(e)))?
-    {
-        for (repo, tag, host, desc) in legacy.tags {
-            if let Some(h) = host {
-                hosts.push((repo.clone(), h));
-            }
-            tags.push((repo, tag, desc));
-        }
-        made = legacy.manifests;
-        files = legacy.paths;
-    }
     tracing::info!(bundle = %path.display(), format = ?opened.format, images = tags.len(), "serving");
     Ok(Loaded {
         fs: opened.fs,
@@ -263,8 +234,7 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
         repos,
         referrers,
         hosts,
-        made,
-        files,
+        made: found.made,
     })
 }
 

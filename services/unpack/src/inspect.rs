@@ -11,9 +11,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use shipperd_bundle::{
-    BlobPaths, BundleFs, Catalog, Descriptor, Digest, Error, Format, FsBlobs, Guard, Limits,
-    Location, ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container,
-    discover,
+    BlobPaths, BundleFs, Catalog, Descriptor, Digest, Error, Format, Guard, Limits, Location,
+    ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
 };
 use shipperd_model::{BundleId, DataDir, PlanRef};
 
@@ -74,10 +73,7 @@ pub fn inspect(
     let fs = opened.fs.as_ref();
     let found = discover(fs, bundle_name, limits)?;
     tracing::debug!(roots = ?found.roots, images = found.images.len(), "layouts found");
-    let blobs = FsBlobs {
-        fs,
-        paths: &found.blob_paths,
-    };
+    let blobs = found.blobs(fs);
     let walker = Walker::new(&blobs, limits);
 
     // Unnamed manifests: referrers of another manifest, or images kept by digest only.

@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod cutoff;
 mod differential;
+mod docker_archives;
 mod exposure;
 mod fetch;
 mod formats;

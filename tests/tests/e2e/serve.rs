@@ -12,14 +12,14 @@ use shipperd_tests::{
     servers::free_port,
 };
 
-struct Served {
+pub(crate) struct Served {
     _child: tokio::process::Child,
-    addr: String,
+    pub(crate) addr: String,
     _log: tempfile::NamedTempFile,
 }
 
 /// Starts `shipperd serve` on a free port; its log says why when it does not listen.
-async fn serve(args: &[&str], bundles: &[&Path]) -> anyhow::Result<Served> {
+pub(crate) async fn serve(args: &[&str], bundles: &[&Path]) -> anyhow::Result<Served> {
     let addr = format!("127.0.0.1:{}", free_port());
     let log = tempfile::NamedTempFile::new()?;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))

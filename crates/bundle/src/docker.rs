@@ -1,0 +1,199 @@
+//! `docker save` archives of the legacy layout (also `podman save` and `skopeo copy ...
+//! docker-archive:`): `manifest.json` lists each image's config file, its `RepoTags` and
+//! its layer files (`<id>/layer.tar`, `<hex>.tar` or `blobs/sha256/<hex>`), which are
+//! uncompressed tars whose digests are the config's `rootfs.diff_ids`. No registry
+//! manifest is in them: one is made per image, Docker schema 2, with the config as it
+//! is (so the image ID stays the same) and the layers as they are (the uncompressed
+//! layer media type, so each layer's digest is its diff ID).
+//!
+//! Docker 25 and later write an OCI image layout beside `manifest.json`; that layout is
+//! read as any other, and this reader is not used.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    BundleFs, Descriptor, Digest, Error, LayoutImage, Limits, Reference, Result, catalog::Location,
+    layout::DOCKER_MANIFEST,
+};
+
+pub const MANIFEST_JSON: &str = "manifest.json";
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.docker.container.image.v1+json";
+/// An uncompressed layer: its digest is its diff ID.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.docker.image.rootfs.diff.tar";
+
+/// What a legacy archive holds.
+#[derive(Debug, Default)]
+pub struct DockerArchive {
+    /// Images by their `RepoTags` (one per tag).
+    pub images: Vec<LayoutImage>,
+    /// Images without a tag (saved by ID): their made manifests, by digest.
+    pub untagged: Vec<Descriptor>,
+    /// The made manifests, by digest.
+    pub made: HashMap<Digest, Vec<u8>>,
+    /// Config and layer files, by digest.
+    pub files: Vec<(Digest, String)>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Layers", default)]
+    layers: Vec<String>,
+}
+
+/// Is the member at `path` a file a legacy archive keeps by name (a layer tar or a config
+/// named by its digest) rather than by blob path? A compressed archive's such members are
+/// stored by their digest as they are expanded, the way blob files are.
+pub fn is_member_by_name(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    let depth = path.matches('/').count();
+    let hex_named = |ext: &str| {
+        base.strip_suffix(ext).is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    };
+    let meta = ["manifest.json", "index.json", "repositories", "oci-layout"];
+    (depth <= 1 && base.ends_with(".tar"))
+        || (depth == 0 && base.ends_with(".json") && !meta.contains(&base))
+        || (hex_named(".json") && depth <= 1)
+}
+
+/// Reads the legacy archive `fs` holds, if it has a `manifest.json`. Configs are read
+/// (each once, however many entries name it); layers are looked up, not read.
+pub fn read(fs: &dyn BundleFs, limits: &Limits) -> Result<Option<DockerArchive>> {
+    if !fs.exists(MANIFEST_JSON) {
+        return Ok(None);
+    }
+    let bytes = fs.read_small(MANIFEST_JSON, limits.max_index_bytes)?;
+    let list: Vec<Entry> = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        path: MANIFEST_JSON.into(),
+        reason: format!("not a docker archive's manifest.json: {e}"),
+    })?;
+    drop(bytes);
+    if list.len() > limits.max_images {
+        return Err(Error::Hostile(format!(
+            "{MANIFEST_JSON} lists {} images, over the limit of {} (maxImages)",
+            list.len(),
+            limits.max_images
+        )));
+    }
+    let mut out = DockerArchive::default();
+    let mut names = BTreeMap::new();
+    // Each config read once: path → (digest, size, diff IDs).
+    let mut configs: HashMap<String, (Digest, u64, Vec<Digest>)> = HashMap::new();
+    let mut located: HashMap<Digest, String> = HashMap::new();
+    for (i, entry) in list.into_iter().enumerate() {
+        let what = |s: String| Error::Layout(format!("{MANIFEST_JSON}, image {i}: {s}"));
+        if !configs.contains_key(&entry.config) {
+            let bytes = fs.read_small(&entry.config, limits.max_manifest_bytes)?;
+            let digest = Digest::of(&bytes);
+            let doc: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+                path: entry.config.clone(),
+                reason: format!("the image config does not parse: {e}"),
+            })?;
+            let diff_ids = doc["rootfs"]["diff_ids"]
+                .as_array()
+                .map(|a| a.iter().map(|v| v.as_str().unwrap_or("")).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| {
+                    Digest::parse(s).map_err(|e| {
+                        what(format!(
+                            "its config {} lists diff ID {s:?}: {e}",
+                            entry.config
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            check_where(fs, &entry.config, &digest)?;
+            located.insert(digest.clone(), entry.config.clone());
+            configs.insert(entry.config.clone(), (digest, bytes.len() as u64, diff_ids));
+        }
+        let (config_digest, config_size, diff_ids) = &configs[&entry.config];
+        if entry.layers.len() != diff_ids.len() {
+            return Err(what(format!(
+                "{} layers, but its config lists {} diff IDs",
+                entry.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        let mut layers = Vec::with_capacity(entry.layers.len());
+        for (path, id) in entry.layers.iter().zip(diff_ids) {
+            let (_, size) = fs.locate(path)?;
+            check_where(fs, path, id)?;
+            located.entry(id.clone()).or_insert_with(|| path.clone());
+            layers
+                .push(json!({"mediaType": LAYER_MEDIA_TYPE, "size": size, "digest": id.as_str()}));
+        }
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST,
+            "config": {"mediaType": CONFIG_MEDIA_TYPE, "size": config_size, "digest": config_digest.as_str()},
+            "layers": layers,
+        }))
+        .expect("JSON serializes");
+        let desc = Descriptor::new(
+            DOCKER_MANIFEST,
+            Digest::of(&manifest),
+            manifest.len() as u64,
+        );
+        let tags = entry.repo_tags.unwrap_or_default();
+        if tags.is_empty() && !out.untagged.iter().any(|d| d.digest == desc.digest) {
+            out.untagged.push(desc.clone());
+        }
+        for tag in tags {
+            let source =
+                Reference::parse(&tag).map_err(|e| what(format!("RepoTags names {tag:?}: {e}")))?;
+            if source.tag.is_none() {
+                return Err(what(format!("RepoTags names {tag:?}, which has no tag")));
+            }
+            names.entry(source.to_string()).or_insert(LayoutImage {
+                source,
+                descriptor: desc.clone(),
+            });
+        }
+        out.made.insert(desc.digest, manifest);
+    }
+    out.images = names.into_values().collect();
+    out.files = located.into_iter().collect();
+    out.files.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+    Ok(Some(out))
+}
+
+/// A file stored by its digest as the archive was expanded must be the file its
+/// config names: a layer whose bytes are not its diff ID is refused here, by name, not
+/// later by the registry.
+fn check_where(fs: &dyn BundleFs, path: &str, digest: &Digest) -> Result<()> {
+    match fs.locate(path) {
+        Ok((Location::Cas { hex }, _)) if hex != digest.hex() => Err(Error::Hostile(format!(
+            "{path} hashes to sha256:{hex}, but the image config names it {digest}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_kept_by_name() {
+        let h = "ab".repeat(32);
+        assert!(is_member_by_name("0123/layer.tar"));
+        assert!(is_member_by_name(&format!("{h}.tar")));
+        assert!(is_member_by_name(&format!("{h}.json")));
+        assert!(!is_member_by_name("manifest.json"));
+        assert!(!is_member_by_name("a/b/layer.tar"));
+        assert!(is_member_by_name("config.json"));
+        assert!(!is_member_by_name("index.json"));
+        assert!(!is_member_by_name("a/config.json"));
+    }
+}

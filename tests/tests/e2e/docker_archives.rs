@@ -1,0 +1,261 @@
+//! `docker save` archives through the pipeline, and through `shipperd serve`:
+//!
+//! - one written by `skopeo copy ... docker-archive:` (plain tar, read in place);
+//! - a legacy archive of three images written here as Docker wrote them before 25 (two
+//!   tags on one image, a layer shared by two, a layer linked to another directory, an
+//!   image saved by ID), as gzip tar, plain tar and squashfs;
+//! - Docker 25's archive (an OCI layout beside `manifest.json`), read as the layout;
+//! - a legacy archive whose layer is not what its config names, refused by name.
+//!
+//! Each image is published with its config unchanged (the image ID stays), its layers
+//! as they are (their digests are the diff IDs), and `serve` serves the same manifests.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use shipperd_tests::{
+    app::{Options, TestApp, skopeo_raw, spawn_app},
+    docker_save::{self, SavedImage, layer},
+    fixtures::{TarCompression, compress, mksquashfs_dir, sample, sha256, tar_bytes},
+};
+
+const DONE: Duration = Duration::from_secs(90);
+
+fn images() -> Vec<SavedImage> {
+    let base = layer("etc/os-release", b"ID=saved\n");
+    let api = layer("bin/api", &[0x41; 3000]);
+    vec![
+        SavedImage::new(
+            &["example.com/team/api:1.0", "example.com/team/api:latest"],
+            vec![base.clone(), api.clone()],
+            "APP=api",
+        ),
+        SavedImage::new(
+            &["team/worker:2.0"],
+            vec![base, layer("bin/worker", &[0x57; 5000])],
+            "APP=worker",
+        ),
+        // Saved by ID; its only layer has the api layer's bytes under another parent,
+        // so Docker links its directory to the first.
+        SavedImage::new(&[], vec![api], "APP=untagged"),
+    ]
+}
+
+/// The registry's manifest of `repo:reference`, parsed, with its digest.
+async fn manifest(app: &TestApp, repo: &str, reference: &str) -> anyhow::Result<(Value, String)> {
+    let (bytes, _) = app
+        .manifest(repo, reference)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{repo}:{reference} is not in the registry"))?;
+    Ok((serde_json::from_slice(&bytes)?, sha256(&bytes)))
+}
+
+/// Every tag of `images` is in the registry with its config unchanged and its layers
+/// at their diff IDs, each blob's bytes hashing to its digest.
+async fn check_published(app: &TestApp, images: &[SavedImage], what: &str) -> anyhow::Result<()> {
+    for img in images {
+        for t in &img.tags {
+            let (repo, tag) = t.rsplit_once(':').unwrap();
+            let repo = repo.strip_prefix("example.com/").unwrap_or(repo);
+            let (m, _) = manifest(app, repo, tag).await?;
+            assert_eq!(
+                m["mediaType"], "application/vnd.docker.distribution.manifest.v2+json",
+                "{what} {t}"
+            );
+            assert_eq!(m["config"]["digest"], img.config_digest(), "{what} {t}");
+            let layers: Vec<&str> = m["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["digest"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                layers,
+                img.diff_ids(),
+                "{what} {t}: layers at their diff IDs"
+            );
+            for d in layers.iter().copied().chain([img.config_digest().as_str()]) {
+                let blob = app.blob(repo, d).await?.unwrap();
+                assert_eq!(sha256(&blob), d, "{what} {t}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let app = spawn_app(Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let images = images();
+    let members = docker_save::legacy_members(&images);
+    let legacy_tar = docker_save::tar(&members)?;
+    let mut bundles = Vec::new();
+
+    // skopeo's docker-archive of one image of an OCI layout.
+    let layout = sample("dsave", "d", 0);
+    let oci = dir.path().join("oci");
+    layout.write_dir(&oci)?;
+    let skopeo_archive = dir.path().join("skopeo.tar");
+    let o = std::process::Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("oci:{}:1.0", oci.display()))
+        .arg(format!(
+            "docker-archive:{}:example.com/skopeo/app:1.0",
+            skopeo_archive.display()
+        ))
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let app_img = layout.images.iter().find(|i| i.repo == "demo/app").unwrap();
+    let original: Value = serde_json::from_slice(&layout.blobs[&app_img.digest])?;
+    let (st, b) = app
+        .put("skopeo.tar", std::fs::read(&skopeo_archive)?, None)
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    bundles.push((
+        "skopeo docker-archive",
+        b["id"].as_str().unwrap().to_string(),
+    ));
+
+    // The legacy archive, gzip-compressed (expanded: layers stored by their hashes).
+    let (st, b) = app
+        .put(
+            "legacy.tar.gz",
+            compress(legacy_tar.clone(), TarCompression::Gzip)?,
+            None,
+        )
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    bundles.push(("legacy gzip", b["id"].as_str().unwrap().to_string()));
+    let legacy_id = b["id"].as_str().unwrap().to_string();
+
+    // Docker 25: an OCI layout beside manifest.json; read as the layout.
+    let d25 = sample("d25", "d25", 0);
+    let mut files = d25.oci_files("");
+    files.push((
+        "manifest.json".into(),
+        serde_json::to_vec(&serde_json::json!([{
+            "Config": "blobs/sha256/0000",
+            "RepoTags": ["ignored/by:layout"],
+            "Layers": [],
+        }]))?,
+    ));
+    files.push(("repositories".into(), b"{}".to_vec()));
+    let (st, b) = app.put("d25.tar", tar_bytes(&files)?, None).await?;
+    assert_eq!(st, 202, "{b}");
+    bundles.push(("docker 25", b["id"].as_str().unwrap().to_string()));
+
+    for (what, id) in &bundles {
+        let rec = app.wait_done(id, DONE).await?;
+        assert_eq!(rec["phase"], "Published", "{what}: {rec:#}");
+    }
+    // skopeo's: the config digest (the image ID) unchanged.
+    let (m, _) = manifest(&app, "skopeo/app", "1.0").await?;
+    assert_eq!(m["config"]["digest"], original["config"]["digest"]);
+    // Docker 25's: the layout's own manifests, byte for byte.
+    app.assert_published(&d25, "").await?;
+    assert!(app.catalog().await?.iter().all(|r| r != "ignored/by"));
+
+    // The legacy archive: every tag, config and layer; the untagged image by digest in
+    // the repository named after the bundle.
+    check_published(&app, &images, "legacy gzip").await?;
+    let rec = app.bundle(&legacy_id).await?.unwrap();
+    let listed = rec["images"].as_array().unwrap();
+    assert_eq!(
+        listed.len(),
+        4,
+        "three tags and one image by digest: {rec:#}"
+    );
+    let untagged = listed
+        .iter()
+        .find(|i| i["source"].as_str().unwrap().contains('@'))
+        .expect("the untagged image");
+    let digest = untagged["digest"].as_str().unwrap();
+    assert!(
+        untagged["source"].as_str().unwrap().starts_with("legacy@"),
+        "{untagged}"
+    );
+    let (m, _) = manifest(&app, "legacy", digest).await?;
+    assert_eq!(m["config"]["digest"], images[2].config_digest());
+    let (api, api_digest) = manifest(&app, "team/api", "1.0").await?;
+
+    // The same archive as a plain tar (read in place) and as squashfs: the same
+    // manifests (the made manifest is a function of the archive's content).
+    let sq_dir = dir.path().join("sq");
+    docker_save::write_dir(&members, &sq_dir)?;
+    let sq = dir.path().join("legacy.squashfs");
+    mksquashfs_dir(&sq_dir, &sq, &["-comp", "gzip"])?;
+    let mut more = Vec::new();
+    for (name, body) in [
+        ("legacy-plain.tar", legacy_tar.clone()),
+        ("legacy.squashfs", std::fs::read(&sq)?),
+    ] {
+        let (st, b) = app.put(name, body, None).await?;
+        assert_eq!(st, 202, "{b}");
+        more.push((name, b["id"].as_str().unwrap().to_string()));
+    }
+    for (name, id) in &more {
+        let rec = app.wait_done(id, DONE).await?;
+        assert_eq!(rec["phase"], "Published", "{name}: {rec:#}");
+        let mine = rec["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["source"] == "example.com/team/api:1.0")
+            .unwrap();
+        assert_eq!(mine["digest"], api_digest.as_str(), "{name}");
+        assert_eq!(
+            rec["format"],
+            if name.ends_with("tar") {
+                "tar"
+            } else {
+                "squashfs"
+            }
+        );
+    }
+    check_published(&app, &images, "legacy tar and squashfs").await?;
+    assert_eq!(
+        api["layers"][0]["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar"
+    );
+
+    // A layer that is not what its config names: refused by name, nothing tagged.
+    let mut bad = docker_save::legacy_members(&[SavedImage::new(
+        &["bad/image:1"],
+        vec![layer("x", b"real")],
+        "APP=bad",
+    )]);
+    for (path, m) in bad.iter_mut() {
+        if path.ends_with("layer.tar") {
+            *m = docker_save::Member::File(layer("x", b"swapped"));
+        }
+    }
+    let (st, b) = app
+        .put(
+            "bad.tar.gz",
+            compress(docker_save::tar(&bad)?, TarCompression::Gzip)?,
+            None,
+        )
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    let rec = app.wait_done(b["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let why = rec["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("layer.tar hashes to sha256:") && why.contains("the image config names it"),
+        "{why}"
+    );
+    assert!(app.tags("bad/image").await?.is_empty());
+
+    // `serve` of the gzip archive serves the manifests the pipeline published.
+    let gz = dir.path().join("legacy.tar.gz");
+    std::fs::write(&gz, compress(legacy_tar, TarCompression::Gzip)?)?;
+    let s = crate::serve::serve(&[], &[&gz]).await?;
+    let raw = skopeo_raw(&format!("{}/team/api:latest", s.addr))?;
+    assert_eq!(sha256(&raw), api_digest);
+    let raw = skopeo_raw(&format!("{}/team/worker:2.0", s.addr))?;
+    let (_, worker_digest) = manifest(&app, "team/worker", "2.0").await?;
+    assert_eq!(sha256(&raw), worker_digest);
+    Ok(())
+}
