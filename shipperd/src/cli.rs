@@ -690,6 +690,14 @@ pub struct ServeArgs {
     /// Put before every repository: `mirror` serves `quay.io/org/app` at `mirror/org/app`.
     #[arg(long, env = "SHIPPERD_SERVE_PREFIX", default_value = "")]
     pub prefix: String,
+    /// Keep the source registry's host as the first path component
+    /// (`quay.io/org/app` at `quay.io/org/app`), as a target with `keep_host` does.
+    #[arg(long, env = "SHIPPERD_SERVE_KEEP_HOST")]
+    pub keep_host: bool,
+    /// At most this many path components per repository (Quay and OpenShift: 2): the
+    /// rest are joined with `-`, as a target with `max_depth` does.
+    #[arg(long, env = "SHIPPERD_SERVE_MAX_DEPTH")]
+    pub max_depth: Option<usize>,
     /// Where compressed bundles are expanded (default: a temporary directory, removed
     /// at exit).
     #[arg(long, env = "SHIPPERD_SERVE_CACHE_DIR")]
@@ -766,7 +774,12 @@ impl ServeArgs {
         shipperd_serve::Config {
             bundles: self.bundles.clone(),
             listen: self.listen,
-            prefix: self.prefix.clone(),
+            mapping: shipperd_serve::Mapping {
+                keep_host: self.keep_host,
+                prefix: self.prefix.clone(),
+                max_depth: self.max_depth,
+                renames: Vec::new(),
+            },
             cache_dir: self.cache_dir.clone(),
             watch_dir: self.watch_dir.clone(),
             watch_every: self.watch_every,

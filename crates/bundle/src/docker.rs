@@ -101,7 +101,11 @@ pub fn read(fs: &dyn BundleFs, limits: &Limits) -> Result<Option<DockerArchive>>
             })?;
             let diff_ids = doc["rootfs"]["diff_ids"]
                 .as_array()
-                .map(|a| a.iter().map(|v| v.as_str().unwrap_or("")).collect::<Vec<_>>())
+                .map(|a| {
+                    a.iter()
+                        .map(|v| v.as_str().unwrap_or(""))
+                        .collect::<Vec<_>>()
+                })
                 .unwrap_or_default()
                 .into_iter()
                 .map(|s| {

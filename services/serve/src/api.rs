@@ -12,22 +12,28 @@ use axum::{
 };
 use bytes::Bytes;
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{Digest, ManifestDoc};
 use shipperd_ingest::Tokens;
 
-use crate::{Index, Shared, current};
+use crate::{
+    Index, Shared,
+    auth::{Auth, TOKEN_PATH},
+    current,
+};
 
 #[derive(Clone)]
 struct Served {
     index: Shared,
-    tokens: Option<Arc<Tokens>>,
+    auth: Option<Arc<Auth>>,
+    /// Served over TLS (the scheme of the token realm).
+    tls: bool,
 }
 
-pub(crate) fn router(index: Shared, token_file: Option<PathBuf>) -> Router {
+pub(crate) fn router(index: Shared, token_file: Option<PathBuf>, tls: bool) -> Router {
     Router::new().fallback(handle).with_state(Served {
         index,
-        tokens: token_file.map(|f| Arc::new(Tokens::new(f))),
+        auth: token_file.map(|f| Arc::new(Auth::new(Tokens::new(f)))),
+        tls,
     })
 }
 
@@ -55,50 +61,53 @@ fn with_api_version(mut r: Response) -> Response {
     r
 }
 
-/// The token a request presents: a bearer token, or the password of Basic.
-fn presented(headers: &HeaderMap) -> Option<String> {
-    use base64::Engine as _;
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, rest) = v.split_once(' ')?;
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(rest.trim().to_string());
-    }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(rest.trim())
-            .ok()?;
-        let text = String::from_utf8(raw).ok()?;
-        let (_, password) = text.split_once(':')?;
-        return Some(password.to_string());
-    }
-    None
-}
-
 async fn handle(State(s): State<Served>, req: Request) -> Response {
     with_api_version(route(&s, req).await)
 }
 
 async fn route(s: &Served, req: Request) -> Response {
     let path = req.uri().path().to_string();
+    if path == TOKEN_PATH
+        && let Some(auth) = &s.auth
+    {
+        return match auth.token(req.headers()) {
+            Some(doc) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                doc.to_string(),
+            )
+                .into_response(),
+            None => {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    "log in with a token of the server's token file (as the password)",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Basic realm="shipperd""#),
+                );
+                r
+            }
+        };
+    }
     if path != "/v2" && !path.starts_with("/v2/") {
         return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
     }
-    if let Some(tokens) = &s.tokens {
-        let ok = presented(req.headers())
-            .map(|t| tokens.admits(&Sha256::digest(t.as_bytes()).into()))
-            .unwrap_or(false);
-        if !ok {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "log in with a token of the server's token file (as the password)",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Basic realm="shipperd""#),
-            );
-            return r;
-        }
+    if let Some(auth) = &s.auth
+        && !auth.admits(req.headers())
+    {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "log in with a token of the server's token file (as the password)",
+        );
+        let authority = req.uri().authority().map(|a| a.as_str());
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            auth.challenge(req.headers(), authority, s.tls),
+        );
+        return r;
     }
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {

@@ -9,6 +9,7 @@
 //! them.
 
 mod api;
+mod auth;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -23,7 +24,8 @@ use shipperd_bundle::{
     BundleFs, Descriptor, Digest, Guard, Limits, ManifestDoc, Walker, cas::Cas, container,
     discover::BlobPaths,
 };
-use shipperd_model::DataDir;
+use shipperd_model::{DataDir, Reference};
+pub use shipperd_registry_targets::Mapping;
 use tokio_util::sync::CancellationToken;
 
 pub use shipperd_ingest::{Bounds, TlsFiles};
@@ -40,6 +42,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Serve(#[from] shipperd_ingest::Error),
+    #[error(transparent)]
+    Mapping(#[from] shipperd_registry_targets::Error),
 }
 
 /// Settings of `shipperd serve`.
@@ -52,9 +56,11 @@ pub struct Config {
     pub watch_dir: Option<PathBuf>,
     pub watch_every: Duration,
     pub listen: SocketAddr,
-    /// Put before every repository (`mirror` serves `quay.io/org/app` as
+    /// Where each image is served: the path mapping of a registry target (its
+    /// `keep_host`, `prefix` and `max_depth`), so the bastion answers at the paths
+    /// the cluster will ask for (`prefix = "mirror"` serves `quay.io/org/app` at
     /// `mirror/org/app`).
-    pub prefix: String,
+    pub mapping: Mapping,
     /// Where compressed bundles are expanded (`None`: a temporary directory).
     pub cache_dir: Option<PathBuf>,
     /// TLS; `None`: plain HTTP.
@@ -70,14 +76,12 @@ pub struct Config {
 pub(crate) struct Loaded {
     pub fs: Box<dyn BundleFs>,
     pub paths: BlobPaths,
-    /// (repository, tag, manifest), as the bundle names them (no prefix yet).
-    pub tags: Vec<(String, String, Descriptor)>,
+    /// (source, manifest): each tagged image as the bundle names it (not mapped yet).
+    pub tags: Vec<(Reference, Descriptor)>,
     /// Repositories holding manifests by digest only.
-    pub repos: Vec<String>,
+    pub repos: Vec<Reference>,
     /// (subject, referrer).
     pub referrers: Vec<(Digest, Descriptor)>,
-    /// Source registry host of each repository (for `--print-install-config`).
-    pub hosts: Vec<(String, String)>,
     /// A legacy `docker save` archive's made manifests, by digest.
     pub made: HashMap<Digest, Vec<u8>>,
 }
@@ -124,14 +128,14 @@ impl Index {
         (sum == digest.hex()).then_some(bytes)
     }
 
-    /// The index of `bundles` (later ones win a tag), repositories under `prefix`.
-    pub(crate) fn of(bundles: Vec<Arc<Loaded>>, prefix: &str) -> Index {
-        let prefix = prefix.trim_matches('/');
-        let place = |repo: &str| {
-            if prefix.is_empty() {
-                repo.to_string()
-            } else {
-                format!("{prefix}/{repo}")
+    /// The index of `bundles` (later ones win a tag), repositories where `mapping`
+    /// puts them.
+    pub(crate) fn of(bundles: Vec<Arc<Loaded>>, mapping: &Mapping) -> Index {
+        let place = |source: &Reference| match mapping.repository(source) {
+            Ok(r) => Some(r),
+            Err(error) => {
+                tracing::warn!(%error, %source, "not served: its repository cannot be mapped");
+                None
             }
         };
         let mut tags: BTreeMap<String, BTreeMap<String, Tagged>> = BTreeMap::new();
@@ -139,22 +143,24 @@ impl Index {
         let mut referrers: HashMap<Digest, Vec<Descriptor>> = HashMap::new();
         let mut sources = BTreeMap::new();
         for b in &bundles {
-            for (repo, tag, desc) in &b.tags {
-                let repo = place(repo);
+            for (source, desc) in &b.tags {
+                let (Some(repo), Some(tag)) = (place(source), &source.tag) else {
+                    continue;
+                };
+                if let Some(host) = &source.host {
+                    sources.insert(repo.clone(), (host.clone(), source.repository.clone()));
+                }
                 repos.insert(repo.clone());
                 tags.entry(repo)
                     .or_default()
                     .insert(tag.clone(), Tagged { desc: desc.clone() });
             }
-            repos.extend(b.repos.iter().map(|r| place(r)));
+            repos.extend(b.repos.iter().filter_map(place));
             for (subject, r) in &b.referrers {
                 let list = referrers.entry(subject.clone()).or_default();
                 if !list.iter().any(|d| d.digest == r.digest) {
                     list.push(r.clone());
                 }
-            }
-            for (repo, host) in &b.hosts {
-                sources.insert(place(repo), (host.clone(), repo.clone()));
             }
         }
         Index {
@@ -191,25 +197,22 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
     let mut tags = Vec::new();
     let mut repos = Vec::new();
     let mut referrers = Vec::new();
-    let mut hosts = Vec::new();
     {
         let blobs = found.blobs(opened.fs.as_ref());
         let walker = Walker::new(&blobs, limits);
         for img in &found.images {
-            if let Some(h) = &img.source.host {
-                hosts.push((img.source.repository.clone(), h.clone()));
-            }
-            if let Some(tag) = &img.source.tag {
-                tags.push((
-                    img.source.repository.clone(),
-                    tag.clone(),
-                    img.descriptor.clone(),
-                ));
+            if img.source.tag.is_some() {
+                tags.push((img.source.clone(), img.descriptor.clone()));
             }
         }
         for (repo, desc) in &found.unnamed {
             if let Some(r) = repo {
-                repos.push(r.clone());
+                repos.push(Reference {
+                    host: None,
+                    repository: r.clone(),
+                    tag: None,
+                    digest: Some(desc.digest.clone()),
+                });
             }
             let what = format!("manifest {}", desc.digest);
             let Ok(Some(bytes)) = walker.manifest_bytes(&what, desc) else {
@@ -233,7 +236,6 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
         tags,
         repos,
         referrers,
-        hosts,
         made: found.made,
     })
 }
@@ -286,7 +288,7 @@ struct Bundles {
     cas: Cas,
     _cache: Option<tempfile::TempDir>,
     limits: Limits,
-    prefix: String,
+    mapping: Mapping,
     /// The bundles named on the command line, in order.
     fixed: Vec<Arc<Loaded>>,
     /// The watched directory's, by path: the stamp they were loaded at (and `None` for
@@ -314,7 +316,7 @@ impl Bundles {
             cas,
             _cache: cache,
             limits: config.limits.clone(),
-            prefix: config.prefix.clone(),
+            mapping: config.mapping.clone(),
             fixed,
             watched: BTreeMap::new(),
         })
@@ -366,7 +368,7 @@ impl Bundles {
             watched.sort_by(|a, b| a.0.map(|s| s.1).cmp(&b.0.map(|s| s.1)).then(a.1.cmp(b.1)));
             all.extend(watched.into_iter().map(|(_, _, l)| l));
         }
-        Index::of(all, &self.prefix)
+        Index::of(all, &self.mapping)
     }
 }
 
@@ -387,6 +389,7 @@ pub struct Serve {
 
 impl Serve {
     pub async fn start(config: Config) -> Result<Self, Error> {
+        config.mapping.validate()?;
         let c = config.clone();
         let (bundles, index) = tokio::task::spawn_blocking(move || {
             let mut b = Bundles::new(&c)?;
@@ -479,7 +482,11 @@ impl Serve {
                 }
             });
         }
-        let app = api::router(self.index.clone(), self.config.auth_token_file.clone());
+        let app = api::router(
+            self.index.clone(),
+            self.config.auth_token_file.clone(),
+            self.config.tls.is_some(),
+        );
         shipperd_ingest::serve_router(
             self.listener,
             app,

@@ -195,11 +195,58 @@ async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(r.status(), 401);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()?
-            .starts_with("Basic")
+    // Docker's token flow, its realm where the client asked.
+    assert_eq!(
+        r.headers()["www-authenticate"].to_str()?,
+        format!(
+            r#"Bearer realm="http://{}/token",service="shipperd""#,
+            locked.addr
+        )
     );
+    let token = |user: &str, password: &str| {
+        http.get(format!(
+            "http://{}/token?service=shipperd&scope=repository:demo/app:pull",
+            locked.addr
+        ))
+        .basic_auth(user, Some(password))
+        .send()
+    };
+    let r = token("anyone", "wrong").await?;
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(format!("http://{}/token", locked.addr))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 401, "no anonymous tokens");
+    let doc: serde_json::Value = token("anyone", "serve-token").await?.json().await?;
+    assert_eq!(doc["expires_in"], 300);
+    let issued = doc["token"].as_str().unwrap().to_string();
+    assert_eq!(doc["access_token"], issued.as_str());
+    let get = |auth: String| {
+        http.get(format!("http://{}/v2/demo/app/tags/list", locked.addr))
+            .header("authorization", auth)
+            .send()
+    };
+    assert_eq!(get(format!("Bearer {issued}")).await?.status(), 200);
+    // A token cannot be renewed with itself, nor its expiry moved.
+    let r = http
+        .get(format!("http://{}/token", locked.addr))
+        .bearer_auth(&issued)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 401);
+    let (_, sig) = issued["sst1.".len()..].split_once('.').unwrap();
+    assert_eq!(
+        get(format!("Bearer sst1.99999999999.{sig}"))
+            .await?
+            .status(),
+        401
+    );
+    // The secret itself, as Basic's password or a bearer token, on every request.
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("u:serve-token");
+    assert_eq!(get(format!("Basic {basic}")).await?.status(), 200);
+    assert_eq!(get("Bearer serve-token".into()).await?.status(), 200);
     let inspect = |creds: &str| {
         std::process::Command::new("skopeo")
             .args(["inspect", "--raw", "--tls-verify=false", "--creds", creds])
@@ -406,5 +453,36 @@ async fn a_docker_archive_is_served_with_its_image_id() -> anyhow::Result<()> {
         .arg(format!("oci:{}:x", dir.path().join("back").display()))
         .output()?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // A target's path mapping: the host kept, a prefix, at most two components.
+    let mapped = ["--prefix", "mirror", "--keep-host", "--max-depth", "2"];
+    let m = serve(&mapped, &[&archive]).await?;
+    let raw2 = skopeo_raw(&format!("{}/mirror/example.com-demo-app:1.0", m.addr))?;
+    assert_eq!(raw2, raw);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args([
+            "serve",
+            "--print-install-config",
+            "--advertise",
+            "bastion:5000",
+        ])
+        .args(mapped)
+        .arg(&archive)
+        .output()?;
+    let yaml = String::from_utf8(o.stdout)?;
+    assert!(
+        yaml.contains(
+            "- bastion:5000/mirror/example.com-demo-app\n  source: example.com/demo/app\n"
+        ),
+        "{yaml}"
+    );
+    // A prefix no registry accepts is refused at start, by name.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(["serve", "--print-install-config", "--prefix", "Mirror/../x"])
+        .arg(&archive)
+        .output()?;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("prefix \"Mirror/../x\""), "{err}");
     Ok(())
 }

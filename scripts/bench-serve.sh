@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Day-0 serving speed (release build, loopback): every image of a ~0.9 GiB bundle pulled
+# with parallel `skopeo copy --all` (into `dir:` layouts on /dev/shm, so the client's disk
+# is not what is measured)
+#   1. from docker-registry, serving the same images from its own storage (pushed there
+#      first, not timed);
+#   2. from `shipperd serve` of the bundle as a plain tar, read in place;
+#   3. from `shipperd serve` of the same layout squashed (mksquashfs, zstd);
+# and the same blobs fetched with parallel `curl` (the servers alone, no client-side
+# hashing). Each pull is run ROUNDS times, the best kept; the files are in the page
+# cache for all of them. Prints each time, its ratio to docker-registry's (goal: ≤ 1.0),
+# and the peak resident memory of `shipperd serve` (goal: under 100 MiB).
+#   scripts/bench-serve.sh [PARALLEL] [ROUNDS] [BASE_MB OWN_MB]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PAR=${1:-4}
+ROUNDS=${2:-2}
+BASE_MB=${3:-150}
+OWN_MB=${4:-110}
+scripts/install-deps.sh
+echo "== building (release)"
+cargo build --locked --release -q -p shipperd -p shipperd-tests --bins
+BIN=target/release
+DEMO=.bench
+source scripts/lib.sh
+W=.bench-serve
+OUT=/dev/shm/shipperd-bench-serve
+rm -rf "$W" "$OUT"; mkdir -p "$W"
+trap 'cleanup; rm -rf "$W" "$OUT"' EXIT
+
+echo "== building the bundle"
+$BIN/shipperd-dev bench-bundle --dir "$W" --base-mb "$BASE_MB" --own-mb "$OWN_MB"
+mksquashfs "$W/layout" "$W/bundle.squashfs" -noappend -quiet -no-progress -comp zstd
+BYTES=$(awk '{s += $2} END {print s}' "$W/blobs.txt")
+IMAGES=$(wc -l <"$W/images.txt")
+
+echo "== docker-registry, filled with skopeo (not timed)"
+start_registry registry
+REG_PORT=$RP REG_PID=$RPID
+while read -r ref; do
+  skopeo copy -q --all --dest-tls-verify=false "oci:$W/layout:$ref" \
+    "docker://127.0.0.1:$REG_PORT/${ref#*/}" >/dev/null
+done <"$W/images.txt"
+
+# serve FILE: `shipperd serve` of FILE on a free port; sets SP and SPID.
+serve() {
+  SP=$($BIN/shipperd-dev free-port)
+  RUST_LOG=warn $BIN/shipperd serve --listen "127.0.0.1:$SP" "$1" >"$W/serve-$SP.log" 2>&1 &
+  SPID=$!; PIDS+=($SPID)
+  wait_port "$SP" "shipperd serve"
+}
+serve "$W/bundle.tar"; TAR_PORT=$SP TAR_PID=$SPID
+serve "$W/bundle.squashfs"; SQ_PORT=$SP SQ_PID=$SPID
+hwm() { awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
+RSS_TAR0=$(hwm "$TAR_PID") RSS_SQ0=$(hwm "$SQ_PID")
+
+export OUT
+pull() { # port ref n
+  skopeo copy -q --all --src-tls-verify=false "docker://127.0.0.1:$1/${2#*/}" "dir:$OUT/$3" >/dev/null
+}
+export -f pull
+fetch() { # port repo digest: one blob through curl
+  curl -sS --fail -o /dev/null "http://127.0.0.1:$1/v2/$2/blobs/$3"
+}
+export -f fetch
+# best PORT: the best of ROUNDS parallel pulls of every image; sets T. Each pull is
+# checked: skopeo verifies every digest it copies.
+best_pull() {
+  T=""
+  for _ in $(seq 1 "$ROUNDS"); do
+    rm -rf "$OUT"; mkdir -p "$OUT"
+    local t0 t
+    t0=$(now)
+    nl -ba "$W/images.txt" | xargs -P "$PAR" -L 1 bash -c 'pull '"$1"' "$1" "$0"'
+    t=$(secs "$t0" "$(now)")
+    if [ -z "$T" ] || [ "$(echo "$t < $T" | bc -l)" = 1 ]; then T=$t; fi
+  done
+  PULLED=$(du -sb "$OUT" | cut -f1)
+}
+best_fetch() {
+  C=""
+  for _ in $(seq 1 "$ROUNDS"); do
+    local t0 t
+    t0=$(now)
+    xargs -P "$PAR" -L 1 bash -c 'fetch '"$1"' "$0" "$1"' <"$W/fetch.txt"
+    t=$(secs "$t0" "$(now)")
+    if [ -z "$C" ] || [ "$(echo "$t < $C" | bc -l)" = 1 ]; then C=$t; fi
+  done
+}
+
+echo "== pulling every image, $PAR at a time, best of $ROUNDS"
+best_pull "$REG_PORT"; T_REG=$T
+# What curl fetches: each distinct blob (manifests too) once, from a repository holding
+# it, as the last pull laid them out (`dir:` names each file by its digest's hex).
+n=0
+while read -r ref; do
+  n=$((n + 1)); repo=${ref#*/}; repo=${repo%:*}
+  for f in "$OUT/$n"/*; do
+    b=$(basename "$f")
+    if [ ${#b} = 64 ]; then echo "$repo sha256:$b"; fi
+  done
+done <"$W/images.txt" | sort -u -k2,2 >"$W/fetch.txt"
+FETCHED=$(awk '{print $2}' "$W/fetch.txt" | while read -r d; do stat -c %s "$OUT"/*/"${d#sha256:}" 2>/dev/null | head -1; done | awk '{s += $1} END {print s}')
+best_pull "$TAR_PORT"; T_TAR=$T
+best_pull "$SQ_PORT"; T_SQ=$T
+echo "== fetching every distinct blob with curl, $PAR at a time, best of $ROUNDS"
+best_fetch "$REG_PORT"; C_REG=$C
+best_fetch "$TAR_PORT"; C_TAR=$C
+best_fetch "$SQ_PORT"; C_SQ=$C
+RSS_TAR=$(hwm "$TAR_PID") RSS_SQ=$(hwm "$SQ_PID")
+
+mbps() { echo "$1 / $2 / 1000000" | bc -l; }
+echo "== result: $IMAGES images, $((BYTES >> 20)) MiB of distinct blobs, $((PULLED >> 20)) MiB per full pull"
+printf '%-40s %7.2f s  %5.0f MB/s\n' "skopeo x$PAR from docker-registry" "$T_REG" "$(mbps "$PULLED" "$T_REG")"
+printf '%-40s %7.2f s  %5.0f MB/s  ratio %.2f (goal ≤ 1.00)\n' "skopeo x$PAR from shipperd serve (tar)" "$T_TAR" "$(mbps "$PULLED" "$T_TAR")" "$(echo "$T_TAR / $T_REG" | bc -l)"
+printf '%-40s %7.2f s  %5.0f MB/s  ratio %.2f (goal ≤ 1.00)\n' "skopeo x$PAR from shipperd serve (squashfs)" "$T_SQ" "$(mbps "$PULLED" "$T_SQ")" "$(echo "$T_SQ / $T_REG" | bc -l)"
+printf '%-40s %7.2f s  %5.0f MB/s\n' "curl x$PAR from docker-registry" "$C_REG" "$(mbps "$FETCHED" "$C_REG")"
+printf '%-40s %7.2f s  %5.0f MB/s  ratio %.2f\n' "curl x$PAR from shipperd serve (tar)" "$C_TAR" "$(mbps "$FETCHED" "$C_TAR")" "$(echo "$C_TAR / $C_REG" | bc -l)"
+printf '%-40s %7.2f s  %5.0f MB/s  ratio %.2f\n' "curl x$PAR from shipperd serve (squashfs)" "$C_SQ" "$(mbps "$FETCHED" "$C_SQ")" "$(echo "$C_SQ / $C_REG" | bc -l)"
+printf '%-40s %4d MiB at start, %d MiB peak (tar); %d, %d MiB (squashfs) (goal < 100)\n' "shipperd serve VmHWM" "$RSS_TAR0" "$RSS_TAR" "$RSS_SQ0" "$RSS_SQ"
