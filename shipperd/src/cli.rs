@@ -464,6 +464,12 @@ pub struct RegistryArgs {
     /// Tags a bundle's commit sets at once.
     #[arg(long, env = "SHIPPERD_TAG_CONCURRENCY", default_value_t = 64)]
     pub tag_concurrency: usize,
+    /// Gzip-compress the layers of legacy `docker save` archives as they are unpacked
+    /// (kept in the blob store until the bundle ends). Off: they are published as they
+    /// are, uncompressed, so each layer's digest is its diff ID; the image ID (its
+    /// config) stays the same either way.
+    #[arg(long, env = "SHIPPERD_COMPRESS_LAYERS")]
+    pub compress_layers: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -626,6 +632,7 @@ impl RegistryArgs {
         cfg.targets_file = self.targets.clone();
         cfg.limits = self.limits.limits();
         cfg.limits.min_free_bytes = c.min_free_bytes;
+        cfg.compress_layers = self.compress_layers;
         cfg.stage.max_attempts = self.max_attempts;
         cfg.stage.ack_wait = self.ack_wait;
         Ok(cfg)

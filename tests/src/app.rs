@@ -27,6 +27,8 @@ pub struct Options {
     pub publish_retry: Option<Duration>,
     /// Bundle limits for unpack (default: the service's defaults).
     pub limits: Option<shipperd_bundle::Limits>,
+    /// Unpack's `--compress-layers`.
+    pub compress_layers: bool,
     /// A targets file (TOML) instead of the one loopback target; `{registry}` in it
     /// becomes the test registry's URL, relative paths are taken from the data dir.
     pub targets_toml: Option<String>,
@@ -154,6 +156,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         });
     let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), targets.clone());
     unpack.targets_file = targets_file.clone();
+    unpack.compress_layers = opts.compress_layers;
     if let Some(l) = &opts.limits {
         unpack.limits = l.clone();
     }

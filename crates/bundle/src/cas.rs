@@ -90,6 +90,20 @@ impl Cas {
             .map_err(io_err(&p))
     }
 
+    /// Claims more blobs for `bundle_id`, keeping those it claimed already (its refs are
+    /// rewritten with both on commit).
+    pub fn claim_more(&self, bundle_id: &str) -> Result<Claim> {
+        let mut claim = self.claim(bundle_id)?;
+        match fs::read_to_string(&claim.refs) {
+            Ok(body) => claim
+                .claimed
+                .extend(body.lines().filter(|l| !l.is_empty()).map(str::to_string)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&claim.refs)(e)),
+        }
+        Ok(claim)
+    }
+
     /// Starts claiming blobs for `bundle_id` (a shared lock until the claim is dropped).
     pub fn claim(&self, bundle_id: &str) -> Result<Claim> {
         let lock = self.lock_file()?;
@@ -134,15 +148,30 @@ impl Cas {
         self.store(claim, None, size, reader, member, room)
     }
 
+    /// Stores what `reader` gives, whatever its length, under the digest it hashes to
+    /// (bytes ShipperD makes: a layer it compressed); returns the hex and the length.
+    pub fn put_stream(
+        &self,
+        claim: &mut Claim,
+        reader: &mut dyn Read,
+        what: &str,
+        room: &dyn Fn() -> Result<()>,
+    ) -> Result<(String, u64)> {
+        let mut counted = Counting { inner: reader, n: 0 };
+        let hex = self.store(claim, None, None, &mut counted, what, room)?;
+        Ok((hex, counted.n))
+    }
+
     fn store(
         &self,
         claim: &mut Claim,
         expect: Option<&str>,
-        size: u64,
+        size: impl Into<Option<u64>>,
         reader: &mut dyn Read,
         member: &str,
         room: &dyn Fn() -> Result<()>,
     ) -> Result<String> {
+        let size = size.into();
         // Known digest: nothing is written when the store has it already.
         let have = expect.is_some_and(|hex| self.blob_path(hex).exists());
         let tmp = self
@@ -182,7 +211,9 @@ impl Cas {
             out.flush().map_err(io_err(&tmp))?;
             drop(out);
             let actual = hex::encode(hasher.finalize());
-            if total != size {
+            if let Some(size) = size
+                && total != size
+            {
                 return Err(Error::read(
                     member,
                     format!(
@@ -280,6 +311,19 @@ impl Cas {
             }
         }
         Ok(Some(done))
+    }
+}
+
+struct Counting<'a> {
+    inner: &'a mut dyn Read,
+    n: u64,
+}
+
+impl Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
     }
 }
 

@@ -97,22 +97,28 @@ impl Catalog {
                 Backing::Squashfs(Box::new(SquashfsBundle::open(one, &self.limits)?))
             }
             Container::Tar => Backing::Tar(MultiFile::open(&parts)?),
-            Container::Expanded => Backing::Cas(Cas::new(data)),
+            Container::Expanded => Backing::Cas,
         };
-        Ok(BlobStore { backing })
+        Ok(BlobStore {
+            backing,
+            cas: Cas::new(data),
+        })
     }
 }
 
 enum Backing {
     Squashfs(Box<SquashfsBundle>),
     Tar(MultiFile),
-    Cas(Cas),
+    /// Expanded: every blob is in the CAS.
+    Cas,
 }
 
 /// An opened bundle's bytes, read by location. One per bundle and process is enough:
 /// every read opens its own stream.
 pub struct BlobStore {
     backing: Backing,
+    /// Blobs ShipperD made (compressed layers) are in the CAS, whatever the container.
+    cas: Cas,
 }
 
 impl BlobStore {
@@ -123,8 +129,8 @@ impl BlobStore {
                 crate::BundleFs::open(fs.as_ref(), path)?.0
             }
             (Backing::Tar(mf), Location::Range { offset }) => Box::new(mf.range(*offset, size)),
-            (Backing::Cas(cas), Location::Cas { hex: h }) if h == hex => {
-                let p = cas.blob_path(h);
+            (_, Location::Cas { hex: h }) if h == hex => {
+                let p = self.cas.blob_path(h);
                 Box::new(std::fs::File::open(&p).map_err(io(&p))?)
             }
             _ => {

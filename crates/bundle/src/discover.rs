@@ -51,6 +51,9 @@ pub struct Discovered {
     /// Manifests the bundle does not carry but ShipperD made (a legacy `docker save`
     /// archive's, see [`crate::docker`]), by digest.
     pub made: HashMap<Digest, Vec<u8>>,
+    /// Blobs ShipperD made and stored in the CAS (a docker archive's layers, compressed
+    /// with `--compress-layers`), by digest: where their files are.
+    pub stored: HashMap<Digest, std::path::PathBuf>,
 }
 
 impl Discovered {
@@ -60,6 +63,7 @@ impl Discovered {
             fs,
             paths: &self.blob_paths,
             made: &self.made,
+            stored: &self.stored,
         }
     }
 }

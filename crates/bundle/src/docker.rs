@@ -172,6 +172,82 @@ pub fn read(fs: &dyn BundleFs, limits: &Limits) -> Result<Option<DockerArchive>>
     Ok(Some(out))
 }
 
+/// Gzip-compressed layer (`--compress-layers`).
+pub const LAYER_GZIP_MEDIA_TYPE: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// What [`compress_layers`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Compressed {
+    pub layers: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Gzip-compresses the layers of a legacy archive's images (`--compress-layers`) into
+/// the CAS, claimed for the bundle, and makes their manifests again with the compressed
+/// layers (the config unchanged: its diff IDs name the uncompressed tars, as they must).
+/// The compression is deterministic (no name, no time in the gzip header, one level),
+/// so the same archive always gives the same digests. `room` is asked as the CAS
+/// fills.
+pub fn compress_layers(
+    found: &mut crate::Discovered,
+    fs: &dyn BundleFs,
+    cas: &crate::cas::Cas,
+    claim: &mut crate::cas::Claim,
+    room: &dyn Fn() -> Result<()>,
+) -> Result<Compressed> {
+    let mut done = Compressed::default();
+    // diff ID → the compressed layer's descriptor.
+    let mut layers: HashMap<Digest, Descriptor> = HashMap::new();
+    let mut renamed: HashMap<Digest, Descriptor> = HashMap::new();
+    let mut made: Vec<(Digest, Vec<u8>)> = found.made.drain().collect();
+    made.sort_by(|a, b| a.0.cmp(&b.0));
+    for (old, bytes) in made {
+        let mut doc: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            path: format!("the manifest made for {old}"),
+            reason: e.to_string(),
+        })?;
+        for layer in doc["layers"].as_array_mut().into_iter().flatten() {
+            if layer["mediaType"] != LAYER_MEDIA_TYPE {
+                continue;
+            }
+            let diff_id = Digest::parse(layer["digest"].as_str().unwrap_or_default())?;
+            if !layers.contains_key(&diff_id) {
+                let path = found
+                    .blob_paths
+                    .get(&diff_id)
+                    .ok_or_else(|| Error::Missing(format!("layer {diff_id}")))?;
+                let (reader, size) = fs.open(&path)?;
+                let mut gz = flate2::GzBuilder::new().read(reader, flate2::Compression::default());
+                let (hex, len) = cas.put_stream(claim, &mut gz, &path, room)?;
+                let digest = Digest::from_hex(&hex)?;
+                found.stored.insert(digest.clone(), cas.blob_path(&hex));
+                done.layers += 1;
+                done.bytes_in += size;
+                done.bytes_out += len;
+                layers.insert(
+                    diff_id.clone(),
+                    Descriptor::new(LAYER_GZIP_MEDIA_TYPE, digest, len),
+                );
+            }
+            let d = &layers[&diff_id];
+            *layer = json!({"mediaType": d.media_type, "size": d.size, "digest": d.digest.as_str()});
+        }
+        let again = serde_json::to_vec(&doc).expect("JSON serializes");
+        let desc = Descriptor::new(DOCKER_MANIFEST, Digest::of(&again), again.len() as u64);
+        found.made.insert(desc.digest.clone(), again);
+        renamed.insert(old, desc);
+    }
+    let swap = |d: &mut Descriptor| {
+        if let Some(new) = renamed.get(&d.digest) {
+            *d = new.clone();
+        }
+    };
+    found.images.iter_mut().for_each(|i| swap(&mut i.descriptor));
+    found.unnamed.iter_mut().for_each(|(_, d)| swap(d));
+    Ok(done)
+}
+
 /// A file stored by its digest as the archive was expanded must be the file its
 /// config names: a layer whose bytes are not its diff ID is refused here, by name, not
 /// later by the registry.

@@ -95,12 +95,22 @@ pub struct FsBlobs<'a> {
     pub fs: &'a dyn BundleFs,
     pub paths: &'a discover::BlobPaths,
     pub made: &'a std::collections::HashMap<Digest, Vec<u8>>,
+    pub stored: &'a std::collections::HashMap<Digest, std::path::PathBuf>,
 }
 
 impl BlobSource for FsBlobs<'_> {
     fn blob(&self, digest: &Digest) -> Result<Option<(Box<dyn Read + '_>, u64)>> {
         if let Some(bytes) = self.made.get(digest) {
             return Ok(Some((Box::new(bytes.as_slice()), bytes.len() as u64)));
+        }
+        if let Some(path) = self.stored.get(digest) {
+            let io = |source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            };
+            let file = std::fs::File::open(path).map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
+            return Ok(Some((Box::new(file), len)));
         }
         match self.paths.get(digest) {
             Some(p) => self.fs.open(&p).map(Some),

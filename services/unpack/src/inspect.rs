@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use shipperd_bundle::{
     BlobPaths, BundleFs, Catalog, Descriptor, Digest, Error, Format, Guard, Limits, Location,
     ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
+    docker,
 };
 use shipperd_model::{BundleId, DataDir, PlanRef};
 
@@ -50,6 +51,14 @@ pub const CATALOG_LABEL: &str = "operators.operatorframework.io.index.configs.v1
 /// Largest config read to look for it.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
+/// How a bundle is read.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub limits: Limits,
+    /// Gzip-compress a legacy `docker save` archive's layers into the CAS.
+    pub compress_layers: bool,
+}
+
 /// Opens the bundle `id` stored at `rel_path` (relative to `data`), names its images,
 /// looks up every blob they need, and saves the catalog and the images' plans beside it.
 pub fn inspect(
@@ -57,9 +66,10 @@ pub fn inspect(
     id: &BundleId,
     rel_path: &str,
     bundle_name: &str,
-    limits: &Limits,
+    options: &Options,
     guard: &Guard,
 ) -> Result<Inventory> {
+    let limits = &options.limits;
     let path = data
         .resolve(id, rel_path)
         .ok_or_else(|| Error::Layout(format!("{rel_path} is not where bundle {id} is kept")))?;
@@ -71,7 +81,20 @@ pub fn inspect(
         .sum();
     let opened = container::open(&path, &cas, id.as_str(), limits, guard)?;
     let fs = opened.fs.as_ref();
-    let found = discover(fs, bundle_name, limits)?;
+    let mut found = discover(fs, bundle_name, limits)?;
+    if options.compress_layers && !found.made.is_empty() {
+        let mut claim = cas.claim_more(id.as_str())?;
+        let dir = cas.dir();
+        let room = || guard.room(&dir, limits.min_free_bytes);
+        let done = docker::compress_layers(&mut found, fs, &cas, &mut claim, &room)?;
+        claim.commit()?;
+        tracing::info!(
+            layers = done.layers,
+            bytes = done.bytes_in,
+            compressed = done.bytes_out,
+            "docker archive layers compressed"
+        );
+    }
     tracing::debug!(roots = ?found.roots, images = found.images.len(), "layouts found");
     let blobs = found.blobs(fs);
     let walker = Walker::new(&blobs, limits);
@@ -111,6 +134,7 @@ pub fn inspect(
         fs,
         walker: &walker,
         paths: &found.blob_paths,
+        made_blobs: &found.stored,
         needed: HashMap::new(),
         absent: HashSet::new(),
         reached: HashSet::new(),
@@ -237,6 +261,8 @@ struct Checker<'a> {
     fs: &'a dyn BundleFs,
     walker: &'a Walker<'a>,
     paths: &'a BlobPaths,
+    /// Blobs ShipperD stored in the CAS (compressed layers).
+    made_blobs: &'a HashMap<Digest, std::path::PathBuf>,
     /// Every distinct blob and manifest (by its hash's bytes), with its size.
     needed: HashMap<[u8; 32], u64>,
     /// Those the bundle does not carry.
@@ -344,6 +370,11 @@ impl Checker<'_> {
     }
 
     fn locate(&self, digest: &Digest) -> Result<Location> {
+        if self.made_blobs.contains_key(digest) {
+            return Ok(Location::Cas {
+                hex: digest.hex().to_string(),
+            });
+        }
         match self.paths.get(digest) {
             Some(p) => Ok(self.fs.locate(&p)?.0),
             None => Ok(Location::Absent),

@@ -32,7 +32,7 @@ use shipperd_registry_targets::{LiveTargets, Targets};
 use shipperd_state::{Executor, StateStore};
 use tokio_util::sync::CancellationToken;
 
-pub use inspect::{Inventory, inspect};
+pub use inspect::{Inventory, Options, inspect};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,6 +78,8 @@ pub struct Config {
     pub stage: Settings,
     /// Bounds on what one bundle may hold.
     pub limits: Limits,
+    /// Gzip-compress a legacy `docker save` archive's layers (`--compress-layers`).
+    pub compress_layers: bool,
 }
 
 impl Config {
@@ -99,6 +101,7 @@ impl Config {
                 ..Settings::default()
             },
             limits: Limits::default(),
+            compress_layers: false,
         }
     }
 }
@@ -270,12 +273,17 @@ impl Unpacker {
             self.config.limits.clone(),
             id.clone(),
         );
+        let compress = self.config.compress_layers;
         // A DELETE meanwhile calls the reading off at its next check.
         let guard = Guard::default();
         let watching = tokio::spawn(watch_deleted(self.state.clone(), id.clone(), guard.clone()));
         let reader = guard.clone();
         let read = tokio::task::spawn_blocking(move || {
-            inspect(&data, &bundle, &rel, &name, &limits, &reader)
+            let options = inspect::Options {
+                limits,
+                compress_layers: compress,
+            };
+            inspect(&data, &bundle, &rel, &name, &options, &reader)
         })
         .await;
         watching.abort();

@@ -257,5 +257,65 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
     let raw = skopeo_raw(&format!("{}/team/worker:2.0", s.addr))?;
     let (_, worker_digest) = manifest(&app, "team/worker", "2.0").await?;
     assert_eq!(sha256(&raw), worker_digest);
+    app.stop().await?;
+
+    // --compress-layers: the same archive (plain tar) with gzip layers; the config, so
+    // the image ID, unchanged; the same digests on a second unpack of it.
+    let app = spawn_app(Options {
+        compress_layers: true,
+        ..Options::default()
+    })
+    .await?;
+    let mut digests = Vec::new();
+    for name in ["gz-a.tar", "gz-b.tar"] {
+        // Another file beside, so each is a bundle of its own.
+        let mut these = members.clone();
+        these.push((
+            format!("{name}.txt"),
+            docker_save::Member::File(name.as_bytes().to_vec()),
+        ));
+        let (st, b) = app.put(name, docker_save::tar(&these)?, None).await?;
+        assert_eq!(st, 202, "{b}");
+        let rec = app.wait_done(b["id"].as_str().unwrap(), DONE).await?;
+        assert_eq!(rec["phase"], "Published", "{rec:#}");
+        let mut d: Vec<String> = rec["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| format!("{} {}", i["source"], i["digest"]))
+            .filter(|s| !s.contains('@'))
+            .collect();
+        d.sort();
+        digests.push(d);
+    }
+    assert_eq!(digests[0], digests[1], "deterministic compression");
+    for img in &images[..2] {
+        let t = &img.tags[0];
+        let (repo, tag) = t.rsplit_once(':').unwrap();
+        let repo = repo.strip_prefix("example.com/").unwrap_or(repo);
+        let (m, digest) = manifest(&app, repo, tag).await?;
+        assert_ne!(digest, api_digest);
+        assert_eq!(m["config"]["digest"], img.config_digest(), "{t}");
+        for (l, diff_id) in m["layers"].as_array().unwrap().iter().zip(img.diff_ids()) {
+            assert_eq!(
+                l["mediaType"],
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            );
+            let d = l["digest"].as_str().unwrap();
+            let blob = app.blob(repo, d).await?.unwrap();
+            assert_eq!(sha256(&blob), d);
+            assert_eq!(l["size"], blob.len());
+            let mut tar = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar)?;
+            assert_eq!(sha256(&tar), diff_id, "{t}: the layer gunzips to its diff ID");
+        }
+    }
+    // What was compressed is let go once the bundles are done.
+    let blobs = app.data.path().join("cas/blobs/sha256");
+    shipperd_tests::eventually("the compressed layers let go", DONE, || async {
+        let left = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+        (left == 0).then_some(())
+    })
+    .await?;
     Ok(())
 }
