@@ -157,7 +157,10 @@ impl Cas {
         what: &str,
         room: &dyn Fn() -> Result<()>,
     ) -> Result<(String, u64)> {
-        let mut counted = Counting { inner: reader, n: 0 };
+        let mut counted = Counting {
+            inner: reader,
+            n: 0,
+        };
         let hex = self.store(claim, None, None, &mut counted, what, room)?;
         Ok((hex, counted.n))
     }

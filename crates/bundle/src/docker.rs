@@ -231,7 +231,8 @@ pub fn compress_layers(
                 );
             }
             let d = &layers[&diff_id];
-            *layer = json!({"mediaType": d.media_type, "size": d.size, "digest": d.digest.as_str()});
+            *layer =
+                json!({"mediaType": d.media_type, "size": d.size, "digest": d.digest.as_str()});
         }
         let again = serde_json::to_vec(&doc).expect("JSON serializes");
         let desc = Descriptor::new(DOCKER_MANIFEST, Digest::of(&again), again.len() as u64);
@@ -243,7 +244,10 @@ pub fn compress_layers(
             *d = new.clone();
         }
     };
-    found.images.iter_mut().for_each(|i| swap(&mut i.descriptor));
+    found
+        .images
+        .iter_mut()
+        .for_each(|i| swap(&mut i.descriptor));
     found.unnamed.iter_mut().for_each(|(_, d)| swap(d));
     Ok(done)
 }

@@ -307,7 +307,11 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
             assert_eq!(l["size"], blob.len());
             let mut tar = Vec::new();
             std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar)?;
-            assert_eq!(sha256(&tar), diff_id, "{t}: the layer gunzips to its diff ID");
+            assert_eq!(
+                sha256(&tar),
+                diff_id,
+                "{t}: the layer gunzips to its diff ID"
+            );
         }
     }
     // What was compressed is let go once the bundles are done.
