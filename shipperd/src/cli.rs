@@ -715,10 +715,16 @@ pub struct ServeArgs {
     /// The private key (PEM) of --tls-cert-file.
     #[arg(long, env = "SHIPPERD_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
-    /// Tokens (one a line) a client must present, as the password of `podman login`
-    /// (any user name) or as a bearer token. Without it the registry is open.
+    /// Tokens (one a line) a client may log in with, as the password of `podman login`
+    /// (any user name) or as a bearer token. Without it and --htpasswd the registry is
+    /// open.
     #[arg(long, env = "SHIPPERD_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// Users who may log in with their passwords: `user:<bcrypt hash>` lines, as
+    /// `htpasswd -Bbn user password` writes them (docker-registry's format); read again
+    /// when it changes.
+    #[arg(long, env = "SHIPPERD_SERVE_HTPASSWD")]
+    pub htpasswd: Option<PathBuf>,
     /// Serve the bundle files of this directory too (after the ones named, oldest
     /// first), looking again every --watch-every: one copied in is served once complete.
     #[arg(long, env = "SHIPPERD_SERVE_WATCH_DIR")]
@@ -807,6 +813,7 @@ impl ServeArgs {
                     }),
             },
             auth_token_file: self.auth_token_file.clone(),
+            htpasswd: self.htpasswd.clone(),
             limits: Limits::default(),
             bounds: Bounds {
                 min_free_bytes: 0,

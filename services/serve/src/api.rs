@@ -13,7 +13,6 @@ use axum::{
 use bytes::Bytes;
 use serde_json::json;
 use shipperd_bundle::{Digest, ManifestDoc};
-use shipperd_ingest::Tokens;
 
 use crate::{
     Index, Shared,
@@ -29,10 +28,15 @@ struct Served {
     tls: bool,
 }
 
-pub(crate) fn router(index: Shared, token_file: Option<PathBuf>, tls: bool) -> Router {
+pub(crate) fn router(
+    index: Shared,
+    token_file: Option<PathBuf>,
+    htpasswd: Option<PathBuf>,
+    tls: bool,
+) -> Router {
     Router::new().fallback(handle).with_state(Served {
         index,
-        auth: token_file.map(|f| Arc::new(Auth::new(Tokens::new(f)))),
+        auth: Auth::new(token_file, htpasswd).map(Arc::new),
         tls,
     })
 }
@@ -70,7 +74,7 @@ async fn route(s: &Served, req: Request) -> Response {
     if path == TOKEN_PATH
         && let Some(auth) = &s.auth
     {
-        return match auth.token(req.headers()) {
+        return match auth.token(req.headers()).await {
             Some(doc) => (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
@@ -81,7 +85,7 @@ async fn route(s: &Served, req: Request) -> Response {
                 let mut r = error(
                     StatusCode::UNAUTHORIZED,
                     "UNAUTHORIZED",
-                    "log in with a token of the server's token file (as the password)",
+                    "log in with a user of the server's htpasswd file, or a token of its token file as the password",
                 );
                 r.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
@@ -95,12 +99,12 @@ async fn route(s: &Served, req: Request) -> Response {
         return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
     }
     if let Some(auth) = &s.auth
-        && !auth.admits(req.headers())
+        && !auth.admits(req.headers()).await
     {
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
-            "log in with a token of the server's token file (as the password)",
+            "log in with a user of the server's htpasswd file, or a token of its token file as the password",
         );
         let authority = req.uri().authority().map(|a| a.as_str());
         r.headers_mut().insert(

@@ -1,17 +1,26 @@
 //! Logging in to `shipperd serve`, as clients log in to any registry.
 //!
 //! The secret is a token of `--auth-token-file` (one a line, read again when the file
-//! changes). A client may present it on every request, as the password of HTTP Basic
-//! (any user name) or as a bearer token; or it follows Docker's token flow, which is
-//! what the `401` challenge asks for: `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",
+//! changes; any user name), or a user's password of `--htpasswd` (bcrypt lines, as
+//! `htpasswd -B` writes them and docker-registry reads them; read again when the file
+//! changes). A client may present it on every request, as HTTP Basic (a token may also
+//! be a bearer token); or it follows Docker's token flow, which is what the `401`
+//! challenge asks for: `WWW-Authenticate: Bearer realm="<scheme>://<host>/token",
 //! service="shipperd"`, then `GET /token` with the secret as Basic's password, which
 //! answers a short-lived bearer token (`{"token", "access_token", "expires_in",
-//! "issued_at"}`) to send instead. Issued tokens are signed with a key made at start
+//! "issued_at"}`) to send instead. A bcrypt check is slow on purpose: at most two run at
+//! once (on blocking threads), and a login that passed is remembered for the lifetime
+//! of a token, by a hash of it. Issued tokens are signed with a key made at start
 //! (HMAC-SHA256 over their expiry): they need no store, and a restart ends them (the
 //! client asks again). Access is all or nothing, the server being read-only, so the
 //! `scope` a client asks for is answered whole.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use hmac::{Hmac, Mac as _};
@@ -26,15 +35,146 @@ const SERVICE: &str = "shipperd";
 const PREFIX: &str = "sst1.";
 
 pub(crate) struct Auth {
-    tokens: Tokens,
+    tokens: Option<Tokens>,
+    htpasswd: Option<Htpasswd>,
     key: [u8; 32],
 }
 
 /// What a request presents.
 enum Presented {
-    /// Basic's password, or a bearer token.
-    Secret(String),
+    Basic { user: String, password: String },
     Bearer(String),
+}
+
+/// Largest htpasswd file read.
+const MAX_HTPASSWD_BYTES: u64 = 1 << 20;
+/// Logins remembered at most (then forgotten all at once).
+const MAX_REMEMBERED: usize = 1024;
+
+/// A file's length and modification time, `None` when it cannot be looked at.
+type Stamp = Option<(u64, SystemTime)>;
+
+/// `--htpasswd`: users and their bcrypt hashes.
+struct Htpasswd {
+    path: PathBuf,
+    /// The file's length and modification time when read, and its users.
+    users: Mutex<(Stamp, HashMap<String, String>)>,
+    /// Logins that passed lately: SHA-256 of user and password → good until.
+    passed: Mutex<HashMap<[u8; 32], Instant>>,
+    /// bcrypt checks at once.
+    permits: tokio::sync::Semaphore,
+    /// Checked for an unknown user, so it costs what a known one does.
+    decoy: String,
+}
+
+impl Htpasswd {
+    fn new(path: PathBuf) -> Self {
+        let h = Htpasswd {
+            path,
+            users: Mutex::new((None, HashMap::new())),
+            passed: Mutex::new(HashMap::new()),
+            permits: tokio::sync::Semaphore::new(2),
+            decoy: bcrypt::hash(rand::random::<u64>().to_string(), 10).expect("bcrypt hashes"),
+        };
+        h.reload();
+        h
+    }
+
+    /// Reads the file again when it changed. An unreadable file admits no one.
+    fn reload(&self) {
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)));
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if users.0.is_some() && users.0 == stamp {
+            return;
+        }
+        let mut found = HashMap::new();
+        match read_bounded(&self.path) {
+            Ok(text) => {
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    match line.split_once(':') {
+                        Some((user, hash))
+                            if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) =>
+                        {
+                            found.insert(user.to_string(), hash.to_string());
+                        }
+                        _ => tracing::warn!(
+                            file = %self.path.display(),
+                            line = n + 1,
+                            "not a user with a bcrypt hash (htpasswd -B); that line admits no one"
+                        ),
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, file = %self.path.display(), "cannot read the htpasswd file; it admits no one")
+            }
+        }
+        self.passed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        *users = (stamp, found);
+    }
+
+    async fn admits(&self, user: &str, password: &str) -> bool {
+        self.reload();
+        let mut key = Sha256::new();
+        key.update(user.as_bytes());
+        key.update([0]);
+        key.update(password.as_bytes());
+        let key: [u8; 32] = key.finalize().into();
+        let now = Instant::now();
+        if self
+            .passed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .is_some_and(|until| *until > now)
+        {
+            return true;
+        }
+        let known = self
+            .users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .get(user)
+            .cloned();
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let hash = known.clone().unwrap_or_else(|| self.decoy.clone());
+        let password = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false)
+            && known.is_some();
+        if ok {
+            let mut passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
+            if passed.len() >= MAX_REMEMBERED {
+                passed.clear();
+            }
+            passed.insert(key, now + TOKEN_LIFETIME);
+        }
+        ok
+    }
+}
+
+fn read_bounded(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_HTPASSWD_BYTES)
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 fn presented(headers: &HeaderMap) -> Option<Presented> {
@@ -49,8 +189,11 @@ fn presented(headers: &HeaderMap) -> Option<Presented> {
             .decode(rest.trim())
             .ok()?;
         let text = String::from_utf8(raw).ok()?;
-        let (_, password) = text.split_once(':')?;
-        return Some(Presented::Secret(password.to_string()));
+        let (user, password) = text.split_once(':')?;
+        return Some(Presented::Basic {
+            user: user.to_string(),
+            password: password.to_string(),
+        });
     }
     None
 }
@@ -60,16 +203,35 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl Auth {
-    pub(crate) fn new(tokens: Tokens) -> Self {
-        Auth {
-            tokens,
-            key: rand::random(),
+    /// `None` when neither file is given: the registry is open.
+    pub(crate) fn new(tokens: Option<PathBuf>, htpasswd: Option<PathBuf>) -> Option<Self> {
+        if tokens.is_none() && htpasswd.is_none() {
+            return None;
         }
+        Some(Auth {
+            tokens: tokens.map(Tokens::new),
+            htpasswd: htpasswd.map(Htpasswd::new),
+            key: rand::random(),
+        })
     }
 
+    /// A token of the token file?
     fn secret_ok(&self, secret: &str) -> bool {
         self.tokens
-            .admits(&Sha256::digest(secret.as_bytes()).into())
+            .as_ref()
+            .is_some_and(|t| t.admits(&Sha256::digest(secret.as_bytes()).into()))
+    }
+
+    /// A login with a user name and a password: a token (any user), or a user of the
+    /// htpasswd file.
+    async fn login_ok(&self, user: &str, password: &str) -> bool {
+        if self.secret_ok(password) {
+            return true;
+        }
+        match &self.htpasswd {
+            Some(h) => h.admits(user, password).await,
+            None => false,
+        }
     }
 
     fn mac(&self, expiry: u64) -> Hmac<Sha256> {
@@ -101,9 +263,9 @@ impl Auth {
     }
 
     /// May this request read?
-    pub(crate) fn admits(&self, headers: &HeaderMap) -> bool {
+    pub(crate) async fn admits(&self, headers: &HeaderMap) -> bool {
         match presented(headers) {
-            Some(Presented::Secret(s)) => self.secret_ok(&s),
+            Some(Presented::Basic { user, password }) => self.login_ok(&user, &password).await,
             Some(Presented::Bearer(t)) => self.issued(&t, SystemTime::now()) || self.secret_ok(&t),
             None => false,
         }
@@ -111,11 +273,12 @@ impl Auth {
 
     /// `GET /token`: a bearer token for a client presenting the secret (never for one
     /// presenting an issued token: a token taken cannot be renewed).
-    pub(crate) fn token(&self, headers: &HeaderMap) -> Option<serde_json::Value> {
-        let secret = match presented(headers)? {
-            Presented::Secret(s) | Presented::Bearer(s) => s,
+    pub(crate) async fn token(&self, headers: &HeaderMap) -> Option<serde_json::Value> {
+        let ok = match presented(headers)? {
+            Presented::Basic { user, password } => self.login_ok(&user, &password).await,
+            Presented::Bearer(t) => self.secret_ok(&t),
         };
-        if !self.secret_ok(&secret) {
+        if !ok {
             return None;
         }
         let now = SystemTime::now();
@@ -163,9 +326,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t");
         std::fs::write(&f, "s3cret\n").unwrap();
-        let a = Auth::new(Tokens::new(f));
+        let a = Auth::new(Some(f), None).unwrap();
         assert!(a.secret_ok("s3cret"));
         a
+    }
+
+    #[tokio::test]
+    async fn htpasswd_users_log_in_with_their_passwords() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("pw1", 4).unwrap();
+        std::fs::write(&f, format!("# users\nalice:{hash}\nbob:{{SHA}}x\n")).unwrap();
+        let a = Auth::new(None, Some(f.clone())).unwrap();
+        assert!(a.login_ok("alice", "pw1").await);
+        assert!(a.login_ok("alice", "pw1").await, "remembered");
+        assert!(!a.login_ok("alice", "pw2").await);
+        assert!(!a.login_ok("bob", "x").await, "not bcrypt: no one");
+        assert!(!a.login_ok("carol", "pw1").await);
+        assert!(!a.secret_ok("pw1"), "a password is no token");
+        // Alice removed: the remembered login goes with the old file.
+        std::fs::write(&f, format!("carol:{}\n", bcrypt::hash("pw3", 4).unwrap())).unwrap();
+        assert!(!a.login_ok("alice", "pw1").await);
+        assert!(a.login_ok("carol", "pw3").await);
+        assert!(Auth::new(None, None).is_none());
     }
 
     #[test]

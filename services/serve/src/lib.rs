@@ -68,6 +68,9 @@ pub struct Config {
     /// Tokens (one a line) a client must present: as a bearer token, or as the password
     /// of HTTP Basic (`podman login -p <token>`, any user name). `None`: open.
     pub auth_token_file: Option<PathBuf>,
+    /// Users (`user:<bcrypt hash>` lines, `htpasswd -B`) who may log in with their
+    /// passwords. With neither file, the registry is open.
+    pub htpasswd: Option<PathBuf>,
     pub limits: Limits,
     pub bounds: Bounds,
 }
@@ -485,6 +488,7 @@ impl Serve {
         let app = api::router(
             self.index.clone(),
             self.config.auth_token_file.clone(),
+            self.config.htpasswd.clone(),
             self.config.tls.is_some(),
         );
         shipperd_ingest::serve_router(

@@ -247,6 +247,27 @@ async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
     let basic = base64::engine::general_purpose::STANDARD.encode("u:serve-token");
     assert_eq!(get(format!("Basic {basic}")).await?.status(), 200);
     assert_eq!(get("Bearer serve-token".into()).await?.status(), 200);
+
+    // Users of an htpasswd file written by Apache's htpasswd (bcrypt), with skopeo.
+    let o = std::process::Command::new("htpasswd")
+        .args(["-nbB", "alice", "wonder land"])
+        .output()
+        .expect("htpasswd (scripts/install-deps.sh installs apache2-utils)");
+    assert!(o.status.success());
+    let users = dir.path().join("htpasswd");
+    std::fs::write(&users, &o.stdout)?;
+    let by_user = serve(&["--htpasswd", users.to_str().unwrap()], &[&tar]).await?;
+    let inspect_user = |creds: &str| {
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", "--creds", creds])
+            .arg(format!("docker://{}/demo/app:1.0", by_user.addr))
+            .output()
+    };
+    let o = inspect_user("alice:wonder land")?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha(&o.stdout), app.digest);
+    assert!(!inspect_user("alice:wonderland")?.status.success());
+    assert!(!inspect_user("bob:wonder land")?.status.success());
     let inspect = |creds: &str| {
         std::process::Command::new("skopeo")
             .args(["inspect", "--raw", "--tls-verify=false", "--creds", creds])
