@@ -163,7 +163,7 @@ async fn route(s: &Served, req: Request) -> Response {
             return match what {
                 What::Manifest => manifest(&index, name, reference, head),
                 What::Blob => blob(&index, reference, req.headers(), head).await,
-                What::Referrers => referrers(&index, reference),
+                What::Referrers => referrers(&index, reference, &query),
             };
         }
     }
@@ -271,6 +271,13 @@ fn manifest(index: &Index, name: &str, reference: &str, head: bool) -> Response 
         Ok(d) => (d, String::new()),
         Err(_) => match index.tags.get(name).and_then(|t| t.get(reference)) {
             Some(t) => (t.desc.digest.clone(), t.desc.media_type.clone()),
+            // The referrers tag fallback (OCI 1.1): `sha256-<hex>` names the index of the
+            // referrers of manifest `sha256:<hex>`, unless the bundle tags it itself.
+            None if let Some(d) =
+                fallback_subject(reference).and_then(|subject| index.fallback.get(&subject)) =>
+            {
+                (d.clone(), OCI_INDEX.to_string())
+            }
             None => {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -305,7 +312,14 @@ fn manifest(index: &Index, name: &str, reference: &str, head: bool) -> Response 
     (StatusCode::OK, headers, bytes).into_response()
 }
 
-fn referrers(index: &Index, reference: &str) -> Response {
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// The subject a referrers fallback tag (`sha256-<64 hex>`) names.
+fn fallback_subject(tag: &str) -> Option<Digest> {
+    Digest::from_hex(tag.strip_prefix("sha256-")?).ok()
+}
+
+fn referrers(index: &Index, reference: &str, query: &str) -> Response {
     let Ok(digest) = Digest::parse(reference) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -313,21 +327,28 @@ fn referrers(index: &Index, reference: &str) -> Response {
             format!("{reference:?} is not a digest"),
         );
     };
-    let list = index.referrers.get(&digest).cloned().unwrap_or_default();
-    let doc = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": list,
-    });
-    (
+    let mut list = index.referrers.get(&digest).cloned().unwrap_or_default();
+    let wanted: Vec<String> = form_urlencoded(query)
+        .into_iter()
+        .filter(|(k, _)| k == "artifactType")
+        .map(|(_, v)| v)
+        .collect();
+    if !wanted.is_empty() {
+        list.retain(|d| d.artifact_type.as_ref().is_some_and(|t| wanted.contains(t)));
+    }
+    let mut r = (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/vnd.oci.image.index.v1+json",
-        )],
-        doc.to_string(),
+        [(header::CONTENT_TYPE, OCI_INDEX)],
+        crate::referrers_index(&list),
     )
-        .into_response()
+        .into_response();
+    if !wanted.is_empty() {
+        r.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    r
 }
 
 /// `Range: bytes=a-b` (one range) over `len` bytes: the first byte and the count.

@@ -104,6 +104,12 @@ pub(crate) struct Index {
     pub repos: BTreeSet<String>,
     /// subject digest → the manifests that refer to it.
     pub referrers: HashMap<Digest, Vec<Descriptor>>,
+    /// subject digest → its referrers as an image index (what the referrers API answers,
+    /// and the manifest of the fallback tag `sha256-<hex>` for clients without it), and
+    /// that index's digest.
+    pub fallback: HashMap<Digest, Digest>,
+    /// Those indexes' bytes, by their digests.
+    pub fallback_bytes: HashMap<Digest, Arc<[u8]>>,
     /// served repository → the registry host and repository it came from.
     pub sources: BTreeMap<String, (String, String)>,
 }
@@ -124,6 +130,9 @@ impl Index {
     pub(crate) fn manifest(&self, digest: &Digest) -> Option<Vec<u8>> {
         if let Some(made) = self.bundles.iter().rev().find_map(|b| b.made.get(digest)) {
             return Some(made.clone());
+        }
+        if let Some(bytes) = self.fallback_bytes.get(digest) {
+            return Some(bytes.to_vec());
         }
         let (b, path) = self.holder(digest)?;
         let bytes = b.fs.read_small(&path, MAX_MANIFEST).ok()?;
@@ -166,14 +175,34 @@ impl Index {
                 }
             }
         }
+        let mut fallback = HashMap::new();
+        let mut fallback_bytes = HashMap::new();
+        for (subject, list) in &referrers {
+            let bytes: Arc<[u8]> = referrers_index(list).into();
+            let digest = Digest::of(&bytes);
+            fallback.insert(subject.clone(), digest.clone());
+            fallback_bytes.insert(digest, bytes);
+        }
         Index {
             bundles,
             tags,
             repos,
             referrers,
+            fallback,
+            fallback_bytes,
             sources,
         }
     }
+}
+
+/// An OCI image index of `referrers` (the referrers API's answer).
+pub(crate) fn referrers_index(referrers: &[Descriptor]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": referrers,
+    }))
+    .expect("JSON serializes")
 }
 
 /// Opens the bundle at `path` (`key` names its expansion in `cas`) and reads what it

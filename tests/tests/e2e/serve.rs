@@ -62,7 +62,20 @@ async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
     let first = sample("serve-a", "a", 0);
     let squash = dir.path().join("a.squashfs");
     first.write_squashfs(&squash, Compression::Gzip)?;
-    let second = sample("serve-b", "b", 0);
+    let mut second = sample("serve-b", "b", 0);
+    let app_digest = second
+        .images
+        .iter()
+        .find(|i| i.repo == "demo/app")
+        .unwrap()
+        .digest
+        .clone();
+    let sbom = second.referrer(&app_digest, "application/spdx+json", b"{\"spdx\":1}");
+    let sig = second.referrer(
+        &app_digest,
+        "application/vnd.dev.sigstore.bundle.v0.3+json",
+        b"signed",
+    );
     let tar = dir.path().join("b.tar");
     std::fs::write(&tar, tar_bytes(&second.oci_files(""))?)?;
     let s = serve(&[], &[&squash, &tar]).await?;
@@ -100,6 +113,38 @@ async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
 
     let http = reqwest::Client::new();
     let base = format!("http://{}", s.addr);
+    // Referrers: the API (with an artifactType filter) and the tag fallback.
+    let referrers = |q: &str| {
+        http.get(format!("{base}/v2/demo/app/referrers/{app_digest}{q}"))
+            .send()
+    };
+    let r = referrers("").await?;
+    assert_eq!(r.status(), 200);
+    let doc: serde_json::Value = r.json().await?;
+    let mut listed: Vec<&str> = doc["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    listed.sort();
+    let mut want = vec![sbom.as_str(), sig.as_str()];
+    want.sort();
+    assert_eq!(listed, want);
+    let r = referrers("?artifactType=application%2Fspdx%2Bjson").await?;
+    assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
+    let doc: serde_json::Value = r.json().await?;
+    assert_eq!(doc["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["manifests"][0]["digest"], sbom.as_str());
+    assert_eq!(doc["manifests"][0]["artifactType"], "application/spdx+json");
+    let fallback = format!("sha256-{}", &app_digest[7..]);
+    let raw = skopeo_raw(&format!("{}/demo/app:{fallback}", s.addr))?;
+    let index: serde_json::Value = serde_json::from_slice(&raw)?;
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
+    let again = skopeo_raw(&format!("{}/demo/app@{}", s.addr, sha(&raw)))?;
+    assert_eq!(again, raw, "the fallback index by its digest too");
+    let raw = skopeo_raw(&format!("{}/demo/app@{sbom}", s.addr))?;
+    assert_eq!(sha(&raw), sbom);
     // HEAD: digest, length and type, no body.
     let app = second.images.iter().find(|i| i.repo == "demo/app").unwrap();
     let r = http
