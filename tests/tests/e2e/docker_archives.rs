@@ -248,6 +248,41 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
     );
     assert!(app.tags("bad/image").await?.is_empty());
 
+    // A manifest.json naming a file outside the archive: nothing is read from outside.
+    let mut escape = docker_save::legacy_members(&[SavedImage::new(
+        &["escape/image:1"],
+        vec![layer("y", b"z")],
+        "APP=escape",
+    )]);
+    let (_, m) = escape
+        .iter_mut()
+        .find(|(p, _)| p == "manifest.json")
+        .unwrap();
+    *m = docker_save::Member::File(
+        br#"[{"Config":"../../../../etc/passwd","RepoTags":["escape/image:1"],"Layers":[]}]"#
+            .to_vec(),
+    );
+    let (st, b) = app
+        .put("escape.tar", docker_save::tar(&escape)?, None)
+        .await?;
+    assert_eq!(st, 202, "{b}");
+    let rec = app.wait_done(b["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let why = rec["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("../../../../etc/passwd is missing from the bundle"),
+        "{why}"
+    );
+
+    // `serve` of Docker 25's archive: its layout's manifests.
+    let d25_tar = dir.path().join("d25.tar");
+    std::fs::write(&d25_tar, tar_bytes(&files)?)?;
+    let s25 = crate::serve::serve(&[], &[&d25_tar]).await?;
+    for img in &d25.images {
+        let raw = skopeo_raw(&format!("{}/{}:{}", s25.addr, img.repo, img.tag))?;
+        assert_eq!(sha256(&raw), img.digest, "{}:{}", img.repo, img.tag);
+    }
+
     // `serve` of the gzip archive serves the manifests the pipeline published.
     let gz = dir.path().join("legacy.tar.gz");
     std::fs::write(&gz, compress(legacy_tar, TarCompression::Gzip)?)?;
