@@ -79,12 +79,13 @@ impl SquashfsBundle {
         })
     }
 
-    /// Where the bytes of `f` are in the image file, when every one of them is stored
-    /// there as it is: its data blocks (each uncompressed, full but perhaps the last,
-    /// one after another from `blocks_start`) and its tail in an uncompressed fragment.
-    /// `None` for anything else, and for numbers that do not add up (a damaged or
-    /// hostile image is left to backhand's checks).
-    fn runs(&self, f: &SquashfsFileReader) -> Option<Vec<(u64, u64)>> {
+    /// Where the bytes of `f` are in the image file, when its data blocks are stored
+    /// there as they are (each uncompressed, full but perhaps the last, one after
+    /// another from `blocks_start`): those runs, then its tail, if it has one in a
+    /// fragment block (read as it is when that block is uncompressed, else unpacked
+    /// here when it is gzip, xz or zstd). `None` for anything else, and for numbers
+    /// that do not add up (a damaged or hostile image is left to backhand's checks).
+    fn pieces(&self, f: &SquashfsFileReader) -> Option<Vec<Piece>> {
         const NO_FRAGMENT: u32 = 0xffff_ffff;
         let (start, size, frag, frag_offset, blocks): (u64, u64, u32, u32, &[DataSize]) = match f {
             SquashfsFileReader::Basic(b) => (
@@ -103,7 +104,7 @@ impl SquashfsBundle {
             ),
         };
         let block = u64::from(self.fs.block_size);
-        let mut runs: Vec<(u64, u64)> = Vec::with_capacity(2);
+        let mut pieces: Vec<Piece> = Vec::with_capacity(2);
         let mut at = start;
         let mut left = size;
         for (i, b) in blocks.iter().enumerate() {
@@ -113,33 +114,59 @@ impl SquashfsBundle {
             if !b.uncompressed() || n == 0 || n != want {
                 return None;
             }
-            match runs.last_mut() {
-                Some((s, l)) if *s + *l == at => *l += n,
-                _ => runs.push((at, n)),
+            match pieces.last_mut() {
+                Some(Piece::Raw { start: s, len: l }) if *s + *l == at => *l += n,
+                _ => pieces.push(Piece::Raw { start: at, len: n }),
             }
             at = at.checked_add(n)?;
             left -= n;
         }
         if frag != NO_FRAGMENT {
             let fragment = self.fs.fragments.as_ref()?.get(frag as usize)?;
-            let end = u64::from(frag_offset).checked_add(left)?;
-            if !fragment.size.uncompressed() || end > u64::from(fragment.size.size()) {
+            let stored = u64::from(fragment.size.size());
+            let offset = u64::from(frag_offset);
+            if left == 0 || offset.checked_add(left)? > block || stored > block {
                 return None;
             }
-            runs.push((fragment.start.checked_add(u64::from(frag_offset))?, left));
+            if fragment.size.uncompressed() {
+                if offset + left > stored {
+                    return None;
+                }
+                pieces.push(Piece::Raw {
+                    start: fragment.start.checked_add(offset)?,
+                    len: left,
+                });
+            } else {
+                use backhand::traits::types::Compressor as C;
+                let codec = match self.fs.compressor? {
+                    C::Gzip => Codec::Zlib,
+                    C::Xz => Codec::Xz,
+                    C::Zstd => Codec::Zstd,
+                    _ => return None,
+                };
+                pieces.push(Piece::Packed {
+                    start: fragment.start,
+                    stored,
+                    codec,
+                    offset,
+                    len: left,
+                    block,
+                });
+            }
             left = 0;
         }
-        let inside = runs
-            .iter()
-            .all(|(s, l)| s.checked_add(*l).is_some_and(|e| e <= self.image_len));
-        (left == 0 && inside).then_some(runs)
+        let inside = pieces.iter().all(|p| {
+            let (s, l) = p.stored_range();
+            s.checked_add(l).is_some_and(|e| e <= self.image_len)
+        });
+        (left == 0 && inside).then_some(pieces)
     }
 
     /// Is the file at `path` read straight from the image (stored uncompressed)?
     pub fn stored_in_place(&self, path: &str) -> bool {
         self.file(path)
             .is_ok_and(|(_, i)| match &self.fs.root.nodes[i].inner {
-                InnerNode::File(f) => self.runs(f).is_some(),
+                InnerNode::File(f) => self.pieces(f).is_some(),
                 _ => false,
             })
     }
@@ -178,9 +205,9 @@ impl BundleFs for SquashfsBundle {
         let InnerNode::File(f) = &self.fs.root.nodes[i].inner else {
             return Err(Error::NotAFile(path.to_string()));
         };
-        if let Some(runs) = self.runs(f) {
+        if let Some(pieces) = self.pieces(f) {
             return Ok((
-                Box::new(Runs::new(&self.image, runs, 0)),
+                Box::new(Runs::new(&self.image, pieces, 0)),
                 f.file_len() as u64,
             ));
         }
@@ -198,8 +225,11 @@ impl BundleFs for SquashfsBundle {
             return Err(Error::NotAFile(path.to_string()));
         };
         let len = f.file_len() as u64;
-        if let Some(runs) = self.runs(f) {
-            return Ok((Box::new(Runs::new(&self.image, runs, start.min(len))), len));
+        if let Some(pieces) = self.pieces(f) {
+            return Ok((
+                Box::new(Runs::new(&self.image, pieces, start.min(len))),
+                len,
+            ));
         }
         let (mut reader, len) = self.open(&p)?;
         io::copy(&mut (&mut reader).take(start), &mut io::sink())
@@ -224,47 +254,134 @@ impl BundleFs for SquashfsBundle {
     }
 }
 
-/// Positioned reads of a file's runs in the image (no shared file position).
+/// How a fragment block is compressed (squashfs' gzip is a zlib stream).
+#[derive(Debug, Clone, Copy)]
+enum Codec {
+    Zlib,
+    Xz,
+    Zstd,
+}
+
+/// Part of a file's bytes in the image.
+#[derive(Debug, Clone)]
+enum Piece {
+    /// Stored as they are.
+    Raw { start: u64, len: u64 },
+    /// `len` bytes at `offset` of a compressed fragment block (`stored` bytes at `start`,
+    /// at most `block` once unpacked).
+    Packed {
+        start: u64,
+        stored: u64,
+        codec: Codec,
+        offset: u64,
+        len: u64,
+        block: u64,
+    },
+}
+
+impl Piece {
+    fn len(&self) -> u64 {
+        match self {
+            Piece::Raw { len, .. } | Piece::Packed { len, .. } => *len,
+        }
+    }
+
+    /// The bytes of the image it reads.
+    fn stored_range(&self) -> (u64, u64) {
+        match self {
+            Piece::Raw { start, len } => (*start, *len),
+            Piece::Packed { start, stored, .. } => (*start, *stored),
+        }
+    }
+}
+
+/// Reads and unpacks a compressed fragment block, at most `block` bytes of it.
+fn unpack(image: &File, start: u64, stored: u64, codec: Codec, block: u64) -> io::Result<Vec<u8>> {
+    let mut packed = vec![0u8; stored as usize];
+    image.read_exact_at(&mut packed, start)?;
+    let src: &[u8] = &packed;
+    let reader: Box<dyn Read + '_> = match codec {
+        Codec::Zlib => Box::new(flate2::read::ZlibDecoder::new(src)),
+        Codec::Xz => Box::new(liblzma::read::XzDecoder::new(src)),
+        Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(src)?),
+    };
+    let mut out = Vec::with_capacity(block as usize);
+    reader.take(block).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Positioned reads of a file's pieces in the image (no shared file position).
 struct Runs<'a> {
     image: &'a File,
-    runs: Vec<(u64, u64)>,
-    /// The run being read, and how far into it.
-    run: usize,
+    pieces: Vec<Piece>,
+    /// The piece being read, and how far into it.
+    at: usize,
     into: u64,
+    /// The unpacked fragment block of a `Packed` piece, once read.
+    unpacked: Option<Vec<u8>>,
 }
 
 impl<'a> Runs<'a> {
-    fn new(image: &'a File, runs: Vec<(u64, u64)>, mut skip: u64) -> Self {
-        let mut run = 0;
-        while run < runs.len() && skip >= runs[run].1 {
-            skip -= runs[run].1;
-            run += 1;
+    fn new(image: &'a File, pieces: Vec<Piece>, mut skip: u64) -> Self {
+        let mut at = 0;
+        while at < pieces.len() && skip >= pieces[at].len() {
+            skip -= pieces[at].len();
+            at += 1;
         }
         Runs {
             image,
-            runs,
-            run,
+            pieces,
+            at,
             into: skip,
+            unpacked: None,
         }
     }
 }
 
 impl Read for Runs<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(&(start, len)) = self.runs.get(self.run) else {
+        let Some(piece) = self.pieces.get(self.at) else {
             return Ok(0);
         };
+        let len = piece.len();
         let want = buf.len().min((len - self.into) as usize);
-        let n = self.image.read_at(&mut buf[..want], start + self.into)?;
-        if n == 0 && want > 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the squashfs image ends inside a file",
-            ));
-        }
+        let n = match *piece {
+            Piece::Raw { start, .. } => {
+                let n = self.image.read_at(&mut buf[..want], start + self.into)?;
+                if n == 0 && want > 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the squashfs image ends inside a file",
+                    ));
+                }
+                n
+            }
+            Piece::Packed {
+                start,
+                stored,
+                codec,
+                offset,
+                block,
+                ..
+            } => {
+                if self.unpacked.is_none() {
+                    self.unpacked = Some(unpack(self.image, start, stored, codec, block)?);
+                }
+                let data = self.unpacked.as_deref().unwrap_or_default();
+                let from = (offset + self.into) as usize;
+                let Some(bytes) = data.get(from..from + want) else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a squashfs fragment block is shorter than the files in it",
+                    ));
+                };
+                buf[..want].copy_from_slice(bytes);
+                want
+            }
+        };
         self.into += n as u64;
         if self.into == len {
-            self.run += 1;
+            self.at += 1;
             self.into = 0;
         }
         Ok(n)

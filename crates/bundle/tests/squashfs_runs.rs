@@ -1,5 +1,6 @@
-//! Files a squashfs image stores uncompressed are read straight from the image file,
-//! from any offset, byte for byte what backhand reads; every other file is read by
+//! Files whose data blocks a squashfs image stores uncompressed are read straight from
+//! the image file (their tails from fragment blocks, unpacked here when compressed),
+//! from any offset, byte for byte what was squashed; every other file is read by
 //! backhand. Images are made by Debian's mksquashfs (scripts/install-deps.sh), with tail
 //! ends in fragments and without, data compressed and not.
 
@@ -59,18 +60,17 @@ fn uncompressed_files_are_read_in_place_from_any_offset() {
     // (flags, files read in place, files read by backhand); the others depend on
     // mksquashfs' choices (a tail may go to a fragment, which is stored uncompressed
     // when compressing it does not help).
-    let cases: [(&[&str], &[&str], &[&str]); 4] = [
-        (&["-comp", "gzip"], &["layer", "exact", "empty"], &["text"]),
-        (
-            &["-comp", "gzip", "-noF"],
-            &["layer", "exact", "small", "empty"],
-            &["text"],
-        ),
-        (
-            &["-comp", "zstd", "-no-fragments"],
-            &["layer", "exact", "small", "empty"],
-            &["text"],
-        ),
+    let all = ["layer", "exact", "small", "empty"];
+    let cases: [(&[&str], &[&str], &[&str]); 6] = [
+        // Tails in compressed fragment blocks, unpacked here.
+        (&["-comp", "gzip"], &all, &["text"]),
+        (&["-comp", "xz"], &all, &["text"]),
+        (&["-comp", "zstd"], &all, &["text"]),
+        // Tails in uncompressed fragments.
+        (&["-comp", "gzip", "-noF"], &all, &["text"]),
+        // No fragments: the tail is a short last block.
+        (&["-comp", "zstd", "-no-fragments"], &all, &["text"]),
+        // Nothing compressed at all.
         (
             &["-noI", "-noD", "-noF", "-noX"],
             &["layer", "exact", "small", "text", "empty"],
