@@ -5,12 +5,12 @@
 //! At open every symbolic link is checked to stay inside the image, and the number of
 //! entries is bounded.
 //!
-//! A file whose data the image stores uncompressed (as mksquashfs stores layers, which
-//! compression does not shrink) is read straight from the image file with positioned
-//! reads of its runs (its blocks, one after another, and the tail in an uncompressed
-//! fragment): no decompression path, no lock shared with other readers (backhand reads
-//! through one), and a `Range` goes straight to its first byte. Any other file (compressed
-//! blocks, holes, a compressed fragment) is read by backhand.
+//! Files are read straight from the image file with positioned reads: data blocks
+//! stored as they are (mksquashfs stores already-compressed layers so) are read in place,
+//! a compressed block (gzip, xz, zstd) is unpacked here one at a time, a hole is zeros,
+//! and the tail comes from its fragment block the same way. No lock is shared with other
+//! readers (backhand reads through one), and a `Range` goes straight to the block
+//! holding its first byte. A file of another codec (lz4, lzo) is read by backhand.
 
 use std::{
     collections::HashMap,
@@ -79,12 +79,11 @@ impl SquashfsBundle {
         })
     }
 
-    /// Where the bytes of `f` are in the image file, when its data blocks are stored
-    /// there as they are (each uncompressed, full but perhaps the last, one after
-    /// another from `blocks_start`): those runs, then its tail, if it has one in a
-    /// fragment block (read as it is when that block is uncompressed, else unpacked
-    /// here when it is gzip, xz or zstd). `None` for anything else, and for numbers
-    /// that do not add up (a damaged or hostile image is left to backhand's checks).
+    /// Where the bytes of `f` are in the image file: its data blocks one after another
+    /// from `blocks_start` (each stored as it is, compressed, or a hole of zeros), then
+    /// its tail, if it has one, in a fragment block. `None` when a compressed block is
+    /// of a codec not unpacked here (only gzip, xz and zstd are), and for numbers that
+    /// do not add up (a damaged or hostile image is left to backhand's checks).
     fn pieces(&self, f: &SquashfsFileReader) -> Option<Vec<Piece>> {
         const NO_FRAGMENT: u32 = 0xffff_ffff;
         let (start, size, frag, frag_offset, blocks): (u64, u64, u32, u32, &[DataSize]) = match f {
@@ -104,6 +103,15 @@ impl SquashfsBundle {
             ),
         };
         let block = u64::from(self.fs.block_size);
+        let codec = || {
+            use backhand::traits::types::Compressor as C;
+            match self.fs.compressor? {
+                C::Gzip => Some(Codec::Zlib),
+                C::Xz => Some(Codec::Xz),
+                C::Zstd => Some(Codec::Zstd),
+                _ => None,
+            }
+        };
         let mut pieces: Vec<Piece> = Vec::with_capacity(2);
         let mut at = start;
         let mut left = size;
@@ -111,21 +119,37 @@ impl SquashfsBundle {
             let n = u64::from(b.size());
             let last = i + 1 == blocks.len() && frag == NO_FRAGMENT;
             let want = if last { left } else { block.min(left) };
-            if !b.uncompressed() || n == 0 || n != want {
+            if want == 0 || n > block {
                 return None;
             }
-            match pieces.last_mut() {
-                Some(Piece::Raw { start: s, len: l }) if *s + *l == at => *l += n,
-                _ => pieces.push(Piece::Raw { start: at, len: n }),
+            if n == 0 {
+                pieces.push(Piece::Zeros { len: want });
+            } else if b.uncompressed() {
+                if n != want {
+                    return None;
+                }
+                match pieces.last_mut() {
+                    Some(Piece::Raw { start: s, len: l }) if *s + *l == at => *l += n,
+                    _ => pieces.push(Piece::Raw { start: at, len: n }),
+                }
+            } else {
+                pieces.push(Piece::Packed {
+                    start: at,
+                    stored: n,
+                    codec: codec()?,
+                    offset: 0,
+                    len: want,
+                    block,
+                });
             }
             at = at.checked_add(n)?;
-            left -= n;
+            left -= want;
         }
         if frag != NO_FRAGMENT {
             let fragment = self.fs.fragments.as_ref()?.get(frag as usize)?;
             let stored = u64::from(fragment.size.size());
             let offset = u64::from(frag_offset);
-            if left == 0 || offset.checked_add(left)? > block || stored > block {
+            if left == 0 || offset.checked_add(left)? > block || stored > block || stored == 0 {
                 return None;
             }
             if fragment.size.uncompressed() {
@@ -137,17 +161,10 @@ impl SquashfsBundle {
                     len: left,
                 });
             } else {
-                use backhand::traits::types::Compressor as C;
-                let codec = match self.fs.compressor? {
-                    C::Gzip => Codec::Zlib,
-                    C::Xz => Codec::Xz,
-                    C::Zstd => Codec::Zstd,
-                    _ => return None,
-                };
                 pieces.push(Piece::Packed {
                     start: fragment.start,
                     stored,
-                    codec,
+                    codec: codec()?,
                     offset,
                     len: left,
                     block,
@@ -162,8 +179,8 @@ impl SquashfsBundle {
         (left == 0 && inside).then_some(pieces)
     }
 
-    /// Is the file at `path` read straight from the image (stored uncompressed)?
-    pub fn stored_in_place(&self, path: &str) -> bool {
+    /// Is the file at `path` read here, straight from the image (not through backhand)?
+    pub fn read_directly(&self, path: &str) -> bool {
         self.file(path)
             .is_ok_and(|(_, i)| match &self.fs.root.nodes[i].inner {
                 InnerNode::File(f) => self.pieces(f).is_some(),
@@ -267,8 +284,10 @@ enum Codec {
 enum Piece {
     /// Stored as they are.
     Raw { start: u64, len: u64 },
-    /// `len` bytes at `offset` of a compressed fragment block (`stored` bytes at `start`,
-    /// at most `block` once unpacked).
+    /// A hole: zeros, nothing stored.
+    Zeros { len: u64 },
+    /// `len` bytes at `offset` of a compressed block (`stored` bytes at `start`, at most
+    /// `block` once unpacked): a data block, or a fragment block holding the tail.
     Packed {
         start: u64,
         stored: u64,
@@ -282,7 +301,7 @@ enum Piece {
 impl Piece {
     fn len(&self) -> u64 {
         match self {
-            Piece::Raw { len, .. } | Piece::Packed { len, .. } => *len,
+            Piece::Raw { len, .. } | Piece::Zeros { len } | Piece::Packed { len, .. } => *len,
         }
     }
 
@@ -290,12 +309,13 @@ impl Piece {
     fn stored_range(&self) -> (u64, u64) {
         match self {
             Piece::Raw { start, len } => (*start, *len),
+            Piece::Zeros { .. } => (0, 0),
             Piece::Packed { start, stored, .. } => (*start, *stored),
         }
     }
 }
 
-/// Reads and unpacks a compressed fragment block, at most `block` bytes of it.
+/// Reads and unpacks a compressed block, at most `block` bytes of it.
 fn unpack(image: &File, start: u64, stored: u64, codec: Codec, block: u64) -> io::Result<Vec<u8>> {
     let mut packed = vec![0u8; stored as usize];
     image.read_exact_at(&mut packed, start)?;
@@ -317,8 +337,8 @@ struct Runs<'a> {
     /// The piece being read, and how far into it.
     at: usize,
     into: u64,
-    /// The unpacked fragment block of a `Packed` piece, once read.
-    unpacked: Option<Vec<u8>>,
+    /// The last `Packed` piece unpacked (its index), and its block.
+    unpacked: Option<(usize, Vec<u8>)>,
 }
 
 impl<'a> Runs<'a> {
@@ -356,6 +376,10 @@ impl Read for Runs<'_> {
                 }
                 n
             }
+            Piece::Zeros { .. } => {
+                buf[..want].fill(0);
+                want
+            }
             Piece::Packed {
                 start,
                 stored,
@@ -364,15 +388,19 @@ impl Read for Runs<'_> {
                 block,
                 ..
             } => {
-                if self.unpacked.is_none() {
-                    self.unpacked = Some(unpack(self.image, start, stored, codec, block)?);
+                if self.unpacked.as_ref().is_none_or(|(i, _)| *i != self.at) {
+                    let data = unpack(self.image, start, stored, codec, block)?;
+                    self.unpacked = Some((self.at, data));
                 }
-                let data = self.unpacked.as_deref().unwrap_or_default();
+                let data = self
+                    .unpacked
+                    .as_ref()
+                    .map_or(&[][..], |(_, d)| d.as_slice());
                 let from = (offset + self.into) as usize;
                 let Some(bytes) = data.get(from..from + want) else {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        "a squashfs fragment block is shorter than the files in it",
+                        "a compressed squashfs block is shorter than the file says",
                     ));
                 };
                 buf[..want].copy_from_slice(bytes);
