@@ -7,8 +7,8 @@
 #   2. from `shipperd serve` of the bundle as a plain tar, read in place;
 #   3. from `shipperd serve` of the same layout squashed (mksquashfs, zstd);
 # and the same blobs fetched with parallel `curl` (the servers alone, no client-side
-# hashing). Each pull is run ROUNDS times, the best kept; the files are in the page
-# cache for all of them. Prints each time, its ratio to docker-registry's (goal: ≤ 1.0),
+# hashing). Each pull is run ROUNDS times, the servers taking turns, the best kept; the
+# files are in the page cache for all of them (one untimed pull first). Prints each time, its ratio to docker-registry's (goal: ≤ 1.0),
 # and the peak resident memory of `shipperd serve` (goal: under 100 MiB).
 #   scripts/bench-serve.sh [PARALLEL] [ROUNDS] [BASE_MB OWN_MB]
 set -euo pipefail
@@ -63,35 +63,27 @@ fetch() { # port repo digest: one blob through curl
   curl -sS --fail -o /dev/null "http://127.0.0.1:$1/v2/$2/blobs/$3"
 }
 export -f fetch
-# best PORT: the best of ROUNDS parallel pulls of every image; sets T. Each pull is
-# checked: skopeo verifies every digest it copies.
-best_pull() {
-  T=""
-  for _ in $(seq 1 "$ROUNDS"); do
-    rm -rf "$OUT"; mkdir -p "$OUT"
-    local t0 t
-    t0=$(now)
-    nl -ba "$W/images.txt" | xargs -P "$PAR" -L 1 bash -c 'pull '"$1"' "$1" "$0"'
-    t=$(secs "$t0" "$(now)")
-    if [ -z "$T" ] || [ "$(echo "$t < $T" | bc -l)" = 1 ]; then T=$t; fi
-  done
-  PULLED=$(du -sb "$OUT" | cut -f1)
+# pull_all PORT: one parallel pull of every image; sets T. skopeo checks every digest
+# it copies.
+pull_all() {
+  rm -rf "$OUT"; mkdir -p "$OUT"
+  local t0
+  t0=$(now)
+  nl -ba "$W/images.txt" | xargs -P "$PAR" -L 1 bash -c 'pull '"$1"' "$1" "$0"'
+  T=$(secs "$t0" "$(now)")
 }
-best_fetch() {
-  C=""
-  for _ in $(seq 1 "$ROUNDS"); do
-    local t0 t
-    t0=$(now)
-    xargs -P "$PAR" -L 1 bash -c 'fetch '"$1"' "$0" "$1"' <"$W/fetch.txt"
-    t=$(secs "$t0" "$(now)")
-    if [ -z "$C" ] || [ "$(echo "$t < $C" | bc -l)" = 1 ]; then C=$t; fi
-  done
+# fetch_all PORT: every distinct blob through curl, PAR at a time; sets T.
+fetch_all() {
+  local t0
+  t0=$(now)
+  xargs -P "$PAR" -L 1 bash -c 'fetch '"$1"' "$0" "$1"' <"$W/fetch.txt"
+  T=$(secs "$t0" "$(now)")
 }
-
-echo "== pulling every image, $PAR at a time, best of $ROUNDS"
-best_pull "$REG_PORT"; T_REG=$T
+min() { if [ -z "$1" ] || [ "$(echo "$2 < $1" | bc -l)" = 1 ]; then echo "$2"; else echo "$1"; fi; }
+echo "== pulling every image, $PAR at a time, best of $ROUNDS (the servers taking turns)"
+pull_all "$REG_PORT"
 # What curl fetches: each distinct blob (manifests too) once, from a repository holding
-# it, as the last pull laid them out (`dir:` names each file by its digest's hex).
+# it, as that pull laid them out (`dir:` names each file by its digest's hex).
 n=0
 while read -r ref; do
   n=$((n + 1)); repo=${ref#*/}; repo=${repo%:*}
@@ -101,12 +93,20 @@ while read -r ref; do
   done
 done <"$W/images.txt" | sort -u -k2,2 >"$W/fetch.txt"
 FETCHED=$(awk '{print $2}' "$W/fetch.txt" | while read -r d; do stat -c %s "$OUT"/*/"${d#sha256:}" 2>/dev/null | head -1; done | awk '{s += $1} END {print s}')
-best_pull "$TAR_PORT"; T_TAR=$T
-best_pull "$SQ_PORT"; T_SQ=$T
+PULLED=$(du -sb "$OUT" | cut -f1)
+T_REG="" T_TAR="" T_SQ=""
+for _ in $(seq 1 "$ROUNDS"); do
+  pull_all "$REG_PORT"; T_REG=$(min "$T_REG" "$T")
+  pull_all "$TAR_PORT"; T_TAR=$(min "$T_TAR" "$T")
+  pull_all "$SQ_PORT"; T_SQ=$(min "$T_SQ" "$T")
+done
 echo "== fetching every distinct blob with curl, $PAR at a time, best of $ROUNDS"
-best_fetch "$REG_PORT"; C_REG=$C
-best_fetch "$TAR_PORT"; C_TAR=$C
-best_fetch "$SQ_PORT"; C_SQ=$C
+C_REG="" C_TAR="" C_SQ=""
+for _ in $(seq 1 "$ROUNDS"); do
+  fetch_all "$REG_PORT"; C_REG=$(min "$C_REG" "$T")
+  fetch_all "$TAR_PORT"; C_TAR=$(min "$C_TAR" "$T")
+  fetch_all "$SQ_PORT"; C_SQ=$(min "$C_SQ" "$T")
+done
 RSS_TAR=$(hwm "$TAR_PID") RSS_SQ=$(hwm "$SQ_PID")
 
 mbps() { echo "$1 / $2 / 1000000" | bc -l; }
