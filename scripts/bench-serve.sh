@@ -95,11 +95,14 @@ done <"$W/images.txt" | sort -u -k2,2 >"$W/fetch.txt"
 FETCHED=$(awk '{print $2}' "$W/fetch.txt" | while read -r d; do stat -c %s "$OUT"/*/"${d#sha256:}" 2>/dev/null | head -1; done | awk '{s += $1} END {print s}')
 PULLED=$(du -sb "$OUT" | cut -f1)
 T_REG="" T_TAR="" T_SQ=""
+CPU_REG0=$(cpu "$REG_PID") CPU_TAR0=$(cpu "$TAR_PID") CPU_SQ0=$(cpu "$SQ_PID")
 for _ in $(seq 1 "$ROUNDS"); do
   pull_all "$REG_PORT"; T_REG=$(min "$T_REG" "$T")
   pull_all "$TAR_PORT"; T_TAR=$(min "$T_TAR" "$T")
   pull_all "$SQ_PORT"; T_SQ=$(min "$T_SQ" "$T")
 done
+per_pull() { echo "($(cpu "$1") - $2) / $ROUNDS" | bc -l; }
+CPU_REG=$(per_pull "$REG_PID" "$CPU_REG0") CPU_TAR=$(per_pull "$TAR_PID" "$CPU_TAR0") CPU_SQ=$(per_pull "$SQ_PID" "$CPU_SQ0")
 echo "== fetching every distinct blob with curl, $PAR at a time, best of $ROUNDS"
 C_REG="" C_TAR="" C_SQ=""
 for _ in $(seq 1 "$ROUNDS"); do
@@ -117,4 +120,5 @@ printf '%-40s %7.2f s  %5.0f MB/s  ratio %.2f (goal ≤ 1.00)\n' "skopeo x$PAR f
 printf '%-40s %7.2f s  %5.0f MB/s\n' "curl x$PAR from docker-registry" "$C_REG" "$(mbps "$FETCHED" "$C_REG")"
 printf '%-40s %7.2f s  %5.0f MB/s  ratio %.2f\n' "curl x$PAR from shipperd serve (tar)" "$C_TAR" "$(mbps "$FETCHED" "$C_TAR")" "$(echo "$C_TAR / $C_REG" | bc -l)"
 printf '%-40s %7.2f s  %5.0f MB/s  ratio %.2f\n' "curl x$PAR from shipperd serve (squashfs)" "$C_SQ" "$(mbps "$FETCHED" "$C_SQ")" "$(echo "$C_SQ / $C_REG" | bc -l)"
+printf '%-40s %7.2f s docker-registry, %.2f s serve (tar), %.2f s serve (squashfs)\n' "server CPU per full skopeo pull" "$CPU_REG" "$CPU_TAR" "$CPU_SQ"
 printf '%-40s %4d MiB at start, %d MiB peak (tar); %d, %d MiB (squashfs) (goal < 100)\n' "shipperd serve VmHWM" "$RSS_TAR0" "$RSS_TAR" "$RSS_SQ0" "$RSS_SQ"

@@ -467,9 +467,14 @@ fn read_blob(
             }
         };
         let mut left = count;
+        // One allocation, reused: `reserve` takes the whole of it back once the chunks
+        // cut from it have been written to the client and dropped.
+        let mut pool = bytes::BytesMut::with_capacity(CHUNK * 4);
         while left > 0 {
-            let mut buf = vec![0u8; CHUNK.min(left as usize)];
-            match reader.read(&mut buf) {
+            let want = CHUNK.min(left as usize);
+            pool.reserve(want);
+            pool.resize(want, 0);
+            match reader.read(&mut pool[..want]) {
                 Ok(0) => {
                     let _ = tx.blocking_send(Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
@@ -478,9 +483,9 @@ fn read_blob(
                     return;
                 }
                 Ok(n) => {
-                    buf.truncate(n);
+                    pool.truncate(n);
                     left -= n as u64;
-                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                    if tx.blocking_send(Ok(pool.split().freeze())).is_err() {
                         return; // the client went
                     }
                 }
