@@ -252,6 +252,21 @@ impl Cas {
         Ok(hex)
     }
 
+    /// Forgets every bundle's claims (a cache whose owner starts again and claims
+    /// what it still needs); the next [`Self::collect`] deletes the rest.
+    pub fn forget_all(&self) -> Result<()> {
+        let refs = self.data.cas_refs_dir();
+        let entries = match fs::read_dir(&refs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&refs)(e)),
+        };
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        Ok(())
+    }
+
     /// Forgets the blobs `bundle_id` claimed (it is finished).
     pub fn release(&self, bundle_id: &str) -> Result<()> {
         let p = self.data.cas_refs(bundle_id);

@@ -21,8 +21,8 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{
-    BundleFs, Descriptor, Digest, Guard, Limits, ManifestDoc, Walker, cas::Cas, container,
-    discover::BlobPaths,
+    BundleFs, Descriptor, Digest, Guard, Limits, ManifestDoc, Walker, cas::Cas, catalog::Container,
+    container, discover::BlobPaths,
 };
 use shipperd_model::{DataDir, Reference};
 pub use shipperd_registry_targets::Mapping;
@@ -87,6 +87,23 @@ pub(crate) struct Loaded {
     pub referrers: Vec<(Digest, Descriptor)>,
     /// A legacy `docker save` archive's made manifests, by digest.
     pub made: HashMap<Digest, Vec<u8>>,
+    /// What a compressed bundle's expansion holds in the cache: let go when the bundle
+    /// is no longer served (and no request reads it).
+    pub _held: Option<Held>,
+}
+
+/// A bundle's claim on the cache's blobs.
+pub(crate) struct Held {
+    cas: Cas,
+    key: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Off the request path: collecting reads the cache's directories.
+        let (cas, key) = (self.cas.clone(), std::mem::take(&mut self.key));
+        std::thread::spawn(move || cas.finish(&key));
+    }
 }
 
 /// A tag's target: its manifest (read from the newest bundle holding it).
@@ -269,6 +286,10 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
         repos,
         referrers,
         made: found.made,
+        _held: (opened.container == Container::Expanded).then(|| Held {
+            cas: cas.clone(),
+            key: key.to_string(),
+        }),
     })
 }
 
@@ -339,6 +360,10 @@ impl Bundles {
             }
         };
         let cas = Cas::new(&data);
+        // A cache kept from an earlier run: what is served now claims its blobs again
+        // as it is loaded; the rest goes at the first collection.
+        cas.forget_all()
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
         let mut fixed = Vec::new();
         for path in &config.bundles {
             let key = key_of(path, &stamp(path));
@@ -431,6 +456,10 @@ impl Serve {
                 b.rescan(dir, &mut seen);
             }
             let index = b.index(c.watch_dir.as_deref());
+            // Blobs of a kept cache that nothing served now claims.
+            if let Err(error) = b.cas.collect() {
+                tracing::warn!(%error, "cannot collect the cache");
+            }
             Ok::<_, Error>((b, index))
         })
         .await

@@ -8,7 +8,7 @@ use std::{path::Path, process::Stdio, time::Duration};
 use sha2::{Digest as _, Sha256};
 use shipperd_tests::{
     app::skopeo_raw,
-    fixtures::{Compression, sample, tar_bytes},
+    fixtures::{Compression, compress, sample, tar_bytes},
     servers::free_port,
 };
 
@@ -335,8 +335,18 @@ async fn a_watched_directory_over_tls_and_the_install_config() -> anyhow::Result
     let drop = dir.path().join("bundles");
     std::fs::create_dir(&drop)?;
     let certs = dir.path().join("tls");
+    // A cache kept from an earlier run, holding a blob nothing claims any more.
+    let cache = dir.path().join("cache");
+    let cached = cache.join("cas/blobs/sha256");
+    std::fs::create_dir_all(&cached)?;
+    std::fs::create_dir_all(cache.join("cas/refs"))?;
+    let stale = "ab".repeat(32);
+    std::fs::write(cached.join(&stale), b"stale")?;
+    std::fs::write(cache.join("cas/refs/gone"), format!("{stale}\n"))?;
     let s = serve(
         &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
             "--watch-dir",
             drop.to_str().unwrap(),
             "--watch-every",
@@ -376,6 +386,47 @@ async fn a_watched_directory_over_tls_and_the_install_config() -> anyhow::Result
         })
         .await?;
     assert_eq!(sha(&raw), app.digest, "over TLS, verified by the made CA");
+    let left = |d: &std::path::Path| std::fs::read_dir(d).map(|e| e.count()).unwrap_or(0);
+    assert_eq!(left(&cached), 0, "the stale cache collected at start");
+
+    // A compressed bundle is expanded into the cache; removed, it is no longer served
+    // and its blobs leave the cache.
+    let gz_layout = sample("serve-gz", "gz", 0);
+    let gz = compress(
+        tar_bytes(&gz_layout.oci_files(""))?,
+        shipperd_tests::fixtures::TarCompression::Gzip,
+    )?;
+    std::fs::write(drop.join(".gz.partial"), gz)?;
+    std::fs::rename(drop.join(".gz.partial"), drop.join("gz.tar.gz"))?;
+    let tool = gz_layout
+        .images
+        .iter()
+        .find(|i| i.repo == "demo/tool")
+        .unwrap();
+    let raw = shipperd_tests::eventually(
+        "the gzip bundle served",
+        Duration::from_secs(30),
+        || async {
+            let o = inspect(&format!("demo/tool@{}", tool.digest)).ok()?;
+            o.status.success().then_some(o.stdout)
+        },
+    )
+    .await?;
+    assert_eq!(sha(&raw), tool.digest);
+    assert!(left(&cached) > 0, "expanded into the cache");
+    std::fs::remove_file(drop.join("gz.tar.gz"))?;
+    shipperd_tests::eventually(
+        "the removed bundle gone",
+        Duration::from_secs(30),
+        || async {
+            let gone = !inspect(&format!("demo/tool@{}", tool.digest))
+                .ok()?
+                .status
+                .success();
+            (gone && left(&cached) == 0).then_some(())
+        },
+    )
+    .await?;
 
     // What the installer needs, for what is served.
     let bundle = drop.join("w.tar");
@@ -408,7 +459,7 @@ async fn a_watched_directory_over_tls_and_the_install_config() -> anyhow::Result
 /// (expanded once to the cache) and an oc-mirror archive of three parts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_koffer_tree_and_a_multi_part_archive_are_served() -> anyhow::Result<()> {
-    use shipperd_tests::fixtures::{TarCompression, compress, tar_parts};
+    use shipperd_tests::fixtures::{TarCompression, tar_parts};
     shipperd_tests::init();
     let dir = tempfile::tempdir()?;
     let koffer = sample("serve-k", "k", 0);
