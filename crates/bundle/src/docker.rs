@@ -154,8 +154,9 @@ pub fn read(fs: &dyn BundleFs, limits: &Limits) -> Result<Option<DockerArchive>>
             out.untagged.push(desc.clone());
         }
         for tag in tags {
-            let source =
-                Reference::parse(&tag).map_err(|e| what(format!("RepoTags names {tag:?}: {e}")))?;
+            let source = Reference::parse(&tag)
+                .map(docker_hub)
+                .map_err(|e| what(format!("RepoTags names {tag:?}: {e}")))?;
             if source.tag.is_none() {
                 return Err(what(format!("RepoTags names {tag:?}, which has no tag")));
             }
@@ -252,6 +253,20 @@ pub fn compress_layers(
     Ok(done)
 }
 
+/// A name as `docker save` writes it is Docker's short form: without a registry host
+/// it is Docker Hub's (`busybox` is `docker.io/library/busybox`, `team/app` is
+/// `docker.io/team/app`), which is where a cluster asks for it and so where a mirror
+/// must put it.
+fn docker_hub(mut r: Reference) -> Reference {
+    if r.host.is_none() {
+        r.host = Some("docker.io".into());
+        if !r.repository.contains('/') {
+            r.repository = format!("library/{}", r.repository);
+        }
+    }
+    r
+}
+
 /// A file stored by its digest as the archive was expanded must be the file its
 /// config names: a layer whose bytes are not its diff ID is refused here, by name, not
 /// later by the registry.
@@ -267,6 +282,15 @@ fn check_where(fs: &dyn BundleFs, path: &str, digest: &Digest) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_names_are_docker_hub_names() {
+        let full = |s: &str| docker_hub(Reference::parse(s).unwrap()).to_string();
+        assert_eq!(full("busybox:1.36"), "docker.io/library/busybox:1.36");
+        assert_eq!(full("team/app:2"), "docker.io/team/app:2");
+        assert_eq!(full("quay.io/team/app:2"), "quay.io/team/app:2");
+        assert_eq!(full("localhost/app:1"), "localhost/app:1");
+    }
 
     #[test]
     fn members_kept_by_name() {

@@ -30,8 +30,9 @@ fn images() -> Vec<SavedImage> {
             vec![base.clone(), api.clone()],
             "APP=api",
         ),
+        // Docker's short names: Docker Hub's (`worker` is `docker.io/library/worker`).
         SavedImage::new(
-            &["team/worker:2.0"],
+            &["team/worker:2.0", "worker:latest"],
             vec![base, layer("bin/worker", &[0x57; 5000])],
             "APP=worker",
         ),
@@ -39,6 +40,18 @@ fn images() -> Vec<SavedImage> {
         // so Docker links its directory to the first.
         SavedImage::new(&[], vec![api], "APP=untagged"),
     ]
+}
+
+/// Where a `RepoTags` entry lands with the default mapping (the host dropped): a
+/// short name is Docker Hub's, so `worker` is `library/worker`.
+fn landed(tag: &str) -> (String, &str) {
+    let (repo, t) = tag.rsplit_once(':').unwrap();
+    let repo = match repo.strip_prefix("example.com/") {
+        Some(r) => r.to_string(),
+        None if !repo.contains('/') => format!("library/{repo}"),
+        None => repo.to_string(),
+    };
+    (repo, t)
 }
 
 /// The registry's manifest of `repo:reference`, parsed, with its digest.
@@ -55,8 +68,8 @@ async fn manifest(app: &TestApp, repo: &str, reference: &str) -> anyhow::Result<
 async fn check_published(app: &TestApp, images: &[SavedImage], what: &str) -> anyhow::Result<()> {
     for img in images {
         for t in &img.tags {
-            let (repo, tag) = t.rsplit_once(':').unwrap();
-            let repo = repo.strip_prefix("example.com/").unwrap_or(repo);
+            let (repo, tag) = landed(t);
+            let repo = repo.as_str();
             let (m, _) = manifest(app, repo, tag).await?;
             assert_eq!(
                 m["mediaType"], "application/vnd.docker.distribution.manifest.v2+json",
@@ -164,8 +177,14 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
     let listed = rec["images"].as_array().unwrap();
     assert_eq!(
         listed.len(),
-        4,
-        "three tags and one image by digest: {rec:#}"
+        5,
+        "four tags and one image by digest: {rec:#}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|i| i["source"] == "docker.io/library/worker:latest"),
+        "{rec:#}"
     );
     let untagged = listed
         .iter()
@@ -326,8 +345,8 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
     assert_eq!(digests[0], digests[1], "deterministic compression");
     for img in &images[..2] {
         let t = &img.tags[0];
-        let (repo, tag) = t.rsplit_once(':').unwrap();
-        let repo = repo.strip_prefix("example.com/").unwrap_or(repo);
+        let (repo, tag) = landed(t);
+        let repo = repo.as_str();
         let (m, digest) = manifest(&app, repo, tag).await?;
         assert_ne!(digest, api_digest);
         assert_eq!(m["config"]["digest"], img.config_digest(), "{t}");
