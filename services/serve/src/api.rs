@@ -1,7 +1,7 @@
 //! The pull half of the OCI distribution API over the index. Paths are parsed by hand:
 //! a repository name has any number of `/`-separated components.
 
-use std::{io::Read, path::PathBuf, sync::Arc};
+use std::{io::Read, ops::Bound, path::PathBuf, sync::Arc};
 
 use axum::{
     Router,
@@ -134,20 +134,24 @@ async fn route(s: &Served, req: Request) -> Response {
             .into_response();
     }
     if rest == "_catalog" {
-        let repos: Vec<&String> = index.repos.iter().collect();
-        return page("/v2/_catalog", "repositories", &repos, &query, None);
+        let repos = &index.repos;
+        return page("/v2/_catalog", "repositories", &query, None, |last| {
+            repos.range::<str, _>((after(last), Bound::Unbounded))
+        });
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         let Some(tags) = index.tags.get(name) else {
             return name_unknown(name);
         };
-        let tags: Vec<&String> = tags.keys().collect();
         return page(
             &format!("/v2/{name}/tags/list"),
             "tags",
-            &tags,
             &query,
             Some(name),
+            |last| {
+                tags.range::<str, _>((after(last), Bound::Unbounded))
+                    .map(|(t, _)| t)
+            },
         );
     }
     for (sep, what) in [
@@ -184,8 +188,21 @@ fn name_unknown(name: &str) -> Response {
     )
 }
 
-/// A page of `items` after `?last=`, `?n=` of them, with a `Link` to the next.
-fn page(base: &str, key: &str, items: &[&String], query: &str, name: Option<&str>) -> Response {
+/// Where a page starts: after `last`, or at the beginning.
+fn after(last: Option<&str>) -> Bound<&str> {
+    last.map_or(Bound::Unbounded, Bound::Excluded)
+}
+
+/// A page of the names `from(last)` lists in order after `?last=`, `?n=` of them, with
+/// a `Link` to the next when there are more (read from the sorted index, never all of
+/// them).
+fn page<'a, I: Iterator<Item = &'a String>>(
+    base: &str,
+    key: &str,
+    query: &str,
+    name: Option<&str>,
+    from: impl FnOnce(Option<&str>) -> I,
+) -> Response {
     let mut n = PAGE;
     let mut last: Option<String> = None;
     for (k, v) in form_urlencoded(query) {
@@ -195,10 +212,9 @@ fn page(base: &str, key: &str, items: &[&String], query: &str, name: Option<&str
             _ => {}
         }
     }
-    let start = last
-        .as_ref()
-        .map_or(0, |l| items.partition_point(|i| i.as_str() <= l.as_str()));
-    let chosen: Vec<&String> = items.iter().skip(start).take(n).copied().collect();
+    let mut chosen: Vec<&String> = from(last.as_deref()).take(n + 1).collect();
+    let more = chosen.len() > n;
+    chosen.truncate(n);
     let mut doc = json!({ key: chosen });
     if let Some(name) = name {
         doc["name"] = name.into();
@@ -209,7 +225,7 @@ fn page(base: &str, key: &str, items: &[&String], query: &str, name: Option<&str
         doc.to_string(),
     )
         .into_response();
-    if start + chosen.len() < items.len()
+    if more
         && let Some(l) = chosen.last()
         && let Ok(v) =
             HeaderValue::from_str(&format!("<{base}?n={n}&last={}>; rel=\"next\"", percent(l)))

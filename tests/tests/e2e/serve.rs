@@ -203,6 +203,26 @@ async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
         .filter_map(|r| r.as_str())
         .collect();
     assert_eq!(served, repos, "{all}");
+    // Following the `Link`s two at a time lists the same, each once.
+    let mut walked = Vec::new();
+    let mut next = Some(format!("{base}/v2/_catalog?n=2"));
+    for _ in 0..100 {
+        let Some(url) = next.take() else { break };
+        let r = http.get(&url).send().await?;
+        next = r
+            .headers()
+            .get("link")
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| l.strip_prefix('<')?.split_once('>'))
+            .map(|(path, _)| format!("{base}{path}"));
+        let page: serde_json::Value = r.json().await?;
+        let names = page["repositories"].as_array().unwrap();
+        assert!(names.len() <= 2);
+        walked.extend(names.iter().map(|n| n.as_str().unwrap().to_string()));
+    }
+    assert!(next.is_none(), "the last page has no Link");
+    let expected: Vec<String> = repos.iter().map(|r| r.to_string()).collect();
+    assert_eq!(walked, expected);
     let tags: serde_json::Value = http
         .get(format!("{base}/v2/demo/app/tags/list"))
         .send()
