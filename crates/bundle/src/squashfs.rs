@@ -7,10 +7,10 @@
 //!
 //! Files are read straight from the image file with positioned reads: data blocks
 //! stored as they are (mksquashfs stores already-compressed layers so) are read in place,
-//! a compressed block (gzip, xz, zstd) is unpacked here one at a time, a hole is zeros,
+//! a compressed block (gzip, xz, zstd, lz4) is unpacked here one at a time, a hole is zeros,
 //! and the tail comes from its fragment block the same way. No lock is shared with other
 //! readers (backhand reads through one), and a `Range` goes straight to the block
-//! holding its first byte. A file of another codec (lz4, lzo) is read by backhand.
+//! holding its first byte. A file of another codec (lzo, which backhand does not read either) is backhand's.
 
 use std::{
     collections::HashMap,
@@ -82,7 +82,7 @@ impl SquashfsBundle {
     /// Where the bytes of `f` are in the image file: its data blocks one after another
     /// from `blocks_start` (each stored as it is, compressed, or a hole of zeros), then
     /// its tail, if it has one, in a fragment block. `None` when a compressed block is
-    /// of a codec not unpacked here (only gzip, xz and zstd are), and for numbers that
+    /// of a codec not unpacked here (gzip, xz, zstd and lz4 are), and for numbers that
     /// do not add up (a damaged or hostile image is left to backhand's checks).
     fn pieces(&self, f: &SquashfsFileReader) -> Option<Vec<Piece>> {
         const NO_FRAGMENT: u32 = 0xffff_ffff;
@@ -109,6 +109,7 @@ impl SquashfsBundle {
                 C::Gzip => Some(Codec::Zlib),
                 C::Xz => Some(Codec::Xz),
                 C::Zstd => Some(Codec::Zstd),
+                C::Lz4 => Some(Codec::Lz4),
                 _ => None,
             }
         };
@@ -271,12 +272,14 @@ impl BundleFs for SquashfsBundle {
     }
 }
 
-/// How a fragment block is compressed (squashfs' gzip is a zlib stream).
+/// How a block is compressed (squashfs' gzip is a zlib stream).
 #[derive(Debug, Clone, Copy)]
 enum Codec {
     Zlib,
     Xz,
     Zstd,
+    /// An LZ4 block (not a frame).
+    Lz4,
 }
 
 /// Part of a file's bytes in the image.
@@ -321,6 +324,13 @@ fn unpack(image: &File, start: u64, stored: u64, codec: Codec, block: u64) -> io
     image.read_exact_at(&mut packed, start)?;
     let src: &[u8] = &packed;
     let reader: Box<dyn Read + '_> = match codec {
+        Codec::Lz4 => {
+            let mut out = vec![0u8; block as usize];
+            let n = lz4_flex::block::decompress_into(src, &mut out)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            out.truncate(n);
+            return Ok(out);
+        }
         Codec::Zlib => Box::new(flate2::read::ZlibDecoder::new(src)),
         Codec::Xz => Box::new(liblzma::read::XzDecoder::new(src)),
         Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(src)?),
