@@ -57,8 +57,8 @@ type Stamp = Option<(u64, SystemTime)>;
 /// `--htpasswd`: users and their bcrypt hashes.
 struct Htpasswd {
     path: PathBuf,
-    /// The file's length and modification time when read, and its users.
-    users: Mutex<(Stamp, HashMap<String, String>)>,
+    /// The file's stamp when it was last read (`None`: never), and its users.
+    users: Mutex<(Option<Stamp>, HashMap<String, String>)>,
     /// Logins that passed lately: SHA-256 of user and password → good until.
     passed: Mutex<HashMap<[u8; 32], Instant>>,
     /// bcrypt checks at once.
@@ -86,7 +86,9 @@ impl Htpasswd {
             .ok()
             .and_then(|m| Some((m.len(), m.modified().ok()?)));
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        if users.0.is_some() && users.0 == stamp {
+        // Read again only when it changed (an unreadable file is looked at again, and
+        // warned about, only once it changes too).
+        if users.0 == Some(stamp) {
             return;
         }
         let mut found = HashMap::new();
@@ -119,7 +121,7 @@ impl Htpasswd {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        *users = (stamp, found);
+        *users = (Some(stamp), found);
     }
 
     async fn admits(&self, user: &str, password: &str) -> bool {
@@ -139,13 +141,10 @@ impl Htpasswd {
         {
             return true;
         }
-        let known = self
-            .users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .get(user)
-            .cloned();
+        let (read_at, known) = {
+            let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            (users.0, users.1.get(user).cloned())
+        };
         let Ok(_permit) = self.permits.acquire().await else {
             return false;
         };
@@ -157,7 +156,9 @@ impl Htpasswd {
             .and_then(Result::ok)
             .unwrap_or(false)
             && known.is_some();
-        if ok {
+        // Remembered only if the file did not change during the check.
+        let unchanged = self.users.lock().unwrap_or_else(|p| p.into_inner()).0 == read_at;
+        if ok && unchanged {
             let mut passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
             if passed.len() >= MAX_REMEMBERED {
                 passed.clear();
