@@ -3,9 +3,11 @@
 //! - one written by `skopeo copy ... docker-archive:` (plain tar, read in place);
 //! - a legacy archive of three images written here as Docker wrote them before 25 (two
 //!   tags on one image, a layer shared by two, a layer linked to another directory, an
-//!   image saved by ID), as gzip tar, plain tar and squashfs;
+//!   image saved by ID, a Docker short name), as gzip tar, plain tar and squashfs;
 //! - Docker 25's archive (an OCI layout beside `manifest.json`), read as the layout;
-//! - a legacy archive whose layer is not what its config names, refused by name.
+//! - a legacy archive whose layer is not what its config names, and one whose
+//!   `manifest.json` names a path outside it, refused by name;
+//! - `--compress-layers`: gzip layers, deterministic, let go with the bundle.
 //!
 //! Each image is published with its config unchanged (the image ID stays), its layers
 //! as they are (their digests are the diff IDs), and `serve` serves the same manifests.
