@@ -491,17 +491,27 @@ impl TestApp {
     }
 }
 
-/// `skopeo inspect --raw` of an image in the test registry (plain http).
-pub fn skopeo_raw(image: &str) -> anyhow::Result<Vec<u8>> {
+/// Runs skopeo with `args`; its output, or an error with what it said.
+pub fn skopeo(args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let out = std::process::Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{image}"))
+        .args(args)
         .output()
         .context("running skopeo (scripts/install-deps.sh installs it)")?;
     anyhow::ensure!(
         out.status.success(),
-        "skopeo inspect {image} failed: {}",
+        "skopeo {} failed: {}",
+        args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(out.stdout)
+}
+
+/// `skopeo inspect --raw` of an image in the test registry (plain http).
+pub fn skopeo_raw(image: &str) -> anyhow::Result<Vec<u8>> {
+    skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{image}"),
+    ])
 }

@@ -166,3 +166,19 @@ pub fn write_dir(members: &[(String, Member)], dir: &std::path::Path) -> anyhow:
     }
     Ok(())
 }
+
+/// The image tagged `tag` of the OCI layout `layout`, written by `skopeo copy` as a
+/// `docker save` archive at `archive` naming it `name`.
+pub fn skopeo_archive(
+    layout: &std::path::Path,
+    tag: &str,
+    archive: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<()> {
+    crate::app::skopeo(&[
+        "copy",
+        &format!("oci:{}:{tag}", layout.display()),
+        &format!("docker-archive:{}:{name}", archive.display()),
+    ])
+    .map(drop)
+}

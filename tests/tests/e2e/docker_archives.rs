@@ -113,15 +113,7 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
     let oci = dir.path().join("oci");
     layout.write_dir(&oci)?;
     let skopeo_archive = dir.path().join("skopeo.tar");
-    let o = std::process::Command::new("skopeo")
-        .arg("copy")
-        .arg(format!("oci:{}:1.0", oci.display()))
-        .arg(format!(
-            "docker-archive:{}:example.com/skopeo/app:1.0",
-            skopeo_archive.display()
-        ))
-        .output()?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    docker_save::skopeo_archive(&oci, "1.0", &skopeo_archive, "example.com/skopeo/app:1.0")?;
     let app_img = layout.images.iter().find(|i| i.repo == "demo/app").unwrap();
     let original: Value = serde_json::from_slice(&layout.blobs[&app_img.digest])?;
     let (st, b) = app

@@ -7,7 +7,8 @@ use std::{path::Path, process::Stdio, time::Duration};
 
 use sha2::{Digest as _, Sha256};
 use shipperd_tests::{
-    app::skopeo_raw,
+    app::{skopeo, skopeo_raw},
+    docker_save,
     fixtures::{Compression, compress, sample, tar_bytes},
     servers::free_port,
 };
@@ -97,17 +98,14 @@ async fn bundles_are_a_registry_skopeo_pulls_from() -> anyhow::Result<()> {
         .find(|i| i.repo == "demo/multi")
         .unwrap();
     let out = dir.path().join("copy");
-    let o = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "--all",
-            "--src-tls-verify=false",
-            "--preserve-digests",
-        ])
-        .arg(format!("docker://{}/demo/multi:latest", s.addr))
-        .arg(format!("oci:{}:m", out.display()))
-        .output()?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--preserve-digests",
+        &format!("docker://{}/demo/multi:latest", s.addr),
+        &format!("oci:{}:m", out.display()),
+    ])?;
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("index.json"))?)?;
     assert_eq!(index["manifests"][0]["digest"], multi.digest.as_str());
 
@@ -524,17 +522,14 @@ async fn a_koffer_tree_and_a_multi_part_archive_are_served() -> anyhow::Result<(
             assert_eq!(r.bytes().await?.as_ref(), &bytes[from..], "{name} {blob}");
         }
     }
-    let o = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "--all",
-            "--src-tls-verify=false",
-            "--preserve-digests",
-        ])
-        .arg(format!("docker://{}/demo/tool:2.1", s.addr))
-        .arg(format!("oci:{}:t", dir.path().join("copy").display()))
-        .output()?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--preserve-digests",
+        &format!("docker://{}/demo/tool:2.1", s.addr),
+        &format!("oci:{}:t", dir.path().join("copy").display()),
+    ])?;
     Ok(())
 }
 
@@ -549,27 +544,21 @@ async fn a_docker_archive_is_served_with_its_image_id() -> anyhow::Result<()> {
     let oci = dir.path().join("oci");
     layout.write_dir(&oci)?;
     let archive = dir.path().join("saved.tar");
-    let o = std::process::Command::new("skopeo")
-        .arg("copy")
-        .arg(format!("oci:{}:1.0", oci.display()))
-        .arg(format!(
-            "docker-archive:{}:example.com/demo/app:1.0",
-            archive.display()
-        ))
-        .output()?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    docker_save::skopeo_archive(&oci, "1.0", &archive, "example.com/demo/app:1.0")?;
     let app = layout.images.iter().find(|i| i.repo == "demo/app").unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(&layout.blobs[&app.digest])?;
     let config = manifest["config"]["digest"].as_str().unwrap().to_string();
 
     let s = serve(&[], &[&archive]).await?;
-    let o = std::process::Command::new("skopeo")
-        .args(["inspect", "--config", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/demo/app:1.0", s.addr))
-        .output()?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config_bytes = skopeo(&[
+        "inspect",
+        "--config",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{}/demo/app:1.0", s.addr),
+    ])?;
     assert_eq!(
-        sha(&o.stdout),
+        sha(&config_bytes),
         config,
         "the image ID is the config's digest, unchanged"
     );
@@ -584,12 +573,12 @@ async fn a_docker_archive_is_served_with_its_image_id() -> anyhow::Result<()> {
         "application/vnd.docker.image.rootfs.diff.tar"
     );
     // Every layer is served at its digest (skopeo checks each as it copies).
-    let o = std::process::Command::new("skopeo")
-        .args(["copy", "--src-tls-verify=false"])
-        .arg(format!("docker://{}/demo/app:1.0", s.addr))
-        .arg(format!("oci:{}:x", dir.path().join("back").display()))
-        .output()?;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/demo/app:1.0", s.addr),
+        &format!("oci:{}:x", dir.path().join("back").display()),
+    ])?;
 
     // A target's path mapping: the host kept, a prefix, at most two components.
     let mapped = ["--prefix", "mirror", "--keep-host", "--max-depth", "2"];
