@@ -44,6 +44,15 @@ fn images() -> Vec<SavedImage> {
     ]
 }
 
+/// Uploads `body` as `name`; the bundle must end Failed: its reason.
+async fn failed(app: &TestApp, name: &str, body: Vec<u8>) -> anyhow::Result<String> {
+    let (st, b) = app.put(name, body, None).await?;
+    assert_eq!(st, 202, "{b}");
+    let rec = app.wait_done(b["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    Ok(rec["error"].as_str().unwrap_or_default().to_string())
+}
+
 /// Where a `RepoTags` entry lands with the default mapping (the host dropped): a
 /// short name is Docker Hub's, so `worker` is `library/worker`.
 fn landed(tag: &str) -> (String, &str) {
@@ -244,17 +253,8 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
             *m = docker_save::Member::File(layer("x", b"swapped"));
         }
     }
-    let (st, b) = app
-        .put(
-            "bad.tar.gz",
-            compress(docker_save::tar(&bad)?, TarCompression::Gzip)?,
-            None,
-        )
-        .await?;
-    assert_eq!(st, 202, "{b}");
-    let rec = app.wait_done(b["id"].as_str().unwrap(), DONE).await?;
-    assert_eq!(rec["phase"], "Failed", "{rec:#}");
-    let why = rec["error"].as_str().unwrap_or_default();
+    let body = compress(docker_save::tar(&bad)?, TarCompression::Gzip)?;
+    let why = failed(&app, "bad.tar.gz", body).await?;
     assert!(
         why.contains("layer.tar hashes to sha256:") && why.contains("the image config names it"),
         "{why}"
@@ -275,13 +275,7 @@ async fn docker_save_archives_publish_with_their_image_ids() -> anyhow::Result<(
         br#"[{"Config":"../../../../etc/passwd","RepoTags":["escape/image:1"],"Layers":[]}]"#
             .to_vec(),
     );
-    let (st, b) = app
-        .put("escape.tar", docker_save::tar(&escape)?, None)
-        .await?;
-    assert_eq!(st, 202, "{b}");
-    let rec = app.wait_done(b["id"].as_str().unwrap(), DONE).await?;
-    assert_eq!(rec["phase"], "Failed", "{rec:#}");
-    let why = rec["error"].as_str().unwrap_or_default();
+    let why = failed(&app, "escape.tar", docker_save::tar(&escape)?).await?;
     assert!(
         why.contains("../../../../etc/passwd is missing from the bundle"),
         "{why}"
