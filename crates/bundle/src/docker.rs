@@ -117,7 +117,6 @@ pub fn read(fs: &dyn BundleFs, limits: &Limits) -> Result<Option<DockerArchive>>
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            check_where(fs, &entry.config, &digest)?;
             located.insert(digest.clone(), entry.config.clone());
             configs.insert(entry.config.clone(), (digest, bytes.len() as u64, diff_ids));
         }
@@ -131,8 +130,8 @@ pub fn read(fs: &dyn BundleFs, limits: &Limits) -> Result<Option<DockerArchive>>
         }
         let mut layers = Vec::with_capacity(entry.layers.len());
         for (path, id) in entry.layers.iter().zip(diff_ids) {
-            let (_, size) = fs.locate(path)?;
-            check_where(fs, path, id)?;
+            let (at, size) = fs.locate(path)?;
+            stored_as(path, &at, id)?;
             located.entry(id.clone()).or_insert_with(|| path.clone());
             layers
                 .push(json!({"mediaType": LAYER_MEDIA_TYPE, "size": size, "digest": id.as_str()}));
@@ -267,12 +266,12 @@ fn docker_hub(mut r: Reference) -> Reference {
     r
 }
 
-/// A file stored by its digest as the archive was expanded must be the file its
-/// config names: a layer whose bytes are not its diff ID is refused here, by name, not
-/// later by the registry.
-fn check_where(fs: &dyn BundleFs, path: &str, digest: &Digest) -> Result<()> {
-    match fs.locate(path) {
-        Ok((Location::Cas { hex }, _)) if hex != digest.hex() => Err(Error::Hostile(format!(
+/// A layer stored by its digest as the archive was expanded must be the file its config
+/// names: one whose bytes are not its diff ID is refused here, by name, not later by the
+/// registry. (A config's digest is what its bytes hash to, by construction.)
+fn stored_as(path: &str, at: &Location, digest: &Digest) -> Result<()> {
+    match at {
+        Location::Cas { hex } if hex != digest.hex() => Err(Error::Hostile(format!(
             "{path} hashes to sha256:{hex}, but the image config names it {digest}"
         ))),
         _ => Ok(()),
