@@ -219,22 +219,7 @@ impl SquashfsBundle {
 
 impl BundleFs for SquashfsBundle {
     fn open(&self, path: &str) -> Result<(Box<dyn Read + '_>, u64)> {
-        let (p, i) = self.file(path)?;
-        let InnerNode::File(f) = &self.fs.root.nodes[i].inner else {
-            return Err(Error::NotAFile(path.to_string()));
-        };
-        if let Some(pieces) = self.pieces(f) {
-            return Ok((
-                Box::new(Runs::new(&self.image, pieces, 0)),
-                f.file_len() as u64,
-            ));
-        }
-        let reader = self
-            .fs
-            .file(f)
-            .reader_checked()
-            .map_err(|e| Error::read(&p, e))?;
-        Ok((Box::new(reader), f.file_len() as u64))
+        self.open_from(path, 0)
     }
 
     fn open_from(&self, path: &str, start: u64) -> Result<(Box<dyn Read + '_>, u64)> {
@@ -249,10 +234,15 @@ impl BundleFs for SquashfsBundle {
                 len,
             ));
         }
-        let (mut reader, len) = self.open(&p)?;
+        // backhand reads from the start only.
+        let mut reader = self
+            .fs
+            .file(f)
+            .reader_checked()
+            .map_err(|e| Error::read(&p, e))?;
         io::copy(&mut (&mut reader).take(start), &mut io::sink())
             .map_err(|e| Error::read(&p, e))?;
-        Ok((reader, len))
+        Ok((Box::new(reader), len))
     }
 
     fn exists(&self, path: &str) -> bool {
