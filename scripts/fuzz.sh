@@ -3,7 +3,8 @@
 #
 #   scripts/fuzz.sh [seconds-per-target] [target...]
 #
-# Targets: detect, tar (index + expansion), squashfs, oci_layout, registry_tree.
+# Targets: detect, tar (index + expansion), squashfs, squashfs_tables (the bounds on its
+# metadata, before backhand), oci_layout, registry_tree.
 # Seeds come from fuzz/corpus/<target> (committed, replayed by `cargo test`); what the
 # fuzzer finds goes to fuzz/target/work/<target>, crashes to fuzz/artifacts/<target>.
 # Needs the nightly toolchain (rustup) and cargo-fuzz, installed here if missing.
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(detect tar squashfs oci_layout registry_tree)
+[ ${#targets[@]} -gt 0 ] || targets=(detect tar squashfs squashfs_tables oci_layout registry_tree)
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

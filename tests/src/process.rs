@@ -100,6 +100,18 @@ impl ShipperdProcess {
         bail!("shipperd did not listen within 20 s: {}", self.log())
     }
 
+    /// Its peak resident memory so far, in bytes (`VmHWM` of `/proc/<pid>/status`).
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        let pid = self.child.as_ref().context("not running")?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM")?;
+        Ok(kib * 1024)
+    }
+
     /// Everything it logged, every run.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_dir.path().join("shipperd.log")).unwrap_or_default()

@@ -88,6 +88,58 @@ pub fn squashfs(data: &[u8]) {
     });
 }
 
+/// The bounds on a squashfs image's tables, alone (they run before backhand does).
+pub fn squashfs_tables(data: &[u8]) {
+    with_file(data, |p| {
+        if let Ok(f) = std::fs::File::open(p) {
+            let _ = crate::squashfs_tables::check(&f, data.len() as u64, &limits());
+        }
+    });
+}
+
+/// A squashfs image of about `len` bytes whose inode table is many tiny compressed
+/// metadata blocks, each unpacking to 8 KiB of zeros (about 250 times its size), saying
+/// it has `inodes` inodes: a metadata bomb, for the tests and the fuzz corpus.
+pub fn squashfs_metadata_bomb(len: usize, inodes: u32) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&[0u8; 8192]).expect("in memory");
+    let block = z.finish().expect("in memory");
+    let mut out = vec![0u8; 96];
+    let inode_table = out.len() as u64;
+    while out.len() + 2 + block.len() + 16 <= len.max(128) {
+        out.extend_from_slice(&(block.len() as u16).to_le_bytes());
+        out.extend_from_slice(&block);
+    }
+    let dir_table = out.len() as u64;
+    // The id table: its one pointer, to itself (an empty directory table before it).
+    let id_table = out.len() as u64;
+    out.extend_from_slice(&id_table.to_le_bytes());
+    let bytes_used = out.len() as u64;
+    let mut sb = Vec::with_capacity(96);
+    sb.extend_from_slice(&0x7371_7368u32.to_le_bytes()); // magic
+    sb.extend_from_slice(&inodes.to_le_bytes());
+    sb.extend_from_slice(&0u32.to_le_bytes()); // mtime
+    sb.extend_from_slice(&131_072u32.to_le_bytes()); // block size
+    sb.extend_from_slice(&0u32.to_le_bytes()); // fragments
+    sb.extend_from_slice(&1u16.to_le_bytes()); // gzip
+    sb.extend_from_slice(&17u16.to_le_bytes()); // block log
+    sb.extend_from_slice(&0u16.to_le_bytes()); // flags
+    sb.extend_from_slice(&1u16.to_le_bytes()); // ids
+    sb.extend_from_slice(&4u16.to_le_bytes());
+    sb.extend_from_slice(&0u16.to_le_bytes());
+    sb.extend_from_slice(&0u64.to_le_bytes()); // root inode
+    sb.extend_from_slice(&bytes_used.to_le_bytes());
+    sb.extend_from_slice(&id_table.to_le_bytes());
+    sb.extend_from_slice(&u64::MAX.to_le_bytes()); // xattrs
+    sb.extend_from_slice(&inode_table.to_le_bytes());
+    sb.extend_from_slice(&dir_table.to_le_bytes());
+    sb.extend_from_slice(&u64::MAX.to_le_bytes()); // fragments
+    sb.extend_from_slice(&u64::MAX.to_le_bytes()); // export
+    out[..96].copy_from_slice(&sb);
+    out
+}
+
 /// An in-memory bundle: path → bytes.
 #[derive(Default)]
 pub struct MemFs(pub HashMap<String, Vec<u8>>);

@@ -25,6 +25,7 @@ pub mod parts;
 pub mod paths;
 pub mod plan;
 pub mod squashfs;
+pub mod squashfs_tables;
 
 pub use catalog::{BlobStore, Catalog, Location};
 pub use discover::{BlobPaths, Discovered, LayoutImage, discover};

@@ -2,8 +2,9 @@
 //! then any file streams out on demand (Read), nothing is extracted to disk.
 //! backhand is synchronous: call this from a blocking thread.
 //!
-//! At open every symbolic link is checked to stay inside the image, and the number of
-//! entries is bounded.
+//! At open, before backhand reads the inode tree, what its tables unpack to is bounded
+//! (`squashfs_tables`); then every symbolic link is checked to stay inside the image, and
+//! the number of entries is bounded.
 //!
 //! Files are read straight from the image file with positioned reads: data blocks
 //! stored as they are (mksquashfs stores already-compressed layers so) are read in place,
@@ -50,6 +51,8 @@ impl SquashfsBundle {
         };
         let image = file.try_clone().map_err(io)?;
         let image_len = image.metadata().map_err(io)?.len();
+        // What its tables unpack to is bounded before backhand unpacks them.
+        crate::squashfs_tables::check(&image, image_len, limits)?;
         let fs = FilesystemReader::from_reader(BufReader::new(file))
             .map_err(|e| Error::Squashfs(e.to_string()))?;
         let n = fs.root.nodes.len() as u64;

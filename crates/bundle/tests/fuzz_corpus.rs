@@ -37,6 +37,11 @@ fn squashfs() {
 }
 
 #[test]
+fn squashfs_tables() {
+    replay("squashfs_tables", fuzzing::squashfs_tables);
+}
+
+#[test]
 fn oci_layout() {
     replay("oci_layout", fuzzing::oci_layout);
 }

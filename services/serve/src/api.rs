@@ -379,7 +379,8 @@ fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
         ("", suffix) => suffix
             .parse::<u64>()
             .ok()
-            .filter(|n| *n > 0)
+            // Nothing to take the last bytes of in an empty blob (RFC 9110 14.1.2).
+            .filter(|n| *n > 0 && len > 0)
             .map(|n| (len.saturating_sub(n), n.min(len))),
         (start, "") => start
             .parse::<u64>()
@@ -534,6 +535,10 @@ mod tests {
         assert_eq!(range(&h("bytes=10-"), 10), Some(Err(())));
         assert_eq!(range(&h("bytes=3-1"), 10), Some(Err(())));
         assert_eq!(range(&h("bytes=0-1,4-5"), 10), Some(Err(())));
+        // An empty blob has no range to give, not even its last bytes.
+        assert_eq!(range(&h("bytes=-5"), 0), Some(Err(())));
+        assert_eq!(range(&h("bytes=0-"), 0), Some(Err(())));
+        assert_eq!(range(&h("bytes=0-0"), 0), Some(Err(())));
     }
 
     #[test]

@@ -339,3 +339,81 @@ async fn hostile_bundles_fail_with_a_reason_and_publish_nothing() -> anyhow::Res
     }
     app.stop().await
 }
+
+/// A squashfs image whose inode table is many tiny compressed metadata blocks (each
+/// unpacks to 8 KiB: a 1 MiB file held 260 MB, a 4 MiB one 1 GB, in backhand before any
+/// entry limit ran) is refused from its block headers alone: uploaded to one `shipperd
+/// all` process, its peak memory stays within 64 MiB of what it was idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_squashfs_metadata_bomb_is_refused_without_its_memory() -> anyhow::Result<()> {
+    use shipperd_tests::{
+        process::ShipperdProcess,
+        servers::{Nats, Registry},
+    };
+    shipperd_tests::init();
+    let nats = Nats::start().await?;
+    let registry = Registry::start().await?;
+    let data = tempfile::tempdir()?;
+    let args = [
+        "--nats-url",
+        &nats.url(),
+        "--data-dir",
+        &data.path().display().to_string(),
+        "--registry",
+        &registry.url(),
+        "--min-free-bytes",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let app = ShipperdProcess::start(env!("CARGO_BIN_EXE_shipperd-process"), args).await?;
+    let http = reqwest::Client::new();
+    let base = app.base();
+    // Idle: started, connected, one request answered.
+    let list = http.get(format!("{base}/v1/bundles")).send().await?;
+    assert_eq!(list.status(), 200);
+    let idle = app.peak_rss()?;
+    for (mib, inodes) in [(1usize, 1u32), (4, 1), (4, 500_000)] {
+        let bomb = shipperd_bundle::fuzzing::squashfs_metadata_bomb(mib << 20, inodes);
+        let put: serde_json::Value = http
+            .put(format!("{base}/v1/bundles/bomb-{mib}-{inodes}.squashfs"))
+            .body(bomb)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let id = put["id"].as_str().unwrap_or_default().to_string();
+        let rec = shipperd_tests::eventually("the bomb, failed", DONE, || async {
+            let rec: serde_json::Value = http
+                .get(format!("{base}/v1/bundles/{id}?limit=0"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (rec["phase"] == "Failed").then_some(rec)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {}", app.log()))?;
+        let error = rec["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("metadata unpacks to more than"),
+            "{mib} MiB: {error}"
+        );
+    }
+    let peak = app.peak_rss()?;
+    eprintln!(
+        "shipperd all: {} MiB idle, {} MiB peak after three metadata bombs",
+        idle >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < idle + (64 << 20),
+        "peak {} MiB, idle {} MiB",
+        peak >> 20,
+        idle >> 20
+    );
+    Ok(())
+}
