@@ -587,6 +587,25 @@ pub fn sample_into(
     b
 }
 
+/// One small image per `(name, repo, tag)`: named `name` (its ref name annotation),
+/// expected at `repo:tag`, each with a layer of its own made of `salt`.
+pub fn named_images(salt: &str, names: &[(&str, &str, &str)]) -> LayoutBuilder {
+    let mut b = LayoutBuilder::new();
+    for (name, repo, tag) in names {
+        let l = b.layer(
+            &[("etc/image", format!("{salt} {name}").into_bytes())],
+            flate2::Compression::fast(),
+        );
+        b.image(
+            json!({ "org.opencontainers.image.ref.name": name }),
+            &[l],
+            repo,
+            tag,
+        );
+    }
+    b
+}
+
 /// A bundle shaped like an OpenShift operator-catalog mirror: `n` small images in
 /// nested repositories, ten tags per repository (`catalog/op-<g>/bundle:v0.<k>`, from
 /// `registry.example.com`), every image with a layer of its own and its own config,

@@ -8,6 +8,7 @@ pub mod browser;
 pub mod docker_save;
 pub mod fixtures;
 pub mod image;
+pub mod kube_auth;
 pub mod otlp;
 pub mod pki;
 pub mod process;
@@ -18,6 +19,26 @@ pub mod token;
 pub mod webhook;
 
 use std::time::{Duration, Instant};
+
+/// Polls `GET {base}/v1/bundles/{id}` (with `token`, when given) until the bundle is
+/// `Published` or `Failed`, or fails after `timeout`; returns its status document.
+pub async fn bundle_ended(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    eventually(&format!("bundle {id} to end"), timeout, || async {
+        let mut req = http.get(format!("{base}/v1/bundles/{id}?limit=0"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let v: serde_json::Value = req.send().await.ok()?.json().await.ok()?;
+        matches!(v["phase"].as_str(), Some("Published" | "Failed")).then_some(v)
+    })
+    .await
+}
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>

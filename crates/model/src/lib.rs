@@ -26,7 +26,8 @@ pub use id::{BundleId, TargetName};
 pub use reference::{Reference, RegistryUrl, redact_url, url_origin};
 pub use secret::Secret;
 pub use state::{
-    BlobCounts, BundleSummary, Counts, ImagePhase, ImageState, Outcome, Phase, PlanRef,
+    ANONYMOUS, BlobCounts, BundleSummary, Counts, DROP_DIRECTORY, ImagePhase, ImageState, Outcome,
+    Phase, PlanRef,
 };
 
 /// Current time as RFC 3339 (UTC, microseconds): the timestamps of records and events.

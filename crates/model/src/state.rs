@@ -323,6 +323,11 @@ pub enum Claimed {
     NotPublishing,
 }
 
+/// The uploader of a bundle taken from the drop directory.
+pub const DROP_DIRECTORY: &str = "drop-directory";
+/// The uploader of a bundle uploaded while the API asks for no token.
+pub const ANONYMOUS: &str = "anonymous";
+
 /// A bundle: small and of fixed size whatever its image count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleSummary {
@@ -346,6 +351,11 @@ pub struct BundleSummary {
     /// may follow, apply or delete it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Who uploaded it through the ingest endpoint: the token file's user or the
+    /// Kubernetes user (`anonymous` when the API is open), or `drop-directory`. `None`
+    /// for a bundle a `Bundle` brought in (its namespace is the owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploader: Option<String>,
     #[serde(default)]
     pub counts: Counts,
     /// Distinct blobs (manifests included) its images need, and their bytes.
@@ -421,6 +431,7 @@ impl BundleSummary {
             format: None,
             target,
             owner: None,
+            uploader: None,
             counts: Counts::default(),
             blobs: 0,
             blob_bytes: 0,
@@ -441,6 +452,17 @@ impl BundleSummary {
             causes: Vec::new(),
             deleting: false,
             expired_at: None,
+        }
+    }
+
+    /// Who the tags this bundle sets belong to: the namespace whose `Bundle` brought it
+    /// in, else whoever uploaded it. Another owner's bundle may not move them.
+    pub fn tag_owner(&self) -> String {
+        match (&self.owner, &self.uploader) {
+            (Some(ns), _) => format!("namespace {ns}"),
+            (None, Some(u)) if u == DROP_DIRECTORY || u == ANONYMOUS => u.clone(),
+            (None, Some(u)) => format!("user {u}"),
+            (None, None) => ANONYMOUS.into(),
         }
     }
 

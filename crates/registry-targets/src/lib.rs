@@ -102,6 +102,21 @@ mod secs {
     }
 }
 
+/// Who may move a tag in this registry. A tag ShipperD set belongs to the owner of the
+/// bundle that set it (its namespace, or whoever uploaded it) and to the repository its
+/// image came from; by default no other may move it, and no bundle moves a tag
+/// ShipperD did not set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TagPolicy {
+    /// A bundle may move a tag another owner (or another source repository) set; the
+    /// move is logged and noted in the `image.published` event. The admin's override.
+    pub take_over: bool,
+    /// A bundle may move a tag that something other than ShipperD set (it is then
+    /// ShipperD's, and the bundle's owner's).
+    pub overwrite_unowned: bool,
+}
+
 /// One registry to publish into.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -114,6 +129,7 @@ pub struct Target {
     pub auth: AuthSpec,
     pub mapping: Mapping,
     pub transfer: Transfer,
+    pub tags: TagPolicy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +146,8 @@ struct TargetSpec {
     mapping: Mapping,
     #[serde(default)]
     transfer: Transfer,
+    #[serde(default)]
+    tags: TagPolicy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +213,7 @@ impl Target {
             auth,
             mapping,
             transfer,
+            tags: TagPolicy::default(),
         })
     }
 
@@ -306,9 +325,11 @@ impl Targets {
             auth.docker_config = rel(auth.docker_config);
             auth.service_account_token = rel(auth.service_account_token);
             auth.bearer_token_file = rel(auth.bearer_token_file);
-            targets.push(Target::new(
+            let mut target = Target::new(
                 &t.name, &t.url, t.insecure, ca_pem, auth, t.mapping, t.transfer,
-            )?);
+            )?;
+            target.tags = t.tags;
+            targets.push(target);
         }
         Self::from_list(targets, spec.default.as_deref())
     }

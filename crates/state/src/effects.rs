@@ -73,7 +73,7 @@ impl Executor {
                 }
                 Effect::Commit => self.commit(s).await?,
                 Effect::Unpacked => self.unpacked(s).await?,
-                Effect::ImageEnded(img) => self.image_ended(s, img).await?,
+                Effect::ImageEnded(img) => self.image_ended(s, img, None).await?,
                 Effect::Ended => self.ended(s).await?,
                 Effect::ReleaseBlobs => release_blobs(&self.data, &s.id).await,
             }
@@ -240,8 +240,14 @@ impl Executor {
         Ok(())
     }
 
-    /// `image.published` or `image.failed` for `img` (nothing for a pending one).
-    pub async fn image_ended(&self, s: &BundleSummary, img: &ImageState) -> Result<()> {
+    /// `image.published` or `image.failed` for `img` (nothing for a pending one); with
+    /// whose its tag was, when it was taken over from another owner.
+    pub async fn image_ended(
+        &self,
+        s: &BundleSummary,
+        img: &ImageState,
+        tag_taken_from: Option<&str>,
+    ) -> Result<()> {
         let image = Some(image_ref(img));
         let (kind, body) = match img.phase {
             ImagePhase::Pending => return Ok(()),
@@ -256,6 +262,7 @@ impl Executor {
                     bytes_pushed: b.uploaded_bytes,
                     skipped: img.skipped,
                     target_name: target_name(s),
+                    tag_taken_from: tag_taken_from.unwrap_or_default().to_string(),
                 };
                 (EventKind::ImagePublished, encode(&body))
             }

@@ -1,5 +1,6 @@
 //! Bearer tokens on every `/v1` route (health, readiness and metrics stay open): the
-//! tokens are the lines of `--auth-token-file`, read again when the file changes;
+//! tokens are the lines of `--auth-token-file` (`token` or, as Kubernetes' static token
+//! file, `token,user[,...]`), read again when the file changes;
 //! compared in constant time (as SHA-256 digests, so their lengths leak nothing either);
 //! never logged. With `--auth kubernetes` a token not in the file is reviewed by the
 //! Kubernetes API instead (see `review`). A request without a valid token is answered
@@ -36,8 +37,34 @@ pub(crate) fn stamp(path: &std::path::Path) -> Stamp {
 /// The tokens of a token file, followed.
 pub struct Tokens {
     path: PathBuf,
-    /// The file's stamp when read, and its tokens' digests.
-    cached: Mutex<(Stamp, Vec<[u8; 32]>)>,
+    /// The file's stamp when read, and its tokens' digests with their users.
+    cached: Mutex<(Stamp, Vec<TokenLine>)>,
+}
+
+/// A token's SHA-256 and its user.
+type TokenLine = ([u8; 32], String);
+
+/// Who a request comes from, once its token is accepted: the token file's user (or
+/// `token-<8 hex of its SHA-256>` for a line without one), the Kubernetes user, or
+/// [`shipperd_model::ANONYMOUS`] when the API asks for no token. Handlers find it in the
+/// request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub String);
+
+/// A line of a token file: the token's digest and its user.
+fn token_line(line: &str) -> Option<TokenLine> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let mut fields = line.split(',').map(str::trim);
+    let token = fields.next().filter(|t| !t.is_empty())?;
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let user = match fields.next().map(|u| u.trim_matches('"')) {
+        Some(u) if !u.is_empty() => u.to_string(),
+        _ => format!("token-{}", hex::encode(&digest[..4])),
+    };
+    Some((digest, user))
 }
 
 impl Tokens {
@@ -48,20 +75,14 @@ impl Tokens {
         }
     }
 
-    /// The digests of the tokens now (the file read again when it changed; a file that
-    /// cannot be read admits no one).
-    fn current(&self) -> Vec<[u8; 32]> {
+    /// The digests of the tokens now, with their users (the file read again when it
+    /// changed; a file that cannot be read admits no one).
+    fn current(&self) -> Vec<TokenLine> {
         let stamp = stamp(&self.path);
         let mut cached = self.cached.lock().expect("not poisoned");
         if stamp.is_none() || cached.0 != stamp {
             let tokens = std::fs::read_to_string(&self.path)
-                .map(|text| {
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(|t| Sha256::digest(t.as_bytes()).into())
-                        .collect()
-                })
+                .map(|text| text.lines().filter_map(token_line).collect())
                 .unwrap_or_else(|error| {
                     tracing::error!(%error, file = %self.path.display(), "cannot read the auth token file; refusing every request");
                     Vec::new()
@@ -71,12 +92,16 @@ impl Tokens {
         cached.1.clone()
     }
 
-    /// Is the token whose digest is `d` one of the tokens?
-    pub fn admits(&self, d: &[u8; 32]) -> bool {
+    /// The user of the token whose digest is `d`, if it is one of the tokens.
+    pub fn admits(&self, d: &[u8; 32]) -> Option<String> {
         // Every token compared, each in constant time.
-        self.current()
-            .iter()
-            .fold(false, |found, t| found | same_secret(t, d))
+        self.current().into_iter().fold(None, |found, (t, user)| {
+            if same_secret(&t, d) && found.is_none() {
+                Some(user)
+            } else {
+                found
+            }
+        })
     }
 }
 
@@ -184,7 +209,7 @@ fn refuse_grpc(status: StatusCode, error: &str, retry_after: Option<u64>) -> Res
 
 /// Refuses a `/v1` (or gRPC) request without a valid bearer token, or whose user may
 /// not do it.
-pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
+pub async fn require(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let grpc = path.starts_with(crate::grpc::PATH);
     if !grpc && !path.starts_with("/v1/") && path != "/v1" {
@@ -210,11 +235,15 @@ pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) ->
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer);
-    let digest: Option<[u8; 32]> = presented.map(|t| Sha256::digest(t.as_bytes()).into());
+        .and_then(bearer)
+        .map(str::to_owned);
+    let digest: Option<[u8; 32]> = presented
+        .as_deref()
+        .map(|t| Sha256::digest(t.as_bytes()).into());
     if let Some(d) = &digest
-        && gate.tokens.as_ref().is_some_and(|t| t.admits(d))
+        && let Some(user) = gate.tokens.as_ref().and_then(|t| t.admits(d))
     {
+        req.extensions_mut().insert(Caller(user));
         return next.run(req).await;
     }
     // Past the token file: an address that failed too often is not looked at further.
@@ -240,8 +269,11 @@ pub async fn require(State(gate): State<Arc<Gate>>, req: Request, next: Next) ->
         Method::DELETE => "delete",
         _ => "create",
     };
-    match review.check(token, digest, verb).await {
-        Verdict::Allowed => next.run(req).await,
+    match review.check(&token, digest, verb).await {
+        Verdict::Allowed { user } => {
+            req.extensions_mut().insert(Caller(user));
+            next.run(req).await
+        }
         Verdict::Unauthenticated => {
             unauthorized("the bearer token is not valid (the Kubernetes API does not know it)")
         }
@@ -275,6 +307,27 @@ mod tests {
         ] {
             assert_eq!(bearer(header), want, "{header:?}");
         }
+    }
+
+    #[test]
+    fn token_lines_name_their_users() {
+        let user = |l: &str| token_line(l).map(|(_, u)| u);
+        assert_eq!(user("abc,alice"), Some("alice".into()));
+        assert_eq!(
+            user(" abc , alice , uid-1, \"g1,g2\""),
+            Some("alice".into())
+        );
+        assert_eq!(user("abc,\"bob\""), Some("bob".into()));
+        // No user: named by its digest, the same for the same token.
+        let anon = user("abc").unwrap();
+        assert!(anon.starts_with("token-") && anon.len() == 14, "{anon}");
+        assert_eq!(user("abc,"), Some(anon));
+        assert_ne!(user("abd"), user("abc"));
+        assert_eq!(user("# a comment"), None);
+        assert_eq!(user("   "), None);
+        // The token is what comes before the first comma.
+        let (d, _) = token_line("abc,alice").unwrap();
+        assert_eq!(d, <[u8; 32]>::from(Sha256::digest(b"abc")));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error,
     metrics::metrics,
-    store::{Store, parse_checksum},
+    store::{Origin, Store, parse_checksum},
 };
 
 /// How a drop-directory file looked at a poll.
@@ -216,7 +216,7 @@ async fn take(store: &Store, dir: &Path, name: &str, final_: bool) -> bool {
         Err(_) => None,
     };
     match store
-        .receive_file(name, &path, expected.as_ref(), &Default::default())
+        .receive_file(name, &path, expected.as_ref(), &Origin::drop_directory())
         .await
     {
         Ok(a) => {

@@ -206,6 +206,7 @@ impl Store {
                     let origin = Origin {
                         target: target.cloned(),
                         owner: source.owner.clone(),
+                        uploader: None,
                     };
                     // Moved into place now (or, were the bundle stored meanwhile, gone).
                     tmp.discard();

@@ -19,10 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Result,
+    auth::Caller,
     metrics::{self, metrics},
     ops,
     serve::Paced,
-    store::{Store, UploadId, parse_checksum},
+    store::{Origin, Store, UploadId, parse_checksum},
     views,
 };
 
@@ -147,9 +148,15 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Who sent the request (see [`Caller`]); anonymous when the API asks for no token.
+fn uploader(caller: Option<&axum::Extension<Caller>>) -> &str {
+    caller.map_or(shipperd_model::ANONYMOUS, |c| c.0.0.as_str())
+}
+
 async fn upload(
     State(store): State<Arc<Store>>,
     axum::Extension(uploads): axum::Extension<Arc<Uploads>>,
+    caller: Option<axum::Extension<Caller>>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -171,7 +178,7 @@ async fn upload(
             Paced::new(body.into_data_stream(), store.bounds()),
             content_length(&headers),
             expected.as_ref(),
-            target.as_ref(),
+            &Origin::upload(target.as_ref(), uploader(caller.as_ref())),
         )
         .await
     {
@@ -217,6 +224,7 @@ async fn upload_part(
 async fn complete(
     State(store): State<Arc<Store>>,
     axum::Extension(uploads): axum::Extension<Arc<Uploads>>,
+    caller: Option<axum::Extension<Caller>>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response> {
@@ -234,7 +242,10 @@ async fn complete(
             &name,
             upload_id,
             parts,
-            target_param(&q, &uploads)?.as_ref(),
+            &Origin::upload(
+                target_param(&q, &uploads)?.as_ref(),
+                uploader(caller.as_ref()),
+            ),
         )
         .await?;
     Ok(accepted(

@@ -29,7 +29,7 @@ mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-pub use auth::{MAX_FAILURES as MAX_AUTH_FAILURES, Tokens};
+pub use auth::{Caller, MAX_FAILURES as MAX_AUTH_FAILURES, Tokens};
 pub use error::{Error, Result};
 pub use fetch::{FetchSettings, FetchSource};
 pub use janitor::{Janitor, Settings as JanitorSettings};

@@ -40,13 +40,12 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the API server said of a token, for one verb.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Allowed,
+    /// The user (the token review's username) may.
+    Allowed { user: String },
     /// Not a valid token.
     Unauthenticated,
     /// A known user without the right.
-    Forbidden {
-        user: String,
-    },
+    Forbidden { user: String },
     /// The API server could not be asked.
     Unavailable(String),
 }
@@ -58,7 +57,7 @@ pub struct Review {
     client: kube::Client,
     namespace: String,
     /// Verdicts, with when they were given: approvals, and apart from them refusals.
-    allowed: Mutex<LruCache<Key, Instant>>,
+    allowed: Mutex<LruCache<Key, (Instant, String)>>,
     refused: Mutex<LruCache<Key, (Instant, Verdict)>>,
     asking: tokio::sync::Semaphore,
 }
@@ -81,10 +80,10 @@ impl Review {
     /// May the holder of `token` (its SHA-256 `digest`) do `verb` on bundles?
     pub async fn check(&self, token: &str, digest: [u8; 32], verb: &'static str) -> Verdict {
         let key = (digest, verb);
-        if let Some(at) = self.allowed.lock().expect("not poisoned").get(&key)
+        if let Some((at, user)) = self.allowed.lock().expect("not poisoned").get(&key)
             && at.elapsed() < ALLOWED_FOR
         {
-            return Verdict::Allowed;
+            return Verdict::Allowed { user: user.clone() };
         }
         if let Some((at, v)) = self.refused.lock().expect("not poisoned").get(&key)
             && at.elapsed() < REFUSED_FOR
@@ -104,11 +103,11 @@ impl Review {
             )),
         };
         match &v {
-            Verdict::Allowed => {
+            Verdict::Allowed { user } => {
                 self.allowed
                     .lock()
                     .expect("not poisoned")
-                    .put(key, Instant::now());
+                    .put(key, (Instant::now(), user.clone()));
             }
             Verdict::Unauthenticated | Verdict::Forbidden { .. } => {
                 self.refused
@@ -168,7 +167,9 @@ impl Review {
             .create(&PostParams::default(), &access)
             .await
         {
-            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => Verdict::Allowed,
+            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => {
+                Verdict::Allowed { user: name }
+            }
             Ok(_) => Verdict::Forbidden { user: name },
             Err(e) => unavailable(e),
         }

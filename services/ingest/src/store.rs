@@ -39,23 +39,36 @@ pub struct Meta {
     /// The namespace that brought it in (see `BundleSummary::owner`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Who uploaded it (see `BundleSummary::uploader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploader: Option<String>,
 }
 
 /// Where a bundle goes and who brought it in: its registry target (`None`: the
-/// default) and the Kubernetes namespace of the `Bundle` that fetched it (`None`: the
-/// ingest endpoint or the drop directory).
+/// default), the Kubernetes namespace of the `Bundle` that fetched it (`None`: the
+/// ingest endpoint or the drop directory) and who uploaded it there.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
     pub target: Option<TargetName>,
     pub owner: Option<String>,
+    pub uploader: Option<String>,
 }
 
 impl Origin {
-    /// An upload through the API or the drop directory, to `target`.
-    pub fn upload(target: Option<&TargetName>) -> Self {
+    /// An upload through the API by `uploader` (see `auth::Caller`), to `target`.
+    pub fn upload(target: Option<&TargetName>, uploader: &str) -> Self {
         Origin {
             target: target.cloned(),
             owner: None,
+            uploader: Some(uploader.to_string()),
+        }
+    }
+
+    /// A file of the drop directory (the admin's: whoever may write there).
+    pub fn drop_directory() -> Self {
+        Origin {
+            uploader: Some(shipperd_model::DROP_DIRECTORY.into()),
+            ..Origin::default()
         }
     }
 }
@@ -330,7 +343,7 @@ impl Store {
         body: S,
         declared: Option<u64>,
         expected: Option<&BundleId>,
-        target: Option<&TargetName>,
+        origin: &Origin,
     ) -> Result<Accepted>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
@@ -341,8 +354,7 @@ impl Store {
         let id = hash_id(hasher);
         check_expected(expected.map(BundleId::as_str), id.as_str())?;
         metrics().bytes_received.inc_by(size);
-        self.commit(name, tmp, id, size, &Origin::upload(target))
-            .await
+        self.commit(name, tmp, id, size, origin).await
     }
 
     /// Streams `body` into a new file at `path` (fsynced), hashing it; returns the hash
@@ -517,7 +529,7 @@ impl Store {
         name: &str,
         upload_id: &str,
         parts: u32,
-        target: Option<&TargetName>,
+        origin: &Origin,
     ) -> Result<Accepted> {
         validate_name(name)?;
         let dir = self.upload_dir(name);
@@ -571,8 +583,9 @@ impl Store {
             name: name.to_string(),
             size,
             path: rel.clone(),
-            target: target.cloned(),
-            owner: None,
+            target: origin.target.clone(),
+            owner: origin.owner.clone(),
+            uploader: origin.uploader.clone(),
         };
         if !tokio::fs::try_exists(&dest).await.unwrap_or(false) {
             self.write_meta(&id, &meta).await?;
@@ -667,6 +680,7 @@ impl Store {
             path: DataDir::bundle_file_rel(&id),
             target: origin.target.clone(),
             owner: origin.owner.clone(),
+            uploader: origin.uploader.clone(),
         };
         let dest = match self.place(&mut tmp, &id, &meta).await {
             Ok(dest) => dest,
@@ -710,6 +724,7 @@ impl Store {
             path: DataDir::bundle_file_rel(&id),
             target: origin.target.clone(),
             owner: origin.owner.clone(),
+            uploader: origin.uploader.clone(),
         };
         self.place(&mut tmp, &id, &meta).await?;
         self.record(&id, &meta).await
@@ -746,6 +761,7 @@ impl Store {
             meta.target.clone(),
         );
         summary.owner = meta.owner.clone();
+        summary.uploader = meta.uploader.clone();
         let name = meta.name.as_str();
         if self.state.create(&summary).await? {
             tracing::info!(bundle_id = %id, name, size = meta.size, "bundle received");

@@ -1075,6 +1075,7 @@ fn start_take(
     let origin = shipperd_ingest::Origin {
         target: target.cloned(),
         owner: b.namespace(),
+        uploader: None,
     };
     ctx.set_fetch(uid, Fetch::Running);
     let (store, uid, done) = (ctx.store.clone(), uid.to_string(), ctx.fetches.clone());

@@ -305,6 +305,11 @@ pub struct RegistryTargetSpec {
     /// Transfer settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<TransferSpec>,
+    /// Who may move a tag ShipperD set (its owner's, from its source repository), and
+    /// tags it did not set. Only a `ClusterRegistryTarget`'s is read (the admin's
+    /// override); a `RegistryTarget`'s is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<TagsSpec>,
 }
 
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
@@ -401,6 +406,21 @@ pub struct CredentialsSpec {
     /// mapping's prefix is the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_token: Option<bool>,
+}
+
+/// The admin's overrides of tag ownership: by default a bundle moves only tags its own
+/// owner (namespace, or uploading user) set from the same source repository, and no tag
+/// that something other than ShipperD set.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TagsSpec {
+    /// Bundles may move tags other owners set (each move logged and named in the
+    /// `image.published` event).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub take_over: bool,
+    /// Bundles may move tags something other than ShipperD set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite_unowned: bool,
 }
 
 /// Transfer settings; each defaults to ShipperD's.

@@ -451,6 +451,15 @@ async fn resolve(
             lines.push(format!("transfer = {{ {} }}", x.join(", ")));
         }
     }
+    // The admin's overrides of tag ownership: a cluster target's only.
+    if let Some(t) = spec.tags.as_ref().filter(|_| which.namespace.is_none())
+        && (t.take_over || t.overwrite_unowned)
+    {
+        lines.push(format!(
+            "tags = {{ take_over = {}, overwrite_unowned = {} }}",
+            t.take_over, t.overwrite_unowned
+        ));
+    }
     Ok(Ok(Resolved {
         name,
         default: spec.default && which.namespace.is_none(),

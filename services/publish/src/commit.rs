@@ -26,7 +26,10 @@ use shipperd_pipeline::{Attempt, Done, GiveUp, Stage};
 use shipperd_proto::v1;
 use std::sync::Arc;
 
-use crate::{Ctx, Error, Registry, RegistryError, Result, referrers_tags};
+use crate::{
+    Ctx, Error, Registry, RegistryError, Result, referrers_tags,
+    tags::{Claim, Move},
+};
 
 /// Images tagged between two notes of the cursor in the summary.
 const COMMIT_BATCH: u32 = 256;
@@ -178,41 +181,67 @@ async fn tag(ctx: &Ctx, s: &BundleSummary, reg: &Registry, img: ImageState) -> R
     }
     let repo = &img.target.repository;
     let plan = ctx.bundles.plan_only(&s.id, img.plan).await?;
+    let mut taken_from = None;
     if let Some(t) = img.target.tag.as_deref() {
         let top = plan.top().ok_or_else(|| {
             Error::Internal(format!("the plan of {} has no manifest", img.source))
         })?;
         let held = ctx.tags.read(reg, repo, t).await;
-        if ctx.tags.may_move(held, s, &img.digest).await {
-            let what = || format!("tagging {repo}:{t} ({})", img.digest);
-            let (bytes, media_type) = if top.absent {
-                // A differential bundle's top manifest: the registry has it (publishing
-                // checked); tagging sends it again.
-                reg.fetch_manifest(repo, &img.digest)
+        let claim = Claim::of(s, &img);
+        let name = format!("{repo}:{t}");
+        match ctx
+            .tags
+            .may_move(held, s, &img.digest, &claim, reg.target().tags, &name)
+            .await?
+        {
+            Move::Push { taken_from: from } => {
+                if let Some(from) = &from {
+                    tracing::warn!(
+                        tag = %name,
+                        from = %from,
+                        to = %claim.owner,
+                        source = %claim.source,
+                        "tag taken over from another owner (the target's tags.take_over)"
+                    );
+                }
+                taken_from = from;
+                let what = || format!("tagging {name} ({})", img.digest);
+                let (bytes, media_type) = if top.absent {
+                    // A differential bundle's top manifest: the registry has it (publishing
+                    // checked); tagging sends it again.
+                    reg.fetch_manifest(repo, &img.digest)
+                        .await
+                        .map_err(Error::registry(what()))?
+                        .ok_or_else(|| Error::Registry {
+                            what: what(),
+                            source: RegistryError::Missing(format!(
+                                "manifest {} is gone from {}/{repo}",
+                                img.digest,
+                                reg.host()
+                            )),
+                        })?
+                } else {
+                    (top.bytes.clone().into(), top.desc.media_type.clone())
+                };
+                reg.push_manifest(repo, t, &bytes, &media_type)
                     .await
-                    .map_err(Error::registry(what()))?
-                    .ok_or_else(|| Error::Registry {
-                        what: what(),
-                        source: RegistryError::Missing(format!(
-                            "manifest {} is gone from {}/{repo}",
-                            img.digest,
-                            reg.host()
-                        )),
-                    })?
-            } else {
-                (top.bytes.clone().into(), top.desc.media_type.clone())
-            };
-            reg.push_manifest(repo, t, &bytes, &media_type)
-                .await
-                .map_err(Error::registry(what()))?;
-        } else {
-            tracing::info!(
-                tag = t,
-                image = %img.source,
-                "a bundle received later holds this tag; not moved"
-            );
+                    .map_err(Error::registry(what()))?;
+            }
+            Move::Keep => {
+                tracing::info!(
+                    tag = t,
+                    image = %img.source,
+                    "a bundle received later holds this tag; not moved"
+                );
+            }
+            // Taken by another owner's bundle since this one was published (two
+            // committing side by side): this one loses, and fails saying so.
+            Move::Refused(why) => return Err(Error::TagOwned(why)),
         }
     }
     referrers_tags(reg, repo, &plan).await?;
-    Ok(ctx.executor.image_ended(s, &img).await?)
+    Ok(ctx
+        .executor
+        .image_ended(s, &img, taken_from.as_deref())
+        .await?)
 }

@@ -65,6 +65,10 @@ pub enum Error {
         #[source]
         source: RegistryError,
     },
+    /// The image's tag is another owner's, or was set by something other than
+    /// ShipperD (see [`tags`]): the image fails, and its bundle tags nothing.
+    #[error("{0}")]
+    TagOwned(String),
     /// A bug: something that cannot happen did.
     #[error("internal error (a bug; please report it): {0}")]
     Internal(String),
@@ -99,7 +103,7 @@ impl Classify for Error {
         let transient = match self {
             Error::Bus(e) => return e.class(),
             Error::Bundle(e) => e.kind() == shipperd_bundle::ErrorKind::Io,
-            Error::Target(_) | Error::Internal(_) => false,
+            Error::Target(_) | Error::Internal(_) | Error::TagOwned(_) => false,
             Error::Registry { source, .. } => source.is_transient(),
         };
         if transient {
@@ -497,12 +501,18 @@ async fn push_image(
         )));
     }
 
+    // Whose is the tag? Another owner's, or one ShipperD did not set, fails the image
+    // before anything is pushed (and so its bundle tags nothing).
+    let held = match img.target.tag.as_deref() {
+        Some(t) => Some((t, check_tag(ctx, reg, s, img, &repo, t).await?)),
+        None => None,
+    };
     // Day-2: a bundle set this tag to this digest before, and the registry still has
-    // it. One request, and done. (A tag nothing of ours ever set costs no request: the
-    // image is pushed, and blobs the repository has are found on the way.)
-    if let Some(t) = img.target.tag.as_deref()
-        && ctx.tags.read(reg, &repo, t).await.set_before(&img.digest)
+    // it. One request, and done.
+    if let Some((t, held)) = &held
+        && held.set_before(&img.digest)
     {
+        let t = *t;
         let now = reg
             .tag_digest(&repo, t)
             .await
@@ -600,6 +610,56 @@ async fn push_image(
         "image content in the registry"
     );
     Ok(stats)
+}
+
+/// May this image's bundle move its tag `repo:t`? Reads the tag's holder: another
+/// owner's tag (or another source repository's) is refused unless the target lets an
+/// admin take it over; a tag no bundle of ShipperD's holds but the registry has at
+/// another digest is refused unless the target allows overwriting it (one `HEAD`).
+async fn check_tag(
+    ctx: &Ctx,
+    reg: &Registry,
+    s: &BundleSummary,
+    img: &ImageState,
+    repo: &str,
+    t: &str,
+) -> Result<tags::Tag> {
+    // The owner must be known: a holder that cannot be read fails this attempt (tried
+    // again later).
+    let held = ctx.tags.read(reg, repo, t).await.read_ok()?;
+    let name = format!("{repo}:{t}");
+    let policy = reg.target().tags;
+    match held.held() {
+        true => match held.judge(&tags::Claim::of(s, img), policy, &name) {
+            tags::Verdict::Refused(why) => return Err(Error::TagOwned(why)),
+            tags::Verdict::TakeOver(from) => {
+                tracing::warn!(
+                    tag = %name,
+                    from = %from,
+                    "this bundle will take the tag over (the target's tags.take_over)"
+                );
+            }
+            tags::Verdict::Free => {}
+        },
+        false if !policy.overwrite_unowned => {
+            let now = reg
+                .tag_digest(repo, t)
+                .await
+                .map_err(Error::registry(format!("checking {name}")))?;
+            if let Some(d) = now
+                && d != img.digest
+            {
+                return Err(Error::TagOwned(format!(
+                    "tag {name} is in {} already (at {d}), set by something other than \
+                     ShipperD: not moved (the target's tags.overwrite_unowned lets an \
+                     admin move it)",
+                    reg.host()
+                )));
+            }
+        }
+        false => {}
+    }
+    Ok(held)
 }
 
 /// Pushes the image's referrers by digest (their blobs went up with the image's).

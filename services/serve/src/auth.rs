@@ -218,9 +218,10 @@ impl Auth {
 
     /// A token of the token file?
     fn secret_ok(&self, secret: &str) -> bool {
-        self.tokens
-            .as_ref()
-            .is_some_and(|t| t.admits(&Sha256::digest(secret.as_bytes()).into()))
+        self.tokens.as_ref().is_some_and(|t| {
+            t.admits(&Sha256::digest(secret.as_bytes()).into())
+                .is_some()
+        })
     }
 
     /// A login with a user name and a password: a token (any user), or a user of the

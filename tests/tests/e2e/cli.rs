@@ -61,18 +61,7 @@ async fn status_retry_and_delete_from_the_command_line() -> anyhow::Result<()> {
         reqwest::Client::builder().default_headers(h).build()?
     };
     for id in &ids {
-        shipperd_tests::eventually("the bundle to end", Duration::from_secs(60), || async {
-            let v: serde_json::Value = auth_http
-                .get(format!("{server}/v1/bundles/{id}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            matches!(v["phase"].as_str(), Some("Published" | "Failed")).then_some(())
-        })
-        .await?;
+        shipperd_tests::bundle_ended(&auth_http, server, id, None, Duration::from_secs(60)).await?;
     }
     let (good, broken) = (&ids[0], &ids[1]);
 

@@ -384,19 +384,10 @@ async fn a_squashfs_metadata_bomb_is_refused_without_its_memory() -> anyhow::Res
             .json()
             .await?;
         let id = put["id"].as_str().unwrap_or_default().to_string();
-        let rec = shipperd_tests::eventually("the bomb, failed", DONE, || async {
-            let rec: serde_json::Value = http
-                .get(format!("{base}/v1/bundles/{id}?limit=0"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (rec["phase"] == "Failed").then_some(rec)
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}: {}", app.log()))?;
+        let rec = shipperd_tests::bundle_ended(&http, &base, &id, None, DONE)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}: {}", app.log()))?;
+        assert_eq!(rec["phase"], "Failed", "{rec:#}");
         let error = rec["error"].as_str().unwrap_or_default();
         assert!(
             error.contains("metadata unpacks to more than"),

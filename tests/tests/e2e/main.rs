@@ -25,6 +25,7 @@ mod manifests;
 mod nats_cluster;
 mod operator;
 mod outage;
+mod owners;
 mod pipeline;
 mod publish_faults;
 mod secrets;

@@ -1180,10 +1180,11 @@ async fn a_bundle_cannot_follow_or_delete_another_namespaces_bundle() -> anyhow:
         Some("team-a")
     );
 
+    // Its images are not team-a's (whose tags team-a's bundle owns now).
     let (st, r) = app
         .put(
             "uploaded.tar",
-            tar_bytes(&sample("tenancy2", "tu", 0).oci_files(""))?,
+            tar_bytes(&shipperd_tests::fixtures::catalog(3, "tu").oci_files(""))?,
             None,
         )
         .await?;
@@ -1252,6 +1253,83 @@ async fn a_bundle_cannot_follow_or_delete_another_namespaces_bundle() -> anyhow:
     let ctx = context(&app, client).await?;
     reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
     app.stop().await
+}
+
+/// Tags have owners across namespaces: team-a's Bundle sets `quay.io/org/app:1`;
+/// team-b's Bundles, with other bytes for it (from the same host, or naming another),
+/// fail naming team-a, and tag nothing, not even their other image. team-a moves its
+/// own tag on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_namespace_cannot_move_another_namespaces_tag() -> anyhow::Result<()> {
+    let owned = spawn_app(Options::default()).await?;
+    let app = &owned;
+    let import = app.data.path().join("import");
+    std::fs::create_dir_all(&import)?;
+    let image = |salt: &str, names: &[(&str, &str)]| {
+        let names: Vec<_> = names.iter().map(|(n, r)| (*n, *r, "1")).collect();
+        shipperd_tests::fixtures::named_images(salt, &names)
+    };
+    let publish =
+        |ns: &'static str, file: &'static str, b: shipperd_tests::fixtures::LayoutBuilder| {
+            let import = &import;
+            async move {
+                std::fs::write(import.join(file), tar_bytes(&b.oci_files(""))?)?;
+                let (client, fake) = fake_api(json!({
+                "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+                "metadata": { "name": file.trim_end_matches(".tar"), "namespace": ns,
+                              "uid": format!("uid-{ns}-{file}"), "generation": 1,
+                              "resourceVersion": "1" },
+                "spec": { "source": { "path": { "path": file } } } }));
+                let ctx = context(app, client).await?;
+                let done = reconcile_until(&ctx, &fake, |b| {
+                    b["status"]["phase"] == "Published" || b["status"]["phase"] == "Failed"
+                })
+                .await?;
+                anyhow::Ok((b, done["status"].clone()))
+            }
+        };
+    let digest = |repo: &'static str| async move {
+        anyhow::Ok(app.manifest(repo, "1").await?.map(|(m, _)| sha256(&m)))
+    };
+    let (a, st) = publish(
+        "team-a",
+        "a1.tar",
+        image("a1", &[("quay.io/org/app:1", "org/app")]),
+    )
+    .await?;
+    assert_eq!(st["phase"], "Published", "{st:#}");
+    assert_eq!(digest("org/app").await?, Some(a.images[0].digest.clone()));
+    for (file, name) in [
+        ("b1.tar", "quay.io/org/app:1"),
+        ("b2.tar", "mirror.example/org/app:1"),
+    ] {
+        let b = image(
+            file,
+            &[("quay.io/team-b/tool:1", "team-b/tool"), (name, "org/app")],
+        );
+        let (_, st) = publish("team-b", file, b).await?;
+        assert_eq!(st["phase"], "Failed", "{file}: {st:#}");
+        let error = st["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("tag org/app:1 belongs to namespace team-a (from quay.io/org/app)"),
+            "{file}: {error}"
+        );
+        assert_eq!(digest("org/app").await?, Some(a.images[0].digest.clone()));
+        assert_eq!(
+            digest("team-b/tool").await?,
+            None,
+            "{file}: its other image was tagged"
+        );
+    }
+    let (a2, st) = publish(
+        "team-a",
+        "a2.tar",
+        image("a2", &[("quay.io/org/app:1", "org/app")]),
+    )
+    .await?;
+    assert_eq!(st["phase"], "Published", "{st:#}");
+    assert_eq!(digest("org/app").await?, Some(a2.images[0].digest.clone()));
+    owned.stop().await
 }
 
 /// Cluster configuration only through the admin's ClusterRegistryTarget that allows
