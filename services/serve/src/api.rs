@@ -12,6 +12,7 @@ use axum::{
 };
 use bytes::Bytes;
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{Digest, ManifestDoc};
 
 use crate::{
@@ -403,13 +404,31 @@ async fn blob(index: &Index, reference: &str, headers: &HeaderMap, head: bool) -
             format!("{reference:?} is not a digest"),
         );
     };
-    let Some((bundle, path)) = index.holder(&digest) else {
+    // The copies not known to be wrong, newest bundle first; where another could stand
+    // in, or a range is asked for, the first that hashes to its digest (read whole
+    // once); else the one copy, checked as it streams out (see `verify`).
+    let copies = crate::verify::candidates(index, &digest);
+    let unknown = |c: &crate::verify::Copy| c.0.checked.get(&digest).is_none();
+    let ranged = headers.contains_key(header::RANGE);
+    let chosen = match copies.first() {
+        Some(c) if head || !unknown(c) || (copies.len() == 1 && !ranged) => Some(c.clone()),
+        Some(_) => {
+            let d = digest.clone();
+            tokio::task::spawn_blocking(move || crate::verify::first_good(copies, &d))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    let Some((bundle, path)) = chosen else {
         return error(
             StatusCode::NOT_FOUND,
             "BLOB_UNKNOWN",
             format!("no blob {digest} in the bundles served"),
         );
     };
+    let check = (!head && bundle.checked.get(&digest).is_none()).then(|| digest.clone());
     let len = {
         let (bundle, path) = (bundle.clone(), path.clone());
         match tokio::task::spawn_blocking(move || bundle.fs.locate(&path).map(|l| l.1)).await {
@@ -441,7 +460,9 @@ async fn blob(index: &Index, reference: &str, headers: &HeaderMap, head: bool) -
     let mut r = if head {
         StatusCode::OK.into_response()
     } else {
-        Body::from_stream(read_blob(bundle, path, start, count)).into_response()
+        // Checked as it streams only when the whole of an unchecked copy goes out.
+        let check = check.filter(|_| start == 0 && count == len);
+        Body::from_stream(read_blob(bundle, path, start, count, check)).into_response()
     };
     *r.status_mut() = if head { StatusCode::OK } else { status };
     let h = r.headers_mut();
@@ -464,12 +485,15 @@ async fn blob(index: &Index, reference: &str, headers: &HeaderMap, head: bool) -
 }
 
 /// `count` bytes of a blob from `start`, read on a blocking thread a chunk at a time
-/// (at most a few chunks in memory per client).
+/// (at most a few chunks in memory per client). With `check`, the whole blob's bytes
+/// are hashed on the way and its last chunk is sent only once they hash to that digest
+/// (else the stream ends with an error, and the bundle's copy is noted as wrong).
 fn read_blob(
     bundle: Arc<crate::Loaded>,
     path: String,
     start: u64,
     count: u64,
+    check: Option<Digest>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
@@ -484,6 +508,7 @@ fn read_blob(
             }
         };
         let mut left = count;
+        let mut hasher = check.as_ref().map(|_| Sha256::new());
         // One allocation, reused: `reserve` takes the whole of it back once the chunks
         // cut from it have been written to the client and dropped.
         let mut pool = bytes::BytesMut::with_capacity(CHUNK * 4);
@@ -502,6 +527,21 @@ fn read_blob(
                 Ok(n) => {
                     pool.truncate(n);
                     left -= n as u64;
+                    if let Some(h) = &mut hasher {
+                        h.update(&pool[..]);
+                    }
+                    if left == 0
+                        && let (Some(h), Some(d)) = (hasher.take(), &check)
+                    {
+                        let good = hex::encode(h.finalize()) == d.hex();
+                        crate::verify::noted(&bundle, &path, d, good);
+                        if !good {
+                            let _ = tx.blocking_send(Err(std::io::Error::other(format!(
+                                "blob {d}: the bundle's bytes do not hash to it"
+                            ))));
+                            return;
+                        }
+                    }
                     if tx.blocking_send(Ok(pool.split().freeze())).is_err() {
                         return; // the client went
                     }

@@ -10,6 +10,7 @@
 
 mod api;
 mod auth;
+mod verify;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -77,6 +78,8 @@ pub struct Config {
 
 /// One opened bundle and what it names.
 pub(crate) struct Loaded {
+    /// Its file (or directory of parts), for the log.
+    pub name: String,
     pub fs: Box<dyn BundleFs>,
     pub paths: BlobPaths,
     /// (source, manifest): each tagged image as the bundle names it (not mapped yet).
@@ -87,6 +90,8 @@ pub(crate) struct Loaded {
     pub referrers: Vec<(Digest, Descriptor)>,
     /// A legacy `docker save` archive's made manifests, by digest.
     pub made: HashMap<Digest, Vec<u8>>,
+    /// Which of its blobs were found to hash to their digests, or not.
+    pub checked: verify::Checked,
     /// What a compressed bundle's expansion holds in the cache: let go when the bundle
     /// is no longer served (and no request reads it).
     pub _held: Option<Held>,
@@ -135,15 +140,8 @@ pub(crate) struct Index {
 pub(crate) const MAX_MANIFEST: u64 = 4 << 20;
 
 impl Index {
-    /// The bundle holding `digest`, the newest first.
-    pub(crate) fn holder(&self, digest: &Digest) -> Option<(Arc<Loaded>, String)> {
-        self.bundles
-            .iter()
-            .rev()
-            .find_map(|b| b.paths.get(digest).map(|p| (b.clone(), p)))
-    }
-
-    /// A manifest's bytes, checked against its digest.
+    /// A manifest's bytes, checked against its digest: from the newest bundle whose
+    /// copy hashes to it (one whose copy does not is passed over, and said so).
     pub(crate) fn manifest(&self, digest: &Digest) -> Option<Vec<u8>> {
         if let Some(made) = self.bundles.iter().rev().find_map(|b| b.made.get(digest)) {
             return Some(made.clone());
@@ -151,10 +149,14 @@ impl Index {
         if let Some(bytes) = self.fallback_bytes.get(digest) {
             return Some(bytes.to_vec());
         }
-        let (b, path) = self.holder(digest)?;
-        let bytes = b.fs.read_small(&path, MAX_MANIFEST).ok()?;
-        let sum = hex::encode(Sha256::digest(&bytes));
-        (sum == digest.hex()).then_some(bytes)
+        verify::candidates(self, digest)
+            .into_iter()
+            .find_map(|(b, path)| {
+                let bytes = b.fs.read_small(&path, MAX_MANIFEST).ok()?;
+                let good = hex::encode(Sha256::digest(&bytes)) == digest.hex();
+                verify::noted(&b, &path, digest, good);
+                good.then_some(bytes)
+            })
     }
 
     /// The index of `bundles` (later ones win a tag), repositories where `mapping`
@@ -280,6 +282,8 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
     }
     tracing::info!(bundle = %path.display(), format = ?opened.format, images = tags.len(), "serving");
     Ok(Loaded {
+        name: path.display().to_string(),
+        checked: verify::Checked::default(),
         fs: opened.fs,
         paths: found.blob_paths,
         tags,

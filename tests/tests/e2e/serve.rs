@@ -612,3 +612,66 @@ async fn a_docker_archive_is_served_with_its_image_id() -> anyhow::Result<()> {
     assert!(err.contains("prefix \"Mirror/../x\""), "{err}");
     Ok(())
 }
+
+/// A later bundle that claims another image's layer digest with other bytes (a hostile
+/// or broken bundle beside a good one) is passed over: the unrelated image is served
+/// with its right bytes, from the bundle whose copy hashes to its digest. A digest only
+/// a wrong copy holds is not served: its download fails, and it is 404 from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadowing_bundle_does_not_serve_its_wrong_bytes() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let dir = tempfile::tempdir()?;
+    let good = sample("shadowed", "good", 0);
+    let app = good.images.iter().find(|i| i.repo == "demo/app").unwrap();
+    let layer = app.blobs.last().unwrap().clone();
+    let good_tar = dir.path().join("good.tar");
+    std::fs::write(&good_tar, tar_bytes(&good.oci_files(""))?)?;
+    // The shadow: an image of its own, and a file at the good layer's digest with other
+    // bytes of the same length.
+    let shadow = sample("shadow", "shadow", 0);
+    let mut files = shadow.oci_files("");
+    let size = good
+        .oci_files("")
+        .into_iter()
+        .find(|(p, _)| p.ends_with(&layer[7..]))
+        .map(|(_, b)| b.len())
+        .unwrap();
+    files.push((format!("blobs/sha256/{}", &layer[7..]), vec![0x5a; size]));
+    let shadow_tar = dir.path().join("shadow.tar");
+    std::fs::write(&shadow_tar, tar_bytes(&files)?)?;
+    let s = serve(&[], &[&good_tar, &shadow_tar]).await?;
+
+    // The good image's layer: the right bytes, though the newer bundle holds the digest.
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", s.addr);
+    for _ in 0..2 {
+        let r = http
+            .get(format!("{base}/v2/demo/app/blobs/{layer}"))
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha(&r.bytes().await?), layer);
+    }
+    // The whole image, copied and checked by skopeo.
+    let out = dir.path().join("copy");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--preserve-digests",
+        &format!("docker://{}/demo/app@{}", s.addr, app.digest),
+        &format!("oci:{}:a", out.display()),
+    ])?;
+
+    // Served alone, the wrong copy is never passed off as the blob.
+    let alone = serve(&[], &[&shadow_tar]).await?;
+    let url = format!("http://{}/v2/demo/app/blobs/{layer}", alone.addr);
+    let first = http.get(&url).send().await?;
+    let body = first.bytes().await;
+    assert!(
+        body.is_err() || body.is_ok_and(|b| sha(&b) != layer && b.len() < size),
+        "the wrong bytes went out whole"
+    );
+    let again = http.get(&url).send().await?;
+    assert_eq!(again.status(), 404);
+    Ok(())
+}
