@@ -369,6 +369,12 @@ pub struct IngestArgs {
     /// pod's own (POD_NAMESPACE, or the service account's namespace).
     #[arg(long, env = "SHIPPERD_AUTH_NAMESPACE")]
     pub auth_namespace: Option<String>,
+    /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDRs, comma-separated;
+    /// e.g. the OpenShift routers' pod network): a request from one is counted, for bad
+    /// tokens, against the last address before it, so one client cannot lock out the
+    /// others behind the same router.
+    #[arg(long, env = "SHIPPERD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Serve the API over TLS with this certificate chain (PEM); it and the key are read
     /// again when they change (cert-manager, OpenShift service CA).
     #[arg(long, env = "SHIPPERD_TLS_CERT_FILE", requires = "tls_key_file")]
@@ -474,6 +480,14 @@ pub struct RegistryArgs {
     pub limits: LimitArgs,
 }
 
+/// An address (`10.0.0.1`: that one) or a network (`10.128.0.0/14`).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an address nor a CIDR network"))
+}
+
 /// Bounds on one bundle; a bundle over any of them fails with the limit's name.
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
@@ -576,6 +590,7 @@ impl IngestArgs {
         cfg.drop_quiet = self.drop_quiet;
         cfg.max_bundle_bytes = self.max_bundle_bytes;
         cfg.auth_token_file = self.auth_token_file.clone();
+        cfg.trusted_proxies = self.trusted_proxies.clone();
         cfg.tls = match (&self.tls_cert_file, &self.tls_key_file) {
             (Some(cert), Some(key)) => Some(shipperd_ingest::TlsFiles {
                 cert: cert.clone(),

@@ -41,6 +41,8 @@ pub struct Options {
     pub auth_tokens: Option<String>,
     /// `--auth kubernetes` against this API server URL, for rights in this namespace.
     pub kube_auth: Option<(String, String)>,
+    /// Proxies (addresses or CIDRs) whose `X-Forwarded-For` ingest believes.
+    pub trusted_proxies: Vec<String>,
     /// Files written into the data dir before the targets file is read.
     pub files: Vec<(String, Vec<u8>)>,
     /// Transfer settings of the default loopback target.
@@ -142,6 +144,11 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
             namespace: namespace.clone(),
         });
     }
+    ingest.trusted_proxies = opts
+        .trusted_proxies
+        .iter()
+        .map(|n| n.parse())
+        .collect::<Result<_, _>>()?;
     ingest.drop_poll = Duration::from_millis(200);
     ingest.drop_quiet = opts.drop_quiet.unwrap_or(Duration::from_secs(1));
     // A machine with little free disk still runs the suite (the reserve has tests of

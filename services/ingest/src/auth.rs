@@ -119,6 +119,8 @@ pub struct Gate {
     pub tokens: Option<Tokens>,
     pub review: Option<Review>,
     pub failures: Failures,
+    /// Whose `X-Forwarded-For` says where a request came from (see [`client_of`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Failed authentications per client address: at most [`MAX_FAILURES`] in a
@@ -173,12 +175,42 @@ fn refuse(status: StatusCode, error: String) -> Response {
     (status, body).into_response()
 }
 
-/// The address a request came from.
-fn client_of(req: &Request) -> IpAddr {
-    req.extensions()
+/// The address a request came from: its peer's, or, when the peer is a trusted proxy,
+/// the last address of `X-Forwarded-For` that is not one (what that proxy saw; entries
+/// before it are the client's to write). Behind an OpenShift router every request's
+/// peer is the router: without this, one client's bad tokens would lock out everyone.
+fn client_of(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let peer = req
+        .extensions()
         .get::<crate::serve::Client>()
         .map(|c| c.0)
-        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let proxy = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !proxy(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| forwarded_ip(a.trim()))
+        .collect();
+    forwarded
+        .iter()
+        .rev()
+        .find(|ip| !proxy(ip))
+        .or(forwarded.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
+/// An address of `X-Forwarded-For`: `1.2.3.4`, `1.2.3.4:5678`, `::1` or `[::1]:5678`.
+fn forwarded_ip(a: &str) -> Option<IpAddr> {
+    a.parse()
+        .ok()
+        .or_else(|| a.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case, as
@@ -215,7 +247,7 @@ pub async fn require(State(gate): State<Arc<Gate>>, mut req: Request, next: Next
     if !grpc && !path.starts_with("/v1/") && path != "/v1" {
         return next.run(req).await;
     }
-    let client = client_of(&req);
+    let client = client_of(&req, &gate.trusted_proxies);
     let refuse = |status: StatusCode, error: String| {
         if grpc {
             let retry = (status == StatusCode::TOO_MANY_REQUESTS)
@@ -246,8 +278,23 @@ pub async fn require(State(gate): State<Arc<Gate>>, mut req: Request, next: Next
         req.extensions_mut().insert(Caller(user));
         return next.run(req).await;
     }
-    // Past the token file: an address that failed too often is not looked at further.
+    let verb = match *req.method() {
+        // Every gRPC method reads.
+        _ if grpc => "get",
+        Method::GET | Method::HEAD => "get",
+        Method::DELETE => "delete",
+        _ => "create",
+    };
+    // Past the token file: an address that failed too often is not looked at further,
+    // but for a token the Kubernetes API approved a moment ago (a valid identity is not
+    // locked out by others' bad tokens from the same address).
     if let Some(wait) = gate.failures.blocked(client) {
+        if let (Some(review), Some(d)) = (&gate.review, digest)
+            && let Some(user) = review.approved(d, verb)
+        {
+            req.extensions_mut().insert(Caller(user));
+            return next.run(req).await;
+        }
         let secs = wait.as_secs().max(1);
         let mut resp = refuse(
             StatusCode::TOO_MANY_REQUESTS,
@@ -261,13 +308,6 @@ pub async fn require(State(gate): State<Arc<Gate>>, mut req: Request, next: Next
     };
     let Some(review) = &gate.review else {
         return unauthorized("the bearer token is not valid");
-    };
-    let verb = match *req.method() {
-        // Every gRPC method reads.
-        _ if grpc => "get",
-        Method::GET | Method::HEAD => "get",
-        Method::DELETE => "delete",
-        _ => "create",
     };
     match review.check(&token, digest, verb).await {
         Verdict::Allowed { user } => {
@@ -307,6 +347,57 @@ mod tests {
         ] {
             assert_eq!(bearer(header), want, "{header:?}");
         }
+    }
+
+    #[test]
+    fn behind_a_trusted_proxy_the_client_is_the_last_address_before_it() {
+        let req = |peer: &str, xff: &[&str]| {
+            let mut b = axum::http::Request::builder();
+            for v in xff {
+                b = b.header("x-forwarded-for", *v);
+            }
+            let mut r = b.body(axum::body::Body::empty()).unwrap();
+            r.extensions_mut()
+                .insert(crate::serve::Client(peer.parse().unwrap()));
+            r
+        };
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "10.128.0.0/14".parse().unwrap(),
+            "127.0.0.1/32".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Not a proxy: its own address, whatever it forwards.
+        assert_eq!(
+            client_of(&req("192.0.2.1", &["198.51.100.7"]), &trusted),
+            ip("192.0.2.1")
+        );
+        // The router: the address it saw (what the client wrote before it is ignored).
+        assert_eq!(
+            client_of(&req("10.128.2.5", &["6.6.6.6, 198.51.100.7"]), &trusted),
+            ip("198.51.100.7")
+        );
+        // Two proxies, two headers, a port.
+        assert_eq!(
+            client_of(
+                &req("127.0.0.1", &["203.0.113.9:5555", "10.129.0.4"]),
+                &trusted
+            ),
+            ip("203.0.113.9")
+        );
+        // Nothing forwarded, or nothing readable: the peer.
+        assert_eq!(
+            client_of(&req("10.128.2.5", &[]), &trusted),
+            ip("10.128.2.5")
+        );
+        assert_eq!(
+            client_of(&req("10.128.2.5", &["unknown"]), &trusted),
+            ip("10.128.2.5")
+        );
+        // Nothing trusted: the peer.
+        assert_eq!(
+            client_of(&req("10.128.2.5", &["198.51.100.7"]), &[]),
+            ip("10.128.2.5")
+        );
     }
 
     #[test]

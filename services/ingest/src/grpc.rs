@@ -25,6 +25,9 @@ use crate::{Error, ops, store::Store};
 /// Watches open at once (each is a consumer on the NATS server); more are refused with
 /// RESOURCE_EXHAUSTED.
 pub const MAX_WATCHES: usize = 256;
+/// Watches one identity (a token's user; everyone, when the API is open) may hold at
+/// once: one token holder cannot take every slot.
+pub const MAX_WATCHES_PER_CALLER: usize = 16;
 
 /// The path prefix of the service's methods.
 pub const PATH: &str = "/shipperd.v1.Bundles/";
@@ -32,6 +35,8 @@ pub const PATH: &str = "/shipperd.v1.Bundles/";
 pub struct Api {
     store: Arc<Store>,
     watches: Arc<Semaphore>,
+    /// Watches open per identity.
+    callers: Arc<Mutex<HashMap<String, usize>>>,
     /// The server stops: watches end (UNAVAILABLE; a client watches again elsewhere).
     shutdown: CancellationToken,
 }
@@ -41,8 +46,43 @@ pub fn service(store: Arc<Store>, shutdown: CancellationToken) -> BundlesServer<
     BundlesServer::new(Api {
         store,
         watches: Arc::new(Semaphore::new(MAX_WATCHES)),
+        callers: Arc::default(),
         shutdown,
     })
+}
+
+/// One identity's open watch: counted while it lives.
+struct CallerSlot {
+    callers: Arc<Mutex<HashMap<String, usize>>>,
+    who: String,
+}
+
+impl CallerSlot {
+    /// A slot for `who`, if it holds fewer than [`MAX_WATCHES_PER_CALLER`].
+    fn take(callers: &Arc<Mutex<HashMap<String, usize>>>, who: &str) -> Option<Self> {
+        let mut open = callers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(who.to_string()).or_default();
+        if *n >= MAX_WATCHES_PER_CALLER {
+            return None;
+        }
+        *n += 1;
+        Some(CallerSlot {
+            callers: callers.clone(),
+            who: who.to_string(),
+        })
+    }
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut open = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.who);
+            }
+        }
+    }
 }
 
 fn status(e: Error) -> Status {
@@ -157,6 +197,16 @@ impl Bundles for Api {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = req
+            .extensions()
+            .get::<crate::auth::Caller>()
+            .map_or(shipperd_model::ANONYMOUS, |c| c.0.as_str())
+            .to_string();
+        let slot = CallerSlot::take(&self.callers, &who).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "{MAX_WATCHES_PER_CALLER} watches of {who} are open already; close one first"
+            ))
+        })?;
         let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "{MAX_WATCHES} watches are open already; try again later"
@@ -185,7 +235,7 @@ impl Bundles for Api {
         }
         let stop = self.shutdown.child_token();
         tokio::spawn(feed(changes, empty, queue.clone(), stop.clone()));
-        let state = (queue, stop.drop_guard(), permit);
+        let state = (queue, stop.drop_guard(), (permit, slot));
         let out = futures::stream::unfold(state, |state| async move {
             let item = state.0.next().await?;
             Some((item, state))

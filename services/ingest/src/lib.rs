@@ -32,6 +32,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 pub use auth::{Caller, MAX_FAILURES as MAX_AUTH_FAILURES, Tokens};
 pub use error::{Error, Result};
 pub use fetch::{FetchSettings, FetchSource};
+pub use grpc::{MAX_WATCHES, MAX_WATCHES_PER_CALLER};
 pub use janitor::{Janitor, Settings as JanitorSettings};
 pub use ops::delete as delete_bundle;
 pub use serve::Bounds;
@@ -86,6 +87,10 @@ pub struct Config {
     /// `--auth kubernetes`: tokens not in the token file are reviewed by this cluster,
     /// for rights on bundles in this namespace.
     pub kube_auth: Option<KubeAuth>,
+    /// Proxies (an OpenShift router, an ingress controller) whose `X-Forwarded-For` is
+    /// believed: a request from one of them is from the last address before them, for
+    /// counting bad tokens. Empty: every request is from its peer.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// TLS for the API; `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
     /// Timeouts, rates and caps on clients.
@@ -110,6 +115,7 @@ impl Config {
             janitor: janitor::Settings::default(),
             auth_token_file: None,
             kube_auth: None,
+            trusted_proxies: Vec::new(),
             tls: None,
             bounds: Bounds::default(),
         }
@@ -221,6 +227,7 @@ impl Ingest {
                 .clone()
                 .map(|k| review::Review::new(k.client, k.namespace)),
             failures: auth::Failures::default(),
+            trusted_proxies: self.config.trusted_proxies.clone(),
         };
         if gate.tokens.is_none() && gate.review.is_none() {
             tracing::warn!(

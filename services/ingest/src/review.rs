@@ -77,6 +77,14 @@ impl Review {
         &self.namespace
     }
 
+    /// The user of the token whose SHA-256 is `digest`, if the Kubernetes API allowed
+    /// it `verb` within the approvals' lifetime (nothing is asked).
+    pub fn approved(&self, digest: [u8; 32], verb: &'static str) -> Option<String> {
+        let mut allowed = self.allowed.lock().expect("not poisoned");
+        let (at, user) = allowed.get(&(digest, verb))?;
+        (at.elapsed() < ALLOWED_FOR).then(|| user.clone())
+    }
+
     /// May the holder of `token` (its SHA-256 `digest`) do `verb` on bundles?
     pub async fn check(&self, token: &str, digest: [u8; 32], verb: &'static str) -> Verdict {
         let key = (digest, verb);

@@ -193,6 +193,98 @@ async fn kubernetes_users_need_the_right_to_create_bundles() -> anyhow::Result<(
     app.stop().await
 }
 
+/// Behind a proxy (an OpenShift router: every request's peer is the router), one
+/// client's bad tokens lock out that client only: the router is trusted, and its
+/// `X-Forwarded-For` says who each request is from. A valid Kubernetes identity the API
+/// approved a moment ago gets in even from the locked-out address. The gRPC watches one
+/// identity holds are capped, others' still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_a_proxy_bad_tokens_lock_out_no_valid_identity() -> anyhow::Result<()> {
+    let (api, seen) = shipperd_tests::kube_auth::start().await?;
+    let app = spawn_app(Options {
+        kube_auth: Some((api, "mirror".into())),
+        auth_tokens: Some("carol-token,carol\n".into()),
+        trusted_proxies: vec!["127.0.0.1/32".into()],
+        ..Default::default()
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let list = |token: &str, from: Option<&str>| {
+        let mut r = http
+            .get(format!("{}/v1/bundles", app.base))
+            .bearer_auth(token);
+        if let Some(f) = from {
+            r = r.header("x-forwarded-for", f);
+        }
+        r.send()
+    };
+    // alice, from her address: approved (and the approval remembered).
+    assert_eq!(
+        list("alice-token", Some("198.51.100.7")).await?.status(),
+        200
+    );
+    // 100 bad tokens from another client behind the same router: it is locked out...
+    let mut refused = 0;
+    for i in 0..100 {
+        let st = list(&format!("made-up-{i}"), Some("203.0.113.9"))
+            .await?
+            .status();
+        assert!(st == 401 || st == 429, "{st}");
+        refused += usize::from(st == 429);
+    }
+    assert!(refused >= 100 - shipperd_ingest::MAX_AUTH_FAILURES as usize);
+    // ...and the API server was asked at most that many times.
+    assert!(seen.lock().unwrap().token_reviews <= 1 + shipperd_ingest::MAX_AUTH_FAILURES as usize);
+    // alice is not, from her address or, approved a moment ago, from the locked one.
+    assert_eq!(
+        list("alice-token", Some("198.51.100.7")).await?.status(),
+        200
+    );
+    assert_eq!(
+        list("alice-token", Some("203.0.113.9")).await?.status(),
+        200
+    );
+    // What the client writes before the router's entry does not free it.
+    assert_eq!(
+        list("made-up-x", Some("198.51.100.7, 203.0.113.9"))
+            .await?
+            .status(),
+        429
+    );
+
+    // Watches: one identity holds at most its share; another still gets one.
+    let channel = tonic::transport::Endpoint::from_shared(app.base.clone())?
+        .connect()
+        .await?;
+    let watch = |token: &'static str| {
+        let mut client = shipperd_proto::v1::bundles_client::BundlesClient::new(channel.clone());
+        async move {
+            let mut req = tonic::Request::new(shipperd_proto::v1::WatchRequest::default());
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            client.watch(req).await
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..shipperd_ingest::MAX_WATCHES_PER_CALLER {
+        held.push(watch("carol-token").await?);
+    }
+    let over = watch("carol-token").await.expect_err("over carol's share");
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over}");
+    assert!(over.message().contains("carol"), "{over}");
+    assert!(watch("alice-token").await.is_ok(), "alice still watches");
+    // A watch closed frees its slot.
+    held.pop();
+    assert!(
+        shipperd_tests::eventually("a slot freed", Duration::from_secs(10), || async {
+            watch("carol-token").await.ok().map(|_| ())
+        })
+        .await
+        .is_ok()
+    );
+    app.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_kubernetes_api_nobody_gets_in() -> anyhow::Result<()> {
     // An API server address where nothing listens.
