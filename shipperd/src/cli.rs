@@ -763,8 +763,10 @@ pub struct ServeArgs {
     /// OpenShift install-config.yaml needs to install from what is served, and exit.
     #[arg(long)]
     pub print_install_config: bool,
-    /// The address clients reach the registry at (for --print-install-config).
-    /// Default: the first --tls-host, else --listen.
+    /// The address clients reach the registry at (`https://bastion.example:5000`, or
+    /// `host:port`): the realm of the login challenge (default: the host each client
+    /// asked for) and --print-install-config's mirror (default: the first --tls-host,
+    /// else --listen).
     #[arg(long, env = "SHIPPERD_SERVE_ADVERTISE")]
     pub advertise: Option<String>,
 }
@@ -789,7 +791,11 @@ impl ServeArgs {
     /// Where clients reach the registry.
     pub fn advertised(&self) -> String {
         self.advertise
-            .clone()
+            .as_deref()
+            .map(|a| {
+                let host = a.split_once("://").map_or(a, |(_, h)| h);
+                host.trim_end_matches('/').to_string()
+            })
             .unwrap_or_else(|| match &self.tls_generate {
                 Some(_) if !self.tls_hosts.is_empty() => {
                     format!("{}:{}", self.tls_hosts[0], self.listen.port())
@@ -828,6 +834,7 @@ impl ServeArgs {
                     }),
             },
             auth_token_file: self.auth_token_file.clone(),
+            advertise: self.advertise.clone(),
             htpasswd: self.htpasswd.clone(),
             limits: Limits::default(),
             bounds: Bounds {

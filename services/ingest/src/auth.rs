@@ -144,14 +144,15 @@ impl Default for Failures {
 
 impl Failures {
     /// How long `ip` must wait, if it failed too often.
-    fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
         let seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let (since, n) = *seen.peek(&ip)?;
         let left = FAILURE_WINDOW.checked_sub(since.elapsed())?;
         (n >= MAX_FAILURES).then_some(left)
     }
 
-    fn failed(&self, ip: IpAddr) {
+    /// Counts a failure of `ip`.
+    pub fn failed(&self, ip: IpAddr) {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match seen.get_mut(&ip) {
             Some((since, n)) if since.elapsed() < FAILURE_WINDOW => *n += 1,
@@ -211,6 +212,36 @@ fn forwarded_ip(a: &str) -> Option<IpAddr> {
     a.parse()
         .ok()
         .or_else(|| a.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+}
+
+/// Is `host` (a `Host` header: `name[:port]`, `[v6]:port`) this machine's loopback?
+fn loopback_name(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An open API on loopback answers only requests for a loopback name: a browser tricked
+/// by DNS rebinding sends the attacker's name as `Host`, and is refused (`421`).
+pub async fn loopback_host(req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(h) if !loopback_name(h) => refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this API is open on loopback only, for 127.0.0.1 and localhost, not {h:?} \
+                 (give it --auth-token-file to serve other names)"
+            ),
+        ),
+        _ => next.run(req).await,
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case, as
@@ -398,6 +429,28 @@ mod tests {
             client_of(&req("10.128.2.5", &["198.51.100.7"]), &[]),
             ip("10.128.2.5")
         );
+    }
+
+    #[test]
+    fn loopback_names_only() {
+        for h in [
+            "127.0.0.1:8080",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:8080",
+            "127.1.2.3",
+        ] {
+            assert!(loopback_name(h), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:8080",
+            "[::2]:1",
+            "localhost.evil",
+        ] {
+            assert!(!loopback_name(h), "{h}");
+        }
     }
 
     #[test]

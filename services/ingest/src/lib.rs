@@ -29,13 +29,13 @@ mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-pub use auth::{Caller, MAX_FAILURES as MAX_AUTH_FAILURES, Tokens};
+pub use auth::{Caller, Failures, MAX_FAILURES as MAX_AUTH_FAILURES, Tokens};
 pub use error::{Error, Result};
 pub use fetch::{FetchSettings, FetchSource};
 pub use grpc::{MAX_WATCHES, MAX_WATCHES_PER_CALLER};
 pub use janitor::{Janitor, Settings as JanitorSettings};
 pub use ops::delete as delete_bundle;
-pub use serve::Bounds;
+pub use serve::{Bounds, Client};
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
 pub use store::{Accepted, Origin, Store, instance};
@@ -233,6 +233,11 @@ impl Ingest {
             tracing::warn!(
                 "no --auth-token-file and no --auth kubernetes: the API is open to whoever reaches it"
             );
+            if self.config.listen.ip().is_loopback() {
+                // Open on loopback: for this machine's own clients only, not for a web
+                // page whose name a DNS rebinding points here.
+                app = app.layer(axum::middleware::from_fn(auth::loopback_host));
+            }
         } else {
             app = app.layer(axum::middleware::from_fn_with_state(
                 Arc::new(gate),

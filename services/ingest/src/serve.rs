@@ -185,7 +185,7 @@ pub(crate) async fn serve(
 
 /// The address a request came from (an extension of every request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Client(pub(crate) IpAddr);
+pub struct Client(pub IpAddr);
 
 /// Connections open per client address, each at most `max`.
 struct PerClient {

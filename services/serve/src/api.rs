@@ -17,7 +17,7 @@ use shipperd_bundle::{Digest, ManifestDoc};
 
 use crate::{
     Index, Shared,
-    auth::{Auth, TOKEN_PATH},
+    auth::{Auth, TOKEN_PATH, Verdict},
     current,
 };
 
@@ -33,13 +33,26 @@ pub(crate) fn router(
     index: Shared,
     token_file: Option<PathBuf>,
     htpasswd: Option<PathBuf>,
+    advertise: Option<String>,
     tls: bool,
 ) -> Router {
     Router::new().fallback(handle).with_state(Served {
         index,
-        auth: Auth::new(token_file, htpasswd).map(Arc::new),
+        auth: Auth::new(token_file, htpasswd, advertise).map(Arc::new),
         tls,
     })
+}
+
+/// `429 TOOMANYREQUESTS` with `Retry-After`: a login not looked at.
+fn busy(wait: std::time::Duration) -> Response {
+    let secs = wait.as_secs().max(1);
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TOOMANYREQUESTS",
+        format!("too many logins from this address, or waiting; try again in {secs}s"),
+    );
+    r.headers_mut().insert(header::RETRY_AFTER, secs.into());
+    r
 }
 
 /// Tags or repositories in one page unless `n` says otherwise, and at most.
@@ -72,17 +85,22 @@ async fn handle(State(s): State<Served>, req: Request) -> Response {
 
 async fn route(s: &Served, req: Request) -> Response {
     let path = req.uri().path().to_string();
+    let from = req
+        .extensions()
+        .get::<shipperd_ingest::Client>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0);
     if path == TOKEN_PATH
         && let Some(auth) = &s.auth
     {
-        return match auth.token(req.headers()).await {
-            Some(doc) => (
+        return match auth.token(req.headers(), from).await {
+            Ok(doc) => (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
                 doc.to_string(),
             )
                 .into_response(),
-            None => {
+            Err(Verdict::Busy(wait)) => busy(wait),
+            Err(_) => {
                 let mut r = error(
                     StatusCode::UNAUTHORIZED,
                     "UNAUTHORIZED",
@@ -99,8 +117,15 @@ async fn route(s: &Served, req: Request) -> Response {
     if path != "/v2" && !path.starts_with("/v2/") {
         return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
     }
+    let verdict = match &s.auth {
+        Some(auth) => auth.admits(req.headers(), from).await,
+        None => Verdict::Admitted,
+    };
+    if let Verdict::Busy(wait) = verdict {
+        return busy(wait);
+    }
     if let Some(auth) = &s.auth
-        && !auth.admits(req.headers()).await
+        && verdict != Verdict::Admitted
     {
         let mut r = error(
             StatusCode::UNAUTHORIZED,

@@ -14,18 +14,25 @@
 //! (HMAC-SHA256 over their expiry): they need no store, and a restart ends them (the
 //! client asks again). Access is all or nothing, the server being read-only, so the
 //! `scope` a client asks for is answered whole.
+//!
+//! A flood of bad passwords cannot hold up others' logins: an address may have one
+//! bcrypt check running or waiting at a time, at most [`MAX_WAITING`] wait in all, and an
+//! address with 20 failed logins in a minute is refused until the minute is over: each
+//! answered `429` with `Retry-After`, before any check. The challenge's realm is the
+//! `--advertise` URL when one is given (else the host the client asked for).
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256};
-use shipperd_ingest::Tokens;
+use shipperd_ingest::{Failures, Tokens};
 
 /// How long an issued token is good for (Docker's registry issues 5-minute tokens too).
 pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
@@ -38,12 +45,60 @@ pub(crate) struct Auth {
     tokens: Option<Tokens>,
     htpasswd: Option<Htpasswd>,
     key: [u8; 32],
+    /// Where clients reach the server (`--advertise`): the challenge's realm.
+    advertise: Option<String>,
 }
+
+/// What a login comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Admitted,
+    Refused,
+    /// Not looked at: too many failed logins from this address, or checks waiting; try
+    /// again after this long.
+    Busy(Duration),
+}
+
+/// bcrypt checks waiting for their turn, from every address.
+pub(crate) const MAX_WAITING: usize = 16;
 
 /// What a request presents.
 enum Presented {
     Basic { user: String, password: String },
     Bearer(String),
+}
+
+/// bcrypt checks running at once.
+const CHECKS_AT_ONCE: usize = 2;
+
+/// One address's place in the queue of bcrypt checks: let go when dropped.
+struct Turn {
+    queued: Arc<Mutex<(HashMap<IpAddr, usize>, usize)>>,
+    from: IpAddr,
+}
+
+impl Turn {
+    /// A place for `from`, unless it has one already or the queue is full.
+    fn take(queued: &Arc<Mutex<(HashMap<IpAddr, usize>, usize)>>, from: IpAddr) -> Option<Self> {
+        let mut q = queued.lock().unwrap_or_else(|p| p.into_inner());
+        if q.0.contains_key(&from) || q.1 >= CHECKS_AT_ONCE + MAX_WAITING {
+            return None;
+        }
+        q.0.insert(from, 1);
+        q.1 += 1;
+        Some(Turn {
+            queued: queued.clone(),
+            from,
+        })
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut q = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        q.0.remove(&self.from);
+        q.1 -= 1;
+    }
 }
 
 /// Largest htpasswd file read.
@@ -63,6 +118,10 @@ struct Htpasswd {
     passed: Mutex<HashMap<[u8; 32], Instant>>,
     /// bcrypt checks at once.
     permits: tokio::sync::Semaphore,
+    /// Checks running or waiting, per address and in all.
+    queued: Arc<Mutex<(HashMap<IpAddr, usize>, usize)>>,
+    /// Failed logins per address.
+    failures: Failures,
     /// Checked for an unknown user, so it costs what a known one does.
     decoy: String,
 }
@@ -73,7 +132,9 @@ impl Htpasswd {
             path,
             users: Mutex::new((None, HashMap::new())),
             passed: Mutex::new(HashMap::new()),
-            permits: tokio::sync::Semaphore::new(2),
+            permits: tokio::sync::Semaphore::new(CHECKS_AT_ONCE),
+            queued: Arc::default(),
+            failures: Failures::default(),
             decoy: bcrypt::hash(rand::random::<u64>().to_string(), 10).expect("bcrypt hashes"),
         };
         h.reload();
@@ -124,7 +185,7 @@ impl Htpasswd {
         *users = (Some(stamp), found);
     }
 
-    async fn admits(&self, user: &str, password: &str) -> bool {
+    async fn admits(&self, user: &str, password: &str, from: IpAddr) -> Verdict {
         self.reload();
         let mut key = Sha256::new();
         key.update(user.as_bytes());
@@ -139,14 +200,20 @@ impl Htpasswd {
             .get(&key)
             .is_some_and(|until| *until > now)
         {
-            return true;
+            return Verdict::Admitted;
         }
+        if let Some(wait) = self.failures.blocked(from) {
+            return Verdict::Busy(wait);
+        }
+        let Some(_turn) = Turn::take(&self.queued, from) else {
+            return Verdict::Busy(Duration::from_secs(1));
+        };
         let (read_at, known) = {
             let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
             (users.0, users.1.get(user).cloned())
         };
         let Ok(_permit) = self.permits.acquire().await else {
-            return false;
+            return Verdict::Refused;
         };
         let hash = known.clone().unwrap_or_else(|| self.decoy.clone());
         let password = password.to_string();
@@ -156,16 +223,20 @@ impl Htpasswd {
             .and_then(Result::ok)
             .unwrap_or(false)
             && known.is_some();
+        if !ok {
+            self.failures.failed(from);
+            return Verdict::Refused;
+        }
         // Remembered only if the file did not change during the check.
         let unchanged = self.users.lock().unwrap_or_else(|p| p.into_inner()).0 == read_at;
-        if ok && unchanged {
+        if unchanged {
             let mut passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
             if passed.len() >= MAX_REMEMBERED {
                 passed.clear();
             }
             passed.insert(key, now + TOKEN_LIFETIME);
         }
-        ok
+        Verdict::Admitted
     }
 }
 
@@ -204,8 +275,13 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 impl Auth {
-    /// `None` when neither file is given: the registry is open.
-    pub(crate) fn new(tokens: Option<PathBuf>, htpasswd: Option<PathBuf>) -> Option<Self> {
+    /// `None` when neither file is given: the registry is open. `advertise`: where
+    /// clients reach the server (`https://mirror.example:5000`, or `host[:port]`).
+    pub(crate) fn new(
+        tokens: Option<PathBuf>,
+        htpasswd: Option<PathBuf>,
+        advertise: Option<String>,
+    ) -> Option<Self> {
         if tokens.is_none() && htpasswd.is_none() {
             return None;
         }
@@ -213,6 +289,7 @@ impl Auth {
             tokens: tokens.map(Tokens::new),
             htpasswd: htpasswd.map(Htpasswd::new),
             key: rand::random(),
+            advertise,
         })
     }
 
@@ -224,15 +301,15 @@ impl Auth {
         })
     }
 
-    /// A login with a user name and a password: a token (any user), or a user of the
-    /// htpasswd file.
-    async fn login_ok(&self, user: &str, password: &str) -> bool {
+    /// A login with a user name and a password, from `from`: a token (any user), or a
+    /// user of the htpasswd file.
+    async fn login(&self, user: &str, password: &str, from: IpAddr) -> Verdict {
         if self.secret_ok(password) {
-            return true;
+            return Verdict::Admitted;
         }
         match &self.htpasswd {
-            Some(h) => h.admits(user, password).await,
-            None => false,
+            Some(h) => h.admits(user, password, from).await,
+            None => Verdict::Refused,
         }
     }
 
@@ -264,28 +341,42 @@ impl Auth {
             && self.mac(expiry).verify_slice(&sig).is_ok()
     }
 
-    /// May this request read?
-    pub(crate) async fn admits(&self, headers: &HeaderMap) -> bool {
+    /// May this request (from `from`) read?
+    pub(crate) async fn admits(&self, headers: &HeaderMap, from: IpAddr) -> Verdict {
+        let yes = |b: bool| {
+            if b {
+                Verdict::Admitted
+            } else {
+                Verdict::Refused
+            }
+        };
         match presented(headers) {
-            Some(Presented::Basic { user, password }) => self.login_ok(&user, &password).await,
-            Some(Presented::Bearer(t)) => self.issued(&t, SystemTime::now()) || self.secret_ok(&t),
-            None => false,
+            Some(Presented::Basic { user, password }) => self.login(&user, &password, from).await,
+            Some(Presented::Bearer(t)) => {
+                yes(self.issued(&t, SystemTime::now()) || self.secret_ok(&t))
+            }
+            None => Verdict::Refused,
         }
     }
 
     /// `GET /token`: a bearer token for a client presenting the secret (never for one
     /// presenting an issued token: a token taken cannot be renewed).
-    pub(crate) async fn token(&self, headers: &HeaderMap) -> Option<serde_json::Value> {
-        let ok = match presented(headers)? {
-            Presented::Basic { user, password } => self.login_ok(&user, &password).await,
-            Presented::Bearer(t) => self.secret_ok(&t),
+    pub(crate) async fn token(
+        &self,
+        headers: &HeaderMap,
+        from: IpAddr,
+    ) -> Result<serde_json::Value, Verdict> {
+        let verdict = match presented(headers) {
+            Some(Presented::Basic { user, password }) => self.login(&user, &password, from).await,
+            Some(Presented::Bearer(t)) if self.secret_ok(&t) => Verdict::Admitted,
+            _ => Verdict::Refused,
         };
-        if !ok {
-            return None;
+        if verdict != Verdict::Admitted {
+            return Err(verdict);
         }
         let now = SystemTime::now();
         let token = self.issue(now);
-        Some(serde_json::json!({
+        Ok(serde_json::json!({
             "token": token,
             "access_token": token,
             "expires_in": TOKEN_LIFETIME.as_secs(),
@@ -293,14 +384,27 @@ impl Auth {
         }))
     }
 
-    /// The challenge of a `401` on `/v2/`: Docker's token flow, its realm at the host
-    /// the client asked for; Basic when that host is not a plain host name.
+    /// The challenge of a `401` on `/v2/`: Docker's token flow, its realm at the
+    /// `--advertise` URL, else at the host the client asked for; Basic when that host is
+    /// not a plain host name.
     pub(crate) fn challenge(
         &self,
         headers: &HeaderMap,
         authority: Option<&str>,
         tls: bool,
     ) -> HeaderValue {
+        if let Some(a) = &self.advertise {
+            let base = if a.contains("://") {
+                a.trim_end_matches('/').to_string()
+            } else {
+                format!("{}://{a}", if tls { "https" } else { "http" })
+            };
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                r#"Bearer realm="{base}{TOKEN_PATH}",service="{SERVICE}""#
+            )) {
+                return v;
+            }
+        }
         let host = authority
             .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .filter(|h| {
@@ -328,10 +432,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t");
         std::fs::write(&f, "s3cret\n").unwrap();
-        let a = Auth::new(Some(f), None).unwrap();
+        let a = Auth::new(Some(f), None, None).unwrap();
         assert!(a.secret_ok("s3cret"));
         a
     }
+
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     #[tokio::test]
     async fn htpasswd_users_log_in_with_their_passwords() {
@@ -339,18 +445,32 @@ mod tests {
         let f = dir.path().join("htpasswd");
         let hash = bcrypt::hash("pw1", 4).unwrap();
         std::fs::write(&f, format!("# users\nalice:{hash}\nbob:{{SHA}}x\n")).unwrap();
-        let a = Auth::new(None, Some(f.clone())).unwrap();
-        assert!(a.login_ok("alice", "pw1").await);
-        assert!(a.login_ok("alice", "pw1").await, "remembered");
-        assert!(!a.login_ok("alice", "pw2").await);
-        assert!(!a.login_ok("bob", "x").await, "not bcrypt: no one");
-        assert!(!a.login_ok("carol", "pw1").await);
+        let a = Auth::new(None, Some(f.clone()), None).unwrap();
+        let ok = |user: &'static str, pw: &'static str| {
+            let a = &a;
+            async move { a.login(user, pw, HERE).await == Verdict::Admitted }
+        };
+        assert!(ok("alice", "pw1").await);
+        assert!(ok("alice", "pw1").await, "remembered");
+        assert!(!ok("alice", "pw2").await);
+        assert!(!ok("bob", "x").await, "not bcrypt: no one");
+        assert!(!ok("carol", "pw1").await);
         assert!(!a.secret_ok("pw1"), "a password is no token");
         // Alice removed: the remembered login goes with the old file.
         std::fs::write(&f, format!("carol:{}\n", bcrypt::hash("pw3", 4).unwrap())).unwrap();
-        assert!(!a.login_ok("alice", "pw1").await);
-        assert!(a.login_ok("carol", "pw3").await);
-        assert!(Auth::new(None, None).is_none());
+        assert!(!ok("alice", "pw1").await);
+        assert!(ok("carol", "pw3").await);
+        assert!(Auth::new(None, None, None).is_none());
+        // An address that keeps failing waits, before any check; others do not.
+        for _ in 0..shipperd_ingest::MAX_AUTH_FAILURES {
+            a.login("carol", "wrong", HERE).await;
+        }
+        assert!(matches!(
+            a.login("carol", "wrong", HERE).await,
+            Verdict::Busy(_)
+        ));
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        assert_eq!(a.login("carol", "pw3", other).await, Verdict::Admitted);
     }
 
     #[test]
@@ -389,5 +509,17 @@ mod tests {
         );
         h.insert(header::HOST, HeaderValue::from_static("evil\"x"));
         assert_eq!(a.challenge(&h, None, false), r#"Basic realm="shipperd""#);
+        // With --advertise, the client's Host says nothing.
+        let mut b = auth();
+        b.advertise = Some("https://bastion.example:5000/".into());
+        assert_eq!(
+            b.challenge(&h, None, false),
+            r#"Bearer realm="https://bastion.example:5000/token",service="shipperd""#
+        );
+        b.advertise = Some("bastion.example:5000".into());
+        assert_eq!(
+            b.challenge(&h, None, true),
+            r#"Bearer realm="https://bastion.example:5000/token",service="shipperd""#
+        );
     }
 }

@@ -72,6 +72,10 @@ pub struct Config {
     /// Users (`user:<bcrypt hash>` lines, `htpasswd -B`) who may log in with their
     /// passwords. With neither file, the registry is open.
     pub htpasswd: Option<PathBuf>,
+    /// Where clients reach the server (`https://bastion.example:5000`, or
+    /// `host[:port]`): the realm of the login challenge. `None`: the host each client
+    /// asked for.
+    pub advertise: Option<String>,
     pub limits: Limits,
     pub bounds: Bounds,
 }
@@ -551,6 +555,7 @@ impl Serve {
             self.index.clone(),
             self.config.auth_token_file.clone(),
             self.config.htpasswd.clone(),
+            self.config.advertise.clone(),
             self.config.tls.is_some(),
         );
         shipperd_ingest::serve_router(

@@ -305,3 +305,31 @@ async fn without_the_kubernetes_api_nobody_gets_in() -> anyhow::Result<()> {
     assert_eq!(app.stored_bundles(), 0);
     app.stop().await
 }
+
+/// An API open on loopback (no token asked) answers only this machine's names: a web
+/// page whose name a DNS rebinding points at 127.0.0.1 is refused, before any upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_api_on_loopback_refuses_other_host_names() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let http = reqwest::Client::new();
+    let body = tar_bytes(&sample("rebind", "rebind", 0).oci_files(""))?;
+    let r = http
+        .put(format!("{}/v1/bundles/rebind.tar", app.base))
+        .header("host", "evil.example")
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 421);
+    assert!(r.text().await?.contains("loopback"));
+    assert_eq!(app.stored_bundles(), 0);
+    let port = app.base.rsplit(':').next().unwrap();
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let r = http
+            .get(format!("{}/v1/bundles", app.base))
+            .header("host", &host)
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200, "{host}");
+    }
+    app.stop().await
+}

@@ -15,7 +15,7 @@ async fn a_body_cut_off_mid_way_leaves_nothing() -> anyhow::Result<()> {
     let addr = app.base.trim_start_matches("http://").to_string();
     let mut conn = tokio::net::TcpStream::connect(&addr).await?;
     conn.write_all(
-        b"PUT /v1/bundles/cut.squashfs HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n",
+        b"PUT /v1/bundles/cut.squashfs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1048576\r\n\r\n",
     )
     .await?;
     conn.write_all(&[7u8; 64 * 1024]).await?;

@@ -255,7 +255,7 @@ async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
     // long before the headers are done.
     let started = Instant::now();
     let mut s = TcpStream::connect(app.addr).await?;
-    let request = b"PUT /v1/bundles/slow.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+    let request = b"PUT /v1/bundles/slow.tar HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello";
     let mut closed = false;
     for b in request {
         if s.write_all(&[*b]).await.is_err() {
@@ -283,7 +283,7 @@ async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
 
     // A kept-alive connection that stays idle is closed too.
     let mut s = TcpStream::connect(app.addr).await?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await?;
     let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(6)).await;
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
@@ -292,7 +292,7 @@ async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
     // An upload that stalls mid-body is cut (408) and nothing of it is kept.
     let mut s = TcpStream::connect(app.addr).await?;
     s.write_all(
-        b"PUT /v1/bundles/stalled.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n\r\n",
+        b"PUT /v1/bundles/stalled.tar HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10485760\r\n\r\n",
     )
     .await?;
     s.write_all(&vec![7u8; 1 << 20]).await?;
@@ -320,7 +320,7 @@ async fn connections_and_uploads_are_capped() -> anyhow::Result<()> {
     let mut uploading = TcpStream::connect(app.addr).await?;
     uploading
         .write_all(
-            b"PUT /v1/bundles/first.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n",
+            b"PUT /v1/bundles/first.tar HTTP/1.1\r\nHost: localhost\r\nContent-Length: 200000\r\n\r\n",
         )
         .await?;
     uploading.write_all(&[1u8; 100_000]).await?;
@@ -335,7 +335,7 @@ async fn connections_and_uploads_are_capped() -> anyhow::Result<()> {
     let mut second = TcpStream::connect(app.addr).await?;
     second
         .write_all(
-            b"PUT /v1/bundles/second.tar HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecond",
+            b"PUT /v1/bundles/second.tar HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n\r\nsecond",
         )
         .await?;
     let (answer, _) = read_until_closed(&mut second, Duration::from_secs(2)).await;
@@ -348,7 +348,7 @@ async fn connections_and_uploads_are_capped() -> anyhow::Result<()> {
     let mut kept = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(app.addr).await?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await?;
         let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(1)).await;
         assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200") && !closed);
@@ -357,7 +357,7 @@ async fn connections_and_uploads_are_capped() -> anyhow::Result<()> {
     // The next is closed at once, unanswered.
     let mut extra = TcpStream::connect(app.addr).await?;
     let _ = extra
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
     let (answer, closed) = read_until_closed(&mut extra, Duration::from_secs(3)).await;
     assert!(answer.is_empty() && closed, "over the cap: {answer:?}");
@@ -422,7 +422,7 @@ async fn a_volume_that_would_fill_answers_507_and_keeps_nothing() -> anyhow::Res
     let mut s = TcpStream::connect(app.addr).await?;
     s.write_all(
         format!(
-            "PUT /v1/bundles/declared.tar HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            "PUT /v1/bundles/declared.tar HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
             big.len()
         )
         .as_bytes(),
@@ -604,7 +604,7 @@ async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::
     let mut idle = Vec::new();
     for _ in 0..3 {
         let mut s = TcpStream::connect(app.addr).await?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await?;
         let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(1)).await;
         assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200") && !closed);
@@ -612,7 +612,7 @@ async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::
     }
     let mut fourth = TcpStream::connect(app.addr).await?;
     let _ = fourth
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
     let (answer, closed) = read_until_closed(&mut fourth, Duration::from_secs(3)).await;
     assert!(

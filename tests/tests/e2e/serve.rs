@@ -675,3 +675,100 @@ async fn a_shadowing_bundle_does_not_serve_its_wrong_bytes() -> anyhow::Result<(
     assert_eq!(again.status(), 404);
     Ok(())
 }
+
+/// A flood of bad passwords from one address does not hold up a user's login from
+/// another: that address gets one bcrypt check at a time, then `429` (with
+/// `Retry-After`) once it failed too often, and the valid login is answered in well
+/// under 0.2 s. With `--advertise`, the login challenge names that URL, whatever Host
+/// the client sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_htpasswd_flood_does_not_hold_up_a_valid_login() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let dir = tempfile::tempdir()?;
+    let tar = dir.path().join("b.tar");
+    std::fs::write(&tar, tar_bytes(&sample("flood", "flood", 0).oci_files(""))?)?;
+    // Cost 8: about as slow as a real one, without making the test long.
+    let o = std::process::Command::new("htpasswd")
+        .args(["-nbB", "-C", "8", "alice", "wonder land"])
+        .output()
+        .expect("htpasswd (scripts/install-deps.sh installs apache2-utils)");
+    assert!(o.status.success());
+    let users = dir.path().join("htpasswd");
+    std::fs::write(&users, &o.stdout)?;
+    let s = serve(
+        &[
+            "--htpasswd",
+            users.to_str().unwrap(),
+            "--advertise",
+            "https://bastion.example:5000",
+        ],
+        &[&tar],
+    )
+    .await?;
+    let url = format!("http://{}/v2/", s.addr);
+    let attacker = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()?;
+    let user = reqwest::Client::new();
+
+    // The challenge: the advertised URL, not the Host the client sent.
+    let r = user.get(&url).header("host", "evil.example").send().await?;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        r#"Bearer realm="https://bastion.example:5000/token",service="shipperd""#
+    );
+
+    // 200 bad logins at once from 127.0.0.2.
+    let flood: Vec<_> = (0..200)
+        .map(|i| {
+            let (c, url) = (attacker.clone(), url.clone());
+            tokio::spawn(async move {
+                // 0: the connection closed (over --max-connections-per-client).
+                c.get(&url)
+                    .basic_auth("alice", Some(format!("guess-{i}")))
+                    .send()
+                    .await
+                    .map_or(0, |r| r.status().as_u16())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let started = std::time::Instant::now();
+    let r = user
+        .get(&url)
+        .basic_auth("alice", Some("wonder land"))
+        .send()
+        .await?;
+    let took = started.elapsed();
+    assert_eq!(r.status(), 200);
+    let mut statuses = std::collections::BTreeMap::new();
+    for f in flood {
+        *statuses.entry(f.await?).or_insert(0) += 1;
+    }
+    eprintln!("valid login in {took:?} during the flood; flood answered {statuses:?}");
+    assert!(took < Duration::from_millis(200), "{took:?}");
+    // Refused before any check: 429, or the connection closed (over its cap).
+    let refused = statuses.get(&429).unwrap_or(&0) + statuses.get(&0).unwrap_or(&0);
+    assert!(refused >= 150, "{statuses:?}");
+    assert_eq!(statuses.get(&200), None);
+    // Bad logins one after another: after 20 failures in a minute the address is
+    // refused before any check, with Retry-After. (A login that passed a moment ago is
+    // remembered, and would still pass.)
+    let mut last = None;
+    for i in 0..=shipperd_ingest::MAX_AUTH_FAILURES {
+        let r = attacker
+            .get(&url)
+            .basic_auth("alice", Some(format!("one more guess {i}")))
+            .send()
+            .await?;
+        if r.status() == 429 {
+            last = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 401);
+    }
+    let r = last.expect("locked out within 20 failures");
+    assert!(r.headers().contains_key("retry-after"));
+    Ok(())
+}
