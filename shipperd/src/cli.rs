@@ -813,6 +813,7 @@ impl ServeArgs {
                 prefix: self.prefix.clone(),
                 max_depth: self.max_depth,
                 renames: Vec::new(),
+                upload_namespace: None,
             },
             cache_dir: self.cache_dir.clone(),
             watch_dir: self.watch_dir.clone(),

@@ -17,7 +17,7 @@ use shipperd_model::{RegistryUrl, Secret, TargetName};
 
 pub use auth::{AuthSpec, Credentials};
 pub use live::LiveTargets;
-pub use mapping::{Mapping, Rename};
+pub use mapping::{Mapping, NAMESPACE as NAMESPACE_PREFIX, Rename};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -8,7 +8,10 @@
 //! 2. **keep_host**: the source registry host becomes the first path component
 //!    (`quay.io/org/app` → `quay.io/org/app`; a `:port` becomes `-port`); by default the
 //!    host is dropped (`org/app`);
-//! 3. **prefix** goes in front (`mirror/org/app`);
+//! 3. **prefix** goes in front (`mirror/org/app`); `{namespace}` in it is the namespace
+//!    the bundle belongs to (the `Bundle`'s, or `upload_namespace` for what came through
+//!    the ingest endpoint), so a shared target lands each tenant's images in its own
+//!    project (`{namespace}` at depth 2 on OpenShift: `team-a/org-app`);
 //! 4. **max_depth** (for registries that cap path depth: OpenShift's `namespace/name` is
 //!    2, Quay's `org/repo` is 2): when the path has more components than that, the first
 //!    `max_depth - 1` are kept and the rest are joined with `-`
@@ -33,7 +36,14 @@ pub struct Mapping {
     pub max_depth: Option<usize>,
     #[serde(default, rename = "rename")]
     pub renames: Vec<Rename>,
+    /// What `{namespace}` in `prefix` is for a bundle no `Bundle` brought in (the
+    /// operator's upload namespace).
+    #[serde(default)]
+    pub upload_namespace: Option<String>,
 }
+
+/// In a prefix: the namespace the bundle belongs to.
+pub const NAMESPACE: &str = "{namespace}";
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,7 +70,16 @@ fn check_path(what: &str, path: &str, empty_ok: bool) -> Result<()> {
 impl Mapping {
     /// Checks the rules once, when the configuration is loaded.
     pub fn validate(&self) -> Result<()> {
-        check_path("prefix", self.prefix.trim_matches('/'), true)?;
+        let prefix = self.prefix.trim_matches('/');
+        if prefix.contains(NAMESPACE) && !prefix.split('/').any(|c| c == NAMESPACE) {
+            return Err(Error::Mapping(format!(
+                "prefix {prefix:?}: {NAMESPACE} must be a whole path component"
+            )));
+        }
+        check_path("prefix", &prefix.replace(NAMESPACE, "ns"), true)?;
+        if let Some(ns) = &self.upload_namespace {
+            check_path("upload_namespace", ns, false)?;
+        }
         if self.max_depth == Some(0) {
             return Err(Error::Mapping("max_depth must be at least 1".into()));
         }
@@ -71,8 +90,14 @@ impl Mapping {
         Ok(())
     }
 
-    /// The repository `source` lands in (without the target's host).
+    /// The repository `source` lands in (without the target's host), for a bundle of no
+    /// namespace.
     pub fn repository(&self, source: &Reference) -> Result<String> {
+        self.repository_in(source, None)
+    }
+
+    /// The repository `source` of a bundle of `namespace` lands in.
+    pub fn repository_in(&self, source: &Reference, namespace: Option<&str>) -> Result<String> {
         let mut repo = source.repository.clone();
         if let Some(rule) = self.renames.iter().find(|r| {
             repo == r.from
@@ -83,7 +108,15 @@ impl Mapping {
             repo = format!("{}{}", rule.to, &repo[rule.from.len()..]);
         }
         let mut parts: Vec<String> = Vec::new();
-        let prefix = self.prefix.trim_matches('/');
+        let mut prefix = self.prefix.trim_matches('/').to_string();
+        if prefix.contains(NAMESPACE) {
+            let Some(ns) = namespace.or(self.upload_namespace.as_deref()) else {
+                return Err(Error::Mapping(format!(
+                    "the prefix names {NAMESPACE}, and {source} belongs to no namespace"
+                )));
+            };
+            prefix = prefix.replace(NAMESPACE, ns);
+        }
         if !prefix.is_empty() {
             parts.extend(prefix.split('/').map(str::to_string));
         }
@@ -111,9 +144,19 @@ impl Mapping {
 
     /// `source` retargeted: `host/<mapped repository>`, same tag and digest.
     pub fn map(&self, source: &Reference, host: &str) -> Result<Reference> {
+        self.map_in(source, host, None)
+    }
+
+    /// [`Mapping::map`] for a bundle of `namespace`.
+    pub fn map_in(
+        &self,
+        source: &Reference,
+        host: &str,
+        namespace: Option<&str>,
+    ) -> Result<Reference> {
         Ok(Reference {
             host: Some(host.to_string()),
-            repository: self.repository(source)?,
+            repository: self.repository_in(source, namespace)?,
             tag: source.tag.clone(),
             digest: source.digest.clone(),
         })
@@ -184,6 +227,35 @@ mod tests {
             map(&m, "openshift/release-images:4"),
             "openshift/release-images"
         );
+    }
+
+    #[test]
+    fn a_namespace_prefix_is_the_bundles_namespace() {
+        let m = Mapping {
+            prefix: NAMESPACE.into(),
+            max_depth: Some(2),
+            upload_namespace: Some("shipperd".into()),
+            ..Default::default()
+        };
+        m.validate().unwrap();
+        let src = Reference::parse("quay.io/org/app:1").unwrap();
+        assert_eq!(
+            m.repository_in(&src, Some("team-a")).unwrap(),
+            "team-a/org-app"
+        );
+        assert_eq!(m.repository_in(&src, None).unwrap(), "shipperd/org-app");
+        let none = Mapping {
+            upload_namespace: None,
+            ..m.clone()
+        };
+        assert!(none.repository_in(&src, None).is_err());
+        for bad in ["x{namespace}", "{namespace}-x/y"] {
+            let m = Mapping {
+                prefix: bad.into(),
+                ..Default::default()
+            };
+            assert!(m.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use ops::delete as delete_bundle;
 pub use serve::{Bounds, Client};
 use shipperd_bus::Bus;
 use shipperd_model::DataDir;
-pub use store::{Accepted, Origin, Store, instance};
+pub use store::{Accepted, Opened, Origin, Store, instance};
 pub use tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 

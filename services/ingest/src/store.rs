@@ -200,6 +200,41 @@ async fn restore(from: &Path, to: &Path) {
     }
 }
 
+/// A file opened by descriptor beneath a directory held open: how `path` sources are
+/// taken (see [`Store::receive_opened`]).
+pub struct Opened {
+    /// The file, opened for reading without following a link.
+    pub file: std::fs::File,
+    /// Its directory, and its name there.
+    pub dir: rustix::fd::OwnedFd,
+    pub leaf: std::ffi::OsString,
+    /// Its path, for messages.
+    pub shown: String,
+}
+
+/// Where a taken file goes back to when it cannot be stored.
+enum Back {
+    Path(PathBuf),
+    At {
+        dir: rustix::fd::OwnedFd,
+        leaf: std::ffi::OsString,
+    },
+}
+
+impl Back {
+    async fn restore(&self, from: &Path) {
+        match self {
+            Back::Path(to) => restore(from, to).await,
+            Back::At { dir, leaf } => {
+                let r = rustix::fs::renameat(rustix::fs::CWD, from, dir, leaf);
+                if let Err(error) = r {
+                    tracing::error!(%error, from = %from.display(), "cannot put a taken bundle back");
+                }
+            }
+        }
+    }
+}
+
 impl Store {
     /// Opens the store for the ingest service: the leftovers of uploads a crash of this
     /// replica cut off (in its own temp directory) are removed first; drop-directory
@@ -636,26 +671,7 @@ impl Store {
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| Error::io(path, e))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf).await.map_err(|e| Error::io(path, e))?;
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            if size > self.max_bytes {
-                return Err(Error::TooLarge {
-                    limit: self.max_bytes,
-                });
-            }
-            hasher.update(&buf[..n]);
-        }
-        if size == 0 {
-            return Err(Error::Empty);
-        }
-        let id = hash_id(hasher);
+        let (id, size) = self.hash_file(&mut file, path).await?;
         check_expected(expected.map(BundleId::as_str), id.as_str())?;
         // The bytes are the user's only copy: on failure they go back, never away (a
         // crash leaves them `.taken`, and the next start puts them back).
@@ -674,6 +690,99 @@ impl Store {
                 .map_err(|e| Error::io(path, e))?;
             tmp.keep = true;
         }
+        let back = Back::Path(path.to_path_buf());
+        self.keep_taken(name, tmp, id, size, origin, &back).await
+    }
+
+    /// Takes in a file opened beneath a directory by descriptor (a `path` source): read
+    /// through its descriptor, then moved out of the directory held open (by name, as
+    /// the only way there is) and checked to be the very file that was read: a file or
+    /// symbolic link swapped in meanwhile is put back, and nothing is taken.
+    pub async fn receive_opened(
+        &self,
+        name: &str,
+        opened: Opened,
+        expected: Option<&BundleId>,
+        origin: &Origin,
+    ) -> Result<Accepted> {
+        use rustix::fs::{AtFlags, OFlags};
+        validate_name(name)?;
+        let Opened {
+            file,
+            dir,
+            leaf,
+            shown,
+        } = opened;
+        let shown = Path::new(&shown);
+        let read = rustix::fs::fstat(&file).map_err(|e| Error::io(shown, e.into()))?;
+        let mut file = tokio::fs::File::from_std(file);
+        let (id, size) = self.hash_file(&mut file, shown).await?;
+        check_expected(expected.map(BundleId::as_str), id.as_str())?;
+        let tmp = self.taken_file(name);
+        let tmp_dir = rustix::fs::open(
+            &self.tmp,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| Error::io(&self.tmp, e.into()))?;
+        let tmp_leaf = tmp.path.file_name().expect("a file name").to_owned();
+        rustix::fs::renameat(&dir, &leaf, &tmp_dir, &tmp_leaf).map_err(|e| match e {
+            rustix::io::Errno::XDEV => Error::BadRequest(format!(
+                "{}: the import directory must be on the data volume (it is moved into \
+                 the store, not copied)",
+                shown.display()
+            )),
+            e => Error::io(shown, e.into()),
+        })?;
+        let moved = rustix::fs::statat(&tmp_dir, &tmp_leaf, AtFlags::SYMLINK_NOFOLLOW);
+        if moved.map_or(true, |m| (m.st_dev, m.st_ino) != (read.st_dev, read.st_ino)) {
+            let _ = rustix::fs::renameat(&tmp_dir, &tmp_leaf, &dir, &leaf);
+            return Err(Error::BadRequest(format!(
+                "{} was replaced while it was read (a file or link swapped in): it was put \
+                 back, and nothing was taken",
+                shown.display()
+            )));
+        }
+        let back = Back::At { dir, leaf };
+        self.keep_taken(name, tmp, id, size, origin, &back).await
+    }
+
+    /// Reads a file through, hashing it; its id and size. Empty files and files over
+    /// the limit are refused.
+    async fn hash_file(&self, file: &mut tokio::fs::File, shown: &Path) -> Result<(BundleId, u64)> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).await.map_err(|e| Error::io(shown, e))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > self.max_bytes {
+                return Err(Error::TooLarge {
+                    limit: self.max_bytes,
+                });
+            }
+            hasher.update(&buf[..n]);
+        }
+        if size == 0 {
+            return Err(Error::Empty);
+        }
+        Ok((hash_id(hasher), size))
+    }
+
+    /// Stores a file taken into the temp directory (`tmp`) as bundle `id` and records
+    /// it; on failure the file goes `back` where it came from, never away.
+    async fn keep_taken(
+        &self,
+        name: &str,
+        mut tmp: TempFile,
+        id: BundleId,
+        size: u64,
+        origin: &Origin,
+        back: &Back,
+    ) -> Result<Accepted> {
         let meta = Meta {
             name: name.to_string(),
             size,
@@ -685,7 +794,7 @@ impl Store {
         let dest = match self.place(&mut tmp, &id, &meta).await {
             Ok(dest) => dest,
             Err(e) => {
-                restore(&tmp.path, path).await;
+                back.restore(&tmp.path).await;
                 return Err(e);
             }
         };
@@ -698,7 +807,7 @@ impl Store {
             }
             Err(e) => {
                 // Put the file back where the user left it, to be taken again later.
-                restore(dest.as_deref().unwrap_or(&tmp.path), path).await;
+                back.restore(dest.as_deref().unwrap_or(&tmp.path)).await;
                 Err(e)
             }
         }

@@ -11,20 +11,21 @@
 //!   contribution needs any more. A deleted `Bundle` takes its contribution with it;
 //!   a mirror another published bundle still needs stays.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Api, Resource as _, ResourceExt as _,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
 };
-use shipperd_model::{BundleSummary, ImageState};
+use shipperd_model::{BundleId, BundleSummary, ImageState};
 use shipperd_state::StateStore;
 
 use crate::{
     crd::{Bundle, ClusterRegistryTarget},
-    mirrors::{ClusterResources, Gathered, Landed, Meta},
+    mirrors::{ClusterResources, Gathered, Landed, Merged, Meta},
 };
 
 /// The field manager of everything the operator applies.
@@ -64,19 +65,26 @@ pub struct Policy {
     pub apply: bool,
     /// ImageTagMirrorSets too.
     pub tag_mirror_sets: bool,
+    /// The target allows applying, but not for the bundle's namespace: which.
+    pub namespace_refused: Option<String>,
 }
 
 impl Policy {
     /// Why a bundle asking to apply was refused, in words.
     pub fn why_not(&self) -> String {
-        match &self.cluster_target {
-            None => "only a bundle published through a ClusterRegistryTarget that allows it \
-                     applies cluster resources"
+        match (&self.cluster_target, &self.namespace_refused) {
+            (None, _) => "only a bundle published through a ClusterRegistryTarget that allows \
+                          it applies cluster resources"
                 .into(),
-            Some(t) if !self.apply => {
+            (Some(t), Some(ns)) => format!(
+                "ClusterRegistryTarget {t} lets only the namespaces its clusterResources lists \
+                 (namespaces, namespaceSelector; none: the operator's own) apply cluster \
+                 resources, not {ns}"
+            ),
+            (Some(t), None) if !self.apply => {
                 format!("ClusterRegistryTarget {t} does not allow it (clusterResources.apply)")
             }
-            Some(t) => format!(
+            (Some(t), None) => format!(
                 "ClusterRegistryTarget {t} does not allow ImageTagMirrorSets \
                  (clusterResources.tagMirrorSets)"
             ),
@@ -84,36 +92,95 @@ impl Policy {
     }
 }
 
-/// The policy of the target a bundle was published through: a namespaced target
-/// (`<namespace>/<name>`) allows nothing; a `ClusterRegistryTarget` (named, or the
-/// default one for `None`) what its `clusterResources` says.
+/// Does a list of names and a label selector select namespace `ns`? (Its labels are
+/// read only when a selector must look at them.)
+async fn selects(
+    client: &kube::Client,
+    ns: &str,
+    names: &[String],
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> Result<bool, kube::Error> {
+    use kube::core::{Selector, SelectorExt as _};
+    if names.iter().any(|n| n == ns) {
+        return Ok(true);
+    }
+    let Some(selector) = selector else {
+        return Ok(false);
+    };
+    let Ok(selector) = Selector::try_from(selector.clone()) else {
+        tracing::warn!(
+            namespace = ns,
+            "a namespaceSelector that does not parse selects nothing"
+        );
+        return Ok(false);
+    };
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    Ok(match api.get_opt(ns).await? {
+        Some(n) => selector.matches(n.labels()),
+        None => false,
+    })
+}
+
+/// The `ClusterRegistryTarget` a bundle goes to: named, or the default one for
+/// `None` (as the renderer picks it: the first by name marked default). `None` for a
+/// namespace's target.
+pub async fn cluster_target(
+    client: &kube::Client,
+    target: Option<&shipperd_model::TargetName>,
+) -> Result<Option<ClusterRegistryTarget>, kube::Error> {
+    if target.is_some_and(|t| t.namespace().is_some()) {
+        return Ok(None);
+    }
+    let api: Api<ClusterRegistryTarget> = Api::all(client.clone());
+    match target {
+        Some(t) => api.get_opt(t.as_str()).await,
+        None => {
+            let mut all = api.list(&Default::default()).await?.items;
+            all.sort_by_key(|t| t.name_any());
+            Ok(all.into_iter().find(|t| t.spec.target.default))
+        }
+    }
+}
+
+/// May Bundles of namespace `ns` publish through cluster target `t`? Any namespace,
+/// when it states no conditions.
+pub async fn may_use(
+    client: &kube::Client,
+    t: &ClusterRegistryTarget,
+    ns: &str,
+) -> Result<bool, kube::Error> {
+    if t.spec.conditions.is_empty() {
+        return Ok(true);
+    }
+    for c in &t.spec.conditions {
+        if selects(client, ns, &c.namespaces, c.namespace_selector.as_ref()).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The policy of the target a bundle of namespace `ns` was published through: a
+/// namespaced target (`<namespace>/<name>`) allows nothing; a `ClusterRegistryTarget`
+/// (named, or the default one for `None`) what its `clusterResources` says, for the
+/// namespaces it lists (none listed: the operator's own, `own`, only).
 pub async fn policy(
     client: &kube::Client,
     target: Option<&shipperd_model::TargetName>,
+    ns: &str,
+    own: &str,
 ) -> Result<Policy, kube::Error> {
-    if target.is_some_and(|t| t.namespace().is_some()) {
+    let Some(t) = cluster_target(client, target).await? else {
         return Ok(Policy::default());
-    }
-    let api: Api<ClusterRegistryTarget> = Api::all(client.clone());
-    let t = match target {
-        Some(t) => api.get_opt(t.as_str()).await?,
-        None => {
-            // The default, as the renderer picks it: the first by name marked default.
-            let mut all = api.list(&Default::default()).await?.items;
-            all.sort_by_key(|t| t.name_any());
-            all.into_iter().find(|t| t.spec.target.default)
-        }
     };
-    Ok(match t {
-        None => Policy::default(),
-        Some(t) => {
-            let p = t.spec.cluster_resources.clone().unwrap_or_default();
-            Policy {
-                cluster_target: Some(t.name_any()),
-                apply: p.apply,
-                tag_mirror_sets: p.apply && p.tag_mirror_sets,
-            }
-        }
+    let p = t.spec.cluster_resources.clone().unwrap_or_default();
+    let listed =
+        ns == own || selects(client, ns, &p.namespaces, p.namespace_selector.as_ref()).await?;
+    Ok(Policy {
+        cluster_target: Some(t.name_any()),
+        apply: p.apply && listed,
+        tag_mirror_sets: p.apply && listed && p.tag_mirror_sets,
+        namespace_refused: (p.apply && !listed).then(|| ns.to_string()),
     })
 }
 
@@ -150,8 +217,12 @@ pub async fn publish(
 const CONTRIBUTION: &str = "shipperd.io/cluster-resources";
 /// The label of every cluster object the operator applies.
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by=shipperd";
-/// The key of a contribution's JSON.
+/// The key of a contribution's JSON (for people to read: [`converge`] derives every
+/// contribution again from its `Bundle` and ShipperD's state).
 const GATHERED: &str = "gathered.json";
+/// A contribution's `Bundle` (`<namespace>/<name>`) and its uid.
+const BUNDLE_ANNOTATION: &str = "shipperd.io/bundle";
+const UID_ANNOTATION: &str = "shipperd.io/bundle-uid";
 
 fn contribution_name(b: &Bundle) -> String {
     format!("shipperd-cluster-{}", b.uid().unwrap_or_default())
@@ -175,7 +246,8 @@ pub async fn contribute(
             "namespace": own,
             "labels": { CONTRIBUTION: "contribution", "app.kubernetes.io/managed-by": "shipperd" },
             "annotations": {
-                "shipperd.io/bundle": format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
+                BUNDLE_ANNOTATION: format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
+                UID_ANNOTATION: b.uid().unwrap_or_default(),
                 "shipperd.io/order": format!("{order:020}"),
             },
         },
@@ -201,32 +273,169 @@ pub async fn withdraw(client: &kube::Client, own: &str, b: &Bundle) -> Result<bo
     }
 }
 
+/// What [`converge`] reads: the cluster, ShipperD's state and data directory, the
+/// upload namespace, and the contributions it derived before (by bundle id and whether
+/// ImageTagMirrorSets apply; a bundle's images do not change once it is published).
+pub struct Sources<'a> {
+    pub client: &'a kube::Client,
+    /// The operator's namespace, where contributions are kept.
+    pub own: &'a str,
+    pub uploads: Option<&'a str>,
+    pub state: &'a StateStore,
+    pub data: &'a shipperd_model::DataDir,
+    pub cache: &'a std::sync::Mutex<HashMap<(BundleId, bool), Gathered>>,
+}
+
+/// Something a `Bundle` must be told (a Warning Event): what of its contribution was
+/// not applied, and why.
+#[derive(Debug, Clone)]
+pub struct Told {
+    pub regarding: ObjectReference,
+    pub message: String,
+}
+
+/// A contribution admitted: its bundle's order, its `Bundle`, what it needs.
+type Admitted = (u64, Bundle, Gathered);
+
+/// Is the contribution `cm` one to apply? Its data is not read: the `Bundle` it names
+/// must exist (the same uid), ask to apply, be published, own its bundle and be allowed
+/// by its target's policy; what it needs is derived again from ShipperD's state. So a
+/// ConfigMap made by hand, or edited, applies nothing of its own.
+async fn admitted(src: &Sources<'_>, cm: &ConfigMap) -> Result<Option<Admitted>, String> {
+    let name = cm.name_any();
+    let skip = |why: &str| {
+        tracing::warn!(configmap = %name, why, "a contribution that applies nothing");
+        Ok(None)
+    };
+    let ann = cm.annotations();
+    let Some((ns, bundle)) = ann.get(BUNDLE_ANNOTATION).and_then(|r| r.split_once('/')) else {
+        return skip("it names no Bundle");
+    };
+    let api: Api<Bundle> = Api::namespaced(src.client.clone(), ns);
+    let Some(b) = api.get_opt(bundle).await.map_err(|e| e.to_string())? else {
+        return skip("its Bundle is gone");
+    };
+    if b.uid().as_deref() != ann.get(UID_ANNOTATION).map(String::as_str)
+        || name != contribution_name(&b)
+    {
+        return skip("it is not its Bundle's");
+    }
+    if b.metadata.deletion_timestamp.is_some() || !b.spec.apply_cluster_resources {
+        return skip("its Bundle is deleted, or does not ask to apply");
+    }
+    let Some(id) = b
+        .status
+        .as_ref()
+        .and_then(|st| st.bundle_id.as_deref())
+        .and_then(|i| BundleId::parse(i).ok())
+    else {
+        return skip("its Bundle has no bundle yet");
+    };
+    let Some(s) = src.state.summary(&id).await.map_err(|e| e.to_string())? else {
+        return skip("its bundle is not known");
+    };
+    if s.phase != shipperd_model::Phase::Published
+        || s.deleting
+        || !crate::controller::follows(ns, s.owner.as_deref(), src.uploads)
+    {
+        return skip("its bundle is not published, or not its namespace's");
+    }
+    let policy = policy(src.client, s.target.as_ref(), ns, src.own)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !policy.apply {
+        return skip("its target does not let its namespace apply");
+    }
+    let tags = b.spec.tag_mirror_set && policy.tag_mirror_sets;
+    let key = (id, tags);
+    let known = src
+        .cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    let g = match known {
+        Some(g) => g,
+        None => {
+            let (_, g) = resources(src.state, src.data, &s, tags, tags)
+                .await
+                .map_err(|e| e.to_string())?;
+            src.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, g.clone());
+            g
+        }
+    };
+    Ok(Some((s.order.unwrap_or_default(), b, g)))
+}
+
 /// Applies what every contribution needs, merged in the order their bundles were
-/// received, and deletes our objects that none needs any more.
-pub async fn converge(client: &kube::Client, own: &str) -> Result<(), kube::Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), own);
+/// received (a namespace's entries are never replaced by another's: see
+/// [`Merged`]), and deletes our objects that none needs any more. An object of the
+/// same name that ShipperD did not make is left as it is. Returns what the Bundles
+/// that lost something must be told.
+pub async fn converge(src: &Sources<'_>) -> Result<Vec<Told>, String> {
+    let api: Api<ConfigMap> = Api::namespaced(src.client.clone(), src.own);
     let lp = kube::api::ListParams::default().labels(&format!("{CONTRIBUTION}=contribution"));
-    let mut cms = api.list(&lp).await?.items;
-    cms.sort_by_key(|c| {
-        c.annotations()
-            .get("shipperd.io/order")
-            .cloned()
-            .unwrap_or_default()
-    });
-    let mut all = Gathered::default();
+    let cms = api.list(&lp).await.map_err(|e| e.to_string())?.items;
+    let mut entries = Vec::new();
     for cm in &cms {
-        match cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get(GATHERED))
-            .map(|j| serde_json::from_str::<Gathered>(j))
-        {
-            Some(Ok(g)) => all.merge(g),
-            _ => tracing::warn!(configmap = %cm.name_any(), "an unreadable contribution; left out"),
+        if let Some(e) = admitted(src, cm).await? {
+            entries.push(e);
         }
     }
-    let wanted = apply_all(client, &all.resources()).await?;
-    prune(client, &wanted).await
+    entries.sort_by_key(|e| e.0);
+    // Derived contributions of bundles no longer applying are forgotten.
+    let live: std::collections::HashSet<(BundleId, bool)> = src
+        .cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .filter(|(id, _)| {
+            entries.iter().any(|(_, b, _)| {
+                b.status.as_ref().and_then(|s| s.bundle_id.as_deref()) == Some(id.as_str())
+            })
+        })
+        .cloned()
+        .collect();
+    src.cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|k, _| live.contains(k));
+    let mut merged = Merged::default();
+    let mut refs = HashMap::new();
+    for (_, b, g) in entries {
+        let (ns, name) = (b.namespace().unwrap_or_default(), b.name_any());
+        let who = format!("{ns}/{name}");
+        merged.add(&ns, &who, g);
+        refs.insert(who, b.object_ref(&()));
+    }
+    let res = merged.all.resources();
+    let (wanted, foreign) = apply_all(src.client, &res)
+        .await
+        .map_err(|e| e.to_string())?;
+    prune(src.client, &wanted)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut told: Vec<Told> = merged
+        .conflicts
+        .into_iter()
+        .filter_map(|c| {
+            Some(Told {
+                regarding: refs.get(&c.bundle)?.clone(),
+                message: c.message,
+            })
+        })
+        .collect();
+    // An object ShipperD did not make: every contributing Bundle hears of it.
+    for message in foreign {
+        told.extend(refs.values().map(|r| Told {
+            regarding: r.clone(),
+            message: message.clone(),
+        }));
+    }
+    Ok(told)
 }
 
 /// The kinds the operator applies: (group, version, kind, the only namespace it uses
@@ -296,11 +505,12 @@ async fn prune(
     Ok(())
 }
 
-/// Applies every resource (server-side apply); what it applied.
+/// Applies every resource (server-side apply); what it applied, and the objects it left
+/// alone (not made by ShipperD), in words.
 async fn apply_all(
     client: &kube::Client,
     res: &ClusterResources,
-) -> Result<std::collections::BTreeSet<ObjectKey>, kube::Error> {
+) -> Result<(std::collections::BTreeSet<ObjectKey>, Vec<String>), kube::Error> {
     let pp = PatchParams::apply(MANAGER).force();
     let mut objects: Vec<(serde_json::Value, &Meta)> = Vec::new();
     for set in res.digest_mirror_sets.iter().chain(&res.tag_mirror_sets) {
@@ -319,6 +529,7 @@ async fn apply_all(
         objects.push((serde_json::to_value(c).expect("serialises"), &c.metadata));
     }
     let mut applied = std::collections::BTreeSet::new();
+    let mut foreign = Vec::new();
     for (v, meta) in objects {
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
         let Some((g, ver, _, _)) = KINDS.iter().find(|(_, _, k, _)| *k == kind).copied() else {
@@ -326,12 +537,36 @@ async fn apply_all(
         };
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(g, ver, &kind));
         let ns = meta.namespace.clone().unwrap_or_default();
-        dynamic(client, &ar, &ns)
-            .patch(&meta.name, &pp, &Patch::Apply(&v))
-            .await?;
+        let api = dynamic(client, &ar, &ns);
+        // One of the same name that ShipperD did not make (an admin's, another tool's)
+        // is left as it is.
+        match api.get_opt(&meta.name).await {
+            Ok(Some(o)) if !ours(&o) => {
+                foreign.push(format!(
+                    "{kind} {}{} exists and was not made by ShipperD: left as it is, \
+                     and this bundle's share of it is not applied",
+                    if ns.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{ns}/")
+                    },
+                    meta.name
+                ));
+                continue;
+            }
+            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(e),
+        }
+        api.patch(&meta.name, &pp, &Patch::Apply(&v)).await?;
         applied.insert((kind, ns, meta.name.clone()));
     }
-    Ok(applied)
+    Ok((applied, foreign))
+}
+
+/// Was `o` made by ShipperD (it carries the label everything applied carries)?
+fn ours(o: &DynamicObject) -> bool {
+    let (k, v) = MANAGED_BY.split_once('=').expect("a label selector");
+    o.labels().get(k).map(String::as_str) == Some(v)
 }
 
 /// What bundle `s` needs: its own resources (with ImageTagMirrorSets when `shown_tags`,
@@ -400,7 +635,14 @@ mod tests {
             cluster_target: Some("shared".into()),
             apply: true,
             tag_mirror_sets: false,
+            namespace_refused: None,
         };
         assert!(no_itms.why_not().contains("tagMirrorSets"));
+        let tenant = Policy {
+            cluster_target: Some("openshift-internal".into()),
+            namespace_refused: Some("team-b".into()),
+            ..Policy::default()
+        };
+        assert!(tenant.why_not().contains("not team-b"));
     }
 }

@@ -55,6 +55,9 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     Invalid(String),
+    /// The cluster's resources could not be brought up to date.
+    #[error("applying cluster resources: {0}")]
+    Converge(String),
 }
 
 /// How a fetch started by this operator is doing.
@@ -95,6 +98,8 @@ pub struct Context {
     /// One change to the cluster's resources at a time (a converge reads every
     /// contribution, then applies and prunes: two at once could prune each other's).
     converging: tokio::sync::Mutex<()>,
+    /// Contributions derived from ShipperD's state (see [`crate::cluster::converge`]).
+    contributions: std::sync::Mutex<HashMap<(BundleId, bool), crate::mirrors::Gathered>>,
 }
 
 impl Context {
@@ -123,7 +128,40 @@ impl Context {
             failures: Mutex::default(),
             own_namespace: "default".into(),
             converging: tokio::sync::Mutex::new(()),
+            contributions: std::sync::Mutex::default(),
         }
+    }
+
+    /// Merges every contribution into the cluster's resources (one at a time), and tells
+    /// each Bundle that lost something of it (a Warning Event `ClusterResourcesConflict`
+    /// naming both).
+    async fn converge(&self) -> Result<(), String> {
+        let told = {
+            let _one = self.converging.lock().await;
+            crate::cluster::converge(&crate::cluster::Sources {
+                client: &self.client,
+                own: &self.own_namespace,
+                uploads: self.upload_namespace.as_deref(),
+                state: &self.state,
+                data: self.store.data(),
+                cache: &self.contributions,
+            })
+            .await?
+        };
+        for t in told {
+            tracing::warn!(bundle = ?t.regarding.name, message = %t.message, "cluster resources not applied");
+            let ev = KubeEvent {
+                type_: EventType::Warning,
+                reason: "ClusterResourcesConflict".into(),
+                note: Some(t.message.chars().take(1000).collect()),
+                action: "Apply".into(),
+                secondary: None,
+            };
+            if let Err(error) = self.recorder.publish(&ev, &t.regarding).await {
+                tracing::warn!(%error, "cannot record an Event");
+            }
+        }
+        Ok(())
     }
 
     /// Whether Bundles of namespace `ns` may follow, apply and delete bundle `s`: the
@@ -147,7 +185,7 @@ impl Context {
 
 /// Whether a `Bundle` of namespace `ns` may follow a bundle `owner` brought in (`None`:
 /// the ingest endpoint or drop directory, which act for `uploads`).
-fn follows(ns: &str, owner: Option<&str>, uploads: Option<&str>) -> bool {
+pub(crate) fn follows(ns: &str, owner: Option<&str>, uploads: Option<&str>) -> bool {
     match owner {
         Some(owner) => owner == ns,
         None => uploads == Some(ns),
@@ -214,6 +252,7 @@ pub async fn run(
     );
     targets.watch_namespace = config.namespace.clone();
     targets.service_account_token_hosts = config.service_account_token_hosts.clone();
+    targets.upload_namespace = config.upload_namespace.clone();
     let targets = Arc::new(targets);
     let webhooks = Arc::new(crate::webhooks::WebhooksContext {
         client: client.clone(),
@@ -805,6 +844,18 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
                 pending_status(BundlePhase::Fetching, None, generation, &previous, now)
             }
             None => {
+                // A shared target serves only the namespaces its conditions select.
+                if let Some(t) =
+                    crate::cluster::cluster_target(&ctx.client, target.as_ref()).await?
+                    && !crate::cluster::may_use(&ctx.client, &t, &ns).await?
+                {
+                    let message = format!(
+                        "ClusterRegistryTarget {} does not serve namespace {ns} (its \
+                         spec.conditions select the namespaces it serves)",
+                        t.name_any()
+                    );
+                    return refuse(b, api, ctx, "TargetNotAllowed", &message, &previous, now).await;
+                }
                 match (&src.url, &src.path) {
                     (Some(url), _) => start_fetch(b, url, target.as_ref(), &uid, ctx).await?,
                     (None, Some(path)) => start_take(b, path, target.as_ref(), &uid, ctx)?,
@@ -827,43 +878,68 @@ async fn apply(b: &Bundle, api: &Api<Bundle>, ctx: &Context) -> Result<Action, E
     {
         // Cluster resources are applied only for a bundle published through a
         // ClusterRegistryTarget that allows it: a namespace never changes nodes.
-        let written = match crate::cluster::policy(&ctx.client, s.target.as_ref()).await {
-            Ok(policy) => {
-                let apply = b.spec.apply_cluster_resources && policy.apply;
-                let tags = b.spec.tag_mirror_set;
-                let data = ctx.store.data();
-                match crate::cluster::resources(
-                    &ctx.state,
-                    data,
-                    s,
-                    tags,
-                    tags && policy.tag_mirror_sets,
-                )
+        let written =
+            match crate::cluster::policy(&ctx.client, s.target.as_ref(), &ns, &ctx.own_namespace)
                 .await
-                {
-                    Ok((res, contribution)) => {
-                        let client = &ctx.client;
-                        let own = &ctx.own_namespace;
-                        let order = s.order.unwrap_or_default();
-                        async {
-                            let name = crate::cluster::publish(client, b, &res).await?;
-                            if apply {
-                                let _one = ctx.converging.lock().await;
-                                crate::cluster::contribute(client, own, b, order, &contribution)
-                                    .await?;
-                                crate::cluster::converge(client, own).await?;
+            {
+                Ok(policy) => {
+                    let apply = b.spec.apply_cluster_resources && policy.apply;
+                    let tags = b.spec.tag_mirror_set;
+                    let data = ctx.store.data();
+                    match crate::cluster::resources(
+                        &ctx.state,
+                        data,
+                        s,
+                        tags,
+                        tags && policy.tag_mirror_sets,
+                    )
+                    .await
+                    {
+                        Ok((res, contribution)) => {
+                            let client = &ctx.client;
+                            let own = &ctx.own_namespace;
+                            let order = s.order.unwrap_or_default();
+                            async {
+                                let name = crate::cluster::publish(client, b, &res)
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                if apply {
+                                    // The converge derives the contribution from the
+                                    // Bundle's status: it must name its bundle by now.
+                                    let named =
+                                        b.status.as_ref().and_then(|st| st.bundle_id.as_deref());
+                                    if named != Some(s.id.as_str()) {
+                                        let patch =
+                                            serde_json::json!({ "status": { "bundleId": s.id } });
+                                        api.patch_status(
+                                            &b.name_any(),
+                                            &PatchParams::default(),
+                                            &Patch::Merge(&patch),
+                                        )
+                                        .await
+                                        .map_err(|e| e.to_string())?;
+                                    }
+                                    crate::cluster::contribute(
+                                        client,
+                                        own,
+                                        b,
+                                        order,
+                                        &contribution,
+                                    )
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                    ctx.converge().await?;
+                                }
+                                Ok::<_, String>(name)
                             }
-                            Ok::<_, kube::Error>(name)
+                            .await
+                            .map(|name| (name, policy))
                         }
-                        .await
-                        .map(|name| (name, policy))
-                        .map_err(|e| e.to_string())
+                        Err(e) => Err(e.to_string()),
                     }
-                    Err(e) => Err(e.to_string()),
                 }
-            }
-            Err(e) => Err(e.to_string()),
-        };
+                Err(e) => Err(e.to_string()),
+            };
         let ev = match &written {
             Ok((name, policy)) => {
                 status.cluster_resources = Some(name.clone());
@@ -1063,7 +1139,8 @@ fn start_take(
     uid: &str,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let file = match confined(&ctx.import_dir, &src.path) {
+    let ns = b.namespace().unwrap_or_default();
+    let file = match confined(&ctx.import_dir, &ns, &src.path) {
         Ok(file) => file,
         Err(why) => {
             ctx.set_fetch(uid, Fetch::Failed(why));
@@ -1082,7 +1159,7 @@ fn start_take(
     let (wake, me) = (ctx.wake.clone(), ObjectRef::from_obj(b));
     tokio::spawn(async move {
         let state = match store
-            .receive_file(&name, &file, expected.as_ref(), &origin)
+            .receive_opened(&name, file, expected.as_ref(), &origin)
             .await
         {
             Ok(a) => Fetch::Done(a.summary.id),
@@ -1100,10 +1177,16 @@ fn start_take(
     Ok(())
 }
 
-/// `rel` under `dir`, when it stays there: relative, no `..`, and no symbolic link on
-/// the way (checked by opening it beneath `dir` with `openat2(RESOLVE_BENEATH |
-/// RESOLVE_NO_SYMLINKS)`), a regular file. Else why not, in words for the status.
-pub fn confined(dir: &std::path::Path, rel: &str) -> Result<PathBuf, String> {
+/// `rel` under `dir/<ns>` (a namespace takes only what was staged for it), when it
+/// stays there: relative, no `..`, and no symbolic link on the way, a regular file;
+/// opened once, by descriptor (its directory with `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)`, then the file in it the same way), so what is read and moved
+/// is what was checked. Else why not, in words for the status.
+pub fn confined(
+    dir: &std::path::Path,
+    ns: &str,
+    rel: &str,
+) -> Result<shipperd_ingest::Opened, String> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     let p = std::path::Path::new(rel);
     let plain = !rel.is_empty()
@@ -1115,6 +1198,18 @@ pub fn confined(dir: &std::path::Path, rel: &str) -> Result<PathBuf, String> {
             "path {rel:?} must be relative to the import directory, without `..`"
         ));
     }
+    let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let why = |e: rustix::io::Errno| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => format!(
+            "path {rel:?} goes through a symbolic link; links are not followed in the import \
+             directory"
+        ),
+        rustix::io::Errno::NOENT => format!(
+            "path {rel:?} is not in the import directory of namespace {ns} ({}/{ns})",
+            dir.display()
+        ),
+        e => format!("path {rel:?} cannot be opened: {e}"),
+    };
     let base = rustix::fs::open(
         dir,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -1126,26 +1221,34 @@ pub fn confined(dir: &std::path::Path, rel: &str) -> Result<PathBuf, String> {
             dir.display()
         )
     })?;
-    let f = rustix::fs::openat2(
-        &base,
-        p,
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => format!(
-            "path {rel:?} goes through a symbolic link; links are not followed in the import \
-             directory"
+    let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mine = rustix::fs::openat2(&base, ns, dir_flags, Mode::empty(), beneath).map_err(why)?;
+    let (parent, leaf) = match (p.parent(), p.file_name()) {
+        (Some(up), Some(leaf)) if !up.as_os_str().is_empty() => (
+            rustix::fs::openat2(&mine, up, dir_flags, Mode::empty(), beneath).map_err(why)?,
+            leaf,
         ),
-        rustix::io::Errno::NOENT => format!("path {rel:?} is not in the import directory"),
-        e => format!("path {rel:?} cannot be opened: {e}"),
-    })?;
+        (_, Some(leaf)) => (mine, leaf),
+        _ => return Err(format!("path {rel:?} names no file")),
+    };
+    let f = rustix::fs::openat2(
+        &parent,
+        leaf,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+        Mode::empty(),
+        beneath,
+    )
+    .map_err(why)?;
     let st = rustix::fs::fstat(&f).map_err(|e| format!("path {rel:?}: {e}"))?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(format!("path {rel:?} is not a regular file"));
     }
-    Ok(dir.join(p))
+    Ok(shipperd_ingest::Opened {
+        file: std::fs::File::from(f),
+        dir: parent,
+        leaf: leaf.to_owned(),
+        shown: format!("{}/{ns}/{rel}", dir.display()),
+    })
 }
 
 /// Checks once per bundle generation that the OpenShift projects its images land in
@@ -1258,11 +1361,8 @@ async fn record_phase(b: &Bundle, status: &BundleStatus, ctx: &Context) {
 /// A deleted `Bundle`: its stored file and state go (its images stay in the registry),
 /// and what it needed of the cluster, unless another published bundle needs it too.
 async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
-    {
-        let _one = ctx.converging.lock().await;
-        if crate::cluster::withdraw(&ctx.client, &ctx.own_namespace, b).await? {
-            crate::cluster::converge(&ctx.client, &ctx.own_namespace).await?;
-        }
+    if crate::cluster::withdraw(&ctx.client, &ctx.own_namespace, b).await? {
+        ctx.converge().await.map_err(Error::Converge)?;
     }
     let uid = format!("{}/", b.uid().unwrap_or_default());
     ctx.fetches
@@ -1377,29 +1477,52 @@ mod tests {
     }
 
     #[test]
-    fn path_sources_stay_in_the_import_directory() {
+    fn path_sources_stay_in_the_namespaces_import_directory() {
         let root = tempfile::tempdir().unwrap();
         let import = root.path().join("import");
-        std::fs::create_dir_all(import.join("sub")).unwrap();
-        std::fs::write(import.join("sub/b.tar"), b"x").unwrap();
+        let mine = import.join("team-a");
+        std::fs::create_dir_all(mine.join("sub")).unwrap();
+        std::fs::create_dir_all(import.join("team-b")).unwrap();
+        std::fs::write(mine.join("sub/b.tar"), b"x").unwrap();
+        std::fs::write(mine.join("top.tar"), b"y").unwrap();
+        std::fs::write(import.join("team-b/theirs.tar"), b"z").unwrap();
         std::fs::write(root.path().join("secret"), b"s").unwrap();
-        std::os::unix::fs::symlink(root.path().join("secret"), import.join("link")).unwrap();
-        std::os::unix::fs::symlink(root.path(), import.join("up")).unwrap();
-        assert_eq!(
-            confined(&import, "sub/b.tar").unwrap(),
-            import.join("sub/b.tar")
-        );
-        for (bad, why) in [
-            ("../secret", "without `..`"),
-            ("/etc/passwd", "without `..`"),
-            ("", "without `..`"),
-            ("link", "symbolic link"),
-            ("up/secret", "symbolic link"),
-            ("sub", "not a regular file"),
-            ("missing.tar", "not in the import directory"),
+        std::os::unix::fs::symlink(root.path().join("secret"), mine.join("link")).unwrap();
+        std::os::unix::fs::symlink(root.path(), mine.join("up")).unwrap();
+        std::os::unix::fs::symlink(import.join("team-b"), import.join("team-c")).unwrap();
+        for (ok, leaf) in [("sub/b.tar", "b.tar"), ("top.tar", "top.tar")] {
+            let o = confined(&import, "team-a", ok).unwrap();
+            assert_eq!(o.leaf, leaf);
+            assert!(
+                o.shown.ends_with(&format!("import/team-a/{ok}")),
+                "{}",
+                o.shown
+            );
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut &o.file, &mut bytes).unwrap();
+            assert_eq!(bytes.len(), 1);
+        }
+        for (ns, bad, why) in [
+            ("team-a", "../secret", "without `..`"),
+            ("team-a", "../team-b/theirs.tar", "without `..`"),
+            ("team-a", "/etc/passwd", "without `..`"),
+            ("team-a", "", "without `..`"),
+            ("team-a", "link", "symbolic link"),
+            ("team-a", "up/secret", "symbolic link"),
+            ("team-a", "sub", "not a regular file"),
+            (
+                "team-a",
+                "missing.tar",
+                "not in the import directory of namespace team-a",
+            ),
+            // Another namespace's staged file is not there for this one.
+            ("team-a", "theirs.tar", "not in the import directory"),
+            // A namespace directory that is a link leads nowhere.
+            ("team-c", "theirs.tar", "symbolic link"),
+            ("team-d", "x.tar", "not in the import directory"),
         ] {
-            let e = confined(&import, bad).unwrap_err();
-            assert!(e.contains(why), "{bad}: {e}");
+            let e = confined(&import, ns, bad).err().expect("refused");
+            assert!(e.contains(why), "{ns} {bad}: {e}");
         }
     }
 }

@@ -5,7 +5,7 @@
 // for duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -126,8 +126,9 @@ pub struct UrlSource {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PathSource {
-    /// Relative to the operator's import directory (`--import-dir`, by default
-    /// `<data>/import`): no `..`, no absolute path, no symbolic link on the way.
+    /// Relative to the namespace's own directory of the operator's import directory
+    /// (`<import-dir>/<namespace>/`; `--import-dir`, by default `<data>/import`): no
+    /// `..`, no absolute path, no symbolic link on the way.
     #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/]"))]
     pub path: String,
     /// The sha256 the file must have, when known (64 hex digits).
@@ -340,9 +341,26 @@ pub struct RegistryTargetSpec {
 pub struct ClusterRegistryTargetSpec {
     #[serde(flatten)]
     pub target: RegistryTargetSpec,
+    /// Which namespaces' Bundles may publish through this target: any namespace a
+    /// condition selects (by name, or by its labels). None: every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<NamespaceCondition>,
     /// What bundles published through this target may apply cluster-wide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_resources: Option<ClusterResourcesPolicy>,
+}
+
+/// Namespaces, by name or by their labels (as external-secrets' `ClusterSecretStore`
+/// conditions select them).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceCondition {
+    /// These namespaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Namespaces whose labels this selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
 }
 
 /// Which cluster resources a `ClusterRegistryTarget`'s bundles may apply.
@@ -357,13 +375,23 @@ pub struct ClusterResourcesPolicy {
     /// drains and reboots every node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tag_mirror_sets: bool,
+    /// The namespaces whose Bundles may apply them. Neither this nor
+    /// `namespaceSelector`: the operator's own namespace only (a tenant's Bundle through
+    /// a shared target applies nothing unless the admin lists its namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Namespaces whose labels this selects may apply them too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
 }
 
 /// How an image `[host/]repo:tag` lands: `<registry>/<prefix>/[host/]repo:tag`.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MappingSpec {
-    /// A path put before every repository.
+    /// A path put before every repository. `{namespace}` in it is the namespace the
+    /// bundle belongs to (the Bundle's; the upload namespace for uploads): a shared
+    /// target lands each tenant's images in its own project.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// Keep the source registry's host as the first path component.

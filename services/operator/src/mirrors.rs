@@ -324,29 +324,6 @@ impl Gathered {
         }
     }
 
-    /// Adds what another bundle, received later, needs: mirrors are united, a catalog
-    /// or release of the same name is the later one's.
-    pub fn merge(&mut self, later: Gathered) {
-        for (mine, theirs) in [(&mut self.digest, later.digest), (&mut self.tag, later.tag)] {
-            for (c, map) in theirs {
-                let to = mine.entry(c).or_default();
-                for (source, mirrors) in map {
-                    for m in mirrors {
-                        add_mirror(to, source.clone(), m);
-                    }
-                }
-            }
-        }
-        self.catalogs.extend(later.catalogs);
-        self.signatures.extend(later.signatures);
-        if later.release.is_some() {
-            self.release = later.release;
-        }
-        if later.graph.is_some() {
-            self.graph = later.graph;
-        }
-    }
-
     /// Whether nothing is needed.
     pub fn is_empty(&self) -> bool {
         self.digest.values().all(BTreeMap::is_empty)
@@ -460,6 +437,124 @@ impl Gathered {
     }
 }
 
+/// A bundle's contribution that did not go in whole, and why: another namespace's
+/// bundle (or something ShipperD did not make) holds what it asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// The bundle that lost (`<namespace>/<name>`).
+    pub bundle: String,
+    pub message: String,
+}
+
+/// Every applying bundle's contribution, merged in the order the bundles were received.
+/// Each entry (a source's mirrors, a CatalogSource, the release, the graph image, a
+/// release signature) belongs to the namespace whose bundle brought it first: a later
+/// bundle of the same namespace may change it (its own Day-2 update), another
+/// namespace's may add to mirrors only what is there already, and replaces nothing.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub all: Gathered,
+    /// Entry → (owning namespace, the bundle that set it).
+    owners: BTreeMap<String, (String, String)>,
+    pub conflicts: Vec<Conflict>,
+}
+
+impl Merged {
+    /// May `bundle` (of namespace `owner`) set entry `key` (`what`, for people)? `same`:
+    /// what it would set is there already.
+    fn claim(&mut self, key: String, owner: &str, bundle: &str, same: bool, what: String) -> bool {
+        match self.owners.get(&key) {
+            Some((o, _)) if o != owner && !same => {
+                let (_, holder) = &self.owners[&key];
+                self.conflicts.push(Conflict {
+                    bundle: bundle.to_string(),
+                    message: format!(
+                        "{what} is Bundle {holder}'s (namespace {o}); Bundle {bundle}'s is not \
+                         applied: another namespace's cluster resources are never replaced"
+                    ),
+                });
+                false
+            }
+            Some((o, _)) if o != owner => true,
+            _ => {
+                self.owners
+                    .insert(key, (owner.to_string(), bundle.to_string()));
+                true
+            }
+        }
+    }
+
+    /// The mirrors of `source` merged so far, whatever the kind and category.
+    fn mirrors_of(&self, source: &str) -> Vec<&String> {
+        self.all
+            .digest
+            .values()
+            .chain(self.all.tag.values())
+            .filter_map(|m| m.get(source))
+            .flatten()
+            .collect()
+    }
+
+    /// Adds the contribution of `bundle`, of namespace `owner`, received after those
+    /// added before.
+    pub fn add(&mut self, owner: &str, bundle: &str, later: Gathered) {
+        for (tags, theirs) in [(false, later.digest), (true, later.tag)] {
+            for (c, map) in theirs {
+                for (source, mirrors) in map {
+                    let there = self.mirrors_of(&source);
+                    let same = mirrors.iter().all(|m| there.contains(&m));
+                    let what = format!("the mirror of {source}");
+                    if self.claim(format!("mirror:{source}"), owner, bundle, same, what) {
+                        let to = if tags {
+                            &mut self.all.tag
+                        } else {
+                            &mut self.all.digest
+                        };
+                        let to = to.entry(c).or_default();
+                        for m in mirrors {
+                            add_mirror(to, source.clone(), m);
+                        }
+                    }
+                }
+            }
+        }
+        for (name, image) in later.catalogs {
+            let same = self.all.catalogs.get(&name) == Some(&image);
+            let what = format!("CatalogSource {name} ({image})");
+            if self.claim(format!("catalog:{name}"), owner, bundle, same, what) {
+                self.all.catalogs.insert(name, image);
+            }
+        }
+        if let Some(r) = later.release {
+            let same = self.all.release.as_ref() == Some(&r);
+            if self.claim(
+                "release".into(),
+                owner,
+                bundle,
+                same,
+                format!("the release ({r})"),
+            ) {
+                self.all.release = Some(r);
+            }
+        }
+        if let Some(g) = later.graph {
+            let same = self.all.graph.as_ref() == Some(&g);
+            let what = format!("the UpdateService's graph image ({g})");
+            if self.claim("graph".into(), owner, bundle, same, what) {
+                self.all.graph = Some(g);
+            }
+        }
+        for (hex, sig) in later.signatures {
+            let same = self.all.signatures.get(&hex) == Some(&sig);
+            let what = format!("the release signature of sha256:{hex}");
+            if self.claim(format!("signature:{hex}"), owner, bundle, same, what) {
+                self.all.signatures.insert(hex, sig);
+            }
+        }
+        self.all.left_out.extend(later.left_out);
+    }
+}
+
 /// Where OpenShift reads mirrored release signatures, as oc-mirror writes them.
 pub const SIGNATURES_CONFIGMAP: &str = "mirrored-release-signatures";
 pub const SIGNATURES_NAMESPACE: &str = "openshift-config-managed";
@@ -481,6 +576,91 @@ pub fn cluster_resources(images: &[Landed], with_tags: bool) -> ClusterResources
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn landed(source: &str, target: &str, catalog: bool) -> Landed {
+        Landed {
+            source: Reference::parse(source).unwrap(),
+            target: Reference::parse(target).unwrap(),
+            digest: Digest::parse(&format!("sha256:{}", "c".repeat(64))).unwrap(),
+            catalog,
+        }
+    }
+
+    fn gathered(images: &[Landed]) -> Gathered {
+        let mut g = Gathered::default();
+        g.add_bundle(
+            images.iter().cloned(),
+            images.iter().any(|i| i.catalog),
+            true,
+        );
+        g
+    }
+
+    #[test]
+    fn another_namespaces_cluster_resources_are_never_replaced() {
+        let reg = "image-registry.openshift-image-registry.svc:5000";
+        let a = gathered(&[
+            landed(
+                "registry.redhat.io/redhat/redhat-operator-index:v4.16",
+                &format!("{reg}/team-a/redhat-operator-index:v4.16"),
+                true,
+            ),
+            landed("quay.io/org/app:1", &format!("{reg}/team-a/app:1"), false),
+        ]);
+        // team-b: a catalog named like team-a's, and another mirror for its source.
+        let b = gathered(&[
+            landed(
+                "evil.example/x/redhat-operator-index:v4.16",
+                &format!("{reg}/team-b/redhat-operator-index:v4.16"),
+                true,
+            ),
+            landed("quay.io/org/app:1", &format!("{reg}/team-b/app:1"), false),
+            landed(
+                "quay.io/team-b/tool:1",
+                &format!("{reg}/team-b/tool:1"),
+                false,
+            ),
+        ]);
+        let mut m = Merged::default();
+        m.add("team-a", "team-a/a1", a.clone());
+        m.add("team-b", "team-b/b1", b);
+        let res = m.all.resources();
+        let cs = &res.catalog_sources;
+        assert_eq!(cs.len(), 1);
+        assert_eq!(cs[0].metadata.name, "cs-redhat-operator-index-v4-16");
+        assert!(cs[0].spec.image.contains("/team-a/"), "{cs:?}");
+        let messages: Vec<&str> = m.conflicts.iter().map(|c| c.message.as_str()).collect();
+        assert_eq!(m.conflicts.len(), 2, "{messages:#?}");
+        assert!(m.conflicts.iter().all(|c| c.bundle == "team-b/b1"));
+        assert!(
+            messages[1].starts_with("CatalogSource cs-redhat-operator-index-v4-16")
+                && messages[1].contains("Bundle team-a/a1's (namespace team-a)"),
+            "{messages:#?}"
+        );
+        assert!(
+            messages[0].starts_with("the mirror of quay.io/org/app is Bundle team-a/a1's"),
+            "{messages:#?}"
+        );
+        // team-b's own source is mirrored; team-a's keeps its one mirror.
+        let itms = &res.tag_mirror_sets;
+        let yaml = serde_json::to_string(itms).unwrap();
+        assert!(yaml.contains("quay.io/team-b"), "{yaml}");
+        assert!(!yaml.contains("team-b/app"), "{yaml}");
+        // team-a's own later bundle may change what team-a set.
+        let a2 = gathered(&[landed(
+            "registry.redhat.io/redhat/redhat-operator-index:v4.16",
+            &format!("{reg}/team-a-next/redhat-operator-index:v4.16"),
+            true,
+        )]);
+        m.add("team-a", "team-a/a2", a2);
+        let cs = m.all.resources().catalog_sources;
+        assert_eq!(cs.len(), 1);
+        assert!(cs[0].spec.image.contains("/team-a-next/"), "{cs:?}");
+        assert_eq!(m.conflicts.len(), 2);
+        // The same again from another namespace is no conflict.
+        m.add("team-c", "team-c/c1", a);
+        assert_eq!(m.conflicts.len(), 2 + 1, "only the catalog differs now");
+    }
 
     #[test]
     fn slugs_are_dns_labels() {

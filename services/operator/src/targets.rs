@@ -80,6 +80,9 @@ pub struct TargetsContext {
     pub service_account_token_hosts: Vec<String>,
     /// The service-account token the services read (the pod's).
     pub service_account_token: PathBuf,
+    /// The namespace uploads through the ingest endpoint belong to: what `{namespace}`
+    /// in a mapping's prefix is for them.
+    pub upload_namespace: Option<String>,
     /// One render at a time: two would race on the file and prune each other's files.
     rendering: tokio::sync::Mutex<()>,
 }
@@ -93,6 +96,7 @@ impl TargetsContext {
             watch_namespace: None,
             service_account_token_hosts: Vec::new(),
             service_account_token: PathBuf::from(SA_TOKEN),
+            upload_namespace: None,
             rendering: tokio::sync::Mutex::new(()),
         }
     }
@@ -418,6 +422,11 @@ async fn resolve(
     let mut m = Vec::new();
     if let Some(p) = &mapping.prefix {
         m.push(format!("prefix = {}", lit(p)));
+        if p.contains(shipperd_registry_targets::NAMESPACE_PREFIX)
+            && let Some(ns) = &ctx.upload_namespace
+        {
+            m.push(format!("upload_namespace = {}", lit(ns)));
+        }
     }
     if mapping.keep_host {
         m.push("keep_host = true".into());

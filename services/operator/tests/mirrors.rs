@@ -4,7 +4,7 @@
 //! operator bundle (a catalog, images by digest and by tag) and generic images.
 
 use shipperd_model::{Digest, Reference};
-use shipperd_operator::mirrors::{Gathered, Landed, cluster_resources};
+use shipperd_operator::mirrors::{Gathered, Landed, Merged, cluster_resources};
 
 fn landed(source: &str, target: &str, catalog: bool) -> Landed {
     Landed {
@@ -138,7 +138,7 @@ fn published_bundles_get_what_oc_mirror_would_write() {
 }
 
 #[test]
-fn tag_mirror_sets_only_when_asked_and_later_bundles_win_their_catalog() {
+fn tag_mirror_sets_only_when_asked_and_later_bundles_of_a_namespace_win_its_catalog() {
     let out = cluster_resources(&operators("v4.18"), false);
     assert_eq!(out.digest_mirror_sets.len(), 1);
     assert!(out.tag_mirror_sets.is_empty());
@@ -155,8 +155,12 @@ fn tag_mirror_sets_only_when_asked_and_later_bundles_win_their_catalog() {
         false,
     );
     day2.add_bundle(later, true, false);
-    all.merge(day2);
-    let out = all.resources();
+    // Both of one namespace: the later one's catalog wins.
+    let mut merged = Merged::default();
+    merged.add("ns", "ns/b1", all);
+    merged.add("ns", "ns/b2", day2);
+    assert!(merged.conflicts.is_empty(), "{:?}", merged.conflicts);
+    let out = merged.all.resources();
     assert_eq!(out.catalog_sources.len(), 1);
     assert_eq!(
         out.catalog_sources[0].spec.image,

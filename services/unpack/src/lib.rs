@@ -398,7 +398,7 @@ fn target_images(
     for (i, img) in found.into_iter().enumerate() {
         let mapped = target
             .mapping
-            .map(&img.source, &target.url.host)
+            .map_in(&img.source, &target.url.host, s.owner.as_deref())
             .map_err(|e| Error::Target(format!("target {}: {e}", target.name)))?;
         let same_place = landed.entry(hash(&mapped)).or_default();
         if let Some(other) = same_place

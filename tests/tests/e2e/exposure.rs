@@ -255,7 +255,8 @@ async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
     // long before the headers are done.
     let started = Instant::now();
     let mut s = TcpStream::connect(app.addr).await?;
-    let request = b"PUT /v1/bundles/slow.tar HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello";
+    let request =
+        b"PUT /v1/bundles/slow.tar HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello";
     let mut closed = false;
     for b in request {
         if s.write_all(&[*b]).await.is_err() {

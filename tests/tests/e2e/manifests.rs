@@ -123,6 +123,30 @@ fn rendered_objects_keep_the_rules() {
             np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["shipperd.io/nats-client"],
             "true"
         );
+        // Egress is denied but where a policy says: DNS, NATS, the API server, and the
+        // destinations the admin lists (never link-local: the cloud's metadata service).
+        let policy = |name: &str| {
+            docs.iter()
+                .find(|d| kind(d) == "NetworkPolicy" && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("{dir}: no NetworkPolicy {name}"))
+        };
+        let deny = policy("default-deny-egress");
+        assert!(
+            deny["spec"]["podSelector"]
+                .as_mapping()
+                .is_some_and(|m| m.is_empty())
+        );
+        assert_eq!(deny["spec"]["policyTypes"][0], "Egress");
+        assert!(
+            deny["spec"]["egress"].is_null(),
+            "{dir}: the deny lets something out"
+        );
+        assert_eq!(
+            policy("egress-nats")["spec"]["podSelector"]["matchLabels"]["shipperd.io/nats-client"],
+            "true"
+        );
+        let out = &policy("egress-destinations")["spec"]["egress"][0];
+        assert_eq!(out["to"][0]["ipBlock"]["except"][0], "169.254.0.0/16");
         // Every pod that talks to NATS carries the label the policy admits.
         for w in docs.iter().filter(|d| kind(d) == "Deployment") {
             assert_eq!(
@@ -132,6 +156,37 @@ fn rendered_objects_keep_the_rules() {
             );
         }
     }
+    // OpenShift: the push role is bound per project, never cluster-wide (that would
+    // reach the openshift project every build and node pulls from); the shared default
+    // target lands each namespace's images in its own project and lets no tenant apply
+    // cluster resources (no namespaces listed: the operator's own only).
+    let os = render("deploy/kustomize/overlays/openshift");
+    for b in os.iter().filter(|d| kind(d) == "ClusterRoleBinding") {
+        assert_ne!(
+            b["roleRef"]["name"], "system:image-builder",
+            "a cluster-wide push role: {:?}",
+            b["metadata"]["name"]
+        );
+    }
+    assert!(
+        os.iter().any(|d| kind(d) == "RoleBinding"
+            && d["roleRef"]["name"] == "system:image-builder"
+            && d["metadata"]["namespace"] == "shipperd"),
+        "the push role in ShipperD's own project"
+    );
+    let internal = os
+        .iter()
+        .find(|d| {
+            kind(d) == "ClusterRegistryTarget" && d["metadata"]["name"] == "openshift-internal"
+        })
+        .expect("openshift-internal");
+    let cr = &internal["spec"]["clusterResources"];
+    assert!(
+        cr["namespaces"].is_null() && cr["namespaceSelector"].is_null(),
+        "openshift-internal lets tenants apply cluster resources: {cr:?}"
+    );
+    assert_eq!(cr["tagMirrorSets"], Value::Bool(false));
+    assert_eq!(internal["spec"]["mapping"]["prefix"], "{namespace}");
     let scaled = render("deploy/kustomize/overlays/scale-out");
     let nats = scaled.iter().find(|d| kind(d) == "StatefulSet").unwrap();
     assert_eq!(nats["spec"]["replicas"], 3);

@@ -41,6 +41,8 @@ struct Fake {
     objects: std::collections::BTreeMap<String, Value>,
     /// Paths deleted.
     deleted: Vec<String>,
+    /// Other Bundles the API server holds (reconciled before `bundle`), for reads.
+    others: Vec<Value>,
 }
 
 /// The kinds the operator applies and lists, by their plural.
@@ -54,11 +56,17 @@ const LISTED: [&str; 5] = [
 
 /// A fake API server for one `Bundle`: finalizer patches, status patches, Events.
 fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let fake = Arc::new(Mutex::new(Fake {
         bundle,
         ..Fake::default()
     }));
+    (fake_api_on(fake.clone()), fake)
+}
+
+/// A client of the fake API server holding `fake` (several Bundles reconciled one after
+/// another share what it holds: set `bundle`, the one before going to `others`).
+fn fake_api_on(fake: Arc<Mutex<Fake>>) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let f = fake.clone();
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
@@ -102,6 +110,22 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
                         }
                     }
                     (200, fk.bundle.clone())
+                }
+                ("GET", p) if p.contains("/bundles/") => {
+                    // A Bundle by namespace and name: this one, or one reconciled before.
+                    let mut parts = p.rsplit('/');
+                    let (name, ns) = (parts.next().unwrap_or(""), parts.nth(1).unwrap_or(""));
+                    match std::iter::once(&fk.bundle)
+                        .chain(fk.others.iter())
+                        .find(|b| b["metadata"]["name"] == name && b["metadata"]["namespace"] == ns)
+                    {
+                        Some(b) => (200, b.clone()),
+                        None => (
+                            404,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "NotFound", "code": 404, "message": "not found"}),
+                        ),
+                    }
                 }
                 ("PATCH", p) if p.ends_with(&status_of_this) => {
                     fk.bundle["status"] = body["status"].clone();
@@ -207,7 +231,7 @@ fn fake_api(bundle: Value) -> (kube::Client, Arc<Mutex<Fake>>) {
             );
         }
     });
-    (kube::Client::new(service, "default"), fake)
+    kube::Client::new(service, "default")
 }
 
 async fn context(app: &TestApp, client: kube::Client) -> anyhow::Result<Arc<Context>> {
@@ -349,7 +373,8 @@ async fn a_bundle_from_a_url_is_published_and_its_status_and_events_written() ->
     fake.lock().unwrap().cluster_targets = vec![cluster_target(
         "default",
         json!({ "url": app.registry.url(), "default": true,
-                "clusterResources": { "apply": true, "tagMirrorSets": true } }),
+                "clusterResources": { "apply": true, "tagMirrorSets": true,
+                                      "namespaces": ["ns"] } }),
     )];
     let ctx = context(&app, client).await?;
     let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Published").await?;
@@ -1019,7 +1044,7 @@ async fn a_bundle_from_a_path_on_the_volume_is_taken_and_published() -> anyhow::
     let layout = sample("pathsrc", "p1", 0);
     let bytes = tar_bytes(&layout.oci_files(""))?;
     let id = sha256(&bytes)[7..].to_string();
-    let file = app.data.path().join("import/incoming/p1.tar");
+    let file = app.data.path().join("import/ns/incoming/p1.tar");
     std::fs::create_dir_all(file.parent().unwrap())?;
     std::fs::write(&file, &bytes)?;
     let (client, fake) = fake_api(json!({
@@ -1049,7 +1074,7 @@ async fn a_bundle_from_a_path_on_the_volume_is_taken_and_published() -> anyhow::
 
     // Nothing outside the import directory is reached through a link, at the end of the
     // path or on the way; a wrong sha256 does not tell the file's real one.
-    let import = app.data.path().join("import");
+    let import = app.data.path().join("import/ns");
     let outside = app.data.path().join("config/other.tar");
     std::fs::create_dir_all(outside.parent().unwrap())?;
     std::fs::write(&outside, &bytes)?;
@@ -1085,6 +1110,94 @@ async fn a_bundle_from_a_path_on_the_volume_is_taken_and_published() -> anyhow::
     Ok(())
 }
 
+/// `path` sources by descriptor, per namespace: team-b's Bundle cannot take the file
+/// staged for team-a (`import/team-a/`), by its name or by `..`; a file checked and
+/// opened, then swapped for a symbolic link to a file outside before it is moved, is not
+/// followed: the link is put back, the file outside stays, nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn path_sources_are_taken_by_descriptor_from_their_namespaces_directory() -> anyhow::Result<()>
+{
+    let app = spawn_app(Options::default()).await?;
+    let import = app.data.path().join("import");
+    let bytes = tar_bytes(&sample("staged", "staged", 0).oci_files(""))?;
+    std::fs::create_dir_all(import.join("team-a"))?;
+    std::fs::create_dir_all(import.join("team-b"))?;
+    std::fs::write(import.join("team-a/staged.tar"), &bytes)?;
+    for (name, path, why) in [
+        (
+            "b1",
+            "staged.tar",
+            "not in the import directory of namespace team-b",
+        ),
+        ("b2", "../team-a/staged.tar", "without `..`"),
+    ] {
+        let (client, fake) = fake_api(json!({
+            "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+            "metadata": { "name": name, "namespace": "team-b", "uid": format!("uid-{name}"),
+                          "generation": 1, "resourceVersion": "1" },
+            "spec": { "source": { "path": { "path": path } } },
+        }));
+        let ctx = context(&app, client).await?;
+        let done = reconcile_until(&ctx, &fake, |b| b["status"]["phase"] == "Failed").await?;
+        let error = done["status"]["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{path}: {error}");
+    }
+    assert!(
+        import.join("team-a/staged.tar").exists(),
+        "team-a's file was taken"
+    );
+    assert_eq!(app.stored_bundles(), 0);
+
+    // Checked and opened; then, before it is moved, the name points somewhere else.
+    let outside = app.data.path().join("config/outside.tar");
+    std::fs::create_dir_all(outside.parent().unwrap())?;
+    std::fs::write(&outside, b"not for the taking")?;
+    let opened = shipperd_operator::controller::confined(&import, "team-a", "staged.tar")
+        .map_err(anyhow::Error::msg)?;
+    std::fs::rename(
+        import.join("team-a/staged.tar"),
+        import.join("team-a/kept.tar"),
+    )?;
+    std::os::unix::fs::symlink(&outside, import.join("team-a/staged.tar"))?;
+    let bus = shipperd_bus::Bus::connect(&app.nats.url(), "test-swap").await?;
+    let store = Store::open(bus, &DataDir::new(app.data.path()), 1 << 40).await?;
+    let origin = shipperd_ingest::Origin {
+        owner: Some("team-a".into()),
+        ..Default::default()
+    };
+    let err = store
+        .receive_opened("staged.tar", opened, None, &origin)
+        .await
+        .expect_err("a swapped file is not taken");
+    assert!(
+        err.to_string().contains("was replaced while it was read"),
+        "{err}"
+    );
+    let link = std::fs::symlink_metadata(import.join("team-a/staged.tar"))?;
+    assert!(link.file_type().is_symlink(), "the link was put back");
+    assert_eq!(std::fs::read(&outside)?, b"not for the taking");
+    assert!(import.join("team-a/kept.tar").exists());
+    assert_eq!(app.stored_bundles(), 0);
+
+    // Unswapped, the same descriptor path takes it.
+    std::fs::remove_file(import.join("team-a/staged.tar"))?;
+    std::fs::rename(
+        import.join("team-a/kept.tar"),
+        import.join("team-a/staged.tar"),
+    )?;
+    let opened = shipperd_operator::controller::confined(&import, "team-a", "staged.tar")
+        .map_err(anyhow::Error::msg)?;
+    let a = store
+        .receive_opened("staged.tar", opened, None, &origin)
+        .await?;
+    assert_eq!(a.summary.owner.as_deref(), Some("team-a"));
+    assert!(
+        !import.join("team-a/staged.tar").exists(),
+        "moved into the store"
+    );
+    app.stop().await
+}
+
 /// A Bundle for OpenShift's internal registry: the projects its images land in are
 /// checked; a missing one is named in a Warning Event, or created when allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1096,7 +1209,7 @@ async fn missing_openshift_projects_are_named_or_created() -> anyhow::Result<()>
     .await?;
     let layout = sample("projects", "p3", 0);
     let bytes = tar_bytes(&layout.oci_files(""))?;
-    let file = app.data.path().join("import/incoming/p3.tar");
+    let file = app.data.path().join("import/ns/incoming/p3.tar");
     std::fs::create_dir_all(file.parent().unwrap())?;
     std::fs::write(&file, &bytes)?;
     let (client, fake) = fake_api(json!({
@@ -1154,8 +1267,8 @@ async fn a_bundle_cannot_follow_or_delete_another_namespaces_bundle() -> anyhow:
     let layout = sample("tenancy", "ta", 0);
     let bytes = tar_bytes(&layout.oci_files(""))?;
     let id = sha256(&bytes)[7..].to_string();
-    std::fs::create_dir_all(app.data.path().join("import"))?;
-    std::fs::write(app.data.path().join("import/ta.tar"), &bytes)?;
+    std::fs::create_dir_all(app.data.path().join("import/team-a"))?;
+    std::fs::write(app.data.path().join("import/team-a/ta.tar"), &bytes)?;
     let bundle = |ns: &str, name: &str, source: Value| {
         json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
                 "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"),
@@ -1273,7 +1386,8 @@ async fn a_namespace_cannot_move_another_namespaces_tag() -> anyhow::Result<()> 
         |ns: &'static str, file: &'static str, b: shipperd_tests::fixtures::LayoutBuilder| {
             let import = &import;
             async move {
-                std::fs::write(import.join(file), tar_bytes(&b.oci_files(""))?)?;
+                std::fs::create_dir_all(import.join(ns))?;
+                std::fs::write(import.join(ns).join(file), tar_bytes(&b.oci_files(""))?)?;
                 let (client, fake) = fake_api(json!({
                 "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
                 "metadata": { "name": file.trim_end_matches(".tar"), "namespace": ns,
@@ -1333,8 +1447,11 @@ async fn a_namespace_cannot_move_another_namespaces_tag() -> anyhow::Result<()> 
 }
 
 /// Cluster configuration only through the admin's ClusterRegistryTarget that allows
-/// it: a namespace's Bundle through its own target applies nothing cluster-wide, and a
-/// cluster target that allows mirror sets but not ImageTagMirrorSets applies no ITMS.
+/// it, for the namespaces it lists: a namespace's Bundle through its own target applies
+/// nothing cluster-wide; nor does a tenant's through a shared target that allows
+/// applying (as the shipped `openshift-internal` does) but does not list its namespace;
+/// one that lists it applies, and one that allows mirror sets but not
+/// ImageTagMirrorSets applies no ITMS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_namespaced_bundle_never_changes_cluster_configuration() -> anyhow::Result<()> {
     let app = spawn_app(Options {
@@ -1346,14 +1463,19 @@ async fn a_namespaced_bundle_never_changes_cluster_configuration() -> anyhow::Re
         ..Default::default()
     })
     .await?;
-    std::fs::create_dir_all(app.data.path().join("import"))?;
-    for (name, spec) in [
-        ("own", json!({ "target": "mirror" })),
-        ("viacluster", json!({ "clusterTarget": "open" })),
+    std::fs::create_dir_all(app.data.path().join("import/team-b"))?;
+    for (name, spec, listed) in [
+        ("own", json!({ "target": "mirror" }), json!([])),
+        ("viacluster", json!({ "clusterTarget": "open" }), json!([])),
+        (
+            "listed",
+            json!({ "clusterTarget": "open" }),
+            json!(["team-b"]),
+        ),
     ] {
         let layout = sample(name, name, 0);
         std::fs::write(
-            app.data.path().join(format!("import/{name}.tar")),
+            app.data.path().join(format!("import/team-b/{name}.tar")),
             tar_bytes(&layout.oci_files(""))?,
         )?;
         let mut spec = spec;
@@ -1368,7 +1490,8 @@ async fn a_namespaced_bundle_never_changes_cluster_configuration() -> anyhow::Re
         }));
         fake.lock().unwrap().cluster_targets = vec![cluster_target(
             "open",
-            json!({ "url": app.registry.url(), "clusterResources": { "apply": true } }),
+            json!({ "url": app.registry.url(),
+                    "clusterResources": { "apply": true, "namespaces": listed } }),
         )];
         let ctx = context(&app, client).await?;
         let done = reconcile_until(&ctx, &fake, |b| {
@@ -1407,14 +1530,187 @@ async fn a_namespaced_bundle_never_changes_cluster_configuration() -> anyhow::Re
         assert_eq!(applied("/catalogsources/"), 0);
         let contributed = applied("/namespaces/shipperd/configmaps/shipperd-cluster-");
         let note = refused["note"].as_str().unwrap();
-        if name == "own" {
-            assert_eq!(contributed, 0, "a namespace's target has no say");
-            assert!(note.contains("ClusterRegistryTarget"), "{note}");
-        } else {
-            assert_eq!(contributed, 1, "{:?}", fk.applied);
-            assert!(note.contains("tagMirrorSets"), "{note}");
+        match name {
+            "own" => {
+                assert_eq!(contributed, 0, "a namespace's target has no say");
+                assert!(note.contains("ClusterRegistryTarget"), "{note}");
+            }
+            "viacluster" => {
+                assert_eq!(contributed, 0, "a tenant the admin did not list has no say");
+                assert!(
+                    note.contains("lets only the namespaces") && note.contains("not team-b"),
+                    "{note}"
+                );
+            }
+            _ => {
+                assert_eq!(contributed, 1, "{:?}", fk.applied);
+                assert!(note.contains("tagMirrorSets"), "{note}");
+            }
         }
         assert_eq!(done["status"]["phase"], "Published");
+    }
+    app.stop().await
+}
+
+/// Cluster resources never replace another namespace's: team-b's Bundle makes the
+/// CatalogSource oc-mirror names `cs-redhat-operator-index-v4-18`; team-c's catalog
+/// named the same (another image) does not replace it, and team-c's Bundle gets a
+/// Warning Event naming team-b's. Contributions are derived again from the Bundles and
+/// ShipperD's state: ConfigMaps made by hand in the operator's namespace (one naming no
+/// Bundle, one naming team-c's Bundle with another uid) apply nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_resources_never_replace_another_namespaces() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    for ns in ["team-b", "team-c"] {
+        std::fs::create_dir_all(app.data.path().join("import").join(ns))?;
+    }
+    let catalog = |salt: &str, name: &str, repo: &str| {
+        let mut b = shipperd_tests::fixtures::LayoutBuilder::new();
+        let fbc = b.layer(
+            &[(
+                "configs/index.json",
+                format!("{{\"{salt}\":1}}").into_bytes(),
+            )],
+            flate2::Compression::fast(),
+        );
+        b.labelled_image(
+            json!({ "org.opencontainers.image.ref.name": name }),
+            &[fbc],
+            repo,
+            "v4.18",
+            json!({ "operators.operatorframework.io.index.configs.v1": "/configs" }),
+        );
+        b
+    };
+    let bundle = |ns: &str, name: &str| {
+        json!({ "apiVersion": "shipperd.io/v1alpha1", "kind": "Bundle",
+                "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"),
+                              "generation": 1, "resourceVersion": "1" },
+                "spec": { "source": { "path": { "path": format!("{name}.tar") } },
+                          "applyClusterResources": true } })
+    };
+    for (name, layout) in [
+        (
+            "b1",
+            catalog(
+                "b",
+                "registry.redhat.io/redhat/redhat-operator-index:v4.18",
+                "redhat/redhat-operator-index",
+            ),
+        ),
+        (
+            "c1",
+            catalog(
+                "c",
+                "evil.example/x/redhat-operator-index:v4.18",
+                "x/redhat-operator-index",
+            ),
+        ),
+    ] {
+        std::fs::write(
+            app.data.path().join(format!(
+                "import/{}/{name}.tar",
+                if name == "b1" { "team-b" } else { "team-c" }
+            )),
+            tar_bytes(&layout.oci_files(""))?,
+        )?;
+    }
+    let fake = Arc::new(Mutex::new(Fake {
+        bundle: bundle("team-b", "b1"),
+        // The services know the default target as `default`.
+        cluster_targets: vec![cluster_target(
+            "default",
+            json!({ "url": app.registry.url(), "default": true,
+                    "clusterResources": { "apply": true, "namespaces": ["team-b", "team-c"] } }),
+        )],
+        ..Fake::default()
+    }));
+    let ctx = context(&app, fake_api_on(fake.clone())).await?;
+    let published = |b: &Value| {
+        b["status"]["phase"] == "Published" && b["status"]["clusterResources"].is_string()
+    };
+    reconcile_until(&ctx, &fake, published).await?;
+    const CS: &str = "/apis/operators.coreos.com/v1alpha1/namespaces/openshift-marketplace/catalogsources/cs-redhat-operator-index-v4-18";
+    let image = |fake: &Arc<Mutex<Fake>>| {
+        fake.lock()
+            .unwrap()
+            .objects
+            .get(CS)
+            .map(|o| o["spec"]["image"].clone())
+    };
+    let theirs = json!(format!(
+        "{}/redhat/redhat-operator-index:v4.18",
+        app.registry.host()
+    ));
+    assert_eq!(image(&fake), Some(theirs.clone()));
+
+    // ConfigMaps made by hand where contributions are kept: asking for a tag mirror set.
+    let forged = json!({ "digest": {}, "catalogs": {},
+                         "tag": { "generic": { "quay.io/evil": ["evil.example/evil"] } } });
+    {
+        let mut fk = fake.lock().unwrap();
+        for (name, annotations) in [
+            ("shipperd-cluster-forged", json!({})),
+            (
+                "shipperd-cluster-uid-team-c-c1",
+                json!({ "shipperd.io/bundle": "team-c/c1", "shipperd.io/bundle-uid": "another" }),
+            ),
+        ] {
+            fk.objects.insert(
+                format!("/api/v1/namespaces/shipperd/configmaps/{name}"),
+                json!({ "apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": { "name": name, "namespace": "shipperd",
+                                      "labels": { "shipperd.io/cluster-resources": "contribution" },
+                                      "annotations": annotations },
+                        "data": { "gathered.json": forged.to_string() } }),
+            );
+        }
+        // team-c's Bundle next (team-b's stays on the API server).
+        let before = std::mem::replace(&mut fk.bundle, bundle("team-c", "c1"));
+        fk.others.push(before);
+        fk.events.clear();
+    }
+    // The hand-made one naming team-c's Bundle is replaced by its real contribution as
+    // it applies; the other stays, and applies nothing.
+    reconcile_until(&ctx, &fake, published).await?;
+    assert_eq!(
+        image(&fake),
+        Some(theirs),
+        "team-b's CatalogSource was replaced"
+    );
+    {
+        let fk = fake.lock().unwrap();
+        let conflict = fk
+            .events
+            .iter()
+            .find(|e| e["reason"] == "ClusterResourcesConflict")
+            .unwrap_or_else(|| panic!("no Warning Event: {:#?}", fk.events));
+        assert_eq!(conflict["type"], "Warning");
+        assert_eq!(conflict["regarding"]["name"], "c1");
+        let note = conflict["note"].as_str().unwrap();
+        assert!(
+            note.contains("CatalogSource cs-redhat-operator-index-v4-18")
+                && note.contains("Bundle team-b/b1's (namespace team-b)")
+                && note.contains("Bundle team-c/c1's is not applied"),
+            "{note}"
+        );
+        assert!(
+            fk.objects
+                .contains_key("/api/v1/namespaces/shipperd/configmaps/shipperd-cluster-forged"),
+            "the forged ConfigMap is left alone"
+        );
+        let applied: Vec<&String> = fk.objects.keys().collect();
+        assert!(
+            !applied.iter().any(|k| k.contains("imagetagmirrorsets")),
+            "a hand-made contribution applied something: {applied:#?}"
+        );
+        assert!(
+            !fk.applied
+                .iter()
+                .any(|(_, v)| v.to_string().contains("quay.io/evil")),
+            "{:#?}",
+            fk.applied
+        );
     }
     app.stop().await
 }
@@ -1583,9 +1879,9 @@ async fn targets_of_every_namespace_render_into_one_file_and_stay_apart() -> any
 async fn reconcile_errors_and_bad_specs_show_in_the_status() -> anyhow::Result<()> {
     let app = spawn_app(Options::default()).await?;
     let layout = sample("errors", "e1", 0);
-    std::fs::create_dir_all(app.data.path().join("import"))?;
+    std::fs::create_dir_all(app.data.path().join("import/ns"))?;
     std::fs::write(
-        app.data.path().join("import/e1.tar"),
+        app.data.path().join("import/ns/e1.tar"),
         tar_bytes(&layout.oci_files(""))?,
     )?;
     let (client, fake) = fake_api(json!({
