@@ -200,6 +200,11 @@ pub struct OperatorArgs {
         value_delimiter = ','
     )]
     pub service_account_token_hosts: Vec<String>,
+    /// Networks (CIDRs, comma-separated) a `Bundle`'s `url` may reach besides public
+    /// addresses: loopback, private and link-local addresses are refused otherwise
+    /// (a tenant's URL must not reach the cluster's insides or the cloud's metadata).
+    #[arg(long, env = "SHIPPERD_ALLOW_PRIVATE_DESTINATIONS", value_delimiter = ',', value_parser = parse_net)]
+    pub allow_private_destinations: Vec<ipnet::IpNet>,
 }
 
 impl OperatorArgs {
@@ -224,7 +229,12 @@ impl OperatorArgs {
             data_dir: shipperd_model::DataDir::new(c.data_dir.clone()),
             namespace: self.namespace.clone(),
             max_bundle_bytes: self.max_bundle_bytes,
-            fetch: Default::default(),
+            fetch: shipperd_ingest::FetchSettings {
+                egress: shipperd_registry_targets::Egress {
+                    allow: self.allow_private_destinations.clone(),
+                },
+                ..Default::default()
+            },
             targets_output: {
                 let mut o = shipperd_operator::targets::Output::under(&c.data_dir);
                 if let Some(f) = &self.targets_output {
@@ -544,6 +554,11 @@ pub struct NotifyArgs {
     /// (`<data-dir>/config/webhooks.toml`).
     #[arg(long, env = "SHIPPERD_WEBHOOKS_FILE")]
     pub webhooks_file: Option<PathBuf>,
+    /// Networks (CIDRs, comma-separated) a namespace's webhook (a `WebhookTarget`) may
+    /// reach besides public addresses: loopback, private and link-local addresses are
+    /// refused otherwise. `--webhook` URLs (the admin's) may go anywhere.
+    #[arg(long = "allow-private-webhooks", env = "SHIPPERD_ALLOW_PRIVATE_WEBHOOKS", value_delimiter = ',', value_parser = parse_net)]
+    pub allow_private_webhooks: Vec<ipnet::IpNet>,
 }
 
 /// The service account's namespace file, in a pod.
@@ -678,6 +693,9 @@ impl NotifyArgs {
         cfg.secret = self.webhook_secret.clone().filter(|s| !s.is_empty());
         cfg.timeout = Duration::from_secs(self.webhook_timeout_secs.max(1));
         cfg.webhooks_file = self.webhooks_file.clone();
+        cfg.egress = shipperd_registry_targets::Egress {
+            allow: self.allow_private_webhooks.clone(),
+        };
         cfg
     }
 }

@@ -211,6 +211,8 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     notify.retry_max = Duration::from_millis(500);
     if opts.follow_webhooks {
         notify.webhooks_file = Some(data.path().join("webhooks.toml"));
+        // The tests' webhook receivers are on loopback.
+        notify.egress.allow = vec!["127.0.0.0/8".parse()?];
     }
 
     let app = App::start(AllConfig {

@@ -7,6 +7,7 @@
 //! the service with a clear message before it takes any work.
 
 mod auth;
+pub mod egress;
 mod live;
 mod mapping;
 
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use shipperd_model::{RegistryUrl, Secret, TargetName};
 
 pub use auth::{AuthSpec, Credentials};
+pub use egress::Egress;
 pub use live::LiveTargets;
 pub use mapping::{Mapping, NAMESPACE as NAMESPACE_PREFIX, Rename};
 
@@ -130,6 +132,9 @@ pub struct Target {
     pub mapping: Mapping,
     pub transfer: Transfer,
     pub tags: TagPolicy,
+    /// Bundles uploaded through the ingest endpoint (or dropped) may go here: `false`
+    /// for a cluster target whose conditions leave the upload namespace out.
+    pub uploads: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +153,12 @@ struct TargetSpec {
     transfer: Transfer,
     #[serde(default)]
     tags: TagPolicy,
+    #[serde(default = "yes")]
+    uploads: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,6 +225,7 @@ impl Target {
             mapping,
             transfer,
             tags: TagPolicy::default(),
+            uploads: true,
         })
     }
 
@@ -329,6 +341,7 @@ impl Targets {
                 &t.name, &t.url, t.insecure, ca_pem, auth, t.mapping, t.transfer,
             )?;
             target.tags = t.tags;
+            target.uploads = t.uploads;
             targets.push(target);
         }
         Self::from_list(targets, spec.default.as_deref())

@@ -57,6 +57,9 @@ pub struct FetchSettings {
     pub stall_timeout: Duration,
     /// Waited before the first resumption; doubles, up to 30 s.
     pub retry_base: Duration,
+    /// Where a URL may lead: public addresses, and the networks the admin allows (a
+    /// `Bundle`'s URL is a tenant's; see `registry_targets::egress`).
+    pub egress: shipperd_registry_targets::Egress,
 }
 
 impl Default for FetchSettings {
@@ -65,6 +68,7 @@ impl Default for FetchSettings {
             attempts: 8,
             stall_timeout: Duration::from_secs(30),
             retry_base: Duration::from_millis(500),
+            egress: Default::default(),
         }
     }
 }
@@ -91,7 +95,11 @@ impl Store {
         if let Some(a) = self.fetched(&source.sha256).await? {
             return Ok(a);
         }
-        let client = client(source)?;
+        settings
+            .egress
+            .check_url(&source.url)
+            .map_err(|why| Error::BadRequest(format!("{}: {why}", redact(&source.url))))?;
+        let client = client(source, &settings.egress)?;
         // One replica at a time fetches a bundle: the others wait here, then find it
         // stored (or resume what was left).
         let dir = self.data().fetches();
@@ -314,11 +322,17 @@ impl Store {
 
 const RESTART: &str = "restart";
 
-fn client(source: &FetchSource) -> Result<reqwest::Client> {
+fn client(
+    source: &FetchSource,
+    egress: &shipperd_registry_targets::Egress,
+) -> Result<reqwest::Client> {
     // ring is our one TLS provider; a no-op when the binary installed it already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(30))
+        // Names resolve only to the addresses allowed.
+        .dns_resolver(egress.resolver())
+        .no_proxy()
         // A redirect to elsewhere would fetch from a place the resource does not name.
         .redirect(reqwest::redirect::Policy::none());
     if let Some(pem) = &source.ca_pem {

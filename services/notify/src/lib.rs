@@ -59,6 +59,9 @@ pub struct Config {
     pub concurrency: usize,
     /// A webhooks file to follow (see the module's doc).
     pub webhooks_file: Option<std::path::PathBuf>,
+    /// Where a namespace's webhook (a `WebhookTarget`, in the webhooks file) may lead:
+    /// public addresses, and the networks the admin allows.
+    pub egress: shipperd_registry_targets::Egress,
 }
 
 impl Config {
@@ -73,6 +76,7 @@ impl Config {
             max_deliver: 200,
             concurrency: 4,
             webhooks_file: None,
+            egress: Default::default(),
         }
     }
 }
@@ -228,6 +232,9 @@ pub struct Notify {
     bus: Bus,
     state: shipperd_state::StateStore,
     http: reqwest::Client,
+    /// For namespaces' webhooks: names resolve only to the addresses `config.egress`
+    /// allows.
+    guarded: reqwest::Client,
     config: Config,
 }
 
@@ -239,12 +246,20 @@ impl Notify {
             }
         }
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .user_agent(concat!("shipperd/", env!("CARGO_PKG_VERSION")))
-            // A redirect would send the signed event (and the URL's token) elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(config.timeout)
+                .connect_timeout(config.timeout)
+                .user_agent(concat!("shipperd/", env!("CARGO_PKG_VERSION")))
+                // A redirect would send the signed event (and the URL's token) elsewhere.
+                .redirect(reqwest::redirect::Policy::none())
+        };
+        let http = builder()
+            .build()
+            .map_err(|e| Error::Client(e.to_string()))?;
+        let guarded = builder()
+            .dns_resolver(config.egress.resolver())
+            .no_proxy()
             .build()
             .map_err(|e| Error::Client(e.to_string()))?;
         if config.secret.is_none() && !config.webhooks.is_empty() {
@@ -283,6 +298,7 @@ impl Notify {
             state,
             bus,
             http,
+            guarded,
             config,
         })
     }
@@ -340,6 +356,18 @@ impl Notify {
                         });
                         for (spec, key) in wanted {
                             let id = key_of(&spec);
+                            // A namespace's webhook reaches public addresses only, and
+                            // the networks the admin allows.
+                            let http = match &spec.namespace {
+                                None => self.http.clone(),
+                                Some(ns) => match self.config.egress.check_url(&spec.url) {
+                                    Ok(()) => self.guarded.clone(),
+                                    Err(why) => {
+                                        tracing::warn!(url = %redact(&spec.url), namespace = %ns, why, "webhook refused");
+                                        continue;
+                                    }
+                                },
+                            };
                             if let Some((w, k, stop)) = running.get(&id) {
                                 if *w == spec && *k == key {
                                     continue;
@@ -352,7 +380,7 @@ impl Notify {
                                     let target = Arc::new(Target {
                                         host: host_of(&spec.url),
                                         url: spec.url.clone(),
-                                        http: self.http.clone(),
+                                        http,
                                         key: key.clone(),
                                         types: spec.types.clone(),
                                         scope: spec.namespace.clone().map(|namespace| Scope {

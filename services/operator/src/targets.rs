@@ -493,6 +493,9 @@ pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
         None => Api::all(ctx.client.clone()),
     };
     let cluster: Api<ClusterRegistryTarget> = Api::all(ctx.client.clone());
+    // Cluster targets whose conditions leave the upload namespace out: uploads through
+    // the ingest endpoint (which act for it) may not use them.
+    let mut closed_to_uploads = std::collections::BTreeSet::new();
     let mut all: Vec<(Which, RegistryTargetSpec)> = namespaced
         .list(&ListParams::default())
         .await?
@@ -506,20 +509,23 @@ pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
             (which, t.spec)
         })
         .collect();
-    all.extend(
-        cluster
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .map(|t| {
-                let which = Which {
-                    namespace: None,
-                    name: t.name_any(),
-                };
-                (which, t.spec.target)
-            }),
-    );
+    let clusters = cluster.list(&ListParams::default()).await?.items;
+    for t in &clusters {
+        let open = match &ctx.upload_namespace {
+            Some(ns) => crate::cluster::may_use(&ctx.client, t, ns).await?,
+            None => t.spec.conditions.is_empty(),
+        };
+        if !open {
+            closed_to_uploads.insert(t.name_any());
+        }
+    }
+    all.extend(clusters.into_iter().map(|t| {
+        let which = Which {
+            namespace: None,
+            name: t.name_any(),
+        };
+        (which, t.spec.target)
+    }));
     all.sort_by(|a, b| a.0.cmp(&b.0));
     let mut sections = Vec::new();
     let mut default = None;
@@ -527,7 +533,10 @@ pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
     for (which, spec) in &all {
         let verdict = match resolve(ctx, which, spec).await? {
             Err(p) => Err(p),
-            Ok(r) => {
+            Ok(mut r) => {
+                if which.namespace.is_none() && closed_to_uploads.contains(&which.name) {
+                    r.section.push_str("\nuploads = false");
+                }
                 for (p, bytes) in &r.files {
                     write_file(p, bytes)?;
                 }

@@ -384,6 +384,13 @@ fn target_images(
         let known: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         Error::Target(format!("{e} (targets: {})", known.join(", ")))
     })?;
+    if s.owner.is_none() && !target.uploads {
+        return Err(Error::Target(format!(
+            "target {} does not serve uploads (its conditions leave the upload namespace \
+             out): name another target",
+            target.name
+        )));
+    }
     // Where each image landed, by the hash of its target reference: a few bytes per
     // image (a catalog holds tens of thousands), the images themselves compared on a
     // hit.

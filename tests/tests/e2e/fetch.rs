@@ -107,6 +107,10 @@ fn quick() -> FetchSettings {
         attempts: 4,
         stall_timeout: Duration::from_secs(5),
         retry_base: Duration::from_millis(50),
+        // The test's file servers are on loopback.
+        egress: shipperd_registry_targets::Egress {
+            allow: vec!["127.0.0.0/8".parse().unwrap()],
+        },
     }
 }
 
@@ -287,5 +291,62 @@ async fn a_server_without_ranges_is_fetched_again_and_a_wrong_sha256_keeps_nothi
     let text = err.to_string();
     assert!(text.contains("failed 2 times"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+    app.stop().await
+}
+
+/// A `Bundle`'s URL is a tenant's: by default it reaches no loopback, private or
+/// link-local address, named by address or by a name that resolves there; the file
+/// server is never asked. The admin's allowed networks let it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_url_to_a_private_address_is_refused_unless_allowed() -> anyhow::Result<()> {
+    let app = spawn_app(Options::default()).await?;
+    let bytes = tar_bytes(&sample("egress", "egress", 0).oci_files(""))?;
+    let id = BundleId::parse(&sha256(&bytes)[7..])?;
+    let (url, server) = start(bytes, true).await?;
+    let store = store(&app).await?;
+    let port = url.rsplit(':').next().unwrap().split('/').next().unwrap();
+    let strict = FetchSettings {
+        egress: Default::default(),
+        ..quick()
+    };
+    for to in [
+        url.clone(),
+        format!("http://localhost:{port}/bundle"),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+    ] {
+        let source = FetchSource {
+            url: to.clone(),
+            sha256: id.clone(),
+            ca_pem: None,
+            owner: Some("team-a".into()),
+        };
+        let err = store
+            .fetch("egress.tar", &source, None, &strict)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.to_string().contains("not reached") || err.to_string().contains("not allowed"),
+            "{to}: {err}"
+        );
+    }
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        0,
+        "the server was asked"
+    );
+    assert_eq!(app.stored_bundles(), 0);
+    // Allowed by the admin: fetched.
+    let source = FetchSource {
+        url,
+        sha256: id,
+        ca_pem: None,
+        owner: Some("team-a".into()),
+    };
+    assert!(
+        store
+            .fetch("egress.tar", &source, None, &quick())
+            .await?
+            .created
+    );
     app.stop().await
 }

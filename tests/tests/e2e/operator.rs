@@ -246,6 +246,10 @@ async fn context(app: &TestApp, client: kube::Client) -> anyhow::Result<Arc<Cont
             attempts: 3,
             stall_timeout: Duration::from_secs(5),
             retry_base: Duration::from_millis(50),
+            // The test's file servers are on loopback.
+            egress: shipperd_registry_targets::Egress {
+                allow: vec!["127.0.0.0/8".parse().unwrap()],
+            },
         },
     );
     // Uploads act in namespace `ns`; Bundles of other namespaces follow only what
@@ -1761,10 +1765,15 @@ async fn targets_of_every_namespace_render_into_one_file_and_stay_apart() -> any
                 "credentials": { "secretName": "plain" } }),
             ),
         ],
-        cluster_targets: vec![cluster_target(
-            "shared",
-            json!({ "url": url, "default": true }),
-        )],
+        cluster_targets: vec![
+            cluster_target("shared", json!({ "url": url, "default": true })),
+            // For team-a's Bundles only: not for uploads (which act for the upload
+            // namespace, `shipperd` here).
+            cluster_target(
+                "team-a-only",
+                json!({ "url": url, "conditions": [{ "namespaces": ["team-a"] }] }),
+            ),
+        ],
         secrets: vec![
             basic_auth_in("team-a", "push", "a", "a-password"),
             basic_auth_in("team-b", "push", "b", "b-password"),
@@ -1782,6 +1791,7 @@ async fn targets_of_every_namespace_render_into_one_file_and_stay_apart() -> any
         "shipperd",
     );
     ctx.service_account_token = data.path().join("sa-token");
+    ctx.upload_namespace = Some("shipperd".into());
     std::fs::write(&ctx.service_account_token, "a-token")?;
     let rendered = render(&ctx).await?;
     let file = std::fs::read_to_string(&ctx.output.file)?;
@@ -1806,6 +1816,15 @@ async fn targets_of_every_namespace_render_into_one_file_and_stay_apart() -> any
         );
     }
     assert!(file.contains("default = \"shared\""), "{file}");
+    let parsed = shipperd_registry_targets::Targets::parse(&file, data.path())?;
+    let uploads = |n: &str| {
+        parsed
+            .get(Some(&shipperd_model::TargetName::parse(n).unwrap()))
+            .unwrap()
+            .uploads
+    };
+    assert!(uploads("shared"));
+    assert!(!uploads("team-a-only"), "{file}");
     let secrets = data.path().join("config/secrets");
     assert_eq!(
         std::fs::read(secrets.join("team-a/mirror/password"))?,

@@ -8,7 +8,7 @@ use futures::StreamExt as _;
 
 use base64::Engine as _;
 use shipperd_tests::{
-    app::{Options, spawn_app_with},
+    app::{Options, spawn_app, spawn_app_with},
     fixtures::{LayoutBuilder, sample, tar_bytes},
     pki,
     servers::{Registry, RegistryOptions},
@@ -374,5 +374,41 @@ async fn a_changed_targets_file_applies_without_a_restart() -> anyhow::Result<()
     tokio::time::sleep(Duration::from_secs(5)).await;
     put("broken").await?;
     assert_eq!(tags_at(&second.url(), "moved/broken").await?, ["v3"]);
+    app.stop().await
+}
+
+/// A cluster target whose conditions leave the upload namespace out (the operator
+/// renders it `uploads = false`) takes no upload: the bundle fails saying so, and
+/// nothing reaches the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_closed_to_uploads_takes_none() -> anyhow::Result<()> {
+    let app = spawn_app(Options {
+        targets_toml: Some(
+            "default = \"open\"\n[[target]]\nname = \"open\"\nurl = \"{registry}\"\n\n\
+             [[target]]\nname = \"team-a-only\"\nurl = \"{registry}\"\nuploads = false\n"
+                .into(),
+        ),
+        ..Default::default()
+    })
+    .await?;
+    let b = sample("closed", "closed", 0);
+    let (st, r) = app
+        .put_with(
+            "closed.tar",
+            tar_bytes(&b.oci_files(""))?,
+            "target=team-a-only",
+        )
+        .await?;
+    assert_eq!(st, 202, "{r}");
+    let rec = app.wait_done(r["id"].as_str().unwrap(), DONE).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not serve uploads"),
+        "{rec:#}"
+    );
+    assert!(app.catalog().await?.is_empty());
     app.stop().await
 }
