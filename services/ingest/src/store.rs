@@ -44,6 +44,20 @@ pub struct Meta {
     pub uploader: Option<String>,
 }
 
+impl Meta {
+    /// A bundle stored as one file, `id`, that came from `origin`.
+    fn file(name: &str, size: u64, id: &BundleId, origin: &Origin) -> Self {
+        Meta {
+            name: name.to_string(),
+            size,
+            path: DataDir::bundle_file_rel(id),
+            target: origin.target.clone(),
+            owner: origin.owner.clone(),
+            uploader: origin.uploader.clone(),
+        }
+    }
+}
+
 /// Where a bundle goes and who brought it in: its registry target (`None`: the
 /// default), the Kubernetes namespace of the `Bundle` that fetched it (`None`: the
 /// ingest endpoint or the drop directory) and who uploaded it there.
@@ -783,14 +797,7 @@ impl Store {
         origin: &Origin,
         back: &Back,
     ) -> Result<Accepted> {
-        let meta = Meta {
-            name: name.to_string(),
-            size,
-            path: DataDir::bundle_file_rel(&id),
-            target: origin.target.clone(),
-            owner: origin.owner.clone(),
-            uploader: origin.uploader.clone(),
-        };
+        let meta = Meta::file(name, size, &id, origin);
         let dest = match self.place(&mut tmp, &id, &meta).await {
             Ok(dest) => dest,
             Err(e) => {
@@ -827,14 +834,7 @@ impl Store {
         size: u64,
         origin: &Origin,
     ) -> Result<Accepted> {
-        let meta = Meta {
-            name: name.to_string(),
-            size,
-            path: DataDir::bundle_file_rel(&id),
-            target: origin.target.clone(),
-            owner: origin.owner.clone(),
-            uploader: origin.uploader.clone(),
-        };
+        let meta = Meta::file(name, size, &id, origin);
         self.place(&mut tmp, &id, &meta).await?;
         self.record(&id, &meta).await
     }
