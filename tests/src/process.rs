@@ -12,6 +12,26 @@ use anyhow::{Context, bail};
 
 use crate::servers::free_port;
 
+/// The arguments of `shipperd all` on the test's own NATS, data directory and registry,
+/// followed by `more`.
+pub fn all_args(
+    nats: &crate::servers::Nats,
+    data: &std::path::Path,
+    registry: &crate::servers::Registry,
+    more: &[&str],
+) -> Vec<String> {
+    let mut args = vec![
+        "--nats-url".to_string(),
+        nats.url(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--registry".into(),
+        registry.url(),
+    ];
+    args.extend(more.iter().map(|a| a.to_string()));
+    args
+}
+
 pub struct ShipperdProcess {
     child: Option<Child>,
     binary: PathBuf,

@@ -387,22 +387,14 @@ pub async fn converge(src: &Sources<'_>) -> Result<Vec<Told>, String> {
     }
     entries.sort_by_key(|e| e.0);
     // Derived contributions of bundles no longer applying are forgotten.
-    let live: std::collections::HashSet<(BundleId, bool)> = src
-        .cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .keys()
-        .filter(|(id, _)| {
-            entries.iter().any(|(_, b, _)| {
-                b.status.as_ref().and_then(|s| s.bundle_id.as_deref()) == Some(id.as_str())
-            })
-        })
-        .cloned()
+    let applying: std::collections::HashSet<&str> = entries
+        .iter()
+        .filter_map(|(_, b, _)| b.status.as_ref()?.bundle_id.as_deref())
         .collect();
     src.cache
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .retain(|k, _| live.contains(k));
+        .retain(|(id, _), _| applying.contains(id.as_str()));
     let mut merged = Merged::default();
     let mut refs = HashMap::new();
     for (_, b, g) in entries {

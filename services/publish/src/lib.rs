@@ -629,35 +629,31 @@ async fn check_tag(
     let held = ctx.tags.read(reg, repo, t).await.read_ok()?;
     let name = format!("{repo}:{t}");
     let policy = reg.target().tags;
-    match held.held() {
-        true => match held.judge(&tags::Claim::of(s, img), policy, &name) {
+    if held.held() {
+        match held.judge(&tags::Claim::of(s, img), policy, &name) {
             tags::Verdict::Refused(why) => return Err(Error::TagOwned(why)),
-            tags::Verdict::TakeOver(from) => {
-                tracing::warn!(
-                    tag = %name,
-                    from = %from,
-                    "this bundle will take the tag over (the target's tags.take_over)"
-                );
-            }
+            tags::Verdict::TakeOver(from) => tracing::warn!(
+                tag = %name,
+                from = %from,
+                "this bundle will take the tag over (the target's tags.take_over)"
+            ),
             tags::Verdict::Free => {}
-        },
-        false if !policy.overwrite_unowned => {
-            let now = reg
-                .tag_digest(repo, t)
-                .await
-                .map_err(Error::registry(format!("checking {name}")))?;
-            if let Some(d) = now
-                && d != img.digest
-            {
-                return Err(Error::TagOwned(format!(
-                    "tag {name} is in {} already (at {d}), set by something other than \
-                     ShipperD: not moved (the target's tags.overwrite_unowned lets an \
-                     admin move it)",
-                    reg.host()
-                )));
-            }
         }
-        false => {}
+    } else if !policy.overwrite_unowned {
+        let now = reg
+            .tag_digest(repo, t)
+            .await
+            .map_err(Error::registry(format!("checking {name}")))?;
+        if let Some(d) = now
+            && d != img.digest
+        {
+            return Err(Error::TagOwned(format!(
+                "tag {name} is in {} already (at {d}), set by something other than \
+                 ShipperD: not moved (the target's tags.overwrite_unowned lets an admin \
+                 move it)",
+                reg.host()
+            )));
+        }
     }
     Ok(held)
 }

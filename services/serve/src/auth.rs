@@ -22,7 +22,7 @@
 //! `--advertise` URL when one is given (else the host the client asked for).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -73,19 +73,18 @@ const CHECKS_AT_ONCE: usize = 2;
 
 /// One address's place in the queue of bcrypt checks: let go when dropped.
 struct Turn {
-    queued: Arc<Mutex<(HashMap<IpAddr, usize>, usize)>>,
+    queued: Arc<Mutex<HashSet<IpAddr>>>,
     from: IpAddr,
 }
 
 impl Turn {
     /// A place for `from`, unless it has one already or the queue is full.
-    fn take(queued: &Arc<Mutex<(HashMap<IpAddr, usize>, usize)>>, from: IpAddr) -> Option<Self> {
+    fn take(queued: &Arc<Mutex<HashSet<IpAddr>>>, from: IpAddr) -> Option<Self> {
         let mut q = queued.lock().unwrap_or_else(|p| p.into_inner());
-        if q.0.contains_key(&from) || q.1 >= CHECKS_AT_ONCE + MAX_WAITING {
+        // One place per address; at most the checks running and those waiting in all.
+        if q.len() >= CHECKS_AT_ONCE + MAX_WAITING || !q.insert(from) {
             return None;
         }
-        q.0.insert(from, 1);
-        q.1 += 1;
         Some(Turn {
             queued: queued.clone(),
             from,
@@ -96,8 +95,7 @@ impl Turn {
 impl Drop for Turn {
     fn drop(&mut self) {
         let mut q = self.queued.lock().unwrap_or_else(|p| p.into_inner());
-        q.0.remove(&self.from);
-        q.1 -= 1;
+        q.remove(&self.from);
     }
 }
 
@@ -118,8 +116,8 @@ struct Htpasswd {
     passed: Mutex<HashMap<[u8; 32], Instant>>,
     /// bcrypt checks at once.
     permits: tokio::sync::Semaphore,
-    /// Checks running or waiting, per address and in all.
-    queued: Arc<Mutex<(HashMap<IpAddr, usize>, usize)>>,
+    /// Addresses with a check running or waiting.
+    queued: Arc<Mutex<HashSet<IpAddr>>>,
     /// Failed logins per address.
     failures: Failures,
     /// Checked for an unknown user, so it costs what a known one does.

@@ -21,11 +21,33 @@ use shipperd_bundle::Digest;
 
 use crate::{Index, Loaded};
 
-/// What is known of one bundle's copies of blobs: digest → its bytes hash to it.
+/// What is known of one bundle's copies of blobs: digest → its bytes hash to it; and
+/// the digests being read whole now (one reader per copy: others wait for its answer).
 #[derive(Default)]
-pub(crate) struct Checked(Mutex<HashMap<Digest, bool>>);
+pub(crate) struct Checked(
+    Mutex<HashMap<Digest, bool>>,
+    Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+);
 
 impl Checked {
+    /// The lock of reading `digest`'s copy whole (held while it is hashed).
+    fn reading(&self, digest: &Digest) -> Arc<Mutex<()>> {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the lock once the answer is known.
+    fn read(&self, digest: &Digest) {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(digest);
+    }
+
     pub(crate) fn get(&self, digest: &Digest) -> Option<bool> {
         self.0
             .lock()
@@ -56,9 +78,15 @@ pub(crate) fn candidates(index: &Index, digest: &Digest) -> Vec<Copy> {
         .collect()
 }
 
-/// Does `b`'s copy at `path` hash to `digest`? Read whole the first time (blocking),
+/// Does `b`'s copy at `path` hash to `digest`? Read whole the first time (blocking; a
+/// request asking meanwhile waits for that answer rather than reading it again),
 /// remembered after.
 pub(crate) fn hashes_to(b: &Loaded, path: &str, digest: &Digest) -> bool {
+    if let Some(known) = b.checked.get(digest) {
+        return known;
+    }
+    let lock = b.checked.reading(digest);
+    let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(known) = b.checked.get(digest) {
         return known;
     }
@@ -83,6 +111,7 @@ pub(crate) fn hashes_to(b: &Loaded, path: &str, digest: &Digest) -> bool {
         }
     };
     noted(b, path, digest, good);
+    b.checked.read(digest);
     good
 }
 

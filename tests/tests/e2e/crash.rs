@@ -30,22 +30,20 @@ async fn start() -> anyhow::Result<Run> {
     let nats = Nats::start().await?;
     let registry = Registry::start().await?;
     let data = tempfile::tempdir()?;
-    let args = [
-        "--nats-url",
-        &nats.url(),
-        "--data-dir",
-        &data.path().display().to_string(),
-        "--registry",
-        &registry.url(),
-        "--max-attempts",
-        &ATTEMPTS.to_string(),
-        "--ack-wait",
-        "2s",
-        "--min-free-bytes",
-        "67108864",
-    ]
-    .map(String::from)
-    .to_vec();
+    let attempts = ATTEMPTS.to_string();
+    let args = shipperd_tests::process::all_args(
+        &nats,
+        data.path(),
+        &registry,
+        &[
+            "--max-attempts",
+            &attempts,
+            "--ack-wait",
+            "2s",
+            "--min-free-bytes",
+            "67108864",
+        ],
+    );
     let app = ShipperdProcess::start(env!("CARGO_BIN_EXE_shipperd-process"), args).await?;
     Ok(Run {
         nats,

@@ -354,18 +354,12 @@ async fn a_squashfs_metadata_bomb_is_refused_without_its_memory() -> anyhow::Res
     let nats = Nats::start().await?;
     let registry = Registry::start().await?;
     let data = tempfile::tempdir()?;
-    let args = [
-        "--nats-url",
-        &nats.url(),
-        "--data-dir",
-        &data.path().display().to_string(),
-        "--registry",
-        &registry.url(),
-        "--min-free-bytes",
-        "0",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = shipperd_tests::process::all_args(
+        &nats,
+        data.path(),
+        &registry,
+        &["--min-free-bytes", "0"],
+    );
     let app = ShipperdProcess::start(env!("CARGO_BIN_EXE_shipperd-process"), args).await?;
     let http = reqwest::Client::new();
     let base = app.base();

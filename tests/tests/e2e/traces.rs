@@ -26,22 +26,19 @@ async fn a_bundle_is_one_trace_from_upload_to_webhook() -> anyhow::Result<()> {
     let registry = Registry::start().await?;
     let sink = WebhookSink::start().await?;
     let data = tempfile::tempdir()?;
-    let args = [
-        "--nats-url",
-        &nats.url(),
-        "--data-dir",
-        &data.path().display().to_string(),
-        "--registry",
-        &registry.url(),
-        "--webhook",
-        &sink.url(),
-        "--min-free-bytes",
-        "67108864",
-        "--sweep-every",
-        "1s",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = shipperd_tests::process::all_args(
+        &nats,
+        data.path(),
+        &registry,
+        &[
+            "--webhook",
+            &sink.url(),
+            "--min-free-bytes",
+            "67108864",
+            "--sweep-every",
+            "1s",
+        ],
+    );
     let otlp = Receiver::start().await?;
     let env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), otlp.endpoint()),
