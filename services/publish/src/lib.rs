@@ -626,9 +626,30 @@ async fn check_tag(
 ) -> Result<tags::Tag> {
     // The owner must be known: a holder that cannot be read fails this attempt (tried
     // again later).
-    let held = ctx.tags.read(reg, repo, t).await.read_ok()?;
+    let mut held = ctx.tags.read(reg, repo, t).await.read_ok()?;
     let name = format!("{repo}:{t}");
     let policy = reg.target().tags;
+    if !held.held() && !policy.overwrite_unowned {
+        let now = reg
+            .tag_digest(repo, t)
+            .await
+            .map_err(Error::registry(format!("checking {name}")))?;
+        if let Some(d) = now
+            && d != img.digest
+        {
+            // A bundle claims a tag before it pushes it: read the holder again, as
+            // another bundle may have claimed and pushed it since the first read.
+            held = ctx.tags.read(reg, repo, t).await.read_ok()?;
+            if !held.held() {
+                return Err(Error::TagOwned(format!(
+                    "tag {name} is in {} already (at {d}), set by something other than \
+                     ShipperD: not moved (the target's tags.overwrite_unowned lets an \
+                     admin move it)",
+                    reg.host()
+                )));
+            }
+        }
+    }
     if held.held() {
         match held.judge(&tags::Claim::of(s, img), policy, &name) {
             tags::Verdict::Refused(why) => return Err(Error::TagOwned(why)),
@@ -638,21 +659,6 @@ async fn check_tag(
                 "this bundle will take the tag over (the target's tags.take_over)"
             ),
             tags::Verdict::Free => {}
-        }
-    } else if !policy.overwrite_unowned {
-        let now = reg
-            .tag_digest(repo, t)
-            .await
-            .map_err(Error::registry(format!("checking {name}")))?;
-        if let Some(d) = now
-            && d != img.digest
-        {
-            return Err(Error::TagOwned(format!(
-                "tag {name} is in {} already (at {d}), set by something other than \
-                 ShipperD: not moved (the target's tags.overwrite_unowned lets an admin \
-                 move it)",
-                reg.host()
-            )));
         }
     }
     Ok(held)
