@@ -45,3 +45,12 @@ pub fn age(rfc3339: &str) -> Option<std::time::Duration> {
             .unwrap_or_default(),
     )
 }
+
+/// The text a panic carried (its `&str` or `String` payload).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}

@@ -13,6 +13,4 @@ pub mod pull;
 mod runtime;
 
 pub use attempts::{Ledger, Record, Spent};
-pub use runtime::{
-    Attempt, Class, Classify, Done, GiveUp, Runtime, Settings, Stage, panic_message,
-};
+pub use runtime::{Attempt, Class, Classify, Done, GiveUp, Runtime, Settings, Stage};

@@ -360,7 +360,7 @@ impl Runtime {
             }
             Ok(Err(error)) => error,
             Err(panic) => {
-                let why = GiveUp::Panic(panic_message(&*panic));
+                let why = GiveUp::Panic(shipperd_model::panic_message(&*panic));
                 tracing::error!(reason = %why.reason(), "the work panicked");
                 return self.give_up(stage, settings, job, &key, why, started).await;
             }
@@ -476,13 +476,4 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// The text a panic carried (its `&str` or `String` payload).
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
 }

@@ -23,7 +23,6 @@
 mod bundles;
 mod commit;
 mod progress;
-mod registry;
 mod tags;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -49,7 +48,7 @@ use shipperd_state::{Executor, StateStore, finish};
 use tokio_util::sync::CancellationToken;
 
 pub use progress::Progress;
-pub use registry::{BlobOutcome, Registry, RegistryError, lease_key};
+use shipperd_registry::{BlobOutcome, Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

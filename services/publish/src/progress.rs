@@ -5,10 +5,6 @@
 //! whatever the bundle's size) and sends `io.shipperd.image.progress`, at most once per
 //! interval, and only for pushes that last longer than one interval.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
 use std::time::Duration;
 
 use shipperd_bus::{Bus, EventKind, MessageId, Topic, event::encode};
@@ -16,35 +12,7 @@ use shipperd_model::{BundleSummary, ImageState};
 use shipperd_proto::v1;
 use shipperd_state::{StateStore, effects::image_ref};
 
-#[derive(Debug, Clone, Default)]
-pub struct Progress {
-    done: Arc<AtomicU64>,
-    total: Arc<AtomicU64>,
-}
-
-impl Progress {
-    pub fn set_total(&self, total: u64) {
-        self.total.store(total, Ordering::Relaxed);
-    }
-
-    pub fn add(&self, n: u64) {
-        self.done.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn sub(&self, n: u64) {
-        let _ = self
-            .done
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
-                Some(d.saturating_sub(n))
-            });
-    }
-
-    /// `(done, total)`.
-    pub fn get(&self) -> (u64, u64) {
-        let total = self.total.load(Ordering::Relaxed);
-        (self.done.load(Ordering::Relaxed).min(total), total)
-    }
-}
+pub use shipperd_registry::Progress;
 
 /// Reports `progress` of one image every `every` until stopped.
 pub(crate) struct Reporter {

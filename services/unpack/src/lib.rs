@@ -295,7 +295,7 @@ impl Unpacker {
         let mut inventory = read.map_err(|join| {
             Error::Internal(
                 join.try_into_panic()
-                    .map(|p| shipperd_pipeline::panic_message(&*p))
+                    .map(|p| shipperd_model::panic_message(&*p))
                     .unwrap_or_else(|_| "the reader was cancelled".into()),
             )
         })??;

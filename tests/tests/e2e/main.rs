@@ -28,6 +28,7 @@ mod outage;
 mod owners;
 mod pipeline;
 mod publish_faults;
+mod registry_client;
 mod secrets;
 mod serve;
 mod state;

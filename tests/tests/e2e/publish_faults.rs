@@ -383,7 +383,7 @@ async fn publish_replicas_upload_a_shared_layer_once() -> anyhow::Result<()> {
         .await?;
     let host = proxy.url().trim_start_matches("http://").to_string();
     kv.put(
-        shipperd_publish::lease_key(&host, &shipperd_model::Digest::parse(&orphan.digest)?),
+        shipperd_registry::lease_key(&host, &shipperd_model::Digest::parse(&orphan.digest)?),
         "dead-replica".into(),
     )
     .await?;

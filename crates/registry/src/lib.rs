@@ -4,13 +4,16 @@
 //! by replicas, and logins through oci-client's token handling (basic auth, or a bearer
 //! token from the registry's token service; two-repository tokens for mounts are ours).
 //!
-//! Blobs: [`blob`]; manifests and referrers: [`manifest`].
+//! Pushing blobs: [`blob`]; manifests and referrers: [`manifest`]; reading a registry
+//! (manifests, blobs with resume, tags and referrers): [`pull`].
 
 mod auth;
 pub mod blob;
 mod error;
 mod lease;
 pub mod manifest;
+mod progress;
+pub mod pull;
 mod watch;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -23,6 +26,8 @@ use shipperd_registry_targets::{Target, Transfer};
 
 pub use blob::BlobOutcome;
 pub use error::RegistryError;
+pub use progress::Progress;
+pub use pull::Pulled;
 pub(crate) use watch::Moved;
 
 /// A request to send: method, URL (absolute, or a path under the registry), and how to
@@ -45,9 +50,10 @@ pub struct Registry {
     http: reqwest::Client,
     base: String,
     auth: auth::Auth,
-    /// digest → a repository of this registry known to hold it (for mounts), and open
-    /// upload sessions of large blobs (for resuming after a crash).
-    blobs: kv::Store,
+    /// digest → a repository of this registry known to hold it (for mounts), open
+    /// upload sessions of large blobs (for resuming after a crash) and upload leases,
+    /// shared by replicas; none for a client that shares nothing ([`Registry::reader`]).
+    blobs: Option<kv::Store>,
     /// Prefix of this registry's keys in `blobs` (KV keys cannot hold `:`).
     key_prefix: String,
     /// Uploads moving bytes at once, over every image.
@@ -67,7 +73,20 @@ pub struct Registry {
 const MAX_LINKED: usize = 200_000;
 
 impl Registry {
+    /// A client of `target` sharing what it learns with other replicas through `blobs`
+    /// (the `shipperd-blobs` bucket).
     pub fn new(target: Target, blobs: kv::Store) -> Result<Self, RegistryError> {
+        Self::build(target, Some(blobs))
+    }
+
+    /// A client of `target` that shares nothing: it remembers no blob locations and no
+    /// upload sessions beyond its own life, and uploads without leases. For reading a
+    /// registry, or one process writing alone.
+    pub fn reader(target: Target) -> Result<Self, RegistryError> {
+        Self::build(target, None)
+    }
+
+    fn build(target: Target, blobs: Option<kv::Store>) -> Result<Self, RegistryError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(30))

@@ -109,9 +109,12 @@ impl Registry {
             // Known in another repository: one request, the mount (which also succeeds
             // when this repository has the blob already). Else: does it have it?
             let mut location = None;
-            let from = match self.blobs.get(&key).await {
-                Ok(Some(from)) => Some(String::from_utf8_lossy(&from).to_string()),
-                _ => None,
+            let from = match &self.blobs {
+                Some(kv) => match kv.get(&key).await {
+                    Ok(Some(from)) => Some(String::from_utf8_lossy(&from).to_string()),
+                    _ => None,
+                },
+                None => None,
             };
             if let Some(from) = from.filter(|f| f != repo) {
                 match self.mount(repo, &from, &desc.digest).await? {
@@ -246,7 +249,8 @@ impl Registry {
     }
 
     async fn remember(&self, key: &str, repo: &str) {
-        if let Err(error) = self.blobs.put(key, Bytes::from(repo.to_string())).await {
+        let Some(kv) = &self.blobs else { return };
+        if let Err(error) = kv.put(key, Bytes::from(repo.to_string())).await {
             tracing::debug!(%error, "cannot record blob location; later pushes will upload it");
         }
     }
@@ -314,11 +318,8 @@ impl Registry {
             location: loc.to_string(),
         };
         let v = serde_json::to_vec(&s).expect("a session serialises");
-        if let Err(error) = self
-            .blobs
-            .put(self.session_key(repo, digest), v.into())
-            .await
-        {
+        let Some(kv) = &self.blobs else { return };
+        if let Err(error) = kv.put(self.session_key(repo, digest), v.into()).await {
             tracing::debug!(%error, "cannot record the upload session; a crash would restart it");
         }
     }
@@ -326,6 +327,7 @@ impl Registry {
     async fn saved_session(&self, repo: &str, digest: &Digest) -> Option<String> {
         let v = self
             .blobs
+            .as_ref()?
             .get(self.session_key(repo, digest))
             .await
             .ok()??;
@@ -334,7 +336,9 @@ impl Registry {
     }
 
     async fn forget_session(&self, repo: &str, digest: &Digest) {
-        let _ = self.blobs.purge(self.session_key(repo, digest)).await;
+        if let Some(kv) = &self.blobs {
+            let _ = kv.purge(self.session_key(repo, digest)).await;
+        }
     }
 }
 
@@ -700,7 +704,7 @@ fn reader_loop(
             .unwrap_or_else(|p| {
                 Err(BodyError::Panicked(format!(
                     "the blob reader panicked: {}",
-                    shipperd_pipeline::panic_message(&*p)
+                    shipperd_model::panic_message(&*p)
                 )))
             });
         if let Err(e) = result {

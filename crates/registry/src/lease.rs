@@ -62,6 +62,10 @@ impl Registry {
     /// Takes the lease on uploading `digest` to this registry, waiting while another
     /// replica holds it.
     pub(crate) async fn lease(&self, digest: &shipperd_model::Digest) -> Lease {
+        let Some(blobs) = &self.blobs else {
+            // Nobody to share with.
+            return Lease::Unavailable;
+        };
         let key = super::lease_key(&self.target.url.host, digest);
         let stale = self.target.transfer.lease_timeout;
         let started = Instant::now();
@@ -69,7 +73,7 @@ impl Registry {
         let mut seen: Option<(u64, Instant)> = None;
         let mut refused = 0;
         while started.elapsed() < WAIT_MAX {
-            let entry = match self.blobs.entry(&key).await {
+            let entry = match blobs.entry(&key).await {
                 Ok(e) => e.filter(|e| e.operation == Operation::Put),
                 Err(error) => {
                     tracing::debug!(%error, "lease bucket unavailable; uploading without one");
@@ -81,10 +85,10 @@ impl Registry {
                     // The holder let go: its upload ended, for better or worse.
                     return Lease::Released;
                 }
-                match self.blobs.create(&key, self.holder_value()).await {
+                match blobs.create(&key, self.holder_value()).await {
                     Ok(rev) => {
                         tracing::debug!(key, rev, "upload lease taken");
-                        return Lease::Held(self.hold(key, rev));
+                        return Lease::Held(self.hold(blobs, key, rev));
                     }
                     // Another replica was quicker (then we wait on it), or the bucket
                     // refuses writes (then, after a few tries, we go without).
@@ -108,12 +112,11 @@ impl Registry {
                     if now.duration_since(since) >= stale {
                         tracing::info!(key, holder = %String::from_utf8_lossy(&entry.value),
                             "upload lease not renewed; taking it over");
-                        match self
-                            .blobs
+                        match blobs
                             .update(&key, self.holder_value(), entry.revision)
                             .await
                         {
-                            Ok(rev) => return Lease::Held(self.hold(key, rev)),
+                            Ok(rev) => return Lease::Held(self.hold(blobs, key, rev)),
                             // Somebody else was quicker: wait on them.
                             Err(_) => seen = None,
                         }
@@ -131,11 +134,11 @@ impl Registry {
     }
 
     /// Renews the lease every quarter of `lease_timeout` until released.
-    fn hold(&self, key: String, rev: u64) -> Box<Held> {
+    fn hold(&self, blobs: &kv::Store, key: String, rev: u64) -> Box<Held> {
         let revision = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rev));
         let every = self.target.transfer.lease_timeout / 4;
         let (kv, k, value, r) = (
-            self.blobs.clone(),
+            blobs.clone(),
             key.clone(),
             self.holder_value(),
             revision.clone(),
@@ -156,7 +159,7 @@ impl Registry {
         });
         Box::new(Held {
             key,
-            kv: self.blobs.clone(),
+            kv: blobs.clone(),
             renew,
             revision,
         })
