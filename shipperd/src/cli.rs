@@ -5,9 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use shipperd_bundle::Limits;
-use shipperd_ingest::Bounds;
+use shipperd_listener::Bounds;
 use shipperd_model::Secret;
 use shipperd_registry_targets::Targets;
+use shipperd_store::Limits as StoreLimits;
 
 use crate::AllConfig;
 
@@ -123,7 +124,7 @@ pub enum Command {
     /// Show bundles (a table), or one bundle: phase, image counts, error, failed images.
     Status {
         #[command(flatten)]
-        client: crate::client::ClientArgs,
+        client: crate::server::ClientArgs,
         /// A bundle id (its first characters are not enough: the full id).
         id: Option<String>,
     },
@@ -136,13 +137,13 @@ pub enum Command {
     /// Publish again what failed in a Failed bundle.
     Retry {
         #[command(flatten)]
-        client: crate::client::ClientArgs,
+        client: crate::server::ClientArgs,
         id: String,
     },
     /// Delete a bundle's stored files and state (not the images in the registry).
     Delete {
         #[command(flatten)]
-        client: crate::client::ClientArgs,
+        client: crate::server::ClientArgs,
         id: String,
         /// Also a bundle still being unpacked or published (it stops).
         #[arg(long)]
@@ -229,7 +230,7 @@ impl OperatorArgs {
             data_dir: shipperd_model::DataDir::new(c.data_dir.clone()),
             namespace: self.namespace.clone(),
             max_bundle_bytes: self.max_bundle_bytes,
-            fetch: shipperd_ingest::FetchSettings {
+            fetch: shipperd_store::FetchSettings {
                 egress: shipperd_registry_targets::Egress {
                     allow: self.allow_private_destinations.clone(),
                 },
@@ -309,7 +310,7 @@ pub struct Common {
     /// Free bytes kept on the data volume: an upload that would leave less is refused
     /// with 507 (before it starts when it declares its length, else when it gets there),
     /// and expanding a compressed bundle that would leave less fails that bundle.
-    #[arg(long, env = "SHIPPERD_MIN_FREE_BYTES", default_value_t = Bounds::default().min_free_bytes)]
+    #[arg(long, env = "SHIPPERD_MIN_FREE_BYTES", default_value_t = StoreLimits::default().min_free_bytes)]
     pub min_free_bytes: u64,
 }
 
@@ -414,7 +415,7 @@ pub struct IngestArgs {
     #[arg(long, env = "SHIPPERD_MAX_CONNECTIONS_PER_CLIENT", default_value_t = Bounds::default().max_connections_per_client)]
     pub max_connections_per_client: usize,
     /// Uploads (bundles and parts) received at once; more are answered 503 with Retry-After.
-    #[arg(long, env = "SHIPPERD_MAX_UPLOADS", default_value_t = Bounds::default().max_uploads)]
+    #[arg(long, env = "SHIPPERD_MAX_UPLOADS", default_value_t = StoreLimits::default().max_uploads)]
     pub max_uploads: usize,
     /// Bytes stored bundles, parts and uploads in progress may take together (0: no
     /// limit beyond --min-free-bytes).
@@ -607,7 +608,7 @@ impl IngestArgs {
         cfg.auth_token_file = self.auth_token_file.clone();
         cfg.trusted_proxies = self.trusted_proxies.clone();
         cfg.tls = match (&self.tls_cert_file, &self.tls_key_file) {
-            (Some(cert), Some(key)) => Some(shipperd_ingest::TlsFiles {
+            (Some(cert), Some(key)) => Some(shipperd_listener::TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: self.tls_client_ca_file.clone(),
@@ -620,6 +621,8 @@ impl IngestArgs {
             body_window: self.body_window,
             max_connections: self.max_connections,
             max_connections_per_client: self.max_connections_per_client,
+        };
+        cfg.limits = StoreLimits {
             max_uploads: self.max_uploads,
             min_free_bytes: c.min_free_bytes,
             max_stored_bytes: self.max_stored_bytes,
@@ -856,10 +859,7 @@ impl ServeArgs {
             advertise: self.advertise.clone(),
             htpasswd: self.htpasswd.clone(),
             limits: Limits::default(),
-            bounds: Bounds {
-                min_free_bytes: 0,
-                ..Bounds::default()
-            },
+            bounds: Bounds::default(),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod natscreds;
 mod run;
+pub mod server;
 pub mod watch;
 
 pub use run::run;

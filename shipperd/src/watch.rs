@@ -16,7 +16,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 
-use crate::client::ClientArgs;
+use crate::server::ClientArgs;
 
 /// Watches opened again in a row after breaking before a watcher gives up.
 const REWATCHES: u32 = 10;

@@ -153,7 +153,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     ingest.drop_quiet = opts.drop_quiet.unwrap_or(Duration::from_secs(1));
     // A machine with little free disk still runs the suite (the reserve has tests of
     // its own).
-    ingest.bounds.min_free_bytes = 64 << 20;
+    ingest.limits.min_free_bytes = 64 << 20;
     ingest.janitor = opts
         .janitor
         .clone()

@@ -350,6 +350,11 @@ pub(crate) fn rand_suffix() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
+/// A temp file beside `path`, its own (two writers never share one).
+pub(crate) fn temp_beside(path: &std::path::Path) -> std::path::PathBuf {
+    path.with_extension(format!("{}.{:x}.tmp", std::process::id(), rand_suffix()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

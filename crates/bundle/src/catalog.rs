@@ -52,18 +52,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// A temp file beside `path`, its own (two writers never share one).
-pub(crate) fn temp_beside(path: &Path) -> PathBuf {
-    path.with_extension(format!(
-        "{}.{:x}.tmp",
-        std::process::id(),
-        crate::cas::rand_suffix()
-    ))
-}
-
 /// Writes `body` to `path` atomically (temp file, fsync, rename).
 pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
-    let tmp = temp_beside(path);
+    let tmp = crate::cas::temp_beside(path);
     std::fs::write(&tmp, body).map_err(io(&tmp))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())

@@ -164,7 +164,7 @@ impl PlanWriter {
     pub fn create(dest: &Path) -> Result<Self> {
         // Its own temp file: two unpacks of one bundle (a re-announced one) write the
         // same plans, and must not write them into one file.
-        let tmp = crate::catalog::temp_beside(dest);
+        let tmp = crate::cas::temp_beside(dest);
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         Ok(PlanWriter {
             out: BufWriter::with_capacity(1 << 20, file),

@@ -71,6 +71,8 @@ pub struct Metrics {
     // operator
     /// `shipperd_operator_reconciles_total{kind, result=ok|error}`
     pub reconciles: Family<Labels, Counter>,
+    /// `shipperd_operator_reconcile_errors_total{kind, error=kube|bus|store|...}`
+    pub reconcile_errors: Family<Labels, Counter>,
 }
 
 fn stage_histogram() -> Histogram {
@@ -109,6 +111,7 @@ static PROCESS: LazyLock<Process> = LazyLock::new(|| {
         webhook_deliveries: Family::default(),
         webhook_seconds: Family::new_with_constructor(webhook_histogram),
         reconciles: Family::default(),
+        reconcile_errors: Family::default(),
     };
     let mut r = Registry::with_prefix("shipperd");
     {
@@ -205,6 +208,11 @@ static PROCESS: LazyLock<Process> = LazyLock::new(|| {
         "operator_reconciles",
         "Reconciles by resource kind and result",
         m.reconciles.clone(),
+    );
+    r.register(
+        "operator_reconcile_errors",
+        "Failed reconciles by resource kind and kind of error",
+        m.reconcile_errors.clone(),
     );
     Process {
         metrics: m,

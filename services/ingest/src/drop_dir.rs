@@ -27,11 +27,9 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    Error,
-    metrics::metrics,
-    store::{Origin, Store, parse_checksum},
-};
+use shipperd_store::{Origin, Store, parse_checksum};
+
+use crate::{Error, metrics::metrics};
 
 /// How a drop-directory file looked at a poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::{Error, ops, store::Store};
+use crate::Error;
+use shipperd_store::{Store, ops};
 
 /// Watches open at once (each is a consumer on the NATS server); more are refused with
 /// RESOURCE_EXHAUSTED.
@@ -199,7 +200,7 @@ impl Bundles for Api {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = req
             .extensions()
-            .get::<crate::auth::Caller>()
+            .get::<shipperd_listener::auth::Caller>()
             .map_or(shipperd_model::ANONYMOUS, |c| c.0.as_str())
             .to_string();
         let slot = CallerSlot::take(&self.callers, &who).ok_or_else(|| {

@@ -17,17 +17,18 @@ use serde_json::json;
 use shipperd_model::{BundleId, BundleSummary, ImagePhase, TargetName};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    Error, Result,
-    auth::Caller,
-    metrics::{self, metrics},
-    ops,
-    serve::Paced,
-    store::{Origin, Store, UploadId, parse_checksum},
-    views,
+use shipperd_listener::{Bounds, Caller, Paced, PacedError};
+use shipperd_store::{
+    Origin, Store, UploadId, ops,
+    ops::{MAX_PAGE, PAGE},
+    parse_checksum,
 };
 
-use crate::ops::{MAX_PAGE, PAGE};
+use crate::{
+    Error, Result,
+    metrics::{self, metrics},
+    views,
+};
 
 /// Which namespace uploads through this API act in: with `--auth kubernetes`, the one
 /// whose rights on bundles are checked; only that namespace's `RegistryTarget`s
@@ -35,6 +36,8 @@ use crate::ops::{MAX_PAGE, PAGE};
 #[derive(Debug, Clone, Default)]
 pub struct Uploads {
     pub namespace: Option<String>,
+    /// The pace a body must keep (the listener's bounds).
+    pub bounds: Bounds,
 }
 
 /// The API; `shutdown` also ends the gRPC watches (they would hold the drain open).
@@ -59,6 +62,18 @@ pub fn router(store: Arc<Store>, uploads: Uploads, shutdown: CancellationToken) 
         .with_state(store.clone())
         .merge(probes(store))
         .merge(crate::ui::router())
+}
+
+/// A request body that must keep the listener's pace; what breaks it is the store's
+/// to say (a slow body is cut with 408, a broken one is incomplete).
+fn paced(body: Body, bounds: &Bounds) -> impl futures::Stream<Item = Result<bytes::Bytes>> + Unpin {
+    use futures::StreamExt as _;
+    Paced::new(body.into_data_stream(), bounds).map(|r| {
+        r.map_err(|e| match e {
+            PacedError::TooSlow(why) => Error::TooSlow(why),
+            PacedError::Broken(why) => Error::Stream(why),
+        })
+    })
 }
 
 /// Each API request in a span of its own, continuing the caller's trace when it sends a
@@ -175,7 +190,7 @@ async fn upload(
     match store
         .receive(
             &name,
-            Paced::new(body.into_data_stream(), store.bounds()),
+            paced(body, &uploads.bounds),
             content_length(&headers),
             expected.as_ref(),
             &Origin::upload(target.as_ref(), uploader(caller.as_ref())),
@@ -194,6 +209,7 @@ async fn upload(
 
 async fn upload_part(
     State(store): State<Arc<Store>>,
+    axum::Extension(uploads): axum::Extension<Arc<Uploads>>,
     Path((name, n)): Path<(String, u32)>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -209,7 +225,7 @@ async fn upload_part(
             &name,
             n,
             id,
-            Paced::new(body.into_data_stream(), store.bounds()),
+            paced(body, &uploads.bounds),
             content_length(&headers),
             expected.as_ref(),
         )
@@ -381,6 +397,7 @@ mod tests {
         let q = |t: &str| HashMap::from([("target".to_string(), t.to_string())]);
         let here = Uploads {
             namespace: Some("shipperd".into()),
+            ..Uploads::default()
         };
         let refused = target_param(&q("team-a/mirror"), &here).unwrap_err();
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);

@@ -32,7 +32,8 @@ use shipperd_pipeline::Ledger;
 use shipperd_state::finish;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Result, ops, store::Store};
+use crate::Result;
+use shipperd_store::{Store, ops};
 
 /// What the janitor does, and how often.
 #[derive(Debug, Clone)]

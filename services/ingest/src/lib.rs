@@ -9,38 +9,35 @@
 //! janitor: expiry of old files, re-driving bundles that stalled, recovering bundles
 //! stored but never recorded.
 
-mod auth;
-mod disk;
 mod drop_dir;
-mod error;
-mod fetch;
 mod grpc;
 mod http;
 mod janitor;
 mod metrics;
-mod ops;
-pub mod review;
-mod serve;
-mod space;
-mod store;
-mod tls;
 mod ui;
 mod views;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-pub use auth::{Caller, Failures, MAX_FAILURES as MAX_AUTH_FAILURES, Tokens};
-pub use error::{Error, Result};
-pub use fetch::{FetchSettings, FetchSource};
 pub use grpc::{MAX_WATCHES, MAX_WATCHES_PER_CALLER};
 pub use janitor::{Janitor, Settings as JanitorSettings};
-pub use ops::delete as delete_bundle;
-pub use serve::{Bounds, Client};
 use shipperd_bus::Bus;
+use shipperd_listener::{Bounds, Tls, TlsFiles, auth, review};
 use shipperd_model::DataDir;
-pub use store::{Accepted, Opened, Origin, Store, instance};
-pub use tls::TlsFiles;
+use shipperd_store::Store;
+pub use shipperd_store::{Error, Limits, Result};
 use tokio_util::sync::CancellationToken;
+
+/// Why ingest could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] shipperd_store::Error),
+    #[error(transparent)]
+    Listen(#[from] shipperd_listener::Error),
+    #[error(transparent)]
+    Bus(#[from] shipperd_bus::Error),
+}
 
 /// Tokens checked with the Kubernetes API (TokenReview, SubjectAccessReview).
 #[derive(Clone)]
@@ -95,6 +92,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Timeouts, rates and caps on clients.
     pub bounds: Bounds,
+    /// What the store takes in: uploads at once, free space kept, bytes stored.
+    pub limits: Limits,
 }
 
 impl Config {
@@ -118,6 +117,7 @@ impl Config {
             trusted_proxies: Vec::new(),
             tls: None,
             bounds: Bounds::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -128,25 +128,19 @@ pub struct Ingest {
     store: Arc<Store>,
     listener: tokio::net::TcpListener,
     health: Option<tokio::net::TcpListener>,
-    tls: Option<Arc<tls::Tls>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Ingest {
-    pub async fn start(config: Config) -> Result<Self> {
+    pub async fn start(config: Config) -> Result<Self, StartError> {
         let bus = Bus::connect_with(&config.nats, "shipperd-ingest").await?;
         bus.ensure_topology().await?;
         // Bad TLS files stop the start-up, before anything listens.
-        let tls = config
-            .tls
-            .clone()
-            .map(tls::Tls::load)
-            .transpose()
-            .map_err(Error::Tls)?
-            .map(Arc::new);
+        let tls = config.tls.clone().map(Tls::load).transpose()?.map(Arc::new);
         let store = Arc::new(
             Store::open(bus, &config.data_dir, config.max_bundle_bytes)
                 .await?
-                .with_bounds(config.bounds.clone()),
+                .with_limits(config.limits.clone()),
         );
         if let Some(drop) = &config.drop_dir {
             tokio::fs::create_dir_all(drop)
@@ -154,15 +148,9 @@ impl Ingest {
                 .map_err(|e| Error::io(drop, e))?;
             store.recover_taken(drop).await;
         }
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| Error::Bind(config.listen, e))?;
+        let listener = shipperd_listener::bind(config.listen).await?;
         let health = match config.health_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::Bind(addr, e))?,
-            ),
+            Some(addr) => Some(shipperd_listener::bind(addr).await?),
             None => None,
         };
         Ok(Ingest {
@@ -186,7 +174,7 @@ impl Ingest {
         self.health.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), StartError> {
         tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "ingest listening");
         if let Some(listener) = self.health {
             tracing::info!(addr = ?listener.local_addr().ok(), "probes listening");
@@ -217,6 +205,7 @@ impl Ingest {
         });
         let uploads = http::Uploads {
             namespace: self.config.kube_auth.as_ref().map(|k| k.namespace.clone()),
+            bounds: self.config.bounds.clone(),
         };
         let mut app = http::router(self.store.clone(), uploads, shutdown.clone());
         let gate = auth::Gate {
@@ -228,6 +217,7 @@ impl Ingest {
                 .map(|k| review::Review::new(k.client, k.namespace)),
             failures: auth::Failures::default(),
             trusted_proxies: self.config.trusted_proxies.clone(),
+            grpc_prefix: grpc::PATH,
         };
         if gate.tokens.is_none() && gate.review.is_none() {
             tracing::warn!(
@@ -244,15 +234,17 @@ impl Ingest {
                 auth::require,
             ));
         }
-        let app = app.layer(axum::middleware::from_fn(serve::close_if_body_unread));
-        serve::serve(
+        let app = app.layer(axum::middleware::from_fn(
+            shipperd_listener::drain_unread_body,
+        ));
+        shipperd_listener::serve(
             self.listener,
             app,
             self.tls,
             &self.config.bounds,
             shutdown.clone(),
         )
-        .await?;
+        .await;
         if let Some(w) = watcher {
             let _ = w.await;
         }
@@ -261,25 +253,7 @@ impl Ingest {
     }
 }
 
-/// Serves `app` on `listener` as the ingest API is served: HTTP/1.1 and HTTP/2, TLS
-/// from `tls` (followed as the files change), the connection caps and client timeouts
-/// of `bounds`. For other servers of the same binary (`shipperd serve`).
-pub async fn serve_router(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    tls: Option<TlsFiles>,
-    bounds: &Bounds,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let tls = tls
-        .map(tls::Tls::load)
-        .transpose()
-        .map_err(Error::Tls)?
-        .map(Arc::new);
-    serve::serve(listener, app, tls, bounds, shutdown).await
-}
-
 /// Starts and runs the ingest service until `shutdown`.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     Ingest::start(config).await?.serve(shutdown).await
 }

@@ -10,7 +10,7 @@ use shipperd_model::{BundleSummary, Phase};
 use shipperd_telemetry::metrics::label;
 pub use shipperd_telemetry::metrics::metrics;
 
-use crate::store::Store;
+use shipperd_store::Store;
 
 /// `GET /metrics`.
 pub async fn serve() -> Response {
@@ -59,7 +59,7 @@ pub async fn refresh(store: &Store, summaries: &[BundleSummary]) {
         Err(error) => tracing::debug!(%error, "cannot read the consumers' backlogs"),
     }
     let data = store.data().clone();
-    let usage = tokio::task::spawn_blocking(move || crate::space::usage(&data)).await;
+    let usage = tokio::task::spawn_blocking(move || shipperd_store::space::usage(&data)).await;
     if let Ok(u) = usage {
         m.store_bytes
             .get_or_create(&label("kind", "bundles"))

@@ -336,7 +336,7 @@ async fn admitted(src: &Sources<'_>, cm: &ConfigMap) -> Result<Option<Admitted>,
     };
     if s.phase != shipperd_model::Phase::Published
         || s.deleting
-        || !crate::controller::follows(ns, s.owner.as_deref(), src.uploads)
+        || !follows(ns, s.owner.as_deref(), src.uploads)
     {
         return skip("its bundle is not published, or not its namespace's");
     }
@@ -601,6 +601,15 @@ fn signatures(
         .collect();
     out.sort();
     out
+}
+
+/// Whether a `Bundle` of namespace `ns` may follow a bundle `owner` brought in (`None`:
+/// the ingest endpoint or drop directory, which act for `uploads`).
+pub(crate) fn follows(ns: &str, owner: Option<&str>, uploads: Option<&str>) -> bool {
+    match owner {
+        Some(owner) => owner == ns,
+        None => uploads == Some(ns),
+    }
 }
 
 #[cfg(test)]

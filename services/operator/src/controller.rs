@@ -29,11 +29,13 @@ use kube::{
         reflector::ObjectRef,
     },
 };
-use shipperd_ingest::{FetchSettings, FetchSource, Store};
 use shipperd_model::{BundleId, BundleSummary, TargetName};
 use shipperd_state::StateStore;
+use shipperd_store::{FetchSettings, FetchSource, Store};
 
+pub use crate::error::Error;
 use crate::{
+    cluster::follows,
     crd::{Bundle, BundlePhase, BundleStatus},
     status::{bundle_status, pending_status},
 };
@@ -42,23 +44,6 @@ use crate::{
 pub const FINALIZER: &str = "shipperd.io/cleanup";
 /// How soon an unfinished `Bundle` is looked at again.
 const REQUEUE: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Kube(#[from] kube::Error),
-    #[error(transparent)]
-    Bus(#[from] shipperd_bus::Error),
-    #[error(transparent)]
-    Ingest(#[from] shipperd_ingest::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("{0}")]
-    Invalid(String),
-    /// The cluster's resources could not be brought up to date.
-    #[error("applying cluster resources: {0}")]
-    Converge(String),
-}
 
 /// How a fetch started by this operator is doing.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,15 +165,6 @@ impl Context {
             .lock()
             .expect("not poisoned")
             .insert(uid.to_string(), f);
-    }
-}
-
-/// Whether a `Bundle` of namespace `ns` may follow a bundle `owner` brought in (`None`:
-/// the ingest endpoint or drop directory, which act for `uploads`).
-pub(crate) fn follows(ns: &str, owner: Option<&str>, uploads: Option<&str>) -> bool {
-    match owner {
-        Some(owner) => owner == ns,
-        None => uploads == Some(ns),
     }
 }
 
@@ -743,16 +719,25 @@ pub fn error_policy(b: Arc<Bundle>, error: &Error, ctx: Arc<Context>) -> Action 
         *n
     };
     let wait = retry_after(n);
+    shipperd_telemetry::metrics::metrics()
+        .reconcile_errors
+        .get_or_create(&shipperd_telemetry::metrics::labels(
+            ("kind", "Bundle"),
+            ("error", error.metric_label()),
+        ))
+        .inc();
     tracing::warn!(%error, failures = n, retry_in = ?wait, "reconciling a Bundle failed");
     Action::requeue(wait)
 }
 
-/// The wait after the `n`th failure in a row: 5 s doubling up to 5 min, ±20 %.
+/// The waits after failed reconciles: 5 s doubling to 150 s, plus up to as much again
+/// at random (so at most 5 minutes).
+const RETRY: shipperd_model::Backoff =
+    shipperd_model::Backoff::new(REQUEUE, Duration::from_secs(150));
+
+/// The wait after the `n`th failure in a row.
 pub fn retry_after(n: u32) -> Duration {
-    let base = REQUEUE.as_secs_f64() * 2f64.powi(n.saturating_sub(1).min(16) as i32);
-    let capped = base.min(300.0);
-    let jitter = 0.8 + 0.4 * rand::random::<f64>();
-    Duration::from_secs_f64(capped * jitter)
+    RETRY.delay(n)
 }
 
 fn parse_id(s: &str) -> Result<BundleId, Error> {
@@ -1149,7 +1134,7 @@ fn start_take(
     };
     let expected = src.sha256.as_deref().map(parse_id).transpose()?;
     let name = b.name_any();
-    let origin = shipperd_ingest::Origin {
+    let origin = shipperd_store::Origin {
         target: target.cloned(),
         owner: b.namespace(),
         uploader: None,
@@ -1163,7 +1148,7 @@ fn start_take(
             .await
         {
             Ok(a) => Fetch::Done(a.summary.id),
-            Err(shipperd_ingest::Error::ChecksumMismatch { .. }) => {
+            Err(shipperd_store::Error::ChecksumMismatch { .. }) => {
                 Fetch::Failed("the file's sha256 is not the one given; it was not taken".into())
             }
             Err(e) => {
@@ -1186,7 +1171,7 @@ pub fn confined(
     dir: &std::path::Path,
     ns: &str,
     rel: &str,
-) -> Result<shipperd_ingest::Opened, String> {
+) -> Result<shipperd_store::Opened, String> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     let p = std::path::Path::new(rel);
     let plain = !rel.is_empty()
@@ -1243,7 +1228,7 @@ pub fn confined(
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(format!("path {rel:?} is not a regular file"));
     }
-    Ok(shipperd_ingest::Opened {
+    Ok(shipperd_store::Opened {
         file: std::fs::File::from(f),
         dir: parent,
         leaf: leaf.to_owned(),
@@ -1381,8 +1366,8 @@ async fn cleanup(b: &Bundle, ctx: &Context) -> Result<Action, Error> {
         // Never another namespace's bundle.
         && ctx.may_follow(&ns, &s)
     {
-        match shipperd_ingest::delete_bundle(&ctx.store, &id, true).await {
-            Ok(()) | Err(shipperd_ingest::Error::NotFound(_)) => {}
+        match shipperd_store::ops::delete(&ctx.store, &id, true).await {
+            Ok(()) | Err(shipperd_store::Error::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -1470,10 +1455,10 @@ mod tests {
     #[test]
     fn failed_reconciles_wait_longer_each_time_up_to_five_minutes() {
         let secs = |n| retry_after(n).as_secs_f64();
-        assert!((4.0..=6.0).contains(&secs(1)), "{}", secs(1));
-        assert!((8.0..=12.0).contains(&secs(2)));
-        assert!((240.0..=360.0).contains(&secs(20)));
-        assert!(secs(u32::MAX) <= 360.0);
+        assert!((5.0..=10.0).contains(&secs(1)), "{}", secs(1));
+        assert!((10.0..=20.0).contains(&secs(2)));
+        assert!((150.0..=300.0).contains(&secs(20)));
+        assert!(secs(u32::MAX) <= 300.0);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod controller;
 pub mod crd;
+pub mod error;
 pub mod leader;
 pub mod mirrors;
 pub mod projects;

@@ -34,7 +34,7 @@ pub async fn check(
     b: &Bundle,
     s: &BundleSummary,
     create: bool,
-) -> Result<Option<Checked>, crate::controller::Error> {
+) -> Result<Option<Checked>, crate::error::Error> {
     let ns = b.namespace().unwrap_or_default();
     let internal = match (&b.spec.target, &b.spec.cluster_target) {
         (Some(t), _) => {

@@ -87,7 +87,7 @@ async fn route(s: &Served, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let from = req
         .extensions()
-        .get::<shipperd_ingest::Client>()
+        .get::<shipperd_listener::Client>()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0);
     if path == TOKEN_PATH
         && let Some(auth) = &s.auth

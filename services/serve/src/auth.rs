@@ -32,7 +32,7 @@ use std::{
 use axum::http::{HeaderMap, HeaderValue, header};
 use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256};
-use shipperd_ingest::{Failures, Tokens};
+use shipperd_listener::{Failures, Tokens};
 
 /// How long an issued token is good for (Docker's registry issues 5-minute tokens too).
 pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
@@ -460,7 +460,7 @@ mod tests {
         assert!(ok("carol", "pw3").await);
         assert!(Auth::new(None, None, None).is_none());
         // An address that keeps failing waits, before any check; others do not.
-        for _ in 0..shipperd_ingest::MAX_AUTH_FAILURES {
+        for _ in 0..shipperd_listener::MAX_FAILURES {
             a.login("carol", "wrong", HERE).await;
         }
         assert!(matches!(

@@ -29,7 +29,7 @@ use shipperd_model::{DataDir, Reference};
 pub use shipperd_registry_targets::Mapping;
 use tokio_util::sync::CancellationToken;
 
-pub use shipperd_ingest::{Bounds, TlsFiles};
+pub use shipperd_listener::{Bounds, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,7 +42,7 @@ pub enum Error {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Serve(#[from] shipperd_ingest::Error),
+    Listen(#[from] shipperd_listener::Error),
     #[error(transparent)]
     Mapping(#[from] shipperd_registry_targets::Error),
 }
@@ -558,14 +558,14 @@ impl Serve {
             self.config.advertise.clone(),
             self.config.tls.is_some(),
         );
-        shipperd_ingest::serve_router(
-            self.listener,
-            app,
-            self.config.tls.clone(),
-            &self.config.bounds,
-            shutdown,
-        )
-        .await?;
+        let tls = self
+            .config
+            .tls
+            .clone()
+            .map(shipperd_listener::Tls::load)
+            .transpose()?
+            .map(Arc::new);
+        shipperd_listener::serve(self.listener, app, tls, &self.config.bounds, shutdown).await;
         Ok(())
     }
 }

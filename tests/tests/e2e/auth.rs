@@ -75,7 +75,7 @@ async fn the_api_wants_a_known_bearer_token() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_start_up_cleans_only_its_own_leftovers_and_loses_no_dropped_file() -> anyhow::Result<()>
 {
-    let me = shipperd_ingest::instance();
+    let me = shipperd_store::instance();
     let layout = sample("taken", "taken", 0);
     let bundle = tar_bytes(&layout.oci_files(""))?;
     let app = spawn_app(Options {
@@ -232,9 +232,9 @@ async fn behind_a_proxy_bad_tokens_lock_out_no_valid_identity() -> anyhow::Resul
         assert!(st == 401 || st == 429, "{st}");
         refused += usize::from(st == 429);
     }
-    assert!(refused >= 100 - shipperd_ingest::MAX_AUTH_FAILURES as usize);
+    assert!(refused >= 100 - shipperd_listener::MAX_FAILURES as usize);
     // ...and the API server was asked at most that many times.
-    assert!(seen.lock().unwrap().token_reviews <= 1 + shipperd_ingest::MAX_AUTH_FAILURES as usize);
+    assert!(seen.lock().unwrap().token_reviews <= 1 + shipperd_listener::MAX_FAILURES as usize);
     // alice is not, from her address or, approved a moment ago, from the locked one.
     assert_eq!(
         list("alice-token", Some("198.51.100.7")).await?.status(),

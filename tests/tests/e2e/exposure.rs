@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shipperd_ingest::{Bounds, Config, TlsFiles};
+use shipperd_ingest::Config;
+use shipperd_listener::{Bounds, TlsFiles};
 use shipperd_tests::{
     pki::{Leaf, TestCa},
     servers::Nats,
@@ -27,7 +28,7 @@ struct Running {
     health: Option<SocketAddr>,
     data: PathBuf,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<shipperd_ingest::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), shipperd_ingest::StartError>>,
 }
 
 impl Running {
@@ -74,11 +75,9 @@ impl Running {
     }
 }
 
-fn bounds() -> Bounds {
-    Bounds {
-        min_free_bytes: 0,
-        ..Bounds::default()
-    }
+/// The store keeps no free-space reserve (a test's volume may have little).
+fn no_reserve(c: &mut Config) {
+    c.limits.min_free_bytes = 0;
 }
 
 fn write_leaf(dir: &Path, leaf: &Leaf) -> anyhow::Result<()> {
@@ -113,7 +112,7 @@ async fn tls_serves_the_certificate_of_the_moment() -> anyhow::Result<()> {
             key: certs.path().join("tls.key"),
             client_ca: None,
         });
-        c.bounds = bounds();
+        no_reserve(c);
     })
     .await?;
     let https = app.url("https", "/v1/bundles/tls.tar");
@@ -195,7 +194,7 @@ async fn mutual_tls_wants_a_client_certificate_from_the_client_ca() -> anyhow::R
             key: certs.path().join("tls.key"),
             client_ca: Some(certs.path().join("clients.pem")),
         });
-        c.bounds = bounds();
+        no_reserve(c);
     })
     .await?;
     let url = app.url("https", "/v1/bundles/mtls.tar");
@@ -246,8 +245,9 @@ async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
             header_timeout: Duration::from_secs(2),
             min_body_rate: 64 << 10,
             body_window: Duration::from_secs(1),
-            ..bounds()
+            ..Bounds::default()
         };
+        no_reserve(c);
     })
     .await?;
 
@@ -310,11 +310,12 @@ async fn slow_and_idle_clients_are_cut_off() -> anyhow::Result<()> {
 async fn connections_and_uploads_are_capped() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let app = Running::start(dir.path(), |c| {
+        no_reserve(c);
         c.bounds = Bounds {
             max_connections: 3,
-            max_uploads: 1,
-            ..bounds()
+            ..Bounds::default()
         };
+        c.limits.max_uploads = 1;
     })
     .await?;
     // One upload in progress (its body half sent) holds the one upload slot.
@@ -410,10 +411,7 @@ async fn a_volume_that_would_fill_answers_507_and_keeps_nothing() -> anyhow::Res
     };
     eprintln!("tmpfs: {}", tmpfs.is_some());
     let app = Running::start(dir.path(), |c| {
-        c.bounds = Bounds {
-            min_free_bytes: reserve,
-            ..Bounds::default()
-        };
+        c.limits.min_free_bytes = reserve;
     })
     .await?;
     let http = reqwest::Client::new();
@@ -482,10 +480,8 @@ fn fs_free(path: &Path) -> anyhow::Result<u64> {
 async fn the_store_keeps_to_its_total_limit() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let app = Running::start(dir.path(), |c| {
-        c.bounds = Bounds {
-            max_stored_bytes: 3 << 20,
-            ..bounds()
-        };
+        no_reserve(c);
+        c.limits.max_stored_bytes = 3 << 20;
     })
     .await?;
     let http = reqwest::Client::new();
@@ -507,7 +503,7 @@ async fn the_store_keeps_to_its_total_limit() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_multi_part_upload_belongs_to_the_client_that_started_it() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let app = Running::start(dir.path(), |c| c.bounds = bounds()).await?;
+    let app = Running::start(dir.path(), no_reserve).await?;
     let http = reqwest::Client::new();
     let part = |n: u32, id: Option<&str>, body: &'static [u8]| {
         let mut url = app.url("http", &format!("/v1/uploads/shared/parts/{n}"));
@@ -593,8 +589,9 @@ async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::
         c.bounds = Bounds {
             max_connections: 10,
             max_connections_per_client: 3,
-            ..bounds()
+            ..Bounds::default()
         };
+        no_reserve(c);
         c.auth_token_file = Some(tokens);
         c.health_listen = Some("127.0.0.1:0".parse().unwrap());
     })
@@ -661,7 +658,7 @@ async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::
     .await?;
     assert_eq!(first, 401);
 
-    for i in 1..shipperd_ingest::MAX_AUTH_FAILURES {
+    for i in 1..shipperd_listener::MAX_FAILURES {
         let r = api
             .get(&list)
             .bearer_auth(format!("guess-{i}"))
@@ -676,5 +673,139 @@ async fn one_client_cannot_starve_the_others_nor_guess_tokens_fast() -> anyhow::
     let r = api.get(&list).bearer_auth("good-token").send().await?;
     assert_eq!(r.status(), 200, "a good token is still let in");
     drop(idle);
+    app.stop().await
+}
+
+/// Uploads `body` (a file) to `url` with `how`, with `token` if any: the status and body
+/// the client read, or what it printed when it read none.
+async fn refused_upload(
+    how: &str,
+    url: &str,
+    ca: &Path,
+    body: &Path,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let out = match how {
+        "curl h2" | "curl http/1.1" => {
+            let mut c = tokio::process::Command::new("curl");
+            c.args(["-sS", "--max-time", "60", "--cacert"])
+                .arg(ca)
+                .arg("-T")
+                .arg(body)
+                .args(["-w", "\n%{http_code}", url]);
+            c.arg(if how == "curl h2" {
+                "--http2"
+            } else {
+                "--http1.1"
+            });
+            if let Some(a) = &auth {
+                c.args(["-H", a]);
+            }
+            c.output().await?
+        }
+        "http.client" | "requests" => {
+            const SCRIPT: &str = r#"
+import json, os, ssl, sys, urllib.parse
+how, url, ca, body, token = sys.argv[1:6]
+headers = {"Authorization": "Bearer " + token} if token else {}
+if how == "requests":
+    import requests
+    with open(body, "rb") as f:
+        r = requests.put(url, data=f, headers=headers, verify=ca, timeout=60)
+    print(r.text)
+    print(r.status_code)
+else:
+    import http.client
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPSConnection(u.hostname, u.port, context=ssl.create_default_context(cafile=ca), timeout=60)
+    headers["Content-Length"] = str(os.path.getsize(body))
+    with open(body, "rb") as f:
+        conn.request("PUT", u.path, body=f, headers=headers)
+    r = conn.getresponse()
+    print(r.read().decode())
+    print(r.status)
+"#;
+            tokio::process::Command::new("python3")
+                .env(
+                    "PYTHONPATH",
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/pypi"),
+                )
+                .args(["-c", SCRIPT, how, url])
+                .arg(ca)
+                .arg(body)
+                .arg(token.unwrap_or(""))
+                .output()
+                .await?
+        }
+        other => anyhow::bail!("no client {other}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (answer, status) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    let status = status.trim().parse().unwrap_or(0);
+    if status == 0 {
+        return Ok((0, format!("{text}{}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok((status, answer.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_upload_is_answered_whatever_the_client() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = tempfile::tempdir()?;
+    let ca = TestCa::new("refusals CA")?;
+    write_leaf(certs.path(), &ca.server()?)?;
+    std::fs::write(certs.path().join("ca.pem"), &ca.pem)?;
+    std::fs::write(dir.path().join("tokens"), "good-token,alice\n")?;
+    let tokens = dir.path().join("tokens");
+    let app = Running::start(dir.path(), |c| {
+        c.tls = Some(TlsFiles {
+            cert: certs.path().join("tls.crt"),
+            key: certs.path().join("tls.key"),
+            client_ca: None,
+        });
+        c.auth_token_file = Some(tokens);
+        no_reserve(c);
+    })
+    .await?;
+    // 100 MB: far more than any socket buffer holds, so a client that is still sending
+    // when the server stops reading sees the answer only if the server reads on.
+    let body = certs.path().join("big.tar");
+    std::fs::write(&body, vec![7u8; 100 << 20])?;
+    let url = app
+        .url("https", "/v1/bundles/big.tar")
+        .replace("127.0.0.1", "localhost");
+    let ca_file = certs.path().join("ca.pem");
+    let clients = ["curl h2", "curl http/1.1", "http.client", "requests"];
+    for token in [None, Some("wrong-token")] {
+        let answers = futures::future::join_all(
+            clients.map(|how| refused_upload(how, &url, &ca_file, &body, token)),
+        )
+        .await;
+        for (how, answer) in clients.iter().zip(answers) {
+            let (status, text) = answer?;
+            assert_eq!(status, 401, "{how}, token {token:?}: {text}");
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{how}: not JSON ({e}): {text}"))?;
+            assert!(
+                v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("bearer token")),
+                "{how}: {v}"
+            );
+        }
+    }
+    // Nothing of them was kept, and a good token still uploads.
+    assert_eq!(app.kept(), 0);
+    let resp = client(&ca, None)?
+        .put(app.url("https", "/v1/bundles/small.tar"))
+        .bearer_auth("good-token")
+        .body(b"small".to_vec())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 202);
     app.stop().await
 }

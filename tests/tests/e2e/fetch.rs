@@ -18,8 +18,8 @@ use axum::{
     response::Response,
     routing::get,
 };
-use shipperd_ingest::{FetchSettings, FetchSource, Store};
 use shipperd_model::{BundleId, DataDir};
+use shipperd_store::{FetchSettings, FetchSource, Store};
 use shipperd_tests::{
     app::{Options, TestApp, spawn_app},
     fixtures::{sample, sha256, tar_bytes},

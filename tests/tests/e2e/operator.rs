@@ -12,12 +12,12 @@ use axum::{Router, routing::get};
 use http::{Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
-use shipperd_ingest::{FetchSettings, Store};
 use shipperd_model::{BundleId, DataDir};
 use shipperd_operator::{
     Bundle,
     controller::{Context, FINALIZER, adopt, reconcile},
 };
+use shipperd_store::{FetchSettings, Store};
 use shipperd_tests::{
     app::{Options, TestApp, spawn_app},
     fixtures::{sample, sha256, tar_bytes},
@@ -1165,7 +1165,7 @@ async fn path_sources_are_taken_by_descriptor_from_their_namespaces_directory() 
     std::os::unix::fs::symlink(&outside, import.join("team-a/staged.tar"))?;
     let bus = shipperd_bus::Bus::connect(&app.nats.url(), "test-swap").await?;
     let store = Store::open(bus, &DataDir::new(app.data.path()), 1 << 40).await?;
-    let origin = shipperd_ingest::Origin {
+    let origin = shipperd_store::Origin {
         owner: Some("team-a".into()),
         ..Default::default()
     };

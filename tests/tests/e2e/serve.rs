@@ -760,7 +760,7 @@ async fn an_htpasswd_flood_does_not_hold_up_a_valid_login() -> anyhow::Result<()
     // refused before any check, with Retry-After. (A login that passed a moment ago is
     // remembered, and would still pass.)
     let mut last = None;
-    for i in 0..=shipperd_ingest::MAX_AUTH_FAILURES {
+    for i in 0..=shipperd_listener::MAX_FAILURES {
         let r = attacker
             .get(&url)
             .basic_auth("alice", Some(format!("one more guess {i}")))

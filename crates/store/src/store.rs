@@ -17,7 +17,13 @@ use shipperd_model::{BundleId, BundleSummary, DataDir, Effect, Effects, Phase, T
 use shipperd_state::{Executor, StateStore};
 use tokio::io::AsyncReadExt;
 
-use crate::{Error, Result, disk::DiskWriter, metrics::metrics, serve::Bounds, space::Space};
+use shipperd_telemetry::metrics::metrics;
+
+use crate::{
+    Error, Result,
+    disk::DiskWriter,
+    space::{Limits, Space},
+};
 
 /// Result of taking a bundle in.
 #[derive(Debug, Clone)]
@@ -96,7 +102,7 @@ pub struct Store {
     /// This process's own temp directory, `<data>/tmp/<instance>`: other replicas (and
     /// the operator) have theirs, so a start-up cleans only what this one left.
     tmp: PathBuf,
-    bounds: Bounds,
+    limits: Limits,
     pub(crate) space: Space,
 }
 
@@ -286,7 +292,7 @@ impl Store {
                 .await
                 .map_err(|e| Error::io(d, e))?;
         }
-        let bounds = Bounds::default();
+        let limits = Limits::default();
         let state = StateStore::open(&bus).await?;
         Ok(Store {
             executor: Executor::new(bus.clone(), state.clone(), data.clone()),
@@ -294,9 +300,9 @@ impl Store {
             bus,
             data: data.clone(),
             max_bytes,
-            space: Space::new(tmp.clone(), Self::counted(data), &bounds),
+            space: Space::new(tmp.clone(), Self::counted(data), &limits),
             tmp,
-            bounds,
+            limits,
         })
     }
 
@@ -305,15 +311,15 @@ impl Store {
         vec![data.bundles(), data.uploads(), data.tmp()]
     }
 
-    /// The same store, with these bounds on its clients.
-    pub fn with_bounds(mut self, bounds: Bounds) -> Self {
-        self.space = Space::new(self.tmp.clone(), Self::counted(&self.data), &bounds);
-        self.bounds = bounds;
+    /// The same store, with these limits on what it takes in.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.space = Space::new(self.tmp.clone(), Self::counted(&self.data), &limits);
+        self.limits = limits;
         self
     }
 
-    pub fn bounds(&self) -> &Bounds {
-        &self.bounds
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Puts the drop-directory files a crash left taken but not stored back into
@@ -559,7 +565,7 @@ impl Store {
             UploadId::Given(id) => {
                 let known = tokio::fs::read_to_string(&owner).await.unwrap_or_default();
                 let given = digest(id);
-                if crate::auth::same_secret(known.as_bytes(), given.as_bytes()) {
+                if shipperd_model::same_secret(known.as_bytes(), given.as_bytes()) {
                     Ok(id.to_string())
                 } else {
                     Err(Error::Conflict(format!(
@@ -861,7 +867,7 @@ impl Store {
     }
 
     /// Creates the bundle's summary and announces it (or finds the existing one).
-    pub(crate) async fn record(&self, id: &BundleId, meta: &Meta) -> Result<Accepted> {
+    pub async fn record(&self, id: &BundleId, meta: &Meta) -> Result<Accepted> {
         let mut summary = BundleSummary::new(
             id.clone(),
             meta.name.clone(),
@@ -908,7 +914,7 @@ impl Store {
     }
 
     /// Sends `bundle.received` for `s` (its generation's and re-drive's).
-    pub(crate) async fn announce(&self, s: &BundleSummary) -> Result<()> {
+    pub async fn announce(&self, s: &BundleSummary) -> Result<()> {
         self.executor
             .perform(s, &Effects::of([Effect::Announce]))
             .await?;

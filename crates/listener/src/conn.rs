@@ -22,7 +22,9 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore, time::Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, metrics::metrics, tls::Tls};
+use shipperd_telemetry::metrics::metrics;
+
+use crate::tls::Tls;
 
 /// What one client may hold and how slow it may be.
 #[derive(Debug, Clone)]
@@ -41,14 +43,6 @@ pub struct Bounds {
     /// of `max_connections` (nor starve the probes, which may have a listener of their
     /// own: `--health-listen`).
     pub max_connections_per_client: usize,
-    /// Uploads (bundles and parts) received at once; more are answered 503.
-    pub max_uploads: usize,
-    /// Free bytes the data volume keeps: an upload that would leave less is refused
-    /// (507), before it starts when its length is declared and while it is written.
-    pub min_free_bytes: u64,
-    /// Bytes the stored bundles, parts and uploads in progress may take together
-    /// (0: no limit beyond the free space).
-    pub max_stored_bytes: u64,
 }
 
 impl Default for Bounds {
@@ -59,9 +53,6 @@ impl Default for Bounds {
             body_window: Duration::from_secs(60),
             max_connections: 512,
             max_connections_per_client: 64,
-            max_uploads: 16,
-            min_free_bytes: 1 << 30,
-            max_stored_bytes: 0,
         }
     }
 }
@@ -75,14 +66,15 @@ const MAX_STREAMS: u32 = 32;
 /// Time connections get to finish their requests after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Serves `app` on `listener` until `shutdown`.
-pub(crate) async fn serve(
+/// Serves `app` on `listener` until `shutdown`, then gives open connections
+/// a few seconds to finish.
+pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<Arc<Tls>>,
     bounds: &Bounds,
     shutdown: CancellationToken,
-) -> crate::Result<()> {
+) {
     let open = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     let per_client = Arc::new(PerClient::new(bounds.max_connections_per_client.max(1)));
     let graceful = GracefulShutdown::new();
@@ -180,7 +172,6 @@ pub(crate) async fn serve(
             DRAIN.as_secs()
         );
     }
-    Ok(())
 }
 
 /// The address a request came from (an extension of every request).
@@ -235,31 +226,67 @@ impl PerClient {
     }
 }
 
-/// Closes the connection after an answer given before the request's body was read to
-/// its end (a refused upload is answered before it is read, a known one by its checksum
-/// alone): the unread rest makes the connection unfit for another request, and
-/// `Connection: close` tells the client so, instead of letting it send its next request
-/// into a closing connection.
-pub(crate) async fn close_if_body_unread(
+/// Bodies read to their end after an early answer, at most.
+pub const MAX_DRAIN: u64 = 1 << 30;
+/// The longest an early answer waits for the rest of its request's body.
+pub const DRAIN_TIME: Duration = Duration::from_secs(30);
+/// The longest the rest of a body may bring nothing while it is waited for.
+const DRAIN_IDLE: Duration = Duration::from_secs(5);
+
+/// An answer given before the request's body was read to its end (a refused upload is
+/// answered before it is read, a known one by its checksum alone) waits for the rest of
+/// the body, read and thrown away, when that is at most [`MAX_DRAIN`] and comes within
+/// [`DRAIN_TIME`] (never idle for long): many clients read nothing until they have sent
+/// their whole body (Python's `http.client`; curl over h2, which drops an answer that
+/// came with `RST_STREAM(NO_ERROR)`), and would see a broken connection instead of the
+/// answer. Not waited for: the rest of a body cut for being too slow (408), and a body
+/// whose client asked `Expect: 100-continue` and was not told to go on (it sends none).
+/// Past the bounds the answer goes at once, over h2 followed by `RST_STREAM(NO_ERROR)`
+/// (RFC 9113, 8.1). Over HTTP/1.1 the connection is closed after such an answer either
+/// way (`Connection: close`): a client that was refused keeps no connection.
+pub async fn drain_unread_body(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::http::header;
     use http_body::Body as _;
-    if req.version() >= axum::http::Version::HTTP_2 {
-        // One request of many on the connection; nothing to close.
-        return next.run(req).await;
-    }
+    let h1 = req.version() < axum::http::Version::HTTP_2;
+    let expects = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let (parts, body) = req.into_parts();
-    let read = Arc::new(std::sync::atomic::AtomicBool::new(body.is_end_stream()));
+    let shared = Arc::new(Unread {
+        read: std::sync::atomic::AtomicBool::new(body.is_end_stream()),
+        polled: std::sync::atomic::AtomicBool::new(false),
+        rest: Mutex::new(None),
+    });
     let body = axum::body::Body::new(Tracked {
-        inner: body,
-        read: read.clone(),
+        inner: Some(body),
+        shared: shared.clone(),
     });
     let mut resp = next
         .run(axum::extract::Request::from_parts(parts, body))
         .await;
-    if !read.load(std::sync::atomic::Ordering::Relaxed) {
+    if shared.read.load(std::sync::atomic::Ordering::Relaxed) {
+        return resp;
+    }
+    let waits_for_go = expects && !shared.polled.load(std::sync::atomic::Ordering::Relaxed);
+    let too_slow = resp.status() == axum::http::StatusCode::REQUEST_TIMEOUT;
+    let rest = shared.rest.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(rest) = rest
+        && !waits_for_go
+        && !too_slow
+        && declared.is_none_or(|n| n <= MAX_DRAIN)
+    {
+        let drained = tokio::time::timeout(DRAIN_TIME, drain(rest, MAX_DRAIN)).await;
+        tracing::debug!(drained = ?drained, "the rest of an answered request's body");
+    }
+    if h1 {
         resp.headers_mut().insert(
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
@@ -268,10 +295,47 @@ pub(crate) async fn close_if_body_unread(
     resp
 }
 
-/// A request body that notes when it has been read to its end.
+/// Reads `body` to its end and throws it away: `true` when it ended within `max` bytes,
+/// never idle for [`DRAIN_IDLE`].
+async fn drain(body: axum::body::Body, max: u64) -> bool {
+    use futures::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut n = 0u64;
+    loop {
+        match tokio::time::timeout(DRAIN_IDLE, stream.next()).await {
+            Ok(None) => return true,
+            Ok(Some(Ok(c))) => {
+                n += c.len() as u64;
+                if n > max {
+                    return false;
+                }
+            }
+            Ok(Some(Err(_))) | Err(_) => return false,
+        }
+    }
+}
+
+/// What [`Tracked`] tells the middleware: whether its body was read to the end, whether
+/// it was read at all, and the rest of it when the handler let it go unread.
+struct Unread {
+    read: std::sync::atomic::AtomicBool,
+    polled: std::sync::atomic::AtomicBool,
+    rest: Mutex<Option<axum::body::Body>>,
+}
+
+/// A request body that notes how far it was read, and hands what was left unread back
+/// when dropped.
 struct Tracked {
-    inner: axum::body::Body,
-    read: Arc<std::sync::atomic::AtomicBool>,
+    inner: Option<axum::body::Body>,
+    shared: Arc<Unread>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if !self.shared.read.load(std::sync::atomic::Ordering::Relaxed) {
+            *self.shared.rest.lock().unwrap_or_else(|p| p.into_inner()) = self.inner.take();
+        }
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -282,24 +346,45 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.shared
+            .polled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
-            self.read.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.shared
+                .read
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
+/// Why a paced body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum PacedError {
+    /// It came slower than [`Bounds::min_body_rate`].
+    #[error("{0}")]
+    TooSlow(String),
+    /// The stream under it broke.
+    #[error("{0}")]
+    Broken(String),
+}
+
 /// A request body that must keep a minimum rate (see [`Bounds::min_body_rate`]).
-pub(crate) struct Paced<S> {
+pub struct Paced<S> {
     inner: S,
     /// Bytes each window must bring (at least 1).
     needed: u64,
@@ -309,7 +394,7 @@ pub(crate) struct Paced<S> {
 }
 
 impl<S> Paced<S> {
-    pub(crate) fn new(inner: S, bounds: &Bounds) -> Self {
+    pub fn new(inner: S, bounds: &Bounds) -> Self {
         let window = bounds.body_window.max(Duration::from_millis(100));
         Paced {
             inner,
@@ -326,13 +411,13 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    type Item = crate::Result<Bytes>;
+    type Item = Result<Bytes, PacedError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         while this.deadline.as_mut().poll(cx).is_ready() {
             if this.got < this.needed {
-                return Poll::Ready(Some(Err(Error::TooSlow(format!(
+                return Poll::Ready(Some(Err(PacedError::TooSlow(format!(
                     "the upload brought {} bytes in {}s, less than the {} required",
                     this.got,
                     this.window.as_secs_f64(),
@@ -348,7 +433,7 @@ where
                 this.got += b.len() as u64;
                 Poll::Ready(Some(Ok(b)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Error::Stream(e.to_string())))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(PacedError::Broken(e.to_string())))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

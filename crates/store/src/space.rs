@@ -16,7 +16,30 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::{Error, Result, serve::Bounds};
+use crate::{Error, Result};
+
+/// How much the store takes in.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Uploads (bundles and parts) received at once; more are refused as busy (503).
+    pub max_uploads: usize,
+    /// Free bytes the data volume keeps: an upload that would leave less is refused
+    /// (507), before it starts when its length is declared and while it is written.
+    pub min_free_bytes: u64,
+    /// Bytes the stored bundles, parts and uploads in progress may take together
+    /// (0: no limit beyond the free space).
+    pub max_stored_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_uploads: 16,
+            min_free_bytes: 1 << 30,
+            max_stored_bytes: 0,
+        }
+    }
+}
 
 /// Bytes written between two looks at the free space.
 const CHECK_EVERY: u64 = 8 << 20;
@@ -76,7 +99,7 @@ fn du(dir: &Path, depth: usize) -> u64 {
 }
 
 /// What the bundle store takes on its volume.
-pub(crate) struct Usage {
+pub struct Usage {
     /// Stored bundles (and their parts).
     pub bundles: u64,
     /// Uploads in progress: parts of multi-part uploads, temp files.
@@ -85,7 +108,7 @@ pub(crate) struct Usage {
     pub free: Option<u64>,
 }
 
-pub(crate) fn usage(data: &shipperd_model::DataDir) -> Usage {
+pub fn usage(data: &shipperd_model::DataDir) -> Usage {
     Usage {
         bundles: du(&data.bundles(), 0),
         uploads: du(&data.uploads(), 0) + du(&data.tmp(), 0),
@@ -109,7 +132,7 @@ fn human(n: u64) -> String {
 }
 
 impl Space {
-    pub(crate) fn new(tmp: PathBuf, counted: Vec<PathBuf>, bounds: &Bounds) -> Self {
+    pub(crate) fn new(tmp: PathBuf, counted: Vec<PathBuf>, bounds: &Limits) -> Self {
         Space {
             tmp,
             counted,
@@ -239,9 +262,9 @@ mod tests {
     #[tokio::test]
     async fn declared_lengths_are_reserved_against_each_other() {
         let dir = tempfile::tempdir().unwrap();
-        let bounds = Bounds {
+        let bounds = Limits {
             min_free_bytes: 0,
-            ..Bounds::default()
+            ..Limits::default()
         };
         let space = Space::new(dir.path().to_path_buf(), Vec::new(), &bounds);
         let free = free_bytes(dir.path()).unwrap();

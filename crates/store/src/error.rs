@@ -1,11 +1,5 @@
-//! Ingest errors, and the HTTP status each one maps to.
-
-use std::net::SocketAddr;
-
-use axum::{
-    http::StatusCode,
-    response::{IntoResponse, Response},
-};
+//! What can go wrong with a stored bundle, and (with the `axum` feature) the HTTP
+//! status each maps to.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -54,14 +48,10 @@ pub enum Error {
     },
     #[error(transparent)]
     Bus(#[from] shipperd_bus::Error),
-    #[error("cannot listen on {0}: {1}")]
-    Bind(SocketAddr, #[source] std::io::Error),
-    #[error("{0}")]
-    Tls(String),
 }
 
 impl Error {
-    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.display().to_string(),
             source,
@@ -73,7 +63,9 @@ impl Error {
         matches!(self, Error::Bus(_) | Error::Io { .. })
     }
 
-    pub fn status(&self) -> StatusCode {
+    #[cfg(feature = "axum")]
+    pub fn status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
         match self {
             Error::BadName(_)
             | Error::BadChecksum(_)
@@ -93,18 +85,19 @@ impl Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Gone(_) => StatusCode::GONE,
             Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Io { .. } | Error::Bind(..) | Error::Tls(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
 /// Is `e` "no space left on device"?
-pub(crate) fn is_enospc(e: &std::io::Error) -> bool {
+pub fn is_enospc(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for Error {
+    fn into_response(self) -> axum::response::Response {
         let status = self.status();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");

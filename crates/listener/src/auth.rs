@@ -96,19 +96,13 @@ impl Tokens {
     pub fn admits(&self, d: &[u8; 32]) -> Option<String> {
         // Every token compared, each in constant time.
         self.current().into_iter().fold(None, |found, (t, user)| {
-            if same_secret(&t, d) && found.is_none() {
+            if shipperd_model::same_secret(&t, d) && found.is_none() {
                 Some(user)
             } else {
                 found
             }
         })
     }
-}
-
-/// Are `a` and `b` equal? Compared in constant time for equal lengths (give digests:
-/// their length says nothing).
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Who may use the API: the token file's tokens, and with `--auth kubernetes` whoever
@@ -121,6 +115,9 @@ pub struct Gate {
     pub failures: Failures,
     /// Whose `X-Forwarded-For` says where a request came from (see [`client_of`]).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The path prefix of gRPC methods: guarded too, and refused as gRPC clients read
+    /// a refusal.
+    pub grpc_prefix: &'static str,
 }
 
 /// Failed authentications per client address: at most [`MAX_FAILURES`] in a
@@ -183,7 +180,7 @@ fn refuse(status: StatusCode, error: String) -> Response {
 fn client_of(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
     let peer = req
         .extensions()
-        .get::<crate::serve::Client>()
+        .get::<crate::Client>()
         .map(|c| c.0)
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     let proxy = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
@@ -274,7 +271,7 @@ fn refuse_grpc(status: StatusCode, error: &str, retry_after: Option<u64>) -> Res
 /// not do it.
 pub async fn require(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let grpc = path.starts_with(crate::grpc::PATH);
+    let grpc = !gate.grpc_prefix.is_empty() && path.starts_with(gate.grpc_prefix);
     if !grpc && !path.starts_with("/v1/") && path != "/v1" {
         return next.run(req).await;
     }
@@ -389,7 +386,7 @@ mod tests {
             }
             let mut r = b.body(axum::body::Body::empty()).unwrap();
             r.extensions_mut()
-                .insert(crate::serve::Client(peer.parse().unwrap()));
+                .insert(crate::Client(peer.parse().unwrap()));
             r
         };
         let trusted: Vec<ipnet::IpNet> = vec![

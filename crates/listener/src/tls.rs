@@ -44,16 +44,16 @@ impl TlsFiles {
 }
 
 /// The TLS configuration served now, rebuilt when its files change.
-pub(crate) struct Tls {
+pub struct Tls {
     files: TlsFiles,
     current: Mutex<(Vec<Stamp>, Arc<ServerConfig>)>,
 }
 
 impl Tls {
     /// Reads the files; an error names the file and what is wrong with it.
-    pub(crate) fn load(files: TlsFiles) -> Result<Self, String> {
+    pub fn load(files: TlsFiles) -> Result<Self, crate::Error> {
         let stamps = files.stamps();
-        let config = build(&files)?;
+        let config = build(&files).map_err(crate::Error::Tls)?;
         Ok(Tls {
             files,
             current: Mutex::new((stamps, Arc::new(config))),
@@ -61,7 +61,7 @@ impl Tls {
     }
 
     /// The configuration for a new connection (rebuilt first if a file changed).
-    pub(crate) fn config(&self) -> Arc<ServerConfig> {
+    pub fn config(&self) -> Arc<ServerConfig> {
         let stamps = self.files.stamps();
         let mut current = self.current.lock().expect("not poisoned");
         if current.0 != stamps {
