@@ -98,7 +98,15 @@ impl App {
     }
 }
 
-/// A token cancelled on SIGTERM or SIGINT.
+/// How long a process may take to stop after SIGTERM or SIGINT before it exits
+/// anyway: the services finish or hand back their work within it (what is not
+/// acknowledged to NATS is delivered again, so nothing is lost either way), well under
+/// Kubernetes' default grace period of 30 s.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// A token cancelled on SIGTERM or SIGINT. Once it is, the process ends within
+/// [`STOP_GRACE`] whatever is still running (a client waiting on NATS or the API server
+/// that does not answer), and at once on a second signal.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -111,6 +119,31 @@ pub fn shutdown_on_signal() -> CancellationToken {
         }
         tracing::info!("shutting down");
         t.cancel();
+        // A thread, not a task: it runs however busy (or stuck) the runtime is.
+        std::thread::spawn(|| {
+            std::thread::sleep(STOP_GRACE);
+            tracing::error!(
+                grace = ?STOP_GRACE,
+                "still stopping after the grace period; exiting now"
+            );
+            std::process::exit(1);
+        });
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("a second signal: exiting now");
+        std::process::exit(1);
     });
     token
+}
+
+/// Runs `cli` on a runtime of its own, as both binaries' `main` does. When it ends,
+/// blocking work still running (a read of a bundle, a write to disk) is not waited for:
+/// the process exits.
+pub fn main(cli: cli::Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(run(cli));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }

@@ -8,6 +8,7 @@ pub mod browser;
 pub mod docker_save;
 pub mod fixtures;
 pub mod image;
+pub mod kube_api;
 pub mod kube_auth;
 pub mod otlp;
 pub mod pki;

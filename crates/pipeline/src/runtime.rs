@@ -247,6 +247,11 @@ impl Runtime {
         shutdown: CancellationToken,
     ) {
         metrics::declare(S::NAME);
+        tracing::info!(
+            stage = S::NAME,
+            concurrency = settings.concurrency,
+            "stage running"
+        );
         let job = Arc::new((self.clone(), stage, settings.clone()));
         pull::run(
             S::NAME,

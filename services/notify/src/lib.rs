@@ -410,6 +410,7 @@ impl Notify {
     }
 
     pub async fn serve(mut self, shutdown: CancellationToken) -> Result<()> {
+        tracing::info!(webhooks = self.targets.len(), "notify running");
         let mut tasks = tokio::task::JoinSet::new();
         for (target, consumer) in std::mem::take(&mut self.targets) {
             tasks.spawn(serve_target(target, consumer, shutdown.clone()));

@@ -263,8 +263,21 @@ pub async fn run(
             let (namespace, uploads) = (config.namespace.clone(), config.upload_namespace.clone());
             let t = control_targets(targets, namespace.clone(), shutdown.clone());
             let w = control_webhooks(webhooks, namespace.clone(), shutdown.clone());
-            let b = control(client, ctx, namespace, uploads, shutdown);
-            tokio::join!(t, w, b).2
+            let b = control(client, ctx, namespace, uploads, shutdown.clone());
+            let all = async { tokio::join!(t, w, b).2 };
+            // Told to stop, the controllers get a grace period; one stuck on NATS or
+            // the API server is not waited for longer.
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(crate::leader::WORK_GRACE).await;
+            };
+            tokio::select! {
+                r = all => r,
+                () = grace => {
+                    tracing::warn!("the controllers did not stop in time; leaving them");
+                    Ok(())
+                }
+            }
         }
     }
 }

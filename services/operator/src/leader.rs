@@ -214,13 +214,32 @@ impl Elector {
                 }
             }
             lead.cancel();
-            let _ = task.await;
+            // The work stops on its token; one stuck on something that does not answer
+            // (NATS gone, a reconcile waiting on it) is cut, so the lease goes back
+            // and the process ends within its grace period.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(WORK_GRACE, task).await.is_err() {
+                tracing::warn!(
+                    grace = ?WORK_GRACE,
+                    "the controllers did not stop in time; cutting them"
+                );
+                abort.abort();
+            }
         }
-        if let Err(error) = self.release().await {
-            tracing::warn!(%error, "cannot hand the leader lease back");
+        match tokio::time::timeout(RELEASE_GRACE, self.release()).await {
+            Ok(Ok(())) => tracing::info!("leader lease handed back"),
+            Ok(Err(error)) => tracing::warn!(%error, "cannot hand the leader lease back"),
+            Err(_) => {
+                tracing::warn!("the API server did not answer; the leader lease expires by itself")
+            }
         }
     }
 }
+
+/// How long the work gets to stop once it is told to.
+pub const WORK_GRACE: Duration = Duration::from_secs(5);
+/// How long handing the lease back may take.
+const RELEASE_GRACE: Duration = Duration::from_secs(3);
 
 async fn sleep_or(d: Duration, shutdown: &CancellationToken) {
     tokio::select! {

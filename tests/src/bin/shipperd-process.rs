@@ -3,7 +3,6 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    shipperd::run(shipperd::cli::Cli::parse()).await
+fn main() -> anyhow::Result<()> {
+    shipperd::main(shipperd::cli::Cli::parse())
 }

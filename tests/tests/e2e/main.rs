@@ -32,6 +32,7 @@ mod registry_client;
 mod secrets;
 mod serve;
 mod state;
+mod stopping;
 mod targets;
 mod traces;
 mod ui;
