@@ -355,45 +355,64 @@ impl Client {
         use sha2::Digest as _;
         let sha = hex::encode(sha2::Sha256::digest(&body));
         let body = bytes::Bytes::from(body);
-        let mut last = String::new();
-        for attempt in 1..=attempts.max(1) {
-            let mut url = format!(
-                "{}/v1/uploads/{}/parts/{n}?sha256={sha}",
-                self.base,
-                enc(name)
-            );
-            if let Some(id) = upload_id {
-                url.push_str(&format!("&upload_id={}", enc(id)));
-            }
-            let mut req = self.http.put(url).body(body.clone());
+        let mut url = format!(
+            "{}/v1/uploads/{}/parts/{n}?sha256={sha}",
+            self.base,
+            enc(name)
+        );
+        if let Some(id) = upload_id {
+            url.push_str(&format!("&upload_id={}", enc(id)));
+        }
+        let v = send_with_retries(&format!("part {n}"), attempts, || {
+            let mut req = self.http.put(&url).body(body.clone());
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }
-            match req.send().await {
-                Ok(resp) if resp.status().is_success() => {
-                    let v: Value = resp.json().await?;
-                    return Ok(v["upload_id"].as_str().unwrap_or_default().to_string());
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let v: Value = resp.json().await.unwrap_or(Value::Null);
-                    last = format!("{status}: {}", v["error"].as_str().unwrap_or_default());
-                    if !(status.is_server_error() || status.as_u16() == 429) {
-                        bail!("part {n} refused: {last}");
-                    }
-                }
-                Err(e) => last = format!("{}", e.without_url()),
-            }
-            if attempt < attempts {
-                eprintln!(
-                    "part {n}: {last}; sending it again (attempt {})",
-                    attempt + 1
-                );
-                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
-            }
-        }
-        bail!("part {n} not uploaded after {attempts} attempts: {last}")
+            let sent = req.send();
+            async move { Ok(sent.await) }
+        })
+        .await?;
+        Ok(v["upload_id"].as_str().unwrap_or_default().to_string())
     }
+}
+
+/// The waits between attempts of an upload: 1 s doubling to 16 s, jittered.
+const UPLOAD_RETRY: shipperd_model::Backoff =
+    shipperd_model::Backoff::new(Duration::from_secs(1), Duration::from_secs(16));
+
+/// Sends `what` (a part, the bundle) with `send` until it is taken: a failure that may
+/// pass (a broken connection, 5xx, 429) is sent again after [`UPLOAD_RETRY`], up to
+/// `attempts` in all; the answer's JSON.
+async fn send_with_retries<F, Fut>(what: &str, attempts: u32, mut send: F) -> anyhow::Result<Value>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<reqwest::Result<reqwest::Response>>>,
+{
+    let mut last = String::new();
+    for attempt in 1..=attempts.max(1) {
+        match send().await? {
+            Ok(resp) if resp.status().is_success() => return Ok(resp.json().await?),
+            Ok(resp) => {
+                let status = resp.status();
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                last = format!("{status}: {}", v["error"].as_str().unwrap_or_default());
+                if !(status.is_server_error() || status.as_u16() == 429) {
+                    bail!("{what} refused: {last}");
+                }
+            }
+            Err(e) => last = format!("{}", e.without_url()),
+        }
+        if attempt < attempts {
+            let retry = UPLOAD_RETRY.retry(attempt);
+            eprintln!(
+                "{what}: {last}; sending it again (attempt {}) in {:.1} s",
+                attempt + 1,
+                retry.delay().as_secs_f64()
+            );
+            retry.wait().await;
+        }
+    }
+    bail!("{what} failed after {attempts} attempts: {last}")
 }
 
 /// A squashfs image (it cannot be stored in parts: it is read by offsets from its end).
@@ -429,8 +448,9 @@ impl Client {
         if let Some(t) = target {
             url.push_str(&format!("&target={}", enc(t)));
         }
-        let mut last = String::new();
-        for attempt in 1..=attempts.max(1) {
+        // A bar every second on a terminal; a line every 5 s otherwise.
+        let every = Duration::from_secs(if progress.tty { 1 } else { 5 });
+        let v = send_with_retries("upload", attempts, || async {
             let file = tokio::fs::File::open(path).await?;
             let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             let counter = sent.clone();
@@ -449,40 +469,21 @@ impl Client {
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }
-            // A bar every second on a terminal; a line every 5 s otherwise.
-            let every = Duration::from_secs(if progress.tty { 1 } else { 5 });
             let ticker = async {
                 loop {
-                    tokio::time::sleep(every).await;
+                    shipperd_model::pause(every).await;
                     let n = sent.load(std::sync::atomic::Ordering::Relaxed);
                     progress.show(n, "uploading");
                 }
             };
-            let answer = tokio::select! {
+            anyhow::Ok(tokio::select! {
                 r = req.send() => r,
                 never = ticker => never,
-            };
-            match answer {
-                Ok(resp) if resp.status().is_success() => {
-                    progress.show(progress.total, "uploaded");
-                    return Ok(resp.json().await?);
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let v: Value = resp.json().await.unwrap_or(Value::Null);
-                    last = format!("{status}: {}", v["error"].as_str().unwrap_or_default());
-                    if !(status.is_server_error() || status.as_u16() == 429) {
-                        bail!("upload refused: {last}");
-                    }
-                }
-                Err(e) => last = format!("{}", e.without_url()),
-            }
-            if attempt < attempts {
-                eprintln!("upload: {last}; sending it again (attempt {})", attempt + 1);
-                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
-            }
-        }
-        bail!("not uploaded after {attempts} attempts: {last}")
+            })
+        })
+        .await?;
+        progress.show(progress.total, "uploaded");
+        Ok(v)
     }
 }
 
@@ -606,7 +607,7 @@ pub(crate) async fn poll_follow(c: &Client, id: &str, timeout: Duration) -> anyh
         if std::time::Instant::now() > deadline {
             bail!("bundle {id} did not end within {timeout:?}; `shipperd status {id}` follows it");
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        shipperd_model::pause(Duration::from_secs(1)).await;
     }
 }
 

@@ -121,6 +121,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
         // A thread, not a task: it runs however busy (or stuck) the runtime is.
         std::thread::spawn(|| {
+            #[allow(clippy::disallowed_methods, reason = "a deadline on its own thread")]
             std::thread::sleep(STOP_GRACE);
             tracing::error!(
                 grace = ?STOP_GRACE,

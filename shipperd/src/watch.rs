@@ -20,6 +20,9 @@ use crate::server::ClientArgs;
 
 /// Watches opened again in a row after breaking before a watcher gives up.
 const REWATCHES: u32 = 10;
+/// The waits before watching again: 250 ms doubling to 4 s, jittered.
+const REWATCH: shipperd_model::Backoff =
+    shipperd_model::Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
 
 /// `shipperd events`.
 #[derive(Debug, Clone, Args)]
@@ -215,7 +218,7 @@ async fn watch(
             return Err(Follow::Ended(explain(status)));
         }
         tracing::debug!(%status, "the watch broke; watching again");
-        tokio::time::sleep(Duration::from_millis(250 * (1 << broken.min(4)))).await;
+        REWATCH.retry(broken).wait().await;
     }
 }
 

@@ -3,6 +3,10 @@
 //! ([`fixtures`]), a webhook receiver ([`webhook`]) and the whole pipeline in-process
 //! ([`app`]).
 
+// Tests wait for servers, clients and clocks in every way; the rule that every wait has
+// a name (clippy.toml) is for the product's code.
+#![allow(clippy::disallowed_methods)]
+
 pub mod app;
 pub mod browser;
 pub mod docker_save;

@@ -63,6 +63,10 @@ const IDLE: Duration = Duration::from_secs(90);
 /// Requests at once on one HTTP/2 connection (watches included).
 const MAX_STREAMS: u32 = 32;
 
+/// The waits after a failed accept (out of file descriptors): 100 ms doubling to 2 s.
+const ACCEPT_RETRY: shipperd_model::Backoff =
+    shipperd_model::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+
 /// Time connections get to finish their requests after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -95,6 +99,7 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(20));
     // A flood of refused connections logs once in a while, not once each.
     let mut warned: Option<tokio::time::Instant> = None;
+    let mut refused_in_a_row = 0;
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -102,12 +107,15 @@ pub async fn serve(
                 Ok(a) => a,
                 Err(error) => {
                     // Out of file descriptors, most likely: wait a little rather than spin.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    refused_in_a_row += 1;
+                    let retry = ACCEPT_RETRY.retry(refused_in_a_row);
+                    tracing::warn!(%error, delay = ?retry.delay(), "accept failed");
+                    retry.wait().await;
                     continue;
                 }
             },
         };
+        refused_in_a_row = 0;
         let admitted = per_client
             .admit(peer.ip())
             .map(|mine| (mine, open.clone().try_acquire_owned()));
@@ -401,7 +409,7 @@ impl<S> Paced<S> {
             needed: ((bounds.min_body_rate as f64 * window.as_secs_f64()) as u64).max(1),
             window,
             got: 0,
-            deadline: Box::pin(tokio::time::sleep(window)),
+            deadline: Box::pin(shipperd_model::deadline(window)),
         }
     }
 }
@@ -456,7 +464,7 @@ impl<I> Quiet<I> {
         Quiet {
             io,
             idle,
-            deadline: Box::pin(tokio::time::sleep(first)),
+            deadline: Box::pin(shipperd_model::deadline(first)),
             started: false,
         }
     }
@@ -557,7 +565,7 @@ mod tests {
             server_w.write_all(&[7u8; 1024]).await.unwrap();
             let mut got = vec![0u8; 1024];
             client_r.read_exact(&mut got).await.unwrap();
-            tokio::time::sleep(ms(100)).await;
+            shipperd_model::pause(ms(100)).await;
         }
         // Then silence both ways: cut.
         let (r, at) = reading.await.unwrap();

@@ -17,7 +17,7 @@ pub mod reference;
 mod secret;
 pub mod state;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, Retry, deadline, pause};
 pub use data_dir::DataDir;
 pub use digest::Digest;
 pub use effects::{Effect, Effects};

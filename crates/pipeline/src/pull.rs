@@ -42,6 +42,10 @@ pub fn delivered(msg: &Message) -> i64 {
     msg.info().map(|i| i.delivered).unwrap_or(1)
 }
 
+/// The waits after failed pulls: 500 ms doubling to 5 s.
+const PULL_RETRY: shipperd_model::Backoff =
+    shipperd_model::Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+
 /// How long after the drain deadline jobs that were told to let go have to do so.
 const ABANDON_GRACE: Duration = Duration::from_secs(3);
 
@@ -63,6 +67,8 @@ pub async fn run<F, Fut>(
     let tracker = TaskTracker::new();
     let abandon = CancellationToken::new();
     let handle = Arc::new(handle);
+    // Pulls failed in a row (NATS away): each waits longer, up to 5 s.
+    let mut failed = 0;
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -73,12 +79,17 @@ pub async fn run<F, Fut>(
             b = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages() => b,
         };
         let mut batch = match pulled {
-            Ok(b) => b,
+            Ok(b) => {
+                failed = 0;
+                b
+            }
             Err(error) => {
-                tracing::warn!(%error, worker = name, "pull failed; retrying");
+                failed += 1;
+                let retry = PULL_RETRY.retry(failed);
+                tracing::warn!(%error, worker = name, delay = ?retry.delay(), "pull failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = retry.wait() => continue,
                 }
             }
         };

@@ -74,7 +74,7 @@ impl LiveTargets {
         let mut last = self.read_raw();
         let watch = async {
             loop {
-                tokio::time::sleep(every).await;
+                shipperd_model::pause(every).await;
                 let now = self.read_raw();
                 if now != last {
                     last = now;

@@ -406,9 +406,9 @@ impl Upload<'_> {
                     if !e.is_retryable() || attempt + 1 >= t.retries {
                         return Err(e);
                     }
-                    let delay = self.reg.backoff(attempt, e.retry_after());
-                    tracing::warn!(error = %e, ?delay, what = %self.what(), "upload failed; trying again");
-                    tokio::time::sleep(delay).await;
+                    let retry = self.reg.backoff(attempt, e.retry_after());
+                    tracing::warn!(error = %e, delay = ?retry.delay(), what = %self.what(), "upload failed; trying again");
+                    retry.wait().await;
                     attempt += 1;
                 }
             }
@@ -460,9 +460,9 @@ impl Upload<'_> {
                     if !e.is_retryable() || failures >= t.retries {
                         return Err(e);
                     }
-                    let delay = self.reg.backoff(failures - 1, e.retry_after());
-                    tracing::warn!(error = %e, offset, ?delay, what = %self.what(), "chunk failed; asking the registry where it got to");
-                    tokio::time::sleep(delay).await;
+                    let retry = self.reg.backoff(failures - 1, e.retry_after());
+                    tracing::warn!(error = %e, offset, delay = ?retry.delay(), what = %self.what(), "chunk failed; asking the registry where it got to");
+                    retry.wait().await;
                     match self.reg.upload_status(self.repo, &loc).await? {
                         Some((next, newest)) if next <= size => {
                             tracing::info!(from = next, what = %self.what(), "resuming at the registry's offset");

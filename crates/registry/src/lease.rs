@@ -103,7 +103,7 @@ impl Registry {
                         }
                     }
                 }
-                tokio::time::sleep(POLL).await;
+                shipperd_model::pause(POLL).await;
                 continue;
             };
             let now = Instant::now();
@@ -124,7 +124,7 @@ impl Registry {
                 }
                 _ => seen = Some((entry.revision, now)),
             }
-            tokio::time::sleep(POLL).await;
+            shipperd_model::pause(POLL).await;
         }
         Lease::Unavailable
     }
@@ -146,7 +146,7 @@ impl Registry {
         // Ends when aborted by `release`, or when the lease is no longer ours.
         let renew = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                shipperd_model::pause(every).await;
                 let last = r.load(std::sync::atomic::Ordering::Relaxed);
                 match kv.update(&k, value.clone(), last).await {
                     Ok(rev) => r.store(rev, std::sync::atomic::Ordering::Relaxed),

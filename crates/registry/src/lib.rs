@@ -249,10 +249,14 @@ impl Registry {
         Backoff::new(t.retry_base, t.retry_max)
     }
 
-    /// How long to wait after failed attempt `attempt + 1`: what the registry asked
-    /// for, else the target's backoff.
-    pub(crate) fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        retry_after.unwrap_or_else(|| self.retry_delays().delay(attempt + 1))
+    /// The wait after failed attempt `attempt + 1`: what the registry asked for, else
+    /// the target's backoff.
+    pub(crate) fn backoff(
+        &self,
+        attempt: u32,
+        retry_after: Option<Duration>,
+    ) -> shipperd_model::Retry {
+        self.retry_delays().retry_or(attempt + 1, retry_after)
     }
 
     fn blob_key(&self, digest: &Digest) -> String {

@@ -151,7 +151,7 @@ impl Registry {
                     // A connection that moved bytes starts the count again.
                     attempt = if moved { 0 } else { attempt + 1 };
                     tracing::debug!(error = %e, have, "blob download broke; resuming");
-                    tokio::time::sleep(self.backoff(attempt, e.retry_after())).await;
+                    self.backoff(attempt, e.retry_after()).wait().await;
                 }
             }
         }

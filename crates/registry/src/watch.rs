@@ -41,7 +41,7 @@ pub(crate) async fn watched<T>(
     loop {
         tokio::select! {
             out = &mut fut => return Ok(out),
-            _ = tokio::time::sleep(tick) => {
+            () = shipperd_model::deadline(tick) => {
                 let now = moved.get();
                 if now != last {
                     last = now;
@@ -64,7 +64,7 @@ mod tests {
         let m = moved.clone();
         let slow = async move {
             for _ in 0..10 {
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                shipperd_model::pause(Duration::from_millis(30)).await;
                 m.add(1);
             }
         };
@@ -73,7 +73,7 @@ mod tests {
                 .await
                 .is_ok()
         );
-        let stuck = tokio::time::sleep(Duration::from_secs(5));
+        let stuck = shipperd_model::deadline(Duration::from_secs(5));
         let t = Instant::now();
         assert!(
             watched(stuck, &moved, Duration::from_millis(100))

@@ -402,8 +402,12 @@ impl StateStore {
     }
 }
 
-/// After losing a compare-and-set race: wait a little (more each time), then re-read.
+/// The short wait after losing a compare-and-set race, before reading again: 1 ms
+/// doubling to 50 ms, jittered (so racing writers spread out).
+const CAS: shipperd_model::Backoff =
+    shipperd_model::Backoff::new(Duration::from_millis(1), Duration::from_millis(50));
+
+/// After losing compare-and-set race `attempt` (0 = the first): wait, then re-read.
 pub(crate) async fn backoff(attempt: usize) {
-    let ms = 1 + (attempt as u64).min(20) * 5;
-    tokio::time::sleep(Duration::from_millis(ms)).await;
+    CAS.retry(attempt as u32 + 1).wait().await;
 }

@@ -188,10 +188,10 @@ impl Store {
         let mut last = String::new();
         for attempt in 0..settings.attempts.max(1) {
             if attempt > 0 {
-                let delay = (settings.retry_base * 2u32.pow(attempt.min(6) - 1))
-                    .min(Duration::from_secs(30));
-                tracing::warn!(url = %redact(&source.url), written, error = %last, ?delay, "fetch broken; resuming");
-                tokio::time::sleep(delay).await;
+                let retry =
+                    shipperd_model::Backoff::new(settings.retry_base, RETRY_MAX).retry(attempt);
+                tracing::warn!(url = %redact(&source.url), written, error = %last, delay = ?retry.delay(), "fetch broken; resuming");
+                retry.wait().await;
             }
             match self
                 .fetch_once(client, source, settings, &mut out, &mut written, &mut claim)
@@ -321,6 +321,9 @@ impl Store {
 }
 
 const RESTART: &str = "restart";
+
+/// The longest wait between two attempts of a fetch (before jitter).
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 fn client(
     source: &FetchSource,

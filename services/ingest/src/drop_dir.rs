@@ -137,7 +137,7 @@ pub async fn watch(
         watched = seen;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            () = shipperd_model::pause(every) => {}
         }
     }
 }

@@ -110,7 +110,7 @@ impl Janitor {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.settings.every) => {}
+                () = shipperd_model::pause(self.settings.every) => {}
             }
         }
     }

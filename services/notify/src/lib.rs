@@ -403,7 +403,7 @@ impl Notify {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = shipperd_model::pause(Duration::from_secs(2)) => {}
                 _ = shutdown.cancelled() => {}
             }
         }

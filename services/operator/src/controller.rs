@@ -269,7 +269,7 @@ pub async fn run(
             // the API server is not waited for longer.
             let grace = async {
                 shutdown.cancelled().await;
-                tokio::time::sleep(crate::leader::WORK_GRACE).await;
+                shipperd_model::deadline(crate::leader::WORK_GRACE).await;
             };
             tokio::select! {
                 r = all => r,

@@ -243,7 +243,7 @@ const RELEASE_GRACE: Duration = Duration::from_secs(3);
 
 async fn sleep_or(d: Duration, shutdown: &CancellationToken) {
     tokio::select! {
-        _ = tokio::time::sleep(d) => {}
+        () = shipperd_model::pause(d) => {}
         _ = shutdown.cancelled() => {}
     }
 }

@@ -529,7 +529,7 @@ impl Serve {
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        () = tokio::time::sleep(every) => {}
+                        () = shipperd_model::pause(every) => {}
                     }
                     let (bundles, index, dir) = (bundles.clone(), index.clone(), dir.clone());
                     let mut seen_now = std::mem::take(&mut seen);

@@ -362,7 +362,7 @@ const DELETED_POLL: Duration = Duration::from_secs(1);
 /// Stops `guard` once the bundle is deleted (or gone).
 async fn watch_deleted(state: StateStore, id: BundleId, guard: Guard) {
     loop {
-        tokio::time::sleep(DELETED_POLL).await;
+        shipperd_model::pause(DELETED_POLL).await;
         if let Ok(s) = state.summary(&id).await
             && s.is_none_or(|s| s.deleting)
         {

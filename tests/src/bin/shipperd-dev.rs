@@ -1,6 +1,10 @@
 //! Developer tools for the demo and benchmarks: build a sample bundle, receive webhooks,
 //! write a loopback registry config, find a free port.
 
+// Tests wait for servers, clients and clocks in every way; the rule that every wait has
+// a name (clippy.toml) is for the product's code.
+#![allow(clippy::disallowed_methods)]
+
 use std::{io::Write, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
