@@ -4,33 +4,38 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shipperd_model::Secret;
 
 use crate::{Error, Result};
 
 /// How a target authenticates; at most one way. With none, requests go anonymously.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSpec {
     /// Basic auth user; the password comes from `password_file` (or, for the
     /// `--registry` flags, `--registry-password`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
     /// A docker `config.json` or a Kubernetes `.dockerconfigjson` Secret file; the entry
     /// for the target's host is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_config: Option<PathBuf>,
     /// An OpenShift service-account token file (for the internal registry:
     /// `/var/run/secrets/kubernetes.io/serviceaccount/token`), sent as the password of
     /// user `serviceaccount`, which the registry's token service accepts.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account_token: Option<PathBuf>,
     /// A file holding a bearer token sent as is.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bearer_token_file: Option<PathBuf>,
     /// Hosts other than the registry's own whose token service may be sent the basic
     /// credentials (e.g. `auth.docker.io`). A registry whose challenge names a token
     /// service elsewhere is refused the login otherwise, so a compromised or spoofed
     /// registry cannot send the credentials to a host of its choosing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_hosts: Vec<String>,
     #[serde(skip)]
     pub password: Option<Secret>,

@@ -13,7 +13,7 @@ mod mapping;
 
 use std::{path::Path, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shipperd_model::{RegistryUrl, Secret, TargetName};
 
 pub use auth::{AuthSpec, Credentials};
@@ -45,7 +45,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How blobs move to one target.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Transfer {
     /// Requests carrying blob bytes at once to this target, over every image.
@@ -92,8 +92,12 @@ impl Default for Transfer {
 }
 
 mod secs {
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = f64::deserialize(d)?;
@@ -108,7 +112,7 @@ mod secs {
 /// bundle that set it (its namespace, or whoever uploaded it) and to the repository its
 /// image came from; by default no other may move it, and no bundle moves a tag
 /// ShipperD did not set.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TagPolicy {
     /// A bundle may move a tag another owner (or another source repository) set; the
@@ -137,36 +141,73 @@ pub struct Target {
     pub uploads: bool,
 }
 
-#[derive(Debug, Deserialize)]
+/// One `[[target]]` of a targets file, as written (relative file names are taken from
+/// the file's directory). The operator writes these with `toml`; the services read them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct TargetSpec {
-    name: String,
-    url: String,
-    #[serde(default)]
-    insecure: bool,
-    ca_file: Option<std::path::PathBuf>,
-    #[serde(default)]
-    auth: AuthSpec,
-    #[serde(default)]
-    mapping: Mapping,
-    #[serde(default)]
-    transfer: Transfer,
-    #[serde(default)]
-    tags: TagPolicy,
-    #[serde(default = "yes")]
-    uploads: bool,
+pub struct TargetEntry {
+    pub name: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub insecure: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub auth: AuthSpec,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mapping: Mapping,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub transfer: Transfer,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tags: TagPolicy,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub uploads: bool,
+}
+
+impl TargetEntry {
+    /// An entry with nothing but its name and URL.
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> Self {
+        TargetEntry {
+            name: name.into(),
+            url: url.into(),
+            insecure: false,
+            ca_file: None,
+            auth: AuthSpec::default(),
+            mapping: Mapping::default(),
+            transfer: Transfer::default(),
+            tags: TagPolicy::default(),
+            uploads: true,
+        }
+    }
 }
 
 fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize)]
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+/// A targets file: the default target's name (`""`: none) and every target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct TargetsFile {
-    default: Option<String>,
-    #[serde(default)]
-    target: Vec<TargetSpec>,
+pub struct TargetsFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target: Vec<TargetEntry>,
+}
+
+impl TargetsFile {
+    /// The file's TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a targets file serialises")
+    }
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -318,12 +359,18 @@ impl Targets {
 
     /// Parses a targets file's text; relative file names are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
-        let spec: TargetsFile = toml::from_str(text).map_err(|e| Error::File {
+        let file: TargetsFile = toml::from_str(text).map_err(|e| Error::File {
             path: String::new(),
             problem: e.to_string(),
         })?;
+        Self::from_file(file, base)
+    }
+
+    /// The targets of a targets file, checked as when read (credentials and CA files
+    /// readable); relative file names are taken from `base`.
+    pub fn from_file(file: TargetsFile, base: &Path) -> Result<Self> {
         let mut targets = Vec::new();
-        for t in spec.target {
+        for t in file.target {
             let rel = |p: Option<std::path::PathBuf>| p.map(|p| base.join(p));
             let ca_pem = match rel(t.ca_file) {
                 Some(f) => Some(std::fs::read(&f).map_err(|e| Error::Target {
@@ -344,7 +391,7 @@ impl Targets {
             target.uploads = t.uploads;
             targets.push(target);
         }
-        Self::from_list(targets, spec.default.as_deref())
+        Self::from_list(targets, file.default.as_deref())
     }
 
     /// The target called `name`, or the default one for `None`.
@@ -383,6 +430,43 @@ impl Targets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_targets_file_written_with_toml_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("password"), "pw").unwrap();
+        let mut shared = TargetEntry::new("shared", "https://registry.example:5000");
+        shared.auth.username = Some("robot \"one\"".into());
+        shared.auth.password_file = Some(dir.path().join("password"));
+        shared.mapping.prefix = "{namespace}".into();
+        shared.mapping.upload_namespace = Some("shipperd".into());
+        shared.mapping.max_depth = Some(2);
+        shared.mapping.renames = vec![Rename {
+            from: "quay.io/a".into(),
+            to: "b".into(),
+        }];
+        shared.transfer.concurrency = 8;
+        shared.tags.take_over = true;
+        shared.uploads = false;
+        let plain = TargetEntry::new("team-a/mirror", "http://127.0.0.1:5000");
+        let file = TargetsFile {
+            default: Some("shared".into()),
+            target: vec![shared.clone(), plain.clone()],
+        };
+        let text = file.to_toml();
+        // Only what differs from the defaults is written.
+        assert!(!text.contains("insecure"), "{text}");
+        assert!(!text.contains("stall_timeout") || text.contains("concurrency = 8"), "{text}");
+        let back: TargetsFile = toml::from_str(&text).unwrap();
+        assert_eq!(back, file, "{text}");
+        let targets = Targets::parse(&text, dir.path()).unwrap();
+        let t = targets.get(None).unwrap();
+        assert_eq!(t.name.as_str(), "shared");
+        assert_eq!(t.transfer.concurrency, 8);
+        assert!(t.tags.take_over && !t.uploads);
+        assert_eq!(t.mapping.renames.len(), 1);
+        assert!(targets.iter().any(|t| t.name.as_str() == "team-a/mirror" && t.uploads));
+    }
 
     #[test]
     fn parses_a_targets_file() {

@@ -20,32 +20,32 @@
 //! Flattening can make two sources meet (`a/b-c` and `a/b/c`); unpack refuses a bundle
 //! in which two different images would land on the same tag.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shipperd_model::{Reference, reference::valid_component};
 
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_host: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prefix: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_depth: Option<usize>,
-    #[serde(default, rename = "rename")]
+    #[serde(default, rename = "rename", skip_serializing_if = "Vec::is_empty")]
     pub renames: Vec<Rename>,
     /// What `{namespace}` in `prefix` is for a bundle no `Bundle` brought in (the
     /// operator's upload namespace).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_namespace: Option<String>,
 }
 
 /// In a prefix: the namespace the bundle belongs to.
 pub const NAMESPACE: &str = "{namespace}";
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rename {
     pub from: String,

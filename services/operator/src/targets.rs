@@ -33,6 +33,8 @@ use kube::{
     runtime::controller::Action,
 };
 
+use shipperd_registry_targets::{TargetEntry, TargetsFile};
+
 use crate::crd::{CaSource, ClusterRegistryTarget, RegistryTarget, RegistryTargetSpec};
 
 /// OpenShift's internal registry, its service CA (injected into every namespace) and
@@ -171,11 +173,10 @@ pub(crate) fn lit(s: &str) -> String {
     serde_json::to_string(s).expect("a string serialises")
 }
 
-/// One target, resolved: its section of the targets file, and the files it needs.
+/// One target, resolved: its entry in the targets file, and the files it needs.
 struct Resolved {
-    name: String,
     default: bool,
-    section: String,
+    entry: TargetEntry,
     files: Vec<(PathBuf, Vec<u8>)>,
 }
 
@@ -283,16 +284,13 @@ async fn resolve(
     let name = which.target_name();
     let dir = which.dir(&ctx.output.secrets);
     let mut files = Vec::new();
-    let mut lines = vec!["[[target]]".to_string(), format!("name = {}", lit(&name))];
     let url = match (&spec.url, spec.openshift_internal) {
         (Some(u), _) => u.clone(),
         (None, true) => OPENSHIFT_REGISTRY.to_string(),
         (None, false) => return Ok(Err(problem("InvalidSpec", "url is required"))),
     };
-    lines.push(format!("url = {}", lit(&url)));
-    if spec.insecure {
-        lines.push("insecure = true".into());
-    }
+    let mut entry = TargetEntry::new(name, url.clone());
+    entry.insecure = spec.insecure;
     let ca = match (&spec.ca, spec.openshift_internal) {
         (Some(ca), _) => Some(ca.clone()),
         (None, true) => Some(CaSource {
@@ -308,7 +306,7 @@ async fn resolve(
         match key_of(&ctx.client, &ns, ca).await? {
             Ok(pem) => {
                 let p = dir.join("ca.pem");
-                lines.push(format!("ca_file = {}", lit(&p.display().to_string())));
+                entry.ca_file = Some(p.clone());
                 files.push((p, pem));
             }
             Err(p) => return Ok(Err(p)),
@@ -353,10 +351,7 @@ async fn resolve(
                 _ => mapping.prefix = Some(own.clone()),
             }
         }
-        lines.push(format!(
-            "auth.service_account_token = {}",
-            lit(&ctx.service_account_token.display().to_string())
-        ));
+        entry.auth.service_account_token = Some(ctx.service_account_token.clone());
     } else if let Some(secret) = creds.as_ref().and_then(|c| c.secret_name.clone()) {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let Some(s) = api.get_opt(&secret).await? else {
@@ -387,10 +382,7 @@ async fn resolve(
                     return Ok(Err(missing(".dockerconfigjson")));
                 };
                 let p = dir.join("dockerconfig.json");
-                lines.push(format!(
-                    "auth.docker_config = {}",
-                    lit(&p.display().to_string())
-                ));
+                entry.auth.docker_config = Some(p.clone());
                 files.push((p, cfg.clone()));
             }
             "kubernetes.io/basic-auth" => {
@@ -398,11 +390,8 @@ async fn resolve(
                     return Ok(Err(missing("username and password")));
                 };
                 let p = dir.join("password");
-                lines.push(format!(
-                    "auth = {{ username = {}, password_file = {} }}",
-                    lit(&String::from_utf8_lossy(user)),
-                    lit(&p.display().to_string())
-                ));
+                entry.auth.username = Some(String::from_utf8_lossy(user).into_owned());
+                entry.auth.password_file = Some(p.clone());
                 files.push((p, pass.clone()));
             }
             _ => {
@@ -410,69 +399,50 @@ async fn resolve(
                     return Ok(Err(missing("token")));
                 };
                 let p = dir.join("token");
-                lines.push(format!(
-                    "auth.bearer_token_file = {}",
-                    lit(&p.display().to_string())
-                ));
+                entry.auth.bearer_token_file = Some(p.clone());
                 files.push((p, token.clone()));
             }
         }
     }
-    let max_depth = mapping.max_depth.or(spec.openshift_internal.then_some(2));
-    let mut m = Vec::new();
-    if let Some(p) = &mapping.prefix {
-        m.push(format!("prefix = {}", lit(p)));
-        if p.contains(shipperd_registry_targets::NAMESPACE_PREFIX)
-            && let Some(ns) = &ctx.upload_namespace
-        {
-            m.push(format!("upload_namespace = {}", lit(ns)));
-        }
-    }
-    if mapping.keep_host {
-        m.push("keep_host = true".into());
-    }
-    if let Some(d) = max_depth {
-        m.push(format!("max_depth = {d}"));
-    }
-    if !mapping.renames.is_empty() {
-        let r: Vec<String> = mapping
+    let mut m = shipperd_registry_targets::Mapping {
+        keep_host: mapping.keep_host,
+        max_depth: mapping
+            .max_depth
+            .or(spec.openshift_internal.then_some(2))
+            .map(|d| d as usize),
+        renames: mapping
             .renames
             .iter()
-            .map(|r| format!("{{ from = {}, to = {} }}", lit(&r.from), lit(&r.to)))
-            .collect();
-        m.push(format!("rename = [{}]", r.join(", ")));
+            .map(|r| shipperd_registry_targets::Rename {
+                from: r.from.clone(),
+                to: r.to.clone(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    if let Some(p) = &mapping.prefix {
+        m.prefix = p.clone();
+        if p.contains(shipperd_registry_targets::NAMESPACE_PREFIX) {
+            m.upload_namespace = ctx.upload_namespace.clone();
+        }
     }
-    if !m.is_empty() {
-        lines.push(format!("mapping = {{ {} }}", m.join(", ")));
-    }
+    entry.mapping = m;
     if let Some(t) = &spec.transfer {
-        let mut x = Vec::new();
-        if let Some(c) = t.concurrency {
-            x.push(format!("concurrency = {c}"));
-        }
-        if let Some(c) = t.chunk_threshold {
-            x.push(format!("chunk_threshold = {c}"));
-        }
-        if let Some(r) = t.retries {
-            x.push(format!("retries = {r}"));
-        }
-        if !x.is_empty() {
-            lines.push(format!("transfer = {{ {} }}", x.join(", ")));
-        }
+        let x = &mut entry.transfer;
+        x.concurrency = t.concurrency.map_or(x.concurrency, |c| c as usize);
+        x.chunk_threshold = t.chunk_threshold.unwrap_or(x.chunk_threshold);
+        x.retries = t.retries.unwrap_or(x.retries);
     }
     // The admin's overrides of tag ownership: a cluster target's only.
-    if let Some(t) = spec.tags.as_ref().filter(|_| which.namespace.is_none())
-        && (t.take_over || t.overwrite_unowned)
-    {
-        lines.push(format!(
-            "tags = {{ take_over = {}, overwrite_unowned = {} }}",
-            t.take_over, t.overwrite_unowned
-        ));
+    if let Some(t) = spec.tags.as_ref().filter(|_| which.namespace.is_none()) {
+        entry.tags = shipperd_registry_targets::TagPolicy {
+            take_over: t.take_over,
+            overwrite_unowned: t.overwrite_unowned,
+        };
     }
     Ok(Ok(Resolved {
-        name,
         default: spec.default && which.namespace.is_none(),
-        section: lines.join("\n"),
+        entry,
         files,
     }))
 }
@@ -527,31 +497,32 @@ pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
         (which, t.spec.target)
     }));
     all.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut sections = Vec::new();
-    let mut default = None;
+    let mut file = TargetsFile::default();
     let mut rendered = Rendered::default();
     for (which, spec) in &all {
         let verdict = match resolve(ctx, which, spec).await? {
             Err(p) => Err(p),
             Ok(mut r) => {
                 if which.namespace.is_none() && closed_to_uploads.contains(&which.name) {
-                    r.section.push_str("\nuploads = false");
+                    r.entry.uploads = false;
                 }
                 for (p, bytes) in &r.files {
                     write_file(p, bytes)?;
                 }
                 // Checked as the services will read it (credentials readable too).
-                let alone = format!("{}\n", r.section);
-                match shipperd_registry_targets::Targets::parse(&alone, &ctx.output.secrets) {
+                let alone = TargetsFile {
+                    default: None,
+                    target: vec![r.entry.clone()],
+                };
+                match shipperd_registry_targets::Targets::from_file(alone, &ctx.output.secrets) {
                     Ok(_) => {
-                        if r.default && default.is_none() {
-                            default = Some(r.name.clone());
+                        if r.default && file.default.is_none() {
+                            file.default = Some(r.entry.name.clone());
                         }
-                        sections.push(r.section);
                         let mut msg = format!(
                             "written to {} as {}; the services apply it within seconds",
                             ctx.output.file.display(),
-                            r.name
+                            r.entry.name
                         );
                         if spec.default && which.namespace.is_some() {
                             msg.push_str(
@@ -559,6 +530,7 @@ pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
                                  default)",
                             );
                         }
+                        file.target.push(r.entry);
                         Ok(msg)
                     }
                     Err(e) => Err(problem("InvalidTarget", e.to_string())),
@@ -571,18 +543,13 @@ pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
         "# Written by shipperd operator from RegistryTarget and ClusterRegistryTarget \
          resources; edits are replaced.\n",
     );
-    match &default {
-        Some(d) => text.push_str(&format!("default = {}\n", lit(d))),
-        None => text.push_str(
-            "# No ClusterRegistryTarget is the default: bundles that name no target fail.\n\
-             default = \"\"\n",
-        ),
+    if file.default.is_none() {
+        text.push_str(
+            "# No ClusterRegistryTarget is the default: bundles that name no target fail.\n",
+        );
+        file.default = Some(String::new());
     }
-    for s in &sections {
-        text.push('\n');
-        text.push_str(s);
-        text.push('\n');
-    }
+    text.push_str(&file.to_toml());
     write_file(&ctx.output.file, text.as_bytes())?;
     prune(&ctx.output.secrets, &all);
     Ok(rendered)
