@@ -47,10 +47,25 @@ impl From<LogFormat> for shipperd_telemetry::LogFormat {
     }
 }
 
+/// What `shipperd` is asked to do: run a service until a signal (a daemon), talk to a
+/// running one (a client command), or make something and exit (a tool).
 // Parsed once at start: the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    #[command(flatten)]
+    Daemon(Daemon),
+    #[command(flatten)]
+    Client(crate::client::ClientCommand),
+    #[command(flatten)]
+    Tool(crate::tools::Tool),
+}
+
+/// The services, each run until a signal.
+// Parsed once at start: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Daemon {
     /// Take bundles in (HTTP API and drop directory).
     Ingest {
         #[command(flatten)]
@@ -98,60 +113,9 @@ pub enum Command {
         #[command(flatten)]
         operator: OperatorArgs,
     },
-    /// Make the per-install NATS credentials once: a password for the `shipperd` user,
-    /// a CA and a server certificate for the NATS Service's names; as a Kubernetes
-    /// Secret (created only when absent) or as files. Prints nothing secret.
-    NatsCredentials {
-        /// Create this Secret (in --namespace) unless it exists.
-        #[arg(long, required_unless_present = "out_dir", conflicts_with = "out_dir")]
-        secret: Option<String>,
-        /// Write the files here instead (unless a password is there already).
-        #[arg(long)]
-        out_dir: Option<PathBuf>,
-        /// The namespace of the Secret and of the NATS Service.
-        #[arg(long, env = "POD_NAMESPACE", default_value = "shipperd")]
-        namespace: String,
-        /// The NATS Service: its names (and its pods') go into the certificate.
-        #[arg(long, default_value = "nats")]
-        service: String,
-        /// More names for the certificate (repeat).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-    },
-    /// Upload a bundle in parts (a broken connection costs one part), with progress, and
-    /// follow it to its end: exits non-zero when it fails, with the reason.
-    Push(crate::client::PushArgs),
-    /// Show bundles (a table), or one bundle: phase, image counts, error, failed images.
-    Status {
-        #[command(flatten)]
-        client: crate::server::ClientArgs,
-        /// A bundle id (its first characters are not enough: the full id).
-        id: Option<String>,
-    },
-    /// The bundles' status (or one bundle's), from the gRPC Watch API; with `--follow`
-    /// every change as it happens.
-    Events(crate::watch::EventsArgs),
     /// Serve bundles as a read-only registry, read where they lie (Day 0: before there is
     /// a cluster to push into). `podman`, `skopeo` and an installer pull from it.
     Serve(ServeArgs),
-    /// Publish again what failed in a Failed bundle.
-    Retry {
-        #[command(flatten)]
-        client: crate::server::ClientArgs,
-        id: String,
-    },
-    /// Delete a bundle's stored files and state (not the images in the registry).
-    Delete {
-        #[command(flatten)]
-        client: crate::server::ClientArgs,
-        id: String,
-        /// Also a bundle still being unpacked or published (it stops).
-        #[arg(long)]
-        force: bool,
-    },
-    /// Print the CustomResourceDefinitions of ShipperD's resources (Bundle,
-    /// RegistryTarget, WebhookTarget) as YAML, e.g. `shipperd crd | kubectl apply -f -`.
-    Crd,
 }
 
 #[derive(Debug, Clone, Args)]

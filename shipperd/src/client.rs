@@ -11,6 +11,51 @@ use serde_json::Value;
 
 pub use crate::server::ClientArgs;
 
+/// The commands that talk to a running ShipperD through its API.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClientCommand {
+    /// Upload a bundle in parts (a broken connection costs one part), with progress, and
+    /// follow it to its end: exits non-zero when it fails, with the reason.
+    Push(PushArgs),
+    /// Show bundles (a table), or one bundle: phase, image counts, error, failed images.
+    Status {
+        #[command(flatten)]
+        client: crate::server::ClientArgs,
+        /// A bundle id (its first characters are not enough: the full id).
+        id: Option<String>,
+    },
+    /// The bundles' status (or one bundle's), from the gRPC Watch API; with `--follow`
+    /// every change as it happens.
+    Events(crate::watch::EventsArgs),
+    /// Publish again what failed in a Failed bundle.
+    Retry {
+        #[command(flatten)]
+        client: crate::server::ClientArgs,
+        id: String,
+    },
+    /// Delete a bundle's stored files and state (not the images in the registry).
+    Delete {
+        #[command(flatten)]
+        client: crate::server::ClientArgs,
+        id: String,
+        /// Also a bundle still being unpacked or published (it stops).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+impl ClientCommand {
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            ClientCommand::Push(args) => push(&args).await,
+            ClientCommand::Status { client, id } => status(&client, id.as_deref()).await,
+            ClientCommand::Events(args) => crate::watch::events(&args).await,
+            ClientCommand::Retry { client, id } => retry(&client, &id).await,
+            ClientCommand::Delete { client, id, force } => delete(&client, &id, force).await,
+        }
+    }
+}
+
 /// A client of one ingest API.
 pub struct Client {
     http: reqwest::Client,

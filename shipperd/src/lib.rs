@@ -6,6 +6,7 @@ pub mod client;
 pub mod natscreds;
 mod run;
 pub mod server;
+pub mod tools;
 pub mod watch;
 
 pub use run::run;

@@ -1,181 +1,140 @@
-//! What `shipperd` does with its parsed command line: every setting read and checked,
-//! then telemetry, then the chosen service(s) until a signal.
+//! What `shipperd` does with its parsed command line: a tool or a client command runs
+//! and exits; a daemon has every setting read and checked, then telemetry, then its
+//! service(s) until a signal.
 
 use crate::{
     App,
-    cli::{Cli, Command, all_config},
+    cli::{Cli, Command, Daemon, LogFormat, ServeArgs, all_config},
     shutdown_on_signal,
 };
 
-enum Config {
-    Unpack(shipperd_unpack::Config),
-    Publish(shipperd_publish::Config),
-    All(Box<crate::AllConfig>),
-}
-
 /// Runs what `cli` asks for until it ends or a signal stops it.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Crd = cli.command {
-        print!("{}", shipperd_operator::crds_yaml());
-        return Ok(());
+    match cli.command {
+        Command::Tool(tool) => tool.run().await,
+        Command::Client(command) => command.run().await,
+        Command::Daemon(Daemon::Serve(args)) => serve(args, cli.log_format).await,
+        Command::Daemon(daemon) => run_daemon(daemon, cli.log_format, cli.metrics_listen).await,
     }
-    if let Command::NatsCredentials {
-        secret,
-        out_dir,
-        namespace,
-        service,
-        hosts,
-    } = &cli.command
-    {
-        let mut names = crate::natscreds::hosts(service, namespace);
-        names.extend(hosts.iter().cloned());
-        let made = match (secret, out_dir) {
-            (_, Some(dir)) => crate::natscreds::write_files(dir, &names)?,
-            (Some(name), None) => {
-                rustls::crypto::ring::default_provider()
-                    .install_default()
-                    .map_err(|_| anyhow::anyhow!("a TLS crypto provider was installed already"))?;
-                let client = kube::Client::try_default().await?;
-                crate::natscreds::ensure_secret(client, namespace, name, &names).await?
+}
+
+/// A daemon's settings, read and checked.
+enum Planned {
+    Ingest(shipperd_ingest::Config, Box<crate::cli::IngestArgs>),
+    Unpack(shipperd_unpack::Config),
+    Publish(shipperd_publish::Config),
+    Notify(shipperd_notify::Config),
+    All(Box<crate::AllConfig>, Box<crate::cli::IngestArgs>),
+    Operator(shipperd_operator::controller::Config),
+}
+
+impl Planned {
+    /// Every setting of `daemon` read and checked, before anything starts.
+    fn of(daemon: Daemon) -> anyhow::Result<(&'static str, Self)> {
+        Ok(match daemon {
+            Daemon::Ingest { common, ingest } => (
+                "shipperd-ingest",
+                Planned::Ingest(ingest.config(&common), Box::new(ingest)),
+            ),
+            Daemon::Unpack { common, registry } => (
+                "shipperd-unpack",
+                Planned::Unpack(registry.unpack(&common)?),
+            ),
+            Daemon::Publish { common, registry } => (
+                "shipperd-publish",
+                Planned::Publish(registry.publish(&common)?),
+            ),
+            Daemon::Notify { common, notify } => {
+                ("shipperd-notify", Planned::Notify(notify.config(&common)))
             }
-            (None, None) => anyhow::bail!("give --secret or --out-dir"),
-        };
-        let what = secret.clone().map_or_else(
-            || {
-                out_dir
-                    .as_ref()
-                    .map(|d| d.display().to_string())
-                    .unwrap_or_default()
-            },
-            |s| format!("Secret {namespace}/{s}"),
-        );
-        println!(
-            "{what}: {}",
-            if made {
-                "created"
-            } else {
-                "exists already; left as it is"
-            }
-        );
-        return Ok(());
+            Daemon::All {
+                common,
+                ingest,
+                registry,
+                notify,
+            } => (
+                "shipperd",
+                Planned::All(
+                    Box::new(all_config(&common, &ingest, &registry, &notify)?),
+                    Box::new(ingest),
+                ),
+            ),
+            Daemon::Operator { common, operator } => (
+                "shipperd-operator",
+                Planned::Operator(operator.config(&common)),
+            ),
+            Daemon::Serve(_) => anyhow::bail!("shipperd serve runs on its own"),
+        })
     }
-    match &cli.command {
-        Command::Push(args) => return crate::client::push(args).await,
-        Command::Status { client, id } => {
-            return crate::client::status(client, id.as_deref()).await;
-        }
-        Command::Retry { client, id } => return crate::client::retry(client, id).await,
-        Command::Events(args) => return crate::watch::events(args).await,
-        Command::Serve(args) => {
-            let _telemetry =
-                shipperd_telemetry::init_with("shipperd-serve", cli.log_format.into())?;
-            if let Some(dir) = &args.tls_generate
-                && crate::natscreds::ensure_tls(dir, &args.tls_hosts(), "ShipperD serve CA")?
-            {
-                eprintln!(
-                    "made a CA and a certificate for {} in {} (give clients {})",
-                    args.tls_hosts().join(", "),
-                    dir.display(),
-                    dir.join(crate::natscreds::CA).display()
-                );
-            }
-            let serve = shipperd_serve::Serve::start(args.config()).await?;
-            if args.print_install_config {
-                let ca = match &args.tls_generate {
-                    Some(dir) => Some(std::fs::read_to_string(dir.join(crate::natscreds::CA))?),
-                    None => None,
-                };
-                print!(
-                    "{}",
-                    serve.install_config(&args.advertised(), ca.as_deref())
-                );
-                return Ok(());
-            }
-            eprintln!(
-                "serving {} image tags on {}",
-                serve.refs().len(),
-                serve.local_addr()
-            );
-            return Ok(serve.serve(shutdown_on_signal()).await?);
-        }
-        Command::Delete { client, id, force } => {
-            return crate::client::delete(client, id, *force).await;
-        }
-        _ => {}
-    }
-    // Every setting is read and checked before anything starts.
-    let config = match &cli.command {
-        Command::Unpack { common, registry } => Some(Config::Unpack(registry.unpack(common)?)),
-        Command::Publish { common, registry } => Some(Config::Publish(registry.publish(common)?)),
-        Command::All {
-            common,
-            ingest,
-            registry,
-            notify,
-        } => Some(Config::All(Box::new(all_config(
-            common, ingest, registry, notify,
-        )?))),
-        _ => None,
-    };
+}
+
+async fn run_daemon(
+    daemon: Daemon,
+    log_format: LogFormat,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let (service, planned) = Planned::of(daemon)?;
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was installed already"))?;
-    let service = match &cli.command {
-        Command::Ingest { .. } => "shipperd-ingest",
-        Command::Unpack { .. } => "shipperd-unpack",
-        Command::Publish { .. } => "shipperd-publish",
-        Command::Notify { .. } => "shipperd-notify",
-        Command::All { .. } => "shipperd",
-        Command::Operator { .. } => "shipperd-operator",
-        Command::Crd
-        | Command::NatsCredentials { .. }
-        | Command::Push(_)
-        | Command::Status { .. }
-        | Command::Events(_)
-        | Command::Serve(_)
-        | Command::Retry { .. }
-        | Command::Delete { .. } => unreachable!("done above"),
-    };
-    let _telemetry = shipperd_telemetry::init_with(service, cli.log_format.into())?;
-    let kube_auth = match &cli.command {
-        Command::Ingest { ingest, .. } | Command::All { ingest, .. } => ingest.kube_auth().await?,
+    let _telemetry = shipperd_telemetry::init_with(service, log_format.into())?;
+    // Asked of the API server before anything listens: a wrong setting stops the start.
+    let kube_auth = match &planned {
+        Planned::Ingest(_, ingest) | Planned::All(_, ingest) => ingest.kube_auth().await?,
         _ => None,
     };
     let shutdown = shutdown_on_signal();
-    if let Some(addr) = cli.metrics_listen {
+    if let Some(addr) = metrics_listen {
         serve_metrics(addr, shutdown.clone()).await?;
     }
-    match cli.command {
-        Command::Ingest { common, ingest } => {
-            let mut config = ingest.config(&common);
+    match planned {
+        Planned::Ingest(mut config, _) => {
             config.kube_auth = kube_auth;
             shipperd_ingest::run(config, shutdown).await?
         }
-        Command::Unpack { .. } | Command::Publish { .. } | Command::All { .. } => match config {
-            Some(Config::Unpack(c)) => shipperd_unpack::run(c, shutdown).await?,
-            Some(Config::Publish(c)) => shipperd_publish::run(c, shutdown).await?,
-            Some(Config::All(mut c)) => {
-                c.ingest.kube_auth = kube_auth;
-                App::start(*c).await?.serve(shutdown).await?
-            }
-            None => unreachable!("parsed above"),
-        },
-        Command::Notify { common, notify } => {
-            shipperd_notify::run(notify.config(&common), shutdown).await?
+        Planned::Unpack(c) => shipperd_unpack::run(c, shutdown).await?,
+        Planned::Publish(c) => shipperd_publish::run(c, shutdown).await?,
+        Planned::Notify(c) => shipperd_notify::run(c, shutdown).await?,
+        Planned::All(mut c, _) => {
+            c.ingest.kube_auth = kube_auth;
+            App::start(*c).await?.serve(shutdown).await?
         }
-        Command::Operator { common, operator } => {
-            shipperd_operator::controller::run(operator.config(&common), shutdown).await?
-        }
-        Command::Crd
-        | Command::NatsCredentials { .. }
-        | Command::Push(_)
-        | Command::Status { .. }
-        | Command::Events(_)
-        | Command::Serve(_)
-        | Command::Retry { .. }
-        | Command::Delete { .. } => unreachable!("done above"),
+        Planned::Operator(c) => shipperd_operator::controller::run(c, shutdown).await?,
     }
     Ok(())
+}
+
+/// `shipperd serve`: bundles as a read-only registry, until a signal.
+async fn serve(args: ServeArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let _telemetry = shipperd_telemetry::init_with("shipperd-serve", log_format.into())?;
+    if let Some(dir) = &args.tls_generate
+        && crate::natscreds::ensure_tls(dir, &args.tls_hosts(), "ShipperD serve CA")?
+    {
+        eprintln!(
+            "made a CA and a certificate for {} in {} (give clients {})",
+            args.tls_hosts().join(", "),
+            dir.display(),
+            dir.join(crate::natscreds::CA).display()
+        );
+    }
+    let serve = shipperd_serve::Serve::start(args.config()).await?;
+    if args.print_install_config {
+        let ca = match &args.tls_generate {
+            Some(dir) => Some(std::fs::read_to_string(dir.join(crate::natscreds::CA))?),
+            None => None,
+        };
+        print!(
+            "{}",
+            serve.install_config(&args.advertised(), ca.as_deref())
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "serving {} image tags on {}",
+        serve.refs().len(),
+        serve.local_addr()
+    );
+    Ok(serve.serve(shutdown_on_signal()).await?)
 }
 
 /// `--metrics-listen`: `/metrics` and `/healthz` of this process, until `shutdown`.

@@ -456,7 +456,10 @@ mod tests {
         let text = file.to_toml();
         // Only what differs from the defaults is written.
         assert!(!text.contains("insecure"), "{text}");
-        assert!(!text.contains("stall_timeout") || text.contains("concurrency = 8"), "{text}");
+        assert!(
+            !text.contains("stall_timeout") || text.contains("concurrency = 8"),
+            "{text}"
+        );
         let back: TargetsFile = toml::from_str(&text).unwrap();
         assert_eq!(back, file, "{text}");
         let targets = Targets::parse(&text, dir.path()).unwrap();
@@ -465,7 +468,11 @@ mod tests {
         assert_eq!(t.transfer.concurrency, 8);
         assert!(t.tags.take_over && !t.uploads);
         assert_eq!(t.mapping.renames.len(), 1);
-        assert!(targets.iter().any(|t| t.name.as_str() == "team-a/mirror" && t.uploads));
+        assert!(
+            targets
+                .iter()
+                .any(|t| t.name.as_str() == "team-a/mirror" && t.uploads)
+        );
     }
 
     #[test]
