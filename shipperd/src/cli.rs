@@ -623,25 +623,28 @@ impl RegistryArgs {
         })
     }
 
+    /// What unpack and publish share: NATS, the targets file followed, attempts and the
+    /// ack wait.
+    fn service(&self, c: &Common, service: &mut shipperd_pipeline::ServiceConfig) {
+        service.nats = c.nats();
+        service.targets_file = self.targets.clone();
+        service.stage.max_attempts = self.max_attempts;
+        service.stage.ack_wait = self.ack_wait;
+    }
+
     pub fn unpack(&self, c: &Common) -> anyhow::Result<shipperd_unpack::Config> {
         let mut cfg = shipperd_unpack::Config::new("", &c.data_dir, self.targets()?);
-        cfg.nats = c.nats();
-        cfg.targets_file = self.targets.clone();
+        self.service(c, &mut cfg.service);
         cfg.limits = self.limits.limits();
         cfg.limits.min_free_bytes = c.min_free_bytes;
         cfg.compress_layers = self.compress_layers;
-        cfg.stage.max_attempts = self.max_attempts;
-        cfg.stage.ack_wait = self.ack_wait;
         Ok(cfg)
     }
 
     pub fn publish(&self, c: &Common) -> anyhow::Result<shipperd_publish::Config> {
         let mut cfg = shipperd_publish::Config::new("", &c.data_dir, self.targets()?);
-        cfg.nats = c.nats();
-        cfg.targets_file = self.targets.clone();
-        cfg.stage.concurrency = self.publish_concurrency;
-        cfg.stage.max_attempts = self.max_attempts;
-        cfg.stage.ack_wait = self.ack_wait;
+        self.service(c, &mut cfg.service);
+        cfg.service.stage.concurrency = self.publish_concurrency;
         cfg.tag_concurrency = self.tag_concurrency;
         Ok(cfg)
     }

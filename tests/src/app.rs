@@ -162,43 +162,43 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
             ..Default::default()
         });
     let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), targets.clone());
-    unpack.targets_file = targets_file.clone();
+    unpack.service.targets_file = targets_file.clone();
     unpack.compress_layers = opts.compress_layers;
     if let Some(l) = &opts.limits {
         unpack.limits = l.clone();
     }
     let retry = opts.publish_retry.unwrap_or(Duration::from_millis(200));
-    unpack.stage.backoff.base = retry;
+    unpack.service.stage.backoff.base = retry;
     if let Some(n) = opts.max_attempts {
-        unpack.stage.max_attempts = n;
+        unpack.service.stage.max_attempts = n;
     }
     if let Some(w) = opts.ack_wait {
-        unpack.stage.ack_wait = w;
+        unpack.service.stage.ack_wait = w;
     }
     let mut publish = shipperd_publish::Config::new(nats.url(), data.path(), targets);
-    publish.targets_file = targets_file;
-    publish.stage.backoff.base = retry;
+    publish.service.targets_file = targets_file;
+    publish.service.stage.backoff.base = retry;
     if let Some(w) = opts.ack_wait {
-        publish.stage.ack_wait = w;
+        publish.service.stage.ack_wait = w;
     }
     if let Some(p) = opts.progress_interval {
         publish.progress_interval = p;
     }
     if let Some(c) = opts.publish_concurrency {
-        publish.stage.concurrency = c;
+        publish.service.stage.concurrency = c;
     }
     if let Some(n) = opts.max_attempts {
-        publish.stage.max_attempts = n;
+        publish.service.stage.max_attempts = n;
     }
     if let Some(n) = &opts.nats {
         ingest.nats = n.clone();
-        unpack.nats = n.clone();
-        publish.nats = n.clone();
+        unpack.service.nats = n.clone();
+        publish.service.nats = n.clone();
     }
     let shutdown = CancellationToken::new();
     let mut replicas = Vec::new();
     for _ in 0..opts.extra_publishers {
-        let p = shipperd_publish::Publish::start(publish.clone()).await?;
+        let p = Box::pin(shipperd_publish::Publish::start(publish.clone())).await?;
         replicas.push(tokio::spawn(p.serve(shutdown.clone())));
     }
     let mut notify = shipperd_notify::Config::new(nats.url(), opts.webhooks.clone());
@@ -215,12 +215,14 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
         notify.egress.allow = vec!["127.0.0.0/8".parse()?];
     }
 
-    let app = App::start(AllConfig {
+    // Boxed: the services' start-ups are large futures, and a test's runs on its own
+    // thread's stack.
+    let app = Box::pin(App::start(AllConfig {
         ingest,
         unpack,
         publish,
         notify,
-    })
+    }))
     .await?;
     let base = format!("http://{}", app.ingest_addr());
     let reg_http = registry.client()?;

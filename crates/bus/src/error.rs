@@ -60,6 +60,13 @@ impl Error {
         }
     }
 
+    /// May the same request succeed later (NATS unreachable or leaderless, a
+    /// compare-and-set that lost its races)? A malformed record or a missing one will
+    /// not change by waiting.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Transient | ErrorKind::Conflict)
+    }
+
     /// Wraps a NATS client error, saying what was being done.
     pub fn nats<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> Self {
         let what = what.into();

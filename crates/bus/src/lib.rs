@@ -24,5 +24,5 @@ pub mod trace;
 pub use connect::{NatsConfig, redact_url};
 pub use error::{BoxError, Error, ErrorKind, Result, classify, lost_race};
 pub use event::{EventKind, IncomingEvent};
-pub use msgid::{MessageId, Topic};
+pub use msgid::{MessageId, MessageIdError, Topic};
 pub use setup::{Bus, ConsumerSpec, Job};

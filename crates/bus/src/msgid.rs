@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use shipperd_model::BundleId;
+use shipperd_model::{BundleId, BundleSummary, Phase};
 
 use crate::EventKind;
 
@@ -59,6 +59,28 @@ impl MessageId {
         Self::new(bundle, Topic::Image(kind, index), generation)
     }
 
+    /// Bundle `s`'s unpack: its `bundle.received`, as its generation and re-drives
+    /// send it.
+    pub fn unpack(s: &BundleSummary) -> Self {
+        Self::event(EventKind::BundleReceived, &s.id, s.generation).redrive(s.redrives)
+    }
+
+    /// Bundle `s`'s commit job (set every tag), as its generation and re-drives send it.
+    pub fn commit(s: &BundleSummary) -> Self {
+        Self::new(&s.id, Topic::Commit, s.generation).redrive(s.redrives)
+    }
+
+    /// The one piece of work bundle `s`'s phase waits on: its unpack while `Received`
+    /// or `Unpacking`, its commit while `Tagging`; none otherwise (a `Publishing`
+    /// bundle's work is its images', an ended one has none).
+    pub fn of_phase(s: &BundleSummary) -> Option<Self> {
+        match s.phase {
+            Phase::Received | Phase::Unpacking => Some(Self::unpack(s)),
+            Phase::Tagging => Some(Self::commit(s)),
+            Phase::Publishing | Phase::Published | Phase::Failed => None,
+        }
+    }
+
     /// The same message as sent by the `n`th re-drive of its generation (0: the first
     /// sending).
     pub fn redrive(mut self, n: u32) -> Self {
@@ -83,7 +105,68 @@ impl MessageId {
     pub fn work(&self) -> String {
         self.clone().redrive(0).to_string()
     }
+
+    /// The id a message carries (its `Nats-Msg-Id`), read back: the inverse of
+    /// `Display`.
+    pub fn parse(s: &str) -> Result<Self, MessageIdError> {
+        let bad = || MessageIdError(s.chars().take(200).collect());
+        let (bundle, mut rest) = s.split_once('.').ok_or_else(bad)?;
+        let bundle = BundleId::parse(bundle).map_err(|_| bad())?;
+        // Trailing `.r<n>`, then `.g<n>`.
+        let mut suffix = |tag: char| -> Option<u32> {
+            let (head, last) = rest.rsplit_once('.')?;
+            let n = last.strip_prefix(tag)?.parse().ok()?;
+            rest = head;
+            Some(n)
+        };
+        let redrive = suffix('r').unwrap_or(0);
+        let generation = suffix('g').unwrap_or(0);
+        let number = |t: &str| t.parse::<u64>().ok();
+        let topic = if rest == "commit" {
+            Topic::Commit
+        } else if let Some(i) = rest.strip_prefix("publish.") {
+            Topic::Publish(
+                number(i)
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(bad)?,
+            )
+        } else {
+            let kind = EventKind::ALL
+                .into_iter()
+                .filter(|k| {
+                    rest == k.short_name() || rest.starts_with(&format!("{}.", k.short_name()))
+                })
+                .max_by_key(|k| k.short_name().len())
+                .ok_or_else(bad)?;
+            let args: Vec<u64> = rest[kind.short_name().len()..]
+                .split('.')
+                .filter(|p| !p.is_empty())
+                .map(|p| number(p).ok_or_else(bad))
+                .collect::<Result<_, _>>()?;
+            let index = |i: u64| u32::try_from(i).map_err(|_| bad());
+            match (kind, args.as_slice()) {
+                (EventKind::ImageProgress, [i, bytes]) => Topic::Progress {
+                    index: index(*i)?,
+                    bytes: *bytes,
+                },
+                (_, []) => Topic::Bundle(kind),
+                (_, [i]) => Topic::Image(kind, index(*i)?),
+                _ => return Err(bad()),
+            }
+        };
+        Ok(MessageId {
+            bundle,
+            topic,
+            generation,
+            redrive,
+        })
+    }
 }
+
+/// A message id that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a ShipperD message id: {0:?}")]
+pub struct MessageIdError(String);
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,6 +195,43 @@ impl fmt::Display for MessageId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_id_reads_back_as_itself() {
+        let b = id();
+        let ids = [
+            MessageId::event(EventKind::BundleReceived, &b, 0),
+            MessageId::event(EventKind::BundleReceived, &b, 2).redrive(3),
+            MessageId::event(EventKind::BundleFailed, &b, 0).redrive(1),
+            MessageId::image_event(EventKind::ImagePublished, &b, 7, 1),
+            MessageId::image_event(EventKind::ImageFailed, &b, 0, 0),
+            MessageId::new(&b, Topic::Publish(4), 0).redrive(1),
+            MessageId::new(&b, Topic::Publish(u32::MAX), 9),
+            MessageId::new(&b, Topic::Commit, 1),
+            MessageId::new(
+                &b,
+                Topic::Progress {
+                    index: 2,
+                    bytes: 10,
+                },
+                3,
+            ),
+        ];
+        for m in ids {
+            assert_eq!(MessageId::parse(&m.to_string()), Ok(m.clone()), "{m}");
+        }
+        for bad in [
+            "",
+            "nope",
+            &format!("{}.commit", "a".repeat(63)),
+            &format!("{}.publish.x", "a".repeat(64)),
+            &format!("{}.bundle.nothing", "a".repeat(64)),
+            &format!("{}.image.published.1.2.3", "a".repeat(64)),
+            &format!("{}.publish.99999999999", "a".repeat(64)),
+        ] {
+            assert!(MessageId::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     fn id() -> BundleId {
         BundleId::parse(&"a".repeat(64)).unwrap()

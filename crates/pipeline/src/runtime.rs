@@ -26,7 +26,7 @@ use async_nats::jetstream::{
     consumer::{DeliverPolicy, PullConsumer},
 };
 use futures::FutureExt as _;
-use shipperd_bus::{Bus, ConsumerSpec, MessageId};
+use shipperd_bus::{Bus, ConsumerSpec, MessageId, MessageIdError};
 use shipperd_model::{Backoff, BundleSummary, Effects, ImageState};
 use shipperd_state::Executor;
 use tokio_util::sync::CancellationToken;
@@ -54,10 +54,10 @@ pub trait Classify {
 
 impl Classify for shipperd_bus::Error {
     fn class(&self) -> Class {
-        use shipperd_bus::ErrorKind as K;
-        match self.kind() {
-            K::Transient | K::Conflict => Class::Transient,
-            K::Permanent | K::NotFound => Class::Permanent,
+        if self.is_transient() {
+            Class::Transient
+        } else {
+            Class::Permanent
         }
     }
 }
@@ -122,6 +122,18 @@ impl<E: Display> GiveUp<E> {
     }
 }
 
+/// The key a delivered job's attempts are counted under: its `Nats-Msg-Id` read back,
+/// without the re-drive ([`MessageId::work`]).
+fn work_of(msg: &Message) -> Result<String, MessageIdError> {
+    let id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str())
+        .unwrap_or_default();
+    Ok(MessageId::parse(id)?.work())
+}
+
 /// The attempt a job's work runs in.
 #[derive(Debug, Clone, Copy)]
 pub struct Attempt {
@@ -141,10 +153,6 @@ pub trait Stage: Send + Sync + 'static {
 
     /// The job a message carries; `None` for one that does not decode (dropped).
     fn decode(&self, msg: &Message) -> Option<Self::Job>;
-
-    /// The message id of the work the job asks for: its attempts are counted under
-    /// [`MessageId::work`].
-    fn work(&self, job: &Self::Job) -> MessageId;
 
     fn span(&self, job: &Self::Job) -> tracing::Span;
 
@@ -297,7 +305,15 @@ impl Runtime {
         job: &S::Job,
         abandon: CancellationToken,
     ) -> Outcome {
-        let key = stage.work(job).work();
+        // The work this message asks for, whichever copy was delivered: its attempts are
+        // counted under the message's own id, without its re-drive.
+        let key = match work_of(msg) {
+            Ok(key) => key,
+            Err(error) => {
+                tracing::error!(stage = S::NAME, %error, "a job without a ShipperD message id; dropping it");
+                return Outcome::Term;
+            }
+        };
         let token = uuid::Uuid::new_v4().simple().to_string();
         let began = self
             .ledger

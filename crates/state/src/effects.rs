@@ -95,18 +95,30 @@ impl Executor {
         Ok(Some((s, report)))
     }
 
-    /// Fails a bundle that has not ended, with `error`, and announces it. Returns the
-    /// summary as stored (`None` when the bundle is not known).
-    pub async fn fail(&self, id: &BundleId, error: String) -> Result<Option<BundleSummary>> {
-        if let Some((s, _)) = self.transition(id, |s| s.fail(error.clone())).await? {
+    /// Fails a bundle that has not ended, with `error`, when `may` says so of it as
+    /// stored (a stage fails only a bundle still in its hands), and announces it; one
+    /// that ended already has what follows its end done either way. What a stage's
+    /// `give_up` does. Returns the summary as stored (`None` when the bundle is not
+    /// known).
+    pub async fn fail(
+        &self,
+        id: &BundleId,
+        may: impl Fn(&BundleSummary) -> bool,
+        error: String,
+    ) -> Result<Option<BundleSummary>> {
+        if let Some((s, _)) = self
+            .transition(id, |s| may(s).then(|| s.fail(error.clone())).flatten())
+            .await?
+        {
             return Ok(Some(s));
         }
-        // Ended already (or gone): make sure its end was announced.
+        // Ended already (or gone): make sure what follows its end was done (announced,
+        // its expanded blobs let go), as a crash may have cut it short.
         let Some(s) = self.store.summary(id).await? else {
             return Ok(None);
         };
         if s.phase.is_terminal() {
-            self.ended(&s).await?;
+            self.perform(&s, &s.follow_up()).await?;
         }
         Ok(Some(s))
     }
@@ -120,8 +132,7 @@ impl Executor {
             path: s.path.clone(),
             generation: s.generation,
         };
-        let id =
-            MessageId::event(EventKind::BundleReceived, &s.id, s.generation).redrive(s.redrives);
+        let id = MessageId::unpack(s);
         // The bundle's trace starts here (a child of the upload's request, when one
         // sent a `traceparent`); every stage after it continues it from the headers.
         let span = tracing::info_span!("bundle.received", bundle_id = %s.id);
@@ -215,7 +226,7 @@ impl Executor {
         };
         let job = Job {
             subject: COMMIT_JOB_SUBJECT,
-            msg_id: MessageId::new(&s.id, Topic::Commit, s.generation).redrive(s.redrives),
+            msg_id: MessageId::commit(s),
             body: encode(&body),
         };
         self.bus.publish_jobs([job]).await?;

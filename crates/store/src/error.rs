@@ -58,9 +58,14 @@ impl Error {
         }
     }
 
-    /// Could the same request succeed later (the bus or the disk was in trouble)?
+    /// Could the same request succeed later (NATS or the disk was in trouble)? A bus
+    /// error says so by its kind (a malformed or missing record will not heal).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Bus(_) | Error::Io { .. })
+        match self {
+            Error::Bus(e) => e.is_transient(),
+            Error::Io { .. } => true,
+            _ => false,
+        }
     }
 
     #[cfg(feature = "axum")]
@@ -84,7 +89,9 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Gone(_) => StatusCode::GONE,
-            Error::Bus(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Bus(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Bus(e) if e.kind() == shipperd_bus::ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            Error::Bus(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,7 +110,7 @@ impl axum::response::IntoResponse for Error {
             tracing::error!(error = %self, "request failed");
         }
         let body = axum::Json(serde_json::json!({ "error": self.to_string() }));
-        if matches!(self, Error::Busy(_) | Error::Bus(_)) {
+        if status == axum::http::StatusCode::SERVICE_UNAVAILABLE {
             return (status, [(axum::http::header::RETRY_AFTER, "5")], body).into_response();
         }
         (status, body).into_response()

@@ -24,7 +24,7 @@ use std::{sync::Arc, time::Duration};
 const RECORD_GRACE: Duration = Duration::from_secs(60);
 
 use shipperd_bus::{
-    EventKind, MessageId, Topic,
+    MessageId,
     subjects::{COMMIT_CONSUMER, EVENTS_STREAM, JOBS_STREAM, PUBLISH_CONSUMER, UNPACK_CONSUMER},
 };
 use shipperd_model::{BundleId, BundleSummary, Phase, age};
@@ -181,12 +181,8 @@ impl Janitor {
     /// commit; a `Publishing` bundle's are its images', which the runtime keeps from
     /// running twice itself (a re-driven job finds its first copy alive and waits).
     async fn working(&self, s: &BundleSummary) -> Result<bool> {
-        let work = match s.phase {
-            Phase::Received | Phase::Unpacking => {
-                MessageId::event(EventKind::BundleReceived, &s.id, s.generation)
-            }
-            Phase::Tagging => MessageId::new(&s.id, Topic::Commit, s.generation),
-            _ => return Ok(false),
+        let Some(work) = MessageId::of_phase(s) else {
+            return Ok(false);
         };
         Ok(self
             .ledger

@@ -20,7 +20,6 @@
 
 use async_nats::jetstream::Message;
 use futures::{TryFutureExt as _, TryStreamExt as _};
-use shipperd_bus::{MessageId, Topic};
 use shipperd_model::{BundleId, BundleSummary, ImagePhase, ImageState, Phase};
 use shipperd_pipeline::{Attempt, Done, GiveUp, Stage};
 use shipperd_proto::v1;
@@ -56,10 +55,6 @@ impl Stage for CommitStage {
         })
     }
 
-    fn work(&self, job: &Job) -> MessageId {
-        MessageId::new(&job.id, Topic::Commit, job.generation)
-    }
-
     fn span(&self, job: &Job) -> tracing::Span {
         tracing::info_span!("commit", bundle_id = %job.id)
     }
@@ -74,19 +69,16 @@ impl Stage for CommitStage {
              again): {}",
             why.reason()
         );
-        let failed = self
-            .0
-            .state
-            .update_if_known(&job.id, |s| {
-                (s.generation == job.generation && s.phase == Phase::Tagging)
-                    .then(|| s.fail(error.clone()))
-                    .flatten()
-            })
+        let generation = job.generation;
+        self.0
+            .executor
+            .fail(
+                &job.id,
+                |s| s.generation == generation && s.phase == Phase::Tagging,
+                error,
+            )
             .await?;
-        Ok(match failed {
-            Some((effects, s)) => Done::then(s, effects),
-            None => Done::nothing(),
-        })
+        Ok(Done::nothing())
     }
 }
 
@@ -111,7 +103,7 @@ async fn commit(ctx: &Ctx, job: &Job) -> Result<Done> {
     // Every image's content is in the registry: the commit reads only plans, so the
     // bundle's expanded blobs can go now (a retried commit needs none either).
     ctx.bundles.forget(id);
-    shipperd_state::effects::release_blobs(&ctx.config.data_dir, id).await;
+    shipperd_state::effects::release_blobs(&ctx.config.service.data_dir, id).await;
     let generation = s.generation;
     let started = std::time::Instant::now();
     // One stream of the images from the cursor on: keys read ahead, tags set

@@ -31,17 +31,19 @@ use async_nats::jetstream::Message;
 use futures::StreamExt as _;
 use shipperd_bundle::{Location, PlanBlobs, StoredPlan};
 use shipperd_bus::{
-    Bus, MessageId, Topic,
+    Bus,
     subjects::{
         BLOBS_BUCKET, COMMIT_CONSUMER, COMMIT_JOB_SUBJECT, JOBS_STREAM, PUBLISH_CONSUMER,
         PUBLISH_JOB_SUBJECT,
     },
 };
 use shipperd_model::{
-    Backoff, BlobCounts, BundleId, BundleSummary, DataDir, ImageState, Outcome as ImageOutcome,
-    Phase, PlanRef, Reference, TargetName,
+    BlobCounts, BundleId, BundleSummary, ImageState, Outcome as ImageOutcome, Phase, PlanRef,
+    Reference, TargetName,
 };
-use shipperd_pipeline::{Attempt, Class, Classify, Done, GiveUp, Runtime, Settings, Stage};
+use shipperd_pipeline::{
+    Attempt, Class, Classify, Done, GiveUp, Runtime, Service, ServiceConfig, Settings, Stage,
+};
 use shipperd_proto::v1;
 use shipperd_registry_targets::{LiveTargets, Targets};
 use shipperd_state::{Executor, StateStore, finish};
@@ -118,19 +120,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Settings of the publish service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where NATS is and how to log in (servers, credentials, TLS, replicas).
-    pub nats: shipperd_bus::NatsConfig,
-    pub data_dir: DataDir,
-    /// Where images go: named registries, their credentials, trust and path mapping.
-    pub targets: Targets,
-    /// The file `targets` came from: read again when it changes (the next image uses
-    /// what it says; images under way finish with what they began with).
-    pub targets_file: Option<std::path::PathBuf>,
-    /// How the image stage runs: images pushed at once by this replica, attempts at
-    /// one image before a registry error that may heal fails it (a worker that died
-    /// counts), retry delays, the ack wait. The commit stage runs with the same
-    /// attempts and delays, one bundle at a time.
-    pub stage: Settings,
+    /// NATS, the data directory, the targets, how the image stage runs: images pushed
+    /// at once by this replica, attempts at one image before a registry error that may
+    /// heal fails it (a worker that died counts), retry delays, the ack wait. The
+    /// commit stage runs with the same attempts and delays, one bundle at a time.
+    pub service: ServiceConfig,
     /// Tags set at once by a commit.
     pub tag_concurrency: usize,
     /// Least time between two progress reports of one image.
@@ -143,16 +137,10 @@ impl Config {
         data_dir: impl Into<std::path::PathBuf>,
         targets: Targets,
     ) -> Self {
+        let mut service = ServiceConfig::new(nats_url, data_dir, targets);
+        service.stage.concurrency = 32;
         Config {
-            nats: shipperd_bus::NatsConfig::new(nats_url),
-            data_dir: DataDir::new(data_dir.into()),
-            targets,
-            targets_file: None,
-            stage: Settings {
-                concurrency: 32,
-                backoff: Backoff::new(Duration::from_secs(2), Duration::from_secs(60)),
-                ..Settings::default()
-            },
+            service,
             tag_concurrency: 64,
             progress_interval: Duration::from_secs(2),
         }
@@ -162,7 +150,7 @@ impl Config {
     fn commit_stage(&self) -> Settings {
         Settings {
             concurrency: 2,
-            ..self.stage.clone()
+            ..self.service.stage.clone()
         }
     }
 }
@@ -226,10 +214,10 @@ impl Publish {
     pub async fn start(config: Config) -> Result<Self> {
         // ring is our one TLS provider; a no-op when the binary installed it already.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let bus = Bus::connect_with(&config.nats, "shipperd-publish").await?;
-        bus.ensure_topology().await?;
+        let service = Box::pin(Service::connect(&config.service, "shipperd-publish")).await?;
+        let bus = service.bus;
         let images = bus
-            .consumer(&config.stage.consumer(
+            .consumer(&config.service.stage.consumer(
                 JOBS_STREAM,
                 PUBLISH_CONSUMER,
                 PUBLISH_JOB_SUBJECT.into(),
@@ -244,23 +232,21 @@ impl Publish {
             .await?;
         let blobs = bus.bucket(BLOBS_BUCKET).await?;
         let mut registries = HashMap::new();
-        for t in config.targets.iter() {
+        for t in config.service.targets.iter() {
             let r = Registry::new(t.clone(), blobs.clone())
                 .map_err(Error::registry(format!("target {}", t.name)))?;
             registries.insert(t.name.clone(), Arc::new(r));
         }
-        let state = StateStore::open(&bus).await?;
-        let executor = Executor::new(bus.clone(), state.clone(), config.data_dir.clone());
         Ok(Publish {
-            runtime: Runtime::new(&bus, executor.clone()).await?,
+            runtime: service.runtime,
             ctx: Arc::new(Ctx {
                 bus,
-                state,
-                executor,
-                targets: LiveTargets::new(config.targets.clone(), config.targets_file.clone()),
+                state: service.state,
+                executor: service.executor,
+                targets: service.targets,
                 registries: std::sync::Mutex::new((0, registries)),
                 blobs: blobs.clone(),
-                bundles: bundles::Bundles::new(config.data_dir.clone()),
+                bundles: bundles::Bundles::new(config.service.data_dir.clone()),
                 tags: tags::Tags::new(blobs),
                 config,
             }),
@@ -271,15 +257,11 @@ impl Publish {
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
         let ctx = self.ctx;
-        tokio::spawn(
-            ctx.targets
-                .clone()
-                .follow(Duration::from_secs(2), shutdown.clone().cancelled_owned()),
-        );
+        Service::follow_targets(&ctx.targets, &shutdown);
         let images = self.runtime.run(
             Arc::new(ImageStage(ctx.clone())),
             self.images,
-            ctx.config.stage.clone(),
+            ctx.config.service.stage.clone(),
             shutdown.clone(),
         );
         let commits = self.runtime.run(
@@ -330,10 +312,6 @@ impl Stage for ImageStage {
             source: Reference::parse(&image.source).ok()?,
             target: image.target,
         })
-    }
-
-    fn work(&self, job: &Job) -> MessageId {
-        MessageId::new(&job.id, Topic::Publish(job.index), job.generation)
     }
 
     fn span(&self, job: &Job) -> tracing::Span {

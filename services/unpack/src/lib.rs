@@ -19,14 +19,16 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream::Message;
 use shipperd_bundle::{Guard, Limits};
 use shipperd_bus::{
-    Bus, EventKind, IncomingEvent, MessageId,
+    EventKind, IncomingEvent,
     subjects::{EVENTS_STREAM, UNPACK_CONSUMER},
 };
 use shipperd_model::{
-    BundleId, BundleSummary, DataDir, Effect, Effects, ImagePhase, ImageState, Phase, Reference,
+    BundleId, BundleSummary, Effect, Effects, ImagePhase, ImageState, Phase, Reference,
     state::Unpacked,
 };
-use shipperd_pipeline::{Attempt, Class, Classify, Done, GiveUp, Runtime, Settings, Stage};
+use shipperd_pipeline::{
+    Attempt, Class, Classify, Done, GiveUp, Runtime, Service, ServiceConfig, Stage,
+};
 use shipperd_proto::v1;
 use shipperd_registry_targets::{LiveTargets, Targets};
 use shipperd_state::{Executor, StateStore};
@@ -64,18 +66,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Settings of the unpack service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where NATS is and how to log in (servers, credentials, TLS, replicas).
-    pub nats: shipperd_bus::NatsConfig,
-    pub data_dir: DataDir,
-    /// Where images land: each bundle's target (or the default one) maps its images'
-    /// names.
-    pub targets: Targets,
-    /// The file `targets` came from: read again when it changes.
-    pub targets_file: Option<std::path::PathBuf>,
-    /// How the stage runs: bundles opened at once by this replica, attempts at one
-    /// bundle (a read error that may heal, a worker that died) before it fails, retry
-    /// delays, the ack wait.
-    pub stage: Settings,
+    /// NATS, the data directory, the targets, how the stage runs: bundles opened at
+    /// once by this replica, attempts at one bundle (a read error that may heal, a
+    /// worker that died) before it fails, retry delays, the ack wait.
+    pub service: ServiceConfig,
     /// Bounds on what one bundle may hold.
     pub limits: Limits,
     /// Gzip-compress a legacy `docker save` archive's layers (`--compress-layers`).
@@ -89,17 +83,7 @@ impl Config {
         targets: Targets,
     ) -> Self {
         Config {
-            nats: shipperd_bus::NatsConfig::new(nats_url),
-            data_dir: DataDir::new(data_dir.into()),
-            targets,
-            targets_file: None,
-            stage: Settings {
-                backoff: shipperd_model::Backoff::new(
-                    Duration::from_secs(2),
-                    Duration::from_secs(60),
-                ),
-                ..Settings::default()
-            },
+            service: ServiceConfig::new(nats_url, data_dir, targets),
             limits: Limits::default(),
             compress_layers: false,
         }
@@ -109,6 +93,8 @@ impl Config {
 /// The unpack stage.
 struct Unpacker {
     state: StateStore,
+    /// Fails a bundle given up on.
+    executor: Executor,
     /// The targets now (following `config.targets_file`).
     targets: LiveTargets,
     config: Config,
@@ -123,22 +109,21 @@ pub struct Unpack {
 
 impl Unpack {
     pub async fn start(config: Config) -> Result<Self> {
-        let bus = Bus::connect_with(&config.nats, "shipperd-unpack").await?;
-        bus.ensure_topology().await?;
-        let consumer = bus
-            .consumer(&config.stage.consumer(
+        let service = Box::pin(Service::connect(&config.service, "shipperd-unpack")).await?;
+        let consumer = service
+            .bus
+            .consumer(&config.service.stage.consumer(
                 EVENTS_STREAM,
                 UNPACK_CONSUMER,
                 EventKind::BundleReceived.subject(),
             ))
             .await?;
-        let state = StateStore::open(&bus).await?;
-        let executor = Executor::new(bus.clone(), state.clone(), config.data_dir.clone());
         Ok(Unpack {
-            runtime: Runtime::new(&bus, executor).await?,
+            runtime: service.runtime,
             stage: Arc::new(Unpacker {
-                state,
-                targets: LiveTargets::new(config.targets.clone(), config.targets_file.clone()),
+                state: service.state,
+                executor: service.executor,
+                targets: service.targets,
                 config,
             }),
             consumer,
@@ -146,13 +131,8 @@ impl Unpack {
     }
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
-        tokio::spawn(
-            self.stage
-                .targets
-                .clone()
-                .follow(Duration::from_secs(2), shutdown.clone().cancelled_owned()),
-        );
-        let settings = self.stage.config.stage.clone();
+        Service::follow_targets(&self.stage.targets, &shutdown);
+        let settings = self.stage.config.service.stage.clone();
         self.runtime
             .run(self.stage, self.consumer, settings, shutdown)
             .await;
@@ -169,7 +149,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 pub struct Job {
     id: BundleId,
     name: String,
-    generation: u32,
 }
 
 impl Stage for Unpacker {
@@ -184,12 +163,7 @@ impl Stage for Unpacker {
         Some(Job {
             id: BundleId::parse(&event.bundle_id).ok()?,
             name: event.name,
-            generation: event.generation,
         })
-    }
-
-    fn work(&self, job: &Job) -> MessageId {
-        MessageId::event(EventKind::BundleReceived, &job.id, job.generation)
     }
 
     fn span(&self, job: &Job) -> tracing::Span {
@@ -213,25 +187,14 @@ impl Stage for Unpacker {
         // Only a bundle not yet listed is unpack's to fail: past that, its images' jobs
         // decide (a redelivery that could not send them again is the janitor's to
         // repeat).
-        let failed = self
-            .state
-            .update_if_known(&job.id, |s| {
-                matches!(s.phase, Phase::Received | Phase::Unpacking)
-                    .then(|| s.fail(error.clone()))
-                    .flatten()
-            })
+        self.executor
+            .fail(
+                &job.id,
+                |s| matches!(s.phase, Phase::Received | Phase::Unpacking),
+                error,
+            )
             .await?;
-        Ok(match failed {
-            Some((effects, s)) => Done::then(s, effects),
-            // Ended already: make sure that was announced.
-            None => match self.state.summary(&job.id).await? {
-                Some(s) if s.phase.is_terminal() => {
-                    let effects = s.follow_up();
-                    Done::then(s, effects)
-                }
-                _ => Done::nothing(),
-            },
-        })
+        Ok(Done::nothing())
     }
 }
 
@@ -267,7 +230,7 @@ impl Unpacker {
             .await?;
 
         let (data, rel, name, limits, bundle) = (
-            self.config.data_dir.clone(),
+            self.config.service.data_dir.clone(),
             s.path.clone(),
             s.name.clone(),
             self.config.limits.clone(),
@@ -346,8 +309,8 @@ impl Unpacker {
         tracing::info!(
             "the bundle was deleted while it was read; letting go of what the reading wrote"
         );
-        shipperd_state::effects::release_blobs(&self.config.data_dir, id).await;
-        let dir = self.config.data_dir.bundle_dir(id);
+        shipperd_state::effects::release_blobs(&self.config.service.data_dir, id).await;
+        let dir = self.config.service.data_dir.bundle_dir(id);
         if let Err(error) = tokio::fs::remove_dir_all(&dir).await
             && error.kind() != std::io::ErrorKind::NotFound
         {
