@@ -173,7 +173,7 @@ pub struct OperatorArgs {
 }
 
 impl OperatorArgs {
-    pub fn config(&self, c: &Common) -> shipperd_operator::controller::Config {
+    pub fn config(&self, c: &Common) -> shipperd_operator::run::Config {
         let leader = self.leader_election.then(|| {
             let ns = self
                 .lease_namespace
@@ -189,7 +189,7 @@ impl OperatorArgs {
                 shipperd_operator::leader::Settings::new("shipperd-operator", me),
             )
         });
-        shipperd_operator::controller::Config {
+        shipperd_operator::run::Config {
             nats: c.nats(),
             data_dir: shipperd_model::DataDir::new(c.data_dir.clone()),
             namespace: self.namespace.clone(),

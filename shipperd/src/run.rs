@@ -25,7 +25,7 @@ enum Planned {
     Publish(shipperd_publish::Config),
     Notify(shipperd_notify::Config),
     All(Box<crate::AllConfig>, Box<crate::cli::IngestArgs>),
-    Operator(shipperd_operator::controller::Config),
+    Operator(shipperd_operator::run::Config),
 }
 
 impl Planned {
@@ -99,7 +99,7 @@ async fn run_daemon(
             c.ingest.kube_auth = kube_auth;
             App::start(*c).await?.serve(shutdown).await?
         }
-        Planned::Operator(c) => shipperd_operator::controller::run(c, shutdown).await?,
+        Planned::Operator(c) => shipperd_operator::run::run(c, shutdown).await?,
     }
     Ok(())
 }

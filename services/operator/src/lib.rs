@@ -12,14 +12,13 @@
 //!   only target whose bundles may apply cluster resources.
 //! - [`WebhookTarget`]: where events go, which ones, signed with which secret.
 
+pub mod bundle;
 pub mod cluster;
-pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod leader;
-pub mod mirrors;
 pub mod projects;
-pub mod status;
+pub mod run;
 pub mod targets;
 pub mod webhooks;
 

@@ -630,7 +630,8 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let mut rendered = render(ctx).await?;
-    let st = crate::status::ready_status(verdict_of(&mut rendered, which), generation, before);
+    let st =
+        crate::bundle::status::ready_status(verdict_of(&mut rendered, which), generation, before);
     if before != Some(&st) {
         api.patch_status(
             &which.name,

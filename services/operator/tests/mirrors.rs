@@ -4,7 +4,7 @@
 //! operator bundle (a catalog, images by digest and by tag) and generic images.
 
 use shipperd_model::{Digest, Reference};
-use shipperd_operator::mirrors::{Gathered, Landed, Merged, cluster_resources};
+use shipperd_operator::cluster::mirrors::{Gathered, Landed, Merged, cluster_resources};
 
 fn landed(source: &str, target: &str, catalog: bool) -> Landed {
     Landed {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use shipperd_model::{BundleId, DataDir};
 use shipperd_operator::{
     Bundle,
-    controller::{Context, FINALIZER, adopt, reconcile},
+    bundle::{Context, FINALIZER, adopt, reconcile},
 };
 use shipperd_store::{FetchSettings, Store};
 use shipperd_tests::{
@@ -1156,7 +1156,7 @@ async fn path_sources_are_taken_by_descriptor_from_their_namespaces_directory() 
     let outside = app.data.path().join("config/outside.tar");
     std::fs::create_dir_all(outside.parent().unwrap())?;
     std::fs::write(&outside, b"not for the taking")?;
-    let opened = shipperd_operator::controller::confined(&import, "team-a", "staged.tar")
+    let opened = shipperd_operator::bundle::confined(&import, "team-a", "staged.tar")
         .map_err(anyhow::Error::msg)?;
     std::fs::rename(
         import.join("team-a/staged.tar"),
@@ -1189,7 +1189,7 @@ async fn path_sources_are_taken_by_descriptor_from_their_namespaces_directory() 
         import.join("team-a/kept.tar"),
         import.join("team-a/staged.tar"),
     )?;
-    let opened = shipperd_operator::controller::confined(&import, "team-a", "staged.tar")
+    let opened = shipperd_operator::bundle::confined(&import, "team-a", "staged.tar")
         .map_err(anyhow::Error::msg)?;
     let a = store
         .receive_opened("staged.tar", opened, None, &origin)

@@ -1,4 +1,4 @@
-//! A published bundle's cluster resources (see [`crate::mirrors`]), in two places:
+//! A published bundle's cluster resources (see [`crate::cluster::mirrors`]), in two places:
 //!
 //! - beside the `Bundle`: a ConfigMap it owns (`<bundle>-cluster-resources`) shows what
 //!   the bundle alone would need, for the namespace's users and an admin to read;
@@ -10,6 +10,11 @@
 //!   them, applies it (server-side apply) and deletes the objects of ours that no
 //!   contribution needs any more. A deleted `Bundle` takes its contribution with it;
 //!   a mirror another published bundle still needs stays.
+
+pub mod mirrors;
+mod write;
+
+pub use write::{Outcome, Writer, write};
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -23,10 +28,8 @@ use kube::{
 use shipperd_model::{BundleId, BundleSummary, ImageState};
 use shipperd_state::StateStore;
 
-use crate::{
-    crd::{Bundle, ClusterRegistryTarget},
-    mirrors::{ClusterResources, Gathered, Landed, Merged, Meta},
-};
+use self::mirrors::{ClusterResources, Gathered, Landed, Merged, Meta};
+use crate::crd::{Bundle, ClusterRegistryTarget};
 
 /// The field manager of everything the operator applies.
 const MANAGER: &str = "shipperd-operator";
@@ -447,7 +450,7 @@ const KINDS: [(&str, &str, &str, Option<&str>); 5] = [
         "",
         "v1",
         "ConfigMap",
-        Some(crate::mirrors::SIGNATURES_NAMESPACE),
+        Some(crate::cluster::mirrors::SIGNATURES_NAMESPACE),
     ),
 ];
 
