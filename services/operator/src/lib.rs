@@ -17,8 +17,10 @@ pub mod cluster;
 pub mod crd;
 pub mod error;
 pub mod leader;
+mod metrics;
 pub mod projects;
 pub mod run;
+pub mod status;
 pub mod targets;
 pub mod webhooks;
 

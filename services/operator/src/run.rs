@@ -13,6 +13,7 @@ use shipperd_state::StateStore;
 use shipperd_store::{FetchSettings, Store};
 
 use crate::bundle::{Context, REQUEUE, adopt, bundle_id, error_policy, reconcile};
+use crate::metrics::counted;
 use crate::{crd::Bundle, error::Error};
 
 /// Settings of the operator.
@@ -408,25 +409,4 @@ pub(crate) async fn control(
         })
         .await;
     Ok(())
-}
-
-/// Counts a reconcile of `kind` (`shipperd_operator_reconciles_total{kind, result}`).
-pub(crate) fn count(kind: &'static str, ok: bool) {
-    shipperd_telemetry::metrics::metrics()
-        .reconciles
-        .get_or_create(&shipperd_telemetry::metrics::labels(
-            ("kind", kind),
-            ("result", if ok { "ok" } else { "error" }),
-        ))
-        .inc();
-}
-
-/// A reconcile of `kind`, counted when it ends.
-pub(crate) async fn counted<T, E>(
-    kind: &'static str,
-    reconcile: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, E> {
-    let r = reconcile.await;
-    count(kind, r.is_ok());
-    r
 }

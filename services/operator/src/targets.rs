@@ -352,58 +352,28 @@ async fn resolve(
             }
         }
         entry.auth.service_account_token = Some(ctx.service_account_token.clone());
-    } else if let Some(secret) = creds.as_ref().and_then(|c| c.secret_name.clone()) {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let Some(s) = api.get_opt(&secret).await? else {
-            return Ok(Err(problem(
-                "SecretNotFound",
-                format!("Secret {secret} not found"),
-            )));
-        };
-        if !labelled(&s) {
-            return Ok(Err(unlabelled(&secret)));
-        }
-        let data: BTreeMap<String, Vec<u8>> = s
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
-        let kind = s.type_.as_deref().unwrap_or("Opaque");
-        let missing = |k: &str| {
-            problem(
-                "KeyNotFound",
-                format!("Secret {secret} ({kind}) has no key {k}"),
-            )
-        };
-        match kind {
-            "kubernetes.io/dockerconfigjson" => {
-                let Some(cfg) = data.get(".dockerconfigjson") else {
-                    return Ok(Err(missing(".dockerconfigjson")));
-                };
-                let p = dir.join("dockerconfig.json");
-                entry.auth.docker_config = Some(p.clone());
-                files.push((p, cfg.clone()));
-            }
-            "kubernetes.io/basic-auth" => {
-                let (Some(user), Some(pass)) = (data.get("username"), data.get("password")) else {
-                    return Ok(Err(missing("username and password")));
-                };
-                let p = dir.join("password");
-                entry.auth.username = Some(String::from_utf8_lossy(user).into_owned());
-                entry.auth.password_file = Some(p.clone());
-                files.push((p, pass.clone()));
-            }
-            _ => {
-                let Some(token) = data.get("token") else {
-                    return Ok(Err(missing("token")));
-                };
-                let p = dir.join("token");
-                entry.auth.bearer_token_file = Some(p.clone());
-                files.push((p, token.clone()));
-            }
-        }
+    } else if let Some(secret) = creds.as_ref().and_then(|c| c.secret_name.clone())
+        && let Err(p) = from_secret(ctx, &ns, &secret, &dir, &mut entry, &mut files).await?
+    {
+        return Ok(Err(p));
     }
+    settings(ctx, which, spec, &mapping, &mut entry);
+    Ok(Ok(Resolved {
+        default: spec.default && which.namespace.is_none(),
+        entry,
+        files,
+    }))
+}
+
+/// What `spec` says of names, transfers and tags, into `entry` (`mapping` as resolved:
+/// a project prefix forced for ShipperD's own token).
+fn settings(
+    ctx: &TargetsContext,
+    which: &Which,
+    spec: &RegistryTargetSpec,
+    mapping: &crate::crd::MappingSpec,
+    entry: &mut TargetEntry,
+) {
     let mut m = shipperd_registry_targets::Mapping {
         keep_host: mapping.keep_host,
         max_depth: mapping
@@ -440,11 +410,70 @@ async fn resolve(
             overwrite_unowned: t.overwrite_unowned,
         };
     }
-    Ok(Ok(Resolved {
-        default: spec.default && which.namespace.is_none(),
-        entry,
-        files,
-    }))
+}
+
+/// The credentials in Secret `secret` of namespace `ns` (labelled for ShipperD), by
+/// its type: a docker config, basic auth, or a bearer token; written under `dir` and
+/// named in `entry`.
+async fn from_secret(
+    ctx: &TargetsContext,
+    ns: &str,
+    secret: &str,
+    dir: &Path,
+    entry: &mut TargetEntry,
+    files: &mut Vec<(PathBuf, Vec<u8>)>,
+) -> Result<Result<(), Problem>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(s) = api.get_opt(secret).await? else {
+        return Ok(Err(problem(
+            "SecretNotFound",
+            format!("Secret {secret} not found"),
+        )));
+    };
+    if !labelled(&s) {
+        return Ok(Err(unlabelled(secret)));
+    }
+    let data: BTreeMap<String, Vec<u8>> = s
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    let kind = s.type_.as_deref().unwrap_or("Opaque");
+    let missing = |k: &str| {
+        problem(
+            "KeyNotFound",
+            format!("Secret {secret} ({kind}) has no key {k}"),
+        )
+    };
+    match kind {
+        "kubernetes.io/dockerconfigjson" => {
+            let Some(cfg) = data.get(".dockerconfigjson") else {
+                return Ok(Err(missing(".dockerconfigjson")));
+            };
+            let p = dir.join("dockerconfig.json");
+            entry.auth.docker_config = Some(p.clone());
+            files.push((p, cfg.clone()));
+        }
+        "kubernetes.io/basic-auth" => {
+            let (Some(user), Some(pass)) = (data.get("username"), data.get("password")) else {
+                return Ok(Err(missing("username and password")));
+            };
+            let p = dir.join("password");
+            entry.auth.username = Some(String::from_utf8_lossy(user).into_owned());
+            entry.auth.password_file = Some(p.clone());
+            files.push((p, pass.clone()));
+        }
+        _ => {
+            let Some(token) = data.get("token") else {
+                return Ok(Err(missing("token")));
+            };
+            let p = dir.join("token");
+            entry.auth.bearer_token_file = Some(p.clone());
+            files.push((p, token.clone()));
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// The outcome of one render: each target's verdict (a message when it is in the
@@ -630,8 +659,7 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let mut rendered = render(ctx).await?;
-    let st =
-        crate::bundle::status::ready_status(verdict_of(&mut rendered, which), generation, before);
+    let st = crate::status::ready_status(verdict_of(&mut rendered, which), generation, before);
     if before != Some(&st) {
         api.patch_status(
             &which.name,

@@ -131,7 +131,7 @@ pub async fn reconcile(wt: Arc<WebhookTarget>, ctx: Arc<WebhooksContext>) -> Res
     let mine = verdicts
         .remove(&(ns.clone(), wt.name_any()))
         .unwrap_or_else(|| Err(("NotListed", "not found among the WebhookTargets".into())));
-    let st = crate::bundle::status::ready_status(
+    let st = crate::status::ready_status(
         mine.map(|()| {
             format!(
                 "{} gets events; written to {}",

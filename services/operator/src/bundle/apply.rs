@@ -18,8 +18,8 @@ use super::{
     events::{check_projects, record_phase},
     fetch::{start_fetch, start_take},
     retry_after,
-    status::{bundle_status, pending_status},
 };
+use crate::status::{bundle_status, pending_status};
 use crate::{
     crd::{Bundle, BundlePhase, BundleStatus},
     error::Error,
@@ -296,13 +296,8 @@ pub(crate) async fn refuse(
     previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     now: Timestamp,
 ) -> Result<Action, Error> {
-    let status = crate::bundle::status::refused_status(
-        reason,
-        message,
-        b.metadata.generation,
-        previous,
-        now,
-    );
+    let status =
+        crate::status::refused_status(reason, message, b.metadata.generation, previous, now);
     if b.status.as_ref().and_then(|s| s.error.as_deref()) != Some(message) {
         let ev = KubeEvent {
             type_: EventType::Warning,

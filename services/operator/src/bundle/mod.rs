@@ -8,7 +8,7 @@
 //!   and `Failed` with reason `FetchFailed` if it gives up. An `upload` source is
 //!   ShipperD's already.
 //! - Once ShipperD holds the bundle, the status is written from its summary (see
-//!   [`crate::bundle::status`]) when it changed, and a Kubernetes Event is recorded when the
+//!   [`crate::status`]) when it changed, and a Kubernetes Event is recorded when the
 //!   phase moves on (`Received`, `Unpacked`, `Published`, `Failed`).
 
 mod adopt;
@@ -16,7 +16,6 @@ mod apply;
 mod cleanup;
 mod events;
 mod fetch;
-pub mod status;
 
 pub use adopt::{adopt, upload_object_name};
 use apply::apply;
@@ -45,7 +44,7 @@ use shipperd_model::{BundleId, BundleSummary};
 use shipperd_state::StateStore;
 use shipperd_store::{FetchSettings, Store};
 
-use crate::run::counted;
+use crate::metrics::counted;
 use crate::{cluster::follows, crd::Bundle, error::Error};
 
 /// The finalizer that lets ShipperD clean up a deleted `Bundle`.
