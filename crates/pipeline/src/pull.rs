@@ -46,6 +46,18 @@ pub fn delivered(msg: &Message) -> i64 {
 const PULL_RETRY: shipperd_model::Backoff =
     shipperd_model::Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
 
+/// How long jobs in hand may take to finish at shutdown: up to `time`, and no longer
+/// once `nats` (the client they record and acknowledge through) is disconnected: a job
+/// that ends then can do neither, and is delivered again anyway.
+#[derive(Clone)]
+pub struct Drain {
+    pub time: Duration,
+    pub nats: Option<async_nats::Client>,
+}
+
+/// How often a drain looks whether NATS is still there.
+const DRAIN_LOOK: Duration = Duration::from_millis(250);
+
 /// How long after the drain deadline jobs that were told to let go have to do so.
 const ABANDON_GRACE: Duration = Duration::from_secs(3);
 
@@ -56,7 +68,7 @@ pub async fn run<F, Fut>(
     name: &str,
     consumer: PullConsumer,
     concurrency: usize,
-    drain: Duration,
+    drain: Drain,
     shutdown: CancellationToken,
     handle: F,
 ) where
@@ -112,10 +124,29 @@ pub async fn run<F, Fut>(
         }
     }
     tracker.close();
-    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + drain.time;
+    let gone = || {
+        drain
+            .nats
+            .as_ref()
+            .is_some_and(|c| c.connection_state() != async_nats::connection::State::Connected)
+    };
+    let drained = async {
+        loop {
+            if gone() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::select! {
+                () = tracker.wait() => return true,
+                () = shipperd_model::pause(DRAIN_LOOK) => {}
+            }
+        }
+    };
+    if !drained.await {
         tracing::warn!(
             worker = name,
-            "jobs still running at the drain deadline; letting go of them (they will be redelivered)"
+            nats_gone = gone(),
+            "jobs still running at shutdown; letting go of them (they will be redelivered)"
         );
         abandon.cancel();
         let _ = tokio::time::timeout(ABANDON_GRACE, tracker.wait()).await;

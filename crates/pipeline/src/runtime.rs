@@ -261,11 +261,15 @@ impl Runtime {
             "stage running"
         );
         let job = Arc::new((self.clone(), stage, settings.clone()));
+        let drain = pull::Drain {
+            time: settings.drain,
+            nats: Some(self.executor.bus().client.clone()),
+        };
         pull::run(
             S::NAME,
             consumer,
             settings.concurrency,
-            settings.drain,
+            drain,
             shutdown,
             move |msg, abandon| {
                 let job = job.clone();

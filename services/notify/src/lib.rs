@@ -390,7 +390,12 @@ impl Notify {
                                         config: self.config.clone(),
                                     });
                                     tracing::info!(url = %redact(&spec.url), namespace = ?spec.namespace, types = ?spec.types, "webhook started");
-                                    tokio::spawn(serve_target(target, consumer, stop.clone()));
+                                    tokio::spawn(serve_target(
+                                        target,
+                                        consumer,
+                                        self.bus.client.clone(),
+                                        stop.clone(),
+                                    ));
                                     running.insert(id, (spec, key, stop));
                                 }
                                 Err(error) => {
@@ -413,7 +418,12 @@ impl Notify {
         tracing::info!(webhooks = self.targets.len(), "notify running");
         let mut tasks = tokio::task::JoinSet::new();
         for (target, consumer) in std::mem::take(&mut self.targets) {
-            tasks.spawn(serve_target(target, consumer, shutdown.clone()));
+            tasks.spawn(serve_target(
+                target,
+                consumer,
+                self.bus.client.clone(),
+                shutdown.clone(),
+            ));
         }
         match self.config.webhooks_file.clone() {
             Some(path) => self.follow(path, shutdown.clone()).await,
@@ -428,14 +438,19 @@ impl Notify {
 async fn serve_target(
     target: Arc<Target>,
     consumer: async_nats::jetstream::consumer::PullConsumer,
+    nats: async_nats::Client,
     stop: CancellationToken,
 ) {
     let concurrency = target.config.concurrency;
+    let drain = pull::Drain {
+        time: Duration::from_secs(15),
+        nats: Some(nats),
+    };
     pull::run(
         "notify",
         consumer,
         concurrency,
-        Duration::from_secs(15),
+        drain,
         stop,
         move |msg, _| {
             let target = target.clone();
