@@ -16,6 +16,7 @@ mod id;
 pub mod reference;
 mod secret;
 pub mod state;
+pub mod webhooks;
 
 pub use backoff::{Backoff, Retry, deadline, pause};
 pub use data_dir::DataDir;

@@ -160,32 +160,7 @@ impl Owners {
     }
 }
 
-/// One webhook of a webhooks file.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSpec {
-    pub url: String,
-    /// A file holding the signing secret (`whsec_<base64>` or raw bytes).
-    #[serde(default)]
-    pub secret_file: Option<std::path::PathBuf>,
-    /// Event types to send (e.g. `io.shipperd.bundle.published`); empty: all.
-    #[serde(default)]
-    pub types: Vec<String>,
-    /// A namespace's webhook (a `WebhookTarget`): only events of bundles that namespace
-    /// brought in. None: every event (the admin's).
-    #[serde(default)]
-    pub namespace: Option<String>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WebhooksFile {
-    /// The namespace bundles of the ingest endpoint and drop directory belong to.
-    #[serde(default)]
-    upload_namespace: Option<String>,
-    #[serde(default)]
-    webhook: Vec<WebhookSpec>,
-}
+pub use shipperd_model::webhooks::{WebhookSpec, WebhooksFile};
 
 /// A running webhook's key: a namespace's and the admin's webhook to the same URL are
 /// two.

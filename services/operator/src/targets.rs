@@ -168,11 +168,6 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// A TOML basic string (JSON's string escapes are TOML's).
-pub(crate) fn lit(s: &str) -> String {
-    serde_json::to_string(s).expect("a string serialises")
-}
-
 /// One target, resolved: its entry in the targets file, and the files it needs.
 struct Resolved {
     default: bool,

@@ -16,10 +16,11 @@ use kube::{
     api::{ListParams, Patch, PatchParams},
     runtime::controller::Action,
 };
+use shipperd_model::webhooks::{WebhookSpec, WebhooksFile};
 
 use crate::{
     crd::WebhookTarget,
-    targets::{Error, labelled, lit, unlabelled, write_file},
+    targets::{Error, labelled, unlabelled, write_file},
 };
 
 /// What reconciling webhooks works with.
@@ -51,13 +52,10 @@ pub async fn render(ctx: &WebhooksContext) -> Result<BTreeMap<(String, String), 
     };
     let mut all = api.list(&ListParams::default()).await?.items;
     all.sort_by_key(|t| (t.namespace(), t.name_any()));
-    let mut text = String::from(
-        "# Written by shipperd operator from WebhookTarget resources; edits are replaced.\n\
-         # Each webhook hears only of the bundles its namespace brought in.\n",
-    );
-    if let Some(u) = &ctx.upload_namespace {
-        text.push_str(&format!("upload_namespace = {}\n", lit(u)));
-    }
+    let mut file = WebhooksFile {
+        upload_namespace: ctx.upload_namespace.clone(),
+        webhook: Vec::new(),
+    };
     let mut verdicts = BTreeMap::new();
     let mut keep = std::collections::BTreeSet::new();
     for t in &all {
@@ -84,17 +82,12 @@ pub async fn render(ctx: &WebhooksContext) -> Result<BTreeMap<(String, String), 
                     Some(secret) => {
                         let path = dir.join("secret");
                         write_file(&path, &secret.0)?;
-                        text.push_str(&format!(
-                            "\n[[webhook]]\nnamespace = {}\nurl = {}\nsecret_file = {}\ntypes = [{}]\n",
-                            lit(&ns),
-                            lit(&spec.url),
-                            lit(&path.display().to_string()),
-                            spec.types
-                                .iter()
-                                .map(|t| lit(t))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ));
+                        file.webhook.push(WebhookSpec {
+                            namespace: Some(ns.clone()),
+                            url: spec.url.clone(),
+                            secret_file: Some(path),
+                            types: spec.types.clone(),
+                        });
                         Ok(())
                     }
                 },
@@ -102,6 +95,11 @@ pub async fn render(ctx: &WebhooksContext) -> Result<BTreeMap<(String, String), 
         };
         verdicts.insert((ns, name), verdict);
     }
+    let text = format!(
+        "# Written by shipperd operator from WebhookTarget resources; edits are replaced.\n\
+         # Each webhook hears only of the bundles its namespace brought in.\n{}",
+        toml::to_string(&file).expect("a webhooks file serialises")
+    );
     write_file(&ctx.file, text.as_bytes())?;
     prune(&ctx.secrets, &keep);
     Ok(verdicts)
