@@ -17,7 +17,7 @@ pub const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 
 /// A `method` on `repo`'s manifest `reference` that takes 404 as an answer (no such
 /// manifest).
-fn lookup<'a>(method: Method, repo: &'a str, reference: &str) -> Call<'a> {
+pub(crate) fn lookup<'a>(method: Method, repo: &'a str, reference: &str) -> Call<'a> {
     Call {
         method,
         url: format!("/v2/{repo}/manifests/{reference}"),
@@ -67,26 +67,10 @@ impl Registry {
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<(Bytes, String)>, RegistryError> {
-        let resp = self
-            .send(&lookup(Method::GET, repo, digest.as_str()))
-            .await?;
-        if resp.status() == 404 {
-            return Ok(None);
-        }
-        let media_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let body = resp.bytes().await.map_err(RegistryError::transport)?;
-        let actual = Digest::of(&body);
-        if actual != *digest {
-            return Err(RegistryError::Protocol(format!(
-                "{repo}@{digest} came back hashing to {actual}"
-            )));
-        }
-        Ok(Some((body, media_type)))
+        Ok(self
+            .manifest(repo, digest.as_str())
+            .await?
+            .map(|m| (m.bytes, m.media_type)))
     }
 
     /// Does `repo` have the manifest `digest`? One `HEAD`.
@@ -126,6 +110,8 @@ impl Registry {
         Ok(())
     }
 
+    /// A JSON document at `url` (an image index: the referrers API's answer, or the
+    /// fallback tag), `None` on 404 or when it is not JSON.
     async fn get_json(
         &self,
         repo: &str,
@@ -133,21 +119,10 @@ impl Registry {
     ) -> Result<Option<serde_json::Value>, RegistryError> {
         let accept_index =
             |b: reqwest::RequestBuilder| b.header(reqwest::header::ACCEPT, OCI_INDEX);
-        let call = Call {
-            method: Method::GET,
-            url,
-            repo,
-            from: None,
-            build: &accept_index,
-            ok: &[200, 404],
-            once: false,
-        };
-        let resp = self.send(&call).await?;
-        if resp.status() == 404 {
-            return Ok(None);
-        }
-        let body = resp.bytes().await.map_err(RegistryError::transport)?;
-        Ok(serde_json::from_slice(&body).ok())
+        Ok(self
+            .page(repo, url, &accept_index)
+            .await?
+            .and_then(|(body, _)| serde_json::from_slice(&body).ok()))
     }
 
     /// Lists `referrers` of `subject` in `repo`: nothing to do where the registry's

@@ -12,7 +12,7 @@ use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{Descriptor, Digest};
 use tokio::io::AsyncWriteExt as _;
 
-use super::{Call, Registry, RegistryError, accept_manifests, no_body};
+use super::{Call, Registry, RegistryError, no_body};
 
 /// The largest manifest read (the distribution spec's own suggestion).
 pub const MAX_MANIFEST: usize = 4 << 20;
@@ -38,16 +38,9 @@ impl Registry {
         repo: &str,
         reference: &str,
     ) -> Result<Option<Pulled>, RegistryError> {
-        let call = Call {
-            method: Method::GET,
-            url: format!("/v2/{repo}/manifests/{reference}"),
-            repo,
-            from: None,
-            build: &accept_manifests,
-            ok: &[200, 404],
-            once: false,
-        };
-        let resp = self.send(&call).await?;
+        let resp = self
+            .send(&super::manifest::lookup(Method::GET, repo, reference))
+            .await?;
         if resp.status() == 404 {
             return Ok(None);
         }
@@ -323,7 +316,7 @@ impl Registry {
 
     /// One page: its body (bounded) and the next page's path from `Link`, or `None`
     /// on 404.
-    async fn page(
+    pub(crate) async fn page(
         &self,
         repo: &str,
         url: String,
