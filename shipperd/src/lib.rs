@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod create;
 pub mod natscreds;
 mod run;
 pub mod server;

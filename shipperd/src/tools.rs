@@ -1,5 +1,5 @@
-//! `shipperd` commands that make something and exit: the CRDs, the per-install NATS
-//! credentials.
+//! `shipperd` commands that make something and exit: a bundle, the CRDs, the
+//! per-install NATS credentials.
 
 use std::path::PathBuf;
 
@@ -27,6 +27,11 @@ pub enum Tool {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// Make a bundle on the connected side: the images of --images, from registries and
+    /// OCI layouts, into one squashfs or tar (an OCI layout, each image named by its
+    /// full source reference), resumable through a cache, the same bytes for the same
+    /// inputs.
+    Create(crate::create::CreateArgs),
     /// Print the CustomResourceDefinitions of ShipperD's resources (Bundle,
     /// RegistryTarget, WebhookTarget) as YAML, e.g. `shipperd crd | kubectl apply -f -`.
     Crd,
@@ -35,6 +40,7 @@ pub enum Tool {
 impl Tool {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
+            Tool::Create(args) => crate::create::run(args).await,
             Tool::Crd => {
                 print!("{}", shipperd_operator::crds_yaml());
                 Ok(())

@@ -243,6 +243,62 @@ impl LayoutBuilder {
         });
     }
 
+    /// Pushes every image into the registry at `base` (`http://127.0.0.1:P`) as a
+    /// client would: its blobs (one `POST` + `PUT` each), an index's children by
+    /// digest, then the top manifest by tag.
+    pub async fn push_to(&self, http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+        for img in &self.images {
+            for b in &img.blobs {
+                let r = http
+                    .post(format!("{base}/v2/{}/blobs/uploads/", img.repo))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 202, "POST blob upload: {}", r.status());
+                let loc = r.headers()["location"].to_str()?.to_string();
+                let loc = if loc.starts_with("http") {
+                    loc
+                } else {
+                    format!("{base}{loc}")
+                };
+                let sep = if loc.contains('?') { '&' } else { '?' };
+                let r = http
+                    .put(format!("{loc}{sep}digest={b}"))
+                    .body(self.blobs[b].clone())
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 201, "PUT blob {b}: {}", r.status());
+            }
+            for m in &img.manifests {
+                let bytes = self.blobs[m].clone();
+                let doc: Value = serde_json::from_slice(&bytes)?;
+                let media_type = match doc["mediaType"].as_str() {
+                    Some(t) => t.to_string(),
+                    None if doc.get("manifests").is_some() => self.types().1.to_string(),
+                    None => self.types().0.to_string(),
+                };
+                let reference = if *m == img.digest {
+                    img.tag.clone()
+                } else {
+                    m.clone()
+                };
+                let r = http
+                    .put(format!("{base}/v2/{}/manifests/{reference}", img.repo))
+                    .header("content-type", media_type)
+                    .body(bytes)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    r.status() == 201,
+                    "PUT manifest {}:{reference}: {} {}",
+                    img.repo,
+                    r.status(),
+                    r.text().await?
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Adds an OCI 1.1 referrer (an SBOM-like artifact whose `subject` is the manifest
     /// `subject`), listed in `index.json` without a name; returns its digest.
     pub fn referrer(&mut self, subject: &str, artifact_type: &str, payload: &[u8]) -> String {

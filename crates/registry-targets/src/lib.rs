@@ -210,7 +210,8 @@ impl TargetsFile {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+/// Is `host` (`name[:port]`) a loopback address or `localhost`?
+pub fn is_loopback(host: &str) -> bool {
     let h = host.rsplit_once(':').map_or(host, |(h, p)| {
         if p.bytes().all(|b| b.is_ascii_digit()) {
             h

@@ -19,8 +19,16 @@ use shipperd_registry_targets::{Credentials, Target};
 
 use super::RegistryError;
 
+/// What a login asks the token service for, on the repository worked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Pull,
+    PullPush,
+}
+
 pub(crate) struct Auth {
     target: Target,
+    access: Access,
     /// The registry's own client and base URL.
     http: reqwest::Client,
     base: String,
@@ -35,9 +43,11 @@ impl Auth {
         target: &Target,
         http: reqwest::Client,
         base: String,
+        access: Access,
     ) -> Result<Self, RegistryError> {
         Ok(Auth {
             target: target.clone(),
+            access,
             http,
             base,
             headers: Mutex::default(),
@@ -161,7 +171,11 @@ impl Auth {
             if let Some(s) = &service {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", &format!("repository:{repo}:pull,push"));
+            let actions = match self.access {
+                Access::Pull => "pull",
+                Access::PullPush => "pull,push",
+            };
+            q.append_pair("scope", &format!("repository:{repo}:{actions}"));
             if let Some(from) = from {
                 q.append_pair("scope", &format!("repository:{from}:pull"));
             }
@@ -286,7 +300,13 @@ mod tests {
                 .unwrap()
                 .clone();
             t.auth.token_hosts = listed.iter().map(|s| s.to_string()).collect();
-            super::Auth::new(&t, reqwest::Client::new(), registry.into()).unwrap()
+            super::Auth::new(
+                &t,
+                reqwest::Client::new(),
+                registry.into(),
+                super::Access::PullPush,
+            )
+            .unwrap()
         };
         let url = |u: &str| reqwest::Url::parse(u).unwrap();
         let quay = auth("https://quay.example:8443", &[]);

@@ -76,17 +76,28 @@ impl Registry {
     /// A client of `target` sharing what it learns with other replicas through `blobs`
     /// (the `shipperd-blobs` bucket).
     pub fn new(target: Target, blobs: kv::Store) -> Result<Self, RegistryError> {
-        Self::build(target, Some(blobs))
+        Self::build(target, Some(blobs), auth::Access::PullPush)
     }
 
     /// A client of `target` that shares nothing: it remembers no blob locations and no
     /// upload sessions beyond its own life, and uploads without leases. For reading a
     /// registry, or one process writing alone.
     pub fn reader(target: Target) -> Result<Self, RegistryError> {
-        Self::build(target, None)
+        Self::build(target, None, auth::Access::PullPush)
     }
 
-    fn build(target: Target, blobs: Option<kv::Store>) -> Result<Self, RegistryError> {
+    /// A client of a registry read from only (a source of `shipperd create`): it shares
+    /// nothing, and logs in asking for `pull` alone, which read-only credentials and
+    /// anonymous users are given.
+    pub fn source(target: Target) -> Result<Self, RegistryError> {
+        Self::build(target, None, auth::Access::Pull)
+    }
+
+    fn build(
+        target: Target,
+        blobs: Option<kv::Store>,
+        access: auth::Access,
+    ) -> Result<Self, RegistryError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(30))
@@ -104,7 +115,7 @@ impl Registry {
         let base = format!("{scheme}://{}", target.url.host);
         let key_prefix = registry_key_prefix(&target.url.host);
         Ok(Registry {
-            auth: auth::Auth::new(&target, http.clone(), base.clone())?,
+            auth: auth::Auth::new(&target, http.clone(), base.clone(), access)?,
             uploads: Arc::new(tokio::sync::Semaphore::new(target.transfer.concurrency)),
             target,
             http,

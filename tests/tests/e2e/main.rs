@@ -12,6 +12,7 @@ mod auth;
 mod bundles;
 mod cli;
 mod crash;
+mod create;
 mod cutoff;
 mod differential;
 mod docker_archives;

@@ -1,0 +1,316 @@
+//! The carry side: `shipperd create` makes a bundle on the connected side from images in
+//! registries and OCI layouts.
+//!
+//! 1. **Resolve** ([`collect::resolve`]): each image's manifests (an index and its
+//!    children), read from the cache when held there by digest, else from the source.
+//! 2. **Plan** ([`Planned`]): what the bundle carries, image by image, and its size;
+//!    checked against the free space of the cache and the output's file system.
+//! 3. **Fetch** ([`collect::fetch`]): the blobs the cache lacks, several at once, each
+//!    once, resumed with `Range`, checked against their digests.
+//! 4. **Write** ([`write::write`]): an OCI layout into a squashfs or a tar, from the
+//!    cache, deterministic, every blob checked again as it is written.
+//!
+//! A run stopped anywhere and started again with the same arguments fetches only what
+//! the cache lacks and writes the same bytes.
+
+pub mod cache;
+pub mod collect;
+pub mod list;
+pub mod source;
+pub mod write;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use serde::Serialize;
+use shipperd_model::{Digest, Reference};
+
+pub use collect::{Progress, Resolved};
+pub use list::Wanted;
+pub use source::SourceOptions;
+pub use write::Format;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Input(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {cause}")]
+    Source { what: String, cause: String },
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("damaged: {0}")]
+    Damaged(String),
+    #[error("not enough free space in {path}: {need} bytes needed, {free} free ({what})")]
+    NoSpace {
+        path: String,
+        need: u64,
+        free: u64,
+        what: &'static str,
+    },
+    #[error("{image}: {cause}")]
+    Image { image: String, cause: Box<Error> },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn source(what: &str, reference: &str, e: shipperd_registry::RegistryError) -> Self {
+        Error::Source {
+            what: format!("{what} ({reference})"),
+            cause: e.cause(),
+        }
+    }
+
+    /// This error, said of `image` (once).
+    pub fn for_image(self, image: &Reference) -> Self {
+        match self {
+            Error::Image { .. } => self,
+            other => Error::Image {
+                image: image.to_string(),
+                cause: Box::new(other),
+            },
+        }
+    }
+}
+
+/// What to make.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub images: Vec<Wanted>,
+    pub output: PathBuf,
+    /// `None`: from the output's name (squashfs when it says nothing).
+    pub format: Option<Format>,
+    pub cache_dir: PathBuf,
+    pub sources: SourceOptions,
+    /// Images resolved, and blobs fetched, at once.
+    pub concurrency: usize,
+}
+
+impl Options {
+    pub fn format(&self) -> Format {
+        self.format
+            .or_else(|| Format::from_name(&self.output))
+            .unwrap_or(Format::Squashfs)
+    }
+}
+
+/// One image of a plan, as `--plan` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedImage {
+    pub name: String,
+    pub digest: Digest,
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub manifests: usize,
+    pub blobs: usize,
+    /// Bytes of its manifests and blobs.
+    pub size: u64,
+}
+
+/// What a bundle would carry.
+#[derive(Debug, Clone, Serialize)]
+pub struct Planned {
+    pub output: PathBuf,
+    pub format: &'static str,
+    pub images: Vec<PlannedImage>,
+    /// Distinct manifests and blobs carried, and their bytes.
+    pub files: usize,
+    pub bytes: u64,
+    /// Of `bytes`, those the cache lacks (to fetch).
+    pub to_fetch: u64,
+    #[serde(skip)]
+    resolved: Vec<Resolved>,
+    #[serde(skip)]
+    origins: Vec<collect::Origin>,
+    #[serde(skip)]
+    carried: BTreeMap<Digest, u64>,
+}
+
+/// What [`create`] made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    pub output: PathBuf,
+    pub images: usize,
+    pub files: usize,
+    /// The bundle's size, and the bytes fetched from sources in this run.
+    pub size: u64,
+    pub fetched: u64,
+    pub sha256: String,
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Squashfs => "squashfs",
+        Format::Tar => "tar",
+        Format::TarZstd => "tar.zst",
+    }
+}
+
+/// Resolves every image and says what the bundle would carry; fetches no blob.
+pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
+    let cache = Arc::new(cache::Cache::open(&opts.cache_dir)?);
+    let sources = source::Sources::new(opts.sources.clone())?;
+    progress
+        .images
+        .store(opts.images.len() as u64, Ordering::Relaxed);
+    let (resolved, origins): (Vec<_>, Vec<_>) = futures::stream::iter(&opts.images)
+        .map(|w| {
+            let (sources, cache) = (&sources, &cache);
+            async move {
+                let r = collect::resolve(w, sources, cache).await;
+                progress.images_done.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+        })
+        .buffered(opts.concurrency.max(1))
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .unzip();
+    let mut carried = BTreeMap::new();
+    for r in &resolved {
+        for d in r.manifests.iter().chain(&r.blobs) {
+            carried.insert(d.digest.clone(), d.size);
+        }
+    }
+    let to_fetch = carried
+        .iter()
+        .filter(|(d, size)| !cache.has(d, **size))
+        .map(|(_, s)| s)
+        .sum();
+    let images = resolved
+        .iter()
+        .map(|r| PlannedImage {
+            name: r.name.to_string(),
+            digest: r.top.digest.clone(),
+            media_type: r.top.media_type.clone(),
+            manifests: r.manifests.len(),
+            blobs: r.blobs.len(),
+            size: r.size(),
+        })
+        .collect();
+    Ok(Planned {
+        output: opts.output.clone(),
+        format: format_name(opts.format()),
+        images,
+        files: carried.len(),
+        bytes: carried.values().sum(),
+        to_fetch,
+        resolved,
+        origins,
+        carried,
+    })
+}
+
+/// Makes the bundle `opts` asks for.
+pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
+    let planned = plan(opts, progress).await?;
+    let cache = Arc::new(cache::Cache::open(&opts.cache_dir)?);
+    let names: Vec<(String, shipperd_bundle::Descriptor)> = planned
+        .resolved
+        .iter()
+        .map(|r| (r.name.to_string(), r.top.clone()))
+        .collect();
+    let index = write::index_json(&names);
+    // Space: the cache takes what is fetched, the output the whole bundle (where both
+    // are on one file system, both).
+    let out_dir = opts
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let bundle = planned.bytes + write::overhead(planned.files, index.len());
+    check_space(&opts.cache_dir, out_dir, planned.to_fetch, bundle)?;
+    collect::fetch(
+        &planned.resolved,
+        &planned.origins,
+        &|_| false,
+        &cache,
+        opts.concurrency,
+        progress,
+    )
+    .await?;
+    let (out, format, carried) = (opts.output.clone(), opts.format(), planned.carried);
+    let cache2 = cache.clone();
+    let size =
+        tokio::task::spawn_blocking(move || write::write(&out, format, &index, &carried, &cache2))
+            .await
+            .expect("writing does not panic")?;
+    let sha256 = {
+        let out = opts.output.clone();
+        tokio::task::spawn_blocking(move || file_sha256(&out))
+            .await
+            .expect("hashing does not panic")?
+    };
+    Ok(Created {
+        output: opts.output.clone(),
+        images: planned.images.len(),
+        files: planned.files,
+        size,
+        fetched: progress.bytes_fetched.load(Ordering::Relaxed),
+        sha256,
+    })
+}
+
+fn file_sha256(p: &Path) -> Result<String> {
+    use sha2::Digest as _;
+    let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(p, e))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+fn free_space(dir: &Path) -> Option<(u64, u64)> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some((st.f_fsid, st.f_bavail.saturating_mul(st.f_frsize)))
+}
+
+/// Refuses a run whose downloads (into `cache`) and bundle (into `out`) do not fit.
+fn check_space(cache: &Path, out: &Path, fetch: u64, bundle: u64) -> Result<()> {
+    let (Some((cache_fs, cache_free)), Some((out_fs, out_free))) =
+        (free_space(cache), free_space(out))
+    else {
+        return Ok(());
+    };
+    let no_space = |path: &Path, need, free, what| Error::NoSpace {
+        path: path.display().to_string(),
+        need,
+        free,
+        what,
+    };
+    if cache_fs == out_fs {
+        if fetch + bundle > out_free {
+            return Err(no_space(
+                out,
+                fetch + bundle,
+                out_free,
+                "the blobs to fetch into the cache and the bundle",
+            ));
+        }
+        return Ok(());
+    }
+    if fetch > cache_free {
+        return Err(no_space(cache, fetch, cache_free, "the blobs to fetch"));
+    }
+    if bundle > out_free {
+        return Err(no_space(out, bundle, out_free, "the bundle"));
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! `shipperd create OUTPUT`: a bundle made on the connected side (see
+//! [`shipperd_create`]), with a progress bar on a terminal and plain lines otherwise;
+//! `--plan` says what it would carry without fetching a blob.
+
+use std::{path::PathBuf, sync::atomic::Ordering, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+use shipperd_create::{Format, Options, Progress, SourceOptions, Wanted};
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The bundle file to write (`.squashfs`, `.tar` or `.tar.zst`: the name says the
+    /// format unless --format does; squashfs when neither does).
+    pub output: PathBuf,
+    /// The images: one reference a line (by tag or digest), or `oci:DIR[:REF] [NAME]`;
+    /// `#` starts a comment.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// squashfs, tar or tar.zst.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Where fetched manifests and blobs are kept, so that a run stopped anywhere and
+    /// run again fetches only what it lacks (default: `$XDG_CACHE_HOME/shipperd`, else
+    /// `~/.cache/shipperd`).
+    #[arg(long, env = "SHIPPERD_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Registry credentials, a `containers-auth.json` (podman/skopeo login) or docker
+    /// `config.json`.
+    #[arg(long, env = "REGISTRY_AUTH_FILE")]
+    pub authfile: Option<PathBuf>,
+    /// A token service on another host than its registry's that may be sent the
+    /// registry's credentials (repeat); Docker Hub's is known.
+    #[arg(long = "token-host")]
+    pub token_hosts: Vec<String>,
+    /// Images resolved, and blobs fetched, at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
+    /// Say what the bundle would carry (images, sizes, what is to fetch) and write
+    /// nothing.
+    #[arg(long)]
+    pub plan: bool,
+    /// Print the plan, or the result, as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn default_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("shipperd")
+}
+
+impl CreateArgs {
+    fn options(&self) -> anyhow::Result<Options> {
+        let images = Wanted::read_file(&self.images)?;
+        anyhow::ensure!(
+            !images.is_empty(),
+            "{} names no image",
+            self.images.display()
+        );
+        Ok(Options {
+            images,
+            output: self.output.clone(),
+            format: self.format.as_deref().map(Format::parse).transpose()?,
+            cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache),
+            sources: SourceOptions {
+                authfile: self.authfile.clone(),
+                token_hosts: self.token_hosts.clone(),
+                concurrency: self.concurrency.into(),
+            },
+            concurrency: self.concurrency.into(),
+        })
+    }
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+pub async fn run(args: CreateArgs) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let opts = args.options()?;
+    let progress = Progress::default();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !args.json;
+    if args.plan {
+        let planned = shipperd_create::plan(&opts, &progress).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&planned)?);
+            return Ok(());
+        }
+        for i in &planned.images {
+            println!(
+                "{:<60} {} {:>10.1} MiB  {} manifests, {} blobs",
+                i.name,
+                &i.digest.as_str()[..19],
+                i.size as f64 / MIB,
+                i.manifests,
+                i.blobs
+            );
+        }
+        println!(
+            "{}: {} images, {} files, {:.1} MiB ({:.1} MiB to fetch; the rest is in the cache), {}",
+            planned.output.display(),
+            planned.images.len(),
+            planned.files,
+            planned.bytes as f64 / MIB,
+            planned.to_fetch as f64 / MIB,
+            planned.format
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let made = {
+        let work = shipperd_create::create(&opts, &progress);
+        tokio::pin!(work);
+        let every = if tty {
+            Duration::from_millis(250)
+        } else {
+            Duration::from_secs(10)
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tick.tick() => show(&progress, started, tty),
+            }
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    let made = made.with_context(|| format!("creating {}", opts.output.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&made)?);
+    } else {
+        println!(
+            "{}: {} images, {} files, {:.1} MiB, sha256:{} ({:.1} MiB fetched, {:.1}s)",
+            made.output.display(),
+            made.images,
+            made.files,
+            made.size as f64 / MIB,
+            made.sha256,
+            made.fetched as f64 / MIB,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// One line of progress: a bar on a terminal, a plain line otherwise.
+fn show(p: &Progress, started: std::time::Instant, tty: bool) {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let (images, images_done) = (get(&p.images), get(&p.images_done));
+    let (total, done, fetched) = (get(&p.bytes), get(&p.bytes_done), get(&p.bytes_fetched));
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    let rate = fetched as f64 / secs;
+    let eta = if rate > 0.0 {
+        format!("{}s", (total.saturating_sub(done) as f64 / rate) as u64)
+    } else {
+        "-".into()
+    };
+    let pct = (done * 100).checked_div(total).unwrap_or(0);
+    if tty {
+        let fill = (pct as usize * 30 / 100).min(30);
+        eprint!(
+            "\r[{}{}] {pct:>3}% images {images_done}/{images} {:.1}/{:.1} MiB {:.1} MiB/s ETA {eta}   ",
+            "#".repeat(fill),
+            " ".repeat(30 - fill),
+            done as f64 / MIB,
+            total as f64 / MIB,
+            rate / MIB
+        );
+    } else {
+        eprintln!(
+            "images {images_done}/{images}, {done} of {total} bytes ({pct}%), {:.1} MiB/s, ETA {eta}",
+            rate / MIB
+        );
+    }
+}
