@@ -33,6 +33,18 @@ pub enum ClientCommand {
         client: crate::server::ClientArgs,
         id: String,
     },
+    /// Save what ShipperD published to a target (its repositories, tags, manifests and
+    /// blobs), for `shipperd create --have` on the connected side.
+    Inventory {
+        #[command(flatten)]
+        client: crate::server::ClientArgs,
+        /// The target (default: the default target).
+        #[arg(long)]
+        target: Option<String>,
+        /// Where to write it.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+    },
     /// Delete a bundle's stored files and state (not the images in the registry).
     Delete {
         #[command(flatten)]
@@ -52,6 +64,11 @@ impl ClientCommand {
             ClientCommand::Events(args) => crate::watch::events(&args).await,
             ClientCommand::Retry { client, id } => retry(&client, &id).await,
             ClientCommand::Delete { client, id, force } => delete(&client, &id, force).await,
+            ClientCommand::Inventory {
+                client,
+                target,
+                output,
+            } => inventory(&client, target.as_deref(), &output).await,
         }
     }
 }
@@ -248,6 +265,49 @@ pub async fn retry(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
             v["status"].as_str().unwrap_or_default(),
             v["generation"],
             v["images"]
+        );
+    }
+    Ok(())
+}
+
+/// `shipperd inventory -o FILE`: `GET /v1/inventory`, checked and written whole.
+pub async fn inventory(
+    args: &ClientArgs,
+    target: Option<&str>,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    let c = Client::new(args)?;
+    let q = target
+        .map(|t| format!("?target={}", enc(t)))
+        .unwrap_or_default();
+    let v = c
+        .call(reqwest::Method::GET, &format!("/v1/inventory{q}"))
+        .await?;
+    let bytes = serde_json::to_vec(&v)?;
+    let inv = shipperd_model::Inventory::from_json(&bytes)
+        .map_err(|e| anyhow::anyhow!("the server's answer: {e}"))?;
+    let tmp = output.with_extension("partial");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
+    let tags: usize = inv.repositories.values().map(|r| r.tags.len()).sum();
+    if c.json {
+        println!(
+            "{}",
+            serde_json::json!({"output": output, "registry": inv.registry,
+            "repositories": inv.repositories.len(), "tags": tags, "blobs": inv.blobs.len()})
+        );
+    } else {
+        println!(
+            "{}: {} at {}: {} repositories, {tags} tags, {} blobs",
+            output.display(),
+            inv.target.as_deref().unwrap_or("the default target"),
+            if inv.registry.is_empty() {
+                "(nothing published yet)"
+            } else {
+                &inv.registry
+            },
+            inv.repositories.len(),
+            inv.blobs.len()
         );
     }
     Ok(())

@@ -36,6 +36,10 @@ pub struct CreateArgs {
     /// Images resolved, and blobs fetched, at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
+    /// The site's inventory (`shipperd inventory -o FILE` there): carry only the
+    /// manifests and blobs it lacks; the bundle is then for that registry alone.
+    #[arg(long)]
+    pub have: Option<PathBuf>,
     /// Say what the bundle would carry (images, sizes, what is to fetch) and write
     /// nothing.
     #[arg(long)]
@@ -61,7 +65,22 @@ impl CreateArgs {
             "{} names no image",
             self.images.display()
         );
+        let have = match &self.have {
+            None => None,
+            Some(p) => {
+                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                let inv = shipperd_model::Inventory::from_json(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                anyhow::ensure!(
+                    !inv.registry.is_empty(),
+                    "{}: the site has published nothing there yet: make a full bundle (without --have)",
+                    p.display()
+                );
+                Some(inv)
+            }
+        };
         Ok(Options {
+            have,
             images,
             output: self.output.clone(),
             format: self.format.as_deref().map(Format::parse).transpose()?,
@@ -91,12 +110,27 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<()> {
         }
         for i in &planned.images {
             println!(
-                "{:<60} {} {:>10.1} MiB  {} manifests, {} blobs",
+                "{:<60} {} {:>10.1} MiB  {} manifests, {} blobs{}",
                 i.name,
                 &i.digest.as_str()[..19],
                 i.size as f64 / MIB,
                 i.manifests,
-                i.blobs
+                i.blobs,
+                if i.held {
+                    "  (the site has it)".to_string()
+                } else if planned.made_for.is_some() {
+                    format!("  ({:.1} MiB carried)", i.carried as f64 / MIB)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if let Some(r) = &planned.made_for {
+            println!(
+                "for {r}: {} images and {} blobs ({:.1} MiB) the site holds are left out",
+                planned.held_images,
+                planned.held_blobs,
+                planned.held_bytes as f64 / MIB
             );
         }
         println!(

@@ -20,7 +20,7 @@ use crate::{
     BundleFs, Descriptor, Digest, Error, FsBlobs, Limits, Reference, Result,
     archive::blob_hex,
     docker::{self, DockerArchive},
-    layout::{ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME},
+    layout::{ANNOTATION_CONTAINERD_NAME, ANNOTATION_MADE_FOR, ANNOTATION_REF_NAME},
     reference::repository_from_bundle_name,
 };
 
@@ -51,6 +51,10 @@ pub struct Discovered {
     /// Manifests the bundle does not carry but ShipperD made (a legacy `docker save`
     /// archive's, see [`crate::docker`]), by digest.
     pub made: HashMap<Digest, Vec<u8>>,
+    /// The registry a differential bundle was made against (`shipperd create --have`:
+    /// [`ANNOTATION_MADE_FOR`] on its `index.json`): it leaves out what that registry
+    /// holds, so no other target may take it.
+    pub made_for: Option<String>,
     /// Blobs ShipperD made and stored in the CAS (a docker archive's layers, compressed
     /// with `--compress-layers`), by digest: where their files are.
     pub stored: HashMap<Digest, std::path::PathBuf>,
@@ -179,7 +183,7 @@ pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result
     let mut names = BTreeMap::new();
     for root in &oci_roots {
         found.roots.push(format!("oci:{root}"));
-        oci_images(
+        let made_for = oci_images(
             fs,
             root,
             &fallback_repo,
@@ -187,6 +191,7 @@ pub fn discover(fs: &dyn BundleFs, bundle_name: &str, limits: &Limits) -> Result
             &mut names,
             &mut found.unnamed,
         )?;
+        found.made_for = found.made_for.or(made_for);
     }
     for root in &tree_roots {
         found.roots.push(format!("registry:{root}"));
@@ -225,7 +230,7 @@ fn docker_images(archive: DockerArchive, mut found: Discovered, fallback_repo: &
     found
 }
 
-/// The images of the OCI layout at `root`.
+/// The images of the OCI layout at `root`; the registry it was made against, if any.
 fn oci_images(
     fs: &dyn BundleFs,
     root: &str,
@@ -233,19 +238,22 @@ fn oci_images(
     limits: &Limits,
     names: &mut BTreeMap<String, LayoutImage>,
     unnamed: &mut Vec<(Option<String>, Descriptor)>,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let path = format!("{root}index.json");
     let raw = fs.read_small(&path, limits.max_index_bytes)?;
     #[derive(serde::Deserialize)]
     struct Index {
         #[serde(default)]
         manifests: Vec<Descriptor>,
+        #[serde(default)]
+        annotations: BTreeMap<String, String>,
     }
     let index: Index = serde_json::from_slice(&raw).map_err(|e| Error::Json {
         path: path.clone(),
         reason: e.to_string(),
     })?;
     drop(raw);
+    let made_for = index.annotations.get(ANNOTATION_MADE_FOR).cloned();
     for mut desc in index.manifests {
         match image_name(&desc, fallback_repo)? {
             Some(name) => {
@@ -260,7 +268,7 @@ fn oci_images(
             None => unnamed.push((None, desc)),
         }
     }
-    Ok(())
+    Ok(made_for)
 }
 
 /// The tagged images (and untagged revisions) of the registry storage tree at `root`.

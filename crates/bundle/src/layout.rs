@@ -21,6 +21,9 @@ pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.mani
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+/// On a bundle's `index.json` (`shipperd create --have`): the registry whose inventory
+/// it was made against, leaving out what that registry holds; no other may take it.
+pub const ANNOTATION_MADE_FOR: &str = "io.shipperd.inventory.registry";
 
 /// How deep indexes and referrers may nest (index → index → manifest is depth 2).
 const MAX_NESTING: usize = 4;

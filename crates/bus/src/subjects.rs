@@ -26,6 +26,13 @@ pub const IMAGES_BUCKET: &str = "shipperd-images";
 /// chunked upload sessions, upload leases across replicas, and who set each tag last.
 pub const BLOBS_BUCKET: &str = "shipperd-blobs";
 
+/// A registry's part of its keys in [`BLOBS_BUCKET`] (KV keys cannot hold the `:` of a
+/// host with a port): the blob locations of registry `host` are `<this>.<digest hex>`.
+pub fn registry_key_prefix(host: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(host.as_bytes())[..6])
+}
+
 /// KV bucket of the stage runtime: the attempts made at each piece of work, counted
 /// before the work starts, keyed by the work's message id (without re-drive).
 pub const ATTEMPTS_BUCKET: &str = "shipperd-attempts";

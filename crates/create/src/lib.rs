@@ -101,6 +101,8 @@ pub struct Options {
     pub sources: SourceOptions,
     /// Images resolved, and blobs fetched, at once.
     pub concurrency: usize,
+    /// The site's inventory (`shipperd inventory`): carry only what it lacks.
+    pub have: Option<shipperd_model::Inventory>,
 }
 
 impl Options {
@@ -122,6 +124,13 @@ pub struct PlannedImage {
     pub blobs: usize,
     /// Bytes of its manifests and blobs.
     pub size: u64,
+    /// With `--have`: the site holds it already (its manifest in the repository it
+    /// lands in): listed, carrying nothing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// Bytes it adds to the bundle (what it needs that the site, and the images before
+    /// it, do not have).
+    pub carried: u64,
 }
 
 /// What a bundle would carry.
@@ -135,6 +144,13 @@ pub struct Planned {
     pub bytes: u64,
     /// Of `bytes`, those the cache lacks (to fetch).
     pub to_fetch: u64,
+    /// With `--have`: the registry it is made for, the images the site holds whole, and
+    /// the blobs (and their bytes) left out because the site holds them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub made_for: Option<String>,
+    pub held_images: usize,
+    pub held_blobs: usize,
+    pub held_bytes: u64,
     #[serde(skip)]
     resolved: Vec<Resolved>,
     #[serde(skip)]
@@ -184,35 +200,59 @@ pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
         .await?
         .into_iter()
         .unzip();
+    let have = opts.have.as_ref();
     let mut carried = BTreeMap::new();
+    let mut held = std::collections::BTreeSet::new();
+    let mut images = Vec::with_capacity(resolved.len());
     for r in &resolved {
-        for d in r.manifests.iter().chain(&r.blobs) {
-            carried.insert(d.digest.clone(), d.size);
+        let source = format!(
+            "{}/{}",
+            r.name.host.as_deref().unwrap_or("docker.io"),
+            r.name.repository
+        );
+        let whole = have.is_some_and(|h| h.has_manifest(&source, &r.top.digest));
+        let mut added = 0;
+        if !whole {
+            for d in &r.manifests {
+                if carried.insert(d.digest.clone(), d.size).is_none() {
+                    added += d.size;
+                }
+            }
+            for d in &r.blobs {
+                if have.is_some_and(|h| h.has_blob(&d.digest)) {
+                    held.insert((d.digest.clone(), d.size));
+                } else if carried.insert(d.digest.clone(), d.size).is_none() {
+                    added += d.size;
+                }
+            }
         }
-    }
-    let to_fetch = carried
-        .iter()
-        .filter(|(d, size)| !cache.has(d, **size))
-        .map(|(_, s)| s)
-        .sum();
-    let images = resolved
-        .iter()
-        .map(|r| PlannedImage {
+        images.push(PlannedImage {
             name: r.name.to_string(),
             digest: r.top.digest.clone(),
             media_type: r.top.media_type.clone(),
             manifests: r.manifests.len(),
             blobs: r.blobs.len(),
             size: r.size(),
-        })
-        .collect();
+            held: whole,
+            carried: added,
+        });
+    }
+    let to_fetch = carried
+        .iter()
+        .filter(|(d, size)| !cache.has(d, **size))
+        .map(|(_, s)| s)
+        .sum();
     Ok(Planned {
         output: opts.output.clone(),
         format: format_name(opts.format()),
-        images,
         files: carried.len(),
         bytes: carried.values().sum(),
         to_fetch,
+        made_for: have.map(|h| h.registry.clone()),
+        held_images: images.iter().filter(|i| i.held).count(),
+        held_blobs: held.len(),
+        held_bytes: held.iter().map(|(_, s)| s).sum(),
+        images,
         resolved,
         origins,
         carried,
@@ -228,7 +268,7 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
         .iter()
         .map(|r| (r.name.to_string(), r.top.clone()))
         .collect();
-    let index = write::index_json(&names);
+    let index = write::index_json(&names, planned.made_for.as_deref());
     // Space: the cache takes what is fetched, the output the whole bundle (where both
     // are on one file system, both).
     let out_dir = opts
@@ -238,10 +278,11 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
         .unwrap_or(Path::new("."));
     let bundle = planned.bytes + write::overhead(planned.files, index.len());
     check_space(&opts.cache_dir, out_dir, planned.to_fetch, bundle)?;
+    let carried = &planned.carried;
     collect::fetch(
         &planned.resolved,
         &planned.origins,
-        &|_| false,
+        &|d| !carried.contains_key(d),
         &cache,
         opts.concurrency,
         progress,

@@ -18,7 +18,10 @@ use std::{
 
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
-use shipperd_bundle::{Descriptor, layout::ANNOTATION_REF_NAME};
+use shipperd_bundle::{
+    Descriptor,
+    layout::{ANNOTATION_MADE_FOR, ANNOTATION_REF_NAME},
+};
 use shipperd_model::Digest;
 
 use crate::{Error, Result, cache::Cache};
@@ -68,11 +71,14 @@ struct IndexJson<'a> {
     #[serde(rename = "mediaType")]
     media_type: &'static str,
     manifests: &'a [Descriptor],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<&'static str, &'a str>,
 }
 
 /// The layout's `index.json`: one descriptor per image, named by its full reference
-/// (`org.opencontainers.image.ref.name`), sorted by name.
-pub fn index_json(images: &[(String, Descriptor)]) -> Vec<u8> {
+/// (`org.opencontainers.image.ref.name`), sorted by name; for a differential bundle,
+/// the registry it was made for ([`ANNOTATION_MADE_FOR`]).
+pub fn index_json(images: &[(String, Descriptor)], made_for: Option<&str>) -> Vec<u8> {
     let mut named: Vec<Descriptor> = images
         .iter()
         .map(|(name, d)| {
@@ -91,6 +97,9 @@ pub fn index_json(images: &[(String, Descriptor)]) -> Vec<u8> {
         schema_version: 2,
         media_type: shipperd_bundle::layout::OCI_INDEX,
         manifests: &named,
+        annotations: made_for
+            .map(|r| BTreeMap::from([(ANNOTATION_MADE_FOR, r)]))
+            .unwrap_or_default(),
     })
     .expect("an index serialises")
 }
@@ -399,7 +408,7 @@ mod tests {
             Digest::of(b"m"),
             1,
         );
-        let index = index_json(&[("quay.io/a/b:1".into(), img)]);
+        let index = index_json(&[("quay.io/a/b:1".into(), img)], None);
         for format in [Format::Tar, Format::TarZstd, Format::Squashfs] {
             let (a, b) = (dir.path().join("a"), dir.path().join("b"));
             write(&a, format, &index, &files, &cache).unwrap();

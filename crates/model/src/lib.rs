@@ -13,6 +13,7 @@ mod digest;
 pub mod effects;
 mod error;
 mod id;
+pub mod inventory;
 pub mod reference;
 mod secret;
 pub mod state;
@@ -24,6 +25,7 @@ pub use digest::Digest;
 pub use effects::{Effect, Effects};
 pub use error::ParseError;
 pub use id::{BundleId, TargetName};
+pub use inventory::{Inventory, InventoryRepo};
 pub use reference::{Reference, RegistryUrl, redact_url, url_origin};
 pub use secret::Secret;
 pub use state::{

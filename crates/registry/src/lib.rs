@@ -20,7 +20,6 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::kv;
 use reqwest::{Method, RequestBuilder, Response, header::HeaderValue};
-use sha2::{Digest as _, Sha256};
 use shipperd_model::{Backoff, Digest};
 use shipperd_registry_targets::{Target, Transfer};
 
@@ -275,11 +274,7 @@ impl Registry {
     }
 }
 
-/// A registry's part of its keys in the `shipperd-blobs` bucket (KV keys cannot hold
-/// the `:` of a host with a port).
-fn registry_key_prefix(host: &str) -> String {
-    hex::encode(&Sha256::digest(host.as_bytes())[..6])
-}
+use shipperd_bus::subjects::registry_key_prefix;
 
 /// The `shipperd-blobs` key of the upload lease on `digest` at registry `host`
 /// (`host[:port]`); see [`lease`].

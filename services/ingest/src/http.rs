@@ -49,6 +49,7 @@ pub fn router(store: Arc<Store>, uploads: Uploads, shutdown: CancellationToken) 
         .route("/v1/bundles/{id}/retry", post(retry))
         .route("/v1/uploads/{name}/parts/{n}", put(upload_part))
         .route("/v1/uploads/{name}/complete", post(complete))
+        .route("/v1/inventory", get(inventory))
         // The gRPC API (HTTP/2) beside the JSON one.
         .route_service(
             &format!("{}{{*method}}", crate::grpc::PATH),
@@ -297,6 +298,18 @@ async fn list(
         "next": (end < total).then_some(end),
     }))
     .into_response())
+}
+
+/// `GET /v1/inventory[?target=NAME]`: what ShipperD published to the target (see
+/// [`crate::inventory`]), for `shipperd create --have`.
+async fn inventory(
+    State(store): State<Arc<Store>>,
+    axum::Extension(uploads): axum::Extension<Arc<Uploads>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response> {
+    let target = target_param(&q, &uploads)?;
+    let inv = crate::inventory::build(&store, target.as_ref()).await?;
+    Ok(Json(inv).into_response())
 }
 
 async fn summary_of(store: &Store, id: &str) -> Result<BundleSummary> {

@@ -12,6 +12,7 @@
 mod drop_dir;
 mod grpc;
 mod http;
+mod inventory;
 mod janitor;
 mod metrics;
 mod ui;

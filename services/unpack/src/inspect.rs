@@ -29,6 +29,8 @@ pub struct Inventory {
     pub absent: u64,
     /// Manifests published with an image as its referrers (signatures, SBOMs, ...).
     pub referrers: u64,
+    /// The registry a differential bundle was made against (`shipperd create --have`).
+    pub made_for: Option<String>,
 }
 
 #[derive(Debug)]
@@ -96,6 +98,7 @@ pub fn inspect(
         );
     }
     tracing::debug!(roots = ?found.roots, images = found.images.len(), "layouts found");
+    let made_for = found.made_for.clone();
     let blobs = found.blobs(fs);
     let walker = Walker::new(&blobs, limits);
 
@@ -179,6 +182,7 @@ pub fn inspect(
         absent: check.absent.len() as u64,
         referrers: check.referrers,
         images,
+        made_for,
     })
 }
 

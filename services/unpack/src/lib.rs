@@ -263,7 +263,12 @@ impl Unpacker {
             )
         })??;
         let found = std::mem::take(&mut inventory.images);
-        let (target, images) = target_images(&self.targets.get(), &s, found)?;
+        let (target, images) = target_images(
+            &self.targets.get(),
+            &s,
+            found,
+            inventory.made_for.as_deref(),
+        )?;
         tracing::info!(
             images = images.len(),
             blobs = inventory.blob_count,
@@ -338,15 +343,26 @@ async fn watch_deleted(state: StateStore, id: BundleId, guard: Guard) {
 /// Where each image of the bundle lands in its target, as pending image states.
 /// Refuses an unknown target, a name the mapping cannot make, and two different images
 /// landing on one tag (which path flattening can cause).
+/// A differential bundle made against another registry's inventory (`made_for`) is
+/// refused: what it leaves out is not known to be here.
 fn target_images(
     targets: &Targets,
     s: &BundleSummary,
     found: Vec<inspect::InventoryImage>,
+    made_for: Option<&str>,
 ) -> Result<(shipperd_model::TargetName, Vec<ImageState>)> {
     let target = targets.get(s.target.as_ref()).map_err(|e| {
         let known: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
         Error::Target(format!("{e} (targets: {})", known.join(", ")))
     })?;
+    if let Some(made_for) = made_for
+        && !made_for.eq_ignore_ascii_case(&target.url.host)
+    {
+        return Err(Error::Target(format!(
+            "this bundle was made against the inventory of registry {made_for} and leaves out              what that registry holds; target {} is {}: make the bundle again against its              inventory (shipperd inventory --target {}), or without --have",
+            target.name, target.url.host, target.name
+        )));
+    }
     if s.owner.is_none() && !target.uploads {
         return Err(Error::Target(format!(
             "target {} does not serve uploads (its conditions leave the upload namespace \

@@ -182,3 +182,150 @@ async fn a_missing_image_fails_by_name_and_writes_nothing() -> anyhow::Result<()
     assert!(err.to_string().contains("images.txt:1"), "{err}");
     Ok(())
 }
+
+/// The blob files (`blobs/sha256/<hex>`) a tar bundle carries, as digests.
+fn carried(tar_path: &Path) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut a = tar::Archive::new(std::fs::File::open(tar_path)?);
+    for e in a.entries()? {
+        let e = e?;
+        let p = e.path()?.to_string_lossy().into_owned();
+        if let Some(hex) = p.strip_prefix("blobs/sha256/")
+            && !hex.is_empty()
+        {
+            out.insert(format!("sha256:{hex}"));
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn day_two_carries_exactly_what_the_site_lacks() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let http = reqwest::Client::new();
+    let source = servers::Registry::start().await?;
+    let host = source.host();
+    let day1 = sample("day1", "demo/bundle", 1);
+    day1.push_to(&http, &source.url()).await?;
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let mut lines = format!(
+        "{host}/demo/app:1.0\n{host}/demo/tool:2.1\n{host}/demo/multi:latest\n{host}/demo/bundle:v3\n"
+    );
+    let images = dir.path().join("images.txt");
+    std::fs::write(&images, &lines)?;
+    let full = dir.path().join("full.tar");
+    create(&full, &images, &cache, &[])?;
+
+    // The site takes the full bundle in.
+    let app = Box::pin(spawn_app(Options::default())).await?;
+    let publish = |path: std::path::PathBuf| {
+        let app = &app;
+        async move {
+            let (status, body) = app.put("b.tar", std::fs::read(&path)?, None).await?;
+            anyhow::ensure!(status == 202 || status == 200, "{status} {body}");
+            let id = body["id"].as_str().unwrap_or_default().to_string();
+            app.wait_done(&id, Duration::from_secs(60)).await
+        }
+    };
+    let done = publish(full.clone()).await?;
+    assert_eq!(done["phase"], "Published", "{done}");
+
+    // Day 2 at the source: a new tag of demo/app on the same base layer, a new image,
+    // and a second tag of an image the site has.
+    let mut day2 = shipperd_tests::fixtures::LayoutBuilder::new();
+    let level = flate2::Compression::fast();
+    let base = day2.layer(
+        &[
+            ("etc/os-release", b"NAME=ShipperD sample day1\n".to_vec()),
+            ("usr/share/base.txt", vec![b'b'; 64 * 1024]),
+        ],
+        level,
+    );
+    assert!(
+        day1.blobs.contains_key(&base.digest),
+        "day 2 shares day 1's base layer"
+    );
+    let v2 = day2.layer(&[("app/v2", b"version 2".to_vec())], level);
+    day2.image(serde_json::json!({}), &[base, v2], "demo/app", "2.0");
+    let fresh = day2.layer(
+        &[("srv/new", vec![b'n'; 300 * 1024])],
+        flate2::Compression::none(),
+    );
+    day2.image(serde_json::json!({}), &[fresh], "demo/new", "1");
+    day2.push_to(&http, &source.url()).await?;
+    let app1 = &day1.images[0];
+    let r = http
+        .put(format!("{}/v2/demo/app/manifests/1.0-again", source.url()))
+        .header("content-type", app1.media_type.as_str())
+        .body(day1.blobs[&app1.digest].clone())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 201);
+    lines.push_str(&format!(
+        "{host}/demo/app:2.0\n{host}/demo/new:1\n{host}/demo/app:1.0-again\n"
+    ));
+    std::fs::write(&images, &lines)?;
+
+    // The site says what it has; the delta carries exactly the rest.
+    let inv = dir.path().join("inventory.json");
+    let (ok, out, err) = shipperd(&[
+        "inventory",
+        "--server",
+        &app.base,
+        "-o",
+        inv.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("blobs"), "{out}");
+    let inventory: serde_json::Value = serde_json::from_slice(&std::fs::read(&inv)?)?;
+    assert_eq!(
+        inventory["repositories"][format!("{host}/demo/app")]["tags"]["1.0"],
+        app1.digest.as_str(),
+        "{inventory}"
+    );
+    let delta = dir.path().join("delta.tar");
+    create(&delta, &images, &cache, &["--have", inv.to_str().unwrap()])?;
+    let day1_blobs: std::collections::BTreeSet<&String> =
+        day1.images.iter().flat_map(|i| &i.blobs).collect();
+    let lacking: std::collections::BTreeSet<String> = day2
+        .images
+        .iter()
+        .flat_map(|i| i.blobs.iter().chain(&i.manifests))
+        .filter(|d| !day1_blobs.contains(d))
+        .cloned()
+        .collect();
+    assert_eq!(
+        carried(&delta)?,
+        lacking,
+        "the delta carries exactly what the site lacks"
+    );
+
+    // It publishes: every reference right, the retag included.
+    let done = publish(delta.clone()).await?;
+    assert_eq!(done["phase"], "Published", "{done}");
+    app.assert_published(&day1, "").await?;
+    app.assert_published(&day2, "").await?;
+    let (again, _) = app
+        .manifest("demo/app", "1.0-again")
+        .await?
+        .expect("the second tag is set");
+    assert_eq!(shipperd_tests::fixtures::sha256(&again), app1.digest);
+
+    // Another site refuses it before pushing anything.
+    let other = Box::pin(spawn_app(Options::default())).await?;
+    let (status, body) = other.put("d.tar", std::fs::read(&delta)?, None).await?;
+    assert!(status == 202, "{status} {body}");
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let done = other.wait_done(&id, Duration::from_secs(60)).await?;
+    assert_eq!(done["phase"], "Failed", "{done}");
+    let error = done["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("made against the inventory of registry"),
+        "{error}"
+    );
+    assert!(other.catalog().await?.is_empty(), "nothing pushed");
+    other.stop().await?;
+    app.stop().await?;
+    Ok(())
+}
