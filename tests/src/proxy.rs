@@ -33,6 +33,9 @@ pub enum Fault {
     HangAfter,
     /// Wait this long before passing the request on (a slow registry).
     Delay(Duration),
+    /// Pass it on, and break the connection after this many bytes of the answer's body
+    /// (a connection dropped in the middle of a download).
+    CutAfter(u64),
 }
 
 /// One request as the proxy saw it.
@@ -44,6 +47,8 @@ pub struct Seen {
     /// Body bytes passed on to the registry.
     pub forwarded: u64,
     pub at: Instant,
+    /// The request's `Range` header, if any.
+    pub range: Option<String>,
 }
 
 type Rule = Box<dyn FnMut(&str, &str) -> Fault + Send>;
@@ -121,6 +126,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         .unwrap_or_default();
     let fault = (inner.rule.lock().unwrap())(&method, &path);
     let at = Instant::now();
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let forwarded = Arc::new(AtomicU64::new(0));
     let record = |inner: &Inner, forwarded: &AtomicU64| {
         inner.log.lock().unwrap().push(Seen {
@@ -129,6 +139,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             fault: fault.clone(),
             forwarded: forwarded.load(Ordering::Relaxed),
             at,
+            range: range.clone(),
         });
     };
     match fault {
@@ -151,7 +162,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             return Response::builder().status(504).body(Body::empty()).unwrap();
         }
         Fault::Delay(d) => tokio::time::sleep(d).await,
-        Fault::Pass | Fault::HangAfter => {}
+        Fault::Pass | Fault::HangAfter | Fault::CutAfter(_) => {}
     }
     let mut out = inner
         .http
@@ -194,5 +205,19 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             r = r.header(k, v);
         }
     }
-    r.body(Body::from_stream(resp.bytes_stream())).unwrap()
+    let Fault::CutAfter(limit) = fault else {
+        return r.body(Body::from_stream(resp.bytes_stream())).unwrap();
+    };
+    // Up to `limit` bytes, then an error: the connection is dropped mid-body.
+    let mut sent = 0u64;
+    let cut = resp.bytes_stream().map(move |c| {
+        let c = c.map_err(std::io::Error::other)?;
+        if sent >= limit {
+            return Err(std::io::Error::other("cut by the test proxy"));
+        }
+        let keep = (limit - sent).min(c.len() as u64) as usize;
+        sent += keep as u64;
+        Ok(c.slice(..keep))
+    });
+    r.body(Body::from_stream(cut)).unwrap()
 }

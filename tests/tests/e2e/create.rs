@@ -329,3 +329,182 @@ async fn day_two_carries_exactly_what_the_site_lacks() -> anyhow::Result<()> {
     app.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_mid_blob_costs_one_resumed_request() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let source = servers::Registry::start().await?;
+    let layout = sample("cut", "demo/bundle", 4);
+    layout
+        .push_to(&reqwest::Client::new(), &source.url())
+        .await?;
+    let (big, size) = layout
+        .blobs
+        .iter()
+        .map(|(d, b)| (d.clone(), b.len()))
+        .max_by_key(|(_, n)| *n)
+        .unwrap();
+    assert!(size > 4 << 20);
+    let proxy = Proxy::start(&source.url()).await?;
+    let mut cut_once = true;
+    let needle = format!("/blobs/{big}");
+    proxy.rule(move |method, path| {
+        if method == "GET" && path.ends_with(&needle) && std::mem::take(&mut cut_once) {
+            shipperd_tests::proxy::Fault::CutAfter(1 << 20)
+        } else {
+            shipperd_tests::proxy::Fault::Pass
+        }
+    });
+    let dir = tempfile::tempdir()?;
+    let images = dir.path().join("images.txt");
+    std::fs::write(&images, format!("{}/demo/app:1.0\n", proxy.addr))?;
+    create(
+        &dir.path().join("b.tar"),
+        &images,
+        &dir.path().join("cache"),
+        &[],
+    )?;
+    let gets: Vec<_> = proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.ends_with(&format!("/blobs/{big}")))
+        .collect();
+    assert_eq!(gets.len(), 2, "one cut download and one resumed: {gets:?}");
+    assert_eq!(gets[0].range, None);
+    let from: u64 = gets[1]
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .expect("the second request asks for the rest");
+    assert!(from > 0 && from <= 1 << 20, "resumed from {from}");
+    Ok(())
+}
+
+/// Runs `shipperd create` and kills it (SIGKILL) once the proxy has passed on `at`
+/// blob downloads; returns whether it was killed (else it finished).
+async fn create_killed_at(proxy: &Proxy, at: usize, args: &[&str]) -> anyhow::Result<bool> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::ensure!(status.success(), "create failed before the kill");
+            return Ok(false);
+        }
+        if blob_gets(proxy) >= at {
+            child.kill()?;
+            child.wait()?;
+            return Ok(true);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "create took too long");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_killed_twice_finishes_with_the_same_bytes_fetching_nothing_twice()
+-> anyhow::Result<()> {
+    shipperd_tests::init();
+    let source = servers::Registry::start().await?;
+    let names: Vec<(String, String, String)> = (0..30)
+        .map(|i| (format!("img{i}"), format!("many/img{i}"), "1".to_string()))
+        .collect();
+    let refs: Vec<(&str, &str, &str)> = names
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .collect();
+    let layout = shipperd_tests::fixtures::named_images("kill", &refs);
+    layout
+        .push_to(&reqwest::Client::new(), &source.url())
+        .await?;
+    let proxy = Proxy::start(&source.url()).await?;
+    let dir = tempfile::tempdir()?;
+    let images = dir.path().join("images.txt");
+    let lines: String = names
+        .iter()
+        .map(|(_, repo, tag)| format!("{}/{repo}:{tag}\n", proxy.addr))
+        .collect();
+    std::fs::write(&images, lines)?;
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+
+    // An uninterrupted run, for the bytes to compare with.
+    let whole = dir.path().join("whole.squashfs");
+    create(&whole, &images, &dir.path().join("cache-whole"), &[])?;
+    let total = blob_gets(&proxy);
+    assert_eq!(total, 60, "a layer and a config per image");
+    proxy.clear_log();
+
+    // One download at a time, each slowed: killed at 30 %, then at 70 %.
+    proxy.rule(|method, path| {
+        if method == "GET" && path.contains("/blobs/") {
+            shipperd_tests::proxy::Fault::Delay(Duration::from_millis(60))
+        } else {
+            shipperd_tests::proxy::Fault::Pass
+        }
+    });
+    let out = dir.path().join("resumed.squashfs");
+    let cache = dir.path().join("cache");
+    let args = [
+        "create".to_string(),
+        arg(&out),
+        "--images".into(),
+        arg(&images),
+        "--cache-dir".into(),
+        arg(&cache),
+        "--concurrency".into(),
+        "1".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cached = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(cache.join("blobs/sha256"))
+            .map(|d| {
+                d.filter_map(|e| Some(format!("sha256:{}", e.ok()?.file_name().to_str()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        create_killed_at(&proxy, total * 3 / 10, &args).await?,
+        "killed at 30 %"
+    );
+    let after_first = cached();
+    let seen_first = blob_gets(&proxy);
+    assert!(
+        create_killed_at(&proxy, seen_first + total * 4 / 10, &args).await?,
+        "killed at 70 %"
+    );
+    let after_second = cached();
+    let seen_second = blob_gets(&proxy);
+    assert!(!out.exists(), "a killed run leaves no output");
+    create(&out, &images, &cache, &["--concurrency", "1"])?;
+    assert_eq!(
+        std::fs::read(&out)?,
+        std::fs::read(&whole)?,
+        "byte-identical"
+    );
+
+    // No blob the cache held when a run was killed was downloaded again.
+    let log = proxy.log();
+    let gets: Vec<&str> = log
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.contains("/blobs/sha256:"))
+        .map(|s| s.path.rsplit('/').next().unwrap_or_default())
+        .collect();
+    let again = |held: &std::collections::BTreeSet<String>, from: usize| {
+        gets[from..].iter().filter(|d| held.contains(**d)).count()
+    };
+    assert_eq!(again(&after_first, seen_first), 0, "{after_first:?}");
+    assert_eq!(again(&after_second, seen_second), 0, "{after_second:?}");
+    assert!(after_second.len() > after_first.len());
+    assert!(
+        gets.len() <= total + 2,
+        "{} downloads for {total} blobs: at most the two cut by a kill again",
+        gets.len()
+    );
+    Ok(())
+}
