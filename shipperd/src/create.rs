@@ -15,8 +15,12 @@ pub struct CreateArgs {
     pub output: PathBuf,
     /// The images: one reference a line (by tag or digest), or `oci:DIR[:REF] [NAME]`;
     /// `#` starts a comment.
+    #[arg(long, required_unless_present = "config")]
+    pub images: Option<PathBuf>,
+    /// An oc-mirror v2 `ImageSetConfiguration`: its additionalImages, and its operator
+    /// catalogs with the bundles and related images their packages select.
     #[arg(long)]
-    pub images: PathBuf,
+    pub config: Option<PathBuf>,
     /// squashfs, tar or tar.zst.
     #[arg(long)]
     pub format: Option<String>,
@@ -59,11 +63,26 @@ fn default_cache() -> PathBuf {
 
 impl CreateArgs {
     fn options(&self) -> anyhow::Result<Options> {
-        let images = Wanted::read_file(&self.images)?;
+        let mut images = match &self.images {
+            Some(f) => {
+                let images = Wanted::read_file(f)?;
+                anyhow::ensure!(!images.is_empty(), "{} names no image", f.display());
+                images
+            }
+            None => Vec::new(),
+        };
+        let set = match &self.config {
+            Some(f) => shipperd_create::isc::ImageSet::read_file(f)?,
+            None => Default::default(),
+        };
+        for w in set.images {
+            if !images.contains(&w) {
+                images.push(w);
+            }
+        }
         anyhow::ensure!(
-            !images.is_empty(),
-            "{} names no image",
-            self.images.display()
+            !images.is_empty() || !set.catalogs.is_empty(),
+            "nothing to carry: the configuration names no image and no catalog"
         );
         let have = match &self.have {
             None => None,
@@ -82,6 +101,8 @@ impl CreateArgs {
         Ok(Options {
             have,
             images,
+            catalogs: set.catalogs,
+            blocked: set.blocked,
             output: self.output.clone(),
             format: self.format.as_deref().map(Format::parse).transpose()?,
             cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache),

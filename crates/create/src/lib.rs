@@ -15,6 +15,8 @@
 
 pub mod cache;
 pub mod collect;
+pub mod fbc;
+pub mod isc;
 pub mod list;
 pub mod source;
 pub mod write;
@@ -94,6 +96,10 @@ impl Error {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub images: Vec<Wanted>,
+    /// Operator catalogs to carry, with the bundles and related images they select.
+    pub catalogs: Vec<isc::CatalogSpec>,
+    /// Repositories (`host/repo`) never carried (`blockedImages`).
+    pub blocked: Vec<String>,
     pub output: PathBuf,
     /// `None`: from the output's name (squashfs when it says nothing).
     pub format: Option<Format>,
@@ -183,10 +189,11 @@ fn format_name(f: Format) -> &'static str {
 pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
     let cache = Arc::new(cache::Cache::open(&opts.cache_dir)?);
     let sources = source::Sources::new(opts.sources.clone())?;
+    let wanted = with_catalogs(opts, &sources, &cache, progress).await?;
     progress
         .images
-        .store(opts.images.len() as u64, Ordering::Relaxed);
-    let (resolved, origins): (Vec<_>, Vec<_>) = futures::stream::iter(&opts.images)
+        .store(wanted.len() as u64, Ordering::Relaxed);
+    let (resolved, origins): (Vec<_>, Vec<_>) = futures::stream::iter(&wanted)
         .map(|w| {
             let (sources, cache) = (&sources, &cache);
             async move {
@@ -257,6 +264,56 @@ pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
         origins,
         carried,
     })
+}
+
+/// The images to carry: those asked for, and each catalog with the images its packages
+/// select (its blobs fetched now, to read it); none of a blocked repository.
+async fn with_catalogs(
+    opts: &Options,
+    sources: &source::Sources,
+    cache: &Arc<cache::Cache>,
+    progress: &Progress,
+) -> Result<Vec<Wanted>> {
+    let mut seen: std::collections::HashSet<Wanted> = opts.images.iter().cloned().collect();
+    let mut wanted = opts.images.clone();
+    let mut add = |w: Wanted, wanted: &mut Vec<Wanted>| {
+        if seen.insert(w.clone()) {
+            wanted.push(w);
+        }
+    };
+    for spec in &opts.catalogs {
+        let w = Wanted::Registry(spec.catalog.clone());
+        let (r, origin) = collect::resolve(&w, sources, cache).await?;
+        collect::fetch(
+            std::slice::from_ref(&r),
+            &[origin],
+            &|_| false,
+            cache,
+            opts.concurrency,
+            progress,
+        )
+        .await?;
+        let (c, top, s) = (cache.clone(), r.top.digest.clone(), spec.clone());
+        let refs = tokio::task::spawn_blocking(move || fbc::select(&c, &top, &s))
+            .await
+            .expect("reading a catalog does not panic")
+            .map_err(|e| e.for_image(&spec.catalog))?;
+        tracing::info!(catalog = %spec.catalog, images = refs.len(), "catalog resolved");
+        add(w, &mut wanted);
+        for r in refs {
+            let r = list::full_reference(&r)
+                .map_err(|e| Error::Input(format!("catalog {} names {r}: {e}", spec.catalog)))?;
+            add(Wanted::Registry(r), &mut wanted);
+        }
+    }
+    wanted.retain(|w| match w {
+        Wanted::Registry(r) => {
+            let repo = isc::repository_of(r);
+            !opts.blocked.iter().any(|b| *b == repo)
+        }
+        Wanted::Layout { .. } => true,
+    });
+    Ok(wanted)
 }
 
 /// Makes the bundle `opts` asks for.

@@ -23,7 +23,7 @@ use crate::{Error, Result};
 pub const MAX_IMAGES: usize = 100_000;
 
 /// One image to carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Wanted {
     /// From a registry, named by its full reference.
     Registry(Reference),

@@ -508,3 +508,202 @@ async fn a_create_killed_twice_finishes_with_the_same_bytes_fetching_nothing_twi
     );
     Ok(())
 }
+
+/// One small image at `repo:tag` with a layer of its own.
+fn small(b: &mut shipperd_tests::fixtures::LayoutBuilder, repo: &str, tag: &str) -> String {
+    let l = b.layer(
+        &[("etc/image", format!("{repo}:{tag}").into_bytes())],
+        flate2::Compression::fast(),
+    );
+    b.image(serde_json::json!({}), &[l], repo, tag);
+    b.images.last().unwrap().digest.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_set_configuration_carries_what_its_catalog_selects() -> anyhow::Result<()> {
+    use shipperd_tests::fixtures::LayoutBuilder;
+    shipperd_tests::init();
+    let http = reqwest::Client::new();
+    let source = servers::Registry::start().await?;
+    let src = source.host();
+
+    // Operator images (named by digest in relatedImages), bundle images, and a catalog
+    // of three packages: alpha (stable 1.0 → 1.1 → 1.2, fast 2.0), beta (stable 0.1 →
+    // 0.2, its default channel), gamma (not asked for).
+    let mut carried = LayoutBuilder::new();
+    let mut by_digest = LayoutBuilder::new();
+    let mut left = LayoutBuilder::new();
+    let mut bundles = serde_json::Map::new();
+    for (pkg, v, wanted) in [
+        ("alpha", "1.0.0", false),
+        ("alpha", "1.1.0", true),
+        ("alpha", "1.2.0", true),
+        ("alpha", "2.0.0", false),
+        ("beta", "0.1.0", false),
+        ("beta", "0.2.0", true),
+        ("gamma", "1.0.0", false),
+    ] {
+        let op = if wanted {
+            let op = small(
+                &mut by_digest,
+                &format!("ops/{pkg}-operator"),
+                &format!("v{v}"),
+            );
+            small(&mut carried, &format!("ops/{pkg}-bundle"), v);
+            op
+        } else {
+            let op = small(&mut left, &format!("ops/{pkg}-operator"), &format!("v{v}"));
+            small(&mut left, &format!("ops/{pkg}-bundle"), v);
+            op
+        };
+        bundles.insert(
+            format!("{pkg}.v{v}"),
+            serde_json::json!({
+                "schema": "olm.bundle", "package": pkg, "name": format!("{pkg}.v{v}"),
+                "image": format!("{src}/ops/{pkg}-bundle:{v}"),
+                "properties": [{"type": "olm.package", "value": {"packageName": pkg, "version": v}}],
+                "relatedImages": [{"name": "operator", "image": format!("{src}/ops/{pkg}-operator@{op}")}],
+            }),
+        );
+    }
+    let json_lines = |objs: &[serde_json::Value]| {
+        objs.iter()
+            .map(|o| o.to_string() + "\n")
+            .collect::<String>()
+            .into_bytes()
+    };
+    let ch = |pkg: &str, name: &str, entries: &[(&str, Option<&str>)]| {
+        serde_json::json!({"schema": "olm.channel", "package": pkg, "name": name,
+            "entries": entries.iter().map(|(n, r)| serde_json::json!({"name": n, "replaces": r})).collect::<Vec<_>>()})
+    };
+    let alpha = json_lines(&[
+        serde_json::json!({"schema": "olm.package", "name": "alpha", "defaultChannel": "fast"}),
+        ch(
+            "alpha",
+            "stable",
+            &[
+                ("alpha.v1.0.0", None),
+                ("alpha.v1.1.0", Some("alpha.v1.0.0")),
+                ("alpha.v1.2.0", Some("alpha.v1.1.0")),
+            ],
+        ),
+        ch("alpha", "fast", &[("alpha.v2.0.0", None)]),
+        bundles["alpha.v1.0.0"].clone(),
+        bundles["alpha.v1.1.0"].clone(),
+        bundles["alpha.v1.2.0"].clone(),
+        bundles["alpha.v2.0.0"].clone(),
+    ]);
+    let beta = format!(
+        "---\nschema: olm.package\nname: beta\ndefaultChannel: stable\n---\n{}\n---\n{}\n---\n{}\n",
+        ch(
+            "beta",
+            "stable",
+            &[("beta.v0.1.0", None), ("beta.v0.2.0", Some("beta.v0.1.0"))]
+        ),
+        bundles["beta.v0.1.0"],
+        bundles["beta.v0.2.0"],
+    );
+    let gamma = json_lines(&[
+        serde_json::json!({"schema": "olm.package", "name": "gamma", "defaultChannel": "stable"}),
+        ch("gamma", "stable", &[("gamma.v1.0.0", None)]),
+        bundles["gamma.v1.0.0"].clone(),
+    ]);
+    let fbc = carried.layer(
+        &[
+            ("configs/alpha/catalog.json", alpha),
+            ("configs/beta/catalog.yaml", beta.into_bytes()),
+            ("configs/gamma/catalog.json", gamma),
+        ],
+        flate2::Compression::fast(),
+    );
+    carried.labelled_image(
+        serde_json::json!({}),
+        &[fbc],
+        "ops/catalog",
+        "v1",
+        serde_json::json!({ "operators.operatorframework.io.index.configs.v1": "/configs" }),
+    );
+    small(&mut carried, "demo/extra", "1.0");
+    small(&mut left, "demo/blocked", "1.0");
+    for b in [&carried, &by_digest, &left] {
+        b.push_to(&http, &source.url()).await?;
+    }
+
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("isc.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "kind: ImageSetConfiguration\napiVersion: mirror.openshift.io/v2alpha1\nmirror:\n  operators:\n  - catalog: {src}/ops/catalog:v1\n    packages:\n    - name: alpha\n      channels:\n      - name: stable\n        minVersion: 1.1.0\n        maxVersion: 1.2.0\n    - name: beta\n  additionalImages:\n  - name: {src}/demo/extra:1.0\n  - name: {src}/demo/blocked:1.0\n  blockedImages:\n  - name: {src}/demo/blocked\n"
+        ),
+    )?;
+    let cache = dir.path().join("cache");
+    let (ok, plan, err) = shipperd(&[
+        "create",
+        dir.path().join("x.tar").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--plan",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&plan)?;
+    let mut names: Vec<String> = plan["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = carried
+        .images
+        .iter()
+        .map(|i| format!("{src}/{}:{}", i.repo, i.tag))
+        .chain(
+            by_digest
+                .images
+                .iter()
+                .map(|i| format!("{src}/{}@{}", i.repo, i.digest)),
+        )
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected, "the catalog selects these, and only these");
+
+    let out = dir.path().join("ops.tar");
+    let (ok, _, err) = shipperd(&[
+        "create",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let app = Box::pin(spawn_app(Options::default())).await?;
+    let (status, body) = app.put("ops.tar", std::fs::read(&out)?, None).await?;
+    assert_eq!(status, 202, "{body}");
+    let done = app
+        .wait_done(body["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["phase"], "Published", "{done}");
+    app.assert_published(&carried, "").await?;
+    for img in &by_digest.images {
+        let (bytes, _) = app
+            .manifest(&img.repo, &img.digest)
+            .await?
+            .unwrap_or_else(|| panic!("{}@{} is at the site", img.repo, img.digest));
+        assert_eq!(shipperd_tests::fixtures::sha256(&bytes), img.digest);
+    }
+    for img in &left.images {
+        assert!(
+            app.manifest(&img.repo, &img.digest).await?.is_none(),
+            "{}:{} is not carried",
+            img.repo,
+            img.tag
+        );
+    }
+    app.stop().await?;
+    Ok(())
+}
