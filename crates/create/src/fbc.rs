@@ -45,11 +45,14 @@ pub fn version(s: &str) -> std::result::Result<semver::Version, String> {
         .map_err(|e| format!("version {s:?} is not semver: {e}"))
 }
 
+/// A channel's entries: (bundle name, the bundles it replaces and skips).
+type Entries = Vec<(String, Vec<String>)>;
+
 #[derive(Debug, Default)]
 struct Package {
     default_channel: Option<String>,
-    /// channel → its entries: (bundle name, what it replaces and skips).
-    channels: BTreeMap<String, Vec<(String, Vec<String>)>>,
+    /// channel → its entries.
+    channels: BTreeMap<String, Entries>,
     bundles: BTreeMap<String, Bundle>,
 }
 
@@ -64,7 +67,8 @@ struct Bundle {
 #[derive(Debug, Default)]
 struct FileObjects {
     packages: Vec<(String, Option<String>)>,
-    channels: Vec<(String, String, Vec<(String, Vec<String>)>)>,
+    /// (package, channel, entries)
+    channels: Vec<(String, String, Entries)>,
     bundles: Vec<(String, String, Bundle)>,
 }
 

@@ -191,7 +191,7 @@ impl ImageSet {
     /// Is `r` in a blocked repository?
     pub fn is_blocked(&self, r: &shipperd_model::Reference) -> bool {
         let repo = repository_of(r);
-        self.blocked.iter().any(|b| *b == repo)
+        self.blocked.contains(&repo)
     }
 }
 

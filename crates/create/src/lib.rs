@@ -309,7 +309,7 @@ async fn with_catalogs(
     wanted.retain(|w| match w {
         Wanted::Registry(r) => {
             let repo = isc::repository_of(r);
-            !opts.blocked.iter().any(|b| *b == repo)
+            !opts.blocked.contains(&repo)
         }
         Wanted::Layout { .. } => true,
     });
