@@ -44,6 +44,10 @@ pub struct CreateArgs {
     /// manifests and blobs it lacks; the bundle is then for that registry alone.
     #[arg(long)]
     pub have: Option<PathBuf>,
+    /// Leave out what is attached to the images (cosign `.sig`/`.att`/`.sbom` tags, OCI
+    /// referrers); saves a tag listing per repository and a request per image.
+    #[arg(long)]
+    pub without_attached: bool,
     /// Say what the bundle would carry (images, sizes, what is to fetch) and write
     /// nothing.
     #[arg(long)]
@@ -99,6 +103,7 @@ impl CreateArgs {
             }
         };
         Ok(Options {
+            attached: !self.without_attached,
             have,
             images,
             catalogs: set.catalogs,

@@ -39,7 +39,11 @@ pub enum Origin {
 /// One image, resolved: its name in the bundle, its top manifest and all it needs.
 #[derive(Debug, Clone)]
 pub struct Resolved {
+    /// Its name; for a referrer (listed unnamed: the site attaches it to its subject),
+    /// the reference it was read by (`host/repo@digest`).
     pub name: Reference,
+    /// Named in the bundle's `index.json` (`false`: a referrer).
+    pub named: bool,
     pub top: Descriptor,
     /// Every manifest, the top first, each once.
     pub manifests: Vec<Descriptor>,
@@ -193,6 +197,7 @@ pub async fn resolve(
         .map_err(|e| fail(Error::Input(e.to_string())))?;
     let top = Descriptor::new(doc.media_type(&said), digest, bytes.len() as u64);
     let mut out = Resolved {
+        named: true,
         name: name.clone(),
         top: top.clone(),
         manifests: vec![top.clone()],

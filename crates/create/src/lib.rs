@@ -13,6 +13,7 @@
 //! A run stopped anywhere and started again with the same arguments fetches only what
 //! the cache lacks and writes the same bytes.
 
+pub mod attach;
 pub mod cache;
 pub mod collect;
 pub mod fbc;
@@ -73,7 +74,7 @@ impl Error {
         }
     }
 
-    fn source(what: &str, reference: &str, e: shipperd_registry::RegistryError) -> Self {
+    pub(crate) fn source(what: &str, reference: &str, e: shipperd_registry::RegistryError) -> Self {
         Error::Source {
             what: format!("{what} ({reference})"),
             cause: e.cause(),
@@ -109,6 +110,8 @@ pub struct Options {
     pub concurrency: usize,
     /// The site's inventory (`shipperd inventory`): carry only what it lacks.
     pub have: Option<shipperd_model::Inventory>,
+    /// Carry what is attached to each image (cosign tags, referrers; see [`attach`]).
+    pub attached: bool,
 }
 
 impl Options {
@@ -130,6 +133,9 @@ pub struct PlannedImage {
     pub blobs: usize,
     /// Bytes of its manifests and blobs.
     pub size: u64,
+    /// A referrer of another image (listed unnamed).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub referrer: bool,
     /// With `--have`: the site holds it already (its manifest in the repository it
     /// lands in): listed, carrying nothing.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -193,7 +199,7 @@ pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
     progress
         .images
         .store(wanted.len() as u64, Ordering::Relaxed);
-    let (resolved, origins): (Vec<_>, Vec<_>) = futures::stream::iter(&wanted)
+    let (mut resolved, mut origins): (Vec<_>, Vec<_>) = futures::stream::iter(&wanted)
         .map(|w| {
             let (sources, cache) = (&sources, &cache);
             async move {
@@ -207,6 +213,29 @@ pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
         .await?
         .into_iter()
         .unzip();
+    if opts.attached {
+        let found = attach::find(&resolved, &origins, opts.concurrency).await?;
+        progress
+            .images
+            .fetch_add(found.len() as u64, Ordering::Relaxed);
+        let more: Vec<(Resolved, collect::Origin)> = futures::stream::iter(found)
+            .map(|(w, named)| {
+                let (sources, cache) = (&sources, &cache);
+                async move {
+                    let (mut r, o) = collect::resolve(&w, sources, cache).await?;
+                    r.named = named;
+                    progress.images_done.fetch_add(1, Ordering::Relaxed);
+                    Ok::<_, Error>((r, o))
+                }
+            })
+            .buffered(opts.concurrency.max(1))
+            .try_collect()
+            .await?;
+        for (r, o) in more {
+            resolved.push(r);
+            origins.push(o);
+        }
+    }
     let have = opts.have.as_ref();
     let mut carried = BTreeMap::new();
     let mut held = std::collections::BTreeSet::new();
@@ -234,6 +263,7 @@ pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
             }
         }
         images.push(PlannedImage {
+            referrer: !r.named,
             name: r.name.to_string(),
             digest: r.top.digest.clone(),
             media_type: r.top.media_type.clone(),
@@ -320,10 +350,10 @@ async fn with_catalogs(
 pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
     let planned = plan(opts, progress).await?;
     let cache = Arc::new(cache::Cache::open(&opts.cache_dir)?);
-    let names: Vec<(String, shipperd_bundle::Descriptor)> = planned
+    let names: Vec<(Option<String>, shipperd_bundle::Descriptor)> = planned
         .resolved
         .iter()
-        .map(|r| (r.name.to_string(), r.top.clone()))
+        .map(|r| (r.named.then(|| r.name.to_string()), r.top.clone()))
         .collect();
     let index = write::index_json(&names, planned.made_for.as_deref());
     // Space: the cache takes what is fetched, the output the whole bundle (where both

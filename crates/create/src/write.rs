@@ -76,15 +76,18 @@ struct IndexJson<'a> {
 }
 
 /// The layout's `index.json`: one descriptor per image, named by its full reference
-/// (`org.opencontainers.image.ref.name`), sorted by name; for a differential bundle,
-/// the registry it was made for ([`ANNOTATION_MADE_FOR`]).
-pub fn index_json(images: &[(String, Descriptor)], made_for: Option<&str>) -> Vec<u8> {
+/// (`org.opencontainers.image.ref.name`; a referrer without a name), sorted by name
+/// (referrers first, by digest); for a differential bundle, the registry it was made
+/// for ([`ANNOTATION_MADE_FOR`]).
+pub fn index_json(images: &[(Option<String>, Descriptor)], made_for: Option<&str>) -> Vec<u8> {
     let mut named: Vec<Descriptor> = images
         .iter()
         .map(|(name, d)| {
             let mut d = Descriptor::new(d.media_type.clone(), d.digest.clone(), d.size);
-            d.annotations
-                .insert(ANNOTATION_REF_NAME.into(), name.clone());
+            if let Some(name) = name {
+                d.annotations
+                    .insert(ANNOTATION_REF_NAME.into(), name.clone());
+            }
             d
         })
         .collect();
@@ -408,7 +411,7 @@ mod tests {
             Digest::of(b"m"),
             1,
         );
-        let index = index_json(&[("quay.io/a/b:1".into(), img)], None);
+        let index = index_json(&[(Some("quay.io/a/b:1".into()), img)], None);
         for format in [Format::Tar, Format::TarZstd, Format::Squashfs] {
             let (a, b) = (dir.path().join("a"), dir.path().join("b"));
             write(&a, format, &index, &files, &cache).unwrap();

@@ -707,3 +707,196 @@ async fn an_image_set_configuration_carries_what_its_catalog_selects() -> anyhow
     app.stop().await?;
     Ok(())
 }
+
+async fn put_blob(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 202, "POST {}", r.status());
+    let loc = r.headers()["location"].to_str()?.to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{base}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let d = shipperd_tests::fixtures::sha256(bytes);
+    let r = http
+        .put(format!("{loc}{sep}digest={d}"))
+        .body(bytes.to_vec())
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 201, "PUT {}", r.status());
+    Ok(())
+}
+
+async fn put_manifest(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    let r = http
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", media_type)
+        .body(bytes.to_vec())
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 201, "PUT manifest {}", r.status());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_and_referrers_arrive_with_their_images() -> anyhow::Result<()> {
+    use shipperd_tests::fixtures::{LayoutBuilder, OCI_INDEX, OCI_MANIFEST, sha256};
+    shipperd_tests::init();
+    let http = reqwest::Client::new();
+    let source = servers::Registry::start().await?;
+    let src = source.host();
+    let layout = sample("attached", "demo/bundle", 0);
+    layout.push_to(&http, &source.url()).await?;
+    let app_img = &layout.images[0];
+    let subject = app_img.digest.clone();
+    let hex = subject.trim_start_matches("sha256:");
+
+    // A cosign signature beside it (its own tag), and an SBOM referrer, listed under
+    // the fallback tag as clients do where the registry has no referrers API.
+    let mut sigs = LayoutBuilder::new();
+    let payload = sigs.layer(
+        &[("payload.json", b"{\"critical\":{}}".to_vec())],
+        flate2::Compression::fast(),
+    );
+    sigs.image(
+        serde_json::json!({}),
+        &[payload],
+        "demo/app",
+        &format!("sha256-{hex}.sig"),
+    );
+    sigs.push_to(&http, &source.url()).await?;
+    let sig_digest = sigs.images[0].digest.clone();
+    sigs.blobs
+        .insert(subject.clone(), layout.blobs[&subject].clone());
+    let sbom = sigs.referrer(
+        &subject,
+        "application/spdx+json",
+        b"{\"spdxVersion\":\"SPDX-2.3\"}",
+    );
+    let sbom_bytes = sigs.blobs[&sbom].clone();
+    let sbom_doc: serde_json::Value = serde_json::from_slice(&sbom_bytes)?;
+    put_blob(&http, &source.url(), "demo/app", b"{}").await?;
+    put_blob(
+        &http,
+        &source.url(),
+        "demo/app",
+        b"{\"spdxVersion\":\"SPDX-2.3\"}",
+    )
+    .await?;
+    assert_eq!(
+        sbom_doc["layers"][0]["digest"],
+        sha256(b"{\"spdxVersion\":\"SPDX-2.3\"}")
+    );
+    put_manifest(
+        &http,
+        &source.url(),
+        "demo/app",
+        &sbom,
+        OCI_MANIFEST,
+        &sbom_bytes,
+    )
+    .await?;
+    let fallback = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sbom, "size": sbom_bytes.len(), "artifactType": "application/spdx+json"}]});
+    put_manifest(
+        &http,
+        &source.url(),
+        "demo/app",
+        &format!("sha256-{hex}"),
+        OCI_INDEX,
+        &serde_json::to_vec(&fallback)?,
+    )
+    .await?;
+
+    let dir = tempfile::tempdir()?;
+    let images = dir.path().join("images.txt");
+    std::fs::write(
+        &images,
+        format!("{src}/demo/app:1.0\n{src}/demo/tool:2.1\n"),
+    )?;
+    let cache = dir.path().join("cache");
+    let (ok, plan, err) = shipperd(&[
+        "create",
+        dir.path().join("x.tar").to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--plan",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&plan)?;
+    let names: Vec<&str> = plan["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&format!("{src}/demo/app:sha256-{hex}.sig").as_str()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&format!("{src}/demo/app@{sbom}").as_str()),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 4, "{names:?}");
+    let (ok, plain, _) = shipperd(&[
+        "create",
+        dir.path().join("x.tar").to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--plan",
+        "--json",
+        "--without-attached",
+    ]);
+    assert!(ok);
+    let plain: serde_json::Value = serde_json::from_str(&plain)?;
+    assert_eq!(plain["images"].as_array().map(Vec::len), Some(2));
+
+    let out = dir.path().join("b.tar");
+    create(&out, &images, &cache, &[])?;
+    let app = Box::pin(spawn_app(Options::default())).await?;
+    let (status, body) = app.put("b.tar", std::fs::read(&out)?, None).await?;
+    assert_eq!(status, 202, "{body}");
+    let done = app
+        .wait_done(body["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["phase"], "Published", "{done}");
+    let (sig, _) = app
+        .manifest("demo/app", &format!("sha256-{hex}.sig"))
+        .await?
+        .expect("the signature's tag");
+    assert_eq!(sha256(&sig), sig_digest);
+    let (got, _) = app.manifest("demo/app", &sbom).await?.expect("the SBOM");
+    assert_eq!(got, sbom_bytes);
+    let (listed, _) = app
+        .manifest("demo/app", &format!("sha256-{hex}"))
+        .await?
+        .expect("the referrers tag");
+    assert!(
+        String::from_utf8_lossy(&listed).contains(&sbom),
+        "the site lists the SBOM under its subject"
+    );
+    app.stop().await?;
+    Ok(())
+}
