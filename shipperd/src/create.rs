@@ -44,6 +44,11 @@ pub struct CreateArgs {
     /// manifests and blobs it lacks; the bundle is then for that registry alone.
     #[arg(long)]
     pub have: Option<PathBuf>,
+    /// A `registries.d` directory (as skopeo's `--registries.d`): the lookasides whose
+    /// simple-signing signatures of each image are carried in the bundle
+    /// (`sigstore/<repo>@sha256=<hex>/signature-N`).
+    #[arg(long = "registries.d")]
+    pub registries_d: Option<PathBuf>,
     /// Leave out what is attached to the images (cosign `.sig`/`.att`/`.sbom` tags, OCI
     /// referrers); saves a tag listing per repository and a request per image.
     #[arg(long)]
@@ -102,7 +107,14 @@ impl CreateArgs {
                 Some(inv)
             }
         };
+        let lookasides = self
+            .registries_d
+            .as_deref()
+            .map(shipperd_create::lookaside::Lookasides::read_dir)
+            .transpose()?
+            .map(std::sync::Arc::new);
         Ok(Options {
+            lookasides,
             attached: !self.without_attached,
             have,
             images,
@@ -150,6 +162,9 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<()> {
                     String::new()
                 }
             );
+        }
+        if planned.signatures > 0 {
+            println!("{} lookaside signatures carried", planned.signatures);
         }
         if let Some(r) = &planned.made_for {
             println!(

@@ -19,6 +19,7 @@ pub mod collect;
 pub mod fbc;
 pub mod isc;
 pub mod list;
+pub mod lookaside;
 pub mod source;
 pub mod write;
 
@@ -112,6 +113,8 @@ pub struct Options {
     pub have: Option<shipperd_model::Inventory>,
     /// Carry what is attached to each image (cosign tags, referrers; see [`attach`]).
     pub attached: bool,
+    /// Where simple-signing signatures are (`--registries.d`).
+    pub lookasides: Option<Arc<lookaside::Lookasides>>,
 }
 
 impl Options {
@@ -167,8 +170,12 @@ pub struct Planned {
     resolved: Vec<Resolved>,
     #[serde(skip)]
     origins: Vec<collect::Origin>,
+    /// Lookaside signatures carried (`sigstore/...`).
+    pub signatures: usize,
     #[serde(skip)]
     carried: BTreeMap<Digest, u64>,
+    #[serde(skip)]
+    extras: BTreeMap<String, (Digest, u64)>,
 }
 
 /// What [`create`] made.
@@ -274,6 +281,7 @@ pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
             carried: added,
         });
     }
+    let extras = signatures(opts, &resolved, &cache).await?;
     let to_fetch = carried
         .iter()
         .filter(|(d, size)| !cache.has(d, **size))
@@ -289,11 +297,42 @@ pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
         held_images: images.iter().filter(|i| i.held).count(),
         held_blobs: held.len(),
         held_bytes: held.iter().map(|(_, s)| s).sum(),
+        signatures: extras.len(),
+        extras,
         images,
         resolved,
         origins,
         carried,
     })
+}
+
+/// The lookaside signatures of every named image (at its top digest), kept in the
+/// cache: path in the bundle → digest and size.
+async fn signatures(
+    opts: &Options,
+    resolved: &[Resolved],
+    cache: &cache::Cache,
+) -> Result<BTreeMap<String, (Digest, u64)>> {
+    let mut out = BTreeMap::new();
+    let Some(l) = &opts.lookasides else {
+        return Ok(out);
+    };
+    let found: Vec<Vec<(String, Vec<u8>)>> =
+        futures::stream::iter(resolved.iter().filter(|r| r.named))
+            .map(|r| async move {
+                l.signatures(&r.name, &r.top.digest)
+                    .await
+                    .map_err(|e| e.for_image(&r.name))
+            })
+            .buffered(opts.concurrency.max(1))
+            .try_collect()
+            .await?;
+    for (path, bytes) in found.into_iter().flatten() {
+        let d = Digest::of(&bytes);
+        cache.put(&d, &bytes)?;
+        out.insert(path, (d, bytes.len() as u64));
+    }
+    Ok(out)
 }
 
 /// The images to carry: those asked for, and each catalog with the images its packages
@@ -355,7 +394,11 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
         .iter()
         .map(|r| (r.named.then(|| r.name.to_string()), r.top.clone()))
         .collect();
-    let index = write::index_json(&names, planned.made_for.as_deref());
+    let contents = write::Contents {
+        index: write::index_json(&names, planned.made_for.as_deref()),
+        files: planned.carried,
+        extras: planned.extras,
+    };
     // Space: the cache takes what is fetched, the output the whole bundle (where both
     // are on one file system, both).
     let out_dir = opts
@@ -363,9 +406,9 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let bundle = planned.bytes + write::overhead(planned.files, index.len());
+    let bundle = planned.bytes + write::overhead(planned.files, contents.index.len());
     check_space(&opts.cache_dir, out_dir, planned.to_fetch, bundle)?;
-    let carried = &planned.carried;
+    let carried = &contents.files;
     collect::fetch(
         &planned.resolved,
         &planned.origins,
@@ -375,12 +418,11 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
         progress,
     )
     .await?;
-    let (out, format, carried) = (opts.output.clone(), opts.format(), planned.carried);
+    let (out, format) = (opts.output.clone(), opts.format());
     let cache2 = cache.clone();
-    let size =
-        tokio::task::spawn_blocking(move || write::write(&out, format, &index, &carried, &cache2))
-            .await
-            .expect("writing does not panic")?;
+    let size = tokio::task::spawn_blocking(move || write::write(&out, format, &contents, &cache2))
+        .await
+        .expect("writing does not panic")?;
     let sha256 = {
         let out = opts.output.clone();
         tokio::task::spawn_blocking(move || file_sha256(&out))

@@ -120,30 +120,30 @@ pub fn partial_path(out: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Writes the bundle to `out`: `index` as `index.json`, and each of `files` (digest →
-/// size) from `cache`. Returns the bundle's size.
-pub fn write(
-    out: &Path,
-    format: Format,
-    index: &[u8],
-    files: &BTreeMap<Digest, u64>,
-    cache: &Cache,
-) -> Result<u64> {
+/// What a bundle holds besides `oci-layout`.
+#[derive(Debug, Default)]
+pub struct Contents {
+    /// `index.json`.
+    pub index: Vec<u8>,
+    /// Blobs (manifests, configs, layers): digest → size, from the cache.
+    pub files: BTreeMap<Digest, u64>,
+    /// Other files (lookaside signatures): path → their bytes' digest and size, from
+    /// the cache.
+    pub extras: BTreeMap<String, (Digest, u64)>,
+}
+
+/// Writes the bundle to `out`, every file from `cache`. Returns the bundle's size.
+pub fn write(out: &Path, format: Format, contents: &Contents, cache: &Cache) -> Result<u64> {
     let tmp = partial_path(out);
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let written = match format {
-        Format::Squashfs => squashfs(file, index, files, cache),
-        Format::Tar => tar(
-            io::BufWriter::with_capacity(1 << 20, file),
-            index,
-            files,
-            cache,
-        )
-        .and_then(|w| w.into_inner().map_err(|e| e.into_error())),
+        Format::Squashfs => squashfs(file, contents, cache),
+        Format::Tar => tar(io::BufWriter::with_capacity(1 << 20, file), contents, cache)
+            .and_then(|w| w.into_inner().map_err(|e| e.into_error())),
         Format::TarZstd => {
             let enc = zstd::Encoder::new(io::BufWriter::with_capacity(1 << 20, file), 3)
                 .map_err(|e| Error::io(&tmp, e))?;
-            tar(enc, index, files, cache)
+            tar(enc, contents, cache)
                 .and_then(|enc| enc.finish()?.into_inner().map_err(|e| e.into_error()))
         }
     };
@@ -248,16 +248,23 @@ fn blob_path(d: &Digest) -> String {
     format!("blobs/sha256/{}", d.hex())
 }
 
-fn tar<W: Write>(
-    w: W,
-    index: &[u8],
-    files: &BTreeMap<Digest, u64>,
-    cache: &Cache,
-) -> io::Result<W> {
+/// The directories above `paths`, each once, parents first.
+fn parents<'a>(paths: impl Iterator<Item = &'a String>) -> std::collections::BTreeSet<String> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for p in paths {
+        let mut at = 0;
+        while let Some(i) = p[at..].find('/') {
+            dirs.insert(p[..at + i].to_string());
+            at += i + 1;
+        }
+    }
+    dirs
+}
+
+fn tar<W: Write>(w: W, contents: &Contents, cache: &Cache) -> io::Result<W> {
     let mut b = tar::Builder::new(w);
-    let header = |path: &str, size: u64, dir: bool| -> io::Result<tar::Header> {
+    let mut entry = |path: &str, size: u64, dir: bool, data: &mut dyn Read| -> io::Result<()> {
         let mut h = tar::Header::new_ustar();
-        h.set_path(path)?;
         h.set_size(size);
         h.set_mode(if dir { 0o755 } else { 0o644 });
         h.set_uid(0);
@@ -268,31 +275,42 @@ fn tar<W: Write>(
         } else {
             tar::EntryType::Regular
         });
-        h.set_cksum();
-        Ok(h)
+        // Sets the path (a GNU long-name entry before it when it is long) and the sum.
+        b.append_data(&mut h, path, data)
     };
-    b.append(
-        &header("oci-layout", OCI_LAYOUT.len() as u64, false)?,
-        OCI_LAYOUT,
+    entry(
+        "oci-layout",
+        OCI_LAYOUT.len() as u64,
+        false,
+        &mut &OCI_LAYOUT[..],
     )?;
-    b.append(&header("index.json", index.len() as u64, false)?, index)?;
-    b.append(&header("blobs/", 0, true)?, io::empty())?;
-    b.append(&header("blobs/sha256/", 0, true)?, io::empty())?;
-    for (d, size) in files {
-        b.append(
-            &header(&blob_path(d), *size, false)?,
-            Verified::new(cache, d, *size),
+    entry(
+        "index.json",
+        contents.index.len() as u64,
+        false,
+        &mut &contents.index[..],
+    )?;
+    entry("blobs/", 0, true, &mut io::empty())?;
+    entry("blobs/sha256/", 0, true, &mut io::empty())?;
+    for (d, size) in &contents.files {
+        entry(
+            &blob_path(d),
+            *size,
+            false,
+            &mut Verified::new(cache, d, *size),
         )?;
     }
+    for dir in parents(contents.extras.keys()) {
+        entry(&format!("{dir}/"), 0, true, &mut io::empty())?;
+    }
+    for (path, (d, size)) in &contents.extras {
+        entry(path, *size, false, &mut Verified::new(cache, d, *size))?;
+    }
+    drop(entry);
     b.into_inner()
 }
 
-fn squashfs(
-    mut out: File,
-    index: &[u8],
-    files: &BTreeMap<Digest, u64>,
-    cache: &Cache,
-) -> io::Result<File> {
+fn squashfs(mut out: File, contents: &Contents, cache: &Cache) -> io::Result<File> {
     use backhand::{
         FilesystemCompressor, FilesystemWriter, NodeHeader,
         compression::Compressor,
@@ -327,12 +345,19 @@ fn squashfs(
     let dir = NodeHeader::new(0o755, 0, 0, 0);
     fs.push_file(io::Cursor::new(OCI_LAYOUT), "oci-layout", file)
         .map_err(to_io)?;
-    fs.push_file(io::Cursor::new(index.to_vec()), "index.json", file)
+    fs.push_file(io::Cursor::new(contents.index.clone()), "index.json", file)
         .map_err(to_io)?;
     fs.push_dir("blobs", dir).map_err(to_io)?;
     fs.push_dir("blobs/sha256", dir).map_err(to_io)?;
-    for (d, size) in files {
+    for (d, size) in &contents.files {
         fs.push_file(Verified::new(cache, d, *size), blob_path(d), file)
+            .map_err(to_io)?;
+    }
+    for d in parents(contents.extras.keys()) {
+        fs.push_dir(d, dir).map_err(to_io)?;
+    }
+    for (path, (d, size)) in &contents.extras {
+        fs.push_file(Verified::new(cache, d, *size), path, file)
             .map_err(to_io)?;
     }
     fs.write(&mut out).map_err(to_io)?;
@@ -363,10 +388,15 @@ mod tests {
         let bad = Digest::of(b"bad");
         std::fs::write(cache.path(&bad), b"BAD").unwrap();
         let files = BTreeMap::from([(gd.clone(), 4), (bad.clone(), 3)]);
+        let contents = Contents {
+            index: b"{}".to_vec(),
+            files,
+            ..Default::default()
+        };
         for format in [Format::Tar, Format::Squashfs] {
             let out = dir.path().join("b");
             std::fs::write(cache.path(&bad), b"BAD").unwrap();
-            let err = write(&out, format, b"{}", &files, &cache).unwrap_err();
+            let err = write(&out, format, &contents, &cache).unwrap_err();
             assert!(
                 matches!(err, Error::Damaged(ref m) if m.contains(bad.as_str())),
                 "{err}"
@@ -412,16 +442,39 @@ mod tests {
             1,
         );
         let index = index_json(&[(Some("quay.io/a/b:1".into()), img)], None);
+        let sig = b"a signature".to_vec();
+        cache.put(&Digest::of(&sig), &sig).unwrap();
+        let long = format!(
+            "sigstore/{}/app@sha256={}/signature-1",
+            "namespace".repeat(8),
+            "a".repeat(64)
+        );
+        let contents = Contents {
+            index,
+            files,
+            extras: BTreeMap::from([(long.clone(), (Digest::of(&sig), sig.len() as u64))]),
+        };
         for format in [Format::Tar, Format::TarZstd, Format::Squashfs] {
             let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-            write(&a, format, &index, &files, &cache).unwrap();
+            write(&a, format, &contents, &cache).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(1100));
-            write(&b, format, &index, &files, &cache).unwrap();
+            write(&b, format, &contents, &cache).unwrap();
             assert_eq!(
                 std::fs::read(&a).unwrap(),
                 std::fs::read(&b).unwrap(),
                 "{format:?}"
             );
+            if format == Format::Tar {
+                let mut t = tar::Archive::new(File::open(&a).unwrap());
+                let found = t.entries().unwrap().any(|e| {
+                    let mut e = e.unwrap();
+                    let mut body = Vec::new();
+                    e.path().unwrap().to_string_lossy() == long
+                        && e.read_to_end(&mut body).is_ok()
+                        && body == sig
+                });
+                assert!(found, "the long-named signature is in the tar");
+            }
         }
     }
 }

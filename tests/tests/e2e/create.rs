@@ -831,6 +831,22 @@ async fn signatures_and_referrers_arrive_with_their_images() -> anyhow::Result<(
         format!("{src}/demo/app:1.0\n{src}/demo/tool:2.1\n"),
     )?;
     let cache = dir.path().join("cache");
+    // Two simple-signing signatures in a file:// lookaside, named by registries.d.
+    let sigstore = dir.path().join("sigstore");
+    let sig_dir = sigstore.join(format!("demo/app@sha256={hex}"));
+    std::fs::create_dir_all(&sig_dir)?;
+    std::fs::write(sig_dir.join("signature-1"), b"first signature")?;
+    std::fs::write(sig_dir.join("signature-2"), b"second signature")?;
+    let registries_d = dir.path().join("registries.d");
+    std::fs::create_dir(&registries_d)?;
+    std::fs::write(
+        registries_d.join("site.yaml"),
+        format!(
+            "docker:\n  {src}/demo:\n    lookaside: file://{}\n",
+            sigstore.display()
+        ),
+    )?;
+    let rd = registries_d.to_str().unwrap();
     let (ok, plan, err) = shipperd(&[
         "create",
         dir.path().join("x.tar").to_str().unwrap(),
@@ -840,6 +856,8 @@ async fn signatures_and_referrers_arrive_with_their_images() -> anyhow::Result<(
         cache.to_str().unwrap(),
         "--plan",
         "--json",
+        "--registries.d",
+        rd,
     ]);
     assert!(ok, "{err}");
     let plan: serde_json::Value = serde_json::from_str(&plan)?;
@@ -858,6 +876,7 @@ async fn signatures_and_referrers_arrive_with_their_images() -> anyhow::Result<(
         "{names:?}"
     );
     assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(plan["signatures"], 2, "{plan}");
     let (ok, plain, _) = shipperd(&[
         "create",
         dir.path().join("x.tar").to_str().unwrap(),
@@ -874,7 +893,31 @@ async fn signatures_and_referrers_arrive_with_their_images() -> anyhow::Result<(
     assert_eq!(plain["images"].as_array().map(Vec::len), Some(2));
 
     let out = dir.path().join("b.tar");
-    create(&out, &images, &cache, &[])?;
+    create(&out, &images, &cache, &["--registries.d", rd])?;
+    let mut t = tar::Archive::new(std::fs::File::open(&out)?);
+    let mut sigs_found = Vec::new();
+    for e in t.entries()? {
+        let mut e = e?;
+        let p = e.path()?.to_string_lossy().into_owned();
+        if p.starts_with("sigstore/") && !p.ends_with('/') {
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut e, &mut body)?;
+            sigs_found.push((p, body));
+        }
+    }
+    assert_eq!(
+        sigs_found,
+        vec![
+            (
+                format!("sigstore/demo/app@sha256={hex}/signature-1"),
+                "first signature".to_string()
+            ),
+            (
+                format!("sigstore/demo/app@sha256={hex}/signature-2"),
+                "second signature".to_string()
+            ),
+        ]
+    );
     let app = Box::pin(spawn_app(Options::default())).await?;
     let (status, body) = app.put("b.tar", std::fs::read(&out)?, None).await?;
     assert_eq!(status, 202, "{body}");
