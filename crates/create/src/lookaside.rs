@@ -52,7 +52,8 @@ impl Entry {
 pub struct Lookasides {
     default: Option<String>,
     scopes: BTreeMap<String, String>,
-    http: Option<reqwest::Client>,
+    /// Made when an `http(s)://` lookaside is first read.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl Lookasides {
@@ -65,16 +66,7 @@ impl Lookasides {
             .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
             .collect();
         paths.sort();
-        let mut out = Lookasides {
-            http: Some(
-                reqwest::Client::builder()
-                    .connect_timeout(std::time::Duration::from_secs(10))
-                    .timeout(std::time::Duration::from_secs(60))
-                    .build()
-                    .map_err(|e| Error::Input(format!("an HTTP client: {e}")))?,
-            ),
-            ..Default::default()
-        };
+        let mut out = Lookasides::default();
         for p in paths {
             let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
             let f: File = serde_yaml::from_str(&text)
@@ -156,7 +148,17 @@ impl Lookasides {
                 "lookaside {url}: only https://, http:// and file:// are read"
             )));
         }
-        let http = self.http.as_ref().expect("made by read_dir");
+        let http = match self.http.get() {
+            Some(h) => h,
+            None => {
+                let h = reqwest::Client::builder()
+                    .connect_timeout(std::time::Duration::from_secs(10))
+                    .timeout(std::time::Duration::from_secs(60))
+                    .build()
+                    .map_err(|e| Error::Input(format!("an HTTP client: {e}")))?;
+                self.http.get_or_init(|| h)
+            }
+        };
         let backoff = Backoff::new(
             std::time::Duration::from_millis(500),
             std::time::Duration::from_secs(10),

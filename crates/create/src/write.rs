@@ -306,7 +306,6 @@ fn tar<W: Write>(w: W, contents: &Contents, cache: &Cache) -> io::Result<W> {
     for (path, (d, size)) in &contents.extras {
         entry(path, *size, false, &mut Verified::new(cache, d, *size))?;
     }
-    drop(entry);
     b.into_inner()
 }
 
