@@ -53,6 +53,11 @@ pub struct CreateArgs {
     /// referrers); saves a tag listing per repository and a request per image.
     #[arg(long)]
     pub without_attached: bool,
+    /// Split a tar bundle into parts of at most this many bytes (`k`, `M`, `G` suffixes
+    /// of 1024), `NAME_000001.tar`, ... as oc-mirror names them; `shipperd push` takes
+    /// them together as one bundle.
+    #[arg(long, value_parser = parse_size)]
+    pub max_part_size: Option<u64>,
     /// Say what the bundle would carry (images, sizes, what is to fetch) and write
     /// nothing.
     #[arg(long)]
@@ -60,6 +65,31 @@ pub struct CreateArgs {
     /// Print the plan, or the result, as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `4G`, `512M`, `64k` or bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (n, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s[..i], s[i..].trim()),
+        None => (s, ""),
+    };
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let shift = match unit
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("{s:?}: a size is a number and k, M, G or T")),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size above 0"))
 }
 
 fn default_cache() -> PathBuf {
@@ -114,6 +144,7 @@ impl CreateArgs {
             .transpose()?
             .map(std::sync::Arc::new);
         Ok(Options {
+            max_part_size: self.max_part_size,
             lookasides,
             attached: !self.without_attached,
             have,
@@ -209,6 +240,18 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<()> {
     let made = made.with_context(|| format!("creating {}", opts.output.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&made)?);
+    } else if !made.parts.is_empty() {
+        println!(
+            "{} parts, {} to {}: {} images, {:.1} MiB, sha256:{} of the whole ({:.1} MiB fetched, {:.1}s)",
+            made.parts.len(),
+            made.parts[0].display(),
+            made.parts[made.parts.len() - 1].display(),
+            made.images,
+            made.size as f64 / MIB,
+            made.sha256,
+            made.fetched as f64 / MIB,
+            started.elapsed().as_secs_f64()
+        );
     } else {
         println!(
             "{}: {} images, {} files, {:.1} MiB, sha256:{} ({:.1} MiB fetched, {:.1}s)",

@@ -113,6 +113,8 @@ pub struct Options {
     pub have: Option<shipperd_model::Inventory>,
     /// Carry what is attached to each image (cosign tags, referrers; see [`attach`]).
     pub attached: bool,
+    /// Split the bundle into parts of at most this many bytes (tar formats).
+    pub max_part_size: Option<u64>,
     /// Where simple-signing signatures are (`--registries.d`).
     pub lookasides: Option<Arc<lookaside::Lookasides>>,
 }
@@ -187,7 +189,11 @@ pub struct Created {
     /// The bundle's size, and the bytes fetched from sources in this run.
     pub size: u64,
     pub fetched: u64,
+    /// The sha256 of the whole bundle (the parts' concatenation).
     pub sha256: String,
+    /// With `--max-part-size`: the parts, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PathBuf>,
 }
 
 fn format_name(f: Format) -> &'static str {
@@ -387,6 +393,14 @@ async fn with_catalogs(
 
 /// Makes the bundle `opts` asks for.
 pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
+    if opts.max_part_size.is_some() && opts.format() == Format::Squashfs {
+        return Err(Error::Input(
+            "a squashfs is one file and cannot be split: --max-part-size is for tar bundles".into(),
+        ));
+    }
+    if opts.max_part_size == Some(0) {
+        return Err(Error::Input("--max-part-size must be above 0".into()));
+    }
     let planned = plan(opts, progress).await?;
     let cache = Arc::new(cache::Cache::open(&opts.cache_dir)?);
     let names: Vec<(Option<String>, shipperd_bundle::Descriptor)> = planned
@@ -429,6 +443,15 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
             .await
             .expect("hashing does not panic")?
     };
+    let parts = match opts.max_part_size {
+        Some(max) => {
+            let out = opts.output.clone();
+            tokio::task::spawn_blocking(move || write::split(&out, max))
+                .await
+                .expect("splitting does not panic")?
+        }
+        None => Vec::new(),
+    };
     Ok(Created {
         output: opts.output.clone(),
         images: planned.images.len(),
@@ -436,6 +459,7 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
         size,
         fetched: progress.bytes_fetched.load(Ordering::Relaxed),
         sha256,
+        parts,
     })
 }
 

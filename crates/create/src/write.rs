@@ -162,6 +162,54 @@ pub fn write(out: &Path, format: Format, contents: &Contents, cache: &Cache) -> 
     Ok(size)
 }
 
+/// The name of part `n` of `out`: `site.tar` → `site_000001.tar` (as oc-mirror names
+/// its parts; `shipperd push` takes them in order as one bundle).
+pub fn part_path(out: &Path, n: usize) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (stem, ext) = match name.find('.') {
+        Some(i) => (&name[..i], &name[i..]),
+        None => (name.as_str(), ""),
+    };
+    out.with_file_name(format!("{stem}_{n:06}{ext}"))
+}
+
+/// Splits the finished bundle `out` into parts of at most `max` bytes, from its end (a
+/// part is copied out, the file cut short), so the split needs no more free space than
+/// one part. The parts' concatenation is the bundle.
+pub fn split(out: &Path, max: u64) -> Result<Vec<PathBuf>> {
+    use std::io::{Seek, SeekFrom};
+    let io = |e| Error::io(out, e);
+    let len = std::fs::metadata(out).map_err(io)?.len();
+    let n = len.div_ceil(max).max(1) as usize;
+    if n > 999_999 {
+        return Err(Error::Input(format!(
+            "{n} parts of {max} bytes: give a larger --max-part-size"
+        )));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(out)
+        .map_err(io)?;
+    for i in (2..=n).rev() {
+        let start = (i as u64 - 1) * max;
+        let part = part_path(out, i);
+        let mut dst = File::create(&part).map_err(|e| Error::io(&part, e))?;
+        f.seek(SeekFrom::Start(start)).map_err(io)?;
+        io::copy(&mut (&mut f).take(max), &mut dst).map_err(|e| Error::io(&part, e))?;
+        dst.sync_all().map_err(|e| Error::io(&part, e))?;
+        f.set_len(start).map_err(io)?;
+    }
+    f.sync_all().map_err(io)?;
+    drop(f);
+    let first = part_path(out, 1);
+    std::fs::rename(out, &first).map_err(io)?;
+    Ok((1..=n).map(|i| part_path(out, i)).collect())
+}
+
 /// A damaged cache file (see [`Verified`]) is said as such, and removed from the cache.
 fn damaged_or_io(e: io::Error, path: &Path, cache: &Cache) -> Error {
     if let Some(d) = e
@@ -366,6 +414,35 @@ fn squashfs(mut out: File, contents: &Contents, cache: &Cache) -> io::Result<Fil
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_concatenate_to_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("site.tar.zst");
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&out, &bytes).unwrap();
+        let parts = split(&out, 3000).unwrap();
+        let names: Vec<String> = parts
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "site_000001.tar.zst",
+                "site_000002.tar.zst",
+                "site_000003.tar.zst",
+                "site_000004.tar.zst"
+            ]
+        );
+        let joined: Vec<u8> = parts
+            .iter()
+            .flat_map(|p| std::fs::read(p).unwrap())
+            .collect();
+        assert_eq!(joined, bytes);
+        assert!(!out.exists());
+        assert_eq!(std::fs::metadata(&parts[3]).unwrap().len(), 1000);
+    }
 
     #[test]
     fn formats_from_names() {

@@ -158,6 +158,45 @@ async fn a_bundle_made_from_a_registry_publishes_with_the_sources_digests() -> a
         assert_eq!(done["phase"], "Published", "{done}");
         app.assert_published(&layout, "").await?;
     }
+    // A tar.zst in parts of 1 MiB (as oc-mirror names them): their concatenation is the
+    // whole bundle, and `shipperd push` takes them as one.
+    let zst = dir.path().join("whole.tar.zst");
+    create(&zst, &images, &cache, &[])?;
+    let split = dir.path().join("split.tar.zst");
+    create(&split, &images, &cache, &["--max-part-size", "1M"])?;
+    let parts: Vec<std::path::PathBuf> = (1..)
+        .map(|n| dir.path().join(format!("split_{n:06}.tar.zst")))
+        .take_while(|p| p.exists())
+        .collect();
+    assert!(parts.len() >= 2, "{parts:?}");
+    let joined: Vec<u8> = parts
+        .iter()
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert_eq!(joined, std::fs::read(&zst)?);
+    let mut args = vec!["push".to_string()];
+    args.extend(parts.iter().map(|p| p.display().to_string()));
+    args.extend([
+        "--name".into(),
+        "split.tar.zst".into(),
+        "--server".into(),
+        app.base.clone(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = shipperd(&args);
+    assert!(ok, "{out}{err}");
+    app.assert_published(&layout, "").await?;
+    let (ok, _, err) = shipperd(&[
+        "create",
+        dir.path().join("no.squashfs").to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--max-part-size",
+        "1M",
+    ]);
+    assert!(!ok && err.contains("cannot be split"), "{err}");
     app.stop().await?;
     Ok(())
 }
