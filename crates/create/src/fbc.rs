@@ -27,7 +27,7 @@ use shipperd_model::Digest;
 use crate::{
     Error, Result,
     cache::Cache,
-    isc::{CatalogSpec, PackageSpec},
+    isc::{CatalogSpec, PackageSpec, version},
 };
 
 /// The label naming a catalog image's FBC directory.
@@ -36,14 +36,6 @@ pub const CONFIGS_LABEL: &str = "operators.operatorframework.io.index.configs.v1
 const MAX_FILE: u64 = 512 << 20;
 /// The largest image config read.
 const MAX_CONFIG: usize = 4 << 20;
-
-/// A version as `opm` compares them (semver; a leading `v` and a missing patch taken).
-pub fn version(s: &str) -> std::result::Result<semver::Version, String> {
-    let t = s.trim().trim_start_matches('v');
-    semver::Version::parse(t)
-        .or_else(|_| semver::Version::parse(&format!("{t}.0")))
-        .map_err(|e| format!("version {s:?} is not semver: {e}"))
-}
 
 /// A channel's entries: (bundle name, the bundles it replaces and skips).
 type Entries = Vec<(String, Vec<String>)>;

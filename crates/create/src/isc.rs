@@ -174,7 +174,7 @@ impl ImageSet {
                     )
                     .flatten()
                 {
-                    crate::fbc::version(v).map_err(|e| {
+                    version(v).map_err(|e| {
                         Error::Input(format!("catalog {catalog}, package {}: {e}", p.name))
                     })?;
                 }
@@ -193,6 +193,14 @@ impl ImageSet {
         let repo = repository_of(r);
         self.blocked.contains(&repo)
     }
+}
+
+/// A version as `opm` compares them (semver; a leading `v` and a missing patch taken).
+pub fn version(s: &str) -> std::result::Result<semver::Version, String> {
+    let t = s.trim().trim_start_matches('v');
+    semver::Version::parse(t)
+        .or_else(|_| semver::Version::parse(&format!("{t}.0")))
+        .map_err(|e| format!("version {s:?} is not semver: {e}"))
 }
 
 /// `host/repository` of a full reference.
