@@ -41,6 +41,20 @@ async fn the_api_wants_a_known_bearer_token() -> anyhow::Result<()> {
             .status(),
         401
     );
+    // The inventory says what the site holds: only for a known token.
+    for token in [None, Some("wrong")] {
+        let mut req = http.get(format!("{}/v1/inventory", app.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        assert_eq!(req.send().await?.status(), 401, "{token:?}");
+    }
+    let inv = http
+        .get(format!("{}/v1/inventory?target=..%2Fx", app.base))
+        .bearer_auth("first-token")
+        .send()
+        .await?;
+    assert_eq!(inv.status(), 400, "a target name is checked");
     assert_eq!(
         http.get(format!("{}/healthz", app.base))
             .send()
