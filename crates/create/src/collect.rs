@@ -292,7 +292,7 @@ pub async fn fetch(
         }
     }
     let total: u64 = todo.values().map(|(d, _)| d.size).sum();
-    progress.bytes.store(total, Ordering::Relaxed);
+    progress.bytes.fetch_add(total, Ordering::Relaxed);
     futures::stream::iter(todo.into_values())
         .map(|(desc, i)| async move {
             if !cache.has(&desc.digest, desc.size) {

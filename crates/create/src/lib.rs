@@ -204,9 +204,19 @@ fn format_name(f: Format) -> &'static str {
     }
 }
 
-/// Resolves every image and says what the bundle would carry; fetches no blob.
+/// Resolves every image and says what the bundle would carry; fetches no blob (but an
+/// operator catalog's, to read it).
 pub async fn plan(opts: &Options, progress: &Progress) -> Result<Planned> {
     let cache = Arc::new(cache::Cache::open(&opts.cache_dir)?);
+    plan_with(opts, progress, &cache).await
+}
+
+async fn plan_with(
+    opts: &Options,
+    progress: &Progress,
+    cache: &Arc<cache::Cache>,
+) -> Result<Planned> {
+    let cache = cache.clone();
     let sources = source::Sources::new(opts.sources.clone())?;
     let wanted = with_catalogs(opts, &sources, &cache, progress).await?;
     progress
@@ -401,8 +411,8 @@ pub async fn create(opts: &Options, progress: &Progress) -> Result<Created> {
     if opts.max_part_size == Some(0) {
         return Err(Error::Input("--max-part-size must be above 0".into()));
     }
-    let planned = plan(opts, progress).await?;
     let cache = Arc::new(cache::Cache::open(&opts.cache_dir)?);
+    let planned = plan_with(opts, progress, &cache).await?;
     let names: Vec<(Option<String>, shipperd_bundle::Descriptor)> = planned
         .resolved
         .iter()
