@@ -53,6 +53,17 @@ pub struct CreateArgs {
     /// referrers); saves a tag listing per repository and a request per image.
     #[arg(long)]
     pub without_attached: bool,
+    /// Of a multi-platform index, carry only these platforms' manifests
+    /// (`os/arch[/variant]`, repeat). The index itself is carried as it is (its digest,
+    /// which mirror sets and signatures name, unchanged), naming manifests the bundle
+    /// leaves out: the site's registry must accept that or hold them already. See
+    /// --rewrite-index.
+    #[arg(long = "platform")]
+    pub platforms: Vec<String>,
+    /// With --platform: write each index anew with only the platforms carried (a new
+    /// digest; images named by digest are refused).
+    #[arg(long, requires = "platforms")]
+    pub rewrite_index: bool,
     /// Split a tar bundle into parts of at most this many bytes (`k`, `M`, `G` suffixes
     /// of 1024), `NAME_000001.tar`, ... as oc-mirror names them; `shipperd push` takes
     /// them together as one bundle.
@@ -143,7 +154,16 @@ impl CreateArgs {
             .map(shipperd_create::lookaside::Lookasides::read_dir)
             .transpose()?
             .map(std::sync::Arc::new);
+        let platforms = shipperd_create::collect::Platforms {
+            wanted: self
+                .platforms
+                .iter()
+                .map(|p| shipperd_create::collect::Platform::parse(p))
+                .collect::<Result<_, _>>()?,
+            rewrite: self.rewrite_index,
+        };
         Ok(Options {
+            platforms,
             max_part_size: self.max_part_size,
             lookasides,
             attached: !self.without_attached,

@@ -179,22 +179,107 @@ fn origin_of(wanted: &Wanted, sources: &Sources) -> Result<(Origin, Reference, S
     }
 }
 
+/// One platform, `os/architecture[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let ok =
+            |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        match parts.as_slice() {
+            [os, arch] if ok(os) && ok(arch) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
+            _ => Err(Error::Input(format!(
+                "platform {s:?}: os/architecture[/variant], e.g. linux/amd64 or linux/arm64/v8"
+            ))),
+        }
+    }
+
+    /// Is a manifest of `platform` (an index entry's) one of this?
+    fn matches(&self, platform: &serde_json::Value) -> bool {
+        let field = |k: &str| platform.get(k).and_then(|v| v.as_str());
+        field("os") == Some(self.os.as_str())
+            && field("architecture") == Some(self.architecture.as_str())
+            && self
+                .variant
+                .as_deref()
+                .is_none_or(|v| field("variant") == Some(v))
+    }
+}
+
+/// Which manifests of a multi-platform index are carried.
+#[derive(Debug, Clone, Default)]
+pub struct Platforms {
+    /// Empty: every one (the index whole).
+    pub wanted: Vec<Platform>,
+    /// Write a new index of only those (another digest); else the index is carried as
+    /// it is, naming manifests the bundle leaves out (a registry must accept that, or
+    /// hold them already).
+    pub rewrite: bool,
+}
+
+impl Platforms {
+    /// Is the entry `child` of an index carried? An entry without a platform is.
+    fn keeps(&self, child: &Descriptor) -> bool {
+        match &child.platform {
+            _ if self.wanted.is_empty() => true,
+            None => true,
+            Some(p) => self.wanted.iter().any(|w| w.matches(p)),
+        }
+    }
+}
+
 /// Resolves `wanted`: its manifests are read (from the cache when held there, else
-/// from the source, and kept) and walked to every blob.
+/// from the source, and kept) and walked to every blob; of a multi-platform index only
+/// the manifests of `platforms`.
 pub async fn resolve(
     wanted: &Wanted,
     sources: &Sources,
     cache: &Arc<Cache>,
+    platforms: &Platforms,
 ) -> Result<(Resolved, Origin)> {
     let (origin, name, reference) = origin_of(wanted, sources)?;
     let fail = |e: Error| e.for_image(&name);
-    let (bytes, said) = manifest(&origin, &reference, cache)
+    let (mut bytes, said) = manifest(&origin, &reference, cache)
         .await
         .map_err(fail)?
         .ok_or_else(|| fail(Error::NotFound(origin.describe())))?;
-    let digest = Digest::of(&bytes);
-    let doc = ManifestDoc::parse(&name.to_string(), &bytes)
+    let mut doc = ManifestDoc::parse(&name.to_string(), &bytes)
         .map_err(|e| fail(Error::Input(e.to_string())))?;
+    if let Some(children) = &mut doc.manifests {
+        let before = children.len();
+        children.retain(|c| platforms.keeps(c));
+        if children.is_empty() {
+            return Err(fail(Error::Input(
+                "its index has no manifest of the platforms asked for".into(),
+            )));
+        }
+        if platforms.rewrite && children.len() < before {
+            if name.digest.is_some() {
+                return Err(fail(Error::Input(
+                    "it is named by digest, and a rewritten index has another: name it by tag"
+                        .into(),
+                )));
+            }
+            bytes = rewritten(&bytes, platforms).map_err(fail)?;
+            cache.put(&Digest::of(&bytes), &bytes).map_err(fail)?;
+        }
+    }
+    let digest = Digest::of(&bytes);
     let top = Descriptor::new(doc.media_type(&said), digest, bytes.len() as u64);
     let mut out = Resolved {
         named: true,
@@ -246,6 +331,18 @@ pub async fn resolve(
         }
     }
     Ok((out, origin))
+}
+
+/// `index` with only the manifests `platforms` keeps (every other field as it was).
+fn rewritten(index: &[u8], platforms: &Platforms) -> Result<Vec<u8>> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(index).map_err(|e| Error::Input(format!("its index: {e}")))?;
+    if let Some(list) = v.get_mut("manifests").and_then(|m| m.as_array_mut()) {
+        list.retain(|entry| {
+            serde_json::from_value::<Descriptor>(entry.clone()).is_ok_and(|d| platforms.keeps(&d))
+        });
+    }
+    Ok(serde_json::to_vec(&v).expect("a JSON value serialises"))
 }
 
 /// The manifest `reference` of `origin`: from the cache when it is a digest held

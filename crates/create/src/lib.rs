@@ -113,6 +113,8 @@ pub struct Options {
     pub have: Option<shipperd_model::Inventory>,
     /// Carry what is attached to each image (cosign tags, referrers; see [`attach`]).
     pub attached: bool,
+    /// Which manifests of multi-platform indexes are carried.
+    pub platforms: collect::Platforms,
     /// Split the bundle into parts of at most this many bytes (tar formats).
     pub max_part_size: Option<u64>,
     /// Where simple-signing signatures are (`--registries.d`).
@@ -226,7 +228,7 @@ async fn plan_with(
         .map(|w| {
             let (sources, cache) = (&sources, &cache);
             async move {
-                let r = collect::resolve(w, sources, cache).await;
+                let r = collect::resolve(w, sources, cache, &opts.platforms).await;
                 progress.images_done.fetch_add(1, Ordering::Relaxed);
                 r
             }
@@ -245,7 +247,8 @@ async fn plan_with(
             .map(|(w, named)| {
                 let (sources, cache) = (&sources, &cache);
                 async move {
-                    let (mut r, o) = collect::resolve(&w, sources, cache).await?;
+                    let (mut r, o) =
+                        collect::resolve(&w, sources, cache, &Default::default()).await?;
                     r.named = named;
                     progress.images_done.fetch_add(1, Ordering::Relaxed);
                     Ok::<_, Error>((r, o))
@@ -368,7 +371,7 @@ async fn with_catalogs(
     };
     for spec in &opts.catalogs {
         let w = Wanted::Registry(spec.catalog.clone());
-        let (r, origin) = collect::resolve(&w, sources, cache).await?;
+        let (r, origin) = collect::resolve(&w, sources, cache, &opts.platforms).await?;
         collect::fetch(
             std::slice::from_ref(&r),
             &[origin],

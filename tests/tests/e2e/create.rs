@@ -186,6 +186,65 @@ async fn a_bundle_made_from_a_registry_publishes_with_the_sources_digests() -> a
     let (ok, out, err) = shipperd(&args);
     assert!(ok, "{out}{err}");
     app.assert_published(&layout, "").await?;
+    // One platform of the multi-arch image: kept as it is (the index names a manifest
+    // the bundle leaves out), or rewritten, which publishes an index of that platform.
+    let multi = &layout.images[2];
+    let amd64 = multi.manifests[0].clone();
+    let plan = |extra: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let mut args = vec![
+            "create",
+            "p.tar",
+            "--images",
+            images.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--plan",
+            "--json",
+        ];
+        args.extend(extra);
+        let (ok, out, err) = shipperd(&args);
+        anyhow::ensure!(ok, "{err}");
+        Ok(serde_json::from_str(&out)?)
+    };
+    let sparse = plan(&["--platform", "linux/amd64"])?;
+    assert_eq!(sparse["images"][2]["digest"], multi.digest.as_str());
+    assert_eq!(sparse["images"][2]["manifests"], 2, "{sparse}");
+    let rewritten = plan(&["--platform", "linux/amd64", "--rewrite-index"])?;
+    assert_ne!(rewritten["images"][2]["digest"], multi.digest.as_str());
+    assert_eq!(rewritten["images"][2]["manifests"], 2);
+    let amd = dir.path().join("amd.tar");
+    create(
+        &amd,
+        &images,
+        &cache,
+        &["--platform", "linux/amd64", "--rewrite-index"],
+    )?;
+    let (status, body) = app.put("amd.tar", std::fs::read(&amd)?, None).await?;
+    assert_eq!(status, 202, "{body}");
+    // The tag moves to the rewritten index (the same owner and source may move it).
+    let done = app
+        .wait_done(body["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["phase"], "Published", "{done}");
+    let (index, _) = app.manifest("demo/multi", "latest").await?.expect("tagged");
+    let index: serde_json::Value = serde_json::from_slice(&index)?;
+    let children: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(children, vec![amd64.as_str()]);
+    let (ok, _, err) = shipperd(&[
+        "create",
+        "x.tar",
+        "--images",
+        images.to_str().unwrap(),
+        "--platform",
+        "amd64",
+    ]);
+    assert!(!ok && err.contains("os/architecture"), "{err}");
+
     let (ok, _, err) = shipperd(&[
         "create",
         dir.path().join("no.squashfs").to_str().unwrap(),
