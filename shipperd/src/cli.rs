@@ -679,6 +679,11 @@ pub fn all_config(
     let mut ingest = i.config(c);
     // Work is alive while its heartbeat (every quarter of the ack wait) is fresh.
     ingest.janitor.alive_window = r.ack_wait / 2;
+    // The inventory is checked against the registry ingest then knows.
+    ingest.targets = Some(shipperd_registry_targets::LiveTargets::new(
+        r.targets()?,
+        r.targets.clone(),
+    ));
     Ok(AllConfig {
         ingest,
         unpack: r.unpack(c)?,

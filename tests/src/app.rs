@@ -132,6 +132,11 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
 
     let mut ingest = shipperd_ingest::Config::new(nats.url(), data.path(), listen);
     ingest.drop_dir = drop_dir.clone();
+    // As `shipperd all`: the inventory is checked against the registry.
+    ingest.targets = Some(shipperd_registry_targets::LiveTargets::new(
+        targets.clone(),
+        targets_file.clone(),
+    ));
     if let Some(t) = &opts.auth_tokens {
         let f = data.path().join("tokens");
         std::fs::write(&f, t)?;

@@ -30,6 +30,22 @@ pub struct Inventory {
     pub repositories: BTreeMap<String, InventoryRepo>,
     /// Every blob (config or layer) ShipperD pushed there, as 64 hex digits, sorted.
     pub blobs: BTreeSet<String>,
+    /// How it was checked against the registry (`None`: not checked, from ShipperD's
+    /// records alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked: Option<Checked>,
+}
+
+/// What a check against the registry looked at (`HEAD` of manifests and blobs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checked {
+    /// Every entry (else a sample, and every entry when the sample missed one).
+    pub all: bool,
+    pub manifests: u64,
+    pub blobs: u64,
+    /// Entries the registry no longer has, left out.
+    pub missing: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

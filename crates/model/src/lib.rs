@@ -25,7 +25,7 @@ pub use digest::Digest;
 pub use effects::{Effect, Effects};
 pub use error::ParseError;
 pub use id::{BundleId, TargetName};
-pub use inventory::{Inventory, InventoryRepo};
+pub use inventory::{Checked, Inventory, InventoryRepo};
 pub use reference::{Reference, RegistryUrl, redact_url, url_origin};
 pub use secret::Secret;
 pub use state::{

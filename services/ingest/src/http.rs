@@ -38,6 +38,9 @@ pub struct Uploads {
     pub namespace: Option<String>,
     /// The pace a body must keep (the listener's bounds).
     pub bounds: Bounds,
+    /// The registry targets, where this process knows them (`shipperd all`): the
+    /// inventory is checked against its registry.
+    pub targets: Option<shipperd_registry_targets::LiveTargets>,
 }
 
 /// The API; `shutdown` also ends the gRPC watches (they would hold the drain open).
@@ -308,7 +311,20 @@ async fn inventory(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response> {
     let target = target_param(&q, &uploads)?;
-    let inv = crate::inventory::build(&store, target.as_ref()).await?;
+    let all = match q.get("check").map(String::as_str) {
+        None | Some("sample") => false,
+        Some("all") => true,
+        Some(other) => {
+            return Err(Error::BadRequest(format!(
+                "check={other:?}: sample (the default) or all"
+            )));
+        }
+    };
+    let check = uploads
+        .targets
+        .as_ref()
+        .map(|targets| crate::inventory::Check { targets, all });
+    let inv = crate::inventory::build(&store, target.as_ref(), check).await?;
     Ok(Json(inv).into_response())
 }
 

@@ -5,23 +5,45 @@
 //! recorded for that registry (`shipperd-blobs`). The connected side makes a bundle of
 //! only what this does not list (`shipperd create --have`).
 //!
-//! It lists what ShipperD knows it published: a tag someone moved since, or a blob a
-//! registry's retention rule deleted, is still listed. A bundle made against it that
-//! then lacks a blob fails at publish, naming the blob, before any tag moves.
+//! Where ingest knows the targets (`shipperd all`), it checks what it lists against the
+//! registry with `HEAD`: a sample of the manifests and blobs (`?check=all`: every one),
+//! and every one when the sample finds one missing (a retention rule, a restored
+//! backup); what the registry no longer has is left out. Without the targets (a lone
+//! `shipperd ingest`) it lists ShipperD's records as they are (`checked` absent): a
+//! bundle made against it that then lacks a blob fails at publish, naming the blob,
+//! before any tag moves.
 
 use std::collections::HashMap;
 
+use futures::StreamExt as _;
 use futures::TryStreamExt as _;
 use shipperd_bus::{
     Error as BusError,
     subjects::{BLOBS_BUCKET, registry_key_prefix},
 };
-use shipperd_model::{ImagePhase, Inventory, InventoryRepo, TargetName};
+use shipperd_model::{Checked, Digest, ImagePhase, Inventory, InventoryRepo, TargetName};
+use shipperd_registry::Registry;
+use shipperd_registry_targets::LiveTargets;
 use shipperd_store::{Error, Result, Store};
 
+/// Entries looked at in a sample.
+const SAMPLE: usize = 64;
+/// `HEAD`s at once.
+const CHECKS: usize = 8;
+
+/// How to check an inventory: the targets, and whether every entry is looked at.
+pub struct Check<'a> {
+    pub targets: &'a LiveTargets,
+    pub all: bool,
+}
+
 /// The inventory of `target`; `None`: the one target bundles went to (a site with
-/// several must name one).
-pub async fn build(store: &Store, target: Option<&TargetName>) -> Result<Inventory> {
+/// several must name one). Checked against the registry when `check` is given.
+pub async fn build(
+    store: &Store,
+    target: Option<&TargetName>,
+    check: Option<Check<'_>>,
+) -> Result<Inventory> {
     let mut bundles = store.state().list().await?;
     bundles.retain(|s| !s.deleting);
     let target = match target {
@@ -83,6 +105,7 @@ pub async fn build(store: &Store, target: Option<&TargetName>) -> Result<Invento
         return Ok(Inventory::new("", target.map(|t| t.to_string())));
     };
     let kv = store.bus().bucket(BLOBS_BUCKET).await?;
+    let inv_target = inv.target.clone();
     let prefix = format!("{}.", registry_key_prefix(&inv.registry));
     let keys = kv
         .keys()
@@ -100,5 +123,126 @@ pub async fn build(store: &Store, target: Option<&TargetName>) -> Result<Invento
             inv.blobs.insert(hex.to_string());
         }
     }
+    if let Some(check) = check {
+        let targets = check.targets.get();
+        let name = inv_target
+            .as_deref()
+            .and_then(|t| TargetName::parse(t).ok());
+        if let Ok(t) = targets.get(name.as_ref())
+            && t.url.host == inv.registry
+        {
+            let reg = Registry::reader(t.clone())
+                .map_err(|e| Error::Busy(format!("checking the inventory: {e}")))?;
+            let mut checked = verify(&mut inv, &reg, &kv, check.all).await?;
+            if !checked.all && checked.missing > 0 {
+                // The registry lost something: look at everything.
+                let first = checked.missing;
+                checked = verify(&mut inv, &reg, &kv, true).await?;
+                checked.missing += first;
+            }
+            inv.checked = Some(checked);
+        }
+    }
     Ok(inv)
+}
+
+/// Every `n`-th of `len` entries, `SAMPLE` of them (all when `all`).
+fn picked(len: usize, all: bool) -> impl Fn(usize) -> bool {
+    let step = if all { 1 } else { len.div_ceil(SAMPLE).max(1) };
+    move |i| i % step == 0
+}
+
+/// Looks at the inventory's manifests and blobs (a sample, or all) with `HEAD`, and
+/// leaves out what the registry does not have (a manifest's tags with it).
+async fn verify(
+    inv: &mut Inventory,
+    reg: &Registry,
+    kv: &async_nats::jetstream::kv::Store,
+    all: bool,
+) -> Result<Checked> {
+    let unavailable = |e: shipperd_registry::RegistryError| {
+        Error::Busy(format!(
+            "checking the inventory against {}: {}",
+            reg.host(),
+            e.cause()
+        ))
+    };
+    let manifests: Vec<(String, String, Digest)> = inv
+        .repositories
+        .iter()
+        .flat_map(|(src, r)| {
+            r.manifests
+                .iter()
+                .map(|d| (src.clone(), r.repository.clone(), d.clone()))
+        })
+        .collect();
+    let manifests_len = manifests.len();
+    let keep = picked(manifests.len(), all);
+    let looked: Vec<_> = manifests
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, m)| m)
+        .collect();
+    let n_manifests = looked.len() as u64;
+    let gone: Vec<(String, Digest)> = futures::stream::iter(looked)
+        .map(|(src, repo, d)| async move {
+            let there = reg.manifest_exists(&repo, &d).await?;
+            Ok::<_, shipperd_registry::RegistryError>((!there).then_some((src, d)))
+        })
+        .buffer_unordered(CHECKS)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .filter_map(|r| r.map_err(unavailable).transpose())
+        .collect::<Result<_>>()?;
+    for (src, d) in &gone {
+        if let Some(r) = inv.repositories.get_mut(src) {
+            r.manifests.remove(d);
+            r.tags.retain(|_, t| t != d);
+        }
+    }
+    let prefix = registry_key_prefix(&inv.registry);
+    let blobs_len = inv.blobs.len();
+    let keep = picked(inv.blobs.len(), all);
+    let looked: Vec<String> = inv
+        .blobs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, h)| h.clone())
+        .collect();
+    let n_blobs = looked.len() as u64;
+    let missing_blobs: Vec<String> = futures::stream::iter(looked)
+        .map(|hex| {
+            let key = format!("{prefix}.{hex}");
+            async move {
+                let Ok(d) = Digest::from_hex(&hex) else {
+                    return Ok(Some(hex));
+                };
+                let repo = match kv.get(&key).await {
+                    Ok(Some(r)) => String::from_utf8_lossy(&r).into_owned(),
+                    // Its record went meanwhile: not known to be there.
+                    _ => return Ok(Some(hex)),
+                };
+                let there = reg.blob_exists(&repo, &d).await?;
+                Ok::<_, shipperd_registry::RegistryError>((!there).then_some(hex))
+            }
+        })
+        .buffer_unordered(CHECKS)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .filter_map(|r| r.map_err(unavailable).transpose())
+        .collect::<Result<_>>()?;
+    for hex in &missing_blobs {
+        inv.blobs.remove(hex);
+    }
+    Ok(Checked {
+        // A sample of a small inventory is all of it.
+        all: all || (n_manifests == manifests_len as u64 && n_blobs == blobs_len as u64),
+        manifests: n_manifests,
+        blobs: n_blobs,
+        missing: (gone.len() + missing_blobs.len()) as u64,
+    })
 }

@@ -95,6 +95,9 @@ pub struct Config {
     pub bounds: Bounds,
     /// What the store takes in: uploads at once, free space kept, bytes stored.
     pub limits: Limits,
+    /// The registry targets, where this process has them (`shipperd all`): the
+    /// inventory (`GET /v1/inventory`) is then checked against the registry.
+    pub targets: Option<shipperd_registry_targets::LiveTargets>,
 }
 
 impl Config {
@@ -119,6 +122,7 @@ impl Config {
             tls: None,
             bounds: Bounds::default(),
             limits: Limits::default(),
+            targets: None,
         }
     }
 }
@@ -207,7 +211,11 @@ impl Ingest {
         let uploads = http::Uploads {
             namespace: self.config.kube_auth.as_ref().map(|k| k.namespace.clone()),
             bounds: self.config.bounds.clone(),
+            targets: self.config.targets.clone(),
         };
+        if let Some(t) = &self.config.targets {
+            shipperd_pipeline::Service::follow_targets(t, &shutdown);
+        }
         let mut app = http::router(self.store.clone(), uploads, shutdown.clone());
         let gate = auth::Gate {
             tokens: self.config.auth_token_file.clone().map(auth::Tokens::new),
