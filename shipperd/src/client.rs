@@ -44,6 +44,10 @@ pub enum ClientCommand {
         /// Where to write it.
         #[arg(short = 'o', long)]
         output: PathBuf,
+        /// Check every manifest and blob against the registry (else a sample, and all
+        /// when the sample finds one missing).
+        #[arg(long)]
+        check_all: bool,
     },
     /// Delete a bundle's stored files and state (not the images in the registry).
     Delete {
@@ -68,7 +72,8 @@ impl ClientCommand {
                 client,
                 target,
                 output,
-            } => inventory(&client, target.as_deref(), &output).await,
+                check_all,
+            } => inventory(&client, target.as_deref(), &output, check_all).await,
         }
     }
 }
@@ -275,11 +280,21 @@ pub async fn inventory(
     args: &ClientArgs,
     target: Option<&str>,
     output: &std::path::Path,
+    check_all: bool,
 ) -> anyhow::Result<()> {
     let c = Client::new(args)?;
-    let q = target
-        .map(|t| format!("?target={}", enc(t)))
-        .unwrap_or_default();
+    let mut q: Vec<String> = target
+        .map(|t| format!("target={}", enc(t)))
+        .into_iter()
+        .collect();
+    if check_all {
+        q.push("check=all".into());
+    }
+    let q = if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    };
     let v = c
         .call(reqwest::Method::GET, &format!("/v1/inventory{q}"))
         .await?;
@@ -294,11 +309,12 @@ pub async fn inventory(
         println!(
             "{}",
             serde_json::json!({"output": output, "registry": inv.registry,
-            "repositories": inv.repositories.len(), "tags": tags, "blobs": inv.blobs.len()})
+            "repositories": inv.repositories.len(), "tags": tags, "blobs": inv.blobs.len(),
+            "checked": inv.checked})
         );
     } else {
         println!(
-            "{}: {} at {}: {} repositories, {tags} tags, {} blobs",
+            "{}: {} at {}: {} repositories, {tags} tags, {} blobs; {}",
             output.display(),
             inv.target.as_deref().unwrap_or("the default target"),
             if inv.registry.is_empty() {
@@ -307,7 +323,17 @@ pub async fn inventory(
                 &inv.registry
             },
             inv.repositories.len(),
-            inv.blobs.len()
+            inv.blobs.len(),
+            match &inv.checked {
+                None => "not checked against the registry".to_string(),
+                Some(c) => format!(
+                    "checked {} manifests and {} blobs ({}), {} missing (left out)",
+                    c.manifests,
+                    c.blobs,
+                    if c.all { "all" } else { "a sample" },
+                    c.missing
+                ),
+            }
         );
     }
     Ok(())
