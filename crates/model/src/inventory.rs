@@ -56,7 +56,8 @@ pub struct InventoryRepo {
     /// Tag → the digest ShipperD set it to last.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, Digest>,
-    /// Top manifests (and indexes) published there.
+    /// Top manifests (and indexes) published there that no tag of `tags` names (those
+    /// are listed once, under their tags).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub manifests: BTreeSet<Digest>,
 }
@@ -97,7 +98,15 @@ impl Inventory {
     pub fn has_manifest(&self, source: &str, d: &Digest) -> bool {
         self.repositories
             .get(source)
-            .is_some_and(|r| r.manifests.contains(d))
+            .is_some_and(|r| r.manifests.contains(d) || r.tags.values().any(|t| t == d))
+    }
+
+    /// Lists each manifest once: those a tag names only under the tag.
+    pub fn compact(&mut self) {
+        for r in self.repositories.values_mut() {
+            let tagged: BTreeSet<&Digest> = r.tags.values().collect();
+            r.manifests.retain(|d| !tagged.contains(d));
+        }
     }
 }
 
@@ -114,10 +123,17 @@ mod tests {
             InventoryRepo {
                 repository: "mirror/org/app".into(),
                 tags: BTreeMap::from([("1".into(), d.clone())]),
-                manifests: BTreeSet::from([d.clone()]),
+                manifests: BTreeSet::from([d.clone(), Digest::of(b"untagged")]),
             },
         );
         inv.blobs.insert(d.hex().to_string());
+        inv.compact();
+        assert_eq!(
+            inv.repositories["quay.io/org/app"].manifests.len(),
+            1,
+            "the tagged one goes"
+        );
+        assert!(inv.has_manifest("quay.io/org/app", &Digest::of(b"untagged")));
         let bytes = serde_json::to_vec(&inv).unwrap();
         let back = Inventory::from_json(&bytes).unwrap();
         assert_eq!(back, inv);

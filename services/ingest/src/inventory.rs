@@ -143,6 +143,7 @@ pub async fn build(
             inv.checked = Some(checked);
         }
     }
+    inv.compact();
     Ok(inv)
 }
 

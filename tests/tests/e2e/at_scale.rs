@@ -103,6 +103,32 @@ async fn thousands_of_images_publish_page_and_announce_once() -> anyhow::Result<
     assert_eq!(failed["images"].as_array().unwrap().len(), 0);
     assert_eq!(failed["total"], 0);
 
+    // The site's inventory lists every image and blob, compactly (a few MB at 20,000),
+    // checked against the registry by a sample.
+    let inv = app
+        .http
+        .get(format!("{}/v1/inventory", app.base))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let parsed = shipperd_model::Inventory::from_json(&inv).map_err(anyhow::Error::msg)?;
+    let tags: usize = parsed.repositories.values().map(|r| r.tags.len()).sum();
+    assert_eq!(tags, IMAGES);
+    let distinct: HashSet<&String> = b.images.iter().flat_map(|i| &i.blobs).collect();
+    assert_eq!(parsed.blobs.len(), distinct.len());
+    let checked = parsed.checked.expect("checked against the registry");
+    assert!(
+        !checked.all && checked.missing == 0 && checked.blobs <= 64,
+        "{checked:?}"
+    );
+    println!("inventory of {IMAGES} images: {} bytes", inv.len());
+    assert!(
+        inv.len() < 500_000,
+        "{} bytes for {IMAGES} images",
+        inv.len()
+    );
+
     // Exactly one bundle.published, and it carries counts, not the images.
     let nats = async_nats::connect(app.nats.url()).await?;
     let js = async_nats::jetstream::new(nats.clone());
