@@ -521,3 +521,21 @@ fn check_space(cache: &Path, out: &Path, fetch: u64, bundle: u64) -> Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bundle_that_does_not_fit_is_refused_before_anything_is_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, out) = (dir.path(), dir.path());
+        check_space(cache, out, 1 << 20, 1 << 20).unwrap();
+        let err = check_space(cache, out, 1 << 60, 1 << 60).unwrap_err();
+        assert!(
+            matches!(&err, Error::NoSpace { what, .. } if what.contains("fetch") && what.contains("bundle")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not enough free space"), "{err}");
+    }
+}
