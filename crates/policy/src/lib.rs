@@ -20,6 +20,8 @@
 //! claimed identity fits an image. Checking the signatures' cryptography is done with
 //! well-kept crates elsewhere.
 
+pub mod simple;
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;

@@ -36,6 +36,7 @@ mod publish_faults;
 mod registry_client;
 mod secrets;
 mod serve;
+mod signatures;
 mod state;
 mod stopping;
 mod targets;
