@@ -9,13 +9,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use base64::Engine as _;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use shipperd_bundle::{Descriptor, layout::ANNOTATION_REF_NAME};
-use shipperd_model::{Digest, Reference, Secret};
+use shipperd_model::{Digest, Reference};
 use shipperd_registry::Registry;
-use shipperd_registry_targets::{AuthSpec, Mapping, Target, Transfer};
+use shipperd_registry_targets::{AuthSpec, DockerAuth, DockerConfig, Mapping, Target, Transfer};
 
 use crate::{Error, Result, cache::Cache, list};
 
@@ -31,24 +30,10 @@ pub struct SourceOptions {
     pub concurrency: usize,
 }
 
-#[derive(Deserialize)]
-struct AuthFile {
-    #[serde(default)]
-    auths: BTreeMap<String, AuthEntry>,
-}
-
-#[derive(Deserialize)]
-struct AuthEntry {
-    auth: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    identitytoken: Option<String>,
-}
-
 /// The registries met so far, by host and authfile entry.
 pub struct Sources {
     opts: SourceOptions,
-    auths: BTreeMap<String, AuthEntry>,
+    auths: BTreeMap<String, DockerAuth>,
     registries: Mutex<HashMap<(String, String), Arc<Registry>>>,
 }
 
@@ -73,7 +58,7 @@ impl Sources {
             None => BTreeMap::new(),
             Some(p) => {
                 let text = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                let file: AuthFile = serde_json::from_slice(&text).map_err(|e| {
+                let file: DockerConfig = serde_json::from_slice(&text).map_err(|e| {
                     Error::Input(format!(
                         "{} is not a containers-auth.json: {e}",
                         p.display()
@@ -93,7 +78,7 @@ impl Sources {
     }
 
     /// The authfile entry for `image`'s repository, most specific first.
-    fn entry(&self, image: &Reference) -> Option<(&str, &AuthEntry)> {
+    fn entry(&self, image: &Reference) -> Option<(&str, &DockerAuth)> {
         let host = image.host.as_deref().unwrap_or("docker.io");
         let mut scope = format!("{host}/{}", image.repository);
         loop {
@@ -120,28 +105,11 @@ impl Sources {
         }
         let mut auth = AuthSpec::default();
         if let Some((k, e)) = entry {
-            let bad = |p: &str| Error::Input(format!("authfile entry {k}: {p}"));
-            if e.identitytoken.is_some() {
-                return Err(bad(
-                    "identitytoken (OAuth refresh) entries are not supported; log in with user and password",
-                ));
-            }
-            let (u, p) = match (&e.auth, &e.username, &e.password) {
-                (Some(a), _, _) => {
-                    let raw = base64::engine::general_purpose::STANDARD
-                        .decode(a.trim())
-                        .map_err(|_| bad("auth is not base64"))?;
-                    let raw = String::from_utf8(raw).map_err(|_| bad("auth is not UTF-8"))?;
-                    let (u, p) = raw
-                        .split_once(':')
-                        .ok_or_else(|| bad("auth is not user:password"))?;
-                    (u.to_string(), p.to_string())
-                }
-                (None, Some(u), Some(p)) => (u.clone(), p.clone()),
-                _ => return Err(bad("neither auth nor username and password")),
-            };
-            auth.username = Some(u);
-            auth.password = Some(Secret::new(p));
+            let (username, password) = e
+                .basic(k)
+                .map_err(|e| Error::Input(format!("authfile: {e}")))?;
+            auth.username = Some(username);
+            auth.password = Some(password);
         }
         auth.token_hosts = self.opts.token_hosts.clone();
         if host == "docker.io" {
@@ -322,6 +290,7 @@ mod tests {
         assert_eq!(auth_key("http://reg:5000"), "reg:5000");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("auth.json");
+        use base64::Engine as _;
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         std::fs::write(
             &f,

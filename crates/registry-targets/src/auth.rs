@@ -116,18 +116,49 @@ impl AuthSpec {
     }
 }
 
+/// A docker `config.json`, `.dockerconfigjson` or `containers-auth.json`: its entries
+/// by registry (or, in the containers format, by `host/namespace`).
 #[derive(Deserialize)]
-struct DockerConfig {
+pub struct DockerConfig {
     #[serde(default)]
-    auths: std::collections::BTreeMap<String, DockerAuth>,
+    pub auths: std::collections::BTreeMap<String, DockerAuth>,
 }
 
+/// One entry of a [`DockerConfig`].
 #[derive(Deserialize)]
-struct DockerAuth {
+pub struct DockerAuth {
     auth: Option<String>,
     username: Option<String>,
     password: Option<String>,
     identitytoken: Option<String>,
+}
+
+impl DockerAuth {
+    /// The entry's user and password (`auth` is base64 of `user:password`); `name`
+    /// says which entry in errors.
+    pub fn basic(&self, name: &str) -> Result<(String, Secret)> {
+        let bad = |p: &str| Error::Credentials(format!("docker config entry for {name}: {p}"));
+        if self.identitytoken.is_some() {
+            return Err(bad(
+                "identitytoken (OAuth refresh) entries are not supported; use user and password",
+            ));
+        }
+        let (username, password) = match (&self.auth, &self.username, &self.password) {
+            (Some(a), _, _) => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(a.trim())
+                    .map_err(|_| bad("auth is not base64"))?;
+                let raw = String::from_utf8(raw).map_err(|_| bad("auth is not UTF-8"))?;
+                let (u, p) = raw
+                    .split_once(':')
+                    .ok_or_else(|| bad("auth is not user:password"))?;
+                (u.to_string(), p.to_string())
+            }
+            (None, Some(u), Some(p)) => (u.clone(), p.clone()),
+            _ => return Err(bad("neither auth nor username and password")),
+        };
+        Ok((username, Secret::new(password)))
+    }
 }
 
 /// `https://reg.example:5000/v1/` → `reg.example:5000`.
@@ -154,30 +185,8 @@ fn docker_config(path: &Path, host: &str) -> Result<Credentials> {
             path.display()
         )));
     };
-    let bad = |p: &str| Error::Credentials(format!("docker config entry for {host}: {p}"));
-    if entry.identitytoken.is_some() {
-        return Err(bad(
-            "identitytoken (OAuth refresh) entries are not supported; use user and password",
-        ));
-    }
-    let (username, password) = match (&entry.auth, &entry.username, &entry.password) {
-        (Some(a), _, _) => {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(a.trim())
-                .map_err(|_| bad("auth is not base64"))?;
-            let raw = String::from_utf8(raw).map_err(|_| bad("auth is not UTF-8"))?;
-            let (u, p) = raw
-                .split_once(':')
-                .ok_or_else(|| bad("auth is not user:password"))?;
-            (u.to_string(), p.to_string())
-        }
-        (None, Some(u), Some(p)) => (u.clone(), p.clone()),
-        _ => return Err(bad("neither auth nor username and password")),
-    };
-    Ok(Credentials::Basic {
-        username,
-        password: Secret::new(password),
-    })
+    let (username, password) = entry.basic(host)?;
+    Ok(Credentials::Basic { username, password })
 }
 
 #[cfg(test)]

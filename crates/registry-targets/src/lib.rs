@@ -16,7 +16,7 @@ use std::{path::Path, time::Duration};
 use serde::{Deserialize, Serialize};
 use shipperd_model::{RegistryUrl, Secret, TargetName};
 
-pub use auth::{AuthSpec, Credentials};
+pub use auth::{AuthSpec, Credentials, DockerAuth, DockerConfig};
 pub use egress::Egress;
 pub use live::LiveTargets;
 pub use mapping::{Mapping, NAMESPACE as NAMESPACE_PREFIX, Rename};
