@@ -249,24 +249,7 @@ impl LayoutBuilder {
     pub async fn push_to(&self, http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
         for img in &self.images {
             for b in &img.blobs {
-                let r = http
-                    .post(format!("{base}/v2/{}/blobs/uploads/", img.repo))
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status() == 202, "POST blob upload: {}", r.status());
-                let loc = r.headers()["location"].to_str()?.to_string();
-                let loc = if loc.starts_with("http") {
-                    loc
-                } else {
-                    format!("{base}{loc}")
-                };
-                let sep = if loc.contains('?') { '&' } else { '?' };
-                let r = http
-                    .put(format!("{loc}{sep}digest={b}"))
-                    .body(self.blobs[b].clone())
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status() == 201, "PUT blob {b}: {}", r.status());
+                put_blob(http, base, &img.repo, &self.blobs[b]).await?;
             }
             for m in &img.manifests {
                 let bytes = self.blobs[m].clone();
@@ -510,6 +493,36 @@ pub enum TarCompression {
 }
 
 /// A tar archive of `files` (with their parent directories, as GNU tar writes them).
+/// Uploads `bytes` into `repo` of the registry at `base` as a client would (`POST`, then
+/// `PUT` with the digest).
+pub async fn put_blob(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 202, "POST blob upload: {}", r.status());
+    let loc = r.headers()["location"].to_str()?.to_string();
+    let loc = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{base}{loc}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let d = sha256(bytes);
+    let r = http
+        .put(format!("{loc}{sep}digest={d}"))
+        .body(bytes.to_vec())
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 201, "PUT blob {d}: {}", r.status());
+    Ok(())
+}
+
 pub fn tar_bytes(files: &[(String, Vec<u8>)]) -> anyhow::Result<Vec<u8>> {
     let mut ar = tar::Builder::new(Vec::new());
     let mut dirs = std::collections::BTreeSet::new();

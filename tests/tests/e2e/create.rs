@@ -838,34 +838,6 @@ async fn an_image_set_configuration_carries_what_its_catalog_selects() -> anyhow
     Ok(())
 }
 
-async fn put_blob(
-    http: &reqwest::Client,
-    base: &str,
-    repo: &str,
-    bytes: &[u8],
-) -> anyhow::Result<()> {
-    let r = http
-        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
-        .send()
-        .await?;
-    anyhow::ensure!(r.status() == 202, "POST {}", r.status());
-    let loc = r.headers()["location"].to_str()?.to_string();
-    let loc = if loc.starts_with("http") {
-        loc
-    } else {
-        format!("{base}{loc}")
-    };
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let d = shipperd_tests::fixtures::sha256(bytes);
-    let r = http
-        .put(format!("{loc}{sep}digest={d}"))
-        .body(bytes.to_vec())
-        .send()
-        .await?;
-    anyhow::ensure!(r.status() == 201, "PUT {}", r.status());
-    Ok(())
-}
-
 async fn put_manifest(
     http: &reqwest::Client,
     base: &str,
@@ -921,8 +893,8 @@ async fn signatures_and_referrers_arrive_with_their_images() -> anyhow::Result<(
     );
     let sbom_bytes = sigs.blobs[&sbom].clone();
     let sbom_doc: serde_json::Value = serde_json::from_slice(&sbom_bytes)?;
-    put_blob(&http, &source.url(), "demo/app", b"{}").await?;
-    put_blob(
+    shipperd_tests::fixtures::put_blob(&http, &source.url(), "demo/app", b"{}").await?;
+    shipperd_tests::fixtures::put_blob(
         &http,
         &source.url(),
         "demo/app",

@@ -15,24 +15,7 @@ async fn put_blob(
     bytes: &[u8],
 ) -> anyhow::Result<Descriptor> {
     let digest = Digest::of(bytes);
-    let r = http
-        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
-        .send()
-        .await?;
-    anyhow::ensure!(r.status() == 202, "POST {}", r.status());
-    let loc = r.headers()["location"].to_str()?.to_string();
-    let loc = if loc.starts_with("http") {
-        loc
-    } else {
-        format!("{base}{loc}")
-    };
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let r = http
-        .put(format!("{loc}{sep}digest={digest}"))
-        .body(bytes.to_vec())
-        .send()
-        .await?;
-    anyhow::ensure!(r.status() == 201, "PUT {}", r.status());
+    shipperd_tests::fixtures::put_blob(http, base, repo, bytes).await?;
     Ok(Descriptor::new(
         "application/octet-stream",
         digest,
