@@ -15,8 +15,7 @@
 
 use std::collections::HashMap;
 
-use futures::StreamExt as _;
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use shipperd_bus::{
     Error as BusError,
     subjects::{BLOBS_BUCKET, registry_key_prefix},
@@ -147,10 +146,14 @@ pub async fn build(
     Ok(inv)
 }
 
-/// Every `n`-th of `len` entries, `SAMPLE` of them (all when `all`).
-fn picked(len: usize, all: bool) -> impl Fn(usize) -> bool {
-    let step = if all { 1 } else { len.div_ceil(SAMPLE).max(1) };
-    move |i| i % step == 0
+/// `SAMPLE` of `items`, spread evenly over them (all of them when `all`).
+fn sample<T>(items: Vec<T>, all: bool) -> Vec<T> {
+    let step = if all {
+        1
+    } else {
+        items.len().div_ceil(SAMPLE).max(1)
+    };
+    items.into_iter().step_by(step).collect()
 }
 
 /// Looks at the inventory's manifests and blobs (a sample, or all) with `HEAD`, and
@@ -178,25 +181,18 @@ async fn verify(
         })
         .collect();
     let manifests_len = manifests.len();
-    let keep = picked(manifests.len(), all);
-    let looked: Vec<_> = manifests
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| keep(*i))
-        .map(|(_, m)| m)
-        .collect();
+    let looked = sample(manifests, all);
     let n_manifests = looked.len() as u64;
     let gone: Vec<(String, Digest)> = futures::stream::iter(looked)
         .map(|(src, repo, d)| async move {
             let there = reg.manifest_exists(&repo, &d).await?;
-            Ok::<_, shipperd_registry::RegistryError>((!there).then_some((src, d)))
+            Ok((!there).then_some((src, d)))
         })
         .buffer_unordered(CHECKS)
-        .collect::<Vec<_>>()
+        .try_filter_map(|gone| std::future::ready(Ok(gone)))
+        .try_collect()
         .await
-        .into_iter()
-        .filter_map(|r| r.map_err(unavailable).transpose())
-        .collect::<Result<_>>()?;
+        .map_err(unavailable)?;
     for (src, d) in &gone {
         if let Some(r) = inv.repositories.get_mut(src) {
             r.manifests.remove(d);
@@ -205,14 +201,7 @@ async fn verify(
     }
     let prefix = registry_key_prefix(&inv.registry);
     let blobs_len = inv.blobs.len();
-    let keep = picked(inv.blobs.len(), all);
-    let looked: Vec<String> = inv
-        .blobs
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| keep(*i))
-        .map(|(_, h)| h.clone())
-        .collect();
+    let looked = sample(inv.blobs.iter().cloned().collect(), all);
     let n_blobs = looked.len() as u64;
     let missing_blobs: Vec<String> = futures::stream::iter(looked)
         .map(|hex| {
@@ -227,15 +216,14 @@ async fn verify(
                     _ => return Ok(Some(hex)),
                 };
                 let there = reg.blob_exists(&repo, &d).await?;
-                Ok::<_, shipperd_registry::RegistryError>((!there).then_some(hex))
+                Ok((!there).then_some(hex))
             }
         })
         .buffer_unordered(CHECKS)
-        .collect::<Vec<_>>()
+        .try_filter_map(|gone| std::future::ready(Ok(gone)))
+        .try_collect()
         .await
-        .into_iter()
-        .filter_map(|r| r.map_err(unavailable).transpose())
-        .collect::<Result<_>>()?;
+        .map_err(unavailable)?;
     for hex in &missing_blobs {
         inv.blobs.remove(hex);
     }
