@@ -20,12 +20,137 @@
 //! claimed identity fits an image. Checking the signatures' cryptography is done with
 //! well-kept crates elsewhere.
 
+pub mod cosign;
 pub mod simple;
+mod verify;
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use shipperd_model::Reference;
+use shipperd_model::{Digest, Reference};
+
+pub use verify::{Accepted, Check, CosignSignature, Signatures, Verdict, Verifier};
+
+/// Why a signature, or an image, was not accepted, said as a person reads it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The requirement needs signatures and the image has none of its kind.
+    #[error("unsigned")]
+    Unsigned,
+    #[error("malformed signature: {0}")]
+    Malformed(String),
+    #[error("signed by an unknown key")]
+    UnknownKey,
+    #[error("the signed payload is not a container signature: {0}")]
+    Payload(String),
+    #[error("signature for another digest ({0})")]
+    OtherDigest(Digest),
+    #[error("identity mismatch: signed for {0}")]
+    Identity(String),
+    /// The policy's `reject` requirement.
+    #[error("the policy rejects every image of scope {0}")]
+    Rejected(String),
+    /// A requirement ShipperD cannot check yet: it fails closed.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+}
+
+impl Rejection {
+    /// How much the rejection says about a signature that was almost right: among a
+    /// signature list, the most telling one is reported.
+    fn weight(&self) -> u8 {
+        match self {
+            Rejection::Unsigned => 0,
+            Rejection::Malformed(_) => 1,
+            Rejection::Payload(_) => 2,
+            Rejection::UnknownKey => 3,
+            Rejection::OtherDigest(_) => 4,
+            Rejection::Identity(_) => 5,
+            Rejection::Rejected(_) | Rejection::Unsupported(_) => 6,
+        }
+    }
+}
+
+/// What a verified signature says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    pub digest: Digest,
+    pub identity: String,
+    /// The signing key: its OpenPGP fingerprint (hex, upper case as gpg prints it), or
+    /// for a cosign key `sha256:` of its DER public key.
+    pub key: String,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    critical: Critical,
+}
+
+#[derive(Deserialize)]
+struct Critical {
+    #[serde(rename = "type")]
+    kind: String,
+    image: PayloadImage,
+    identity: PayloadIdentity,
+}
+
+#[derive(Deserialize)]
+struct PayloadImage {
+    #[serde(rename = "docker-manifest-digest")]
+    digest: String,
+}
+
+#[derive(Deserialize)]
+struct PayloadIdentity {
+    #[serde(rename = "docker-reference")]
+    reference: String,
+}
+
+/// The digest and identity a signature payload (simple signing's JSON, which cosign
+/// also signs) claims, once its `critical.type` is `kind`.
+fn payload(bytes: &[u8], kind: &str) -> std::result::Result<(Digest, String), Rejection> {
+    let p: Payload =
+        serde_json::from_slice(bytes).map_err(|e| Rejection::Payload(e.to_string()))?;
+    if p.critical.kind != kind {
+        return Err(Rejection::Payload(format!("type {:?}", p.critical.kind)));
+    }
+    let digest =
+        Digest::parse(&p.critical.image.digest).map_err(|e| Rejection::Payload(e.to_string()))?;
+    Ok((digest, p.critical.identity.reference))
+}
+
+/// A signature's `docker-reference`: a reference, or a repository alone (cosign signs
+/// `host/repo` without a tag).
+fn signed_reference(s: &str) -> Option<Reference> {
+    if let Ok(r) = Reference::parse(s) {
+        return Some(r);
+    }
+    if s.contains('@') {
+        return None;
+    }
+    // A name alone: parsed with a tag, which is then taken off again.
+    let mut r = Reference::parse(&format!("{s}:latest")).ok()?;
+    r.tag = None;
+    Some(r)
+}
+
+/// Does a verified signature fit the image `image` at `digest`, under `identity`?
+pub fn fits(
+    signed: &Signed,
+    image: &Reference,
+    digest: &Digest,
+    identity: &Identity,
+) -> std::result::Result<(), Rejection> {
+    if signed.digest != *digest {
+        return Err(Rejection::OtherDigest(signed.digest.clone()));
+    }
+    let claimed = signed_reference(&signed.identity)
+        .ok_or_else(|| Rejection::Identity(signed.identity.clone()))?;
+    if !identity.accepts(image, &claimed) {
+        return Err(Rejection::Identity(signed.identity.clone()));
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
