@@ -451,6 +451,13 @@ pub struct RegistryArgs {
     /// config) stays the same either way.
     #[arg(long, env = "SHIPPERD_COMPRESS_LAYERS")]
     pub compress_layers: bool,
+    /// The site's signature policy, a `containers-policy.json` (as skopeo, podman and
+    /// CRI-O read it): before anything of a bundle is published, every image (by its
+    /// source reference) must satisfy it, and its target's `policy`, with the
+    /// signatures the bundle carries; otherwise the bundle fails and nothing is
+    /// tagged. Read again for each bundle; checked at start.
+    #[arg(long, env = "SHIPPERD_POLICY", value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -638,6 +645,12 @@ impl RegistryArgs {
         cfg.limits = self.limits.limits();
         cfg.limits.min_free_bytes = c.min_free_bytes;
         cfg.compress_layers = self.compress_layers;
+        if let Some(p) = &self.policy {
+            // A policy that cannot be used is said at start, not at the first bundle.
+            shipperd_unpack::Policies::load(std::slice::from_ref(p))
+                .map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
+            cfg.policy = Some(std::path::absolute(p)?);
+        }
         Ok(cfg)
     }
 

@@ -29,6 +29,8 @@ pub struct Options {
     pub limits: Option<shipperd_bundle::Limits>,
     /// Unpack's `--compress-layers`.
     pub compress_layers: bool,
+    /// Unpack's `--policy` (the site-wide signature policy).
+    pub policy: Option<PathBuf>,
     /// A targets file (TOML) instead of the one loopback target; `{registry}` in it
     /// becomes the test registry's URL, relative paths are taken from the data dir.
     pub targets_toml: Option<String>,
@@ -169,6 +171,7 @@ pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result
     let mut unpack = shipperd_unpack::Config::new(nats.url(), data.path(), targets.clone());
     unpack.service.targets_file = targets_file.clone();
     unpack.compress_layers = opts.compress_layers;
+    unpack.policy = opts.policy.clone();
     if let Some(l) = &opts.limits {
         unpack.limits = l.clone();
     }

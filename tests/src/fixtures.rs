@@ -310,6 +310,29 @@ impl LayoutBuilder {
         d
     }
 
+    /// Adds a cosign signature image as cosign writes it, named `name` (e.g.
+    /// `quay.io/org/app:sha256-<hex>.sig`): one layer, the signed payload, with its
+    /// base64 signature in `dev.cosignproject.cosign/signature`.
+    pub fn cosign_signature(&mut self, name: &str, payload: &[u8], signature: &str) -> String {
+        let (cd, cs) = self.blob(
+            br#"{"architecture":"","config":{},"os":"","rootfs":{"type":"layers","diff_ids":[]}}"#
+                .to_vec(),
+        );
+        let (pd, ps) = self.blob(payload.to_vec());
+        let m = json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs },
+            "layers": [{ "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                "digest": pd, "size": ps,
+                "annotations": { "dev.cosignproject.cosign/signature": signature } }],
+        });
+        let (d, s) = self.blob(serde_json::to_vec(&m).unwrap());
+        self.index
+            .push(json!({ "mediaType": OCI_MANIFEST, "digest": d, "size": s,
+            "annotations": { "org.opencontainers.image.ref.name": name } }));
+        d
+    }
+
     /// Flips bytes in the middle of a blob, keeping its name: a corrupt bundle.
     pub fn corrupt(&mut self, digest: &str) {
         let b = self.blobs.get_mut(digest).expect("blob exists");

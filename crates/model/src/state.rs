@@ -260,6 +260,66 @@ pub struct ImageState {
     /// `operators.operatorframework.io.index.configs.v1`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub catalog: bool,
+    /// What the site's signature policy said of it (none when no policy applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<Trust>,
+}
+
+/// How the site's signature policy accepted an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// The policy's scope that applied (`default` for its default).
+    pub scope: String,
+    /// The requirements that accepted it, each with the key whose signature did (its
+    /// OpenPGP fingerprint, or `sha256:` of a cosign public key).
+    pub by: Vec<TrustedBy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedBy {
+    pub requirement: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl Trust {
+    /// Accepted by a signature (not by `insecureAcceptAnything` alone).
+    pub fn signed(&self) -> bool {
+        self.by.iter().any(|b| b.key.is_some())
+    }
+}
+
+/// What the signature policy said of a bundle's images, in counts (bounded: never a
+/// list of images).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    /// The policy files applied: the site-wide one, then the target's.
+    pub policies: Vec<String>,
+    /// Images accepted by a signature.
+    pub signed: u32,
+    /// Images accepted by `insecureAcceptAnything` alone.
+    pub unsigned: u32,
+    /// The keys whose signatures were accepted, at most [`Verification::MAX_KEYS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+}
+
+impl Verification {
+    pub const MAX_KEYS: usize = 16;
+
+    /// Counts one accepted image.
+    pub fn count(&mut self, trust: &Trust) {
+        if trust.signed() {
+            self.signed += 1;
+        } else {
+            self.unsigned += 1;
+        }
+        for k in trust.by.iter().filter_map(|b| b.key.as_ref()) {
+            if self.keys.len() < Self::MAX_KEYS && !self.keys.contains(k) {
+                self.keys.push(k.clone());
+            }
+        }
+    }
 }
 
 impl ImageState {
@@ -310,6 +370,8 @@ pub struct Unpacked {
     pub bytes_total: u64,
     /// The target the images were mapped for (the default one resolved to its name).
     pub target: Option<TargetName>,
+    /// What the signature policy said (none when no policy applies).
+    pub verification: Option<Verification>,
 }
 
 /// What [`BundleSummary::claim`] did.
@@ -366,6 +428,9 @@ pub struct BundleSummary {
     /// Of `blobs`, those the bundle does not carry (the registry had them already).
     #[serde(default, skip_serializing_if = "is_zero64")]
     pub blobs_absent: u64,
+    /// What the site's signature policy said of its images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
     /// Where the published images' blobs came from (summed over images).
     #[serde(default, skip_serializing_if = "BlobCounts::is_empty")]
     pub blob_sources: BlobCounts,
@@ -436,6 +501,7 @@ impl BundleSummary {
             blobs: 0,
             blob_bytes: 0,
             blobs_absent: 0,
+            verification: None,
             blob_sources: BlobCounts::default(),
             tag_cursor: 0,
             bytes_total: 0,
@@ -497,6 +563,7 @@ impl BundleSummary {
         if u.target.is_some() {
             self.target = u.target.clone();
         }
+        self.verification = u.verification.clone();
         let effects = Effects::of([Effect::Dispatch, Effect::Unpacked]);
         Some(if self.check_done() {
             effects.then(self.follow_up())
@@ -1091,6 +1158,7 @@ mod tests {
             plan: PlanRef::default(),
             blobs: BlobCounts::default(),
             catalog: false,
+            trust: None,
         }
     }
 }

@@ -56,6 +56,20 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// A short name of the kind of rejection (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::Unsigned => "unsigned",
+            Rejection::Malformed(_) => "malformed",
+            Rejection::UnknownKey => "unknown_key",
+            Rejection::Payload(_) => "payload",
+            Rejection::OtherDigest(_) => "other_digest",
+            Rejection::Identity(_) => "identity",
+            Rejection::Rejected(_) => "rejected",
+            Rejection::Unsupported(_) => "unsupported",
+        }
+    }
+
     /// How much the rejection says about a signature that was almost right: among a
     /// signature list, the most telling one is reported.
     fn weight(&self) -> u8 {

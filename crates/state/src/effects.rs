@@ -243,6 +243,7 @@ impl Executor {
             image_count: s.counts.total,
             bytes_total: s.bytes_total,
             blobs_absent: s.blobs_absent,
+            verification: verification(s),
         };
         let id = MessageId::event(EventKind::BundleUnpacked, &s.id, s.generation);
         self.bus
@@ -310,6 +311,7 @@ impl Executor {
                     present: s.blob_sources.present,
                     absent: s.blobs_absent,
                 }),
+                verification: verification(s),
             };
             (EventKind::BundlePublished, encode(&body))
         } else {
@@ -393,4 +395,14 @@ fn job(s: &BundleSummary, img: &ImageState) -> Job {
         msg_id: MessageId::new(&s.id, Topic::Publish(img.index), s.generation).redrive(s.redrives),
         body: encode(&body),
     }
+}
+
+/// The event form of what the signature policy said.
+fn verification(s: &BundleSummary) -> Option<v1::Verification> {
+    s.verification.as_ref().map(|v| v1::Verification {
+        policies: v.policies.clone(),
+        signed: v.signed,
+        unsigned: v.unsigned,
+        keys: v.keys.clone(),
+    })
 }

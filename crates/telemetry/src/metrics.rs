@@ -63,6 +63,10 @@ pub struct Metrics {
     /// `shipperd_registry_retries_total`: requests sent again after a 429, 5xx or a
     /// broken connection.
     pub registry_retries: Counter,
+    // unpack
+    /// `shipperd_signature_verifications_total{result=accepted|rejected, by=signed|unsigned|<reason>}`:
+    /// images the site's signature policy was asked about.
+    pub verifications: Family<Labels, Counter>,
     // notify
     /// `shipperd_webhook_deliveries_total{target, outcome=delivered|failed|retried}`
     pub webhook_deliveries: Family<Labels, Counter>,
@@ -109,6 +113,7 @@ static PROCESS: LazyLock<Process> = LazyLock::new(|| {
         registry_requests: Family::default(),
         registry_retries: Counter::default(),
         webhook_deliveries: Family::default(),
+        verifications: Family::default(),
         webhook_seconds: Family::new_with_constructor(webhook_histogram),
         reconciles: Family::default(),
         reconcile_errors: Family::default(),
@@ -172,6 +177,11 @@ static PROCESS: LazyLock<Process> = LazyLock::new(|| {
         m.stage_seconds.clone(),
     );
     r.register("images", "Images ended, by outcome", m.images.clone());
+    r.register(
+        "signature_verifications",
+        "Images checked against the signature policy, by result",
+        m.verifications.clone(),
+    );
     r.register_with_unit(
         "publish_pushed",
         "Blob bytes sent to registries",

@@ -15,7 +15,12 @@ use shipperd_bundle::{
     ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
     docker,
 };
-use shipperd_model::{BundleId, DataDir, PlanRef};
+use shipperd_model::{
+    BundleId, DataDir, PlanRef,
+    state::{Trust, Verification},
+};
+
+use crate::trust::{Answers, BundleSignatures, Policies};
 
 /// What a checked bundle holds.
 #[derive(Debug)]
@@ -31,6 +36,10 @@ pub struct Inventory {
     pub referrers: u64,
     /// The registry a differential bundle was made against (`shipperd create --have`).
     pub made_for: Option<String>,
+    /// What the signature policy said, when one applies: the counts, and why the
+    /// bundle is rejected when an image is.
+    pub verification: Option<Verification>,
+    pub rejection: Option<String>,
 }
 
 #[derive(Debug)]
@@ -46,6 +55,8 @@ pub struct InventoryImage {
     pub bytes: u64,
     /// An operator catalog (its config carries [`CATALOG_LABEL`]).
     pub catalog: bool,
+    /// How the signature policy accepted it.
+    pub trust: Option<Trust>,
 }
 
 /// The label of an operator catalog (file-based catalog) image's config.
@@ -59,6 +70,8 @@ pub struct Options {
     pub limits: Limits,
     /// Gzip-compress a legacy `docker save` archive's layers into the CAS.
     pub compress_layers: bool,
+    /// The signature policies every image must satisfy.
+    pub policies: Option<std::sync::Arc<Policies>>,
 }
 
 /// Opens the bundle `id` stored at `rel_path` (relative to `data`), names its images,
@@ -168,6 +181,22 @@ pub fn inspect(
         )));
     }
     plans.finish()?;
+    let (mut verification, mut rejection) = (None, None);
+    if let Some(policies) = &options.policies {
+        let signatures =
+            BundleSignatures::index(fs, &walker, &found.blob_paths, &found.images, &referrers);
+        let named: Vec<(Reference, Digest)> = images
+            .iter()
+            .map(|i| (i.source.clone(), i.digest.clone()))
+            .collect();
+        guard.check()?;
+        let answers = Answers::check(policies, &named, &signatures);
+        rejection = answers.rejection(&named);
+        for (img, answer) in images.iter_mut().zip(answers.each) {
+            img.trust = answer.ok();
+        }
+        verification = Some(answers.verification);
+    }
     let catalog = Catalog {
         container: opened.container,
         parts: parts.iter().map(|p| data.relative(p)).collect(),
@@ -183,6 +212,8 @@ pub fn inspect(
         referrers: check.referrers,
         images,
         made_for,
+        verification,
+        rejection,
     })
 }
 
@@ -332,6 +363,7 @@ impl Checker<'_> {
             plan: at,
             bytes,
             catalog,
+            trust: None,
         })
     }
 

@@ -13,6 +13,7 @@
 //! `bundle.unpacked` (with counts: events never list a bundle's images).
 
 mod inspect;
+mod trust;
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,6 +36,7 @@ use shipperd_state::{Executor, StateStore};
 use tokio_util::sync::CancellationToken;
 
 pub use inspect::{Inventory, Options, inspect};
+pub use trust::{Answers, BundleSignatures, Policies};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,6 +48,9 @@ pub enum Error {
     /// Its images cannot land in their target as mapped.
     #[error("{0}")]
     Target(String),
+    /// The signature policy rejects an image (or cannot be read).
+    #[error("{0}")]
+    Policy(String),
     /// A bug: the reader panicked.
     #[error("internal error while reading the bundle (a bug; please report it): {0}")]
     Internal(String),
@@ -56,7 +61,9 @@ impl Classify for Error {
         match self {
             Error::Bus(e) => e.class(),
             Error::Bundle(e) if e.kind() == shipperd_bundle::ErrorKind::Io => Class::Transient,
-            Error::Bundle(_) | Error::Target(_) | Error::Internal(_) => Class::Permanent,
+            Error::Bundle(_) | Error::Target(_) | Error::Policy(_) | Error::Internal(_) => {
+                Class::Permanent
+            }
         }
     }
 }
@@ -74,6 +81,9 @@ pub struct Config {
     pub limits: Limits,
     /// Gzip-compress a legacy `docker save` archive's layers (`--compress-layers`).
     pub compress_layers: bool,
+    /// The site-wide signature policy (`--policy`, a `containers-policy.json`): every
+    /// image must satisfy it, and its target's policy, before anything is published.
+    pub policy: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -86,6 +96,7 @@ impl Config {
             service: ServiceConfig::new(nats_url, data_dir, targets),
             limits: Limits::default(),
             compress_layers: false,
+            policy: None,
         }
     }
 }
@@ -237,6 +248,7 @@ impl Unpacker {
             id.clone(),
         );
         let compress = self.config.compress_layers;
+        let policies = self.policies(&s)?;
         // A DELETE meanwhile calls the reading off at its next check.
         let guard = Guard::default();
         let watching = tokio::spawn(watch_deleted(self.state.clone(), id.clone(), guard.clone()));
@@ -245,6 +257,7 @@ impl Unpacker {
             let options = inspect::Options {
                 limits,
                 compress_layers: compress,
+                policies,
             };
             inspect(&data, &bundle, &rel, &name, &options, &reader)
         })
@@ -262,6 +275,10 @@ impl Unpacker {
                     .unwrap_or_else(|_| "the reader was cancelled".into()),
             )
         })??;
+        if let Some(why) = inventory.rejection.take() {
+            tracing::warn!(error = %why, "bundle rejected by the signature policy");
+            return Err(Error::Policy(why));
+        }
         let found = std::mem::take(&mut inventory.images);
         let (target, images) = target_images(
             &self.targets.get(),
@@ -286,6 +303,7 @@ impl Unpacker {
             absent: inventory.absent,
             bytes_total: images.iter().map(|i| i.bytes_total).sum(),
             target: Some(target),
+            verification: inventory.verification.take(),
         };
         match self
             .state
@@ -301,6 +319,18 @@ impl Unpacker {
                 Ok(Done::nothing())
             }
         }
+    }
+
+    /// The signature policies for the bundle: the site-wide one, then its target's,
+    /// read now (an edit applies to the next bundle).
+    fn policies(&self, s: &BundleSummary) -> Result<Option<Arc<trust::Policies>>> {
+        let mut paths: Vec<std::path::PathBuf> = self.config.policy.iter().cloned().collect();
+        if let Ok(target) = self.targets.get().get(s.target.as_ref()) {
+            paths.extend(target.policy.clone());
+        }
+        trust::Policies::load(&paths)
+            .map(|p| p.map(Arc::new))
+            .map_err(|e| Error::Policy(format!("the signature policy cannot be used: {e}")))
     }
 
     /// Is the bundle still there, and not being deleted?
@@ -416,6 +446,7 @@ fn target_images(
             plan: img.plan,
             blobs: Default::default(),
             catalog: img.catalog,
+            trust: img.trust,
         });
     }
     Ok((target.name.clone(), images))

@@ -41,5 +41,6 @@ mod state;
 mod stopping;
 mod targets;
 mod traces;
+mod trust;
 mod ui;
 mod webhooks;

@@ -12,7 +12,7 @@ use shipperd_policy::{
     simple::{self, Keys, Rejection},
 };
 
-fn run(home: &Path, cmd: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn run(home: &Path, cmd: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let out = Command::new(cmd)
         .args(args)
         .env("GNUPGHOME", home)
@@ -27,7 +27,7 @@ fn run(home: &Path, cmd: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// A new signing key in `home`; its fingerprint.
-fn new_key(home: &Path, name: &str) -> anyhow::Result<String> {
+pub(crate) fn new_key(home: &Path, name: &str) -> anyhow::Result<String> {
     let before: Vec<u8> = run(home, "gpg", &["--list-keys", "--with-colons"]).unwrap_or_default();
     run(
         home,

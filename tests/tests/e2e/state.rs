@@ -57,6 +57,7 @@ async fn bundle(store: &StateStore, salt: &str, n: u32) -> anyhow::Result<Bundle
             plan: PlanRef::default(),
             blobs: Default::default(),
             catalog: false,
+            trust: None,
         })
         .collect();
     store.put_pending_images(&id, &images).await?;

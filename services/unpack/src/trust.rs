@@ -1,0 +1,414 @@
+//! The site's signature policy applied to a bundle's images, before any of them is
+//! published: each image (by its source reference, host included) is checked against
+//! the site-wide policy and its target's, with the signatures the bundle carries:
+//!
+//! - simple signatures in containers' lookaside layout anywhere in the bundle,
+//!   `sigstore/<repo>@sha256=<hex>/signature-<n>` (as `skopeo copy --sign-by` writes to a
+//!   `file://` lookaside, and `shipperd create --registries.d` carries them), and
+//!   oc-mirror's release signatures, `working-dir/signatures/<tag>-sha256-<hex>`;
+//! - cosign signatures: the `sha256-<hex>.sig` image of the same repository, and OCI 1.1
+//!   referrers, whose layers carry `dev.cosignproject.cosign/signature`.
+//!
+//! What cosign attaches to an image (`sha256-<hex>.sig`, `.att`, `.sbom`) goes with
+//! its image's answer when the image is in the bundle.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+};
+
+use shipperd_bundle::{BlobPaths, BundleFs, Descriptor, Digest, ManifestDoc, Reference, Walker};
+use shipperd_model::state::{Trust, TrustedBy, Verification};
+use shipperd_policy::{CosignSignature, Signatures, Verdict, Verifier, cosign};
+
+/// Signatures read for one image, at most: more are left unread.
+const MAX_PER_IMAGE: usize = 16;
+/// The largest signature file read.
+const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
+
+/// The policies that apply to a bundle: the site-wide one, then its target's. An image
+/// must satisfy every one.
+#[derive(Debug, Default)]
+pub struct Policies(Vec<Verifier>);
+
+impl Policies {
+    /// Reads each policy file and the keys it names; `None` when there is none.
+    pub fn load(paths: &[PathBuf]) -> Result<Option<Self>, String> {
+        let mut all = Vec::new();
+        for p in paths {
+            all.push(Verifier::load(p).map_err(|e| format!("{}: {e}", p.display()))?);
+        }
+        Ok((!all.is_empty()).then_some(Policies(all)))
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.iter().map(|v| v.name().to_string()).collect()
+    }
+
+    /// Every policy's answer for one image: how it was accepted, or why not.
+    pub fn check(
+        &self,
+        image: &Reference,
+        digest: &Digest,
+        signatures: &dyn Fn() -> Signatures,
+    ) -> Result<Trust, String> {
+        let needed = self.0.iter().any(|v| v.needs_signatures(image));
+        let found = if needed {
+            signatures()
+        } else {
+            Signatures::default()
+        };
+        let mut trust: Option<Trust> = None;
+        for v in &self.0 {
+            match v.check(image, digest, &found) {
+                Verdict::Accepted { scope, by } => {
+                    let by = by.into_iter().map(|a| TrustedBy {
+                        requirement: a.requirement.to_string(),
+                        key: a.key,
+                    });
+                    match &mut trust {
+                        Some(t) => t.by.extend(by),
+                        None => {
+                            trust = Some(Trust {
+                                scope,
+                                by: by.collect(),
+                            })
+                        }
+                    }
+                }
+                Verdict::Rejected { scope, reason } => {
+                    shipperd_telemetry::metrics::metrics()
+                        .verifications
+                        .get_or_create(&shipperd_telemetry::metrics::labels(
+                            ("result", "rejected"),
+                            ("by", reason.kind()),
+                        ))
+                        .inc();
+                    let policy = if self.0.len() > 1 {
+                        format!("policy {}, ", v.name())
+                    } else {
+                        String::new()
+                    };
+                    return Err(format!("{reason} ({policy}scope {scope})"));
+                }
+            }
+        }
+        let trust = trust.unwrap_or_else(|| Trust {
+            scope: "default".into(),
+            by: Vec::new(),
+        });
+        shipperd_telemetry::metrics::metrics()
+            .verifications
+            .get_or_create(&shipperd_telemetry::metrics::labels(
+                ("result", "accepted"),
+                ("by", if trust.signed() { "signed" } else { "unsigned" }),
+            ))
+            .inc();
+        Ok(trust)
+    }
+}
+
+/// The cosign attachment tag `sha256-<hex>.sig|.att|.sbom`: the hex of its subject.
+pub fn attached_to(image: &Reference) -> Option<&str> {
+    let tag = image.tag.as_deref()?;
+    let rest = tag.strip_prefix("sha256-")?;
+    let (hex, kind) = rest.split_once('.')?;
+    (hex.len() == 64
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && matches!(kind, "sig" | "att" | "sbom"))
+    .then_some(hex)
+}
+
+/// `host/repository` of an image, the key attachments are found by.
+fn repo(image: &Reference) -> String {
+    format!(
+        "{}/{}",
+        image.host.as_deref().unwrap_or("docker.io"),
+        image.repository
+    )
+}
+
+/// Where the bundle's signatures are, by the digest they are for.
+pub struct BundleSignatures<'a> {
+    fs: &'a dyn BundleFs,
+    walker: &'a Walker<'a>,
+    paths: &'a BlobPaths,
+    /// Simple signature files, by the hex of the digest they sign.
+    simple: HashMap<String, Vec<String>>,
+    /// cosign signature manifests (`.sig` images by repository, and referrers).
+    sig_images: HashMap<(String, String), Vec<Descriptor>>,
+    referrers: &'a BTreeMap<Digest, Vec<Descriptor>>,
+}
+
+/// The digest hex a lookaside signature's path names:
+/// `.../sigstore/<repo>@sha256=<hex>/signature-<n>`.
+fn lookaside_digest(path: &str) -> Option<&str> {
+    let (dir, file) = path.rsplit_once('/')?;
+    let n = file.strip_prefix("signature-")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if !(dir.starts_with("sigstore/") || dir.contains("/sigstore/")) {
+        return None;
+    }
+    let hex = dir.rsplit_once("@sha256=")?.1;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// The digest hex an oc-mirror release signature's path names:
+/// `.../working-dir/signatures/<tag>-sha256-<hex>`.
+fn release_digest(path: &str) -> Option<&str> {
+    let (dir, name) = path.rsplit_once('/')?;
+    if !(dir == "working-dir/signatures" || dir.ends_with("/working-dir/signatures")) {
+        return None;
+    }
+    crate::inspect::signature_name(name).then(|| name.rsplit_once("-sha256-").map(|(_, h)| h))?
+}
+
+impl<'a> BundleSignatures<'a> {
+    /// Finds the signature files and images of a bundle (names only: nothing is read
+    /// until an image's signatures are asked for).
+    pub fn index(
+        fs: &'a dyn BundleFs,
+        walker: &'a Walker<'a>,
+        paths: &'a BlobPaths,
+        images: &[shipperd_bundle::LayoutImage],
+        referrers: &'a BTreeMap<Digest, Vec<Descriptor>>,
+    ) -> Self {
+        let mut simple: HashMap<String, Vec<String>> = HashMap::new();
+        for path in fs.files() {
+            if let Some(hex) = lookaside_digest(path).or_else(|| release_digest(path)) {
+                let list = simple.entry(hex.to_ascii_lowercase()).or_default();
+                if list.len() < MAX_PER_IMAGE {
+                    list.push(path.to_string());
+                }
+            }
+        }
+        let mut sig_images: HashMap<(String, String), Vec<Descriptor>> = HashMap::new();
+        for img in images {
+            if let Some(hex) = attached_to(&img.source)
+                && img
+                    .source
+                    .tag
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with(".sig"))
+            {
+                let list = sig_images
+                    .entry((repo(&img.source), hex.to_ascii_lowercase()))
+                    .or_default();
+                if list.len() < MAX_PER_IMAGE {
+                    list.push(img.descriptor.clone());
+                }
+            }
+        }
+        BundleSignatures {
+            fs,
+            walker,
+            paths,
+            simple,
+            sig_images,
+            referrers,
+        }
+    }
+
+    /// The signatures the bundle carries for `image` at `digest`. What cannot be read
+    /// is left out (and logged): the policy then finds the image unsigned.
+    pub fn of(&self, image: &Reference, digest: &Digest) -> Signatures {
+        let hex = digest.hex().to_ascii_lowercase();
+        let mut out = Signatures::default();
+        for path in self.simple.get(&hex).into_iter().flatten() {
+            match self.fs.read_small(path, MAX_SIGNATURE_BYTES) {
+                Ok(b) => out.simple.push(b),
+                Err(error) => tracing::warn!(%error, path, "a signature is not readable"),
+            }
+        }
+        let manifests = self
+            .sig_images
+            .get(&(repo(image), hex))
+            .into_iter()
+            .flatten()
+            .chain(self.referrers.get(digest).into_iter().flatten());
+        for m in manifests {
+            if out.cosign.len() >= MAX_PER_IMAGE {
+                break;
+            }
+            if let Err(error) = self.cosign(m, &mut out.cosign) {
+                tracing::warn!(%error, manifest = %m.digest, "a signature manifest is not readable");
+            }
+        }
+        out
+    }
+
+    /// The cosign signatures of one signature manifest: each layer carrying the
+    /// signature annotation, with its payload.
+    fn cosign(
+        &self,
+        m: &Descriptor,
+        out: &mut Vec<CosignSignature>,
+    ) -> shipperd_bundle::Result<()> {
+        let what = format!("signature manifest {}", m.digest);
+        let Some(bytes) = self.walker.manifest_bytes(&what, m)? else {
+            return Ok(());
+        };
+        let doc = ManifestDoc::parse(&what, &bytes)?;
+        for layer in &doc.layers {
+            let Some(sig) = layer.annotations.get(cosign::SIGNATURE_ANNOTATION) else {
+                continue;
+            };
+            if out.len() >= MAX_PER_IMAGE || layer.size > cosign::MAX_PAYLOAD {
+                continue;
+            }
+            let Some(path) = self.paths.get(&layer.digest) else {
+                continue;
+            };
+            let payload = self.fs.read_small(&path, cosign::MAX_PAYLOAD)?;
+            out.push(CosignSignature {
+                payload,
+                signature: sig.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The answers for a bundle's images, in their order, and the bundle's counts.
+pub struct Answers {
+    /// Each image's trust, or why it was rejected.
+    pub each: Vec<Result<Trust, String>>,
+    /// Which images took their answer from the image they are attached to.
+    follows: Vec<bool>,
+    pub verification: Verification,
+}
+
+impl Answers {
+    /// Checks every image; what cosign attached to an image in the bundle takes its
+    /// image's answer.
+    pub fn check(
+        policies: &Policies,
+        images: &[(Reference, Digest)],
+        signatures: &BundleSignatures<'_>,
+    ) -> Self {
+        let mut each: Vec<Option<Result<Trust, String>>> = vec![None; images.len()];
+        let mut follows = vec![false; images.len()];
+        let mut by_subject: HashMap<(String, String), usize> = HashMap::new();
+        for (i, (image, digest)) in images.iter().enumerate() {
+            if attached_to(image).is_some() {
+                continue;
+            }
+            by_subject.insert((repo(image), digest.hex().to_ascii_lowercase()), i);
+            each[i] = Some(policies.check(image, digest, &|| signatures.of(image, digest)));
+        }
+        for (i, (image, digest)) in images.iter().enumerate() {
+            if each[i].is_some() {
+                continue;
+            }
+            let subject = attached_to(image)
+                .and_then(|hex| by_subject.get(&(repo(image), hex.to_ascii_lowercase())));
+            follows[i] = subject.is_some();
+            each[i] = Some(match subject {
+                Some(&s) => each[s].clone().expect("subjects are checked first"),
+                None => policies.check(image, digest, &|| signatures.of(image, digest)),
+            });
+        }
+        let mut verification = Verification {
+            policies: policies.names(),
+            ..Verification::default()
+        };
+        let each: Vec<Result<Trust, String>> = each.into_iter().flatten().collect();
+        for t in each.iter().flatten() {
+            verification.count(t);
+        }
+        Answers {
+            each,
+            follows,
+            verification,
+        }
+    }
+
+    /// The bundle's rejection, naming the first images and why (not what is attached
+    /// to them, which is counted): `None` when every image was accepted.
+    pub fn rejection(&self, images: &[(Reference, Digest)]) -> Option<String> {
+        const SHOWN: usize = 5;
+        let rejected: Vec<(usize, &String)> = self
+            .each
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().err().map(|e| (i, e)))
+            .collect();
+        if rejected.is_empty() {
+            return None;
+        }
+        let mut msg = format!(
+            "the signature policy rejects {} of {} images: ",
+            rejected.len(),
+            images.len()
+        );
+        let named: Vec<&(usize, &String)> =
+            rejected.iter().filter(|(i, _)| !self.follows[*i]).collect();
+        let shown: Vec<String> = named
+            .iter()
+            .take(SHOWN)
+            .map(|(i, why)| format!("{}: {why}", images[*i].0))
+            .collect();
+        msg.push_str(&shown.join("; "));
+        if named.len() > SHOWN {
+            msg.push_str(&format!("; and {} more", named.len() - SHOWN));
+        }
+        msg.push_str(". Nothing of the bundle was published.");
+        Some(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_files_and_attachments_are_recognised_by_name() {
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            lookaside_digest(&format!("sigstore/org/app@sha256={hex}/signature-1")),
+            Some(hex.as_str())
+        );
+        assert_eq!(
+            lookaside_digest(&format!("x/sigstore/app@sha256={hex}/signature-12")),
+            Some(hex.as_str())
+        );
+        for bad in [
+            format!("sigstore/app@sha256={hex}/signature-"),
+            format!("sigstore/app@sha256={hex}/sig-1"),
+            format!("other/app@sha256={hex}/signature-1"),
+            format!("sigstore/app@sha256={}/signature-1", &hex[..10]),
+        ] {
+            assert_eq!(lookaside_digest(&bad), None, "{bad}");
+        }
+        assert_eq!(
+            release_digest(&format!(
+                "working-dir/signatures/4.18.1-x86_64-sha256-{hex}"
+            )),
+            Some(hex.as_str())
+        );
+        assert_eq!(
+            release_digest(&format!("a/working-dir/signatures/4.18-sha256-{hex}")),
+            Some(hex.as_str())
+        );
+        assert_eq!(
+            release_digest(&format!("signatures/4.18-sha256-{hex}")),
+            None
+        );
+        let r = |s: &str| Reference::parse(s).unwrap();
+        assert_eq!(
+            attached_to(&r(&format!("quay.io/org/app:sha256-{hex}.sig"))),
+            Some(hex.as_str())
+        );
+        assert_eq!(
+            attached_to(&r(&format!("quay.io/org/app:sha256-{hex}.sbom"))),
+            Some(hex.as_str())
+        );
+        assert_eq!(
+            attached_to(&r(&format!("quay.io/org/app:sha256-{hex}"))),
+            None
+        );
+        assert_eq!(attached_to(&r("quay.io/org/app:1")), None);
+    }
+}

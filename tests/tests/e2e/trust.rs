@@ -1,0 +1,343 @@
+//! Trust at the site: the site's signature policy (`shipperd all --policy`, a
+//! `containers-policy.json`) decides, before anything of a bundle is published, with the
+//! signatures the bundle carries. Signatures are made independently of ShipperD's code:
+//! simple signatures by `skopeo standalone-sign` with keys Debian's `gpg` makes, in the
+//! lookaside layout (`sigstore/<repo>@sha256=<hex>/signature-1`); cosign signatures by
+//! Python's `cryptography` (ECDSA P-256 over the payload, as cosign signs), in a
+//! `sha256-<hex>.sig` image. A bundle whose images the policy accepts is published with
+//! what accepted each; each kind of refusal fails its bundle with its reason, and
+//! nothing of that bundle (not even its acceptable images) is tagged.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use serde_json::{Value, json};
+use shipperd_tests::{
+    app::{Options, TestApp, spawn_app},
+    fixtures::{LayoutBuilder, named_images, tar_bytes},
+};
+
+use super::signatures::{new_key, run};
+
+const DONE: Duration = Duration::from_secs(60);
+
+/// A cosign key made by Python's `cryptography`: writes its public key to `public`
+/// and signs each payload file `p` into `p.sig` (base64 of the DER signature).
+const COSIGN_SIGNER: &str = r#"
+import sys, base64
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+key = ec.generate_private_key(ec.SECP256R1())
+open(sys.argv[1], "wb").write(key.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+for p in sys.argv[2:]:
+    sig = key.sign(open(p, "rb").read(), ec.ECDSA(hashes.SHA256()))
+    open(p + ".sig", "w").write(base64.b64encode(sig).decode())
+"#;
+
+fn cosign_payload(digest: &str, identity: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"critical": {
+        "identity": {"docker-reference": identity},
+        "image": {"docker-manifest-digest": digest},
+        "type": "cosign container image signature"}, "optional": null}))
+    .unwrap()
+}
+
+/// Signs each payload with a new cosign key (its public key at `public`); the
+/// signatures, base64.
+fn cosign_sign(dir: &Path, public: &Path, payloads: &[Vec<u8>]) -> anyhow::Result<Vec<String>> {
+    let files: Vec<String> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let f = dir.join(format!("payload-{i}"));
+            std::fs::write(&f, p).map(|_| f.display().to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(COSIGN_SIGNER)
+        .arg(public)
+        .args(&files)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    files
+        .iter()
+        .map(|f| Ok(std::fs::read_to_string(format!("{f}.sig"))?))
+        .collect()
+}
+
+/// A simple signature by `fpr` of the manifest `digest` of `b`, claiming `identity`,
+/// as `skopeo standalone-sign` writes it.
+fn gpg_sign(
+    home: &Path,
+    b: &LayoutBuilder,
+    digest: &str,
+    identity: &str,
+    fpr: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let m = home.join(format!("manifest-{}", &digest[7..19]));
+    std::fs::write(&m, &b.blobs[digest])?;
+    let out = home.join(format!("sig-{}-{}", &digest[7..19], &fpr[..8]));
+    run(
+        home,
+        "skopeo",
+        &[
+            "standalone-sign",
+            m.to_str().unwrap(),
+            identity,
+            fpr,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    )?;
+    Ok(std::fs::read(out)?)
+}
+
+/// The bundle's files: its layout and lookaside signatures `(repo path, digest, sig)`.
+fn bundle(b: &LayoutBuilder, lookaside: &[(&str, &str, Vec<u8>)]) -> anyhow::Result<Vec<u8>> {
+    let mut files = b.oci_files("");
+    for (repo, digest, sig) in lookaside {
+        files.push((
+            format!("sigstore/{repo}@sha256={}/signature-1", &digest[7..]),
+            sig.clone(),
+        ));
+    }
+    tar_bytes(&files)
+}
+
+async fn upload(app: &TestApp, name: String, body: Vec<u8>) -> anyhow::Result<Value> {
+    let (status, r) = app.put(&name, body, None).await?;
+    anyhow::ensure!(status == 202, "{status}: {r}");
+    app.wait_done(r["id"].as_str().unwrap_or_default(), DONE)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("gnupg");
+    std::fs::create_dir(&home)?;
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let site = new_key(&home, "site")?;
+    let stranger = new_key(&home, "stranger")?;
+    let site_key = dir.path().join("site.gpg");
+    std::fs::write(&site_key, run(&home, "gpg", &["--export", &site])?)?;
+    let cosign_pub = dir.path().join("cosign.pub");
+
+    // The accepted bundle: a GPG-signed image, a cosign-signed one, an open one.
+    let mut good = named_images(
+        "trust-good",
+        &[
+            ("quay.io/gpg/app:1", "gpg/app", "1"),
+            ("quay.io/cosign/app:1", "cosign/app", "1"),
+            ("quay.io/open/tool:1", "open/tool", "1"),
+        ],
+    );
+    let (gpg_digest, cosign_digest) =
+        (good.images[0].digest.clone(), good.images[1].digest.clone());
+    // Bundles each with one image the policy refuses, beside an acceptable one.
+    let refused = |n: &str, bad: &str| {
+        let open = format!("quay.io/open/{n}:1");
+        let repo = bad
+            .split_once('/')
+            .unwrap()
+            .1
+            .split_once(':')
+            .unwrap()
+            .0
+            .to_string();
+        named_images(
+            n,
+            &[
+                (open.as_str(), &format!("open/{n}"), "1"),
+                (bad, &repo, "1"),
+            ],
+        )
+    };
+    let unsigned = refused("unsigned", "quay.io/gpg/unsigned:1");
+    let stranger_b = refused("stranger", "quay.io/gpg/stranger:1");
+    let mislabelled = refused("mislabelled", "quay.io/gpg/mislabelled:1");
+    let mut other_digest = refused("otherdigest", "quay.io/cosign/otherdigest:1");
+    let elsewhere = refused("elsewhere", "quay.io/elsewhere/app:1");
+
+    // cosign signs the repository, without a tag: one for the good image, and one for
+    // a digest that is not the refused image's.
+    let sigs = cosign_sign(
+        dir.path(),
+        &cosign_pub,
+        &[
+            cosign_payload(&cosign_digest, "quay.io/cosign/app"),
+            cosign_payload(&gpg_digest, "quay.io/cosign/otherdigest"),
+        ],
+    )?;
+    good.cosign_signature(
+        &format!("quay.io/cosign/app:sha256-{}.sig", &cosign_digest[7..]),
+        &cosign_payload(&cosign_digest, "quay.io/cosign/app"),
+        &sigs[0],
+    );
+    let od = other_digest.images[1].digest.clone();
+    other_digest.cosign_signature(
+        &format!("quay.io/cosign/otherdigest:sha256-{}.sig", &od[7..]),
+        &cosign_payload(&gpg_digest, "quay.io/cosign/otherdigest"),
+        &sigs[1],
+    );
+
+    let policy = dir.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        serde_json::to_vec(&json!({
+            "default": [{"type": "reject"}],
+            "transports": {"docker": {
+                "quay.io/gpg": [{"type": "signedBy", "keyType": "GPGKeys",
+                    "keyPath": site_key}],
+                "quay.io/cosign": [{"type": "sigstoreSigned", "keyPath": cosign_pub,
+                    "signedIdentity": {"type": "matchRepository"}}],
+                "quay.io/open": [{"type": "insecureAcceptAnything"}],
+            }}
+        }))?,
+    )?;
+    let app = Box::pin(spawn_app(Options {
+        policy: Some(policy),
+        ..Options::default()
+    }))
+    .await?;
+
+    let good_sig = gpg_sign(&home, &good, &gpg_digest, "quay.io/gpg/app:1", &site)?;
+    let rec = upload(
+        &app,
+        "good.tar".into(),
+        bundle(&good, &[("gpg/app", &gpg_digest, good_sig)])?,
+    )
+    .await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    let v = &rec["verification"];
+    assert_eq!(
+        v["signed"], 3,
+        "two images and the cosign signature image: {v:#}"
+    );
+    assert_eq!(v["unsigned"], 1, "{v:#}");
+    let keys: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(keys.contains(&site.as_str()), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("sha256:")), "{keys:?}");
+    let id = rec["id"].as_str().unwrap();
+    let images: Value = app
+        .http
+        .get(format!("{}/v1/bundles/{id}/images", app.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let trust_of = |source: &str| {
+        images["images"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["source"] == source))
+            .map(|i| i["trust"].clone())
+            .unwrap_or_default()
+    };
+    let t = trust_of("quay.io/gpg/app:1");
+    assert_eq!(t["scope"], "quay.io/gpg", "{images:#}");
+    assert_eq!(t["by"][0], json!({"requirement": "signedBy", "key": site}));
+    assert_eq!(
+        trust_of("quay.io/cosign/app:1")["by"][0]["requirement"],
+        "sigstoreSigned"
+    );
+    assert_eq!(
+        trust_of("quay.io/open/tool:1")["by"][0],
+        json!({"requirement": "insecureAcceptAnything"})
+    );
+    for (repo, tag) in [("gpg/app", "1"), ("cosign/app", "1"), ("open/tool", "1")] {
+        assert!(
+            app.manifest(repo, tag).await?.is_some(),
+            "{repo}:{tag} is tagged"
+        );
+    }
+
+    // Each refusal, with its reason; nothing of the bundle tagged.
+    let by_stranger = gpg_sign(
+        &home,
+        &stranger_b,
+        &stranger_b.images[1].digest,
+        "quay.io/gpg/stranger:1",
+        &stranger,
+    )?;
+    let for_other = gpg_sign(
+        &home,
+        &mislabelled,
+        &mislabelled.images[1].digest,
+        "quay.io/gpg/other:1",
+        &site,
+    )?;
+    let cases = [
+        (
+            "unsigned",
+            bundle(&unsigned, &[])?,
+            "quay.io/gpg/unsigned:1: unsigned (scope quay.io/gpg)",
+        ),
+        (
+            "stranger",
+            bundle(
+                &stranger_b,
+                &[("gpg/stranger", &stranger_b.images[1].digest, by_stranger)],
+            )?,
+            "quay.io/gpg/stranger:1: signed by an unknown key",
+        ),
+        (
+            "mislabelled",
+            bundle(
+                &mislabelled,
+                &[("gpg/mislabelled", &mislabelled.images[1].digest, for_other)],
+            )?,
+            "quay.io/gpg/mislabelled:1: identity mismatch: signed for quay.io/gpg/other:1",
+        ),
+        (
+            "otherdigest",
+            bundle(&other_digest, &[])?,
+            &format!("quay.io/cosign/otherdigest:1: signature for another digest ({gpg_digest})"),
+        ),
+        (
+            "elsewhere",
+            bundle(&elsewhere, &[])?,
+            "quay.io/elsewhere/app:1: the policy rejects every image of scope default",
+        ),
+    ];
+    let ended = futures::future::try_join_all(
+        cases
+            .iter()
+            .map(|(n, body, _)| upload(&app, format!("{n}.tar"), body.clone())),
+    )
+    .await?;
+    for ((n, _, reason), rec) in cases.iter().zip(ended) {
+        assert_eq!(rec["phase"], "Failed", "{n}: {rec:#}");
+        let error = rec["error"].as_str().unwrap_or_default();
+        // The refused image, and the signature image attached to it where there is one.
+        let counted = if *n == "otherdigest" {
+            "2 of 3"
+        } else {
+            "1 of 2"
+        };
+        assert!(
+            error.contains(&format!("the signature policy rejects {counted} images")),
+            "{n}: {error}"
+        );
+        assert!(
+            !error.contains(".sig:"),
+            "attached images are counted, not listed: {error}"
+        );
+        assert!(error.contains(reason), "{n}: {error}");
+        assert!(
+            app.manifest(&format!("open/{n}"), "1").await?.is_none(),
+            "{n}: its acceptable image is not tagged either"
+        );
+    }
+    let _ = run(&home, "gpgconf", &["--kill", "gpg-agent"]);
+    Ok(())
+}
