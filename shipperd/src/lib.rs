@@ -8,6 +8,7 @@ pub mod natscreds;
 mod run;
 pub mod server;
 pub mod tools;
+pub mod verify;
 pub mod watch;
 
 pub use run::run;

@@ -32,6 +32,10 @@ pub enum Tool {
     /// full source reference), resumable through a cache, the same bytes for the same
     /// inputs.
     Create(crate::create::CreateArgs),
+    /// Check a bundle against a signature policy (`containers-policy.json`), offline,
+    /// as a site running `--policy` would before publishing: each image's answer, and
+    /// a non-zero exit when one is rejected.
+    Verify(crate::verify::VerifyArgs),
     /// Print the CustomResourceDefinitions of ShipperD's resources (Bundle,
     /// RegistryTarget, WebhookTarget) as YAML, e.g. `shipperd crd | kubectl apply -f -`.
     Crd,
@@ -41,6 +45,7 @@ impl Tool {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Tool::Create(args) => crate::create::run(args).await,
+            Tool::Verify(args) => crate::verify::run(args).await,
             Tool::Crd => {
                 print!("{}", shipperd_operator::crds_yaml());
                 Ok(())

@@ -36,7 +36,7 @@ use shipperd_state::{Executor, StateStore};
 use tokio_util::sync::CancellationToken;
 
 pub use inspect::{Inventory, Options, inspect};
-pub use trust::{Answers, BundleSignatures, Policies};
+pub use trust::{Answers, BundleSignatures, Checked, Policies, Report, verify_bundle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -359,6 +359,80 @@ impl Answers {
     }
 }
 
+/// One image's answer in a [`Report`].
+#[derive(Debug)]
+pub struct Checked {
+    pub source: Reference,
+    pub digest: Digest,
+    pub answer: Result<Trust, String>,
+}
+
+/// What [`verify_bundle`] found.
+#[derive(Debug)]
+pub struct Report {
+    pub images: Vec<Checked>,
+    pub verification: Verification,
+    /// The bundle's rejection, as unpack would fail it.
+    pub rejection: Option<String>,
+}
+
+/// Checks a bundle file (or its parts) against `policies` as unpack does, offline and
+/// without publishing: `shipperd verify`. A compressed tar is expanded into `scratch`.
+pub fn verify_bundle(
+    parts: &[PathBuf],
+    policies: &Policies,
+    limits: &shipperd_bundle::Limits,
+    scratch: &std::path::Path,
+) -> shipperd_bundle::Result<Report> {
+    let data = shipperd_model::DataDir::new(scratch);
+    let cas = shipperd_bundle::cas::Cas::new(&data);
+    let guard = shipperd_bundle::Guard::default();
+    let name = parts
+        .first()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let opened = shipperd_bundle::container::open_parts(parts, &cas, "verify", limits, &guard)?;
+    let fs = opened.fs.as_ref();
+    let found = shipperd_bundle::discover(fs, &name, limits)?;
+    let blobs = found.blobs(fs);
+    let walker = Walker::new(&blobs, limits);
+    let mut referrers: BTreeMap<Digest, Vec<Descriptor>> = BTreeMap::new();
+    for (_, desc) in &found.unnamed {
+        let what = format!("manifest {}", desc.digest);
+        if let Some(bytes) = walker.manifest_bytes(&what, desc)?
+            && let Some(subject) = ManifestDoc::parse(&what, &bytes)?.subject
+        {
+            referrers
+                .entry(subject.digest)
+                .or_default()
+                .push(desc.clone());
+        }
+    }
+    let named: Vec<(Reference, Digest)> = found
+        .images
+        .iter()
+        .map(|i| (i.source.clone(), i.descriptor.digest.clone()))
+        .collect();
+    let signatures =
+        BundleSignatures::index(fs, &walker, &found.blob_paths, &found.images, &referrers);
+    let answers = Answers::check(policies, &named, &signatures);
+    let rejection = answers.rejection(&named);
+    Ok(Report {
+        images: named
+            .into_iter()
+            .zip(answers.each)
+            .map(|((source, digest), answer)| Checked {
+                source,
+                digest,
+                answer,
+            })
+            .collect(),
+        verification: answers.verification,
+        rejection,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,6 +135,12 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
             ("quay.io/gpg/app:1", "gpg/app", "1"),
             ("quay.io/cosign/app:1", "cosign/app", "1"),
             ("quay.io/open/tool:1", "open/tool", "1"),
+            (
+                "quay.io/gpg/release:4.18.1-x86_64",
+                "gpg/release",
+                "4.18.1-x86_64",
+            ),
+            ("quay.io/gpg/tools-unsigned:1", "gpg/tools-unsigned", "1"),
         ],
     );
     let (gpg_digest, cosign_digest) =
@@ -197,29 +203,69 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
                 "quay.io/cosign": [{"type": "sigstoreSigned", "keyPath": cosign_pub,
                     "signedIdentity": {"type": "matchRepository"}}],
                 "quay.io/open": [{"type": "insecureAcceptAnything"}],
+                // One repository of a signed namespace let in unsigned: that one only.
+                "quay.io/gpg/tools-unsigned": [{"type": "insecureAcceptAnything"}],
             }}
         }))?,
     )?;
     let app = Box::pin(spawn_app(Options {
-        policy: Some(policy),
+        policy: Some(policy.clone()),
         ..Options::default()
     }))
     .await?;
 
     let good_sig = gpg_sign(&home, &good, &gpg_digest, "quay.io/gpg/app:1", &site)?;
-    let rec = upload(
-        &app,
-        "good.tar".into(),
-        bundle(&good, &[("gpg/app", &gpg_digest, good_sig)])?,
-    )
-    .await?;
+    // A release, signed as Red Hat signs releases, carried where oc-mirror keeps
+    // release signatures.
+    let release = good.images[3].digest.clone();
+    let release_sig = gpg_sign(
+        &home,
+        &good,
+        &release,
+        "quay.io/gpg/release:4.18.1-x86_64",
+        &site,
+    )?;
+    let mut files = good.oci_files("");
+    files.push((
+        format!("sigstore/gpg/app@sha256={}/signature-1", &gpg_digest[7..]),
+        good_sig,
+    ));
+    files.push((
+        format!(
+            "working-dir/signatures/4.18.1-x86_64-sha256-{}",
+            &release[7..]
+        ),
+        release_sig,
+    ));
+    let good_tar = dir.path().join("good.tar");
+    std::fs::write(&good_tar, tar_bytes(&files)?)?;
+
+    // `shipperd verify` says, offline, what the site will say.
+    let verify = |bundle: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+            .args(["verify", "--json", "--policy"])
+            .arg(&policy)
+            .arg(bundle)
+            .output()
+    };
+    let out = verify(&good_tar)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["verification"]["signed"], 4, "{report:#}");
+    assert_eq!(report["verification"]["unsigned"], 2, "{report:#}");
+
+    let rec = upload(&app, "good.tar".into(), std::fs::read(&good_tar)?).await?;
     assert_eq!(rec["phase"], "Published", "{rec:#}");
     let v = &rec["verification"];
     assert_eq!(
-        v["signed"], 3,
-        "two images and the cosign signature image: {v:#}"
+        v["signed"], 4,
+        "three images and the cosign signature image: {v:#}"
     );
-    assert_eq!(v["unsigned"], 1, "{v:#}");
+    assert_eq!(v["unsigned"], 2, "{v:#}");
     let keys: Vec<&str> = v["keys"]
         .as_array()
         .unwrap()
@@ -254,7 +300,21 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         trust_of("quay.io/open/tool:1")["by"][0],
         json!({"requirement": "insecureAcceptAnything"})
     );
-    for (repo, tag) in [("gpg/app", "1"), ("cosign/app", "1"), ("open/tool", "1")] {
+    assert_eq!(
+        trust_of("quay.io/gpg/release:4.18.1-x86_64")["by"][0],
+        json!({"requirement": "signedBy", "key": site})
+    );
+    assert_eq!(
+        trust_of("quay.io/gpg/tools-unsigned:1")["scope"],
+        "quay.io/gpg/tools-unsigned"
+    );
+    for (repo, tag) in [
+        ("gpg/app", "1"),
+        ("cosign/app", "1"),
+        ("open/tool", "1"),
+        ("gpg/release", "4.18.1-x86_64"),
+        ("gpg/tools-unsigned", "1"),
+    ] {
         assert!(
             app.manifest(repo, tag).await?.is_some(),
             "{repo}:{tag} is tagged"
@@ -315,6 +375,15 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
             .map(|(n, body, _)| upload(&app, format!("{n}.tar"), body.clone())),
     )
     .await?;
+    // The CLI refuses the same bundles, with the same reasons, and exits non-zero.
+    for (n, body, reason) in &cases {
+        let f = dir.path().join(format!("{n}.tar"));
+        std::fs::write(&f, body)?;
+        let out = verify(&f)?;
+        assert!(!out.status.success(), "{n}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(reason), "{n}: {err}");
+    }
     for ((n, _, reason), rec) in cases.iter().zip(ended) {
         assert_eq!(rec["phase"], "Failed", "{n}: {rec:#}");
         let error = rec["error"].as_str().unwrap_or_default();
