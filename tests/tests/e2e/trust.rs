@@ -410,3 +410,146 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
     let _ = run(&home, "gpgconf", &["--kill", "gpg-agent"]);
     Ok(())
 }
+
+/// The check that ShipperD reads the policy and the signatures as their owners do:
+/// images are signed by `skopeo copy --sign-by` into a `file://` lookaside as a
+/// connected site signs what it mirrors, carried by `shipperd create --registries.d`,
+/// and checked by `shipperd verify`; skopeo, given the same `policy.json` and the same
+/// lookaside, accepts exactly the images ShipperD accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_accepts_exactly_what_shipperd_accepts() -> anyhow::Result<()> {
+    shipperd_tests::init();
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join("gnupg");
+    std::fs::create_dir(&home)?;
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let site = new_key(&home, "site")?;
+    let stranger = new_key(&home, "stranger")?;
+    let site_key = dir.path().join("site.gpg");
+    std::fs::write(&site_key, run(&home, "gpg", &["--export", &site])?)?;
+
+    let source = shipperd_tests::servers::Registry::start().await?;
+    let src = source.host();
+    let layout = dir.path().join("layout");
+    let images = [
+        ("app", "signed/app", Some(&site)),
+        ("stranger", "signed/stranger", Some(&stranger)),
+        ("none", "signed/none", None),
+        ("open", "open/tool", None),
+        ("other", "other/thing", Some(&site)),
+    ];
+    let names: Vec<(&str, &str, &str)> = images.iter().map(|(n, r, _)| (*n, *r, "1")).collect();
+    named_images("agree", &names).write_dir(&layout)?;
+    let sigstore = dir.path().join("sigstore");
+    let registries_d = dir.path().join("registries.d");
+    std::fs::create_dir(&registries_d)?;
+    std::fs::write(
+        registries_d.join("site.yaml"),
+        format!(
+            "docker:\n  {src}:\n    lookaside: file://{s}\n    sigstore-staging: file://{s}\n",
+            s = sigstore.display()
+        ),
+    )?;
+    let rd = registries_d.to_str().unwrap().to_string();
+    for (name, repo, signer) in &images {
+        let from = format!("oci:{}:{name}", layout.display());
+        let to = format!("docker://{src}/{repo}:1");
+        let mut args = vec![
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--registries.d",
+            &rd,
+        ];
+        if let Some(fpr) = signer {
+            args.extend(["--sign-by", fpr.as_str()]);
+        }
+        args.extend([from.as_str(), to.as_str()]);
+        run(&home, "skopeo", &args)?;
+    }
+    let policy = dir.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        serde_json::to_vec(&json!({
+            "default": [{"type": "reject"}],
+            "transports": {"docker": {
+                format!("{src}/signed"): [{"type": "signedBy", "keyType": "GPGKeys",
+                    "keyPath": site_key}],
+                format!("{src}/open"): [{"type": "insecureAcceptAnything"}],
+            }}
+        }))?,
+    )?;
+
+    // skopeo's answers.
+    let mut skopeo_says = std::collections::BTreeMap::new();
+    for (i, (_, repo, _)) in images.iter().enumerate() {
+        let out = dir.path().join(format!("pulled-{i}"));
+        let ok = Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false", "--policy"])
+            .arg(&policy)
+            .args(["--registries.d", &rd])
+            .arg(format!("docker://{src}/{repo}:1"))
+            .arg(format!("dir:{}", out.display()))
+            .env("GNUPGHOME", &home)
+            .output()?
+            .status
+            .success();
+        skopeo_says.insert(format!("{src}/{repo}:1"), ok);
+    }
+
+    // ShipperD's: the bundle create carries, checked by verify.
+    let list = dir.path().join("images.txt");
+    std::fs::write(
+        &list,
+        images
+            .iter()
+            .map(|(_, repo, _)| format!("{src}/{repo}:1\n"))
+            .collect::<String>(),
+    )?;
+    let bundle = dir.path().join("bundle.tar");
+    let made = Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .arg("create")
+        .arg(&bundle)
+        .arg("--images")
+        .arg(&list)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .args(["--registries.d", &rd])
+        .output()?;
+    anyhow::ensure!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(["verify", "--json", "--policy"])
+        .arg(&policy)
+        .arg(&bundle)
+        .output()?;
+    assert!(!out.status.success(), "some images are rejected");
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let shipperd_says: std::collections::BTreeMap<String, bool> = report["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["source"].as_str().unwrap_or_default().to_string(),
+                i["accepted"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(shipperd_says, skopeo_says, "{report:#}");
+    let accepted: Vec<&str> = skopeo_says
+        .iter()
+        .filter(|(_, ok)| **ok)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        accepted,
+        [format!("{src}/open/tool:1"), format!("{src}/signed/app:1")],
+        "{report:#}"
+    );
+    let _ = run(&home, "gpgconf", &["--kill", "gpg-agent"]);
+    Ok(())
+}
