@@ -77,6 +77,38 @@ impl Registry {
         }))
     }
 
+    /// A small blob of `repo` (a signature's payload, a config) in memory: at most
+    /// `max` bytes, checked against its digest; `None` when the registry has none.
+    pub async fn blob_small(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        max: usize,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        let build = |b: reqwest::RequestBuilder| b;
+        let call = Call {
+            method: Method::GET,
+            url: format!("/v2/{repo}/blobs/{digest}"),
+            repo,
+            from: None,
+            build: &build,
+            ok: &[200, 404],
+            once: false,
+        };
+        let resp = self.send(&call).await?;
+        if resp.status() == 404 {
+            return Ok(None);
+        }
+        let bytes = bounded_body(resp, max, || format!("blob {digest} of {repo}")).await?;
+        if Digest::of(&bytes) != *digest {
+            return Err(RegistryError::Protocol(format!(
+                "blob {digest} of {repo} came back hashing to {}",
+                Digest::of(&bytes)
+            )));
+        }
+        Ok(Some(bytes))
+    }
+
     /// Writes blob `desc` of `repo` to `path`. A file already there is taken as the
     /// blob's first bytes (a download cut off before) and the rest asked for with
     /// `Range`; a broken connection resumes the same way, up to the target's retries.

@@ -15,12 +15,9 @@ use shipperd_bundle::{
     ManifestDoc, PlanWriter, Reference, Result, StoredPlan, Walker, cas::Cas, container, discover,
     docker,
 };
-use shipperd_model::{
-    BundleId, DataDir, PlanRef,
-    state::{Trust, Verification},
-};
+use shipperd_model::{BundleId, DataDir, PlanRef};
 
-use crate::trust::{Answers, BundleSignatures, Policies};
+use crate::trust::{BundleSignatures, Policies, Verdict};
 
 /// What a checked bundle holds.
 #[derive(Debug)]
@@ -36,10 +33,6 @@ pub struct Inventory {
     pub referrers: u64,
     /// The registry a differential bundle was made against (`shipperd create --have`).
     pub made_for: Option<String>,
-    /// What the signature policy said, when one applies: the counts, and why the
-    /// bundle is rejected when an image is.
-    pub verification: Option<Verification>,
-    pub rejection: Option<String>,
 }
 
 #[derive(Debug)]
@@ -55,8 +48,8 @@ pub struct InventoryImage {
     pub bytes: u64,
     /// An operator catalog (its config carries [`CATALOG_LABEL`]).
     pub catalog: bool,
-    /// How the signature policy accepted it.
-    pub trust: Option<Trust>,
+    /// The signature policy's answer (none when no policy applies).
+    pub verdict: Option<Verdict>,
 }
 
 /// The label of an operator catalog (file-based catalog) image's config.
@@ -181,7 +174,6 @@ pub fn inspect(
         )));
     }
     plans.finish()?;
-    let (mut verification, mut rejection) = (None, None);
     if let Some(policies) = &options.policies {
         let signatures =
             BundleSignatures::index(fs, &walker, &found.blob_paths, &found.images, &referrers);
@@ -190,12 +182,10 @@ pub fn inspect(
             .map(|i| (i.source.clone(), i.digest.clone()))
             .collect();
         guard.check()?;
-        let answers = Answers::check(policies, &named, &signatures);
-        rejection = answers.rejection(&named);
-        for (img, answer) in images.iter_mut().zip(answers.each) {
-            img.trust = answer.ok();
+        let verdicts = crate::trust::check_all(policies, &named, &signatures);
+        for (img, v) in images.iter_mut().zip(verdicts) {
+            img.verdict = Some(v);
         }
-        verification = Some(answers.verification);
     }
     let catalog = Catalog {
         container: opened.container,
@@ -212,8 +202,6 @@ pub fn inspect(
         referrers: check.referrers,
         images,
         made_for,
-        verification,
-        rejection,
     })
 }
 
@@ -363,7 +351,7 @@ impl Checker<'_> {
             plan: at,
             bytes,
             catalog,
-            trust: None,
+            verdict: None,
         })
     }
 

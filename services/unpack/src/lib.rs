@@ -36,7 +36,7 @@ use shipperd_state::{Executor, StateStore};
 use tokio_util::sync::CancellationToken;
 
 pub use inspect::{Inventory, Options, inspect};
-pub use trust::{Answers, BundleSignatures, Checked, Policies, Report, verify_bundle};
+pub use trust::{BundleSignatures, Checked, Policies, Refused, Report, Verdict, verify_bundle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -249,6 +249,7 @@ impl Unpacker {
         );
         let compress = self.config.compress_layers;
         let policies = self.policies(&s)?;
+        let reading = policies.clone();
         // A DELETE meanwhile calls the reading off at its next check.
         let guard = Guard::default();
         let watching = tokio::spawn(watch_deleted(self.state.clone(), id.clone(), guard.clone()));
@@ -257,7 +258,7 @@ impl Unpacker {
             let options = inspect::Options {
                 limits,
                 compress_layers: compress,
-                policies,
+                policies: reading,
             };
             inspect(&data, &bundle, &rel, &name, &options, &reader)
         })
@@ -275,17 +276,19 @@ impl Unpacker {
                     .unwrap_or_else(|_| "the reader was cancelled".into()),
             )
         })??;
-        if let Some(why) = inventory.rejection.take() {
-            tracing::warn!(error = %why, "bundle rejected by the signature policy");
-            return Err(Error::Policy(why));
-        }
-        let found = std::mem::take(&mut inventory.images);
-        let (target, images) = target_images(
+        let mut found = std::mem::take(&mut inventory.images);
+        let verdicts: Vec<Option<trust::Verdict>> =
+            found.iter_mut().map(|i| i.verdict.take()).collect();
+        let (target, mut images) = target_images(
             &self.targets.get(),
             &s,
             found,
             inventory.made_for.as_deref(),
         )?;
+        let verification = match &policies {
+            Some(p) => Some(self.verify(p, &target, &mut images, verdicts).await?),
+            None => None,
+        };
         tracing::info!(
             images = images.len(),
             blobs = inventory.blob_count,
@@ -303,7 +306,7 @@ impl Unpacker {
             absent: inventory.absent,
             bytes_total: images.iter().map(|i| i.bytes_total).sum(),
             target: Some(target),
-            verification: inventory.verification.take(),
+            verification,
         };
         match self
             .state
@@ -319,6 +322,54 @@ impl Unpacker {
                 Ok(Done::nothing())
             }
         }
+    }
+
+    /// The policies' answers for the images (looking in the target registry for the
+    /// signatures of those the bundle's own did not get accepted): the images carry
+    /// their trust, and the bundle its counts; a rejected image fails the bundle.
+    async fn verify(
+        &self,
+        policies: &trust::Policies,
+        target: &shipperd_model::TargetName,
+        images: &mut [ImageState],
+        verdicts: Vec<Option<trust::Verdict>>,
+    ) -> Result<shipperd_model::state::Verification> {
+        let mut verdicts: Vec<trust::Verdict> = verdicts
+            .into_iter()
+            .map(|v| {
+                v.ok_or_else(|| {
+                    Error::Internal("an image was not checked against the policy".into())
+                })
+            })
+            .collect::<Result<_>>()?;
+        let named: Vec<(Reference, shipperd_model::Digest)> = images
+            .iter()
+            .map(|i| (i.source.clone(), i.digest.clone()))
+            .collect();
+        if verdicts.iter().any(Result::is_err)
+            && let Ok(t) = self.targets.get().get(Some(target))
+        {
+            match shipperd_registry::Registry::reader(t.clone()) {
+                Ok(registry) => {
+                    let targets: Vec<Reference> = images.iter().map(|i| i.target.clone()).collect();
+                    trust::recheck_in_registry(policies, &registry, &named, &targets, &mut verdicts)
+                        .await
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the target registry's signatures")
+                }
+            }
+        }
+        trust::count_metrics(&verdicts);
+        if let Some(why) = trust::rejection(&named, &verdicts) {
+            tracing::warn!(error = %why, "bundle rejected by the signature policy");
+            return Err(Error::Policy(why));
+        }
+        let verification = policies.verification(&verdicts);
+        for (img, v) in images.iter_mut().zip(verdicts) {
+            img.trust = v.ok();
+        }
+        Ok(verification)
     }
 
     /// The signature policies for the bundle: the site-wide one, then its target's,
@@ -446,7 +497,7 @@ fn target_images(
             plan: img.plan,
             blobs: Default::default(),
             catalog: img.catalog,
-            trust: img.trust,
+            trust: None,
         });
     }
     Ok((target.name.clone(), images))

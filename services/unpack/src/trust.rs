@@ -19,7 +19,7 @@ use std::{
 
 use shipperd_bundle::{BlobPaths, BundleFs, Descriptor, Digest, ManifestDoc, Reference, Walker};
 use shipperd_model::state::{Trust, TrustedBy, Verification};
-use shipperd_policy::{CosignSignature, Signatures, Verdict, Verifier, cosign};
+use shipperd_policy::{CosignSignature, Signatures, Verdict as PolicyVerdict, Verifier, cosign};
 
 /// Signatures read for one image, at most: more are left unread.
 const MAX_PER_IMAGE: usize = 16;
@@ -51,7 +51,7 @@ impl Policies {
         image: &Reference,
         digest: &Digest,
         signatures: &dyn Fn() -> Signatures,
-    ) -> Result<Trust, String> {
+    ) -> Verdict {
         let needed = self.0.iter().any(|v| v.needs_signatures(image));
         let found = if needed {
             signatures()
@@ -61,7 +61,7 @@ impl Policies {
         let mut trust: Option<Trust> = None;
         for v in &self.0 {
             match v.check(image, digest, &found) {
-                Verdict::Accepted { scope, by } => {
+                PolicyVerdict::Accepted { scope, by } => {
                     let by = by.into_iter().map(|a| TrustedBy {
                         requirement: a.requirement.to_string(),
                         key: a.key,
@@ -76,35 +76,63 @@ impl Policies {
                         }
                     }
                 }
-                Verdict::Rejected { scope, reason } => {
-                    shipperd_telemetry::metrics::metrics()
-                        .verifications
-                        .get_or_create(&shipperd_telemetry::metrics::labels(
-                            ("result", "rejected"),
-                            ("by", reason.kind()),
-                        ))
-                        .inc();
+                PolicyVerdict::Rejected { scope, reason } => {
                     let policy = if self.0.len() > 1 {
                         format!("policy {}, ", v.name())
                     } else {
                         String::new()
                     };
-                    return Err(format!("{reason} ({policy}scope {scope})"));
+                    return Err(Refused {
+                        kind: reason.kind(),
+                        reason: format!("{reason} ({policy}scope {scope})"),
+                    });
                 }
             }
         }
-        let trust = trust.unwrap_or_else(|| Trust {
+        Ok(trust.unwrap_or_else(|| Trust {
             scope: "default".into(),
             by: Vec::new(),
-        });
-        shipperd_telemetry::metrics::metrics()
-            .verifications
+        }))
+    }
+
+    /// The bundle's counts, from its images' answers.
+    pub fn verification(&self, verdicts: &[Verdict]) -> Verification {
+        let mut v = Verification {
+            policies: self.names(),
+            ..Verification::default()
+        };
+        for t in verdicts.iter().flatten() {
+            v.count(t);
+        }
+        v
+    }
+}
+
+/// Why an image was rejected: the kind (a metric label) and the reason as said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+/// An image's answer.
+pub type Verdict = Result<Trust, Refused>;
+
+/// Counts the answers in `shipperd_signature_verifications_total`.
+pub fn count_metrics(verdicts: &[Verdict]) {
+    let m = shipperd_telemetry::metrics::metrics();
+    for v in verdicts {
+        let (result, by) = match v {
+            Ok(t) if t.signed() => ("accepted", "signed"),
+            Ok(_) => ("accepted", "unsigned"),
+            Err(r) => ("rejected", r.kind),
+        };
+        m.verifications
             .get_or_create(&shipperd_telemetry::metrics::labels(
-                ("result", "accepted"),
-                ("by", if trust.signed() { "signed" } else { "unsigned" }),
+                ("result", result),
+                ("by", by),
             ))
             .inc();
-        Ok(trust)
     }
 }
 
@@ -271,91 +299,175 @@ impl<'a> BundleSignatures<'a> {
     }
 }
 
-/// The answers for a bundle's images, in their order, and the bundle's counts.
-pub struct Answers {
-    /// Each image's trust, or why it was rejected.
-    pub each: Vec<Result<Trust, String>>,
-    /// Which images took their answer from the image they are attached to.
-    follows: Vec<bool>,
-    pub verification: Verification,
-}
-
-impl Answers {
-    /// Checks every image; what cosign attached to an image in the bundle takes its
-    /// image's answer.
-    pub fn check(
-        policies: &Policies,
-        images: &[(Reference, Digest)],
-        signatures: &BundleSignatures<'_>,
-    ) -> Self {
-        let mut each: Vec<Option<Result<Trust, String>>> = vec![None; images.len()];
-        let mut follows = vec![false; images.len()];
-        let mut by_subject: HashMap<(String, String), usize> = HashMap::new();
-        for (i, (image, digest)) in images.iter().enumerate() {
-            if attached_to(image).is_some() {
-                continue;
-            }
-            by_subject.insert((repo(image), digest.hex().to_ascii_lowercase()), i);
+/// Checks every image of a bundle (its source reference and top digest), in order;
+/// what cosign attached to an image in the bundle takes that image's answer.
+pub fn check_all(
+    policies: &Policies,
+    images: &[(Reference, Digest)],
+    signatures: &BundleSignatures<'_>,
+) -> Vec<Verdict> {
+    let mut each: Vec<Option<Verdict>> = vec![None; images.len()];
+    for (i, (image, digest)) in images.iter().enumerate() {
+        if attached_to(image).is_none() {
             each[i] = Some(policies.check(image, digest, &|| signatures.of(image, digest)));
         }
-        for (i, (image, digest)) in images.iter().enumerate() {
-            if each[i].is_some() {
-                continue;
-            }
-            let subject = attached_to(image)
-                .and_then(|hex| by_subject.get(&(repo(image), hex.to_ascii_lowercase())));
-            follows[i] = subject.is_some();
-            each[i] = Some(match subject {
-                Some(&s) => each[s].clone().expect("subjects are checked first"),
+    }
+    let subjects = subjects(images);
+    for (i, (image, digest)) in images.iter().enumerate() {
+        if each[i].is_none() {
+            each[i] = Some(match subject_of(&subjects, image) {
+                Some(s) => each[s].clone().expect("subjects are checked first"),
                 None => policies.check(image, digest, &|| signatures.of(image, digest)),
             });
         }
-        let mut verification = Verification {
-            policies: policies.names(),
-            ..Verification::default()
-        };
-        let each: Vec<Result<Trust, String>> = each.into_iter().flatten().collect();
-        for t in each.iter().flatten() {
-            verification.count(t);
-        }
-        Answers {
-            each,
-            follows,
-            verification,
-        }
     }
+    each.into_iter().flatten().collect()
+}
 
-    /// The bundle's rejection, naming the first images and why (not what is attached
-    /// to them, which is counted): `None` when every image was accepted.
-    pub fn rejection(&self, images: &[(Reference, Digest)]) -> Option<String> {
-        const SHOWN: usize = 5;
-        let rejected: Vec<(usize, &String)> = self
-            .each
-            .iter()
-            .enumerate()
-            .filter_map(|(i, a)| a.as_ref().err().map(|e| (i, e)))
-            .collect();
-        if rejected.is_empty() {
-            return None;
-        }
-        let mut msg = format!(
-            "the signature policy rejects {} of {} images: ",
-            rejected.len(),
-            images.len()
-        );
-        let named: Vec<&(usize, &String)> =
-            rejected.iter().filter(|(i, _)| !self.follows[*i]).collect();
-        let shown: Vec<String> = named
+/// The images that are not attachments, by `(repository, digest hex)`.
+fn subjects(images: &[(Reference, Digest)]) -> HashMap<(String, String), usize> {
+    images
+        .iter()
+        .enumerate()
+        .filter(|(_, (image, _))| attached_to(image).is_none())
+        .map(|(i, (image, digest))| ((repo(image), digest.hex().to_ascii_lowercase()), i))
+        .collect()
+}
+
+/// The image in the bundle that `image` is attached to.
+fn subject_of(subjects: &HashMap<(String, String), usize>, image: &Reference) -> Option<usize> {
+    let hex = attached_to(image)?;
+    subjects
+        .get(&(repo(image), hex.to_ascii_lowercase()))
+        .copied()
+}
+
+/// The bundle's rejection, naming the first rejected images and why (not what is
+/// attached to them, which is counted): `None` when every image was accepted.
+pub fn rejection(images: &[(Reference, Digest)], verdicts: &[Verdict]) -> Option<String> {
+    const SHOWN: usize = 5;
+    let rejected = verdicts.iter().filter(|v| v.is_err()).count();
+    if rejected == 0 {
+        return None;
+    }
+    let subjects = subjects(images);
+    let named: Vec<String> = images
+        .iter()
+        .zip(verdicts)
+        .filter_map(|((image, _), v)| {
+            let why = v.as_ref().err()?;
+            subject_of(&subjects, image)
+                .is_none()
+                .then(|| format!("{image}: {}", why.reason))
+        })
+        .collect();
+    let mut msg = format!(
+        "the signature policy rejects {rejected} of {} images: {}",
+        images.len(),
+        named
             .iter()
             .take(SHOWN)
-            .map(|(i, why)| format!("{}: {why}", images[*i].0))
-            .collect();
-        msg.push_str(&shown.join("; "));
-        if named.len() > SHOWN {
-            msg.push_str(&format!("; and {} more", named.len() - SHOWN));
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if named.len() > SHOWN {
+        msg.push_str(&format!("; and {} more", named.len() - SHOWN));
+    }
+    msg.push_str(". Nothing of the bundle was published.");
+    Some(msg)
+}
+
+/// The largest cosign signature manifest read from a registry.
+const MAX_SIG_MANIFEST: usize = 256 << 10;
+/// Registry reads at once when signatures are looked for there.
+const REGISTRY_READS: usize = 16;
+
+/// The cosign signatures the target registry holds for an image (`repo` there) at
+/// `digest`: its `sha256-<hex>.sig` image's layers with their payloads.
+async fn registry_signatures(
+    registry: &shipperd_registry::Registry,
+    repo: &str,
+    digest: &Digest,
+) -> Result<Signatures, shipperd_registry::RegistryError> {
+    let mut out = Signatures::default();
+    let tag = format!("sha256-{}.sig", digest.hex());
+    let Some(m) = registry.manifest(repo, &tag).await? else {
+        return Ok(out);
+    };
+    if m.bytes.len() > MAX_SIG_MANIFEST {
+        return Ok(out);
+    }
+    let Ok(doc) = ManifestDoc::parse(&tag, &m.bytes) else {
+        return Ok(out);
+    };
+    for layer in doc.layers.iter().take(MAX_PER_IMAGE) {
+        let Some(sig) = layer.annotations.get(cosign::SIGNATURE_ANNOTATION) else {
+            continue;
+        };
+        if layer.size > cosign::MAX_PAYLOAD {
+            continue;
         }
-        msg.push_str(". Nothing of the bundle was published.");
-        Some(msg)
+        if let Some(payload) = registry
+            .blob_small(repo, &layer.digest, cosign::MAX_PAYLOAD as usize)
+            .await?
+        {
+            out.cosign.push(CosignSignature {
+                payload: payload.to_vec(),
+                signature: sig.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Checks again the images the bundle's own signatures did not get accepted, with the
+/// cosign signatures the target registry holds for them (`targets[i]`: where image
+/// `i` lands). A differential bundle leaves out what the site has, its signatures
+/// included. What the registry cannot answer leaves the image as it was.
+pub async fn recheck_in_registry(
+    policies: &Policies,
+    registry: &shipperd_registry::Registry,
+    images: &[(Reference, Digest)],
+    targets: &[Reference],
+    verdicts: &mut [Verdict],
+) {
+    use futures::StreamExt as _;
+    let todo: Vec<usize> = (0..images.len())
+        .filter(|&i| verdicts[i].is_err() && attached_to(&images[i].0).is_none())
+        .collect();
+    if todo.is_empty() {
+        return;
+    }
+    tracing::info!(
+        images = todo.len(),
+        "looking for signatures in the target registry"
+    );
+    let found: Vec<(usize, Signatures)> = futures::stream::iter(todo)
+        .map(|i| async move {
+            match registry_signatures(registry, &targets[i].repository, &images[i].1).await {
+                Ok(s) => Some((i, s)),
+                Err(error) => {
+                    tracing::warn!(%error, image = %images[i].0, "cannot read its signatures in the target registry");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(REGISTRY_READS)
+        .filter_map(std::future::ready)
+        .collect()
+        .await;
+    for (i, sigs) in found {
+        if !sigs.is_empty() {
+            let (image, digest) = &images[i];
+            verdicts[i] = policies.check(image, digest, &|| sigs.clone());
+        }
+    }
+    let subjects = subjects(images);
+    for (i, (image, _)) in images.iter().enumerate() {
+        if let Some(s) = subject_of(&subjects, image) {
+            verdicts[i] = verdicts[s].clone();
+        }
     }
 }
 
@@ -416,19 +528,20 @@ pub fn verify_bundle(
         .collect();
     let signatures =
         BundleSignatures::index(fs, &walker, &found.blob_paths, &found.images, &referrers);
-    let answers = Answers::check(policies, &named, &signatures);
-    let rejection = answers.rejection(&named);
+    let verdicts = check_all(policies, &named, &signatures);
+    let rejection = rejection(&named, &verdicts);
+    let verification = policies.verification(&verdicts);
     Ok(Report {
         images: named
             .into_iter()
-            .zip(answers.each)
+            .zip(verdicts)
             .map(|((source, digest), answer)| Checked {
                 source,
                 digest,
-                answer,
+                answer: answer.map_err(|r| r.reason),
             })
             .collect(),
-        verification: answers.verification,
+        verification,
         rejection,
     })
 }

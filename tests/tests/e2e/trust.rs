@@ -321,6 +321,66 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         );
     }
 
+    // Day 2: a differential bundle names the cosign-signed image and its signature
+    // image without carrying either (the site has them: their signature is only in the
+    // target registry now), beside a new open image.
+    let mut day2 = good.clone();
+    let l = day2.layer(
+        &[("etc/new", b"day two".to_vec())],
+        flate2::Compression::fast(),
+    );
+    day2.image(
+        json!({"org.opencontainers.image.ref.name": "quay.io/open/new:1"}),
+        &[l],
+        "open/new",
+        "1",
+    );
+    let keep = [
+        "quay.io/cosign/app:1".to_string(),
+        format!("quay.io/cosign/app:sha256-{}.sig", &cosign_digest[7..]),
+        "quay.io/open/new:1".to_string(),
+    ];
+    let files: Vec<(String, Vec<u8>)> = day2
+        .oci_files("")
+        .into_iter()
+        .filter_map(|(path, bytes)| {
+            if path == "index.json" {
+                let mut index: Value = serde_json::from_slice(&bytes).ok()?;
+                index["manifests"].as_array_mut()?.retain(|m| {
+                    keep.iter().any(|k| {
+                        m["annotations"]["org.opencontainers.image.ref.name"] == k.as_str()
+                    })
+                });
+                return Some((path, serde_json::to_vec(&index).ok()?));
+            }
+            match path.strip_prefix("blobs/sha256/") {
+                Some(hex) if good.blobs.contains_key(&format!("sha256:{hex}")) => None,
+                _ => Some((path, bytes)),
+            }
+        })
+        .collect();
+    let rec = upload(&app, "day2.tar".into(), tar_bytes(&files)?).await?;
+    assert_eq!(rec["phase"], "Published", "{rec:#}");
+    assert_eq!(rec["verification"]["signed"], 2, "{rec:#}");
+    assert_eq!(rec["verification"]["unsigned"], 1, "{rec:#}");
+    let id = rec["id"].as_str().unwrap();
+    let day2_images: Value = app
+        .http
+        .get(format!("{}/v1/bundles/{id}/images", app.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let cosign_app = day2_images["images"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["source"] == "quay.io/cosign/app:1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        cosign_app["trust"]["by"][0]["requirement"], "sigstoreSigned",
+        "accepted by its signature in the target registry: {day2_images:#}"
+    );
+
     // Each refusal, with its reason; nothing of the bundle tagged.
     let by_stranger = gpg_sign(
         &home,
