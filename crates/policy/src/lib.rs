@@ -428,6 +428,39 @@ impl Policy {
         Ok(Policy { default, docker })
     }
 
+    /// Every file the policy names (key paths, Rekor key paths, Fulcio CA paths): a
+    /// policy written into a resource may name none, since it would read the
+    /// service's files.
+    pub fn paths(&self) -> Vec<&str> {
+        fn keys(k: &Option<Keys>) -> Vec<&str> {
+            match k {
+                Some(Keys::Paths(p)) => p.iter().map(String::as_str).collect(),
+                _ => Vec::new(),
+            }
+        }
+        let mut out = Vec::new();
+        for r in self.default.iter().chain(self.docker.values().flatten()) {
+            match r {
+                Requirement::SignedBy {
+                    keys: Keys::Paths(p),
+                    ..
+                } => out.extend(p.iter().map(String::as_str)),
+                Requirement::SigstoreSigned {
+                    keys: k,
+                    fulcio,
+                    rekor,
+                    ..
+                } => {
+                    out.extend(keys(k));
+                    out.extend(keys(rekor));
+                    out.extend(fulcio.as_ref().and_then(|f| f.ca_path.as_deref()));
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// The requirements for `image` (its source reference, host included), and the
     /// scope they came from (`""`: the transport's default; `None`: the policy's).
     pub fn requirements_for(&self, image: &Reference) -> (&[Requirement], Option<&str>) {

@@ -139,9 +139,9 @@ pub struct Target {
     /// Bundles uploaded through the ingest endpoint (or dropped) may go here: `false`
     /// for a cluster target whose conditions leave the upload namespace out.
     pub uploads: bool,
-    /// The target's signature policy (a `containers-policy.json`), applied with the
-    /// site-wide one: an image lands here only when both accept it.
-    pub policy: Option<std::path::PathBuf>,
+    /// The target's signature policies (`containers-policy.json` files), applied with
+    /// the site-wide one: an image lands here only when every one accepts it.
+    pub policies: Vec<std::path::PathBuf>,
 }
 
 /// One `[[target]]` of a targets file, as written (relative file names are taken from
@@ -165,9 +165,9 @@ pub struct TargetEntry {
     pub tags: TagPolicy,
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub uploads: bool,
-    /// A `containers-policy.json` every image must satisfy to land here.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<std::path::PathBuf>,
+    /// `containers-policy.json` files every image must satisfy to land here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<std::path::PathBuf>,
 }
 
 impl TargetEntry {
@@ -183,7 +183,7 @@ impl TargetEntry {
             transfer: Transfer::default(),
             tags: TagPolicy::default(),
             uploads: true,
-            policy: None,
+            policies: Vec::new(),
         }
     }
 }
@@ -275,7 +275,7 @@ impl Target {
             transfer,
             tags: TagPolicy::default(),
             uploads: true,
-            policy: None,
+            policies: Vec::new(),
         })
     }
 
@@ -398,7 +398,7 @@ impl Targets {
             )?;
             target.tags = t.tags;
             target.uploads = t.uploads;
-            target.policy = rel(t.policy);
+            target.policies = t.policies.into_iter().map(|p| base.join(p)).collect();
             targets.push(target);
         }
         Self::from_list(targets, file.default.as_deref())

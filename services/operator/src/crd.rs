@@ -311,6 +311,14 @@ pub struct RegistryTargetSpec {
     /// override); a `RegistryTarget`'s is ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<TagsSpec>,
+    /// A signature policy (a `containers-policy.json`, as JSON text) every image must
+    /// satisfy to land through this target, besides the site's `--policy`. Keys are
+    /// given inline (`keyData`), never as paths. A `ClusterRegistryTarget`'s applies
+    /// also to every `RegistryTarget` of the same registry host: a namespace can add
+    /// requirements, never weaken the cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
+    pub signature_policy: Option<String>,
 }
 
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

@@ -353,11 +353,34 @@ async fn resolve(
         return Ok(Err(p));
     }
     settings(ctx, which, spec, &mapping, &mut entry);
+    if let Some(text) = &spec.signature_policy {
+        if let Err(m) = check_policy(text) {
+            return Ok(Err(problem("InvalidPolicy", m)));
+        }
+        let p = dir.join("policy.json");
+        entry.policies.push(p.clone());
+        files.push((p, text.as_bytes().to_vec()));
+    }
     Ok(Ok(Resolved {
         default: spec.default && which.namespace.is_none(),
         entry,
         files,
     }))
+}
+
+/// Whether a resource's `signaturePolicy` may be used: a `containers-policy.json` that
+/// parses as skopeo reads it, whose keys are inline (a path would read the services'
+/// own files) and parse.
+fn check_policy(text: &str) -> Result<(), String> {
+    let policy = shipperd_policy::Policy::from_json(text.as_bytes()).map_err(|e| e.to_string())?;
+    if let Some(p) = policy.paths().first() {
+        return Err(format!(
+            "signaturePolicy names the file {p:?}: in a resource, give keys as keyData"
+        ));
+    }
+    shipperd_policy::Verifier::new(&policy, "signaturePolicy")
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// What `spec` says of names, transfers and tags, into `entry` (`mapping` as resolved:
@@ -523,12 +546,25 @@ pub async fn render(ctx: &TargetsContext) -> Result<Rendered, Error> {
     all.sort_by(|a, b| a.0.cmp(&b.0));
     let mut file = TargetsFile::default();
     let mut rendered = Rendered::default();
+    // The cluster targets' policies by registry host (cluster targets sort first): they
+    // bind every namespace's target of that registry too.
+    let mut cluster_policies: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
     for (which, spec) in &all {
         let verdict = match resolve(ctx, which, spec).await? {
             Err(p) => Err(p),
             Ok(mut r) => {
                 if which.namespace.is_none() && closed_to_uploads.contains(&which.name) {
                     r.entry.uploads = false;
+                }
+                let host = host_of(&r.entry.url).unwrap_or_default();
+                if which.namespace.is_none() {
+                    cluster_policies
+                        .entry(host)
+                        .or_default()
+                        .extend(r.entry.policies.iter().cloned());
+                } else if let Some(binding) = cluster_policies.get(&host) {
+                    let own = std::mem::take(&mut r.entry.policies);
+                    r.entry.policies = binding.iter().cloned().chain(own).collect();
                 }
                 for (p, bytes) in &r.files {
                     write_file(p, bytes)?;

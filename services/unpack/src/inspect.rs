@@ -17,7 +17,7 @@ use shipperd_bundle::{
 };
 use shipperd_model::{BundleId, DataDir, PlanRef};
 
-use crate::trust::{BundleSignatures, Policies, Verdict};
+use crate::trust::{BundleSignatures, Policies, Verdict, signature_name};
 
 /// What a checked bundle holds.
 #[derive(Debug)]
@@ -213,22 +213,6 @@ const SIGNATURES_DIR: &str = "working-dir/signatures/";
 const MAX_SIGNATURES: usize = 256;
 const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
 
-/// Whether `name` is a signature file's name: `<tag>-sha256-<64 hex>`, of plain
-/// characters (it becomes a file name, then a ConfigMap key).
-pub fn signature_name(name: &str) -> bool {
-    let Some((tag, hex)) = name.rsplit_once("-sha256-") else {
-        return false;
-    };
-    (1..=128).contains(&tag.len())
-        && tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
 /// Copies the release signatures the bundle carries (oc-mirror's
 /// `working-dir/signatures/<tag>-sha256-<hex>`) beside it, for the operator's
 /// `mirrored-release-signatures` ConfigMap. Bounded in number and size; anything else
@@ -411,7 +395,7 @@ mod tests {
     #[test]
     fn signature_files_are_named_as_oc_mirror_names_them() {
         let hex = "ab".repeat(32);
-        assert!(super::signature_name(&format!(
+        assert!(crate::trust::signature_name(&format!(
             "4.18.1-x86_64-sha256-{hex}"
         )));
         for bad in [
@@ -422,7 +406,7 @@ mod tests {
             "4.18-sha256-abc".to_string(),
             "notes".to_string(),
         ] {
-            assert!(!super::signature_name(&bad), "{bad}");
+            assert!(!crate::trust::signature_name(&bad), "{bad}");
         }
     }
 }

@@ -377,7 +377,7 @@ impl Unpacker {
     fn policies(&self, s: &BundleSummary) -> Result<Option<Arc<trust::Policies>>> {
         let mut paths: Vec<std::path::PathBuf> = self.config.policy.iter().cloned().collect();
         if let Ok(target) = self.targets.get().get(s.target.as_ref()) {
-            paths.extend(target.policy.clone());
+            paths.extend(target.policies.iter().cloned());
         }
         trust::Policies::load(&paths)
             .map(|p| p.map(Arc::new))

@@ -183,6 +183,22 @@ fn lookaside_digest(path: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }
 
+/// Whether `name` is a signature file's name: `<tag>-sha256-<64 hex>`, of plain
+/// characters (it becomes a file name, then a ConfigMap key).
+pub fn signature_name(name: &str) -> bool {
+    let Some((tag, hex)) = name.rsplit_once("-sha256-") else {
+        return false;
+    };
+    (1..=128).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 /// The digest hex an oc-mirror release signature's path names:
 /// `.../working-dir/signatures/<tag>-sha256-<hex>`.
 fn release_digest(path: &str) -> Option<&str> {
@@ -190,7 +206,7 @@ fn release_digest(path: &str) -> Option<&str> {
     if !(dir == "working-dir/signatures" || dir.ends_with("/working-dir/signatures")) {
         return None;
     }
-    crate::inspect::signature_name(name).then(|| name.rsplit_once("-sha256-").map(|(_, h)| h))?
+    signature_name(name).then(|| name.rsplit_once("-sha256-").map(|(_, h)| h))?
 }
 
 impl<'a> BundleSignatures<'a> {

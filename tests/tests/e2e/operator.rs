@@ -20,7 +20,7 @@ use shipperd_operator::{
 use shipperd_store::{FetchSettings, Store};
 use shipperd_tests::{
     app::{Options, TestApp, spawn_app},
-    fixtures::{sample, sha256, tar_bytes},
+    fixtures::{named_images, sample, sha256, tar_bytes},
 };
 
 /// What the fake API server holds and saw.
@@ -1949,4 +1949,110 @@ async fn reconcile_errors_and_bad_specs_show_in_the_status() -> anyhow::Result<(
     assert_eq!(failed["reason"], "InvalidSpec", "{failed}");
     assert!(failed["message"].as_str().unwrap().contains("not-hex"));
     app.stop().await
+}
+
+/// Signature policies in the resources: a `ClusterRegistryTarget`'s binds every
+/// namespace's target of the same registry, and a namespace's own adds to it, never
+/// replaces it: a tenant policy of `insecureAcceptAnything` under a cluster policy that
+/// requires a cosign key still does not admit an unsigned image. A policy that names a
+/// file (it would read the services' own files) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_policy_adds_to_the_clusters_and_never_weakens_it() -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use shipperd_operator::targets::{Output, TargetsContext, render};
+    let data = tempfile::tempdir()?;
+    let url = "http://127.0.0.1:5000";
+    let public = data.path().join("cosign.pub");
+    let sigs = super::trust::cosign_sign(data.path(), &public, &[])?;
+    assert!(sigs.is_empty());
+    let key = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&public)?);
+    let strict = json!({ "default": [{ "type": "sigstoreSigned", "keyData": key,
+        "signedIdentity": { "type": "matchRepository" } }] })
+    .to_string();
+    let open = json!({ "default": [{ "type": "insecureAcceptAnything" }] }).to_string();
+    let paths = json!({ "default": [{ "type": "sigstoreSigned",
+        "keyPath": "/var/run/secrets/kubernetes.io/serviceaccount/token" }] })
+    .to_string();
+    let state = Arc::new(Mutex::new(FakeTargets {
+        targets: vec![
+            registry_target_in(
+                "team-a",
+                "open",
+                json!({ "url": url, "signaturePolicy": open }),
+            ),
+            registry_target_in(
+                "team-a",
+                "reads-files",
+                json!({ "url": url, "signaturePolicy": paths }),
+            ),
+            registry_target_in(
+                "team-b",
+                "elsewhere",
+                json!({ "url": "http://127.0.0.1:5001", "signaturePolicy": open }),
+            ),
+        ],
+        cluster_targets: vec![cluster_target(
+            "shared",
+            json!({ "url": url, "default": true, "signaturePolicy": strict }),
+        )],
+        ..FakeTargets::default()
+    }));
+    let ctx = TargetsContext::new(
+        fake_targets_api(state.clone()),
+        Output::under(data.path()),
+        "shipperd",
+    );
+    let rendered = render(&ctx).await?;
+    let refused = rendered
+        .verdicts
+        .iter()
+        .find(|(w, _)| w.name == "reads-files")
+        .map(|(_, v)| v.clone())
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.reason, "InvalidPolicy");
+    assert!(refused.message.contains("keyData"), "{}", refused.message);
+    let file = std::fs::read_to_string(&ctx.output.file)?;
+    let targets = shipperd_registry_targets::Targets::parse(&file, data.path())?;
+    let policies = |name: &str| {
+        targets
+            .get(Some(&shipperd_model::TargetName::parse(name).unwrap()))
+            .unwrap()
+            .policies
+            .clone()
+    };
+    let shared = policies("shared");
+    assert_eq!(shared.len(), 1, "{file}");
+    let team_a = policies("team-a/open");
+    assert_eq!(team_a.len(), 2, "the cluster's, then its own: {file}");
+    assert_eq!(team_a[0], shared[0]);
+    assert_eq!(
+        policies("team-b/elsewhere").len(),
+        1,
+        "another registry: its own only"
+    );
+
+    // What unpack makes of team-a's target: an unsigned image is refused.
+    let bundle = data.path().join("unsigned.tar");
+    std::fs::write(
+        &bundle,
+        tar_bytes(&named_images("policy", &[("quay.io/org/app:1", "org/app", "1")]).oci_files(""))?,
+    )?;
+    let scratch = tempfile::tempdir()?;
+    let check = |paths: &[std::path::PathBuf]| -> anyhow::Result<Option<String>> {
+        let p = shipperd_unpack::Policies::load(paths)
+            .map_err(anyhow::Error::msg)?
+            .unwrap();
+        Ok(shipperd_unpack::verify_bundle(
+            std::slice::from_ref(&bundle),
+            &p,
+            &shipperd_bundle::Limits::default(),
+            scratch.path(),
+        )?
+        .rejection)
+    };
+    let why = check(&team_a)?.expect("rejected");
+    assert!(why.contains("quay.io/org/app:1: unsigned"), "{why}");
+    assert!(check(&policies("team-b/elsewhere"))?.is_none());
+    Ok(())
 }

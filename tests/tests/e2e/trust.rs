@@ -44,7 +44,11 @@ fn cosign_payload(digest: &str, identity: &str) -> Vec<u8> {
 
 /// Signs each payload with a new cosign key (its public key at `public`); the
 /// signatures, base64.
-fn cosign_sign(dir: &Path, public: &Path, payloads: &[Vec<u8>]) -> anyhow::Result<Vec<String>> {
+pub(crate) fn cosign_sign(
+    dir: &Path,
+    public: &Path,
+    payloads: &[Vec<u8>],
+) -> anyhow::Result<Vec<String>> {
     let files: Vec<String> = payloads
         .iter()
         .enumerate()
@@ -208,8 +212,26 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
             }}
         }))?,
     )?;
+    // A second target of the same registry narrows the site's policy with its own.
     let app = Box::pin(spawn_app(Options {
         policy: Some(policy.clone()),
+        targets_toml: Some(
+            r#"
+            default = "site"
+            [[target]]
+            name = "site"
+            url = "{registry}"
+            [[target]]
+            name = "strict"
+            url = "{registry}"
+            policies = ["strict.json"]
+            "#
+            .into(),
+        ),
+        files: vec![(
+            "strict.json".into(),
+            br#"{"default": [{"type": "reject"}]}"#.to_vec(),
+        )],
         ..Options::default()
     }))
     .await?;
@@ -225,12 +247,12 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         "quay.io/gpg/release:4.18.1-x86_64",
         &site,
     )?;
-    let mut files = good.oci_files("");
-    files.push((
+    let mut good_files = good.oci_files("");
+    good_files.push((
         format!("sigstore/gpg/app@sha256={}/signature-1", &gpg_digest[7..]),
         good_sig,
     ));
-    files.push((
+    good_files.push((
         format!(
             "working-dir/signatures/4.18.1-x86_64-sha256-{}",
             &release[7..]
@@ -238,7 +260,7 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         release_sig,
     ));
     let good_tar = dir.path().join("good.tar");
-    std::fs::write(&good_tar, tar_bytes(&files)?)?;
+    std::fs::write(&good_tar, tar_bytes(&good_files)?)?;
 
     // `shipperd verify` says, offline, what the site will say.
     let verify = |bundle: &Path| {
@@ -467,6 +489,24 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
             "{n}: its acceptable image is not tagged either"
         );
     }
+    // The same accepted bundle, to the target whose own policy rejects everything:
+    // the site's acceptance does not widen it.
+    // (Other bytes than the published bundle's, which would be that bundle again.)
+    good_files.push(("notes.txt".into(), b"for the strict target".to_vec()));
+    let (status, r) = app
+        .put_with("strict.tar", tar_bytes(&good_files)?, "target=strict")
+        .await?;
+    assert_eq!(status, 202, "{r}");
+    let rec = app
+        .wait_done(r["id"].as_str().unwrap_or_default(), DONE)
+        .await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let error = rec["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the policy rejects every image of scope default")
+            && error.contains("policy "),
+        "{error}"
+    );
     let _ = run(&home, "gpgconf", &["--kill", "gpg-agent"]);
     Ok(())
 }
