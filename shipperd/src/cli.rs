@@ -647,7 +647,7 @@ impl RegistryArgs {
         cfg.compress_layers = self.compress_layers;
         if let Some(p) = &self.policy {
             // A policy that cannot be used is said at start, not at the first bundle.
-            shipperd_unpack::Policies::load(std::slice::from_ref(p))
+            shipperd_trust::Policies::load(std::slice::from_ref(p))
                 .map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
             cfg.policy = Some(std::path::absolute(p)?);
         }

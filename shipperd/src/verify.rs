@@ -22,13 +22,13 @@ pub struct VerifyArgs {
 }
 
 pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
-    let policies = shipperd_unpack::Policies::load(&args.policy)
+    let policies = shipperd_trust::Policies::load(&args.policy)
         .map_err(anyhow::Error::msg)?
         .context("no policy given")?;
     let scratch = tempfile::tempdir().context("a scratch directory")?;
     let parts = args.bundle.clone();
     let report = tokio::task::spawn_blocking(move || {
-        shipperd_unpack::verify_bundle(
+        shipperd_trust::verify_bundle(
             &parts,
             &policies,
             &shipperd_bundle::Limits::default(),

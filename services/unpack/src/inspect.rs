@@ -17,7 +17,7 @@ use shipperd_bundle::{
 };
 use shipperd_model::{BundleId, DataDir, PlanRef};
 
-use crate::trust::{BundleSignatures, Policies, Verdict, signature_name};
+use shipperd_trust::{BundleSignatures, Policies, Verdict, signature_name};
 
 /// What a checked bundle holds.
 #[derive(Debug)]
@@ -182,7 +182,7 @@ pub fn inspect(
             .map(|i| (i.source.clone(), i.digest.clone()))
             .collect();
         guard.check()?;
-        let verdicts = crate::trust::check_all(policies, &named, &signatures);
+        let verdicts = shipperd_trust::check_all(policies, &named, &signatures);
         for (img, v) in images.iter_mut().zip(verdicts) {
             img.verdict = Some(v);
         }
@@ -395,7 +395,7 @@ mod tests {
     #[test]
     fn signature_files_are_named_as_oc_mirror_names_them() {
         let hex = "ab".repeat(32);
-        assert!(crate::trust::signature_name(&format!(
+        assert!(shipperd_trust::signature_name(&format!(
             "4.18.1-x86_64-sha256-{hex}"
         )));
         for bad in [
@@ -406,7 +406,7 @@ mod tests {
             "4.18-sha256-abc".to_string(),
             "notes".to_string(),
         ] {
-            assert!(!crate::trust::signature_name(&bad), "{bad}");
+            assert!(!shipperd_trust::signature_name(&bad), "{bad}");
         }
     }
 }

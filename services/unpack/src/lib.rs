@@ -13,7 +13,6 @@
 //! `bundle.unpacked` (with counts: events never list a bundle's images).
 
 mod inspect;
-mod trust;
 
 use std::{sync::Arc, time::Duration};
 
@@ -36,7 +35,7 @@ use shipperd_state::{Executor, StateStore};
 use tokio_util::sync::CancellationToken;
 
 pub use inspect::{Inventory, Options, inspect};
-pub use trust::{BundleSignatures, Checked, Policies, Refused, Report, Verdict, verify_bundle};
+use shipperd_trust as trust;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

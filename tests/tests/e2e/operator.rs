@@ -2040,10 +2040,10 @@ async fn a_namespace_policy_adds_to_the_clusters_and_never_weakens_it() -> anyho
     )?;
     let scratch = tempfile::tempdir()?;
     let check = |paths: &[std::path::PathBuf]| -> anyhow::Result<Option<String>> {
-        let p = shipperd_unpack::Policies::load(paths)
+        let p = shipperd_trust::Policies::load(paths)
             .map_err(anyhow::Error::msg)?
             .unwrap();
-        Ok(shipperd_unpack::verify_bundle(
+        Ok(shipperd_trust::verify_bundle(
             std::slice::from_ref(&bundle),
             &p,
             &shipperd_bundle::Limits::default(),

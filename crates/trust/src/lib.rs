@@ -1,6 +1,7 @@
 //! The site's signature policy applied to a bundle's images, before any of them is
-//! published: each image (by its source reference, host included) is checked against
-//! the site-wide policy and its target's, with the signatures the bundle carries:
+//! published (by unpack) or served (by `shipperd serve`): each image (by its source
+//! reference, host included) is checked against the site-wide policy and its target's,
+//! with the signatures the bundle carries:
 //!
 //! - simple signatures in containers' lookaside layout anywhere in the bundle,
 //!   `sigstore/<repo>@sha256=<hex>/signature-<n>` (as `skopeo copy --sign-by` writes to a
