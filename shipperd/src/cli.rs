@@ -746,6 +746,11 @@ pub struct ServeArgs {
     /// when it changes.
     #[arg(long, env = "SHIPPERD_SERVE_HTPASSWD")]
     pub htpasswd: Option<PathBuf>,
+    /// The site's signature policy (a `containers-policy.json`): only images it
+    /// accepts, with the signatures their bundle carries, are served (the same rule as
+    /// `shipperd all --policy`); the log names each image left out and why.
+    #[arg(long, env = "SHIPPERD_SERVE_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     /// Serve the bundle files of this directory too (after the ones named, oldest
     /// first), looking again every --watch-every: one copied in is served once complete.
     #[arg(long, env = "SHIPPERD_SERVE_WATCH_DIR")]
@@ -843,6 +848,7 @@ impl ServeArgs {
             auth_token_file: self.auth_token_file.clone(),
             advertise: self.advertise.clone(),
             htpasswd: self.htpasswd.clone(),
+            policy: self.policy.clone(),
             limits: Limits::default(),
             bounds: Bounds::default(),
         }

@@ -13,7 +13,7 @@ mod auth;
 mod verify;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
@@ -27,6 +27,7 @@ use shipperd_bundle::{
 };
 use shipperd_model::{DataDir, Reference};
 pub use shipperd_registry_targets::Mapping;
+use shipperd_trust::Policies;
 use tokio_util::sync::CancellationToken;
 
 pub use shipperd_listener::{Bounds, TlsFiles};
@@ -76,6 +77,10 @@ pub struct Config {
     /// `host[:port]`): the realm of the login challenge. `None`: the host each client
     /// asked for.
     pub advertise: Option<String>,
+    /// The site's signature policy (`containers-policy.json`): an image it rejects, with
+    /// the signatures its bundle carries, is not served (its tags and manifests answer
+    /// 404, and the log says why). `None`: everything is served.
+    pub policy: Option<PathBuf>,
     pub limits: Limits,
     pub bounds: Bounds,
 }
@@ -96,6 +101,9 @@ pub(crate) struct Loaded {
     pub made: HashMap<Digest, Vec<u8>>,
     /// Which of its blobs were found to hash to their digests, or not.
     pub checked: verify::Checked,
+    /// Under a signature policy: the manifests of the images it accepted (their
+    /// children and referrers included), the only ones served.
+    pub allowed: Option<HashSet<Digest>>,
     /// What a compressed bundle's expansion holds in the cache: let go when the bundle
     /// is no longer served (and no request reads it).
     pub _held: Option<Held>,
@@ -138,6 +146,8 @@ pub(crate) struct Index {
     pub fallback_bytes: HashMap<Digest, Arc<[u8]>>,
     /// served repository → the registry host and repository it came from.
     pub sources: BTreeMap<String, (String, String)>,
+    /// Under a signature policy: the only manifests served.
+    pub allowed: Option<HashSet<Digest>>,
 }
 
 /// Manifests larger than this are not served (nor read).
@@ -147,6 +157,12 @@ impl Index {
     /// A manifest's bytes, checked against its digest: from the newest bundle whose
     /// copy hashes to it (one whose copy does not is passed over, and said so).
     pub(crate) fn manifest(&self, digest: &Digest) -> Option<Vec<u8>> {
+        if let Some(allowed) = &self.allowed
+            && !allowed.contains(digest)
+            && !self.fallback_bytes.contains_key(digest)
+        {
+            return None;
+        }
         if let Some(made) = self.bundles.iter().rev().find_map(|b| b.made.get(digest)) {
             return Some(made.clone());
         }
@@ -177,7 +193,13 @@ impl Index {
         let mut repos = BTreeSet::new();
         let mut referrers: HashMap<Digest, Vec<Descriptor>> = HashMap::new();
         let mut sources = BTreeMap::new();
+        let mut allowed: Option<HashSet<Digest>> = None;
         for b in &bundles {
+            if let Some(a) = &b.allowed {
+                allowed
+                    .get_or_insert_with(HashSet::new)
+                    .extend(a.iter().cloned());
+            }
             for (source, desc) in &b.tags {
                 let (Some(repo), Some(tag)) = (place(source), &source.tag) else {
                     continue;
@@ -214,6 +236,7 @@ impl Index {
             fallback,
             fallback_bytes,
             sources,
+            allowed,
         }
     }
 }
@@ -228,9 +251,78 @@ pub(crate) fn referrers_index(referrers: &[Descriptor]) -> Vec<u8> {
     .expect("JSON serializes")
 }
 
+/// What `policies` lets a bundle serve: the top manifests of the images it accepts, their
+/// children (an index's platforms) and their referrers. Each rejected image is logged
+/// with its reason.
+fn accepted(
+    policies: &Policies,
+    fs: &dyn BundleFs,
+    found: &shipperd_bundle::Discovered,
+    walker: &Walker<'_>,
+    referrers: &[(Digest, Descriptor)],
+    path: &Path,
+) -> HashSet<Digest> {
+    let mut by_subject: BTreeMap<Digest, Vec<Descriptor>> = BTreeMap::new();
+    for (s, d) in referrers {
+        by_subject.entry(s.clone()).or_default().push(d.clone());
+    }
+    let named: Vec<(Reference, Digest)> = found
+        .images
+        .iter()
+        .map(|i| (i.source.clone(), i.descriptor.digest.clone()))
+        .collect();
+    let signatures = shipperd_trust::BundleSignatures::index(
+        fs,
+        walker,
+        &found.blob_paths,
+        &found.images,
+        &by_subject,
+    );
+    let verdicts = shipperd_trust::check_all(policies, &named, &signatures);
+    shipperd_trust::count_metrics(&verdicts);
+    let mut allowed = HashSet::new();
+    for (img, v) in found.images.iter().zip(&verdicts) {
+        match v {
+            Ok(_) => {
+                let top = &img.descriptor;
+                allowed.insert(top.digest.clone());
+                let what = format!("manifest {}", top.digest);
+                if let Ok(Some(bytes)) = walker.manifest_bytes(&what, top)
+                    && let Ok(doc) = ManifestDoc::parse(&what, &bytes)
+                {
+                    allowed.extend(doc.manifests.iter().flatten().map(|c| c.digest.clone()));
+                }
+            }
+            Err(refused) => tracing::warn!(
+                bundle = %path.display(),
+                image = %img.source,
+                reason = %refused.reason,
+                "not served: the signature policy rejects it"
+            ),
+        }
+    }
+    let subjects: Vec<Digest> = allowed.iter().cloned().collect();
+    for s in subjects {
+        allowed.extend(
+            by_subject
+                .get(&s)
+                .into_iter()
+                .flatten()
+                .map(|d| d.digest.clone()),
+        );
+    }
+    allowed
+}
+
 /// Opens the bundle at `path` (`key` names its expansion in `cas`) and reads what it
 /// names.
-pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result<Loaded, Error> {
+pub(crate) fn load(
+    path: &Path,
+    key: &str,
+    cas: &Cas,
+    limits: &Limits,
+    policies: Option<&Policies>,
+) -> Result<Loaded, Error> {
     let err = |source| Error::Bundle {
         path: path.display().to_string(),
         source,
@@ -252,6 +344,7 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
     let mut tags = Vec::new();
     let mut repos = Vec::new();
     let mut referrers = Vec::new();
+    let mut allowed = None;
     {
         let blobs = found.blobs(opened.fs.as_ref());
         let walker = Walker::new(&blobs, limits);
@@ -283,11 +376,18 @@ pub(crate) fn load(path: &Path, key: &str, cas: &Cas, limits: &Limits) -> Result
                 ));
             }
         }
+        if let Some(p) = policies {
+            let a = accepted(p, opened.fs.as_ref(), &found, &walker, &referrers, path);
+            tags.retain(|(_, d): &(Reference, Descriptor)| a.contains(&d.digest));
+            repos.clear();
+            allowed = Some(a);
+        }
     }
     tracing::info!(bundle = %path.display(), format = ?opened.format, images = tags.len(), "serving");
     Ok(Loaded {
         name: path.display().to_string(),
         checked: verify::Checked::default(),
+        allowed,
         fs: opened.fs,
         paths: found.blob_paths,
         tags,
@@ -355,6 +455,8 @@ struct Bundles {
     /// The watched directory's, by path: the stamp they were loaded at (and `None` for
     /// one that failed to load: tried again when it changes).
     watched: BTreeMap<PathBuf, (Stamp, Option<Arc<Loaded>>)>,
+    /// The signature policy every image served must satisfy.
+    policies: Option<Arc<Policies>>,
 }
 
 impl Bundles {
@@ -372,10 +474,22 @@ impl Bundles {
         // as it is loaded; the rest goes at the first collection.
         cas.forget_all()
             .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+        let policies = match &config.policy {
+            Some(p) => Policies::load(std::slice::from_ref(p))
+                .map_err(|e| Error::Io(std::io::Error::other(format!("--policy: {e}"))))?
+                .map(Arc::new),
+            None => None,
+        };
         let mut fixed = Vec::new();
         for path in &config.bundles {
             let key = key_of(path, &stamp(path));
-            fixed.push(Arc::new(load(path, &key, &cas, &config.limits)?));
+            fixed.push(Arc::new(load(
+                path,
+                &key,
+                &cas,
+                &config.limits,
+                policies.as_deref(),
+            )?));
         }
         Ok(Bundles {
             cas,
@@ -384,6 +498,7 @@ impl Bundles {
             mapping: config.mapping.clone(),
             fixed,
             watched: BTreeMap::new(),
+            policies,
         })
     }
 
@@ -407,7 +522,13 @@ impl Bundles {
             if !steady {
                 continue;
             }
-            let loaded = match load(path, &key_of(path, st), &self.cas, &self.limits) {
+            let loaded = match load(
+                path,
+                &key_of(path, st),
+                &self.cas,
+                &self.limits,
+                self.policies.as_deref(),
+            ) {
                 Ok(l) => Some(Arc::new(l)),
                 Err(error) => {
                     tracing::warn!(%error, "a bundle of the watched directory cannot be served");

@@ -466,6 +466,46 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(reason), "{n}: {err}");
     }
+    // Day 0: `shipperd serve --policy` serves what the policy accepts and nothing else,
+    // image by image.
+    let unsigned_tar = dir.path().join("unsigned.tar");
+    let stranger_tar = dir.path().join("stranger.tar");
+    let served = super::serve::serve(
+        &["--policy", policy.to_str().unwrap()],
+        &[&good_tar, &unsigned_tar, &stranger_tar],
+    )
+    .await?;
+    let http = reqwest::Client::new();
+    let status = |path: String| {
+        let http = http.clone();
+        let url = format!("http://{}/v2/{path}", served.addr);
+        async move {
+            anyhow::Ok(
+                http.get(url)
+                    .header(
+                        "accept",
+                        "application/vnd.oci.image.manifest.v1+json,application/vnd.oci.image.index.v1+json",
+                    )
+                    .send()
+                    .await?
+                    .status()
+                    .as_u16(),
+            )
+        }
+    };
+    assert_eq!(status("gpg/app/manifests/1".into()).await?, 200);
+    assert_eq!(status("cosign/app/manifests/1".into()).await?, 200);
+    assert_eq!(status("open/unsigned/manifests/1".into()).await?, 200);
+    assert_eq!(status("gpg/unsigned/manifests/1".into()).await?, 404);
+    assert_eq!(status("gpg/stranger/manifests/1".into()).await?, 404);
+    let refused = &stranger_b.images[1].digest;
+    assert_eq!(
+        status(format!("gpg/stranger/manifests/{refused}")).await?,
+        404,
+        "not by digest either"
+    );
+    drop(served);
+
     for ((n, _, reason), rec) in cases.iter().zip(ended) {
         assert_eq!(rec["phase"], "Failed", "{n}: {rec:#}");
         let error = rec["error"].as_str().unwrap_or_default();
