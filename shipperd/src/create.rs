@@ -49,6 +49,12 @@ pub struct CreateArgs {
     /// (`sigstore/<repo>@sha256=<hex>/signature-N`).
     #[arg(long = "registries.d")]
     pub registries_d: Option<PathBuf>,
+    /// Require the site's signature policy (a `containers-policy.json`; repeat for
+    /// several): once written, the bundle is checked as the site will check it (`shipperd
+    /// verify`), and removed, with the reasons, when an image it carries is rejected.
+    /// Images a `--have` bundle leaves out are the site's to check.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Vec<PathBuf>,
     /// Leave out what is attached to the images (cosign `.sig`/`.att`/`.sbom` tags, OCI
     /// referrers); saves a tag listing per repository and a request per image.
     #[arg(long)]
@@ -258,6 +264,9 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<()> {
         eprintln!();
     }
     let made = made.with_context(|| format!("creating {}", opts.output.display()))?;
+    if !args.policy.is_empty() {
+        require_policy(&args.policy, &made).await?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&made)?);
     } else if !made.parts.is_empty() {
@@ -285,6 +294,59 @@ pub async fn run(args: CreateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Checks the bundle just made against `policies` as the site will; removes it when
+/// an image it carries is rejected.
+async fn require_policy(
+    policies: &[PathBuf],
+    made: &shipperd_create::Created,
+) -> anyhow::Result<()> {
+    let p = shipperd_trust::Policies::load(policies)
+        .map_err(anyhow::Error::msg)?
+        .context("no policy")?;
+    let files = if made.parts.is_empty() {
+        vec![made.output.clone()]
+    } else {
+        made.parts.clone()
+    };
+    let scratch = tempfile::tempdir()?;
+    let parts = files.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        shipperd_trust::verify_bundle(
+            &parts,
+            &p,
+            &shipperd_bundle::Limits::default(),
+            scratch.path(),
+        )
+    })
+    .await??;
+    let refused: Vec<String> = report
+        .images
+        .iter()
+        .filter(|c| c.carried)
+        .filter_map(|c| {
+            c.answer
+                .as_ref()
+                .err()
+                .map(|why| format!("{}: {why}", c.source))
+        })
+        .collect();
+    if refused.is_empty() {
+        eprintln!(
+            "the signature policy accepts every image carried ({} by a signature, {} without one)",
+            report.verification.signed, report.verification.unsigned
+        );
+        return Ok(());
+    }
+    for f in files.iter().chain(std::iter::once(&made.output)) {
+        let _ = std::fs::remove_file(f);
+    }
+    anyhow::bail!(
+        "the signature policy rejects {} of the images carried, so the bundle was removed: {}",
+        refused.len(),
+        refused.join("; ")
+    )
 }
 
 /// One line of progress: a bar on a terminal, a plain line otherwise.

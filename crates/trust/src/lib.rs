@@ -493,6 +493,9 @@ pub async fn recheck_in_registry(
 pub struct Checked {
     pub source: Reference,
     pub digest: Digest,
+    /// The bundle carries its top manifest (a differential bundle leaves out what the
+    /// site has: the site checks that with its registry's signatures).
+    pub carried: bool,
     pub answer: Result<Trust, String>,
 }
 
@@ -548,13 +551,24 @@ pub fn verify_bundle(
     let verdicts = check_all(policies, &named, &signatures);
     let rejection = rejection(&named, &verdicts);
     let verification = policies.verification(&verdicts);
+    let carried: Vec<bool> = found
+        .images
+        .iter()
+        .map(|i| {
+            walker
+                .manifest_bytes("manifest", &i.descriptor)
+                .is_ok_and(|b| b.is_some())
+        })
+        .collect();
     Ok(Report {
         images: named
             .into_iter()
             .zip(verdicts)
-            .map(|((source, digest), answer)| Checked {
+            .zip(carried)
+            .map(|(((source, digest), answer), carried)| Checked {
                 source,
                 digest,
+                carried,
                 answer: answer.map_err(|r| r.reason),
             })
             .collect(),

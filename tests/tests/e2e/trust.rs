@@ -690,6 +690,45 @@ async fn skopeo_accepts_exactly_what_shipperd_accepts() -> anyhow::Result<()> {
         [format!("{src}/open/tool:1"), format!("{src}/signed/app:1")],
         "{report:#}"
     );
+
+    // `create --policy` requires it on the connected side: a bundle with a rejected
+    // image is removed, saying why; one of accepted images is kept.
+    let create = |list: &Path, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+            .arg("create")
+            .arg(out)
+            .arg("--images")
+            .arg(list)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .args(["--registries.d", &rd, "--policy"])
+            .arg(&policy)
+            .output()
+    };
+    let refused = dir.path().join("refused.tar");
+    let out = create(&list, &refused)?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{src}/signed/stranger:1: signed by an unknown key"
+        )),
+        "{err}"
+    );
+    assert!(!refused.exists(), "the refused bundle is removed");
+    let good_list = dir.path().join("good.txt");
+    std::fs::write(
+        &good_list,
+        format!("{src}/signed/app:1\n{src}/open/tool:1\n"),
+    )?;
+    let kept = dir.path().join("kept.tar");
+    let out = create(&good_list, &kept)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kept.exists());
     let _ = run(&home, "gpgconf", &["--kill", "gpg-agent"]);
     Ok(())
 }
