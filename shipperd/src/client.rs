@@ -231,6 +231,25 @@ pub async fn status(args: &ClientArgs, id: Option<&str>) -> anyhow::Result<()> {
             if let Some(t) = b["target"].as_str() {
                 writeln!(out, "target   {t}")?;
             }
+            if let Some(v) = b["verification"].as_object() {
+                let keys: Vec<&str> = v["keys"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| k.as_str())
+                    .collect();
+                writeln!(
+                    out,
+                    "signed   {} images accepted by a signature, {} without one{}",
+                    v["signed"],
+                    v["unsigned"],
+                    if keys.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (keys {})", keys.join(", "))
+                    }
+                )?;
+            }
             if let Some(e) = b["error"].as_str() {
                 writeln!(out, "error    {e}")?;
             }

@@ -274,6 +274,12 @@ async function refreshBundle() {
     $("b-counts").textContent =
       `${c.total || 0} images: ${c.published || 0} published (${c.skipped || 0} already there), ` +
       `${c.failed || 0} failed, ${c.pending || 0} pending` + (b.target ? ` — target ${b.target}` : "");
+    const v = b.verification;
+    $("b-trust").hidden = !v;
+    $("b-trust").textContent = v
+      ? `signature policy: ${v.signed} image(s) accepted by a signature, ${v.unsigned} without one` +
+        ((v.keys || []).length ? ` — keys ${v.keys.join(", ")}` : "")
+      : "";
     $("b-retry").disabled = b.phase !== "Failed";
     const phase = $("i-phase").value;
     const q = new URLSearchParams({ offset: String(imageOffset), limit: String(PAGE) });
@@ -290,6 +296,8 @@ async function refreshBundle() {
       cell(tr, img.digest, "digest");
       phaseCell(tr, img.phase);
       cell(tr, img.error || img.last_error, "err");
+      cell(tr, (img.trust && img.trust.by || [])
+        .map(t => t.key ? `${t.requirement} (${t.key})` : t.requirement).join(", "));
       rows.appendChild(tr);
     }
     const end = imageOffset + page.images.length;

@@ -311,6 +311,17 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
             .map(|i| i["trust"].clone())
             .unwrap_or_default()
     };
+    // `shipperd status` says it too.
+    let out = Command::new(env!("CARGO_BIN_EXE_shipperd-process"))
+        .args(["status", "--server", &app.base, id])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("signed   4 images accepted by a signature, 2 without one")
+            && text.contains(&site),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let t = trust_of("quay.io/gpg/app:1");
     assert_eq!(t["scope"], "quay.io/gpg", "{images:#}");
     assert_eq!(t["by"][0], json!({"requirement": "signedBy", "key": site}));
