@@ -21,11 +21,13 @@ pub struct Signatures {
     /// signatures.
     pub simple: Vec<Vec<u8>>,
     pub cosign: Vec<CosignSignature>,
+    /// Sigstore bundles (JSON), as cosign's new bundle format attaches them.
+    pub bundles: Vec<Vec<u8>>,
 }
 
 impl Signatures {
     pub fn is_empty(&self) -> bool {
-        self.simple.is_empty() && self.cosign.is_empty()
+        self.simple.is_empty() && self.cosign.is_empty() && self.bundles.is_empty()
     }
 }
 
@@ -275,11 +277,18 @@ fn one(
             crate::fits(&s, image, digest, identity)?;
             Ok(signed("signedBy", s.key))
         })),
-        Check::Cosign { keys, identity } => best(found.cosign.iter().map(|sig| {
-            let s = cosign::verify(&sig.payload, &sig.signature, keys)?;
-            crate::fits(&s, image, digest, identity)?;
-            Ok(signed("sigstoreSigned", s.key))
-        })),
+        Check::Cosign { keys, identity } => best(
+            found
+                .cosign
+                .iter()
+                .map(|sig| cosign::verify(&sig.payload, &sig.signature, keys))
+                .chain(found.bundles.iter().map(|b| cosign::verify_bundle(b, keys)))
+                .map(|s| {
+                    let s = s?;
+                    crate::fits(&s, image, digest, identity)?;
+                    Ok(signed("sigstoreSigned", s.key))
+                }),
+        ),
     }
 }
 
@@ -348,8 +357,8 @@ mod tests {
 
     fn cosign(sigs: Vec<CosignSignature>) -> Signatures {
         Signatures {
-            simple: Vec::new(),
             cosign: sigs,
+            ..Signatures::default()
         }
     }
 

@@ -274,10 +274,10 @@ impl<'a> BundleSignatures<'a> {
             .flatten()
             .chain(self.referrers.get(digest).into_iter().flatten());
         for m in manifests {
-            if out.cosign.len() >= MAX_PER_IMAGE {
+            if out.cosign.len() + out.bundles.len() >= MAX_PER_IMAGE {
                 break;
             }
-            if let Err(error) = self.cosign(m, &mut out.cosign) {
+            if let Err(error) = self.cosign(m, &mut out) {
                 tracing::warn!(%error, manifest = %m.digest, "a signature manifest is not readable");
             }
         }
@@ -286,16 +286,26 @@ impl<'a> BundleSignatures<'a> {
 
     /// The cosign signatures of one signature manifest: each layer carrying the
     /// signature annotation, with its payload.
-    fn cosign(
-        &self,
-        m: &Descriptor,
-        out: &mut Vec<CosignSignature>,
-    ) -> shipperd_bundle::Result<()> {
+    fn cosign(&self, m: &Descriptor, out: &mut Signatures) -> shipperd_bundle::Result<()> {
         let what = format!("signature manifest {}", m.digest);
         let Some(bytes) = self.walker.manifest_bytes(&what, m)? else {
             return Ok(());
         };
         let doc = ManifestDoc::parse(&what, &bytes)?;
+        let is_bundle = |t: Option<&str>| t.is_some_and(|t| t.starts_with(cosign::SIGSTORE_BUNDLE));
+        if is_bundle(m.artifact_type.as_deref()) || is_bundle(doc.artifact_type.as_deref()) {
+            // A Sigstore bundle: its one layer is the bundle's JSON.
+            if let Some(layer) = doc.layers.first()
+                && layer.size <= cosign::MAX_PAYLOAD
+                && out.bundles.len() < MAX_PER_IMAGE
+                && let Some(path) = self.paths.get(&layer.digest)
+            {
+                out.bundles
+                    .push(self.fs.read_small(&path, cosign::MAX_PAYLOAD)?);
+            }
+            return Ok(());
+        }
+        let out = &mut out.cosign;
         for layer in &doc.layers {
             let Some(sig) = layer.annotations.get(cosign::SIGNATURE_ANNOTATION) else {
                 continue;

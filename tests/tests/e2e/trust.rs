@@ -21,17 +21,30 @@ use super::signatures::{new_key, run};
 const DONE: Duration = Duration::from_secs(60);
 
 /// A cosign key made by Python's `cryptography`: writes its public key to `public`
-/// and signs each payload file `p` into `p.sig` (base64 of the DER signature).
+/// and signs each payload file `p` into `p.sig` (base64 of the DER signature); an
+/// in-toto statement (`p.statement`) into a Sigstore bundle (a DSSE envelope) instead.
 const COSIGN_SIGNER: &str = r#"
-import sys, base64
+import sys, base64, json
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives import hashes, serialization
 key = ec.generate_private_key(ec.SECP256R1())
 open(sys.argv[1], "wb").write(key.public_key().public_bytes(
     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+b64 = lambda b: base64.b64encode(b).decode()
 for p in sys.argv[2:]:
-    sig = key.sign(open(p, "rb").read(), ec.ECDSA(hashes.SHA256()))
-    open(p + ".sig", "w").write(base64.b64encode(sig).decode())
+    data = open(p, "rb").read()
+    if p.endswith(".statement"):
+        # A Sigstore bundle: a DSSE envelope over the in-toto statement.
+        t = "application/vnd.in-toto+json"
+        pae = b"DSSEv1 %d %s %d %s" % (len(t), t.encode(), len(data), data)
+        sig = key.sign(pae, ec.ECDSA(hashes.SHA256()))
+        open(p + ".sig", "w").write(json.dumps({
+            "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+            "verificationMaterial": {"publicKey": {"hint": ""}},
+            "dsseEnvelope": {"payload": b64(data), "payloadType": t,
+                             "signatures": [{"sig": b64(sig), "keyid": ""}]}}))
+    else:
+        open(p + ".sig", "w").write(b64(key.sign(data, ec.ECDSA(hashes.SHA256()))))
 "#;
 
 fn cosign_payload(digest: &str, identity: &str) -> Vec<u8> {
@@ -53,7 +66,11 @@ pub(crate) fn cosign_sign(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let f = dir.join(format!("payload-{i}"));
+            let statement = p.starts_with(b"{\"_type\"");
+            let f = dir.join(format!(
+                "payload-{i}{}",
+                if statement { ".statement" } else { "" }
+            ));
             std::fs::write(&f, p).map(|_| f.display().to_string())
         })
         .collect::<Result<_, _>>()?;
@@ -145,6 +162,7 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
                 "4.18.1-x86_64",
             ),
             ("quay.io/gpg/tools-unsigned:1", "gpg/tools-unsigned", "1"),
+            ("quay.io/cosign/bundled:1", "cosign/bundled", "1"),
         ],
     );
     let (gpg_digest, cosign_digest) =
@@ -182,8 +200,20 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         &[
             cosign_payload(&cosign_digest, "quay.io/cosign/app"),
             cosign_payload(&gpg_digest, "quay.io/cosign/otherdigest"),
+            // cosign's new bundle format: an in-toto statement naming the image.
+            serde_json::to_vec(&json!({"_type": "https://in-toto.io/Statement/v1",
+                "subject": [{"name": "quay.io/cosign/bundled",
+                    "digest": {"sha256": &good.images[5].digest[7..]}}],
+                "predicateType": "https://sigstore.dev/cosign/sign/v1", "predicate": {}}))?,
         ],
     )?;
+    // As an OCI 1.1 referrer of the image.
+    let bundled = good.images[5].digest.clone();
+    good.referrer(
+        &bundled,
+        "application/vnd.dev.sigstore.bundle.v0.3+json",
+        sigs[2].as_bytes(),
+    );
     good.cosign_signature(
         &format!("quay.io/cosign/app:sha256-{}.sig", &cosign_digest[7..]),
         &cosign_payload(&cosign_digest, "quay.io/cosign/app"),
@@ -277,15 +307,15 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&out.stdout)?;
-    assert_eq!(report["verification"]["signed"], 4, "{report:#}");
+    assert_eq!(report["verification"]["signed"], 5, "{report:#}");
     assert_eq!(report["verification"]["unsigned"], 2, "{report:#}");
 
     let rec = upload(&app, "good.tar".into(), std::fs::read(&good_tar)?).await?;
     assert_eq!(rec["phase"], "Published", "{rec:#}");
     let v = &rec["verification"];
     assert_eq!(
-        v["signed"], 4,
-        "three images and the cosign signature image: {v:#}"
+        v["signed"], 5,
+        "four images and the cosign signature image: {v:#}"
     );
     assert_eq!(v["unsigned"], 2, "{v:#}");
     let keys: Vec<&str> = v["keys"]
@@ -317,7 +347,7 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("signed   4 images accepted by a signature, 2 without one")
+        text.contains("signed   5 images accepted by a signature, 2 without one")
             && text.contains(&site),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
@@ -328,6 +358,11 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
     assert_eq!(
         trust_of("quay.io/cosign/app:1")["by"][0]["requirement"],
         "sigstoreSigned"
+    );
+    assert_eq!(
+        trust_of("quay.io/cosign/bundled:1")["by"][0]["requirement"],
+        "sigstoreSigned",
+        "accepted by its Sigstore bundle: {images:#}"
     );
     assert_eq!(
         trust_of("quay.io/open/tool:1")["by"][0],
