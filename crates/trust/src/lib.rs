@@ -448,7 +448,7 @@ async fn registry_signatures(
     Ok(out)
 }
 
-/// Checks again the images the bundle's own signatures did not get accepted, with the
+/// Checks again the images the bundle brings no signature for, with the
 /// cosign signatures the target registry holds for them (`targets[i]`: where image
 /// `i` lands). A differential bundle leaves out what the site has, its signatures
 /// included. What the registry cannot answer leaves the image as it was.
@@ -461,7 +461,12 @@ pub async fn recheck_in_registry(
 ) {
     use futures::StreamExt as _;
     let todo: Vec<usize> = (0..images.len())
-        .filter(|&i| verdicts[i].is_err() && attached_to(&images[i].0).is_none())
+        .filter(|&i| {
+            // Only what the bundle brings no signature for: a signature it brings that
+            // fails, or a scope that rejects, is not rescued by the registry's.
+            matches!(&verdicts[i], Err(r) if r.kind == "unsigned")
+                && attached_to(&images[i].0).is_none()
+        })
         .collect();
     if todo.is_empty() {
         return;
