@@ -7,8 +7,11 @@
 //!   `sigstore/<repo>@sha256=<hex>/signature-<n>` (as `skopeo copy --sign-by` writes to a
 //!   `file://` lookaside, and `shipperd create --registries.d` carries them), and
 //!   oc-mirror's release signatures, `working-dir/signatures/<tag>-sha256-<hex>`;
-//! - cosign signatures: the `sha256-<hex>.sig` image of the same repository, and OCI 1.1
-//!   referrers, whose layers carry `dev.cosignproject.cosign/signature`.
+//! - cosign signatures: the `sha256-<hex>.sig` image of the same repository, OCI 1.1
+//!   referrers whose layers carry `dev.cosignproject.cosign/signature`, and referrers
+//!   holding a Sigstore bundle (cosign's new bundle format);
+//! - for what the bundle brings none for (a differential bundle), the `.sig` the target
+//!   registry holds ([`recheck_in_registry`]).
 //!
 //! What cosign attaches to an image (`sha256-<hex>.sig`, `.att`, `.sbom`) goes with
 //! its image's answer when the image is in the bundle.
