@@ -32,6 +32,9 @@ cat >"$W/policy.json" <<JSON
    "keyPath": "$PWD/$W/cosign.pub", "signedIdentity": {"type": "matchRepository"}}]}}}
 JSON
 
+# The signature images count as images: raise the limit for the 2N.
+export SHIPPERD_MAX_IMAGES=$((2 * N + 100))
+
 # run LABEL [POLICY]: one fresh stack, the bundle to Published; appends a line to $W/runs.
 run() {
   if [ -n "${2:-}" ]; then export SHIPPERD_POLICY="$2"; else unset SHIPPERD_POLICY; fi
