@@ -454,14 +454,15 @@ async fn registry_signatures(
 /// Checks again the images the bundle brings no signature for, with the
 /// cosign signatures the target registry holds for them (`targets[i]`: where image
 /// `i` lands). A differential bundle leaves out what the site has, its signatures
-/// included. What the registry cannot answer leaves the image as it was.
+/// included. A registry that cannot be read is an error (the answer would be a wrong
+/// `unsigned`): the caller tries again later.
 pub async fn recheck_in_registry(
     policies: &Policies,
     registry: &shipperd_registry::Registry,
     images: &[(Reference, Digest)],
     targets: &[Reference],
     verdicts: &mut [Verdict],
-) {
+) -> Result<(), String> {
     use futures::StreamExt as _;
     let todo: Vec<usize> = (0..images.len())
         .filter(|&i| {
@@ -472,26 +473,33 @@ pub async fn recheck_in_registry(
         })
         .collect();
     if todo.is_empty() {
-        return;
+        return Ok(());
     }
     tracing::info!(
         images = todo.len(),
         "looking for signatures in the target registry"
     );
-    let found: Vec<(usize, Signatures)> = futures::stream::iter(todo)
-        .map(|i| async move {
-            match registry_signatures(registry, &targets[i].repository, &images[i].1).await {
-                Ok(s) => Some((i, s)),
-                Err(error) => {
-                    tracing::warn!(%error, image = %images[i].0, "cannot read its signatures in the target registry");
-                    None
-                }
-            }
-        })
-        .buffer_unordered(REGISTRY_READS)
-        .filter_map(std::future::ready)
-        .collect()
-        .await;
+    let read: Vec<(usize, Result<Signatures, shipperd_registry::RegistryError>)> =
+        futures::stream::iter(todo)
+            .map(|i| async move {
+                let r = registry_signatures(registry, &targets[i].repository, &images[i].1).await;
+                (i, r)
+            })
+            .buffer_unordered(REGISTRY_READS)
+            .collect()
+            .await;
+    let mut found = Vec::with_capacity(read.len());
+    for (i, r) in read {
+        // The client has retried already: the registry is down or refuses us. The
+        // answer would be a wrong `unsigned`, so the bundle's unpack is tried again.
+        let sigs = r.map_err(|error| {
+            format!(
+                "cannot read the signatures of {} in the target registry: {error}",
+                images[i].0
+            )
+        })?;
+        found.push((i, sigs));
+    }
     for (i, sigs) in found {
         if !sigs.is_empty() {
             let (image, digest) = &images[i];
@@ -504,6 +512,7 @@ pub async fn recheck_in_registry(
             verdicts[i] = verdicts[s].clone();
         }
     }
+    Ok(())
 }
 
 /// One image's answer in a [`Report`].

@@ -50,6 +50,10 @@ pub enum Error {
     /// The signature policy rejects an image (or cannot be read).
     #[error("{0}")]
     Policy(String),
+    /// The target registry, where signatures were looked for, could not be read (its
+    /// client retried already): the unpack is tried again.
+    #[error("{0}")]
+    Signatures(String),
     /// A bug: the reader panicked.
     #[error("internal error while reading the bundle (a bug; please report it): {0}")]
     Internal(String),
@@ -60,6 +64,7 @@ impl Classify for Error {
         match self {
             Error::Bus(e) => e.class(),
             Error::Bundle(e) if e.kind() == shipperd_bundle::ErrorKind::Io => Class::Transient,
+            Error::Signatures(_) => Class::Transient,
             Error::Bundle(_) | Error::Target(_) | Error::Policy(_) | Error::Internal(_) => {
                 Class::Permanent
             }
@@ -348,16 +353,12 @@ impl Unpacker {
         if verdicts.iter().any(Result::is_err)
             && let Ok(t) = self.targets.get().get(Some(target))
         {
-            match shipperd_registry::Registry::reader(t.clone()) {
-                Ok(registry) => {
-                    let targets: Vec<Reference> = images.iter().map(|i| i.target.clone()).collect();
-                    trust::recheck_in_registry(policies, &registry, &named, &targets, &mut verdicts)
-                        .await
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read the target registry's signatures")
-                }
-            }
+            let registry = shipperd_registry::Registry::reader(t.clone())
+                .map_err(|e| Error::Signatures(format!("the target registry: {e}")))?;
+            let targets: Vec<Reference> = images.iter().map(|i| i.target.clone()).collect();
+            trust::recheck_in_registry(policies, &registry, &named, &targets, &mut verdicts)
+                .await
+                .map_err(Error::Signatures)?;
         }
         trust::count_metrics(&verdicts);
         if let Some(why) = trust::rejection(&named, &verdicts) {
