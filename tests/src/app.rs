@@ -95,7 +95,7 @@ pub async fn spawn_app(opts: Options) -> anyhow::Result<TestApp> {
 pub async fn spawn_app_with(opts: Options, registry: Registry) -> anyhow::Result<TestApp> {
     crate::init();
     let nats = Nats::start().await?;
-    let data = tempfile::tempdir()?;
+    let data = crate::servers::server_dir()?;
     for (name, bytes) in &opts.files {
         let path = data.path().join(name);
         if let Some(dir) = path.parent() {

@@ -4,7 +4,9 @@
 //!   is not a library: what two services share is a crate under `crates/`);
 //! - no crate under `crates/` depends on one under `services/`;
 //! - inside every crate, the modules' `crate::` imports form no circle (a module's
-//!   unit tests aside).
+//!   unit tests aside);
+//! - a target built without its tests (`test = false`, which saves a test binary in
+//!   every run) has no tests that would silently never run.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -258,4 +260,60 @@ fn the_checks_see_what_they_are_meant_to() {
     let mut fine = graph.clone();
     fine.remove("c");
     assert_eq!(find_circle(&fine), None);
+}
+
+/// The `test = false` targets of `dir/Cargo.toml`: the sources each covers (a `[lib]`
+/// all of `src/`, a `[[bin]]` its file).
+fn untested_targets(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let mut out = Vec::new();
+    for section in text.split("\n[").skip(1) {
+        let (head, body) = section.split_once('\n').unwrap_or((section, ""));
+        if !body.lines().any(|l| l.replace(' ', "") == "test=false") {
+            continue;
+        }
+        let path = body
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("path = \""))
+            .map(|p| p.trim_end_matches('"'));
+        out.push(match (head.trim(), path) {
+            ("lib]", _) => dir.join("src"),
+            ("[bin]]", Some(p)) => dir.join(p),
+            (h, p) => panic!("{}: test = false under [{h} (path {p:?})", dir.display()),
+        });
+    }
+    out
+}
+
+#[test]
+fn targets_built_without_tests_have_none() {
+    let mut dirs: Vec<PathBuf> = internal_crates().values().map(|p| root().join(p)).collect();
+    dirs.push(root().join("tests"));
+    let mut untested = Vec::new();
+    for dir in &dirs {
+        untested.extend(untested_targets(dir));
+    }
+    assert!(
+        untested.len() >= 4,
+        "read the test = false targets: {untested:?}"
+    );
+    for target in untested {
+        let mut files = Vec::new();
+        if target.is_dir() {
+            rust_files(&target, &mut files);
+        } else {
+            files.push(target.clone());
+        }
+        assert!(!files.is_empty(), "{} has no sources", target.display());
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert!(
+                !text.contains("#[test]")
+                    && !text.contains("::test]")
+                    && !text.contains("cfg(test)"),
+                "{} has tests, but its target is built with test = false: they would never run",
+                f.display()
+            );
+        }
+    }
 }
