@@ -12,8 +12,10 @@ use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::{Value, json};
 use shipperd_tests::{
-    app::{Options, TestApp, spawn_app},
+    app::{Options, TestApp, spawn_app_with},
     fixtures::{LayoutBuilder, named_images, tar_bytes},
+    proxy::{Fault, Proxy},
+    servers::Registry,
 };
 
 use super::signatures::{new_key, run};
@@ -139,6 +141,7 @@ async fn upload(app: &TestApp, name: String, body: Vec<u8>) -> anyhow::Result<Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> {
+    shipperd_tests::init();
     let dir = tempfile::tempdir()?;
     let home = dir.path().join("gnupg");
     std::fs::create_dir(&home)?;
@@ -243,27 +246,36 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
         }))?,
     )?;
     // A second target of the same registry narrows the site's policy with its own.
-    let app = Box::pin(spawn_app(Options {
-        policy: Some(policy.clone()),
-        targets_toml: Some(
-            r#"
+    // ShipperD reaches the registry through a proxy that can fail its requests.
+    let registry = Registry::start().await?;
+    let proxy = Proxy::start(&registry.url()).await?;
+    let app = Box::pin(spawn_app_with(
+        Options {
+            policy: Some(policy.clone()),
+            targets_toml: Some(
+                r#"
             default = "site"
             [[target]]
             name = "site"
-            url = "{registry}"
+            url = "{proxy}"
+            transfer = { retries = 2, retry_base = 0.02, retry_max = 0.05 }
             [[target]]
             name = "strict"
-            url = "{registry}"
+            url = "{proxy}"
             policies = ["strict.json"]
+            transfer = { retries = 2, retry_base = 0.02, retry_max = 0.05 }
             "#
-            .into(),
-        ),
-        files: vec![(
-            "strict.json".into(),
-            br#"{"default": [{"type": "reject"}]}"#.to_vec(),
-        )],
-        ..Options::default()
-    }))
+                .replace("{proxy}", &proxy.url()),
+            ),
+            files: vec![(
+                "strict.json".into(),
+                br#"{"default": [{"type": "reject"}]}"#.to_vec(),
+            )],
+            max_attempts: Some(3),
+            ..Options::default()
+        },
+        registry,
+    ))
     .await?;
 
     let good_sig = gpg_sign(&home, &good, &gpg_digest, "quay.io/gpg/app:1", &site)?;
@@ -427,11 +439,43 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
             }
         })
         .collect();
+    // While the registry fails every read of a signature image, the bundle cannot be
+    // checked: it is tried again, then fails saying so, not as 'unsigned'.
+    proxy.rule(|_, path| {
+        if path.contains(".sig") {
+            Fault::Status(500, None)
+        } else {
+            Fault::Pass
+        }
+    });
     let rec = upload(&app, "day2.tar".into(), tar_bytes(&files)?).await?;
+    assert_eq!(rec["phase"], "Failed", "{rec:#}");
+    let why = rec["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("target registry") && !why.contains("unsigned"),
+        "{rec:#}"
+    );
+    println!("the day-two bundle while the registry fails: {why}");
+    let refused = proxy
+        .log()
+        .iter()
+        .filter(|r| r.path.contains(".sig") && r.fault != Fault::Pass)
+        .count();
+    assert!(refused >= 3, "one read per attempt at least: {refused}");
+    assert!(app.manifest("open/new", "1").await?.is_none(), "tagged");
+    // The registry heals; the bundle is retried and passes.
+    proxy.rule(|_, _| Fault::Pass);
+    let id = rec["id"].as_str().unwrap();
+    let r = app
+        .http
+        .post(format!("{}/v1/bundles/{id}/retry", app.base))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 202);
+    let rec = app.wait_done(id, DONE).await?;
     assert_eq!(rec["phase"], "Published", "{rec:#}");
     assert_eq!(rec["verification"]["signed"], 2, "{rec:#}");
     assert_eq!(rec["verification"]["unsigned"], 1, "{rec:#}");
-    let id = rec["id"].as_str().unwrap();
     let day2_images: Value = app
         .http
         .get(format!("{}/v1/bundles/{id}/images", app.base))
