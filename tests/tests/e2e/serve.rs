@@ -682,9 +682,10 @@ async fn a_shadowing_bundle_does_not_serve_its_wrong_bytes() -> anyhow::Result<(
 
 /// A flood of bad passwords from one address does not hold up a user's login from
 /// another: that address gets one bcrypt check at a time, then `429` (with
-/// `Retry-After`) once it failed too often, and the valid login is answered in well
-/// under 0.2 s. With `--advertise`, the login challenge names that URL, whatever Host
-/// the client sent.
+/// `Retry-After`) once it failed too often, and the valid login is answered in under
+/// 0.5 s: about 0.1 s alone, 0.2 s while other tests load the machine, and seconds if it
+/// waited behind the flood's 200 bcrypt checks. With `--advertise`, the login challenge
+/// names that URL, whatever Host the client sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_htpasswd_flood_does_not_hold_up_a_valid_login() -> anyhow::Result<()> {
     shipperd_tests::init();
@@ -751,7 +752,7 @@ async fn an_htpasswd_flood_does_not_hold_up_a_valid_login() -> anyhow::Result<()
         *statuses.entry(f.await?).or_insert(0) += 1;
     }
     eprintln!("valid login in {took:?} during the flood; flood answered {statuses:?}");
-    assert!(took < Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
     // Refused before any check: 429, or the connection closed (over its cap).
     let refused = statuses.get(&429).unwrap_or(&0) + statuses.get(&0).unwrap_or(&0);
     assert!(refused >= 150, "{statuses:?}");
