@@ -1,7 +1,7 @@
-//! `shipperd status [ID]`, `shipperd retry ID`, `shipperd delete ID`: the ingest API for
-//! people (a short table, a bundle's phase, counts, error and failed images) and for
-//! scripts (`--json`: the API's own JSON). Same API and authentication as every client:
-//! a bearer token from `--token-file`, the server's CA from `--ca-file`.
+//! `shipperd status [ID]`, `shipperd retry ID`, `shipperd check ID`, `shipperd delete ID`:
+//! the ingest API for people (a short table, a bundle's phase, counts, error and failed
+//! images) and for scripts (`--json`: the API's own JSON). Same API and authentication
+//! as every client: a bearer token from `--token-file`, the server's CA from `--ca-file`.
 
 use std::{io::Write, path::PathBuf, time::Duration};
 
@@ -29,6 +29,14 @@ pub enum ClientCommand {
     Events(crate::watch::EventsArgs),
     /// Publish again what failed in a Failed bundle.
     Retry {
+        #[command(flatten)]
+        client: crate::server::ClientArgs,
+        id: String,
+    },
+    /// Check that what a Published bundle put in its registry is still there: each tag at
+    /// the digest the bundle published, each manifest in its repository. Exits non-zero
+    /// when something drifted, naming the first images.
+    Check {
         #[command(flatten)]
         client: crate::server::ClientArgs,
         id: String,
@@ -67,6 +75,7 @@ impl ClientCommand {
             ClientCommand::Status { client, id } => status(&client, id.as_deref()).await,
             ClientCommand::Events(args) => crate::watch::events(&args).await,
             ClientCommand::Retry { client, id } => retry(&client, &id).await,
+            ClientCommand::Check { client, id } => check(&client, &id).await,
             ClientCommand::Delete { client, id, force } => delete(&client, &id, force).await,
             ClientCommand::Inventory {
                 client,
@@ -290,6 +299,40 @@ pub async fn retry(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
             v["generation"],
             v["images"]
         );
+    }
+    Ok(())
+}
+
+/// `shipperd check ID`: `POST /v1/bundles/{id}/check`; an error when it drifted.
+pub async fn check(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let c = Client::new(args)?;
+    let v = c
+        .call(reqwest::Method::POST, &format!("/v1/bundles/{id}/check"))
+        .await?;
+    let in_sync = v["in_sync"].as_bool().unwrap_or(false);
+    if c.json {
+        println!("{v}");
+    } else {
+        println!(
+            "{}: {} images checked: {} tags moved, {} tags missing, {} manifests missing",
+            short(v["id"].as_str().unwrap_or(id)),
+            v["checked"],
+            v["moved_tags"],
+            v["missing_tags"],
+            v["missing_manifests"]
+        );
+        for d in v["first"].as_array().into_iter().flatten() {
+            println!(
+                "  #{} {} ({}): {}",
+                d["index"],
+                d["target"].as_str().unwrap_or_default(),
+                d["digest"].as_str().unwrap_or_default(),
+                d["found"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    if !in_sync {
+        bail!("bundle {id} drifted from what it published");
     }
     Ok(())
 }

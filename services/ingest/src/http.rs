@@ -50,6 +50,7 @@ pub fn router(store: Arc<Store>, uploads: Uploads, shutdown: CancellationToken) 
         .route("/v1/bundles/{key}", put(upload).get(show).delete(delete))
         .route("/v1/bundles/{id}/images", get(images))
         .route("/v1/bundles/{id}/retry", post(retry))
+        .route("/v1/bundles/{id}/check", post(check))
         .route("/v1/uploads/{name}/parts/{n}", put(upload_part))
         .route("/v1/uploads/{name}/complete", post(complete))
         .route("/v1/inventory", get(inventory))
@@ -379,6 +380,25 @@ async fn images(
         "next": page.next,
     }))
     .into_response())
+}
+
+/// `POST /v1/bundles/{id}/check`: is what the bundle published still in its registry
+/// (see [`crate::check`])? 200 with what was found, drift or not.
+async fn check(
+    State(store): State<Arc<Store>>,
+    axum::Extension(uploads): axum::Extension<Arc<Uploads>>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let id = bundle_id(&id)?;
+    let Some(targets) = uploads.targets.as_ref() else {
+        return Err(Error::BadRequest(
+            "this ingest does not know the registry targets (run `shipperd all`, or check \
+             from a process that has --targets)"
+                .into(),
+        ));
+    };
+    let drift = crate::check::check(&store, targets, &id).await?;
+    Ok(Json(drift).into_response())
 }
 
 /// `POST /v1/bundles/{id}/retry`.

@@ -9,6 +9,7 @@
 //! janitor: expiry of old files, re-driving bundles that stalled, recovering bundles
 //! stored but never recorded.
 
+mod check;
 mod drop_dir;
 mod grpc;
 mod http;

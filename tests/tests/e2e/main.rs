@@ -16,6 +16,7 @@ mod create;
 mod cutoff;
 mod differential;
 mod docker_archives;
+mod drift;
 mod exposure;
 mod fetch;
 mod formats;
