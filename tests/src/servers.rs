@@ -224,12 +224,17 @@ impl Registry {
 
 /// Where a test's server keeps its content (a registry's blobs and manifests, a
 /// nats-server's JetStream store): in memory-backed `/dev/shm` where the machine has
-/// it, else the temporary directory. A disk file system's work per blob, manifest and
-/// link file was a third of the registry's time when thousands of images are pushed;
-/// the content survives a server's restart either way.
+/// it with room to spare, else the temporary directory. A disk file system's work per
+/// blob, manifest and link file was a third of the registry's time when thousands of
+/// images are pushed; the content survives a server's restart either way.
 pub fn server_dir() -> anyhow::Result<TempDir> {
+    /// Free space `/dev/shm` must have (a container's default is 64 MiB).
+    const ROOM: u64 = 4 << 30;
     let shm = Path::new("/dev/shm");
-    if shm.is_dir()
+    let room = rustix::fs::statvfs(shm)
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+        .unwrap_or(0);
+    if room >= ROOM
         && let Ok(dir) = tempfile::Builder::new()
             .prefix("shipperd-test-")
             .tempdir_in(shm)
