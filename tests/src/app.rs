@@ -361,6 +361,19 @@ impl TestApp {
         Ok(())
     }
 
+    /// `POST {path}` (e.g. `/v1/bundles/{id}/retry`); the status and the JSON answer.
+    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .await?;
+        Ok((
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        ))
+    }
+
     /// `GET /v1/bundles/{id}`, `None` on 404.
     pub async fn bundle(&self, id: &str) -> anyhow::Result<Option<Value>> {
         let resp = self

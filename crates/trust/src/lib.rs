@@ -463,7 +463,7 @@ pub async fn recheck_in_registry(
     targets: &[Reference],
     verdicts: &mut [Verdict],
 ) -> Result<(), String> {
-    use futures::StreamExt as _;
+    use futures::{StreamExt as _, TryStreamExt as _};
     let todo: Vec<usize> = (0..images.len())
         .filter(|&i| {
             // Only what the bundle brings no signature for: a signature it brings that
@@ -479,27 +479,24 @@ pub async fn recheck_in_registry(
         images = todo.len(),
         "looking for signatures in the target registry"
     );
-    let read: Vec<(usize, Result<Signatures, shipperd_registry::RegistryError>)> =
-        futures::stream::iter(todo)
-            .map(|i| async move {
-                let r = registry_signatures(registry, &targets[i].repository, &images[i].1).await;
-                (i, r)
-            })
-            .buffer_unordered(REGISTRY_READS)
-            .collect()
-            .await;
-    let mut found = Vec::with_capacity(read.len());
-    for (i, r) in read {
-        // The client has retried already: the registry is down or refuses us. The
-        // answer would be a wrong `unsigned`, so the bundle's unpack is tried again.
-        let sigs = r.map_err(|error| {
-            format!(
-                "cannot read the signatures of {} in the target registry: {error}",
-                images[i].0
-            )
-        })?;
-        found.push((i, sigs));
-    }
+    // The client has retried already: a read that fails means the registry is down or
+    // refuses us, and the answer would be a wrong `unsigned`: the first failure ends the
+    // recheck, and the bundle's unpack is tried again.
+    let found: Vec<(usize, Signatures)> = futures::stream::iter(todo)
+        .map(|i| async move {
+            registry_signatures(registry, &targets[i].repository, &images[i].1)
+                .await
+                .map(|sigs| (i, sigs))
+                .map_err(|error| {
+                    format!(
+                        "cannot read the signatures of {} in the target registry: {error}",
+                        images[i].0
+                    )
+                })
+        })
+        .buffer_unordered(REGISTRY_READS)
+        .try_collect()
+        .await?;
     for (i, sigs) in found {
         if !sigs.is_empty() {
             let (image, digest) = &images[i];

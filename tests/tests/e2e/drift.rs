@@ -5,21 +5,10 @@
 
 use std::{process::Command, time::Duration};
 
-use serde_json::Value;
 use shipperd_tests::{
     app::{Options, spawn_app},
     fixtures::{named_images, tar_bytes},
 };
-
-async fn check(app: &shipperd_tests::app::TestApp, id: &str) -> anyhow::Result<(u16, Value)> {
-    let r = app
-        .http
-        .post(format!("{}/v1/bundles/{id}/check", app.base))
-        .send()
-        .await?;
-    let status = r.status().as_u16();
-    Ok((status, r.json().await.unwrap_or(Value::Null)))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_tag_and_a_deleted_manifest_are_found_and_named() -> anyhow::Result<()> {
@@ -41,7 +30,7 @@ async fn a_moved_tag_and_a_deleted_manifest_are_found_and_named() -> anyhow::Res
     assert_eq!(rec["phase"], "Published", "{rec:#}");
 
     // Untouched: in sync.
-    let (status, d) = check(&app, &id).await?;
+    let (status, d) = app.post(&format!("/v1/bundles/{id}/check")).await?;
     assert_eq!(status, 200, "{d}");
     assert_eq!(d["checked"], 3, "{d:#}");
     assert_eq!(d["in_sync"], true, "{d:#}");
@@ -68,7 +57,7 @@ async fn a_moved_tag_and_a_deleted_manifest_are_found_and_named() -> anyhow::Res
         .await?;
     assert_eq!(del.status(), 202);
 
-    let (status, d) = check(&app, &id).await?;
+    let (status, d) = app.post(&format!("/v1/bundles/{id}/check")).await?;
     assert_eq!(status, 200, "{d}");
     assert_eq!(d["in_sync"], false, "{d:#}");
     assert_eq!(d["checked"], 3, "{d:#}");
@@ -114,7 +103,9 @@ async fn a_moved_tag_and_a_deleted_manifest_are_found_and_named() -> anyhow::Res
     assert!(err.contains("drifted"), "{err}");
 
     // Only a Published bundle is checked; an unknown one is not found.
-    let (status, _) = check(&app, "00000000000000000000000000").await?;
+    let (status, _) = app
+        .post("/v1/bundles/00000000000000000000000000/check")
+        .await?;
     assert!(status == 404 || status == 400, "{status}");
     app.stop().await
 }

@@ -51,14 +51,6 @@ async fn put(app: &TestApp, name: &str, body: Vec<u8>) -> anyhow::Result<String>
     Ok(r["id"].as_str().unwrap().to_string())
 }
 
-async fn post(app: &TestApp, path: &str) -> anyhow::Result<(u16, Value)> {
-    let resp = app.http.post(format!("{}{path}", app.base)).send().await?;
-    Ok((
-        resp.status().as_u16(),
-        resp.json().await.unwrap_or(Value::Null),
-    ))
-}
-
 async fn delete(app: &TestApp, path: &str) -> anyhow::Result<(u16, Value)> {
     let resp = app
         .http
@@ -165,7 +157,7 @@ async fn a_refused_commit_fails_the_bundle_and_retry_sets_the_tags() -> anyhow::
 
     refuse.store(false, Ordering::Relaxed);
     let before = proxy.log().len();
-    let (st, r) = post(&app, &format!("/v1/bundles/{id}/retry")).await?;
+    let (st, r) = app.post(&format!("/v1/bundles/{id}/retry")).await?;
     assert_eq!(st, 202, "{r}");
     let rec = app.wait_done(&id, DONE).await?;
     assert_eq!(rec["phase"], "Published", "{rec:#}");
@@ -208,7 +200,7 @@ async fn retry_publishes_what_an_outage_longer_than_the_budget_failed() -> anyho
 
     // Retry only a Failed bundle; the registry is back, so this time it lands.
     app.registry.restart().await?;
-    let (st, r) = post(&app, &format!("/v1/bundles/{id}/retry")).await?;
+    let (st, r) = app.post(&format!("/v1/bundles/{id}/retry")).await?;
     assert_eq!(st, 202, "{r}");
     assert_eq!(r["generation"], 1);
     assert_eq!(r["images"], n as u64);
@@ -217,9 +209,11 @@ async fn retry_publishes_what_an_outage_longer_than_the_budget_failed() -> anyho
     assert_eq!(rec["counts"]["published"], n as u64);
     assert_eq!(rec["counts"]["failed"], 0);
     app.assert_published(&b, "").await?;
-    let (st, r) = post(&app, &format!("/v1/bundles/{id}/retry")).await?;
+    let (st, r) = app.post(&format!("/v1/bundles/{id}/retry")).await?;
     assert_eq!(st, 409, "a Published bundle is not retried: {r}");
-    let (st, _) = post(&app, &format!("/v1/bundles/{}/retry", "0".repeat(64))).await?;
+    let (st, _) = app
+        .post(&format!("/v1/bundles/{}/retry", "0".repeat(64)))
+        .await?;
     assert_eq!(st, 404);
     app.stop().await
 }
@@ -329,7 +323,7 @@ async fn a_retried_older_bundle_never_moves_a_tag_back() -> anyhow::Result<()> {
     assert_eq!(shipperd_tests::fixtures::sha256(&m), new.images[0].digest);
 
     // The older bundle, retried, lands by digest and leaves the tag to the newer one.
-    let (st, r) = post(&app, &format!("/v1/bundles/{old_id}/retry")).await?;
+    let (st, r) = app.post(&format!("/v1/bundles/{old_id}/retry")).await?;
     assert_eq!(st, 202, "{r}");
     assert_eq!(app.wait_done(&old_id, DONE).await?["phase"], "Published");
     let (m, _) = app.manifest("tags/app", "1.0").await?.expect("tagged");

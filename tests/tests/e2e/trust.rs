@@ -466,12 +466,8 @@ async fn only_what_the_site_policy_accepts_is_published() -> anyhow::Result<()> 
     // The registry heals; the bundle is retried and passes.
     proxy.rule(|_, _| Fault::Pass);
     let id = rec["id"].as_str().unwrap();
-    let r = app
-        .http
-        .post(format!("{}/v1/bundles/{id}/retry", app.base))
-        .send()
-        .await?;
-    assert_eq!(r.status(), 202);
+    let (status, r) = app.post(&format!("/v1/bundles/{id}/retry")).await?;
+    assert_eq!(status, 202, "{r}");
     let rec = app.wait_done(id, DONE).await?;
     assert_eq!(rec["phase"], "Published", "{rec:#}");
     assert_eq!(rec["verification"]["signed"], 2, "{rec:#}");
