@@ -195,11 +195,13 @@ impl Ingest {
                 }
             });
         }
-        let janitor = tokio::spawn(
-            Janitor::new(self.store.clone(), self.config.janitor.clone())
-                .await?
-                .run(shutdown.clone()),
-        );
+        // Opening the janitor's ledger is a JetStream request: with NATS gone it would
+        // hold up a SIGTERM until it timed out.
+        let janitor = tokio::select! {
+            j = Janitor::new(self.store.clone(), self.config.janitor.clone()) => j?,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let janitor = tokio::spawn(janitor.run(shutdown.clone()));
         let watcher = self.config.drop_dir.clone().map(|dir| {
             tokio::spawn(drop_dir::watch(
                 dir,
