@@ -146,7 +146,7 @@ async fn untouched(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slowly_written_dropped_file_is_taken_only_when_complete() -> anyhow::Result<()> {
     use std::io::Write;
-    let quiet = Duration::from_secs(2);
+    let quiet = Duration::from_secs(3);
     let app = spawn_app(Options {
         drop_dir: true,
         drop_quiet: Some(quiet),
